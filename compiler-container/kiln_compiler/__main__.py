@@ -1,0 +1,54 @@
+"""Container entrypoint: ``python -m kiln_compiler`` (job in ``KILN_JOB``)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+
+from .aws import Reporter
+from .errors import CompilationError, JobAborted
+from .job import JobSpec, run_job
+
+log = logging.getLogger("kiln_compiler")
+
+
+def _abort(code: str) -> None:
+    """The workflow stopped or timed out this job: stop at once, nobody is waiting for a result."""
+    log.error("job aborted by the workflow (%s); exiting", code)
+    sys.stderr.flush()
+    os._exit(JobAborted.exit_code)
+
+
+def main() -> int:
+    """Run the job described by the environment; return the exit code."""
+    logging.basicConfig(level=os.environ.get("KILN_LOG_LEVEL", "INFO"), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))
+    reporter = Reporter(os.environ.get("KILN_TASK_TOKEN") or None,
+                        float(os.environ.get("KILN_HEARTBEAT_SECONDS", "10")), _abort)
+    reporter.start()
+    try:
+        spec = JobSpec.parse(os.environ.get("KILN_JOB", ""))
+        base = os.environ.get("KILN_WORK_DIR")
+        with tempfile.TemporaryDirectory(prefix="kiln-", dir=base) as work:
+            output = run_job(spec, Path(work))
+    except CompilationError as exc:
+        log.error("job failed: %s", exc.reason)
+        if exc.__cause__ or exc.__context__:
+            log.debug("".join(traceback.format_exception(exc)))
+        reporter.failure(exc.error_code, exc.reason)
+        return exc.exit_code
+    except Exception as exc:
+        log.exception("internal error")
+        reporter.failure("ServerError", f"ServerError: internal compiler error ({type(exc).__name__})")
+        return 2
+    reporter.success(output)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""AWS plumbing for a job: the user's role, S3 transfer and Step Functions callbacks."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import boto3
+from botocore.exceptions import BotoCoreError
+from botocore.exceptions import ClientError as BotoClientError
+
+from .errors import ClientError, ServerError
+
+log = logging.getLogger(__name__)
+_ABORT_CODES = {"TaskTimedOut", "TaskDoesNotExist", "InvalidToken"}
+
+
+def split_s3_uri(uri: str) -> tuple[str, str]:
+    """``s3://bucket/key`` -> (bucket, key)."""
+    m = re.fullmatch(r"s3://([^/]+)/?(.*)", uri or "")
+    if not m:
+        raise ClientError(f"'{uri}' is not an S3 URI (s3://bucket/key)")
+    return m.group(1), m.group(2)
+
+
+def assume_job_role(role_arn: str, job_name: str) -> boto3.Session:
+    """A session with the job role's credentials (Kiln's own role cannot read users' buckets)."""
+    session_name = re.sub(r"[^\w+=,.@-]", "-", job_name)[:64] or "kiln-job"
+    try:
+        creds = boto3.client("sts").assume_role(RoleArn=role_arn, RoleSessionName=session_name)["Credentials"]
+    except BotoClientError as exc:
+        raise ClientError(
+            f"Kiln could not assume RoleArn {role_arn} ({exc.response.get('Error', {}).get('Code')}); let the "
+            "Kiln service principal assume the role in its trust policy", section="RoleArn") from None
+    except BotoCoreError as exc:
+        raise ServerError(f"STS is unreachable ({exc})") from None
+    return boto3.Session(aws_access_key_id=creds["AccessKeyId"], aws_secret_access_key=creds["SecretAccessKey"],
+                         aws_session_token=creds["SessionToken"])
+
+
+def download(session: boto3.Session, uri: str, dest: Path) -> Path:
+    """Download the model archive at ``uri`` to ``dest``."""
+    bucket, key = split_s3_uri(uri)
+    try:
+        session.client("s3").download_file(bucket, key, str(dest))
+    except BotoClientError as exc:
+        code = exc.response.get("Error", {}).get("Code", "")
+        raise ClientError(f"cannot read the model artifact {uri} ({code or exc}); check S3Uri and that RoleArn "
+                          "may s3:GetObject it") from None
+    except BotoCoreError as exc:
+        raise ServerError(f"S3 download failed ({exc})") from None
+    return dest
+
+
+def upload(session: boto3.Session, path: Path, uri: str, kms_key_id: str | None) -> None:
+    """Upload the artifact; SSE-KMS with ``kms_key_id`` when given."""
+    bucket, key = split_s3_uri(uri)
+    extra: dict[str, str] = {"ContentType": "application/gzip"}
+    if kms_key_id:
+        extra.update(ServerSideEncryption="aws:kms", SSEKMSKeyId=kms_key_id)
+    try:
+        session.client("s3").upload_file(str(path), bucket, key, ExtraArgs=extra)
+    except BotoClientError as exc:
+        code = exc.response.get("Error", {}).get("Code", "")
+        raise ClientError(f"cannot write the compiled model to {uri} ({code or exc}); check S3OutputLocation, "
+                          "KmsKeyId and that RoleArn may s3:PutObject there", section="OutputConfiguration") from None
+    except BotoCoreError as exc:
+        raise ServerError(f"S3 upload failed ({exc})") from None
+
+
+class Reporter:
+    """Reports to the workflow: Step Functions task token callbacks, or stdout without a token."""
+
+    def __init__(self, token: str | None, interval: float, on_abort: Callable[[str], None],
+                 client: Any = None) -> None:
+        self.token = token
+        self.interval = interval
+        self.on_abort = on_abort
+        self._client = client
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            self._client = boto3.client("stepfunctions")
+        return self._client
+
+    def start(self) -> None:
+        """Begin heartbeats at once (the first one tells the workflow the container started)."""
+        if not self.token:
+            return
+        self._thread = threading.Thread(target=self._beat, name="kiln-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.client.send_task_heartbeat(taskToken=self.token)
+            except BotoClientError as exc:
+                code = exc.response.get("Error", {}).get("Code", "")
+                if code in _ABORT_CODES:
+                    self.on_abort(code)
+                    return
+                log.warning("heartbeat failed: %s", exc)
+            except Exception as exc:  # network blips must not kill the job
+                log.warning("heartbeat failed: %s", exc)
+            self._stop.wait(self.interval)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def success(self, output: dict[str, Any]) -> None:
+        self.stop()
+        if self.token:
+            self.client.send_task_success(taskToken=self.token, output=json.dumps(output))
+        else:
+            print(json.dumps(output), flush=True)
+
+    def failure(self, error: str, cause: str) -> None:
+        self.stop()
+        if self.token:
+            try:
+                self.client.send_task_failure(taskToken=self.token, error=error[:256], cause=cause[:32768])
+            except BotoClientError as exc:
+                log.error("SendTaskFailure failed: %s", exc)
+        else:
+            print(json.dumps({"Error": error, "Cause": cause}), flush=True)

@@ -1,0 +1,389 @@
+"""Turn a Relax IRModule into a VM executable: tuning records first, default schedules after.
+
+CPU (llvm) targets get Kiln's default schedules for every kernel that has no tuning record:
+the anchor reduction of a fused kernel (conv2d, matmul/dense, pooling) is register-tiled
+(a vectorised innermost output axis x an unrolled second axis), its reduction loops run
+inside the tile, fused elementwise epilogues are inlined into the tile's write-back, the
+outer loops run in parallel, and constant weights are re-packed into the tile's access
+order at compile time (MetaSchedule's RewriteLayout + SplitLayoutRewritePreproc, folded
+by FoldConstant). Everything else is parallelised and vectorised.
+
+Weights must be bound as constants in ``mod`` (``from_onnx(..., keep_params_in_input=False)``):
+the weight re-packing is only folded away for constants; weights passed as inputs would be
+re-packed on every call.
+
+CUDA targets use TVM's dlight GPU rules (the default CUDA pipeline).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import tvm
+from tvm import relax, tirx
+from tvm.s_tir import Schedule
+
+from kiln_compiler.tuning import TuningConfig, TuningDatabase, tune_and_apply
+
+log = logging.getLogger(__name__)
+
+_DATA_PAR = 0  # IterVar.DataPar
+_COMM_REDUCE = 2  # IterVar.CommReduce
+
+
+@dataclass
+class CompiledRelax:
+    """A compiled model and how its kernels were scheduled."""
+
+    executable: Any  # relax VM Executable: .export_library(path, fcompile=...)
+    summary: dict[str, int] = field(default_factory=lambda: {"tuned": 0, "reused": 0, "default": 0})
+
+
+def make_target(target: dict[str, Any], host: dict[str, Any] | None = None) -> tvm.target.Target:
+    """A tvm Target from catalog JSON dicts."""
+    if host is not None:
+        return tvm.target.Target(target, host=tvm.target.Target(host))
+    return tvm.target.Target(target)
+
+
+def vector_lanes(target: tvm.target.Target) -> int:
+    """fp32 lanes of the target's widest vector register (AVX-512 16, AVX2 8, NEON/SSE 4)."""
+    mcpu = str(target.attrs.get("mcpu", "") or "")
+    attrs = " ".join(str(a) for a in (target.attrs.get("mattr", None) or []))
+    triple = str(target.attrs.get("mtriple", "") or "")
+    avx512 = ("skylake-avx512", "cascadelake", "icelake", "cooperlake", "tigerlake", "rocketlake",
+              "sapphirerapids", "znver4", "znver5", "graniterapids", "emeraldrapids", "x86-64-v4")
+    if "avx512f" in attrs or any(mcpu.startswith(c) for c in avx512):
+        return 16
+    if "avx2" in attrs or mcpu in ("haswell", "broadwell", "skylake", "znver1", "znver2", "znver3",
+                                   "alderlake", "x86-64-v3", "core-avx2"):
+        return 8
+    del triple
+    return 4
+
+
+# --------------------------------------------------------------------------------------
+# Default CPU schedules
+# --------------------------------------------------------------------------------------
+
+
+def _pick_factor(extent: int, limit: int, quantum: int = 1) -> int:
+    """The divisor of ``extent`` <= ``limit`` that best fills vectors of ``quantum`` lanes."""
+    best, best_score = 1, 0.0
+    for d in range(1, min(extent, limit) + 1):
+        if extent % d:
+            continue
+        padded = -(-d // quantum) * quantum
+        score = d * d / padded
+        if score >= best_score:
+            best, best_score = d, score
+    return best
+
+
+def _iter_extents(block: Any) -> list[int] | None:
+    out = []
+    for iv in block.iter_vars:
+        ext = iv.dom.extent
+        if not isinstance(ext, tirx.IntImm):
+            return None
+        out.append(int(ext))
+    return out
+
+
+def _vars_in(regions: Any) -> set[Any]:
+    """Variables used by the index expressions of buffer regions."""
+    found: set[Any] = set()
+    for region in regions:
+        for r in region.region:
+            found.update(tirx.analysis.undefined_vars(r.min, []))
+    return found
+
+
+def _schedule_elementwise(sch: Schedule, block: Any, lanes: int) -> None:
+    """Fuse spatial loops, run the outer part in parallel and vectorise the inner part."""
+    b = sch.get(block)
+    loops = sch.get_loops(block)
+    if not loops:
+        return
+    if len(loops) != len(b.iter_vars) or any(
+        not isinstance(sch.get(lp).extent, tirx.IntImm) for lp in loops
+    ):
+        return
+    spatial = [lp for lp, iv in zip(loops, b.iter_vars, strict=True) if iv.iter_type == _DATA_PAR]
+    n_lead = 0
+    for iv in b.iter_vars:
+        if iv.iter_type != _DATA_PAR:
+            break
+        n_lead += 1
+    if n_lead == 0:
+        return
+    lead = spatial[:n_lead]
+    fused = sch.fuse(*lead) if len(lead) > 1 else lead[0]
+    extent = int(sch.get(fused).extent)
+    if n_lead == len(loops) and extent >= 2 * lanes:
+        vec = _pick_factor(extent, lanes * 4, lanes)
+        if vec > 1:
+            outer, inner = sch.split(fused, [None, vec])
+            sch.vectorize(inner)
+            sch.parallel(outer)
+            return
+    if extent > 1:
+        sch.parallel(fused)
+
+
+def _schedule_anchor(sch: Schedule, block: Any, lanes: int) -> bool:
+    """Register-tile a reduction block (conv2d, matmul, pooling). Returns False if it does not fit."""
+    b = sch.get(block)
+    extents = _iter_extents(b)
+    loops = sch.get_loops(block)
+    if extents is None or len(loops) != len(b.iter_vars):
+        return False
+    kinds = [iv.iter_type for iv in b.iter_vars]
+    if any(k not in (_DATA_PAR, _COMM_REDUCE) for k in kinds):
+        return False
+    sp = [i for i, k in enumerate(kinds) if k == _DATA_PAR]
+    rd = [i for i, k in enumerate(kinds) if k == _COMM_REDUCE]
+    # loops must be in block-iter order, spatial first
+    if not sp or not rd or max(sp) > min(rd):
+        return False
+    cand = [i for i in sp if extents[i] > 1]
+    if not cand:
+        return False
+    vec = cand[-1]
+    vvar = b.iter_vars[vec].var
+    # the register axis: the largest spatial axis absent from every input read that the
+    # vector axis indexes (output channels for conv, rows for matmul): it reuses loads.
+    reads_with_vec = [r for r in b.reads if vvar in _vars_in([r])]
+    reg = None
+    for i in sp:
+        if i == vec or extents[i] <= 1:
+            continue
+        if any(b.iter_vars[i].var in _vars_in([r]) for r in reads_with_vec):
+            continue
+        if reg is None or extents[i] > extents[reg]:
+            reg = i
+    vec_f = _pick_factor(extents[vec], 2 * lanes, lanes if extents[vec] >= lanes else 1)
+    acc_regs = 24 if lanes == 16 else 12
+    nvec = -(-vec_f // lanes)
+    reg_f = _pick_factor(extents[reg], max(1, min(8, acc_regs // nvec))) if reg is not None else 1
+
+    # epilogues: inline elementwise consumers into the write-back of the tile
+    wb = sch.cache_write(block, 0, "local")
+    wb_block = wb
+    local_block = block
+    del local_block
+    while True:
+        consumers = sch.get_consumers(wb_block)
+        if len(consumers) != 1:
+            break
+        try:
+            sch.reverse_compute_inline(consumers[0])
+        except Exception:  # noqa: BLE001 - not inlinable: stays a separate kernel
+            break
+
+    loops = sch.get_loops(block)
+    vo, vi = sch.split(loops[vec], [None, vec_f])
+    if reg is not None:
+        ro, ri = sch.split(loops[reg], [None, reg_f])
+    outer = [loops[i] for i in sp if i not in (vec, reg)]
+    if reg is not None:
+        outer.append(ro)
+    outer.append(vo)
+    inner = ([ri] if reg is not None else []) + [vi]
+    sch.reorder(*outer, *[loops[i] for i in rd], *inner)
+    fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
+    sch.reverse_compute_at(wb_block, fused)
+    # write-back: vectorise its innermost loop
+    wb_loops = sch.get_loops(wb_block)[1:]
+    if wb_loops:
+        sch.vectorize(wb_loops[-1])
+        if len(wb_loops) > 1:
+            sch.unroll(wb_loops[-2])
+    sch.parallel(fused)
+    if reg is not None:
+        sch.unroll(ri)
+    sch.vectorize(vi)
+    sch.decompose_reduction(block, loops[rd[0]])
+    return True
+
+
+def schedule_cpu_func(func: tirx.PrimFunc, lanes: int) -> tirx.PrimFunc:
+    """Kiln's default CPU schedule for one PrimFunc (unchanged on any failure)."""
+    sch = Schedule(func)
+    root = sch.get_sblock("root") if _has_root(sch) else None
+    blocks = sch.get_child_blocks(root) if root is not None else []
+    reductions = [blk for blk in blocks if any(iv.iter_type == _COMM_REDUCE for iv in sch.get(blk).iter_vars)]
+    anchored = False
+    if len(reductions) == 1:
+        anchor = reductions[0]
+        names = [sch.get(blk).name_hint for blk in blocks]
+        anchored = _schedule_anchor(sch, anchor, lanes)
+        if anchored:
+            blocks = [sch.get_sblock(n) for n in names if _block_exists(sch, n)]
+            anchor_names = {sch.get(anchor).name_hint}
+            blocks = [blk for blk in blocks if sch.get(blk).name_hint not in anchor_names]
+    for blk in blocks:
+        if anchored and not _is_at_root(sch, blk):
+            continue
+        _schedule_elementwise(sch, blk, lanes)
+    return sch.mod["main"]
+
+
+def _has_root(sch: Schedule) -> bool:
+    try:
+        sch.get_sblock("root")
+    except Exception:  # noqa: BLE001
+        return False
+    return True
+
+
+def _block_exists(sch: Schedule, name: str) -> bool:
+    try:
+        sch.get_sblock(name)
+    except Exception:  # noqa: BLE001
+        return False
+    return True
+
+
+def _is_at_root(sch: Schedule, blk: Any) -> bool:
+    loops = sch.get_loops(blk)
+    if not loops:
+        return True
+    return not any(sch.get(lp).kind != tirx.ForKind.SERIAL for lp in loops)
+
+
+@tvm.transform.module_pass(opt_level=0, name="KilnDefaultCPUSchedule")
+class DefaultCPUSchedule:
+    """Apply Kiln's default CPU schedules to every PrimFunc not yet scheduled."""
+
+    def __init__(self, lanes: int) -> None:
+        self.lanes = lanes
+        self.scheduled = 0
+
+    def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        updates = {}
+        for gv, func in mod.functions_items():
+            if not isinstance(func, tirx.PrimFunc) or _is_scheduled(func):
+                continue
+            try:
+                new = schedule_cpu_func(func, self.lanes)
+            except Exception as exc:  # noqa: BLE001 - keep the unscheduled kernel
+                log.debug("default schedule failed for %s: %s", gv.name_hint, exc)
+                continue
+            updates[gv] = new.with_attr("tirx.is_scheduled", True)
+        for gv, func in updates.items():
+            mod[gv] = func
+        self.scheduled = len(updates)
+        return mod
+
+
+def _is_scheduled(func: tirx.PrimFunc) -> bool:
+    return bool(func.attrs is not None and "tirx.is_scheduled" in func.attrs and func.attrs["tirx.is_scheduled"])
+
+
+# --------------------------------------------------------------------------------------
+# Pipelines
+# --------------------------------------------------------------------------------------
+
+
+def _fuse_passes() -> list[tvm.transform.Pass]:
+    return [
+        relax.transform.DecomposeOpsForInference(),
+        relax.transform.CanonicalizeBindings(),
+        relax.transform.LegalizeOps(),
+        relax.transform.AnnotateTIROpPattern(),
+        relax.transform.FoldConstant(),
+        relax.transform.FuseOps(),
+        relax.transform.FuseTIR(),
+        relax.transform.DeadCodeElimination(),
+    ]
+
+
+def _finalize_passes() -> list[tvm.transform.Pass]:
+    return [
+        relax.transform.RewriteDataflowReshape(),
+        relax.transform.ToNonDataflow(),
+        relax.transform.RemovePurityChecking(),
+        relax.transform.CallTIRRewrite(),
+        relax.transform.StaticPlanBlockMemory(),
+        relax.transform.LowerAllocTensor(),
+        relax.transform.KillAfterLastUse(),
+        relax.transform.LowerRuntimeBuiltin(),
+        relax.transform.ComputePrimValue(),
+        relax.transform.VMShapeLower(),
+        relax.transform.AttachGlobalSymbol(),
+    ]
+
+
+def _rewrite_layouts(mod: tvm.IRModule) -> tvm.IRModule:
+    """Re-pack layout-free (constant) weights into each scheduled kernel's access order."""
+    from tvm.s_tir import meta_schedule as ms
+
+    post = ms.postproc.RewriteLayout()
+    updates = {}
+    for gv, func in mod.functions_items():
+        if not isinstance(func, tirx.PrimFunc) or "layout_free_buffers" not in (func.attrs or {}):
+            continue
+        sch = Schedule(func)
+        try:
+            if post.apply(sch):
+                updates[gv] = sch.mod["main"]
+        except Exception as exc:  # noqa: BLE001
+            log.debug("layout rewrite failed for %s: %s", gv.name_hint, exc)
+    for gv, func in updates.items():
+        mod[gv] = func
+    return mod
+
+
+def count_kernels(mod: tvm.IRModule) -> int:
+    """Number of PrimFuncs (kernels) in ``mod``."""
+    return sum(1 for _, f in mod.functions_items() if isinstance(f, tirx.PrimFunc))
+
+
+def compile_relax(
+    mod: tvm.IRModule,
+    target: dict[str, Any],
+    *,
+    host: dict[str, Any] | None = None,
+    tuning: TuningConfig | None = None,
+    database: TuningDatabase | None = None,
+    deadline: float | None = None,
+    default_schedules: bool = True,
+) -> CompiledRelax:
+    """Compile ``mod`` (weights bound as constants) for ``target``, finishing before ``deadline``.
+
+    Kernels found in ``database`` are applied ("reused"); with a ``tuning`` budget, the rest
+    are tuned first (only for a target that matches this machine, see tuning.py) and
+    recorded ("tuned"); every other kernel gets the default schedule ("default").
+    """
+    tgt = make_target(target, host)
+    summary = {"tuned": 0, "reused": 0, "default": 0}
+    if tgt.kind.name != "llvm":
+        with tgt:
+            lowered = relax.get_default_pipeline(tgt)(mod)
+        summary["default"] = count_kernels(lowered)
+        return CompiledRelax(executable=tvm.compile(lowered, target=tgt, relax_pipeline=None), summary=summary)
+
+    with tgt:
+        fused = tvm.transform.Sequential(_fuse_passes())(mod)
+        fused = relax.transform.AttachAttrLayoutFreeBuffers()(fused)
+        if database is not None:
+            fused, counts = tune_and_apply(fused, tgt, database=database, tuning=tuning, deadline=deadline)
+            summary["tuned"], summary["reused"] = counts["tuned"], counts["reused"]
+        if default_schedules:
+            pass_ = DefaultCPUSchedule(vector_lanes(tgt))
+            fused = pass_(fused)
+            summary["default"] = pass_.scheduled
+        fused = _rewrite_layouts(fused)
+        fused = tvm.transform.Sequential(
+            [relax.transform.SplitLayoutRewritePreproc(), relax.transform.FoldConstant(),
+             relax.transform.DeadCodeElimination()]
+        )(fused)
+        lowered = tvm.transform.Sequential(_finalize_passes())(fused)
+    if deadline is not None and time.time() > deadline:
+        log.warning("compile passed its deadline before code generation")
+    ex = tvm.compile(lowered, target=tgt, relax_pipeline=None)
+    return CompiledRelax(executable=ex, summary=summary)

@@ -1,0 +1,22 @@
+"""Lambda entrypoint of the HTTP API (API Gateway proxy integration)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aws_lambda_powertools import Logger, Metrics, Tracer
+from aws_lambda_powertools.utilities.typing import LambdaContext
+
+from kiln.api import build_resolver
+from kiln.wiring import default_service
+
+logger = Logger(service="kiln-api")
+tracer = Tracer(service="kiln-api", disabled=None)
+metrics = Metrics(namespace="Kiln", service="kiln-api")
+app = build_resolver(default_service)
+
+
+@logger.inject_lambda_context(correlation_id_path="requestContext.requestId")
+@metrics.log_metrics
+def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
+    return app.resolve(event, context)

@@ -1,0 +1,71 @@
+"""Lambda entrypoints of the workflow: the state machine's steps and the container-stopped hook."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from aws_lambda_powertools import Logger
+from aws_lambda_powertools.utilities.typing import LambdaContext
+from botocore.exceptions import ClientError
+
+from kiln.config import settings
+from kiln.wiring import build_workflow_steps
+from kiln.workflow import TransientError, WorkflowSteps
+
+logger = Logger(service="kiln-workflow")
+
+_THROTTLING = {"ThrottlingException", "ProvisionedThroughputExceededException", "RequestLimitExceeded",
+               "InternalServerError", "ServiceUnavailable", "TransactionConflictException"}
+
+
+@functools.cache
+def _steps() -> WorkflowSteps:
+    return build_workflow_steps(settings())
+
+
+@logger.inject_lambda_context
+def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
+    """Run one step: ``{"Step": "MarkInProgress" | "ResolveModelPackage" | "RecordSuccess" | "RecordFailure", ...}``."""
+    steps = _steps()
+    step = event.get("Step")
+    job = event["Job"]
+    logger.append_keys(job=job.get("CompilationJobName"), step=step)
+    try:
+        if step == "MarkInProgress":
+            return steps.mark_in_progress(job)
+        if step == "ResolveModelPackage":
+            return steps.resolve_model_package(job)
+        if step == "RecordSuccess":
+            return steps.record_success(job, event["Result"])
+        if step == "RecordFailure":
+            return steps.record_failure(job, event.get("Error") or {}, event.get("Limits") or {})
+    except ClientError as exc:
+        if exc.response["Error"]["Code"] in _THROTTLING:
+            raise TransientError(exc.response["Error"]["Code"]) from exc
+        raise
+    raise ValueError(f"unknown workflow step {step!r}")
+
+
+@logger.inject_lambda_context
+def container_stopped(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
+    """EventBridge ``ECS Task State Change`` (STOPPED) or ``Batch Job State Change`` (FAILED/SUCCEEDED)."""
+    detail = event.get("detail", {})
+    if event.get("source") == "aws.batch":
+        container = detail.get("container", {})
+        env = {e["name"]: e.get("value", "") for e in container.get("environment", [])}
+        exit_code = container.get("exitCode")
+        reason = detail.get("statusReason", "")
+    else:
+        env = {}
+        for override in detail.get("overrides", {}).get("containerOverrides", []):
+            env.update({e["name"]: e.get("value", "") for e in override.get("environment", [])})
+        containers = detail.get("containers", [])
+        exit_code = containers[0].get("exitCode") if containers else None
+        reason = detail.get("stoppedReason", "")
+    name = None
+    if env.get("KILN_JOB"):
+        import json
+
+        name = json.loads(env["KILN_JOB"]).get("CompilationJobName")
+    return _steps().container_stopped(name, env.get("KILN_TASK_TOKEN"), exit_code, reason)

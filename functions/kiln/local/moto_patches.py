@@ -1,0 +1,182 @@
+"""Every workaround Kiln applies to moto 5.2.5, in one place.
+
+1. moto's Step Functions ECS and Batch integrations never normalise parameters or responses
+   (``_normalise_parameters`` is a no-op), so ``"Cluster"`` reaches botocore as is and the state
+   fails with ``States.Runtime``. :func:`patch_service_normalisation` rebuilds both from
+   botocore's operation shapes, as AWS does.
+2. moto runs Lambda functions in Docker (none here). :func:`patch_lambda_in_process` runs the
+   function's real Python handler in this process instead.
+3. moto's ECS/Batch never run containers. :func:`patch_container_runner` hands each RunTask /
+   SubmitJob to a callback (the local runner starts the real compiler entrypoint as a process),
+   and StopTask / TerminateJob to another.
+
+``tests/workflow/test_moto_patches.py`` notices when upstream fixes (1).
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import logging
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import boto3
+
+log = logging.getLogger(__name__)
+
+_applied: set[str] = set()
+
+
+def _operation_model(service: str, action: str) -> Any:
+    client = boto3.session.Session(region_name="us-east-1").client(
+        service, aws_access_key_id="x", aws_secret_access_key="x")
+    api_name = {v: k for k, v in client.meta.method_to_api_mapping.items()}.get(action, action)
+    operation = client.meta.method_to_api_mapping.get(action, api_name)
+    return client.meta.service_model.operation_model(operation)
+
+
+def patch_service_normalisation() -> None:
+    """Make moto's ECS and Batch task states speak the Pascal-cased Step Functions dialect."""
+    if "normalisation" in _applied:
+        return
+    from moto.stepfunctions.parser.asl.component.state.exec.state_task.service.state_task_service_batch import (
+        StateTaskServiceBatch,
+    )
+    from moto.stepfunctions.parser.asl.component.state.exec.state_task.service.state_task_service_ecs import (
+        StateTaskServiceEcs,
+    )
+
+    def _normalise_parameters(self: Any, parameters: dict[str, Any], boto_service_name: str | None = None,
+                              service_action_name: str | None = None) -> None:
+        service = boto_service_name or self._get_boto_service_name()
+        action = service_action_name or self._get_boto_service_action()
+        shape = _operation_model(service, action).input_shape
+        if shape is not None:
+            self._to_boto_request(parameters, shape)
+
+    def _normalise_response(self: Any, response: Any, boto_service_name: str | None = None,
+                            service_action_name: str | None = None) -> None:
+        service = boto_service_name or self._get_boto_service_name()
+        action = service_action_name or self._get_boto_service_action()
+        shape = _operation_model(service, action).output_shape
+        if shape is not None:
+            self._from_boto_response(response, shape)
+
+    for cls in (StateTaskServiceEcs, StateTaskServiceBatch):
+        cls._normalise_parameters = _normalise_parameters  # type: ignore[method-assign]
+        cls._normalise_response = _normalise_response  # type: ignore[method-assign]
+    _applied.add("normalisation")
+
+
+def upstream_normalises_ecs() -> bool:
+    """True once moto's own ECS integration normalises parameters (then patch 1 can go)."""
+    from moto.stepfunctions.parser.asl.component.state.exec.state_task.service.state_task_service import (
+        StateTaskService,
+    )
+    from moto.stepfunctions.parser.asl.component.state.exec.state_task.service.state_task_service_ecs import (
+        StateTaskServiceEcs,
+    )
+
+    own = StateTaskServiceEcs.__dict__.get("_normalise_parameters")
+    base = StateTaskService.__dict__.get("_normalise_parameters")
+    if "normalisation" in _applied:
+        return False
+    params = {"Cluster": "c"}
+    probe = object.__new__(StateTaskServiceEcs)
+    (own or base)(probe, params, "ecs", "run_task")  # type: ignore[misc]
+    return "cluster" in params
+
+
+class _Context:
+    """Enough of a Lambda context for Powertools."""
+
+    function_name = "kiln-local"
+    function_version = "$LATEST"
+    invoked_function_arn = "arn:aws:lambda:us-east-1:000000000000:function:kiln-local"
+    memory_limit_in_mb = 512
+    aws_request_id = "local"
+    log_group_name = "/aws/lambda/kiln-local"
+    log_stream_name = "local"
+
+    @staticmethod
+    def get_remaining_time_in_millis() -> int:
+        return 900_000
+
+
+def _resolve_handler(path: str) -> Callable[[Any, Any], Any]:
+    module, _, attr = path.rpartition(".")
+    return getattr(importlib.import_module(module), attr)  # type: ignore[no-any-return]
+
+
+def patch_lambda_in_process() -> None:
+    """Invoke moto Lambda functions by calling their Python handler in this process."""
+    if "lambda" in _applied:
+        return
+    from moto.awslambda.models import LambdaFunction
+
+    def _invoke_lambda(self: Any, event: Any = None) -> tuple[str, bool, str]:
+        payload = json.loads(event) if isinstance(event, str | bytes) else (event or {})
+        try:
+            result = _resolve_handler(self.handler)(payload, _Context())
+            return json.dumps(result), False, ""
+        except Exception as exc:
+            log.info("in-process Lambda %s raised %s: %s", self.handler, type(exc).__name__, exc)
+            body = {"errorType": type(exc).__name__, "errorMessage": str(exc),
+                    "stackTrace": traceback.format_exception(exc)[-3:]}
+            return json.dumps(body), True, ""
+
+    LambdaFunction._invoke_lambda = _invoke_lambda  # type: ignore[method-assign]
+    _applied.add("lambda")
+
+
+ContainerStart = Callable[[str, dict[str, str]], None]
+ContainerStop = Callable[[str], None]
+
+
+def patch_container_runner(on_start: ContainerStart, on_stop: ContainerStop) -> None:
+    """Call ``on_start(task_id, environment)`` for every ECS task / Batch job moto starts and
+    ``on_stop(task_id)`` for every one it is asked to stop."""
+    from moto.batch.models import BatchBackend
+    from moto.ecs.models import EC2ContainerServiceBackend
+
+    original_run_task = EC2ContainerServiceBackend.run_task
+    original_stop_task = EC2ContainerServiceBackend.stop_task
+    original_submit = BatchBackend.submit_job
+    original_terminate = BatchBackend.terminate_job
+
+    def run_task(self: Any, *args: Any, **kwargs: Any) -> Any:
+        tasks = original_run_task(self, *args, **kwargs)
+        bound = inspect.signature(original_run_task).bind(self, *args, **kwargs)
+        overrides = bound.arguments.get("overrides") or {}
+        for task in tasks:
+            env: dict[str, str] = {}
+            for container in overrides.get("containerOverrides", []) or []:
+                env.update({e["name"]: e.get("value", "") for e in container.get("environment", []) or []})
+            on_start(task.task_arn, env)
+        return tasks
+
+    def stop_task(self: Any, cluster_str: str, task_str: str, reason: str) -> Any:
+        on_stop(task_str)
+        return original_stop_task(self, cluster_str, task_str, reason)
+
+    def submit_job(self: Any, *args: Any, **kwargs: Any) -> Any:
+        result = original_submit(self, *args, **kwargs)
+        job_id = result[2]
+        bound = inspect.signature(original_submit).bind(self, *args, **kwargs)
+        overrides = bound.arguments.get("container_overrides") or {}
+        env = {e["name"]: e.get("value", "") for e in (overrides.get("environment") or [])}
+        on_start(job_id, env)
+        return result
+
+    def terminate_job(self: Any, job_id: str, reason: str) -> Any:
+        on_stop(job_id)
+        return original_terminate(self, job_id, reason)
+
+    EC2ContainerServiceBackend.run_task = run_task  # type: ignore[method-assign]
+    EC2ContainerServiceBackend.stop_task = stop_task  # type: ignore[method-assign]
+    BatchBackend.submit_job = submit_job  # type: ignore[method-assign]
+    BatchBackend.terminate_job = terminate_job  # type: ignore[method-assign]
+    _applied.add("containers")

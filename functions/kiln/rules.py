@@ -1,0 +1,320 @@
+"""Semantic rules botocore's model cannot express, shared by the API and the compiler.
+
+The API calls :func:`check_create` before accepting a job; the compiler parses the same
+strings with :func:`parse_data_input_config` and :func:`parse_compiler_options`, so a job the
+API accepted never fails later on a rule the API could have checked.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from kiln.catalog import Family, Target, TargetCatalog, UnsupportedTargetError
+from kiln.contract import raise_validation
+
+# FrameworkVersion "is only supported for the MXNet, PyTorch, TensorFlow and TensorFlow Lite frameworks".
+FRAMEWORK_VERSION_FRAMEWORKS = ("MXNET", "PYTORCH", "TENSORFLOW", "TFLITE")
+# Frameworks whose DataInputConfig shapes are NHWC (the others are NCHW).
+NHWC_FRAMEWORKS = ("TENSORFLOW", "TFLITE")
+NO_INPUT_CONFIG_FRAMEWORKS = ("XGBOOST", "SKLEARN")
+
+# SageMaker's default limits for a compilation job where StoppingCondition leaves them out.
+DEFAULT_MAX_RUNTIME_SECONDS = 900
+DEFAULT_MAX_PENDING_SECONDS = 3600
+
+_DTYPES = {"float": "float32", "float32": "float32", "float16": "float16", "int64": "int64",
+           "long": "int64", "int32": "int32", "int8": "int8", "uint8": "uint8"}
+_GPU_CODE = re.compile(r"sm_\d{2,3}[a-z]?")
+_VERSION = re.compile(r"\d+(\.\d+){0,3}")
+_COREML_KEYS = {"shape", "default_shape", "type", "bias", "scale"}
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One model input named in DataInputConfig (name is None in PyTorch's list form)."""
+
+    name: str | None
+    shape: tuple[int, ...] | None = None
+    coreml: dict[str, Any] = field(default_factory=dict)
+
+
+class RuleError(ValueError):
+    """A semantic rule failed; ``member`` is the wire path it concerns."""
+
+    def __init__(self, member: str, message: str) -> None:
+        super().__init__(message)
+        self.member = member
+        self.message = message
+
+
+def parse_json_or_literal(text: str, member: str) -> Any:
+    """JSON, or the Python-literal form AWS docs use (``{'mattr': ['+neon']}``)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        pass
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        raise RuleError(member, f"Value at '{member}' must be a JSON object, e.g. "
+                                "{\"mcpu\": \"skylake-avx512\"}") from None
+
+
+def parse_compiler_options(text: str | None, target: Target | None = None) -> dict[str, Any]:
+    """Parse and check ``CompilerOptions``; keys are normalised (``gpu_code`` -> ``gpu-code``)."""
+    member = "outputConfig.compilerOptions"
+    if not text:
+        options: dict[str, Any] = {}
+    else:
+        parsed = parse_json_or_literal(text, member)
+        if not isinstance(parsed, dict):
+            raise RuleError(member, f"Value at '{member}' must be a JSON object of compiler options")
+        options = {("gpu-code" if k == "gpu_code" else "dtype" if k == "DTYPE" else k): v
+                   for k, v in parsed.items()}
+    known = {"mcpu", "mattr", "gpu-code", "cuda-ver", "trt-ver", "dtype", "ANDROID_PLATFORM",
+             "class_labels", "signature_def_key", "output_names", "tuning", "allow_pickle"}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise RuleError(member, f"Unknown compiler option(s) {', '.join(unknown)} at '{member}'; "
+                                f"supported: {', '.join(sorted(known))}")
+    _check_option_types(options, member)
+    if target is not None:
+        _check_options_for_target(options, target, member)
+    return options
+
+
+def _check_option_types(options: dict[str, Any], member: str) -> None:
+    if "mcpu" in options and not (isinstance(options["mcpu"], str) and re.fullmatch(r"[\w.+-]+", options["mcpu"])):
+        raise RuleError(member, f"'mcpu' at '{member}' must be a CPU name such as 'skylake-avx512'")
+    if "mattr" in options:
+        mattr = options["mattr"]
+        if isinstance(mattr, str):
+            mattr = [a for a in mattr.split(",") if a]
+        if not (isinstance(mattr, list) and all(isinstance(a, str) and re.fullmatch(r"[+-][\w.]+", a) for a in mattr)):
+            raise RuleError(member, f"'mattr' at '{member}' must be a list of CPU features such as ['+neon']")
+        options["mattr"] = mattr
+    if "gpu-code" in options and not (isinstance(options["gpu-code"], str) and _GPU_CODE.fullmatch(options["gpu-code"])):
+        raise RuleError(member, f"'gpu-code' at '{member}' must name a CUDA architecture such as 'sm_75'")
+    for key in ("cuda-ver", "trt-ver"):
+        if key in options and not _VERSION.fullmatch(str(options[key])):
+            raise RuleError(member, f"'{key}' at '{member}' must be a version such as '10.2'")
+    if "dtype" in options:
+        dtype = str(options["dtype"]).lower()
+        if dtype not in _DTYPES:
+            raise RuleError(member, f"'dtype' at '{member}' must be one of {', '.join(sorted(_DTYPES))}")
+        options["dtype"] = _DTYPES[dtype]
+    if "ANDROID_PLATFORM" in options:
+        level = options["ANDROID_PLATFORM"]
+        if isinstance(level, bool) or not isinstance(level, int) or not 21 <= level <= 29:
+            raise RuleError(member, f"'ANDROID_PLATFORM' at '{member}' must be an API level from 21 to 29")
+    if "class_labels" in options and not (isinstance(options["class_labels"], str) and options["class_labels"]
+                                          and ".." not in options["class_labels"]):
+        raise RuleError(member, f"'class_labels' at '{member}' must name a labels file inside the input archive")
+    if "output_names" in options and not (isinstance(options["output_names"], list)
+                                          and all(isinstance(n, str) for n in options["output_names"])):
+        raise RuleError(member, f"'output_names' at '{member}' must be a list of tensor names")
+    if "allow_pickle" in options and not isinstance(options["allow_pickle"], bool):
+        raise RuleError(member, f"'allow_pickle' at '{member}' must be true or false")
+    if "tuning" in options:
+        _check_tuning(options["tuning"], member)
+
+
+def _check_tuning(tuning: Any, member: str) -> None:
+    if not isinstance(tuning, dict) or not set(tuning) <= {"trials", "minutes"} or not tuning:
+        raise RuleError(member, f"'tuning' at '{member}' must be {{\"trials\": N}} and/or {{\"minutes\": M}}")
+    for key, value in tuning.items():
+        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+            raise RuleError(member, f"'tuning.{key}' at '{member}' must be a positive number")
+
+
+def _check_options_for_target(options: dict[str, Any], target: Target, member: str) -> None:
+    if target.family is Family.CUDA and not target.cuda_arch and "gpu-code" not in options:
+        raise RuleError(member, f"Target '{target.name}' needs 'gpu-code' (e.g. 'sm_75') in '{member}'")
+    if target.family is Family.COREML:
+        extra = set(options) - {"class_labels"}
+        if extra:
+            raise RuleError(member, f"Target 'coreml' accepts only 'class_labels' at '{member}', "
+                                    f"not {', '.join(sorted(extra))}")
+    if target.family is not Family.CUDA:
+        gpu = sorted(set(options) & {"gpu-code", "cuda-ver", "trt-ver"})
+        if gpu:
+            raise RuleError(member, f"Option(s) {', '.join(gpu)} at '{member}' apply only to NVIDIA targets, "
+                                    f"not '{target.name}'")
+
+
+def parse_data_input_config(text: str | None, framework: str, target: Target | None = None) -> list[InputSpec]:
+    """Parse ``DataInputConfig`` in the form the framework takes (see the SageMaker reference)."""
+    member = "inputConfig.dataInputConfig"
+    if text is None or text == "":
+        return []
+    if framework in NO_INPUT_CONFIG_FRAMEWORKS:
+        # "XGBOOST: input data name and shape are not needed": tolerated, ignored.
+        return []
+    parsed = parse_json_or_literal(text, member)
+    coreml = target is not None and target.family is Family.COREML
+    if isinstance(parsed, list):
+        if framework != "PYTORCH":
+            raise RuleError(member, f"The list form of '{member}' is only for PYTORCH; {framework} needs "
+                                    "a dictionary of input name to shape, e.g. {\"data\": [1, 3, 224, 224]}")
+        if not parsed:
+            raise RuleError(member, f"'{member}' must name at least one input")
+        return [_input_spec(None, item, member, coreml, f"{member}[{i}]") for i, item in enumerate(parsed)]
+    if not isinstance(parsed, dict) or not parsed:
+        raise RuleError(member, f"'{member}' must be a dictionary of input name to shape, e.g. "
+                                "{\"data\": [1, 3, 224, 224]}")
+    return [_input_spec(str(name), value, member, coreml, f"{member}.{name}") for name, value in parsed.items()]
+
+
+def _input_spec(name: str | None, value: Any, member: str, coreml: bool, where: str) -> InputSpec:
+    if coreml and isinstance(value, dict):
+        return InputSpec(name=name, shape=None, coreml=_coreml_input(value, where, member))
+    shape = _shape(value, where, member)
+    return InputSpec(name=name, shape=shape)
+
+
+def _shape(value: Any, where: str, member: str) -> tuple[int, ...]:
+    if (not isinstance(value, list) or not value
+            or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in value)):
+        raise RuleError(member, f"Shape at '{where}' must be a list of positive integers, e.g. [1, 3, 224, 224]; "
+                                f"got {json.dumps(value)}")
+    if len(value) > 8:
+        raise RuleError(member, f"Shape at '{where}' has {len(value)} dimensions; at most 8 are supported")
+    return tuple(value)
+
+
+def _coreml_input(value: dict[str, Any], where: str, member: str) -> dict[str, Any]:
+    unknown = set(value) - _COREML_KEYS
+    if unknown:
+        raise RuleError(member, f"Unknown CoreML input parameter(s) {', '.join(sorted(unknown))} at '{where}'; "
+                                f"supported: {', '.join(sorted(_COREML_KEYS))}")
+    if "shape" not in value:
+        raise RuleError(member, f"CoreML input at '{where}' needs 'shape'")
+    shape = value["shape"]
+    if isinstance(shape, list) and shape and all(isinstance(s, list) for s in shape):
+        for s in shape:
+            _shape(s, f"{where}.shape", member)
+    elif not (isinstance(shape, list) and shape and all(
+            (isinstance(d, int) and d > 0) or (isinstance(d, str) and re.fullmatch(r"\d+\.\.(\d+|-1)", d))
+            for d in shape)):
+        raise RuleError(member, f"'shape' at '{where}' must be a shape, a list of shapes, or use ranges "
+                                "such as \"1..10\"")
+    if "default_shape" in value:
+        _shape(value["default_shape"], f"{where}.default_shape", member)
+    kind = value.get("type", "Tensor")
+    if kind not in ("Image", "Tensor"):
+        raise RuleError(member, f"'type' at '{where}' must be 'Image' or 'Tensor'")
+    if kind == "Image":
+        bias = value.get("bias")
+        if bias is not None and not (isinstance(bias, list) and all(isinstance(b, int | float) for b in bias)):
+            raise RuleError(member, f"'bias' at '{where}' must be a list of numbers")
+        scale = value.get("scale")
+        if scale is not None and (isinstance(scale, bool) or not isinstance(scale, int | float)):
+            raise RuleError(member, f"'scale' at '{where}' must be a number")
+    elif "bias" in value or "scale" in value:
+        raise RuleError(member, f"'bias' and 'scale' at '{where}' apply only to inputs of type 'Image'")
+    return dict(value)
+
+
+def check_create(request: dict[str, Any], catalog: TargetCatalog) -> Target:
+    """Apply every semantic rule to a CreateCompilationJob request; the job's target when valid."""
+    errors: list[str] = []
+    has_input = request.get("InputConfig") is not None
+    has_package = request.get("ModelPackageVersionArn") is not None
+    if has_input == has_package:
+        errors.append("Exactly one of 'inputConfig' and 'modelPackageVersionArn' must be provided")
+    output = request.get("OutputConfig") or {}
+    has_device = output.get("TargetDevice") is not None
+    has_platform = output.get("TargetPlatform") is not None
+    if has_device == has_platform:
+        errors.append("Exactly one of 'outputConfig.targetDevice' and 'outputConfig.targetPlatform' must be provided")
+    if not output.get("S3OutputLocation", "").startswith("s3://") or len(output["S3OutputLocation"]) <= 5:
+        errors.append(f"Value '{output.get('S3OutputLocation')}' at 'outputConfig.s3OutputLocation' failed to "
+                      "satisfy constraint: Member must be an S3 URI such as s3://bucket/prefix")
+    raise_validation(errors)
+
+    try:
+        target = catalog.for_output_config(output)
+    except UnsupportedTargetError as exc:
+        member = "outputConfig.targetDevice" if has_device else "outputConfig.targetPlatform"
+        raise_validation([f"Value '{exc.target}' at '{member}' failed to satisfy constraint: {exc}"])
+        raise  # unreachable: raise_validation raised
+
+    try:
+        options = parse_compiler_options(output.get("CompilerOptions"), target)
+        if has_input:
+            _check_input_config(request["InputConfig"], target, options)
+    except RuleError as exc:
+        raise_validation([exc.message])
+    return target
+
+
+def check_framework_target(framework: str, target: Target, options: dict[str, Any] | None = None) -> None:
+    """Refuse framework x target pairs this deployment cannot compile."""
+    if framework not in target.frameworks:
+        raise RuleError("inputConfig.framework",
+                        f"Framework {framework} cannot be compiled for target '{target.name}'; "
+                        f"'{target.name}' supports {', '.join(target.frameworks)}")
+
+
+def _check_input_config(config: dict[str, Any], target: Target, options: dict[str, Any]) -> None:
+    framework = config["Framework"]
+    uri = config["S3Uri"]
+    if not re.fullmatch(r"s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]/.+", uri):
+        raise RuleError("inputConfig.s3Uri", f"Value '{uri}' at 'inputConfig.s3Uri' failed to satisfy constraint: "
+                                             "Member must be an S3 URI of the form s3://bucket/key.tar.gz")
+    if not uri.endswith(".tar.gz"):
+        raise RuleError("inputConfig.s3Uri", f"Value '{uri}' at 'inputConfig.s3Uri' failed to satisfy constraint: "
+                                             "Member must point to a single gzip compressed tar archive "
+                                             "(.tar.gz suffix)")
+    version = config.get("FrameworkVersion")
+    if version is not None:
+        if framework not in FRAMEWORK_VERSION_FRAMEWORKS:
+            raise RuleError("inputConfig.frameworkVersion",
+                            f"'inputConfig.frameworkVersion' is only supported for "
+                            f"{', '.join(FRAMEWORK_VERSION_FRAMEWORKS)}, not {framework}; remove it")
+        if not _VERSION.fullmatch(version):
+            raise RuleError("inputConfig.frameworkVersion",
+                            f"Value '{version}' at 'inputConfig.frameworkVersion' must be a version such as '2.4'")
+    check_framework_target(framework, target, options)
+    parse_data_input_config(config.get("DataInputConfig"), framework, target)
+    if "allow_pickle" in options and framework not in NO_INPUT_CONFIG_FRAMEWORKS:
+        raise RuleError("outputConfig.compilerOptions",
+                        "'allow_pickle' at 'outputConfig.compilerOptions' applies only to SKLEARN and XGBOOST models")
+
+
+def stopping_limits(stopping: dict[str, Any] | None) -> tuple[int, int]:
+    """(MaxRuntimeInSeconds, MaxPendingTimeInSeconds) with SageMaker's defaults filled in."""
+    stopping = stopping or {}
+    return (int(stopping.get("MaxRuntimeInSeconds") or DEFAULT_MAX_RUNTIME_SECONDS),
+            int(stopping.get("MaxPendingTimeInSeconds") or DEFAULT_MAX_PENDING_SECONDS))
+
+
+def check_stopping_condition(stopping: dict[str, Any] | None) -> None:
+    """``MaxWaitTimeInSeconds`` must be at least ``MaxRuntimeInSeconds`` (SageMaker's documented rule)."""
+    stopping = stopping or {}
+    wait, runtime = stopping.get("MaxWaitTimeInSeconds"), stopping.get("MaxRuntimeInSeconds")
+    if wait is not None and runtime is not None and wait < runtime:
+        raise_validation([f"Value {wait} at 'stoppingCondition.maxWaitTimeInSeconds' failed to satisfy constraint: "
+                          f"Member must be greater than or equal to MaxRuntimeInSeconds ({runtime})"])
+
+
+def check_tags(tags: list[dict[str, str]] | None, member: str = "tags") -> None:
+    """Tag keys are unique per resource, and the ``aws:`` prefix is reserved."""
+    if not tags:
+        return
+    errors: list[str] = []
+    seen: set[str] = set()
+    for index, tag in enumerate(tags, start=1):
+        key = tag.get("Key", "")
+        if key in seen:
+            errors.append(f"Value '{key}' at '{member}.{index}.member.key' failed to satisfy constraint: "
+                          "Tag keys must be unique per resource")
+        if key.lower().startswith("aws:"):
+            errors.append(f"Value '{key}' at '{member}.{index}.member.key' failed to satisfy constraint: "
+                          "the 'aws:' prefix is reserved")
+        seen.add(key)
+    raise_validation(errors)

@@ -1,0 +1,316 @@
+"""The compilation-job service: what each API operation does, independent of transport."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from typing import Any
+
+from botocore.exceptions import ClientError
+
+from kiln import rules
+from kiln.catalog import TargetCatalog
+from kiln.contract import parse_timestamp, shape_output, validate_request
+from kiln.errors import AccessDenied, ConflictError, ResourceNotFound, ValidationError
+from kiln.events import JobEvents
+from kiln.runners import CompilerContainers
+from kiln.store import ACTIVE, TERMINAL, JobStore, ListQuery, public_view
+
+log = logging.getLogger(__name__)
+
+_ARN = re.compile(r"arn:aws[a-z\-]*:sagemaker:([a-z0-9\-]+):(\d{12}):compilation-job/([a-zA-Z0-9\-]+)")
+
+
+def job_arn(region: str, account: str, name: str) -> str:
+    return f"arn:aws:sagemaker:{region}:{account}:compilation-job/{name}"
+
+
+def describe_view(record: dict[str, Any]) -> dict[str, Any]:
+    """A DescribeCompilationJob response from a stored record (required members always present)."""
+    view = public_view(record)
+    view.setdefault("FailureReason", "")
+    view.setdefault("ModelArtifacts", {"S3ModelArtifacts": ""})
+    return shape_output("DescribeCompilationJob", view)
+
+
+class CompilationJobService:
+    """Create, describe, list, stop and delete compilation jobs; manage their tags."""
+
+    def __init__(self, *, store: JobStore, catalog: TargetCatalog, sfn: Any, events: JobEvents,
+                 containers: CompilerContainers | None, state_machine_arn: str, region: str, account: str,
+                 network: dict[str, Any] | None = None, iam: Any | None = None) -> None:
+        self.store = store
+        self.catalog = catalog
+        self._sfn = sfn
+        self._events = events
+        self._containers = containers
+        self._state_machine_arn = state_machine_arn
+        self._region = region
+        self._account = account
+        self._network = network or {}
+        self._iam = iam
+
+    # -- create ------------------------------------------------------------------------------
+    def create(self, request: dict[str, Any], *, caller_arn: str | None = None) -> dict[str, Any]:
+        validate_request("CreateCompilationJob", request)
+        target = rules.check_create(request, self.catalog)
+        rules.check_stopping_condition(request.get("StoppingCondition"))
+        rules.check_tags(request.get("Tags"))
+        if self._iam is not None and caller_arn:
+            self._check_pass_role(caller_arn, request["RoleArn"])
+        name = request["CompilationJobName"]
+        now = time.time()
+        runtime, pending = rules.stopping_limits(request.get("StoppingCondition"))
+        job: dict[str, Any] = {
+            "CompilationJobName": name,
+            "CompilationJobArn": job_arn(self._region, self._account, name),
+            "CompilationJobStatus": "STARTING",
+            "RoleArn": request["RoleArn"],
+            "OutputConfig": request["OutputConfig"],
+            "StoppingCondition": {**request.get("StoppingCondition", {}), "MaxRuntimeInSeconds": runtime,
+                                  "MaxPendingTimeInSeconds": pending},
+            "CreationTime": now,
+            "LastModifiedTime": now,
+        }
+        for optional in ("InputConfig", "ModelPackageVersionArn", "VpcConfig"):
+            if request.get(optional) is not None:
+                job[optional] = request[optional]
+        self.store.create(job, extra={"Tags": request.get("Tags", []), "Runner": str(target.runner)})
+        self._events.state_changed(describe_view(job))
+        execution_input = {
+            "Job": {k: v for k, v in job.items() if k not in ("CompilationJobStatus", "CreationTime",
+                                                                "LastModifiedTime")},
+            "Runner": str(target.runner),
+            "Limits": {"MaxRuntimeInSeconds": runtime, "MaxPendingTimeInSeconds": pending,
+                       "TotalSeconds": runtime + pending},
+            "Network": self._network_for(request.get("VpcConfig")),
+        }
+        try:
+            started = self._sfn.start_execution(stateMachineArn=self._state_machine_arn, name=name,
+                                                input=json.dumps(execution_input))
+            self.store.set_fields(name, {"ExecutionArn": started["executionArn"]})
+        except Exception as exc:
+            log.exception("could not start the workflow of %s", name)
+            detail = exc.response["Error"]["Code"] if isinstance(exc, ClientError) else type(exc).__name__
+            self.record_failure(name, f"ServerError: the compilation workflow could not be started ({detail})")
+        return {"CompilationJobArn": job["CompilationJobArn"]}
+
+    def _network_for(self, vpc_config: dict[str, Any] | None) -> dict[str, Any]:
+        if vpc_config:
+            return {"Subnets": vpc_config["Subnets"], "SecurityGroups": vpc_config["SecurityGroupIds"],
+                    "AssignPublicIp": "DISABLED"}
+        return {"Subnets": self._network.get("Subnets", []),
+                "SecurityGroups": self._network.get("SecurityGroups", []), "AssignPublicIp": "DISABLED"}
+
+    def _check_pass_role(self, caller_arn: str, role_arn: str) -> None:
+        """The caller must be allowed to pass the job's role (as SageMaker requires iam:PassRole)."""
+        assert self._iam is not None
+        principal = _principal_arn(caller_arn)
+        try:
+            result = self._iam.simulate_principal_policy(PolicySourceArn=principal, ActionNames=["iam:PassRole"],
+                                                         ResourceArns=[role_arn])
+        except ClientError as exc:
+            raise AccessDenied(f"Could not verify that {principal} may pass role {role_arn}: "
+                               f"{exc.response['Error']['Code']}") from None
+        decisions = [r["EvalDecision"] for r in result.get("EvaluationResults", [])]
+        if decisions != ["allowed"]:
+            raise AccessDenied(f"User: {caller_arn} is not authorized to perform: iam:PassRole on resource: {role_arn}")
+
+    # -- describe / list ---------------------------------------------------------------------
+    def describe(self, name: str) -> dict[str, Any]:
+        validate_request("DescribeCompilationJob", {"CompilationJobName": name})
+        record = self.store.get(name)
+        if record["CompilationJobStatus"] in ACTIVE:
+            record = self._reconcile(record)
+        return describe_view(record)
+
+    def _reconcile(self, record: dict[str, Any]) -> dict[str, Any]:
+        """A job whose workflow ended without recording a result is failed, not left running."""
+        arn = record.get("ExecutionArn")
+        if not arn:
+            return record
+        try:
+            execution = self._sfn.describe_execution(executionArn=arn)
+        except ClientError:
+            return record
+        status = execution.get("status")
+        if status in (None, "RUNNING", "PENDING_REDRIVE"):
+            return record
+        name = record["CompilationJobName"]
+        fresh = self.store.get(name)
+        if fresh["CompilationJobStatus"] not in ACTIVE:
+            return fresh
+        if fresh["CompilationJobStatus"] == "STOPPING" or status == "ABORTED":
+            return self._finish_stop(name) or self.store.get(name)
+        return self.record_failure(
+            name, f"ServerError: the compilation workflow ended ({status}) without recording a result") or fresh
+
+    def list(self, request: dict[str, Any]) -> dict[str, Any]:
+        validate_request("ListCompilationJobs", request)
+        query = ListQuery(
+            sort_by=request.get("SortBy", "CreationTime"),
+            sort_order=request.get("SortOrder", "Descending"),
+            max_results=int(request.get("MaxResults", 10)),
+            name_contains=request.get("NameContains"),
+            status_equals=request.get("StatusEquals"),
+            created_after=parse_timestamp(request.get("CreationTimeAfter")),
+            created_before=parse_timestamp(request.get("CreationTimeBefore")),
+            modified_after=parse_timestamp(request.get("LastModifiedTimeAfter")),
+            modified_before=parse_timestamp(request.get("LastModifiedTimeBefore")),
+        )
+        items, token = self.store.list(query, request.get("NextToken"))
+        summaries = []
+        for item in items:
+            output = item.get("OutputConfig", {})
+            summary = {
+                "CompilationJobName": item["CompilationJobName"], "CompilationJobArn": item["CompilationJobArn"],
+                "CreationTime": item["CreationTime"], "CompilationStartTime": item.get("CompilationStartTime"),
+                "CompilationEndTime": item.get("CompilationEndTime"),
+                "CompilationTargetDevice": output.get("TargetDevice"),
+                "CompilationTargetPlatformOs": (output.get("TargetPlatform") or {}).get("Os"),
+                "CompilationTargetPlatformArch": (output.get("TargetPlatform") or {}).get("Arch"),
+                "CompilationTargetPlatformAccelerator": (output.get("TargetPlatform") or {}).get("Accelerator"),
+                "LastModifiedTime": item["LastModifiedTime"], "CompilationJobStatus": item["CompilationJobStatus"],
+            }
+            summaries.append(summary)
+        response: dict[str, Any] = {"CompilationJobSummaries": summaries}
+        if token:
+            response["NextToken"] = token
+        return shape_output("ListCompilationJobs", response)
+
+    # -- stop / delete -----------------------------------------------------------------------
+    def stop(self, name: str) -> None:
+        validate_request("StopCompilationJob", {"CompilationJobName": name})
+        record = self.store.get(name)
+        status = record["CompilationJobStatus"]
+        if status in TERMINAL:
+            raise ValidationError(f"Compilation job {name} is {status} and cannot be stopped")
+        if status != "STOPPING":
+            try:
+                stopping = self.store.transition(name, "STOPPING", allowed_from=("STARTING", "INPROGRESS"))
+            except ConflictError:
+                current = self.store.get(name)
+                if current["CompilationJobStatus"] in TERMINAL:
+                    raise ValidationError(
+                        f"Compilation job {name} is {current['CompilationJobStatus']} and cannot be stopped") from None
+                stopping = current
+            self._events.state_changed(describe_view(stopping))
+        self._finish_stop(name)
+
+    def _finish_stop(self, name: str) -> dict[str, Any] | None:
+        """Stop the execution and the container, then record STOPPED (exactly once)."""
+        record = self.store.get(name)
+        if self._containers is not None:
+            self._containers.stop(name, f"Compilation job {name} was stopped")
+        if record.get("ExecutionArn"):
+            try:
+                self._sfn.stop_execution(executionArn=record["ExecutionArn"], error="Kiln.Stopped",
+                                         cause="StopCompilationJob")
+            except ClientError as exc:
+                log.info("stop_execution(%s): %s", name, exc.response["Error"]["Code"])
+        try:
+            stopped = self.store.transition(name, "STOPPED", allowed_from=("STOPPING",),
+                                            updates={"CompilationEndTime": time.time()})
+        except ConflictError:
+            return None  # someone else recorded the terminal state first
+        self._events.state_changed(describe_view(stopped))
+        return stopped
+
+    def delete(self, name: str) -> None:
+        validate_request("DeleteCompilationJob", {"CompilationJobName": name})
+        self.store.delete(name)
+
+    # -- workflow-side transitions -----------------------------------------------------------
+    def mark_in_progress(self, name: str) -> dict[str, Any]:
+        now = time.time()
+        record = self.store.transition(name, "INPROGRESS", allowed_from=("STARTING",),
+                                       updates={"CompilationStartTime": now}, now=now)
+        self._events.state_changed(describe_view(record))
+        return record
+
+    def record_success(self, name: str, result: dict[str, Any], inference_image: str = "") -> dict[str, Any] | None:
+        updates: dict[str, Any] = {
+            "ModelArtifacts": {"S3ModelArtifacts": result["S3ModelArtifacts"]},
+            "ModelDigests": {"ArtifactDigest": result["ArtifactDigest"]},
+            "CompilationEndTime": time.time(),
+        }
+        derived = result.get("DerivedDataInputConfig")
+        if derived:
+            updates["DerivedInformation"] = {"DerivedDataInputConfig": derived}
+        if inference_image:
+            updates["InferenceImage"] = inference_image
+        if result.get("Tuning") is not None:
+            updates["Internal"] = {"Tuning": result["Tuning"], "Timings": result.get("Timings", {})}
+        try:
+            record = self.store.transition(name, "COMPLETED", allowed_from=("INPROGRESS",), updates=updates)
+        except ConflictError:
+            log.info("job %s is no longer INPROGRESS; success not recorded", name)
+            return None
+        self._events.state_changed(describe_view(record))
+        return record
+
+    def record_failure(self, name: str, reason: str) -> dict[str, Any] | None:
+        try:
+            record = self.store.transition(name, "FAILED", allowed_from=("STARTING", "INPROGRESS"),
+                                           updates={"FailureReason": reason[:1024],
+                                                    "CompilationEndTime": time.time()})
+        except ConflictError:
+            current = self.store.get(name)
+            if current["CompilationJobStatus"] == "STOPPING":
+                return self._finish_stop(name)
+            log.info("job %s is %s; failure not recorded", name, current["CompilationJobStatus"])
+            return None
+        self._events.state_changed(describe_view(record))
+        return record
+
+    # -- tags --------------------------------------------------------------------------------
+    def _name_from_arn(self, arn: str) -> str:
+        match = _ARN.fullmatch(arn)
+        if not match:
+            raise ValidationError(f"Value '{arn}' at 'resourceArn' failed to satisfy constraint: "
+                                  "Kiln tags compilation jobs only (arn:aws:sagemaker:REGION:ACCOUNT:compilation-job/NAME)")
+        name = match.group(3)
+        try:
+            record = self.store.get(name)
+        except ResourceNotFound:
+            record = None
+        if record is None or record["CompilationJobArn"] != arn:
+            raise ResourceNotFound(f"Could not find compilation job with ARN {arn}")
+        return name
+
+    def add_tags(self, request: dict[str, Any]) -> dict[str, Any]:
+        validate_request("AddTags", request)
+        rules.check_tags(request["Tags"])
+        tags = self.store.add_tags(self._name_from_arn(request["ResourceArn"]), request["Tags"])
+        return {"Tags": tags}
+
+    def list_tags(self, request: dict[str, Any]) -> dict[str, Any]:
+        validate_request("ListTags", request)
+        tags = self.store.get(self._name_from_arn(request["ResourceArn"])).get("Tags", [])
+        start = 0
+        if request.get("NextToken"):
+            try:
+                start = int(request["NextToken"])
+            except ValueError:
+                raise ValidationError("The NextToken is invalid") from None
+        limit = int(request.get("MaxResults", 50))
+        page = tags[start:start + limit]
+        response: dict[str, Any] = {"Tags": page}
+        if start + limit < len(tags):
+            response["NextToken"] = str(start + limit)
+        return response
+
+    def delete_tags(self, request: dict[str, Any]) -> dict[str, Any]:
+        validate_request("DeleteTags", request)
+        self.store.delete_tags(self._name_from_arn(request["ResourceArn"]), request["TagKeys"])
+        return {}
+
+
+def _principal_arn(caller_arn: str) -> str:
+    """The IAM principal behind a caller: an assumed-role session maps to its role."""
+    match = re.fullmatch(r"arn:(aws[a-z\-]*):sts::(\d{12}):assumed-role/([^/]+)/.+", caller_arn)
+    if match:
+        return f"arn:{match.group(1)}:iam::{match.group(2)}:role/{match.group(3)}"
+    return caller_arn

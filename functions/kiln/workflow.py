@@ -1,0 +1,141 @@
+"""The workflow's steps: what each Lambda state of ``statemachine/compilation_job.asl.json`` does."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from kiln import rules
+from kiln.errors import ConflictError
+from kiln.runners import STOPPED_ERROR, CompilerContainers
+from kiln.service import CompilationJobService
+
+log = logging.getLogger(__name__)
+
+
+class TransientError(Exception):
+    """A retryable failure (throttling, a lost race worth retrying); the state machine retries it."""
+
+
+class JobClientError(Exception):
+    """The job's input is at fault; recorded as ``ClientError: ...``."""
+
+
+def failure_reason(error: dict[str, Any] | None, limits: dict[str, Any] | None) -> str:
+    """A SageMaker-style FailureReason for a caught workflow error (never a stack trace)."""
+    error = error or {}
+    limits = limits or {}
+    name = str(error.get("Error", ""))
+    cause = str(error.get("Cause", "") or "")
+    if name == "States.HeartbeatTimeout":
+        return (f"ClientError: the compiler container did not start, or stopped responding, within "
+                f"MaxPendingTimeInSeconds ({limits.get('MaxPendingTimeInSeconds')} s)")
+    if name == "States.Timeout":
+        return f"ClientError: the compilation exceeded MaxRuntimeInSeconds ({limits.get('MaxRuntimeInSeconds')} s)"
+    if name in ("ClientError", "ServerError"):
+        return cause if cause.startswith(f"{name}:") else f"{name}: {cause}"
+    message = cause
+    try:
+        payload = json.loads(cause)
+        if isinstance(payload, dict):
+            name = str(payload.get("errorType", name))
+            message = str(payload.get("errorMessage", cause))
+    except ValueError:
+        pass
+    if name == "JobClientError":
+        return f"ClientError: {message}"
+    short = message.splitlines()[0][:300] if message else "no details"
+    return f"ServerError: {name or 'unknown error'}: {short}"
+
+
+class WorkflowSteps:
+    """Each Lambda step of the state machine, over the same service the API uses."""
+
+    def __init__(self, service: CompilationJobService, *, sagemaker: Any,
+                 containers: CompilerContainers | None, inference_image: str = "") -> None:
+        self._service = service
+        self._sagemaker = sagemaker
+        self._containers = containers
+        self._inference_image = inference_image
+
+    def mark_in_progress(self, job: dict[str, Any]) -> dict[str, Any]:
+        """STARTING -> INPROGRESS; ``Proceed: false`` when the job was stopped before it started."""
+        name = job["CompilationJobName"]
+        try:
+            self._service.mark_in_progress(name)
+        except ConflictError:
+            status = self._service.store.get(name)["CompilationJobStatus"]
+            if status == "INPROGRESS":  # a retried step whose first attempt did land
+                return {"Proceed": True}
+            log.info("job %s is %s; not compiling", name, status)
+            return {"Proceed": False}
+        return {"Proceed": True}
+
+    def resolve_model_package(self, job: dict[str, Any]) -> dict[str, Any]:
+        """Fill InputConfig from the model package version (S3Uri, Framework, version, inputs)."""
+        arn = job["ModelPackageVersionArn"]
+        try:
+            package = self._sagemaker.describe_model_package(ModelPackageName=arn)
+        except Exception as exc:
+            code = getattr(exc, "response", {}).get("Error", {}).get("Code", type(exc).__name__)
+            if code in ("ThrottlingException", "ServiceUnavailable"):
+                raise TransientError(code) from exc
+            raise JobClientError(f"ModelPackageVersionArn: could not describe {arn} ({code})") from exc
+        containers = package.get("InferenceSpecification", {}).get("Containers", [])
+        if not containers or not containers[0].get("ModelDataUrl"):
+            raise JobClientError(f"ModelPackageVersionArn: {arn} has no container with a ModelDataUrl")
+        container = containers[0]
+        framework = (container.get("Framework") or "").upper()
+        if not framework:
+            raise JobClientError(f"ModelPackageVersionArn: {arn} does not name its Framework")
+        input_config: dict[str, Any] = {"S3Uri": container["ModelDataUrl"], "Framework": framework}
+        if container.get("FrameworkVersion") and framework in rules.FRAMEWORK_VERSION_FRAMEWORKS:
+            input_config["FrameworkVersion"] = container["FrameworkVersion"]
+        data_input = (container.get("ModelInput") or {}).get("DataInputConfig")
+        if data_input:
+            input_config["DataInputConfig"] = data_input
+        target = self._service.catalog.for_output_config(job["OutputConfig"])
+        try:
+            options = rules.parse_compiler_options(job["OutputConfig"].get("CompilerOptions"), target)
+            rules.check_framework_target(framework, target, options)
+            rules.parse_data_input_config(data_input, framework, target)
+        except rules.RuleError as exc:
+            raise JobClientError(f"ModelPackageVersionArn: {exc.message}") from None
+        if not input_config["S3Uri"].endswith(".tar.gz"):
+            raise JobClientError(f"ModelPackageVersionArn: the ModelDataUrl of {arn} must be a .tar.gz archive")
+        return {"Job": {**job, "InputConfig": input_config}}
+
+    def record_success(self, job: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
+        if not result.get("S3ModelArtifacts") or not result.get("ArtifactDigest"):
+            raise JobClientError("the compiler reported success without an artifact")
+        record = self._service.record_success(job["CompilationJobName"], result, self._inference_image)
+        return {"Recorded": record is not None}
+
+    def record_failure(self, job: dict[str, Any], error: dict[str, Any], limits: dict[str, Any]) -> dict[str, Any]:
+        name = job["CompilationJobName"]
+        if error.get("Error") in ("States.Timeout", "States.HeartbeatTimeout") and self._containers is not None:
+            # A limit was hit: the container must not run on.
+            self._containers.stop(name, failure_reason(error, limits))
+        if error.get("Error") == STOPPED_ERROR:
+            record = self._service.record_failure(name, "ClientError: the job was stopped")
+        else:
+            record = self._service.record_failure(name, failure_reason(error, limits))
+        return {"Recorded": record is not None}
+
+    def container_stopped(self, job_name: str | None, token: str | None, exit_code: int | None,
+                          reason: str) -> dict[str, Any]:
+        """A compiler container stopped: if it had not reported, fail its task token now
+        (the exit code decides; the workflow does not wait for a heartbeat timeout)."""
+        if not token or self._containers is None:
+            return {"Failed": False}
+        if exit_code == 0:
+            cause = "ServerError: the compiler container exited without reporting a result"
+        elif exit_code is None:
+            cause = f"ServerError: the compiler container stopped ({reason or 'no exit code'})"
+        else:
+            cause = f"ServerError: the compiler container exited with code {exit_code}" + (
+                f" ({reason})" if reason else "")
+        self._containers.fail_token(token, "ServerError", cause)
+        log.info("container of %s stopped: %s", job_name, cause)
+        return {"Failed": True}
