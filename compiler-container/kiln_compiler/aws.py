@@ -6,6 +6,7 @@ import json
 import logging
 import re
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from .errors import ClientError, ServerError
 
 log = logging.getLogger(__name__)
 _ABORT_CODES = {"TaskTimedOut", "TaskDoesNotExist", "InvalidToken"}
+_TOKEN_GRACE_SECONDS = 30.0
 
 
 def split_s3_uri(uri: str) -> tuple[str, str]:
@@ -99,18 +101,27 @@ class Reporter:
         self._thread.start()
 
     def _beat(self) -> None:
+        accepted = False
+        started = time.monotonic()
         while not self._stop.is_set():
+            wait = self.interval
             try:
                 self.client.send_task_heartbeat(taskToken=self.token)
+                accepted = True
             except BotoClientError as exc:
                 code = exc.response.get("Error", {}).get("Code", "")
-                if code in _ABORT_CODES:
+                # The workflow may not have registered a brand-new token yet: until one heartbeat
+                # is accepted, InvalidToken is retried for a grace period instead of aborting.
+                if code == "InvalidToken" and not accepted and time.monotonic() - started < _TOKEN_GRACE_SECONDS:
+                    wait = 0.5
+                elif code in _ABORT_CODES:
                     self.on_abort(code)
                     return
-                log.warning("heartbeat failed: %s", exc)
+                else:
+                    log.warning("heartbeat failed: %s", exc)
             except Exception as exc:  # network blips must not kill the job
                 log.warning("heartbeat failed: %s", exc)
-            self._stop.wait(self.interval)
+            self._stop.wait(wait)
 
     def stop(self) -> None:
         self._stop.set()

@@ -1,14 +1,34 @@
-"""Budgeted MetaSchedule tuning and a shared tuning database (local dir or S3 prefix).
+"""Budgeted MetaSchedule tuning and a shared tuning database (local directory or S3 prefix).
 
-Work in progress: the API below is stable; internals are being filled in.
+* ``TuningConfig`` comes from ``CompilerOptions["tuning"]``: ``{"trials": N}`` and/or
+  ``{"minutes": M}``.
+* ``TuningDatabase`` holds MetaSchedule JSON-database records (workload + target keyed);
+  an ``s3://bucket/prefix`` location is downloaded before and uploaded after a compile.
+* ``tune_and_apply`` applies records, tunes the remaining kernels within the budget and the
+  deadline (a measure callback stops the task scheduler; builds past the deadline are
+  refused), with a builder that keeps one process pool for the whole tune and never imports
+  ``tvm.s_tir.tensor_intrin`` (31 s per build with TVM's default builder).
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import tvm
+from tvm.ir.utils import derived_object
+from tvm.s_tir import meta_schedule as ms
+
+log = logging.getLogger(__name__)
+
+_RECORD_FILES = ("database_workload.json", "database_tuning_record.json")
 
 
 @dataclass(frozen=True)
@@ -17,41 +37,89 @@ class TuningConfig:
 
     trials: int | None = None
     seconds: float | None = None
+    trials_per_task: int = 64
 
     @classmethod
     def from_options(cls, options: dict[str, Any] | None) -> TuningConfig | None:
-        """Parse ``CompilerOptions["tuning"]``: ``{"trials": N}`` and/or ``{"minutes": M}``."""
+        """Parse ``CompilerOptions`` (or its ``"tuning"`` member); None when no budget is set."""
         if not options:
             return None
         spec = options.get("tuning", options)
         if not isinstance(spec, dict):
             raise ValueError("tuning must be an object: {'trials': N} or {'minutes': M}")
-        trials = spec.get("trials")
-        minutes = spec.get("minutes")
+        trials, minutes = spec.get("trials"), spec.get("minutes")
         if trials is None and minutes is None:
             return None
-        if trials is not None and (not isinstance(trials, int) or isinstance(trials, bool) or trials < 0):
+        if trials is not None and (isinstance(trials, bool) or not isinstance(trials, int) or trials < 0):
             raise ValueError("tuning.trials must be a non-negative integer")
-        if minutes is not None and (not isinstance(minutes, int | float) or isinstance(minutes, bool) or minutes < 0):
+        if minutes is not None and (isinstance(minutes, bool) or not isinstance(minutes, int | float) or minutes < 0):
             raise ValueError("tuning.minutes must be a non-negative number")
         return cls(trials=trials, seconds=None if minutes is None else float(minutes) * 60.0)
 
+    def max_trials(self, n_tasks: int) -> int:
+        """Trial budget for ``n_tasks`` kernels (time-only budgets get a generous cap)."""
+        if self.trials is not None:
+            return self.trials
+        return n_tasks * self.trials_per_task
+
 
 class TuningDatabase:
-    """Tuning records (MetaSchedule JSON database) in a local directory or an S3 prefix."""
+    """MetaSchedule JSON records in a local directory, or an S3 prefix mirrored to one."""
 
-    def __init__(self, location: str | os.PathLike[str], *, cache_dir: str | os.PathLike[str] | None = None):
+    def __init__(self, location: str | os.PathLike[str], *, cache_dir: str | os.PathLike[str] | None = None,
+                 s3_client: Any = None) -> None:
         self.location = str(location)
-        self.local_dir = Path(cache_dir or location)
+        self._s3 = s3_client
+        if self.is_s3:
+            self.local_dir = Path(cache_dir or tempfile.mkdtemp(prefix="kiln-tuning-"))
+        else:
+            self.local_dir = Path(cache_dir or location)
         self.local_dir.mkdir(parents=True, exist_ok=True)
 
     @property
+    def is_s3(self) -> bool:
+        return self.location.startswith("s3://")
+
+    @property
     def workload_path(self) -> Path:
-        return self.local_dir / "database_workload.json"
+        return self.local_dir / _RECORD_FILES[0]
 
     @property
     def tuning_record_path(self) -> Path:
-        return self.local_dir / "database_tuning_record.json"
+        return self.local_dir / _RECORD_FILES[1]
+
+    def _bucket_prefix(self) -> tuple[str, str]:
+        bucket, _, prefix = self.location[len("s3://"):].partition("/")
+        return bucket, prefix.rstrip("/")
+
+    def _client(self) -> Any:
+        if self._s3 is None:
+            import boto3
+
+            self._s3 = boto3.client("s3")
+        return self._s3
+
+    def download(self) -> None:
+        """Fetch the records from S3 (a missing prefix is an empty database)."""
+        if not self.is_s3:
+            return
+        bucket, prefix = self._bucket_prefix()
+        for name in _RECORD_FILES:
+            key = f"{prefix}/{name}" if prefix else name
+            try:
+                self._client().download_file(bucket, key, str(self.local_dir / name))
+            except Exception as exc:
+                log.info("no tuning records at s3://%s/%s (%s)", bucket, key, exc)
+
+    def upload(self) -> None:
+        """Push the records to S3. Last writer wins: records are append-only and idempotent."""
+        if not self.is_s3:
+            return
+        bucket, prefix = self._bucket_prefix()
+        for name in _RECORD_FILES:
+            path = self.local_dir / name
+            if path.exists():
+                self._client().upload_file(str(path), bucket, f"{prefix}/{name}" if prefix else name)
 
     def open(self) -> Any:
         """The MetaSchedule JSONDatabase over the local files."""
@@ -63,14 +131,214 @@ class TuningDatabase:
             allow_missing=True,
         )
 
+    def __len__(self) -> int:
+        if not self.tuning_record_path.exists():
+            return 0
+        return sum(1 for line in self.tuning_record_path.read_text().splitlines() if line.strip())
 
-def tune_and_apply(
-    mod: Any, target: Any, *, database: TuningDatabase, tuning: TuningConfig | None, deadline: float | None
-) -> tuple[Any, dict[str, int]]:
-    """Placeholder: apply records only (tuning lands next)."""
+
+# --------------------------------------------------------------------------------------
+# Builder: one process pool, no tensor_intrin import
+# --------------------------------------------------------------------------------------
+
+
+def _worker_init() -> None:
+    import tvm  # noqa: F401 - load libtvm once per worker
+
+
+def _build_one(mod_json: str, target_json: str, work_dir: str) -> tuple[str | None, str | None]:
+    """Build one candidate in a worker process: (artifact path, error)."""
+    try:
+        import tvm
+        from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
+
+        mod = tvm.ir.load_json(mod_json)
+        target = tvm.target.Target(json.loads(target_json))
+        mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod)
+        rt_mod = tvm.compile(mod, target=target)
+        fd, path = tempfile.mkstemp(suffix=".tar", dir=work_dir)
+        os.close(fd)
+        rt_mod.export_library(path)
+        return path, None
+    except Exception as exc:
+        return None, f"{type(exc).__name__}: {exc}"
+
+
+def _target_dict(target: Any) -> dict[str, Any]:
+    """A JSON-able dict of a Target (host included)."""
+    d = dict(target.export())
+    return json.loads(json.dumps(d, default=str))
+
+
+@derived_object
+class KilnBuilder(ms.builder.PyBuilder):
+    """MetaSchedule builder: one spawn pool for the whole tune; refuses work past ``deadline``."""
+
+    def __init__(self, *, work_dir: str, max_workers: int | None = None, deadline: float | None = None) -> None:
+        super().__init__()
+        import multiprocessing as mp
+
+        self.work_dir = work_dir
+        self.deadline = deadline
+        self.pool = ProcessPoolExecutor(
+            max_workers=max_workers or os.cpu_count() or 1,
+            mp_context=mp.get_context("spawn"),
+            initializer=_worker_init,
+        )
+
+    def build(self, build_inputs: list[Any]) -> list[Any]:
+        if self.deadline is not None and time.time() > self.deadline:
+            return [ms.builder.BuilderResult(None, "kiln: tuning deadline reached") for _ in build_inputs]
+        futures = [
+            self.pool.submit(_build_one, tvm.ir.save_json(bi.mod), json.dumps(_target_dict(bi.target)),
+                             self.work_dir)
+            for bi in build_inputs
+        ]
+        return [ms.builder.BuilderResult(*fut.result()) for fut in futures]
+
+
+@derived_object
+class StopAtDeadline(ms.measure_callback.PyMeasureCallback):
+    """Ends every task once ``stop_at`` passes or ``trial_cap`` trials were measured."""
+
+    def __init__(self, stop_at: float | None, trial_cap: int) -> None:
+        super().__init__()
+        self.stop_at = stop_at
+        self.trial_cap = trial_cap
+        self.trials = 0
+
+    def apply(self, task_scheduler: Any, task_id: int, measure_candidates: Any, builder_results: Any,
+              runner_results: Any) -> None:
+        self.trials += len(measure_candidates)
+        if (self.stop_at is not None and time.time() >= self.stop_at) or self.trials >= self.trial_cap:
+            for i in range(len(task_scheduler.tasks_)):
+                task_scheduler.terminate_task(i)
+
+
+# --------------------------------------------------------------------------------------
+# Apply + tune
+# --------------------------------------------------------------------------------------
+
+
+def _prim_funcs(mod: Any) -> dict[Any, Any]:
+    from tvm import tirx
+
+    return {gv: f for gv, f in mod.functions_items() if isinstance(f, tirx.PrimFunc)}
+
+
+def _scheduled(func: Any) -> bool:
+    return bool(func.attrs is not None and "tirx.is_scheduled" in func.attrs and func.attrs["tirx.is_scheduled"])
+
+
+def can_measure(target: Any) -> bool:
+    """Whether this machine can run code for ``target`` (same arch and an ISA it has)."""
+    import platform
+
+    if target.kind.name != "llvm":
+        return False
+    triple = str(target.attrs.get("mtriple", "") or "")
+    machine = platform.machine()
+    if triple and not triple.startswith(machine):
+        return False
+    if "windows" in triple or "mingw" in triple:
+        return False
+    mcpu = str(target.attrs.get("mcpu", "") or "")
+    if machine == "x86_64" and mcpu:
+        flags = _cpu_flags()
+        from kiln_compiler.tvm_pipeline import vector_lanes
+
+        lanes = vector_lanes(target)
+        if lanes == 16 and "avx512f" not in flags:
+            return False
+        if lanes == 8 and "avx2" not in flags:
+            return False
+    return True
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def apply_database(mod: Any, target: Any, database: TuningDatabase) -> tuple[Any, int]:
+    """Apply the database's best records; returns (module, kernels taken from the database)."""
     from tvm import relax
 
-    with database.open():
+    before = {gv.name_hint for gv, f in _prim_funcs(mod).items() if _scheduled(f)}
+    with target, database.open():
         mod = relax.transform.MetaScheduleApplyDatabase()(mod)
-    reused = sum(1 for _, f in mod.functions_items() if getattr(f, "attrs", None) and "tirx.is_scheduled" in f.attrs)
-    return mod, {"tuned": 0, "reused": reused}
+    after = {gv.name_hint for gv, f in _prim_funcs(mod).items() if _scheduled(f)}
+    return mod, len(after - before)
+
+
+def tune_and_apply(
+    mod: Any,
+    target: Any,
+    *,
+    database: TuningDatabase,
+    tuning: TuningConfig | None,
+    deadline: float | None,
+    reserve_seconds: float = 0.0,
+) -> tuple[Any, dict[str, int]]:
+    """Reuse records, tune what is left within budget and deadline, apply the results.
+
+    Returns the module (tuned/reused kernels marked scheduled) and counts of kernels
+    ``{"tuned": n, "reused": n}``. Tuning runs only when the target can run here.
+    """
+    from tvm import IRModule
+    from tvm.s_tir import meta_schedule as ms
+
+    database.download()
+    mod, reused = apply_database(mod, target, database)
+    todo = {gv: f for gv, f in _prim_funcs(mod).items() if not _scheduled(f)}
+    tuned = 0
+    start = time.time()
+    stop_at = deadline - reserve_seconds if deadline is not None else None
+    if tuning is not None and tuning.seconds is not None:
+        stop_at = min(stop_at, start + tuning.seconds) if stop_at is not None else start + tuning.seconds
+    budget = tuning.max_trials(len(todo)) if tuning is not None else 0
+    if todo and budget > 0 and can_measure(target) and (stop_at is None or time.time() < stop_at):
+        with tempfile.TemporaryDirectory(prefix="kiln-tune-") as work_dir:
+            tasks, weights = [], []
+            for gv, func in todo.items():
+                tasks.append(ms.TuneContext(
+                    mod=IRModule({"main": func.with_attr("global_symbol", "main")}),
+                    target=target,
+                    space_generator="post-order-apply",
+                    search_strategy="evolutionary",
+                    task_name=gv.name_hint,
+                    num_threads=os.cpu_count() or 1,
+                ))
+                weights.append(1.0)
+            builder = KilnBuilder(deadline=stop_at, work_dir=work_dir)
+            runner = ms.runner.LocalRunner(
+                evaluator_config=ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=0,
+                                                           enable_cpu_cache_flush=False),
+                timeout_sec=30,
+            )
+            db = database.open()
+            try:
+                ms.tune.tune_tasks(
+                    tasks=tasks,
+                    task_weights=weights,
+                    work_dir=work_dir,
+                    max_trials_global=budget,
+                    max_trials_per_task=max(1, min(budget, tuning.trials_per_task if tuning else 64)),
+                    num_trials_per_iter=min(16, budget),
+                    builder=builder,
+                    runner=runner,
+                    database=db,
+                    measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"),
+                                       StopAtDeadline(stop_at, budget)],
+                )
+            finally:
+                builder.pool.shutdown(wait=False, cancel_futures=True)
+        database.upload()
+        mod, now = apply_database(mod, target, database)
+        tuned = now
+    return mod, {"tuned": tuned, "reused": reused}

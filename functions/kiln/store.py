@@ -124,13 +124,12 @@ class JobStore:
                 "StatusKey": _status_key(job["CompilationJobStatus"], job["CreationTime"], name)}
         try:
             self._client.transact_write_items(TransactItems=[
-                {"Put": {"TableName": self._table_name, "Item": self._serialize(item),
+                {"Put": {"TableName": self._table_name, "Item": _to_dynamo(item),
                          "ConditionExpression": "attribute_not_exists(JobName)"}},
-                {"Update": {"TableName": self._table_name, "Key": {"JobName": {"S": COUNTER_KEY}},
+                {"Update": {"TableName": self._table_name, "Key": {"JobName": COUNTER_KEY},
                             "UpdateExpression": "ADD ActiveJobs :one",
                             "ConditionExpression": "attribute_not_exists(ActiveJobs) OR ActiveJobs < :max",
-                            "ExpressionAttributeValues": {":one": {"N": "1"},
-                                                          ":max": {"N": str(self._max_active)}}}},
+                            "ExpressionAttributeValues": {":one": 1, ":max": self._max_active}}},
             ])
         except ClientError as exc:
             if exc.response["Error"]["Code"] != "TransactionCanceledException":
@@ -177,16 +176,16 @@ class JobStore:
         names["#s"] = "CompilationJobStatus"
         attr_values.update({f":from{i}": s for i, s in enumerate(allowed)})
         update: dict[str, Any] = {
-            "TableName": self._table_name, "Key": {"JobName": {"S": name}},
+            "TableName": self._table_name, "Key": {"JobName": name},
             "UpdateExpression": expression, "ConditionExpression": condition,
             "ExpressionAttributeNames": names,
-            "ExpressionAttributeValues": self._serialize(attr_values),
+            "ExpressionAttributeValues": _to_dynamo(attr_values),
         }
         items: list[dict[str, Any]] = [{"Update": update}]
         if to_status in TERMINAL:
-            items.append({"Update": {"TableName": self._table_name, "Key": {"JobName": {"S": COUNTER_KEY}},
+            items.append({"Update": {"TableName": self._table_name, "Key": {"JobName": COUNTER_KEY},
                                      "UpdateExpression": "ADD ActiveJobs :minus",
-                                     "ExpressionAttributeValues": {":minus": {"N": "-1"}}}})
+                                     "ExpressionAttributeValues": {":minus": -1}}})
         try:
             self._client.transact_write_items(TransactItems=items)
         except ClientError as exc:
@@ -336,13 +335,6 @@ class JobStore:
             raise ValidationError("The NextToken was issued for a request with other filters or sort order; "
                                   "repeat the original filters or start again without a NextToken")
         return _to_dynamo(body["k"])
-
-    @staticmethod
-    def _serialize(item: dict[str, Any]) -> dict[str, Any]:
-        from boto3.dynamodb.types import TypeSerializer
-
-        serializer = TypeSerializer()
-        return {k: serializer.serialize(v) for k, v in _to_dynamo(item).items()}
 
 
 def public_view(record: dict[str, Any]) -> dict[str, Any]:

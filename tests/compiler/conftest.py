@@ -70,3 +70,43 @@ def make_tar(path: Path, files: dict[str, bytes]) -> Path:
 def squeezenet() -> onnx.ModelProto:
     """SqueezeNet 1.0 (opset 9) with random weights; input data_0 [1,3,224,224]."""
     return randomized_light_model("squeezenet")
+
+
+@pytest.fixture(scope="session")
+def squeezenet_dir(tmp_path_factory: pytest.TempPathFactory, squeezenet: onnx.ModelProto) -> Path:
+    """An unpacked archive directory holding model.onnx."""
+    d = tmp_path_factory.mktemp("squeezenet")
+    onnx.save(squeezenet, str(d / "model.onnx"))
+    (d / "labels.txt").write_text("\n".join(f"class{i}" for i in range(1000)))
+    return d
+
+
+def elf_header(path: Path) -> tuple[int, int, int]:
+    """(EI_CLASS, e_machine, e_flags) of an ELF file."""
+    data = path.read_bytes()[:64]
+    assert data[:4] == b"\x7fELF", f"{path} is not an ELF file"
+    little = data[5] == 1
+    order = "little" if little else "big"
+    machine = int.from_bytes(data[18:20], order)
+    flags = int.from_bytes(data[48:52] if data[4] == 2 else data[36:40], order)
+    return data[4], machine, flags
+
+
+EM_X86_64, EM_AARCH64, EM_ARM = 62, 183, 40
+EF_ARM_ABI_FLOAT_HARD = 0x400
+
+
+@pytest.fixture(scope="session")
+def moto_server() -> object:
+    """A moto server on a free loopback port; yields its endpoint URL."""
+    import socket
+
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
