@@ -17,7 +17,6 @@ import logging
 import os
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from typing import Any
 import tvm
 from tvm.ir.utils import derived_object
 from tvm.s_tir import meta_schedule as ms
+from tvm.support.popen_pool import PopenPoolExecutor
 
 log = logging.getLogger(__name__)
 
@@ -164,25 +164,42 @@ def _build_one(mod_json: str, target_json: str, work_dir: str) -> tuple[str | No
         return None, f"{type(exc).__name__}: {exc}"
 
 
+def _jsonable(value: Any) -> Any:
+    """Plain Python values from TVM FFI containers (Map, Array, Target, IntImm)."""
+    if isinstance(value, tvm.target.Target):
+        return _jsonable(value.export())
+    if isinstance(value, str | int | float | bool) or value is None:
+        return value
+    if hasattr(value, "items"):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple) or hasattr(value, "__len__"):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "value"):
+        return value.value
+    return str(value)
+
+
 def _target_dict(target: Any) -> dict[str, Any]:
     """A JSON-able dict of a Target (host included)."""
-    d = dict(target.export())
-    return json.loads(json.dumps(d, default=str))
+    out = _jsonable(target.export())
+    assert isinstance(out, dict)
+    return out
 
 
 @derived_object
 class KilnBuilder(ms.builder.PyBuilder):
     """MetaSchedule builder: one spawn pool for the whole tune; refuses work past ``deadline``."""
 
-    def __init__(self, *, work_dir: str, max_workers: int | None = None, deadline: float | None = None) -> None:
+    def __init__(self, *, work_dir: str, max_workers: int | None = None, deadline: float | None = None,
+                 timeout_sec: float = 120.0) -> None:
         super().__init__()
-        import multiprocessing as mp
-
         self.work_dir = work_dir
         self.deadline = deadline
-        self.pool = ProcessPoolExecutor(
+        # fresh interpreters (no fork of a threaded parent, no re-import of __main__), kept for
+        # the whole tune instead of MetaSchedule's pool-per-batch
+        self.pool = PopenPoolExecutor(
             max_workers=max_workers or os.cpu_count() or 1,
-            mp_context=mp.get_context("spawn"),
+            timeout=timeout_sec,
             initializer=_worker_init,
         )
 
@@ -194,7 +211,13 @@ class KilnBuilder(ms.builder.PyBuilder):
                              self.work_dir)
             for bi in build_inputs
         ]
-        return [ms.builder.BuilderResult(*fut.result()) for fut in futures]
+        out = []
+        for fut in futures:
+            try:
+                out.append(ms.builder.BuilderResult(*fut.result()))
+            except Exception as exc:
+                out.append(ms.builder.BuilderResult(None, f"kiln builder: {exc}"))
+        return out
 
 
 @derived_object
@@ -337,7 +360,7 @@ def tune_and_apply(
                                        StopAtDeadline(stop_at, budget)],
                 )
             finally:
-                builder.pool.shutdown(wait=False, cancel_futures=True)
+                builder.pool.shutdown(wait=False)
         database.upload()
         mod, now = apply_database(mod, target, database)
         tuned = now

@@ -136,6 +136,7 @@ class WorkflowSteps:
         else:
             cause = f"ServerError: the compiler container exited with code {exit_code}" + (
                 f" ({reason})" if reason else "")
+        # Lands only if the container had not reported: a closed token refuses it.
         self._containers.fail_token(token, "ServerError", cause)
-        log.info("container of %s stopped: %s", job_name, cause)
+        log.debug("container of %s stopped (exit %s)", job_name, exit_code)
         return {"Failed": True}

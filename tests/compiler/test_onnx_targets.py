@@ -8,13 +8,12 @@ import subprocess
 import tarfile
 from pathlib import Path
 
+import kiln.runtime
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
 from conftest import EF_ARM_ABI_FLOAT_HARD, EM_AARCH64, EM_ARM, EM_X86_64, elf_header
-
-import kiln.runtime
 from kiln.catalog import TargetCatalog
 from kiln_compiler.build import build
 from kiln_compiler.errors import ClientError
@@ -224,7 +223,7 @@ def test_missing_and_ambiguous_model_files(tmp_path: Path, squeezenet: onnx.Mode
     # THEN each gives a ClientError saying what to fix
     with pytest.raises(ClientError, match=r"no ONNX model file found .*readme.txt"):
         load_model("ONNX", tmp_path / "a", DataInputConfig(), NO_OPTS)
-    with pytest.raises(ClientError, match="several .onnx files"):
+    with pytest.raises(ClientError, match=r"several \.onnx files"):
         load_model("ONNX", tmp_path / "b", DataInputConfig(), NO_OPTS)
     with pytest.raises(ClientError, match="not a valid ONNX model"):
         load_model("ONNX", tmp_path / "c", DataInputConfig(), NO_OPTS)

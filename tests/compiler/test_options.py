@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from kiln_compiler.errors import ClientError
 from kiln_compiler.loaders import resolve_shapes
 from kiln_compiler.options import CompilerOptions, DataInputConfig

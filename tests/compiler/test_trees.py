@@ -8,21 +8,20 @@ import tarfile
 from pathlib import Path
 from typing import Any
 
+import kiln.runtime
 import numpy as np
 import pytest
 import skops.io as sio
 import xgboost as xgb
-from conftest import EM_AARCH64, EM_ARM, EF_ARM_ABI_FLOAT_HARD, elf_header
-from sklearn.datasets import make_classification
-from sklearn.ensemble import RandomForestClassifier
-
-import kiln.runtime
+from conftest import EF_ARM_ABI_FLOAT_HARD, EM_AARCH64, EM_ARM, elf_header
 from kiln.catalog import TargetCatalog
 from kiln_compiler.build import build
 from kiln_compiler.errors import ClientError
 from kiln_compiler.loaders import load_model
 from kiln_compiler.options import CompilerOptions, DataInputConfig
 from kiln_compiler.package import package
+from sklearn.datasets import make_classification
+from sklearn.ensemble import RandomForestClassifier
 
 CATALOG = TargetCatalog()
 # TL2cgen sums leaf values in float32 like XGBoost; sklearn averages in float64.

@@ -6,11 +6,14 @@
    botocore's operation shapes, as AWS does.
 2. moto runs Lambda functions in Docker (none here). :func:`patch_lambda_in_process` runs the
    function's real Python handler in this process instead.
-3. moto's ECS/Batch never run containers. :func:`patch_container_runner` hands each RunTask /
+3. moto's SendTaskFailure response handler drops ``cause`` (only ``error`` reaches the
+   execution), so a failure reason sent by the compiler is lost.
+   :func:`patch_send_task_failure_cause` passes it on.
+4. moto's ECS/Batch never run containers. :func:`patch_container_runner` hands each RunTask /
    SubmitJob to a callback (the local runner starts the real compiler entrypoint as a process),
    and StopTask / TerminateJob to another.
 
-``tests/workflow/test_moto_patches.py`` notices when upstream fixes (1).
+``tests/workflow/test_moto_patches.py`` notices when upstream fixes (1) or (3).
 """
 
 from __future__ import annotations
@@ -88,6 +91,33 @@ def upstream_normalises_ecs() -> bool:
     probe = object.__new__(StateTaskServiceEcs)
     (own or base)(probe, params, "ecs", "run_task")  # type: ignore[misc]
     return "cluster" in params
+
+
+def patch_send_task_failure_cause() -> None:
+    """Pass SendTaskFailure's ``cause`` through to the waiting state (moto drops it)."""
+    if "cause" in _applied:
+        return
+    from moto.core.responses import ActionResult, EmptyResult
+    from moto.stepfunctions.responses import StepFunctionResponse
+
+    def send_task_failure(self: Any) -> ActionResult:
+        self.stepfunction_backend.send_task_failure(self._get_param("taskToken"), error=self._get_param("error"),
+                                                    cause=self._get_param("cause"))
+        return EmptyResult()
+
+    StepFunctionResponse.send_task_failure = send_task_failure  # type: ignore[method-assign]
+    _applied.add("cause")
+
+
+def upstream_passes_failure_cause() -> bool:
+    """True once moto's own SendTaskFailure handler forwards ``cause`` (then patch 3 can go)."""
+    import inspect as _inspect
+
+    from moto.stepfunctions.responses import StepFunctionResponse
+
+    if "cause" in _applied:
+        raise RuntimeError("ask before patching")
+    return "cause" in _inspect.getsource(StepFunctionResponse.send_task_failure)
 
 
 class _Context:

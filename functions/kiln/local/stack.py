@@ -145,6 +145,7 @@ class EmbeddedStack:
                        "POWERTOOLS_TRACE_DISABLED": "true", "POWERTOOLS_METRICS_NAMESPACE": "Kiln"})
         moto_patches.patch_service_normalisation()
         moto_patches.patch_lambda_in_process()
+        moto_patches.patch_send_task_failure_cause()
         moto_patches.patch_container_runner(self.runner.start, self.runner.stop)
         logging.getLogger("werkzeug").setLevel(logging.WARNING)
         self._server = ThreadedMotoServer(ip_address=self.host, port=self.aws_port, verbose=False)

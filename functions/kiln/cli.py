@@ -1,0 +1,232 @@
+"""The ``kiln`` command: local serving, one-shot compilation, and running artifacts."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+console = Console(stderr=True)
+
+
+def _platform(text: str) -> dict[str, str]:
+    """``Os=LINUX,Arch=ARM64[,Accelerator=NVIDIA]`` -> TargetPlatform."""
+    try:
+        pairs = dict(part.split("=", 1) for part in text.split(",") if part)
+    except ValueError:
+        raise argparse.ArgumentTypeError("use Os=LINUX,Arch=ARM64[,Accelerator=NVIDIA]") from None
+    unknown = set(pairs) - {"Os", "Arch", "Accelerator"}
+    if unknown or not {"Os", "Arch"} <= set(pairs):
+        raise argparse.ArgumentTypeError("use Os=LINUX,Arch=ARM64[,Accelerator=NVIDIA]")
+    return pairs
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kiln", description="Kiln: SageMaker-compatible model compilation")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="serve the API locally with an embedded AWS endpoint")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--aws-port", type=int, default=None, help="embedded AWS endpoint port (default PORT+1)")
+    serve.add_argument("--work-dir", type=Path, default=None, help="where compiler processes work")
+
+    compile_ = sub.add_parser("compile", help="compile one model through the full job path, locally")
+    compile_.add_argument("model", type=Path, help="the model archive (.tar.gz)")
+    compile_.add_argument("--framework", required=True, type=str.upper)
+    target = compile_.add_mutually_exclusive_group(required=True)
+    target.add_argument("--target-device")
+    target.add_argument("--target-platform", type=_platform)
+    compile_.add_argument("--data-input-config")
+    compile_.add_argument("--framework-version")
+    compile_.add_argument("--compiler-options")
+    compile_.add_argument("--max-runtime", type=int, default=900, help="MaxRuntimeInSeconds")
+    compile_.add_argument("--output-dir", type=Path, default=Path("."))
+    compile_.add_argument("--job-name", default=None)
+
+    run = sub.add_parser("run", help="run a compiled artifact on inputs")
+    run.add_argument("artifact", type=Path)
+    run.add_argument("--input", action="append", default=[], metavar="NAME=FILE.npy")
+    run.add_argument("--output-dir", type=Path, default=None, help="write outputs as output_N.npy here")
+
+    bench = sub.add_parser("bench", help="measure an artifact's latency on random inputs")
+    bench.add_argument("artifact", type=Path)
+    bench.add_argument("--repeat", type=int, default=20)
+    bench.add_argument("--warmup", type=int, default=3)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("botocore", "boto3", "urllib3", "werkzeug", "moto"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("moto.stepfunctions").setLevel(logging.CRITICAL)
+    handlers = {"serve": _serve, "compile": _compile, "run": _run, "bench": _bench}
+    return handlers[args.command](args)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from kiln.local.server import ApiServer
+    from kiln.local.stack import EmbeddedStack
+
+    stack = EmbeddedStack(host=args.host, aws_port=args.aws_port or args.port + 1, work_dir=args.work_dir).start()
+    server = ApiServer(args.host, args.port).start()
+    console.print(f"[bold]Kiln[/] API on {server.url}  (embedded AWS on {stack.endpoint_url})")
+    console.print(f"  boto3.client('sagemaker', endpoint_url='{server.url}')")
+    console.print(f"  job role: {stack.outputs['JobRoleArn']}  buckets: s3://{stack.outputs['ModelBucket']}, "
+                  f"s3://{stack.outputs['ArtifactBucket']}")
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    try:
+        while not done.wait(0.5):
+            pass
+    except KeyboardInterrupt:
+        pass
+    console.print("stopping…")
+    server.stop()
+    stack.stop()
+    return 0
+
+
+def _compile(args: argparse.Namespace) -> int:
+    from kiln.local.stack import EmbeddedStack
+    from kiln.wiring import default_service
+
+    if not args.model.is_file():
+        console.print(f"[red]no such file: {args.model}[/]")
+        return 2
+    name = args.job_name or f"kiln-compile-{int(time.time())}"
+    basename = args.model.name[: -len(".tar.gz")] if args.model.name.endswith(".tar.gz") else args.model.stem
+    started = time.time()
+    with EmbeddedStack() as stack:
+        s3 = stack.client("s3")
+        bucket, artifacts = stack.outputs["ModelBucket"], stack.outputs["ArtifactBucket"]
+        s3.upload_file(str(args.model), bucket, f"{name}/{basename}.tar.gz")
+        input_config: dict[str, Any] = {"S3Uri": f"s3://{bucket}/{name}/{basename}.tar.gz",
+                                        "Framework": args.framework}
+        if args.data_input_config:
+            input_config["DataInputConfig"] = args.data_input_config
+        if args.framework_version:
+            input_config["FrameworkVersion"] = args.framework_version
+        output: dict[str, Any] = {"S3OutputLocation": f"s3://{artifacts}/{name}"}
+        if args.target_device:
+            output["TargetDevice"] = args.target_device
+        else:
+            output["TargetPlatform"] = args.target_platform
+        if args.compiler_options:
+            output["CompilerOptions"] = args.compiler_options
+        service = default_service()
+        from kiln.errors import KilnError
+
+        try:
+            service.create({"CompilationJobName": name, "RoleArn": stack.outputs["JobRoleArn"],
+                            "InputConfig": input_config, "OutputConfig": output,
+                            "StoppingCondition": {"MaxRuntimeInSeconds": args.max_runtime}})
+        except KilnError as exc:
+            console.print(f"[red]{exc.code}: {exc.message}[/]")
+            return 2
+        job = _follow(stack, name, started)
+        status = job["CompilationJobStatus"]
+        if status != "COMPLETED":
+            console.print(f"[red]{status}[/]: {job.get('FailureReason')}")
+            print(json.dumps(job, indent=2, default=str))
+            return 1
+        uri = job["ModelArtifacts"]["S3ModelArtifacts"]
+        key = uri.split("/", 3)[3]
+        args.output_dir.mkdir(parents=True, exist_ok=True)
+        local = args.output_dir / key.rsplit("/", 1)[-1]
+        s3.download_file(artifacts, key, str(local))
+        console.print(f"[green]COMPLETED[/] in {time.time() - started:.1f} s -> {local}")
+        print(json.dumps(job, indent=2, default=str))
+    return 0
+
+
+def _follow(stack: Any, name: str, started: float) -> dict[str, Any]:
+    """Show status changes and compiler stages until the job ends."""
+    from kiln.wiring import default_service
+
+    service = default_service()
+    log_path = stack.work_dir / "containers" / name / f"{name}.log"
+    seen_status, seen_lines = "", 0
+    with console.status("compiling…") as status_line:
+        while True:
+            job = service.describe(name)
+            status = job["CompilationJobStatus"]
+            if status != seen_status:
+                console.print(f"[{time.time() - started:6.1f}s] status {status}")
+                seen_status = status
+            if log_path.exists():
+                lines = log_path.read_text(errors="replace").splitlines()
+                for line in lines[seen_lines:]:
+                    if " stage " in line or "ERROR" in line:
+                        console.print(f"[{time.time() - started:6.1f}s]   {line.split(': ', 1)[-1]}")
+                seen_lines = len(lines)
+            status_line.update(f"{status} – {time.time() - started:.0f} s")
+            if status in ("COMPLETED", "FAILED", "STOPPED"):
+                return job
+            time.sleep(0.5)
+
+
+def _inputs(pairs: list[str]) -> dict[str, Any]:
+    import numpy as np
+
+    feeds: dict[str, Any] = {}
+    for pair in pairs:
+        name, _, path = pair.partition("=")
+        if not path:
+            raise SystemExit(f"--input must be NAME=FILE.npy, got {pair!r}")
+        feeds[name] = np.load(path, allow_pickle=False)
+    return feeds
+
+
+def _run(args: argparse.Namespace) -> int:
+    from kiln import runtime
+
+    model = runtime.load(args.artifact)
+    feeds = _inputs(args.input)
+    outputs = model.run(feeds)
+    for index, value in enumerate(outputs):
+        console.print(f"output {index}: shape {tuple(value.shape)} dtype {value.dtype}")
+        if args.output_dir:
+            import numpy as np
+
+            args.output_dir.mkdir(parents=True, exist_ok=True)
+            np.save(args.output_dir / f"output_{index}.npy", value)
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import statistics
+
+    import numpy as np
+
+    from kiln import runtime
+
+    model = runtime.load(args.artifact)
+    rng = np.random.default_rng(0)
+    feeds = {spec.name: rng.standard_normal(spec.shape).astype(spec.dtype) for spec in model.inputs}
+    for _ in range(args.warmup):
+        model.run(feeds)
+    times = []
+    for _ in range(args.repeat):
+        t0 = time.perf_counter()
+        model.run(feeds)
+        times.append((time.perf_counter() - t0) * 1000)
+    print(json.dumps({"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times),
+                      "repeat": args.repeat}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
