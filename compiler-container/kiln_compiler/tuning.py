@@ -234,8 +234,9 @@ class StopAtDeadline(ms.measure_callback.PyMeasureCallback):
               runner_results: Any) -> None:
         self.trials += len(measure_candidates)
         if (self.stop_at is not None and time.time() >= self.stop_at) or self.trials >= self.trial_cap:
-            for i in range(len(task_scheduler.tasks_)):
-                task_scheduler.terminate_task(i)
+            for i, task in enumerate(task_scheduler.tasks_):
+                if not task.is_terminated:
+                    task_scheduler.terminate_task(i)
 
 
 # --------------------------------------------------------------------------------------

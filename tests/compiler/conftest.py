@@ -5,7 +5,9 @@ from __future__ import annotations
 import io
 import os
 import tarfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import onnx
@@ -85,8 +87,7 @@ def elf_header(path: Path) -> tuple[int, int, int]:
     """(EI_CLASS, e_machine, e_flags) of an ELF file."""
     data = path.read_bytes()[:64]
     assert data[:4] == b"\x7fELF", f"{path} is not an ELF file"
-    little = data[5] == 1
-    order = "little" if little else "big"
+    order: Literal["little", "big"] = "little" if data[5] == 1 else "big"
     machine = int.from_bytes(data[18:20], order)
     flags = int.from_bytes(data[48:52] if data[4] == 2 else data[36:40], order)
     return data[4], machine, flags
@@ -97,7 +98,7 @@ EF_ARM_ABI_FLOAT_HARD = 0x400
 
 
 @pytest.fixture(scope="session")
-def moto_server() -> object:
+def moto_server() -> Iterator[str]:
     """A moto server on a free loopback port; yields its endpoint URL."""
     import socket
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -28,7 +29,7 @@ RTOL, ATOL = 1e-4, 1e-6
 
 
 def _compile(model_dir: Path, target: str, out: Path, options: CompilerOptions = NO_OPTS,
-             labels: str | None = None) -> kiln.runtime.Model | Path:
+             labels: str | None = None) -> Path:
     loaded = load_model("ONNX", model_dir, DataInputConfig(), options)
     tgt = CATALOG.platform(*target.split(":")) if ":" in target else CATALOG.device(target)
     result = build(loaded, tgt, options, out / "build")
@@ -162,7 +163,7 @@ def _windows_ffi_dir(tmp_root: Path) -> Path | None:
 
     dl = tmp_root / "wheel"
     proc = subprocess.run(
-        [str(Path(os.sys.executable).parent / "pip"), "download", f"apache-tvm-ffi=={version('apache-tvm-ffi')}",
+        [str(Path(sys.executable).parent / "pip"), "download", f"apache-tvm-ffi=={version('apache-tvm-ffi')}",
          "--platform", "win_amd64", "--python-version", "3.11", "--only-binary=:all:", "--no-deps", "-d", str(dl)],
         capture_output=True, timeout=180, check=False)
     wheels = list(dl.glob("*.whl"))

@@ -57,7 +57,7 @@ def test_resolve_shapes_mismatch_names_the_input() -> None:
 
 def test_resolve_shapes_fills_dynamic_dims_and_rejects_unknown_names() -> None:
     # GIVEN a model with a dynamic batch dimension
-    declared = [("x", (None, 8), "float32")]
+    declared: list[tuple[str, tuple[int | None, ...], str]] = [("x", (None, 8), "float32")]
     # WHEN DataInputConfig gives the batch / names an unknown input / is absent
     specs = resolve_shapes(declared, DataInputConfig.parse('{"x": [4, 8]}', "ONNX"), "ONNX")
     with pytest.raises(ClientError, match=r"\['y'\] that the ONNX model does not have"):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -82,7 +82,7 @@ def find_model_files(model_dir: Path, suffixes: tuple[str, ...], framework: str,
     return found
 
 
-def resolve_shapes(declared: list[tuple[str, tuple[int | None, ...], str]], config: DataInputConfig,
+def resolve_shapes(declared: Sequence[tuple[str, tuple[int | None, ...], str]], config: DataInputConfig,
                    framework: str) -> list[TensorSpec]:
     """Combine the shapes a model carries with DataInputConfig; ClientError naming the input on mismatch.
 

@@ -1,0 +1,53 @@
+# Kiln: every target installs what it needs first (idempotent).
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.kiln-installed
+export JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION := 20
+export TVM_NUM_THREADS ?= 2
+PYTEST_ARGS ?=
+
+.PHONY: install debian-packages demo test test-fast lint synth bench clean
+
+install: $(STAMP)
+
+# Debian packages: cross toolchains (aarch64, armv7, mingw) and qemu-user to run foreign artifacts.
+debian-packages:
+	@missing=$$(for p in $$(grep -v '^#' requirements/debian.txt); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages: $$missing"; \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends $$missing; \
+	fi
+
+$(STAMP): pyproject.toml requirements/base.txt requirements/compiler.txt requirements/dev.txt requirements/debian.txt
+	@$(MAKE) --no-print-directory debian-packages
+	@command -v $(PYTHON) >/dev/null || { echo "Python 3.11 is required ($(PYTHON) not found)"; exit 1; }
+	@[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements/dev.txt
+	$(PY) -m pip install -q --no-deps -e .
+	@touch $@
+
+demo: install
+	$(PY) scripts/demo.py
+
+test: install
+	$(PY) -m pytest -p no:cacheprovider $(PYTEST_ARGS)
+
+test-fast: install
+	$(PY) -m pytest -p no:cacheprovider -m "not slow" $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check functions compiler-container infra tests scripts bench
+	$(VENV)/bin/mypy functions/kiln compiler-container/kiln_compiler infra/kiln_infra
+
+synth: install
+	$(PY) infra/app.py
+
+bench: install
+	$(PY) bench/run.py $(BENCH_ARGS)
+
+clean:
+	rm -rf cdk.out build .mypy_cache .ruff_cache .pytest_cache
