@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
 import tempfile
+import threading
 import traceback
 from pathlib import Path
 
@@ -23,6 +25,27 @@ def _abort(code: str) -> None:
     os._exit(JobAborted.exit_code)
 
 
+def _start_runtime_watchdog(reporter: Reporter, raw_job: str) -> None:
+    """Enforce MaxRuntimeInSeconds from the container's start: report and exit when it passes.
+
+    The workflow's state timeout is the backstop; this makes the limit exact and the reason clear."""
+    try:
+        seconds = int(json.loads(raw_job)["StoppingCondition"]["MaxRuntimeInSeconds"])
+    except (ValueError, KeyError, TypeError):
+        return
+
+    def expire() -> None:
+        reason = f"ClientError: the compilation exceeded MaxRuntimeInSeconds ({seconds} s)"
+        log.error(reason)
+        reporter.failure("ClientError", reason)
+        sys.stderr.flush()
+        os._exit(1)
+
+    timer = threading.Timer(seconds, expire)
+    timer.daemon = True
+    timer.start()
+
+
 def main() -> int:
     """Run the job described by the environment; return the exit code."""
     logging.basicConfig(level=os.environ.get("KILN_LOG_LEVEL", "INFO"), stream=sys.stderr,
@@ -31,6 +54,7 @@ def main() -> int:
     reporter = Reporter(os.environ.get("KILN_TASK_TOKEN") or None,
                         float(os.environ.get("KILN_HEARTBEAT_SECONDS", "10")), _abort)
     reporter.start()
+    _start_runtime_watchdog(reporter, os.environ.get("KILN_JOB", ""))
     try:
         spec = JobSpec.parse(os.environ.get("KILN_JOB", ""))
         base = os.environ.get("KILN_WORK_DIR")

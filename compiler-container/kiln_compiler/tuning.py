@@ -156,8 +156,8 @@ def _build_one(mod_json: str, target_json: str, work_dir: str) -> tuple[str | No
         target = tvm.target.Target(json.loads(target_json))
         mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod)
         rt_mod = tvm.compile(mod, target=target)
-        fd, path = tempfile.mkstemp(suffix=".tar", dir=work_dir)
-        os.close(fd)
+        # one directory per artifact: the runner removes the artifact's directory after use
+        path = os.path.join(tempfile.mkdtemp(dir=work_dir), "tvm_tmp_mod.tar")
         rt_mod.export_library(path)
         return path, None
     except Exception as exc:
@@ -218,25 +218,6 @@ class KilnBuilder(ms.builder.PyBuilder):
             except Exception as exc:
                 out.append(ms.builder.BuilderResult(None, f"kiln builder: {exc}"))
         return out
-
-
-@derived_object
-class StopAtDeadline(ms.measure_callback.PyMeasureCallback):
-    """Ends every task once ``stop_at`` passes or ``trial_cap`` trials were measured."""
-
-    def __init__(self, stop_at: float | None, trial_cap: int) -> None:
-        super().__init__()
-        self.stop_at = stop_at
-        self.trial_cap = trial_cap
-        self.trials = 0
-
-    def apply(self, task_scheduler: Any, task_id: int, measure_candidates: Any, builder_results: Any,
-              runner_results: Any) -> None:
-        self.trials += len(measure_candidates)
-        if (self.stop_at is not None and time.time() >= self.stop_at) or self.trials >= self.trial_cap:
-            for i, task in enumerate(task_scheduler.tasks_):
-                if not task.is_terminated:
-                    task_scheduler.terminate_task(i)
 
 
 # --------------------------------------------------------------------------------------
@@ -327,7 +308,7 @@ def tune_and_apply(
         stop_at = min(stop_at, start + tuning.seconds) if stop_at is not None else start + tuning.seconds
     budget = tuning.max_trials(len(todo)) if tuning is not None else 0
     if todo and budget > 0 and can_measure(target) and (stop_at is None or time.time() < stop_at):
-        with tempfile.TemporaryDirectory(prefix="kiln-tune-") as work_dir:
+        with tempfile.TemporaryDirectory(prefix="kiln-tune-", ignore_cleanup_errors=True) as work_dir:
             tasks, weights = [], []
             for gv, func in todo.items():
                 tasks.append(ms.TuneContext(
@@ -357,8 +338,7 @@ def tune_and_apply(
                     builder=builder,
                     runner=runner,
                     database=db,
-                    measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"),
-                                       StopAtDeadline(stop_at, budget)],
+                    measure_callbacks="default",
                 )
             finally:
                 builder.pool.shutdown(wait=False)

@@ -172,7 +172,7 @@ def _follow(stack: Any, name: str, started: float) -> dict[str, Any]:
                     if " stage " in line or "ERROR" in line:
                         console.print(f"[{time.time() - started:6.1f}s]   {line.split(': ', 1)[-1]}")
                 seen_lines = len(lines)
-            status_line.update(f"{status} – {time.time() - started:.0f} s")
+            status_line.update(f"{status} - {time.time() - started:.0f} s")
             if status in ("COMPLETED", "FAILED", "STOPPED"):
                 return job
             time.sleep(0.5)

@@ -256,6 +256,7 @@ def check_framework_target(framework: str, target: Target, options: dict[str, An
     """Refuse framework x target pairs this deployment cannot compile."""
     if framework not in target.frameworks:
         raise RuleError("inputConfig.framework",
+                        f"Value '{framework}' at 'inputConfig.framework' failed to satisfy constraint: "
                         f"Framework {framework} cannot be compiled for target '{target.name}'; "
                         f"'{target.name}' supports {', '.join(target.frameworks)}")
 

@@ -79,13 +79,19 @@ class CompilationJobService:
                 job[optional] = request[optional]
         self.store.create(job, extra={"Tags": request.get("Tags", []), "Runner": str(target.runner)})
         self._events.state_changed(describe_view(job))
+        self.start_workflow(job, str(target.runner), runtime, pending)
+        return {"CompilationJobArn": job["CompilationJobArn"]}
+
+    def start_workflow(self, job: dict[str, Any], runner: str, runtime: int, pending: int) -> None:
+        """Start the job's execution (named after the job); a failed start records the job FAILED."""
+        name = job["CompilationJobName"]
         execution_input = {
             "Job": {k: v for k, v in job.items() if k not in ("CompilationJobStatus", "CreationTime",
                                                                 "LastModifiedTime")},
-            "Runner": str(target.runner),
+            "Runner": runner,
             "Limits": {"MaxRuntimeInSeconds": runtime, "MaxPendingTimeInSeconds": pending,
                        "TotalSeconds": runtime + pending},
-            "Network": self._network_for(request.get("VpcConfig")),
+            "Network": self._network_for(job.get("VpcConfig")),
         }
         try:
             started = self._sfn.start_execution(stateMachineArn=self._state_machine_arn, name=name,
@@ -95,7 +101,6 @@ class CompilationJobService:
             log.exception("could not start the workflow of %s", name)
             detail = exc.response["Error"]["Code"] if isinstance(exc, ClientError) else type(exc).__name__
             self.record_failure(name, f"ServerError: the compilation workflow could not be started ({detail})")
-        return {"CompilationJobArn": job["CompilationJobArn"]}
 
     def _network_for(self, vpc_config: dict[str, Any] | None) -> dict[str, Any]:
         if vpc_config:

@@ -3,6 +3,11 @@
 The same pieces as in AWS: the API and workflow handlers (run in-process), the state machine
 file (run by moto's Step Functions interpreter), and the compiler entrypoint (run as a local
 process with the environment and command its ECS task or Batch job would get).
+
+The registry hook's EventBridge rules are real rules on the embedded bus. moto's EventBridge
+cannot deliver to Lambda targets (``put_events`` raises NotImplementedError for them), so locally
+the rules target an SQS queue and :class:`RegistryEventPump` invokes the ``kiln-registry``
+Lambda (run in-process) for each delivered event, with Lambda's async retries (3 attempts).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import tempfile
 import threading
 import time
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +41,8 @@ ACCOUNT = "123456789012"
 ASL_PATH = Path(__file__).resolve().parents[3] / "statemachine" / "compilation_job.asl.json"
 COMPILER_CONTAINER = "compiler"
 COMPILER_COMMAND = ["python", "-m", "kiln_compiler"]
+REGISTRY_FUNCTION = "kiln-registry"
+REGISTRY_QUEUE = "kiln-registry-events"
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -70,9 +78,15 @@ class LocalContainerRunner:
     on_exit: Any = None  # callable(env, exit_code, reason)
     processes: dict[str, _Process] = field(default_factory=dict)
     log_dir: Path | None = None
+    # While True, tasks stay pending (no capacity): used to exercise MaxPendingTimeInSeconds.
+    hold: bool = False
+    held: list[tuple[str, dict[str, str]]] = field(default_factory=list)
 
     def start(self, task_id: str, env: dict[str, str]) -> None:
         if "KILN_JOB" not in env:
+            return
+        if self.hold:
+            self.held.append((task_id, env))
             return
         job_name = json.loads(env["KILN_JOB"]).get("CompilationJobName", "job")
         work = self.work_root / job_name
@@ -117,6 +131,106 @@ class LocalContainerRunner:
             self.stop(task_id)
 
 
+class RegistryEventPump:
+    """Local stand-in for EventBridge -> Lambda delivery: polls the rules' SQS queue and invokes the
+    registry Lambda per event (concurrently, as Lambda would), retrying a failed event twice."""
+
+    def __init__(self, sqs: Any, lam: Any, queue_url: str, function: str, workers: int = 4,
+                 max_attempts: int = 3) -> None:
+        self._sqs, self._lam, self._queue_url, self._function = sqs, lam, queue_url, function
+        self._max_attempts = max_attempts
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kiln-registry")
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._in_flight = 0
+        self._thread = threading.Thread(target=self._run, daemon=True, name="kiln-registry-pump")
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def idle(self) -> bool:
+        """No event in flight and none waiting (visible or being retried) in the queue."""
+        with self._lock:
+            if self._in_flight:
+                return False
+        attrs = self._sqs.get_queue_attributes(QueueUrl=self._queue_url, AttributeNames=[
+            "ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"])["Attributes"]
+        return not int(attrs["ApproximateNumberOfMessages"]) and not int(attrs["ApproximateNumberOfMessagesNotVisible"])
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                messages = self._sqs.receive_message(QueueUrl=self._queue_url, MaxNumberOfMessages=10,
+                                                     WaitTimeSeconds=1, VisibilityTimeout=60,
+                                                     AttributeNames=["ApproximateReceiveCount"]).get("Messages", [])
+            except Exception:
+                if not self._stop.is_set():
+                    log.exception("registry event pump: receive failed")
+                time.sleep(0.5)
+                continue
+            for message in messages:
+                with self._lock:
+                    self._in_flight += 1
+                self._pool.submit(self._deliver, message)
+
+    def _deliver(self, message: dict[str, Any]) -> None:
+        try:
+            response = self._lam.invoke(FunctionName=self._function, Payload=message["Body"].encode())
+            attempts = int(message.get("Attributes", {}).get("ApproximateReceiveCount", "1"))
+            if response.get("FunctionError") and attempts < self._max_attempts:
+                log.info("registry event failed (attempt %d): %s; retrying", attempts, response["Payload"].read())
+                self._sqs.change_message_visibility(QueueUrl=self._queue_url, ReceiptHandle=message["ReceiptHandle"],
+                                                    VisibilityTimeout=attempts)
+            else:
+                if response.get("FunctionError"):
+                    log.warning("registry event dropped after %d attempts: %s", attempts, response["Payload"].read())
+                self._sqs.delete_message(QueueUrl=self._queue_url, ReceiptHandle=message["ReceiptHandle"])
+        except Exception:
+            if not self._stop.is_set():
+                log.exception("registry event pump: delivery failed")
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+
+
+def patch_update_model_package_keeps_fields() -> None:
+    """moto 5.2.5's UpdateModelPackage clears ModelApprovalStatus, ApprovalDescription and
+    CustomerMetadataProperties when a request omits them (AWS leaves them unchanged), so the
+    registry write-back would un-approve the package. Keep omitted fields as they are.
+    (For the lead: belongs in ``kiln.local.moto_patches`` with an upstream-fix check.)"""
+    from moto.sagemaker.models import SageMakerModelBackend
+
+    original = SageMakerModelBackend.update_model_package
+    if getattr(original, "_kiln_patched", False):
+        return
+
+    def update_model_package(self: Any, model_package_arn: str, model_approval_status: str | None,
+                             approval_description: str | None, customer_metadata_properties: dict[str, str] | None,
+                             customer_metadata_properties_to_remove: list[str],
+                             additional_inference_specifications_to_add: list[Any] | None) -> str:
+        package = self.model_packages.get(self.model_package_name_mapping.get(model_package_arn, model_package_arn))
+        if package is not None:
+            if model_approval_status is None:
+                model_approval_status = package.model_approval_status
+            if approval_description is None:
+                approval_description = package.approval_description
+            if package.customer_metadata_properties or customer_metadata_properties:
+                customer_metadata_properties = {**(package.customer_metadata_properties or {}),
+                                                **(customer_metadata_properties or {})}
+        return original(self, model_package_arn, model_approval_status, approval_description,
+                        customer_metadata_properties, customer_metadata_properties_to_remove,
+                        additional_inference_specifications_to_add)
+
+    update_model_package._kiln_patched = True  # type: ignore[attr-defined]
+    update_model_package.__wrapped__ = original  # type: ignore[attr-defined]
+    SageMakerModelBackend.update_model_package = update_model_package  # type: ignore[method-assign]
+
+
 class EmbeddedStack:
     """A moto server holding Kiln's resources, wired to the in-process handlers."""
 
@@ -132,6 +246,7 @@ class EmbeddedStack:
         self._server: Any = None
         self.runner = LocalContainerRunner(self.endpoint_url, self.work_dir / "containers")
         self._saved_env: dict[str, str | None] = {}
+        self.registry_pump: RegistryEventPump | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> EmbeddedStack:
@@ -147,14 +262,21 @@ class EmbeddedStack:
         moto_patches.patch_lambda_in_process()
         moto_patches.patch_send_task_failure_cause()
         moto_patches.patch_container_runner(self.runner.start, self.runner.stop)
+        patch_update_model_package_keeps_fields()
         logging.getLogger("werkzeug").setLevel(logging.WARNING)
         self._server = ThreadedMotoServer(ip_address=self.host, port=self.aws_port, verbose=False)
         self._server.start()
         self._create_resources()
         self.runner.on_exit = self._container_exited
+        self.registry_pump = RegistryEventPump(self.client("sqs"), self.client("lambda"),
+                                               self.outputs["RegistryQueueUrl"], REGISTRY_FUNCTION)
+        self.registry_pump.start()
         return self
 
     def stop(self) -> None:
+        if self.registry_pump is not None:
+            self.registry_pump.stop()
+            self.registry_pump = None
         self.runner.stop_all()
         if self._server is not None:
             self._server.stop()
@@ -182,12 +304,13 @@ class EmbeddedStack:
     @staticmethod
     def _reset_caches() -> None:
         from kiln.config import settings
-        from kiln.handlers import workflow
+        from kiln.handlers import registry, workflow
         from kiln.wiring import default_service
 
         settings.cache_clear()
         default_service.cache_clear()
         workflow._steps.cache_clear()
+        registry._hook.cache_clear()
 
     def client(self, service: str) -> Any:
         return boto3.client(service, region_name=REGION, endpoint_url=self.endpoint_url,
@@ -256,10 +379,12 @@ class EmbeddedStack:
         for bucket in ("kiln-local-models", "kiln-local-artifacts"):
             self.client("s3").create_bucket(Bucket=bucket)
 
+        registry = self._create_registry_hook(lam, role_arn, code.getvalue())
+
         self.outputs = {"JobRoleArn": job_role, "StateMachineArn": machine, "TableName": table,
                         "ClusterArn": cluster, "SubnetId": subnet, "SecurityGroupId": group,
                         "GpuJobQueueArn": queue["jobQueueArn"], "ModelBucket": "kiln-local-models",
-                        "ArtifactBucket": "kiln-local-artifacts"}
+                        "ArtifactBucket": "kiln-local-artifacts", **registry}
         self._set_env({
             "KILN_TABLE_NAME": table, "KILN_STATE_MACHINE_ARN": machine, "KILN_ACCOUNT_ID": ACCOUNT,
             "KILN_ECS_CLUSTER": cluster, "KILN_COMPILER_TASK_FAMILY": "kiln-compiler",
@@ -267,7 +392,39 @@ class EmbeddedStack:
             "KILN_MAX_ACTIVE_JOBS": str(self.max_active_jobs),
             "KILN_TUNING_DB": str(self.work_dir / "tuning-db"),
         })
+        # Registry hook defaults; a caller's own KILN_REGISTRY_* settings win.
+        self._set_env({key: value for key, value in {
+            "KILN_REGISTRY_OUTPUT_S3": "s3://kiln-local-artifacts/registry",
+            "KILN_REGISTRY_ROLE_ARN": job_role}.items() if not os.environ.get(key)})
         self._reset_caches()
+
+    def _create_registry_hook(self, lam: Any, role_arn: str, code: bytes) -> dict[str, str]:
+        """The registry Lambda and its two rules on the default bus (SQS-delivered; see the module doc)."""
+        from kiln.registry import JOB_COMPLETED_EVENT_PATTERN, MODEL_PACKAGE_EVENT_PATTERN
+
+        function = lam.create_function(FunctionName=REGISTRY_FUNCTION, Runtime="python3.11", Role=role_arn,
+                                       Handler="kiln.handlers.registry.handler", Code={"ZipFile": code},
+                                       Timeout=300)["FunctionArn"]
+        sqs = self.client("sqs")
+        queue_url = sqs.create_queue(QueueName=REGISTRY_QUEUE)["QueueUrl"]
+        queue_arn = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+        events = self.client("events")
+        for rule, pattern in (("kiln-registry-model-package", MODEL_PACKAGE_EVENT_PATTERN),
+                              ("kiln-registry-job-completed", JOB_COMPLETED_EVENT_PATTERN)):
+            events.put_rule(Name=rule, EventPattern=json.dumps(pattern), State="ENABLED")
+            events.put_targets(Rule=rule, Targets=[{"Id": "registry", "Arn": queue_arn}])
+        return {"RegistryFunctionArn": function, "RegistryQueueUrl": queue_url}
+
+    def wait_for_registry(self, timeout: float = 60, poll: float = 0.2) -> bool:
+        """Wait until every event delivered to the registry hook has been handled (tests, CLI)."""
+        deadline = time.time() + timeout
+        settled = 0
+        while time.time() < deadline:
+            settled = settled + 1 if self.registry_pump is not None and self.registry_pump.idle() else 0
+            if settled >= 3:  # idle on consecutive polls: nothing was in between receive and hand-off
+                return True
+            time.sleep(poll)
+        return False
 
     def _container_exited(self, env: dict[str, str], exit_code: int | None, reason: str) -> None:
         """What the ECS Task State Change rule does in AWS: hand the stop to the workflow handler."""

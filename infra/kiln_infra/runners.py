@@ -1,0 +1,169 @@
+"""CompilerRunners: where the compiler container runs.
+
+CPU targets run as ECS Fargate tasks; NVIDIA targets as AWS Batch jobs on GPU EC2 instances.
+Both run the image built from compiler-container/ with ``python -m kiln_compiler`` as a
+non-root user on a read-only root filesystem, writing only to the scratch and /tmp volumes.
+
+The one compiler role is what both runners' containers get: it may report to the workflow
+(task-token callbacks) and assume job roles that trust it and carry the ``kiln:job-role`` tag;
+it has no access to users' data itself (that comes with the assumed job role, as in SageMaker).
+"""
+
+from __future__ import annotations
+
+from aws_cdk import Aws, IgnoreMode, RemovalPolicy, Size, Stack
+from aws_cdk import aws_batch as batch
+from aws_cdk import aws_ec2 as ec2
+from aws_cdk import aws_ecr as ecr
+from aws_cdk import aws_ecr_assets as ecr_assets
+from aws_cdk import aws_ecs as ecs
+from aws_cdk import aws_iam as iam
+from constructs import Construct
+
+from kiln_infra.config import KilnConfig
+from kiln_infra.key import KilnKey
+from kiln_infra.logs import encrypted_log_group
+from kiln_infra.network import NetworkForCompilers
+from kiln_infra.paths import COMPILER_CONTEXT_EXCLUDE, COMPILER_DOCKERFILE, COMPILER_GPU_DOCKERFILE, REPO_ROOT
+
+CONTAINER_NAME = "compiler"
+ENTRY_POINT = ["python", "-m", "kiln_compiler"]
+SCRATCH = "/scratch"
+JOB_ROLE_TAG = "kiln:job-role"
+# The container's environment that is not per job (per-job values come as overrides).
+STATIC_ENVIRONMENT = {"KILN_WORK_DIR": SCRATCH, "TMPDIR": "/tmp", "XDG_CACHE_HOME": "/tmp/cache",
+                      "KILN_LOG_LEVEL": "INFO"}
+TASK_RESPONSE_ACTIONS = ["states:SendTaskHeartbeat", "states:SendTaskSuccess", "states:SendTaskFailure"]
+
+
+def compiler_image(scope: Construct, construct_id: str, config: KilnConfig, *, gpu: bool) -> ecs.ContainerImage:
+    """The compiler image: built from compiler-container/ at deploy, or a prebuilt tag in ECR."""
+    tag = config.gpu_image_tag if gpu else config.cpu_image_tag
+    if tag == "asset":
+        return ecs.ContainerImage.from_asset(
+            str(REPO_ROOT), file=COMPILER_GPU_DOCKERFILE if gpu else COMPILER_DOCKERFILE,
+            exclude=COMPILER_CONTEXT_EXCLUDE, ignore_mode=IgnoreMode.DOCKER,
+            platform=ecr_assets.Platform.LINUX_AMD64)
+    assert config.compiler_repository is not None  # KilnConfig guarantees it
+    repository = ecr.Repository.from_repository_name(scope, construct_id, config.compiler_repository)
+    return ecs.ContainerImage.from_ecr_repository(repository, tag)
+
+
+class CompilerRunners(Construct):
+    """ECS cluster + Fargate task definition (CPU) and Batch compute environment, queue and job definition (GPU)."""
+
+    def __init__(self, scope: Construct, construct_id: str, *, config: KilnConfig, network: NetworkForCompilers,
+                 key: KilnKey, state_machine_arn: str, removal_policy: RemovalPolicy) -> None:
+        super().__init__(scope, construct_id)
+        stack = Stack.of(self)
+        self.task_family = f"{stack.stack_name}-compiler"
+        self.log_group = encrypted_log_group(self, "Logs", key=key.key, retention_days=config.log_retention_days,
+                                             removal_policy=removal_policy)
+        self.role = self._compiler_role(state_machine_arn)
+
+        self.cluster = ecs.Cluster(self, "Cluster", vpc=network.vpc,
+                                   container_insights_v2=ecs.ContainerInsights.ENABLED)
+        self.task_definition: ecs.FargateTaskDefinition | None = None
+        if config.cpu_enabled:
+            self.task_definition = self._fargate(config)
+        self.job_queue: batch.JobQueue | None = None
+        self.job_definition: batch.EcsJobDefinition | None = None
+        if config.gpu_enabled:
+            self._batch(config, network)
+
+    # -- the compiler's role ------------------------------------------------------------------------
+    def _compiler_role(self, state_machine_arn: str) -> iam.Role:
+        stack = Stack.of(self)
+        role = iam.Role(
+            self, "CompilerRole",
+            description="Kiln compiler containers: report to the workflow, assume the job's RoleArn",
+            assumed_by=iam.ServicePrincipal("ecs-tasks.amazonaws.com", conditions={
+                "StringEquals": {"aws:SourceAccount": Aws.ACCOUNT_ID},
+                "ArnLike": {"aws:SourceArn": stack.format_arn(service="ecs", resource="*")},
+            }))
+        role.add_to_principal_policy(iam.PolicyStatement(
+            sid="ReportToTheWorkflow", actions=TASK_RESPONSE_ACTIONS, resources=[state_machine_arn]))
+        role.add_to_principal_policy(iam.PolicyStatement(
+            sid="AssumeTaggedJobRolesThatTrustKiln", actions=["sts:AssumeRole"],
+            resources=[stack.format_arn(service="iam", region="", resource="role", resource_name="*")],
+            conditions={"StringEquals": {f"aws:ResourceTag/{JOB_ROLE_TAG}": "true"}}))
+        return role
+
+    # -- CPU: ECS Fargate -------------------------------------------------------------------------
+    def _fargate(self, config: KilnConfig) -> ecs.FargateTaskDefinition:
+        task = ecs.FargateTaskDefinition(
+            self, "CpuTask", family=self.task_family, cpu=config.cpu_task_cpu,
+            memory_limit_mib=config.cpu_task_memory_mib, ephemeral_storage_gib=config.cpu_task_ephemeral_storage_gib,
+            task_role=self.role,
+            runtime_platform=ecs.RuntimePlatform(operating_system_family=ecs.OperatingSystemFamily.LINUX,
+                                                 cpu_architecture=ecs.CpuArchitecture.X86_64),
+            volumes=[ecs.Volume(name="scratch"), ecs.Volume(name="tmp")])
+        container = task.add_container(
+            CONTAINER_NAME, container_name=CONTAINER_NAME, image=compiler_image(self, "CpuRepository", config, gpu=False),
+            entry_point=ENTRY_POINT, command=[], essential=True, readonly_root_filesystem=True,
+            user=config.compiler_user, environment=dict(STATIC_ENVIRONMENT),
+            logging=ecs.LogDrivers.aws_logs(stream_prefix="cpu", log_group=self.log_group))
+        container.add_mount_points(ecs.MountPoint(source_volume="scratch", container_path=SCRATCH, read_only=False),
+                                   ecs.MountPoint(source_volume="tmp", container_path="/tmp", read_only=False))
+        return task
+
+    # -- GPU: AWS Batch on EC2 ----------------------------------------------------------------------
+    def _batch(self, config: KilnConfig, network: NetworkForCompilers) -> None:
+        instance_role = iam.Role(
+            self, "GpuInstanceRole", assumed_by=iam.ServicePrincipal("ec2.amazonaws.com"),
+            description="ECS container instances of Kiln's Batch GPU compute environment",
+            managed_policies=[iam.ManagedPolicy.from_aws_managed_policy_name(
+                "service-role/AmazonEC2ContainerServiceforEC2Role")])
+        launch_template = ec2.LaunchTemplate(
+            self, "GpuLaunchTemplate", require_imdsv2=True, http_put_response_hop_limit=1,
+            block_devices=[ec2.BlockDevice(device_name="/dev/xvda", volume=ec2.BlockDeviceVolume.ebs(
+                200, encrypted=True, volume_type=ec2.EbsDeviceVolumeType.GP3, delete_on_termination=True))])
+        environment = batch.ManagedEc2EcsComputeEnvironment(
+            self, "GpuComputeEnvironment", vpc=network.vpc, vpc_subnets=network.subnets,
+            security_groups=[network.security_group], minv_cpus=0, maxv_cpus=config.gpu_max_vcpus,
+            instance_types=[ec2.InstanceType(t) for t in config.gpu_instance_types],
+            use_optimal_instance_classes=False,
+            allocation_strategy=batch.AllocationStrategy.BEST_FIT_PROGRESSIVE,
+            images=[batch.EcsMachineImage(image_type=batch.EcsMachineImageType.ECS_AL2023_NVIDIA)],
+            instance_role=instance_role, launch_template=launch_template, update_to_latest_image_version=True,
+            replace_compute_environment=False)
+        self.job_queue = batch.JobQueue(self, "GpuJobQueue", priority=1, compute_environments=[
+            batch.OrderedComputeEnvironment(compute_environment=environment, order=1)])
+        container = batch.EcsEc2ContainerDefinition(
+            self, "GpuContainer", image=compiler_image(self, "GpuRepository", config, gpu=True),
+            cpu=config.gpu_job_vcpus, memory=Size.mebibytes(config.gpu_job_memory_mib), gpu=1,
+            command=[*ENTRY_POINT], job_role=self.role, readonly_root_filesystem=True, user=config.compiler_user,
+            environment=dict(STATIC_ENVIRONMENT),
+            logging=ecs.LogDrivers.aws_logs(stream_prefix="gpu", log_group=self.log_group),
+            volumes=[batch.EcsVolume.host(name="scratch", container_path=SCRATCH, readonly=False),
+                     batch.EcsVolume.host(name="tmp", container_path="/tmp", readonly=False)])
+        self.job_definition = batch.EcsJobDefinition(self, "GpuJobDefinition", container=container,
+                                                     retry_attempts=1, propagate_tags=True)
+
+    # -- what the workflow, the functions and the rules need ------------------------------------
+    @property
+    def task_role_arns(self) -> list[str]:
+        """Roles the state machine passes to ECS when it runs the Fargate task."""
+        if self.task_definition is None:
+            return []
+        return [self.task_definition.task_role.role_arn, self.task_definition.obtain_execution_role().role_arn]
+
+    def task_arn_pattern(self) -> str:
+        """Every task of Kiln's cluster (task IDs are chosen by ECS)."""
+        return Stack.of(self).format_arn(service="ecs", resource="task",
+                                         resource_name=f"{self.cluster.cluster_name}/*")
+
+    def grant_find_and_stop(self, grantee: iam.IGrantable) -> None:
+        """List, describe and stop compiler containers (the API's StopCompilationJob, the workflow's limits)."""
+        stack = Stack.of(self)
+        iam.Grant.add_to_principal(grantee=grantee, actions=["ecs:ListTasks"], resource_arns=["*"],
+                                   conditions={"ArnEquals": {"ecs:cluster": self.cluster.cluster_arn}})
+        iam.Grant.add_to_principal(grantee=grantee, actions=["ecs:DescribeTasks", "ecs:StopTask"],
+                                   resource_arns=[self.task_arn_pattern()],
+                                   conditions={"ArnEquals": {"ecs:cluster": self.cluster.cluster_arn}})
+        if self.job_queue is not None:
+            iam.Grant.add_to_principal(grantee=grantee, actions=["batch:ListJobs", "batch:DescribeJobs"],
+                                       resource_arns=["*"])
+            iam.Grant.add_to_principal(grantee=grantee, actions=["batch:TerminateJob"],
+                                       resource_arns=[stack.format_arn(service="batch", resource="job",
+                                                                       resource_name="*")])

@@ -1,0 +1,105 @@
+"""Fixtures for the functional tests: raw clients and HTTP helpers against ``kiln serve``."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import boto3
+import botocore.config
+import pytest
+
+TERMINAL = ("COMPLETED", "FAILED", "STOPPED")
+
+
+@pytest.fixture(scope="session")
+def raw_sagemaker(api_server: Any) -> Any:
+    """A boto3 SageMaker client that skips botocore's client-side checks, so the server sees bad input."""
+    return boto3.client("sagemaker", endpoint_url=api_server.url, region_name="us-east-1",
+                        aws_access_key_id="test", aws_secret_access_key="test",
+                        config=botocore.config.Config(parameter_validation=False, retries={"max_attempts": 1}))
+
+
+@pytest.fixture
+def unique() -> Callable[[str], str]:
+    """A job name no other test uses."""
+    return lambda prefix: f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture(scope="session")
+def http(api_server: Any) -> Callable[..., tuple[int, dict[str, str], Any]]:
+    """Plain HTTP (urllib): (status, headers, parsed JSON body)."""
+
+    def call(method: str, path: str, body: Any = None, headers: dict[str, str] | None = None,
+             raw: bytes | None = None) -> tuple[int, dict[str, str], Any]:
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        request = urllib.request.Request(api_server.url + path, data=data, method=method,
+                                         headers={"Content-Type": "application/json", **(headers or {})})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                status, response_headers, text = response.status, dict(response.headers), response.read()
+        except urllib.error.HTTPError as exc:
+            status, response_headers, text = exc.code, dict(exc.headers), exc.read()
+        return status, response_headers, json.loads(text) if text else None
+
+    return call
+
+
+@pytest.fixture(scope="session")
+def amz_json(http: Callable[..., Any]) -> Callable[..., tuple[int, dict[str, str], Any]]:
+    """A raw SageMaker JSON 1.1 call, as the aws CLI sends it."""
+
+    def call(target: str | None, body: Any = None, raw: bytes | None = None) -> tuple[int, dict[str, str], Any]:
+        headers = {"Content-Type": "application/x-amz-json-1.1"}
+        if target is not None:
+            headers["X-Amz-Target"] = target
+        return http("POST", "/", body if body is not None else ({} if raw is None else None), headers, raw)
+
+    return call
+
+
+@pytest.fixture(scope="session")
+def wait_terminal(sagemaker: Any) -> Callable[[str], dict[str, Any]]:
+    def wait(name: str, timeout: float = 60) -> dict[str, Any]:
+        deadline = time.time() + timeout
+        while True:
+            job = sagemaker.describe_compilation_job(CompilationJobName=name)
+            if job["CompilationJobStatus"] in TERMINAL:
+                return job
+            assert time.time() < deadline, f"{name} still {job['CompilationJobStatus']} after {timeout} s"
+            time.sleep(0.25)
+
+    return wait
+
+
+@pytest.fixture
+def reconfigured(local_stack: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., Any]]:
+    """Serve the API with other KILN_* settings for one test (a context manager); restores afterwards."""
+    from kiln.config import settings
+    from kiln.handlers import workflow
+    from kiln.wiring import default_service
+
+    workflow._steps()  # keep the running workflows on the session's settings
+
+    @contextmanager
+    def swap(**env: str) -> Iterator[Any]:
+        with monkeypatch.context() as patch:
+            for key, value in env.items():
+                patch.setenv(key, value)
+            settings.cache_clear()
+            default_service.cache_clear()
+            try:
+                yield default_service()
+            finally:
+                settings.cache_clear()
+                default_service.cache_clear()
+
+    yield swap
+    settings.cache_clear()
+    default_service.cache_clear()

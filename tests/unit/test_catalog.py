@@ -1,0 +1,126 @@
+"""The target catalog: every TargetDevice / TargetPlatform and how it compiles."""
+
+from __future__ import annotations
+
+import botocore.session
+import pytest
+from kiln.catalog import Family, Runner, TargetCatalog, UnsupportedTargetError
+
+CATALOG = TargetCatalog()
+MODEL = botocore.session.get_session().get_service_model("sagemaker")
+DEVICE_ENUM = MODEL.shape_for("TargetDevice").enum
+UNSUPPORTED = {"ml_inf1", "ml_inf2", "ml_trn1", "ml_eia2", "qcs605", "qcs603", "amba_cv2", "amba_cv22", "amba_cv25"}
+
+
+def test_every_botocore_device_is_either_supported_or_refused() -> None:
+    # GIVEN every TargetDevice botocore's model knows
+    # WHEN each is looked up
+    supported, refused = set(), set()
+    for device in DEVICE_ENUM:
+        try:
+            CATALOG.device(device)
+            supported.add(device)
+        except UnsupportedTargetError as exc:
+            assert exc.reason != "unknown target device", device
+            refused.add(device)
+    # THEN the refused ones are exactly the accelerator/DSP targets, and the rest are the catalog's devices
+    assert refused == UNSUPPORTED
+    assert supported == set(CATALOG.supported_devices)
+
+
+@pytest.mark.parametrize("device", sorted(set(DEVICE_ENUM) - UNSUPPORTED))
+def test_supported_device_has_a_complete_build_recipe(device: str) -> None:
+    # GIVEN a supported device
+    # WHEN it is looked up
+    target = CATALOG.device(device)
+    # THEN it names its family, and a TVM target plus toolchain unless it is CoreML
+    assert target.name == device
+    if target.family is Family.COREML:
+        assert target.frameworks == ("TENSORFLOW", "KERAS", "PYTORCH")
+        return
+    assert target.tvm_target["kind"] in ("llvm", "cuda")
+    assert target.toolchain is not None and target.toolchain.cxx
+    if target.family is Family.CUDA:
+        assert target.runner is Runner.BATCH_GPU and target.cuda_arch and target.host is not None
+        assert "XGBOOST" not in target.frameworks
+    else:
+        assert target.runner is Runner.FARGATE
+
+
+@pytest.mark.parametrize(("device", "family", "detail"), [
+    ("ml_c4", Family.X86_64, {"mcpu": "haswell"}),
+    ("ml_c5", Family.X86_64, {"mcpu": "skylake-avx512"}),
+    ("ml_c6g", Family.AARCH64, {"mtriple": "aarch64-linux-gnu", "mcpu": "neoverse-n1"}),
+    ("rasp3b", Family.ARMV7, {"mtriple": "armv7l-linux-gnueabihf", "mfloat-abi": "hard"}),
+    ("ml_g4dn", Family.CUDA, {"kind": "cuda", "arch": "sm_75"}),
+    ("jetson_tx2", Family.CUDA, {"arch": "sm_62"}),
+    ("jetson_xavier", Family.CUDA, {"arch": "sm_72"}),
+    ("x86_win64", Family.WINDOWS, {"mtriple": "x86_64-pc-windows-gnu"}),
+])
+def test_devices_compile_to_the_expected_tvm_target(device: str, family: Family, detail: dict[str, str]) -> None:
+    # GIVEN a well-known device / WHEN looked up / THEN its TVM target carries the expected settings
+    target = CATALOG.device(device)
+    assert target.family is family
+    assert detail.items() <= target.tvm_target.items()
+
+
+def test_isa_requirements_of_x86_targets() -> None:
+    # GIVEN x86 cloud targets / WHEN looked up / THEN AVX-512 only where the hardware has it
+    assert "avx512f" in CATALOG.device("ml_c5").isa and "avx512f" in CATALOG.device("ml_m5").isa
+    assert "avx512f" not in CATALOG.device("ml_c4").isa and "avx2" in CATALOG.device("ml_c4").isa
+    assert CATALOG.device("ml_c4").is_cloud and not CATALOG.device("rasp3b").is_cloud
+
+
+@pytest.mark.parametrize(("os", "arch", "accelerator", "name", "family"), [
+    ("LINUX", "X86_64", None, "LINUX_X86_64", Family.X86_64),
+    ("LINUX", "X86", None, "LINUX_X86", Family.X86),
+    ("LINUX", "ARM64", None, "LINUX_ARM64", Family.AARCH64),
+    ("LINUX", "ARM_EABIHF", None, "LINUX_ARM_EABIHF", Family.ARMV7),
+    ("LINUX", "X86_64", "NVIDIA", "LINUX_X86_64_NVIDIA", Family.CUDA),
+    ("LINUX", "ARM64", "NVIDIA", "LINUX_ARM64_NVIDIA", Family.CUDA),
+])
+def test_supported_platforms(os: str, arch: str, accelerator: str | None, name: str, family: Family) -> None:
+    # GIVEN a TargetPlatform combination / WHEN looked up / THEN it maps to its catalog target
+    target = CATALOG.platform(os, arch, accelerator)
+    assert (target.name, target.family) == (name, family)
+    config = {"S3OutputLocation": "s3://b/o", "TargetPlatform": {"Os": os, "Arch": arch}}
+    if accelerator:
+        config["TargetPlatform"]["Accelerator"] = accelerator
+    assert CATALOG.for_output_config(config).name == name
+
+
+@pytest.mark.parametrize(("os", "arch", "accelerator", "reason"), [
+    ("ANDROID", "ARM64", None, "Android NDK"),
+    ("ANDROID", "ARM_EABI", None, "Android NDK"),
+    ("ANDROID", "X86_64", None, "Android NDK"),
+    ("LINUX", "ARM64", "MALI", "MALI accelerator"),
+    ("LINUX", "X86_64", "INTEL_GRAPHICS", "INTEL_GRAPHICS accelerator"),
+    ("LINUX", "ARM64", "NNA", "NNA accelerator"),
+    ("LINUX", "ARM_EABI", None, "unsupported platform combination"),
+    ("LINUX", "X86", "NVIDIA", "unsupported platform combination"),
+])
+def test_unsupported_platforms_name_reason_and_alternatives(os: str, arch: str, accelerator: str | None,
+                                                            reason: str) -> None:
+    # GIVEN a platform this deployment cannot compile for
+    # WHEN it is looked up
+    with pytest.raises(UnsupportedTargetError) as info:
+        CATALOG.platform(os, arch, accelerator)
+    # THEN the error names the platform key, why, and every supported platform
+    message = str(info.value)
+    assert info.value.target == "_".join(p for p in (os, arch, accelerator) if p)
+    assert reason in message
+    assert "LINUX_ARM64, LINUX_ARM64_NVIDIA, LINUX_ARM_EABIHF, LINUX_X86, LINUX_X86_64, LINUX_X86_64_NVIDIA" in message
+
+
+def test_for_output_config_prefers_target_device() -> None:
+    # GIVEN an OutputConfig naming a device / WHEN resolved / THEN the device's target is used
+    assert CATALOG.for_output_config({"TargetDevice": "rk3399"}).name == "rk3399"
+
+
+def test_unknown_device_is_refused_with_supported_list() -> None:
+    # GIVEN a device name outside botocore's enum (as a direct caller could pass)
+    with pytest.raises(UnsupportedTargetError) as info:
+        CATALOG.device("ml_z9")
+    # THEN it is refused as unknown, listing the supported devices
+    assert info.value.reason == "unknown target device"
+    assert info.value.supported == CATALOG.supported_devices
