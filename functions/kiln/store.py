@@ -243,7 +243,7 @@ class JobStore:
 
     def _replace_tags(self, name: str, old: list[dict[str, str]], new: list[dict[str, str]]) -> bool:
         condition: ConditionBase = Attr("JobName").exists() & (
-            Attr("Tags").eq(old) if old else Attr("Tags").not_exists())
+            Attr("Tags").eq(old) if old else (Attr("Tags").not_exists() | Attr("Tags").eq([])))
         try:
             self._table.update_item(Key={"JobName": name}, UpdateExpression="SET Tags = :t",
                                     ConditionExpression=condition, ExpressionAttributeValues={":t": new})

@@ -36,7 +36,7 @@ GATEWAY_ERRORS = {
     apigw.ResponseType.THROTTLED: "ThrottlingException",
     apigw.ResponseType.BAD_REQUEST_BODY: "ValidationException",
     apigw.ResponseType.BAD_REQUEST_PARAMETERS: "ValidationException",
-    apigw.ResponseType.DEFAULT_5XX: "InternalFailure",
+    apigw.ResponseType.DEFAULT_5_XX: "InternalFailure",
 }
 BOTO3_HINT = ('c = boto3.client("sagemaker", endpoint_url="{url}"); c.meta.events.register("before-sign.sagemaker", '
               'lambda request, **_: request.context.setdefault("signing", {{}}).update(signing_name="execute-api"))')

@@ -1,9 +1,10 @@
-"""Build the CDK app (used by infra/app.py and by the tests, so both synthesize the same thing)."""
+"""Build the CDK app (infra/app.py and the tests use this, so both synthesize the same thing)."""
 
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,20 +26,30 @@ def cdk_json_context() -> dict[str, Any]:
     return context
 
 
-def build_app(context: dict[str, Any] | None = None, outdir: str | Path | None = None,
-              nag: bool = True) -> tuple[App, KilnStack]:
-    """The app with the Kiln stack, suppressions applied and (unless ``nag=False``) cdk-nag checks added."""
-    merged = {**cdk_json_context(), **(context or {})}
-    if "CDK_CONTEXT_JSON" in os.environ or "CDK_OUTDIR" in os.environ:  # run by the CDK CLI
-        merged = dict(context or {})
-    app = App(context=merged, outdir=str(outdir) if outdir else None)
+def build_app(context: dict[str, Any] | None = None, outdir: str | Path | None = None) -> tuple[App, KilnStack]:
+    """The app with the Kiln stack and its nag acknowledgements (cdk.json context + ``context``)."""
+    cli = "CDK_CONTEXT_JSON" in os.environ  # the CDK CLI passes cdk.json's context itself
+    app = App(context=dict(context or {}) if cli else {**cdk_json_context(), **(context or {})},
+              outdir=str(outdir) if outdir else None)
     config = KilnConfig.from_context(app.node.try_get_context("kiln"))
-    env = None
     account, region = os.environ.get("CDK_DEFAULT_ACCOUNT"), os.environ.get("CDK_DEFAULT_REGION")
-    if account and region:
-        env = Environment(account=account, region=region)
-    stack = KilnStack(app, app.node.try_get_context("kiln:stackName") or STACK_NAME, config=config, env=env)
+    env = Environment(account=account, region=region) if account and region else None
+    stack = KilnStack(app, STACK_NAME, config=config, env=env)
     apply_suppressions(stack)
-    if nag:
-        AwsSolutionsChecks(verbose=True).validate_scope(app)
     return app, stack
+
+
+@dataclass(frozen=True)
+class Finding:
+    rule: str  # e.g. "AwsSolutions-IAM5[Resource::*]"
+    severity: str  # "error" | "warning" ...
+    path: str  # construct path
+    description: str
+
+
+def nag_findings(app: App) -> list[Finding]:
+    """Unacknowledged cdk-nag AwsSolutions findings of the app."""
+    report = AwsSolutionsChecks(verbose=False).validate_scope(app)
+    return [Finding(rule=v.rule_name, severity=str(v.severity), path=r.construct_path or r.resource_logical_id,
+                    description=v.description)
+            for v in report.violations for r in v.violating_resources]

@@ -51,11 +51,6 @@ class NetworkForCompilers(Construct):
                 gateway_endpoints={"S3": ec2.GatewayVpcEndpointOptions(
                     service=ec2.GatewayVpcEndpointAwsService.S3, subnets=[self.subnets])},
             )
-            endpoints = dict(COMPILER_ENDPOINTS)
-            if config.gpu_enabled:
-                endpoints.update(ECS_AGENT_ENDPOINTS)
-            for name, service in endpoints.items():
-                vpc.add_interface_endpoint(name, service=service, subnets=self.subnets, private_dns_enabled=True)
             if config.vpc_flow_logs:
                 flow_logs = encrypted_log_group(self, "FlowLogs", key=key.key, retention_days=config.log_retention_days,
                                                 removal_policy=removal_policy)
@@ -67,7 +62,16 @@ class NetworkForCompilers(Construct):
             description="Kiln compilers: no inbound; HTTPS out (the subnets route only to VPC endpoints)")
         self.security_group.add_egress_rule(ec2.Peer.any_ipv4(), ec2.Port.tcp(443),
                                             "HTTPS to VPC endpoints (no internet route exists)")
+        if config.vpc is None:
+            endpoints = dict(COMPILER_ENDPOINTS)
+            if config.gpu_enabled:
+                endpoints.update(ECS_AGENT_ENDPOINTS)
+            for name, service in endpoints.items():
+                # open=False: only the compilers (and Batch's GPU instances, same group) may connect.
+                endpoint = self.vpc.add_interface_endpoint(name, service=service, subnets=self.subnets,
+                                                           private_dns_enabled=True, open=False)
+                endpoint.connections.allow_default_port_from(self.security_group, "Kiln compilers")
 
     @property
     def subnet_ids(self) -> list[str]:
-        return self.vpc.select_subnets(self.subnets).subnet_ids
+        return self.vpc.select_subnets(subnet_type=ec2.SubnetType.PRIVATE_ISOLATED).subnet_ids

@@ -1,9 +1,9 @@
-"""The registry hook on real moto (in-process): compile on approval, write back on completion.
+"""The registry hook against the embedded stack: compile on approval, write back on completion.
 
-Jobs are created through the real service (DynamoDB job store, Step Functions start); their
-workflow is not executed here (tests/workflow/test_registry_workflow.py runs the real compiler),
-so completion is recorded through the service as the workflow's RecordSuccess step does, and
-the write-back is fed the very event EventBridge delivers for it.
+Most tests call the registry Lambda entrypoint directly with the event EventBridge would
+deliver; jobs are created through the real service and run the real workflow. Tests that
+race write-backs on purpose pause the stack's own delivery of Kiln's job events, drive the
+hook by hand, then let the held events through (which must change nothing).
 """
 
 from __future__ import annotations
@@ -12,17 +12,14 @@ import json
 import logging
 import re
 import threading
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import boto3
 import pytest
-from moto import mock_aws
-
 from kiln.config import settings
 from kiln.handlers import registry as registry_handler
-from kiln.local.stack import patch_update_model_package_keeps_fields
 from kiln.registry import (
     JOB_COMPLETED_EVENT_PATTERN,
     MODEL_PACKAGE_EVENT_PATTERN,
@@ -33,7 +30,6 @@ from kiln.registry import (
     specification_name,
 )
 from kiln.service import CompilationJobService
-from kiln.store import table_definition
 from kiln.wiring import default_service
 
 REGION = "us-east-1"
@@ -42,13 +38,15 @@ JOB_NAME = re.compile(r"[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}")
 
 @dataclass
 class Registry:
-    """The AWS side of one test: clients, the configured output and role, the event queue."""
+    """The embedded stack's registry side for one test: unique group names, helpers."""
 
-    sagemaker: Any
-    sqs: Any
-    queue_url: str
-    role_arn: str
-    output_s3: str
+    stack: Any
+    archive: bytes
+    suffix: str
+
+    @property
+    def sagemaker(self) -> Any:
+        return self.stack.client("sagemaker")
 
     @property
     def service(self) -> CompilationJobService:
@@ -58,17 +56,32 @@ class Registry:
     def hook(self) -> RegistryHook:
         return registry_handler._hook()
 
-    def group(self, name: str, targets: str | None) -> None:
+    @property
+    def role_arn(self) -> str:
+        return settings().registry_role_arn
+
+    @property
+    def output_s3(self) -> str:
+        return settings().registry_output_s3
+
+    def group(self, base: str, targets: str | None) -> str:
+        """A new group (unique to this test) tagged with ``targets``; its name."""
+        name = f"{base}-{self.suffix}"
         tags = [{"Key": "kiln:targets", "Value": targets}] if targets is not None else []
         self.sagemaker.create_model_package_group(ModelPackageGroupName=name, Tags=tags)
+        return name
 
-    def package(self, group: str, status: str = "Approved") -> str:
+    def package(self, group: str, status: str = "Approved", *, model: bool = False) -> str:
+        """A package version; with ``model`` its archive is the real tiny ONNX model (else missing)."""
+        key = f"registry-tests/{group}/model.tar.gz"
+        if model:
+            self.stack.client("s3").put_object(Bucket=self.stack.outputs["ModelBucket"], Key=key, Body=self.archive)
         return str(self.sagemaker.create_model_package(
             ModelPackageGroupName=group, ModelApprovalStatus=status,
             InferenceSpecification={
                 "Containers": [{"Image": "123456789012.dkr.ecr.us-east-1.amazonaws.com/serve:1",
-                                "ModelDataUrl": f"s3://kiln-test-models/{group}/model.tar.gz",
-                                "Framework": "ONNX", "ModelInput": {"DataInputConfig": '{"x": [1, 4]}'}}],
+                                "ModelDataUrl": f"s3://{self.stack.outputs['ModelBucket']}/{key}",
+                                "Framework": "ONNX", "ModelInput": {"DataInputConfig": '{"x": [1, 8]}'}}],
                 "SupportedContentTypes": ["application/json"], "SupportedResponseMIMETypes": ["application/json"]},
         )["ModelPackageArn"])
 
@@ -79,32 +92,25 @@ class Registry:
                   "ModelPackageVersion": package["ModelPackageVersion"], "ModelPackageArn": package_arn,
                   "ModelApprovalStatus": status, "ModelPackageStatus": package["ModelPackageStatus"],
                   "CreationTime": 1700000000000, "InferenceSpecification": package["InferenceSpecification"]}
-        return {"version": "0", "id": "e1", "source": "aws.sagemaker",
+        return {"version": "0", "id": str(uuid.uuid4()), "source": "aws.sagemaker",
                 "detail-type": "SageMaker Model Package State Change", "account": "123456789012",
                 "region": REGION, "resources": [package_arn], "detail": detail}
 
-    def jobs(self) -> list[str]:
-        summaries = self.service.list({"MaxResults": 100})["CompilationJobSummaries"]
+    def jobs(self, group: str) -> list[str]:
+        summaries = self.service.list({"MaxResults": 100, "NameContains": group})["CompilationJobSummaries"]
         return sorted(s["CompilationJobName"] for s in summaries)
 
-    def complete(self, name: str) -> str:
-        """Record a job's success as the workflow's RecordSuccess step does; its artifact URI."""
-        job = self.service.describe(name)
-        artifact = f"{job['OutputConfig']['S3OutputLocation']}model-{name}.tar.gz"
-        self.service.mark_in_progress(name)
-        self.service.record_success(name, {"S3ModelArtifacts": artifact, "ArtifactDigest": "sha256:" + "ab" * 32})
-        return artifact
+    def finish(self, name: str) -> dict[str, Any]:
+        """Wait for a job to end (it runs the real compiler); its description."""
+        job: dict[str, Any] = self.stack.wait_for(name, timeout=180)
+        return job
 
-    def delivered_events(self) -> list[dict[str, Any]]:
-        """Every event the job-completed rule delivered so far (and consume them)."""
-        events = []
-        while True:
-            messages = self.sqs.receive_message(QueueUrl=self.queue_url, MaxNumberOfMessages=10).get("Messages", [])
-            if not messages:
-                return events
-            for message in messages:
-                events.append(json.loads(message["Body"]))
-                self.sqs.delete_message(QueueUrl=self.queue_url, ReceiptHandle=message["ReceiptHandle"])
+    def job_event(self, name: str) -> dict[str, Any]:
+        """The Compilation Job State Change event of a job as it is now (what Kiln publishes)."""
+        job = self.service.describe(name)
+        return {"version": "0", "id": str(uuid.uuid4()), "source": "kiln",
+                "detail-type": "Compilation Job State Change", "resources": [job["CompilationJobArn"]],
+                "detail": json.loads(json.dumps(job, default=str))}
 
     def specs(self, package_arn: str) -> list[dict[str, Any]]:
         package = self.sagemaker.describe_model_package(ModelPackageName=package_arn)
@@ -122,37 +128,24 @@ def _clear_caches() -> None:
 
 
 @pytest.fixture
-def registry(monkeypatch: pytest.MonkeyPatch) -> Iterator[Registry]:
-    """Kiln's resources in moto: job table, state machine (not executed), role, the job-completed rule."""
-    for key in ("MOTO_PORT", "AWS_ENDPOINT_URL", "KILN_REGISTRY_DEFAULT_TARGETS"):
-        monkeypatch.delenv(key, raising=False)
-    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                       "AWS_DEFAULT_REGION": REGION, "AWS_REGION": REGION}.items():
-        monkeypatch.setenv(key, value)
-    # moto clears ModelApprovalStatus on any UpdateModelPackage that omits it; AWS does not.
-    patch_update_model_package_keeps_fields()
-    with mock_aws(config={"stepfunctions": {"execute_state_machine": False}}):
-        session = boto3.session.Session(region_name=REGION)
-        session.client("dynamodb").create_table(**table_definition("kiln-jobs"))
-        role = session.client("iam").create_role(RoleName="kiln-job", AssumeRolePolicyDocument="{}")["Role"]["Arn"]
-        machine = session.client("stepfunctions").create_state_machine(
-            name="kiln-compilation-job", roleArn=role,
-            definition=json.dumps({"StartAt": "Done", "States": {"Done": {"Type": "Pass", "End": True}}}),
-        )["stateMachineArn"]
-        sqs = session.client("sqs")
-        queue_url = sqs.create_queue(QueueName="registry-events")["QueueUrl"]
-        queue_arn = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
-        events = session.client("events")
-        events.put_rule(Name="kiln-registry-job-completed", EventPattern=json.dumps(JOB_COMPLETED_EVENT_PATTERN))
-        events.put_targets(Rule="kiln-registry-job-completed", Targets=[{"Id": "q", "Arn": queue_arn}])
-        output = "s3://kiln-test-artifacts/registry"
-        for key, value in {"KILN_TABLE_NAME": "kiln-jobs", "KILN_STATE_MACHINE_ARN": machine,
-                           "KILN_ACCOUNT_ID": "123456789012", "KILN_REGISTRY_OUTPUT_S3": output,
-                           "KILN_REGISTRY_ROLE_ARN": role, "KILN_REGISTRY_MAX_RUNTIME_SECONDS": "600"}.items():
-            monkeypatch.setenv(key, value)
-        _clear_caches()
-        yield Registry(session.client("sagemaker"), sqs, queue_url, role, output)
+def registry(local_stack: Any, tiny_onnx_archive: bytes, monkeypatch: pytest.MonkeyPatch) -> Iterator[Registry]:
+    """The session's embedded stack, with registry limits for these tests; settings restored after."""
+    monkeypatch.delenv("KILN_REGISTRY_DEFAULT_TARGETS", raising=False)
+    monkeypatch.setenv("KILN_REGISTRY_MAX_RUNTIME_SECONDS", "600")
     _clear_caches()
+    yield Registry(local_stack, tiny_onnx_archive, uuid.uuid4().hex[:8])
+    monkeypatch.undo()
+    _clear_caches()
+
+
+@pytest.fixture
+def held_job_events(local_stack: Any) -> Iterator[None]:
+    """Hold the stack's delivery of events to the registry Lambda (the test drives the hook)."""
+    local_stack.registry_pump.pause()
+    try:
+        yield
+    finally:
+        local_stack.registry_pump.resume()
 
 
 def handle(event: dict[str, Any]) -> dict[str, Any]:
@@ -165,9 +158,9 @@ def handle(event: dict[str, Any]) -> dict[str, Any]:
 # -- compile on approval ---------------------------------------------------------------------
 
 def test_approval_creates_one_job_per_tagged_target(registry: Registry) -> None:
-    # GIVEN a group tagged with a device, a second device and a platform, and an approved version
-    registry.group("fraud-detector", "ml_c4 rasp4b LINUX/ARM64")
-    arn = registry.package("fraud-detector")
+    # GIVEN a group tagged with two devices and a platform, and an approved version
+    group = registry.group("fraud", "ml_c4 rasp4b LINUX/ARM64")
+    arn = registry.package(group)
 
     # WHEN its approval event reaches the registry Lambda
     summary = handle(registry.approval_event(arn))
@@ -175,67 +168,70 @@ def test_approval_creates_one_job_per_tagged_target(registry: Registry) -> None:
     # THEN one job per target was created through the service, reading the package, with the
     # configured output, role and limits, and tagged as a registry job of that package
     assert len(summary["created"]) == 3 and summary["skipped"] == summary["unknown"] == []
-    assert registry.jobs() == sorted(summary["created"])
-    targets = []
+    assert registry.jobs(group) == sorted(summary["created"])
+    targets = {}
     for name in summary["created"]:
         assert JOB_NAME.fullmatch(name)
         job = registry.service.describe(name)
         assert job["ModelPackageVersionArn"] == arn
         assert job["RoleArn"] == registry.role_arn
         assert job["StoppingCondition"]["MaxRuntimeInSeconds"] == 600
-        assert job["OutputConfig"]["S3OutputLocation"] == f"{registry.output_s3}/fraud-detector/1/"
-        targets.append(job["OutputConfig"].get("TargetDevice") or job["OutputConfig"]["TargetPlatform"])
-        assert registry.tags(name) | {"kiln:target": ""} == {
-            "kiln:model-package-arn": arn, "kiln:source": "registry", "kiln:target": ""}
-    assert sorted(map(str, targets)) == sorted(["ml_c4", "rasp4b", str({"Os": "LINUX", "Arch": "ARM64"})])
+        assert job["OutputConfig"]["S3OutputLocation"] == f"{registry.output_s3.rstrip('/')}/{group}/1/"
+        tags = registry.tags(name)
+        assert (tags["kiln:model-package-arn"], tags["kiln:source"]) == (arn, "registry")
+        targets[tags["kiln:target"]] = {k: v for k, v in job["OutputConfig"].items() if k.startswith("Target")}
+    assert targets == {"ml_c4": {"TargetDevice": "ml_c4"}, "rasp4b": {"TargetDevice": "rasp4b"},
+                       "LINUX/ARM64": {"TargetPlatform": {"Os": "LINUX", "Arch": "ARM64"}}}
 
 
 def test_redelivered_approval_creates_no_jobs(registry: Registry, caplog: pytest.LogCaptureFixture) -> None:
-    # GIVEN an approval that already created its jobs
-    registry.group("churn", "ml_c4,lambda")
-    arn = registry.package("churn")
+    # GIVEN an approval that already created its jobs (targets written with a comma)
+    group = registry.group("churn", "ml_c4,lambda")
+    arn = registry.package(group)
     first = handle(registry.approval_event(arn))
-    before = registry.jobs()
+    before = registry.jobs(group)
 
     # WHEN EventBridge delivers the same event again
     with caplog.at_level(logging.INFO, logger="kiln.registry"):
         again = handle(registry.approval_event(arn))
 
     # THEN nothing new is created: the deterministic names already exist, and the log says so
-    assert again["created"] == []
-    assert sorted(again["skipped"]) == sorted(first["created"]) and len(before) == 2
-    assert registry.jobs() == before
-    assert all(f"job {name} for {arn}" in caplog.text and "already exists" in caplog.text for name in before)
+    assert again["created"] == [] and len(before) == 2
+    assert sorted(again["skipped"]) == sorted(first["created"]) == before
+    assert registry.jobs(group) == before
+    for name in before:
+        assert f"job {name} for {arn}" in caplog.text
+    assert caplog.text.count("already exists: not created again") == 2
 
 
 @pytest.mark.parametrize("status", ["Rejected", "PendingManualApproval"])
 def test_rejected_or_pending_package_creates_no_jobs(registry: Registry, status: str,
                                                      caplog: pytest.LogCaptureFixture) -> None:
     # GIVEN a tagged group with a version that is not approved
-    registry.group("ranker", "ml_c4")
-    arn = registry.package("ranker", status=status)
+    group = registry.group("ranker", "ml_c4")
+    arn = registry.package(group, status=status)
 
     # WHEN its state change event arrives
     with caplog.at_level(logging.INFO, logger="kiln.registry"):
         summary = handle(registry.approval_event(arn, status=status))
 
     # THEN no job exists and the log names the status
-    assert summary["created"] == [] and registry.jobs() == []
+    assert summary["created"] == [] and registry.jobs(group) == []
     assert f"is {status}, not Approved" in caplog.text
 
 
 def test_group_without_targets_uses_the_default_or_does_nothing(registry: Registry, monkeypatch: pytest.MonkeyPatch,
                                                                 caplog: pytest.LogCaptureFixture) -> None:
     # GIVEN an untagged group and no default targets
-    registry.group("untagged", None)
-    arn = registry.package("untagged")
+    group = registry.group("untagged", None)
+    arn = registry.package(group)
 
     # WHEN its version is approved
     with caplog.at_level(logging.INFO, logger="kiln.registry"):
         summary = handle(registry.approval_event(arn))
 
     # THEN nothing is compiled, and the log says why
-    assert summary["created"] == [] and registry.jobs() == []
+    assert summary["created"] == [] and registry.jobs(group) == []
     assert "has no 'kiln:targets' tag and no default targets" in caplog.text
 
     # AND WHEN the deployment configures default targets, the same event compiles for them
@@ -249,8 +245,8 @@ def test_group_without_targets_uses_the_default_or_does_nothing(registry: Regist
 def test_unknown_target_is_skipped_with_a_logged_reason(registry: Registry, caplog: pytest.LogCaptureFixture) -> None:
     # GIVEN a group whose tag names a good target, an unknown one, a refused one, a malformed
     # platform and a platform that cannot be compiled without compiler options
-    registry.group("vision", "ml_c4 not_a_device ml_inf1 LINUX/ LINUX/ARM64/NVIDIA")
-    arn = registry.package("vision")
+    group = registry.group("vision", "ml_c4 not_a_device ml_inf1 LINUX/ LINUX/ARM64/NVIDIA")
+    arn = registry.package(group)
 
     # WHEN the version is approved
     with caplog.at_level(logging.INFO, logger="kiln.registry"):
@@ -260,10 +256,11 @@ def test_unknown_target_is_skipped_with_a_logged_reason(registry: Registry, capl
     assert [registry.service.describe(n)["OutputConfig"]["TargetDevice"] for n in summary["created"]] == ["ml_c4"]
     skipped = {u["target"]: u["reason"] for u in summary["unknown"] + summary["rejected"]}
     assert set(skipped) == {"not_a_device", "ml_inf1", "LINUX/", "LINUX/ARM64/NVIDIA"}
-    assert "Neuron" in skipped["ml_inf1"] and "OS/ARCH" in skipped["LINUX/"] and "gpu-code" in skipped["LINUX/ARM64/NVIDIA"]
+    assert "Neuron" in skipped["ml_inf1"] and "OS/ARCH" in skipped["LINUX/"]
+    assert "gpu-code" in skipped["LINUX/ARM64/NVIDIA"]
     for target, reason in skipped.items():
         assert f"skipping target '{target}' for {arn}" in caplog.text and reason in caplog.text
-    assert len(registry.jobs()) == 1
+    assert len(registry.jobs(group)) == 1
 
 
 def test_job_names_are_deterministic_valid_and_distinct() -> None:
@@ -287,91 +284,94 @@ def test_job_names_are_deterministic_valid_and_distinct() -> None:
 
 # -- write-back ------------------------------------------------------------------------------
 
-def test_completed_job_is_written_back_once_and_tagged(registry: Registry) -> None:
-    # GIVEN a registry job for a cloud target that completed
-    registry.group("pricing", "ml_c5")
-    arn = registry.package("pricing")
+def test_completed_job_is_written_back_once_and_tagged(local_stack: Any, registry: Registry) -> None:
+    # GIVEN a registry job for a cloud target, compiling a real model
+    group = registry.group("pricing", "ml_c4")
+    arn = registry.package(group, model=True)
     [name] = handle(registry.approval_event(arn))["created"]
-    artifact = registry.complete(name)
-    [event] = registry.delivered_events()  # what the job-completed rule delivers
 
-    # WHEN the Compilation Job State Change event reaches the registry Lambda (twice: redelivery)
-    first = handle(event)
-    second = handle(event)
+    # WHEN it completes (its event reaches the registry Lambda through the bus) and the event is
+    # then delivered once more
+    job = registry.finish(name)
+    assert job["CompilationJobStatus"] == "COMPLETED", job["FailureReason"]
+    assert local_stack.wait_for_registry(timeout=60)
+    again = handle(registry.job_event(name))
 
     # THEN the package lists the artifact once, as a specification named after the target,
     # with the source container's framework and inputs and the target's instance types
-    assert (first["written"], second["written"]) == (True, False)
+    assert again["written"] is False
     [spec] = registry.specs(arn)
-    assert spec["Name"] == specification_name("ml_c5") == "ml-c5"
+    assert spec["Name"] == specification_name("ml_c4") == "ml-c4"
     [container] = spec["Containers"]
-    assert container["ModelDataUrl"] == artifact
-    assert container["Framework"] == "ONNX" and container["ModelInput"] == {"DataInputConfig": '{"x": [1, 4]}'}
-    assert container["Environment"]["KILN_COMPILATION_JOB_ARN"] == event["detail"]["CompilationJobArn"]
-    catalog_types = list(registry.service.catalog.device("ml_c5").instance_types)
+    assert container["ModelDataUrl"] == job["ModelArtifacts"]["S3ModelArtifacts"]
+    assert container["Framework"] == "ONNX" and container["ModelInput"] == {"DataInputConfig": '{"x": [1, 8]}'}
+    assert container["Environment"]["KILN_COMPILATION_JOB_ARN"] == job["CompilationJobArn"]
+    assert container["Environment"]["KILN_ARTIFACT_DIGEST"] == job["ModelDigests"]["ArtifactDigest"]
+    catalog_types = list(registry.service.catalog.device("ml_c4").instance_types)
     assert spec["SupportedRealtimeInferenceInstanceTypes"] == catalog_types
     assert spec["SupportedTransformInstanceTypes"] == catalog_types
     # AND the job carries the package ARN and the specification it produced
     assert registry.tags(name)["kiln:model-package-arn"] == arn
-    assert registry.tags(name)["kiln:registry-specification"] == "ml-c5"
+    assert registry.tags(name)["kiln:registry-specification"] == "ml-c4"
     # AND the package is still approved
     assert registry.sagemaker.describe_model_package(ModelPackageName=arn)["ModelApprovalStatus"] == "Approved"
 
 
-def test_edge_target_has_no_instance_types_and_uses_the_inference_image(registry: Registry,
-                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_edge_target_lists_no_instance_types_and_names_the_inference_image(
+        registry: Registry, monkeypatch: pytest.MonkeyPatch, held_job_events: None) -> None:
     # GIVEN a deployment with an inference image and a completed job for an edge device
+    group = registry.group("edge", "deeplens")
+    arn = registry.package(group, model=True)
+    [name] = handle(registry.approval_event(arn))["created"]
+    assert registry.finish(name)["CompilationJobStatus"] == "COMPLETED"
     monkeypatch.setenv("KILN_INFERENCE_IMAGE", "123456789012.dkr.ecr.us-east-1.amazonaws.com/kiln-runtime:1")
     _clear_caches()
-    registry.group("edge", "rasp4b")
-    arn = registry.package("edge")
-    [name] = handle(registry.approval_event(arn))["created"]
-    registry.complete(name)
 
     # WHEN its completion is handled
-    [event] = registry.delivered_events()
-    handle(event)
+    result = handle(registry.job_event(name))
 
     # THEN the specification names the image and lists no hosting instance types
+    assert result["written"] is True
     [spec] = registry.specs(arn)
-    assert spec["Name"] == "rasp4b"
+    assert spec["Name"] == "deeplens"
     assert spec["Containers"][0]["Image"] == "123456789012.dkr.ecr.us-east-1.amazonaws.com/kiln-runtime:1"
     assert "SupportedRealtimeInferenceInstanceTypes" not in spec and "SupportedTransformInstanceTypes" not in spec
 
 
-def test_failed_job_leaves_the_package_unchanged(registry: Registry) -> None:
-    # GIVEN a registry job that failed
-    registry.group("failing", "ml_c4")
-    arn = registry.package("failing")
+def test_failed_job_leaves_the_package_unchanged(local_stack: Any, registry: Registry) -> None:
+    # GIVEN a registry job whose package points at a model that is not there
+    group = registry.group("failing", "ml_c4")
+    arn = registry.package(group, model=False)
     [name] = handle(registry.approval_event(arn))["created"]
-    registry.service.mark_in_progress(name)
-    registry.service.record_failure(name, "ClientError: InputConfiguration: no model.onnx in the archive")
 
-    # WHEN its state change reaches the registry Lambda (the rule only forwards COMPLETED, but
-    # the function must not write back even if it gets a FAILED one)
-    assert registry.delivered_events() == []
-    result = handle({"source": "kiln", "detail-type": "Compilation Job State Change",
-                     "detail": registry.service.describe(name)})
+    # WHEN it fails, and even if its FAILED event reaches the registry Lambda (the rule only
+    # forwards COMPLETED ones)
+    job = registry.finish(name)
+    assert local_stack.wait_for_registry(timeout=60)
+    result = handle(registry.job_event(name))
 
     # THEN the package is unchanged and the reason stays visible on the job
+    assert job["CompilationJobStatus"] == "FAILED" and job["FailureReason"].startswith("ClientError")
     assert result["ignored"] == "status is FAILED"
     assert registry.specs(arn) == []
-    assert registry.service.describe(name)["FailureReason"].startswith("ClientError: InputConfiguration")
+    assert "kiln:registry-specification" not in registry.tags(name)
 
 
-def test_job_not_started_by_the_registry_is_not_written_back(registry: Registry) -> None:
-    # GIVEN a job created through the API from a model package (no registry tags), completed
-    registry.group("manual", None)
-    arn = registry.package("manual")
-    registry.service.create({"CompilationJobName": "manual-job", "RoleArn": registry.role_arn,
+def test_job_not_started_by_the_registry_is_not_written_back(local_stack: Any, registry: Registry) -> None:
+    # GIVEN a job created through the API from a model package (no registry tags)
+    group = registry.group("manual", None)
+    arn = registry.package(group, model=True)
+    name = f"manual-{registry.suffix}"
+    registry.service.create({"CompilationJobName": name, "RoleArn": registry.role_arn,
                              "ModelPackageVersionArn": arn,
-                             "OutputConfig": {"S3OutputLocation": "s3://elsewhere/out/", "TargetDevice": "ml_c4"},
+                             "OutputConfig": {"S3OutputLocation": f"{registry.output_s3}/manual/",
+                                              "TargetDevice": "ml_c4"},
                              "StoppingCondition": {"MaxRuntimeInSeconds": 300}})
-    registry.complete("manual-job")
 
-    # WHEN its completion event is handled
-    [event] = registry.delivered_events()
-    result = handle(event)
+    # WHEN it completes and its event reaches the registry Lambda
+    assert registry.finish(name)["CompilationJobStatus"] == "COMPLETED"
+    assert local_stack.wait_for_registry(timeout=60)
+    result = handle(registry.job_event(name))
 
     # THEN the package is left alone
     assert result["ignored"] == "not started by the registry hook"
@@ -415,58 +415,63 @@ class _LosesFirstUpdate:
         return getattr(self._client, name)
 
 
-def test_concurrent_write_backs_keep_both_targets(registry: Registry) -> None:
-    # GIVEN two registry jobs of one package that complete at the same time
-    registry.group("concurrent", "ml_c4 ml_m5")
-    arn = registry.package("concurrent")
-    names = handle(registry.approval_event(arn))["created"]
-    artifacts = {registry.complete(name) for name in names}
-    events = registry.delivered_events()
-    assert len(events) == 2
+def test_concurrent_write_backs_keep_both_targets(local_stack: Any, registry: Registry) -> None:
+    # GIVEN two registry jobs of one package that completed, their events held back
+    group = registry.group("concurrent", "ml_c4 lambda")
+    arn = registry.package(group, model=True)
+    local_stack.registry_pump.pause()
+    try:
+        names = handle(registry.approval_event(arn))["created"]
+        finished = [registry.finish(name) for name in names]
+        assert [j["CompilationJobStatus"] for j in finished] == ["COMPLETED", "COMPLETED"]
+        events = [registry.job_event(name) for name in names]
 
-    # WHEN both write-backs run concurrently, each reading the package before either writes
-    hook = RegistryHook(registry.service, _Barrier(registry.sagemaker, 2), registry.hook._config)
-    results: list[dict[str, Any]] = []
-    errors: list[BaseException] = []
+        # WHEN both write-backs run at the same time, each reading the package before either writes
+        hook = RegistryHook(registry.service, _Barrier(registry.sagemaker, 2), registry.hook._config)
+        results: list[dict[str, Any]] = []
+        errors: list[BaseException] = []
 
-    def write_back(event: dict[str, Any]) -> None:
-        try:
-            results.append(hook.on_job_state_change(event))
-        except BaseException as exc:
-            errors.append(exc)
+        def write_back(event: dict[str, Any]) -> None:
+            try:
+                results.append(hook.on_job_state_change(event))
+            except BaseException as exc:
+                errors.append(exc)
 
-    threads = [threading.Thread(target=write_back, args=(e,)) for e in events]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
+        threads = [threading.Thread(target=write_back, args=(e,)) for e in events]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+    finally:
+        local_stack.registry_pump.resume()
 
-    # THEN both specifications are in the package, once each
-    assert errors == [] and all(r["written"] for r in results) and len(results) == 2
+    # THEN both specifications are in the package, once each, even after the held events arrive
+    assert errors == [] and len(results) == 2 and all(r["written"] for r in results)
+    assert local_stack.wait_for_registry(timeout=60)
     specs = registry.specs(arn)
-    assert sorted(s["Name"] for s in specs) == ["ml-c4", "ml-m5"]
-    assert {s["Containers"][0]["ModelDataUrl"] for s in specs} == artifacts
+    assert sorted(s["Name"] for s in specs) == ["lambda", "ml-c4"]
+    assert {s["Containers"][0]["ModelDataUrl"] for s in specs} == {
+        j["ModelArtifacts"]["S3ModelArtifacts"] for j in finished}
 
 
-def test_a_lost_update_is_retried_until_the_spec_is_present(registry: Registry,
+def test_a_lost_update_is_retried_until_the_spec_is_present(registry: Registry, held_job_events: None,
                                                             caplog: pytest.LogCaptureFixture) -> None:
     # GIVEN a completed registry job and a registry whose first update is lost to a concurrent writer
-    registry.group("lossy", "ml_c4")
-    arn = registry.package("lossy")
+    group = registry.group("lossy", "ml_c4")
+    arn = registry.package(group, model=True)
     [name] = handle(registry.approval_event(arn))["created"]
-    artifact = registry.complete(name)
-    [event] = registry.delivered_events()
+    job = registry.finish(name)
     lossy = _LosesFirstUpdate(registry.sagemaker)
     hook = RegistryHook(registry.service, lossy, registry.hook._config, retry_delay=0.01)
 
     # WHEN the write-back runs
     with caplog.at_level(logging.WARNING, logger="kiln.registry"):
-        result = hook.on_job_state_change(event)
+        result = hook.on_job_state_change(registry.job_event(name))
 
     # THEN it noticed the missing spec, wrote again, and the package lists the artifact once
     assert result["written"] and lossy.updates == 2
     assert "missing from" in caplog.text
-    assert [s["Containers"][0]["ModelDataUrl"] for s in registry.specs(arn)] == [artifact]
+    assert [s["Containers"][0]["ModelDataUrl"] for s in registry.specs(arn)] == [job["ModelArtifacts"]["S3ModelArtifacts"]]
 
 
 def test_handler_ignores_other_events_and_patterns_match_the_sources(registry: Registry) -> None:
@@ -477,7 +482,7 @@ def test_handler_ignores_other_events_and_patterns_match_the_sources(registry: R
     result = handle(event)
 
     # THEN nothing is done, and the rule patterns name exactly the two events the hook handles
-    assert result == {"ignored": "aws.ecs / ECS Task State Change"} and registry.jobs() == []
+    assert result == {"ignored": "aws.ecs / ECS Task State Change"}
     assert MODEL_PACKAGE_EVENT_PATTERN["detail-type"] == ["SageMaker Model Package State Change"]
     assert JOB_COMPLETED_EVENT_PATTERN["detail"] == {"CompilationJobStatus": ["COMPLETED"]}
 
@@ -488,8 +493,7 @@ def test_moto_still_clears_omitted_fields_on_update_model_package(registry: Regi
 
     upstream = getattr(SageMakerModelBackend.update_model_package, "__wrapped__",
                        SageMakerModelBackend.update_model_package)
-    registry.group("upstream", None)
-    arn = registry.package("upstream")
+    arn = registry.package(registry.group("upstream", None))
     backend = sagemaker_backends["123456789012"][REGION]
 
     # WHEN a spec is added without naming the approval status

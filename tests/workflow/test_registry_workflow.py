@@ -1,68 +1,42 @@
 """End to end in the embedded stack: an approval event put on the embedded EventBridge compiles a
 real (tiny) ONNX model for every tagged target, and the compiled artifacts appear in the model
 package. Everything runs as in ``kiln serve``: rules on the bus, the registry Lambda, the state
-machine, the compiler entrypoint as a local process."""
+machine, the compiler entrypoint as a local process (the session's ``local_stack``)."""
 
 from __future__ import annotations
 
-import io
 import json
 import logging
-import tarfile
-from collections.abc import Iterator
+import uuid
 from typing import Any
 
-import numpy as np
 import pytest
-from onnx import TensorProto, helper, numpy_helper
-
 from kiln.local.stack import EmbeddedStack
 from kiln.wiring import default_service
 
-GROUP = "fraud-detector"
+GROUP = f"wf-registry-{uuid.uuid4().hex[:8]}"  # the stack is shared by the session
 TARGETS = "ml_c4 lambda LINUX/X86_64 ml_inf1"  # three compilable targets and a refused one
 COMPILED = {"ml_c4": "ml-c4", "lambda": "lambda", "LINUX/X86_64": "LINUX-X86-64"}
 
 
-def tiny_onnx_archive() -> bytes:
-    """A MatMul+Add+Relu ONNX model (x: [1, 4] -> y: [1, 3]) as a .tar.gz with model.onnx at its root."""
-    rng = np.random.default_rng(0)
-    weights = numpy_helper.from_array(rng.normal(size=(4, 3)).astype(np.float32), "W")
-    bias = numpy_helper.from_array(rng.normal(size=(3,)).astype(np.float32), "B")
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "W"], ["m"]), helper.make_node("Add", ["m", "B"], ["a"]),
-         helper.make_node("Relu", ["a"], ["y"])], "tiny",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])], [weights, bias])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
-    data = model.SerializeToString()
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
-        info = tarfile.TarInfo("model.onnx")
-        info.size = len(data)
-        archive.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
+@pytest.fixture(scope="module")
+def stack(local_stack: EmbeddedStack) -> EmbeddedStack:
+    return local_stack
 
 
 @pytest.fixture(scope="module")
-def stack() -> Iterator[EmbeddedStack]:
-    with EmbeddedStack() as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
-def package(stack: EmbeddedStack) -> str:
-    """An approved version of a group tagged with the targets, its model in the embedded S3."""
-    stack.client("s3").put_object(Bucket="kiln-local-models", Key=f"{GROUP}/model.tar.gz", Body=tiny_onnx_archive())
+def package(stack: EmbeddedStack, tiny_onnx_archive: bytes) -> str:
+    """An approved version of a group tagged with the targets, its model (tiny ONNX) in the embedded S3."""
+    bucket = stack.outputs["ModelBucket"]
+    stack.client("s3").put_object(Bucket=bucket, Key=f"{GROUP}/model.tar.gz", Body=tiny_onnx_archive)
     sagemaker = stack.client("sagemaker")
     sagemaker.create_model_package_group(ModelPackageGroupName=GROUP, Tags=[{"Key": "kiln:targets", "Value": TARGETS}])
     return str(sagemaker.create_model_package(
         ModelPackageGroupName=GROUP, ModelApprovalStatus="Approved",
         InferenceSpecification={
             "Containers": [{"Image": "123456789012.dkr.ecr.us-east-1.amazonaws.com/serve:1",
-                            "ModelDataUrl": f"s3://kiln-local-models/{GROUP}/model.tar.gz", "Framework": "ONNX",
-                            "ModelInput": {"DataInputConfig": '{"x": [1, 4]}'}}],
+                            "ModelDataUrl": f"s3://{bucket}/{GROUP}/model.tar.gz", "Framework": "ONNX",
+                            "ModelInput": {"DataInputConfig": '{"x": [1, 8]}'}}],
             "SupportedContentTypes": ["application/json"], "SupportedResponseMIMETypes": ["application/json"]},
     )["ModelPackageArn"])
 
@@ -84,7 +58,7 @@ def put_state_change(stack: EmbeddedStack, package_arn: str, status: str) -> Non
 
 
 def job_names() -> list[str]:
-    summaries = default_service().list({"MaxResults": 100})["CompilationJobSummaries"]
+    summaries = default_service().list({"MaxResults": 100, "NameContains": GROUP})["CompilationJobSummaries"]
     return sorted(s["CompilationJobName"] for s in summaries)
 
 
@@ -124,7 +98,7 @@ def test_approval_event_compiles_every_target_and_writes_the_artifacts_back(
         assert key.startswith(f"registry/{GROUP}/1/")
         assert s3.head_object(Bucket=bucket, Key=key)["ContentLength"] > 0
     # AND each job is tagged with the package and the specification it produced
-    for name, job in finished.items():
+    for job in finished.values():
         tags = {t["Key"]: t["Value"] for t in
                 default_service().list_tags({"ResourceArn": job["CompilationJobArn"]})["Tags"]}
         assert tags["kiln:model-package-arn"] == package and tags["kiln:source"] == "registry"

@@ -9,11 +9,14 @@
 3. moto's SendTaskFailure response handler drops ``cause`` (only ``error`` reaches the
    execution), so a failure reason sent by the compiler is lost.
    :func:`patch_send_task_failure_cause` passes it on.
-4. moto's ECS/Batch never run containers. :func:`patch_container_runner` hands each RunTask /
+4. moto reports a heartbeat timeout as ``States.Timeout``; AWS reports
+   ``States.HeartbeatTimeout``, which Kiln reads as "the container never started"
+   (MaxPendingTimeInSeconds). :func:`patch_heartbeat_timeout_name` restores AWS's name.
+5. moto's ECS/Batch never run containers. :func:`patch_container_runner` hands each RunTask /
    SubmitJob to a callback (the local runner starts the real compiler entrypoint as a process),
    and StopTask / TerminateJob to another.
 
-``tests/workflow/test_moto_patches.py`` notices when upstream fixes (1) or (3).
+``tests/workflow/test_moto_patches.py`` notices when upstream fixes (1), (3) or (4).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import boto3
 log = logging.getLogger(__name__)
 
 _applied: set[str] = set()
+_originals: dict[str, Any] = {}
 
 
 def _operation_model(service: str, action: str) -> Any:
@@ -68,29 +72,11 @@ def patch_service_normalisation() -> None:
         if shape is not None:
             self._from_boto_response(response, shape)
 
+    _originals["ecs_normalise"] = StateTaskServiceEcs._normalise_parameters
     for cls in (StateTaskServiceEcs, StateTaskServiceBatch):
         cls._normalise_parameters = _normalise_parameters  # type: ignore[method-assign]
         cls._normalise_response = _normalise_response  # type: ignore[method-assign]
     _applied.add("normalisation")
-
-
-def upstream_normalises_ecs() -> bool:
-    """True once moto's own ECS integration normalises parameters (then patch 1 can go)."""
-    from moto.stepfunctions.parser.asl.component.state.exec.state_task.service.state_task_service import (
-        StateTaskService,
-    )
-    from moto.stepfunctions.parser.asl.component.state.exec.state_task.service.state_task_service_ecs import (
-        StateTaskServiceEcs,
-    )
-
-    own = StateTaskServiceEcs.__dict__.get("_normalise_parameters")
-    base = StateTaskService.__dict__.get("_normalise_parameters")
-    if "normalisation" in _applied:
-        return False
-    params = {"Cluster": "c"}
-    probe = object.__new__(StateTaskServiceEcs)
-    (own or base)(probe, params, "ecs", "run_task")  # type: ignore[misc]
-    return "cluster" in params
 
 
 def patch_send_task_failure_cause() -> None:
@@ -105,19 +91,63 @@ def patch_send_task_failure_cause() -> None:
                                                     cause=self._get_param("cause"))
         return EmptyResult()
 
+    _originals["send_task_failure"] = StepFunctionResponse.send_task_failure
     StepFunctionResponse.send_task_failure = send_task_failure  # type: ignore[method-assign]
     _applied.add("cause")
 
 
-def upstream_passes_failure_cause() -> bool:
-    """True once moto's own SendTaskFailure handler forwards ``cause`` (then patch 3 can go)."""
-    import inspect as _inspect
+def patch_heartbeat_timeout_name() -> None:
+    """Report heartbeat timeouts as ``States.HeartbeatTimeout``, as AWS does."""
+    if "heartbeat" in _applied:
+        return
+    from moto.stepfunctions.parser.api import HistoryEventType, TaskTimedOutEventDetails
+    from moto.stepfunctions.parser.asl.component.common.error_name.failure_event import FailureEvent
+    from moto.stepfunctions.parser.asl.component.common.error_name.states_error_name import StatesErrorName
+    from moto.stepfunctions.parser.asl.component.common.error_name.states_error_name_type import (
+        StatesErrorNameType,
+    )
+    from moto.stepfunctions.parser.asl.component.state.exec.state_task.state_task import StateTask
+    from moto.stepfunctions.parser.asl.eval.callback.callback import HeartbeatTimeoutError
+    from moto.stepfunctions.parser.asl.eval.event.event_detail import EventDetails
 
+    original = StateTask._from_error
+    _originals["task_from_error"] = original
+
+    def _from_error(self: Any, env: Any, ex: Exception) -> Any:
+        if isinstance(ex, HeartbeatTimeoutError):
+            name = StatesErrorNameType.StatesHeartbeatTimeout
+            return FailureEvent(env=env, error_name=StatesErrorName(typ=name),
+                                event_type=HistoryEventType.TaskTimedOut,
+                                event_details=EventDetails(taskTimedOutEventDetails=TaskTimedOutEventDetails(
+                                    error=name.to_name())))
+        return original(self, env, ex)
+
+    StateTask._from_error = _from_error  # type: ignore[method-assign]
+    _applied.add("heartbeat")
+
+
+def upstream_still_needs_patches() -> dict[str, bool]:
+    """For each moto workaround, whether moto's own (unpatched) code still has the defect.
+
+    Reads the original methods, saved before patching, so it answers the same before and after."""
+    from moto.stepfunctions.parser.asl.component.state.exec.state_task.service.state_task_service import (
+        StateTaskService,
+    )
+    from moto.stepfunctions.parser.asl.component.state.exec.state_task.service.state_task_service_ecs import (
+        StateTaskServiceEcs,
+    )
+    from moto.stepfunctions.parser.asl.component.state.exec.state_task.state_task import StateTask
     from moto.stepfunctions.responses import StepFunctionResponse
 
-    if "cause" in _applied:
-        raise RuntimeError("ask before patching")
-    return "cause" in _inspect.getsource(StepFunctionResponse.send_task_failure)
+    normalise = _originals.get("ecs_normalise") or StateTaskServiceEcs.__dict__.get(
+        "_normalise_parameters", StateTaskService.__dict__["_normalise_parameters"])
+    failure = _originals.get("send_task_failure") or StepFunctionResponse.send_task_failure
+    from_error = _originals.get("task_from_error") or StateTask._from_error
+    return {
+        "normalisation": "_to_boto_request" not in inspect.getsource(normalise),
+        "failure_cause": "cause" not in inspect.getsource(failure),
+        "heartbeat_timeout_name": "Heartbeat" not in inspect.getsource(from_error),
+    }
 
 
 class _Context:

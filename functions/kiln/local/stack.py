@@ -141,7 +141,10 @@ class RegistryEventPump:
         self._max_attempts = max_attempts
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kiln-registry")
         self._stop = threading.Event()
+        self._running = threading.Event()
+        self._running.set()
         self._lock = threading.Lock()
+        self._gate = threading.Lock()  # held while receiving and handing off
         self._in_flight = 0
         self._thread = threading.Thread(target=self._run, daemon=True, name="kiln-registry-pump")
 
@@ -152,6 +155,22 @@ class RegistryEventPump:
         self._stop.set()
         self._thread.join(timeout=5)
         self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def pause(self, timeout: float = 60) -> None:
+        """Hold events in the queue (tests that drive the hook by hand); ``resume`` delivers them.
+        Returns once no delivery is in flight."""
+        self._running.clear()
+        with self._gate:
+            pass
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            with self._lock:
+                if not self._in_flight:
+                    return
+            time.sleep(0.05)
+
+    def resume(self) -> None:
+        self._running.set()
 
     def idle(self) -> bool:
         """No event in flight and none waiting (visible or being retried) in the queue."""
@@ -164,19 +183,26 @@ class RegistryEventPump:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            try:
-                messages = self._sqs.receive_message(QueueUrl=self._queue_url, MaxNumberOfMessages=10,
-                                                     WaitTimeSeconds=1, VisibilityTimeout=60,
-                                                     AttributeNames=["ApproximateReceiveCount"]).get("Messages", [])
-            except Exception:
-                if not self._stop.is_set():
-                    log.exception("registry event pump: receive failed")
-                time.sleep(0.5)
+            if not self._running.wait(timeout=0.5):
                 continue
-            for message in messages:
-                with self._lock:
-                    self._in_flight += 1
-                self._pool.submit(self._deliver, message)
+            with self._gate:
+                if self._running.is_set():
+                    self._receive()
+
+    def _receive(self) -> None:
+        try:
+            messages = self._sqs.receive_message(QueueUrl=self._queue_url, MaxNumberOfMessages=10,
+                                                 WaitTimeSeconds=1, VisibilityTimeout=60,
+                                                 AttributeNames=["ApproximateReceiveCount"]).get("Messages", [])
+        except Exception:
+            if not self._stop.is_set():
+                log.exception("registry event pump: receive failed")
+            time.sleep(0.5)
+            return
+        for message in messages:
+            with self._lock:
+                self._in_flight += 1
+            self._pool.submit(self._deliver, message)
 
     def _deliver(self, message: dict[str, Any]) -> None:
         try:
@@ -261,6 +287,7 @@ class EmbeddedStack:
         moto_patches.patch_service_normalisation()
         moto_patches.patch_lambda_in_process()
         moto_patches.patch_send_task_failure_cause()
+        moto_patches.patch_heartbeat_timeout_name()
         moto_patches.patch_container_runner(self.runner.start, self.runner.stop)
         patch_update_model_package_keeps_fields()
         logging.getLogger("werkzeug").setLevel(logging.WARNING)
@@ -318,7 +345,13 @@ class EmbeddedStack:
 
     # -- resources ---------------------------------------------------------------------------
     def _create_resources(self) -> None:
+        import urllib.request
+
         from kiln.store import table_definition
+
+        # moto keeps its backends per process: a previous stack's resources would collide, so an
+        # embedded stack starts from empty backends (one live stack per process).
+        urllib.request.urlopen(urllib.request.Request(f"{self.endpoint_url}/moto-api/reset", method="POST"))
 
         iam = self.client("iam")
         trust = json.dumps({"Version": "2012-10-17", "Statement": [

@@ -1,0 +1,111 @@
+"""Compiler runners: read-only, non-root containers with a scratch volume; the compiler role's reach."""
+
+from __future__ import annotations
+
+import re
+
+from kiln_infra.paths import COMPILER_DOCKERFILE, COMPILER_GPU_DOCKERFILE, REPO_ROOT
+from kiln_infra.runners import ENTRY_POINT, JOB_ROLE_TAG, SCRATCH
+
+from .conftest import Synthesized, as_list, statements
+
+
+def _dockerfile_uid(path: str) -> str:
+    text = (REPO_ROOT / path).read_text()
+    return re.search(r"--uid\s+(\d+)", text)[1]  # type: ignore[index]
+
+
+def test_fargate_task_is_read_only_non_root_with_scratch(synth: Synthesized) -> None:
+    # GIVEN the Fargate task definition of CPU compiles
+    _, task = synth.one("AWS::ECS::TaskDefinition")
+    props = task["Properties"]
+    (container,) = props["ContainerDefinitions"]
+    env = {e["Name"]: e["Value"] for e in container["Environment"]}
+    # THEN its container has a read-only root filesystem and runs as the image's non-root user
+    assert container["ReadonlyRootFilesystem"] is True
+    assert container["User"] not in ("", "0", "root") and not container["User"].startswith(("0:", "root"))
+    assert container["User"] == _dockerfile_uid(COMPILER_DOCKERFILE)
+    # AND writes only to its scratch and /tmp volumes; the compiler is told to work in scratch
+    mounts = {m["ContainerPath"]: m for m in container["MountPoints"]}
+    assert set(mounts) == {SCRATCH, "/tmp"} and not any(m["ReadOnly"] for m in mounts.values())
+    assert {v["Name"] for v in props["Volumes"]} == {m["SourceVolume"] for m in mounts.values()}
+    assert env["KILN_WORK_DIR"] == SCRATCH
+    # AND it runs python -m kiln_compiler, logs with awslogs, on Fargate in awsvpc mode
+    assert container["EntryPoint"] == ENTRY_POINT
+    assert container["LogConfiguration"]["LogDriver"] == "awslogs"
+    assert props["RequiresCompatibilities"] == ["FARGATE"] and props["NetworkMode"] == "awsvpc"
+
+
+def test_batch_gpu_job_is_read_only_non_root_with_scratch(synth: Synthesized) -> None:
+    # GIVEN the Batch job definition of GPU compiles
+    _, job = synth.one("AWS::Batch::JobDefinition")
+    container = job["Properties"]["ContainerProperties"]
+    # THEN it is read-only, non-root (the GPU image's user), asks for one GPU and logs with awslogs
+    assert container["ReadonlyRootFilesystem"] is True
+    assert container["User"] == _dockerfile_uid(COMPILER_GPU_DOCKERFILE)
+    assert {"Type": "GPU", "Value": "1"} in container["ResourceRequirements"]
+    assert container["Command"] == ENTRY_POINT
+    assert container["LogConfiguration"]["LogDriver"] == "awslogs"
+    assert {m["ContainerPath"] for m in container["MountPoints"]} == {SCRATCH, "/tmp"}
+
+
+def test_gpu_compute_environment_is_private_and_scales_to_zero(synth: Synthesized) -> None:
+    # GIVEN the Batch compute environment
+    _, environment = synth.one("AWS::Batch::ComputeEnvironment")
+    resources = environment["Properties"]["ComputeResources"]
+    # THEN it scales to zero, uses NVIDIA instances of the GPU AMI, with IMDSv2 through its launch template
+    assert resources["MinvCpus"] == 0
+    assert all(t.startswith(("g4dn", "g5", "g6", "p")) for t in resources["InstanceTypes"])
+    assert resources["Ec2Configuration"][0]["ImageType"] == "ECS_AL2023_NVIDIA"
+    _, template = synth.one("AWS::EC2::LaunchTemplate")
+    assert template["Properties"]["LaunchTemplateData"]["MetadataOptions"]["HttpTokens"] == "required"
+
+
+def test_compiler_role_only_reports_and_assumes_tagged_job_roles(synth: Synthesized) -> None:
+    # GIVEN the role the compiler containers run with
+    _, task = synth.one("AWS::ECS::TaskDefinition")
+    role_id = task["Properties"]["TaskRoleArn"]["Fn::GetAtt"][0]
+    role = synth.resources[role_id]["Properties"]
+    stmts = [s for p in synth.of_type("AWS::IAM::Policy").values() if {"Ref": role_id} in p["Properties"]["Roles"]
+             for s in statements(p["Properties"]["PolicyDocument"])]
+    # THEN only ECS tasks of this account may assume it
+    (trust,) = statements(role["AssumeRolePolicyDocument"])
+    assert trust["Principal"] == {"Service": "ecs-tasks.amazonaws.com"}
+    assert trust["Condition"]["StringEquals"] == {"aws:SourceAccount": {"Ref": "AWS::AccountId"}}
+    # AND it may do two things: answer its task token, and assume job roles tagged for Kiln
+    actions = sorted(a for s in stmts for a in as_list(s["Action"]))
+    assert actions == ["states:SendTaskFailure", "states:SendTaskHeartbeat", "states:SendTaskSuccess",
+                       "sts:AssumeRole"]
+    (assume,) = [s for s in stmts if s["Action"] == "sts:AssumeRole"]
+    assert assume["Condition"] == {"StringEquals": {f"aws:ResourceTag/{JOB_ROLE_TAG}": "true"}}
+    # AND the same role is the GPU job's role (one principal for job roles to trust)
+    _, job = synth.one("AWS::Batch::JobDefinition")
+    assert job["Properties"]["ContainerProperties"]["JobRoleArn"] == {"Fn::GetAtt": [role_id, "Arn"]}
+
+
+def test_network_has_no_internet_path(synth: Synthesized) -> None:
+    # GIVEN the created VPC
+    # THEN there is no internet or NAT gateway, and the compilers reach AWS through endpoints
+    assert not synth.of_type("AWS::EC2::InternetGateway") and not synth.of_type("AWS::EC2::NatGateway")
+    endpoints = synth.of_type("AWS::EC2::VPCEndpoint").values()
+    names = {str(e["Properties"]["ServiceName"]) for e in endpoints}
+    for service in ("s3", "ecr.api", "ecr.dkr", "logs", "states", "sts", "ecs-agent"):
+        assert any(f".{service}" in n or f"{service}'" in n or n.endswith(service) for n in names), service
+    # AND the compilers' security group has no ingress
+    groups = [g for k, g in synth.of_type("AWS::EC2::SecurityGroup").items() if "CompilerSecurityGroup" in k]
+    assert len(groups) == 1 and "SecurityGroupIngress" not in groups[0]["Properties"]
+    assert synth.of_type("AWS::EC2::FlowLog")
+
+
+def test_cpu_only_deployment_into_an_existing_vpc(synth_cpu_only_imported_vpc: Synthesized) -> None:
+    # GIVEN a deployment with GPU targets off, into an imported VPC, without deletion protection
+    synth = synth_cpu_only_imported_vpc
+    # THEN it has no Batch resources and creates no VPC, but the workflow is still complete
+    assert not synth.of_type("AWS::Batch::JobQueue") and not synth.of_type("AWS::EC2::VPC")
+    subs = synth.one("AWS::StepFunctions::StateMachine")[1]["Properties"]["DefinitionSubstitutions"]
+    assert "kiln-disabled" in str(subs["GpuJobQueueArn"])
+    # AND the functions send compilers to the imported subnets
+    (fn,) = [f for k, f in synth.of_type("AWS::Lambda::Function").items() if k.startswith("ApiFunction")]
+    assert fn["Properties"]["Environment"]["Variables"]["KILN_SUBNETS"] == "subnet-aaa,subnet-bbb"
+    _, table = synth.one("AWS::DynamoDB::Table")
+    assert table["Properties"]["DeletionProtectionEnabled"] is False
