@@ -281,6 +281,63 @@ def apply_database(mod: Any, target: Any, database: TuningDatabase) -> tuple[Any
     return mod, len(after - before)
 
 
+def _repair_records(database: TuningDatabase) -> None:
+    """Drop a partially written last line left by a killed tuning process."""
+    for path in (database.workload_path, database.tuning_record_path):
+        if not path.exists():
+            continue
+        good = []
+        for line in path.read_text().splitlines():
+            try:
+                json.loads(line)
+            except ValueError:
+                continue
+            good.append(line)
+        path.write_text("".join(f"{line}\n" for line in good))
+
+
+def _tune_worker(funcs: dict[str, str], target_json: str, db_dir: str, budget: int, per_task: int,
+                 stop_at: float | None) -> int:
+    """Child-process body: tune ``funcs`` into the JSON database in ``db_dir``."""
+    from tvm import IRModule
+
+    target = tvm.target.Target(json.loads(target_json))
+    database = TuningDatabase(db_dir)
+    tasks = [
+        ms.TuneContext(
+            mod=IRModule({"main": tvm.ir.load_json(text).with_attr("global_symbol", "main")}),
+            target=target,
+            space_generator="post-order-apply",
+            search_strategy="evolutionary",
+            task_name=name,
+            num_threads=os.cpu_count() or 1,
+        )
+        for name, text in funcs.items()
+    ]
+    with tempfile.TemporaryDirectory(prefix="kiln-tune-", ignore_cleanup_errors=True) as work_dir:
+        builder = KilnBuilder(deadline=stop_at, work_dir=work_dir)
+        runner = ms.runner.LocalRunner(
+            evaluator_config=ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=0,
+                                                       enable_cpu_cache_flush=False),
+            timeout_sec=30,
+        )
+        try:
+            ms.tune.tune_tasks(
+                tasks=tasks,
+                task_weights=[1.0] * len(tasks),
+                work_dir=work_dir,
+                max_trials_global=budget,
+                max_trials_per_task=max(1, min(budget, per_task)),
+                num_trials_per_iter=min(16, budget),
+                builder=builder,
+                runner=runner,
+                database=database.open(),
+            )
+        finally:
+            builder.pool.shutdown(wait=False)
+    return len(tasks)
+
+
 def tune_and_apply(
     mod: Any,
     target: Any,
@@ -295,8 +352,6 @@ def tune_and_apply(
     Returns the module (tuned/reused kernels marked scheduled) and counts of kernels
     ``{"tuned": n, "reused": n}``. Tuning runs only when the target can run here.
     """
-    from tvm import IRModule
-    from tvm.s_tir import meta_schedule as ms
 
     database.download()
     mod, reused = apply_database(mod, target, database)
@@ -308,41 +363,24 @@ def tune_and_apply(
         stop_at = min(stop_at, start + tuning.seconds) if stop_at is not None else start + tuning.seconds
     budget = tuning.max_trials(len(todo)) if tuning is not None else 0
     if todo and budget > 0 and can_measure(target) and (stop_at is None or time.time() < stop_at):
-        with tempfile.TemporaryDirectory(prefix="kiln-tune-", ignore_cleanup_errors=True) as work_dir:
-            tasks, weights = [], []
-            for gv, func in todo.items():
-                tasks.append(ms.TuneContext(
-                    mod=IRModule({"main": func.with_attr("global_symbol", "main")}),
-                    target=target,
-                    space_generator="post-order-apply",
-                    search_strategy="evolutionary",
-                    task_name=gv.name_hint,
-                    num_threads=os.cpu_count() or 1,
-                ))
-                weights.append(1.0)
-            builder = KilnBuilder(deadline=stop_at, work_dir=work_dir)
-            runner = ms.runner.LocalRunner(
-                evaluator_config=ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=0,
-                                                           enable_cpu_cache_flush=False),
-                timeout_sec=30,
-            )
-            db = database.open()
-            try:
-                ms.tune.tune_tasks(
-                    tasks=tasks,
-                    task_weights=weights,
-                    work_dir=work_dir,
-                    max_trials_global=budget,
-                    max_trials_per_task=max(1, min(budget, tuning.trials_per_task if tuning else 64)),
-                    num_trials_per_iter=min(16, budget),
-                    builder=builder,
-                    runner=runner,
-                    database=db,
-                    measure_callbacks="default",
-                )
-            finally:
-                builder.pool.shutdown(wait=False)
+        # Tuning runs in a child interpreter that is killed at ``stop_at``: MetaSchedule has no
+        # time budget of its own, so this is what makes the deadline hard. Records are
+        # committed line by line, so whatever was measured before the kill is kept.
+        from tvm.support.popen_pool import PopenWorker
+
+        funcs = {gv.name_hint: tvm.ir.save_json(f) for gv, f in todo.items()}
+        worker = PopenWorker()
+        timeout = None if stop_at is None else max(1.0, stop_at - time.time())
+        try:
+            worker.send(_tune_worker, (funcs, json.dumps(_target_dict(target)), str(database.local_dir), budget,
+                                       tuning.trials_per_task if tuning else 64,
+                                       None if stop_at is None else stop_at - 5.0), timeout=timeout)
+            worker.recv()
+        except Exception as exc:
+            log.warning("tuning stopped: %s", type(exc).__name__)
+        finally:
+            worker.kill()
+        _repair_records(database)
         database.upload()
-        mod, now = apply_database(mod, target, database)
-        tuned = now
+        mod, tuned = apply_database(mod, target, database)
     return mod, {"tuned": tuned, "reused": reused}

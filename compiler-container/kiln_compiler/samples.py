@@ -1,0 +1,65 @@
+"""Sample models: the light ONNX architectures shipped with the onnx package, weights materialized.
+
+Used by `make demo`, `make bench` and the tests (real architectures, no download)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+MODELS = {
+    "resnet50": "light_resnet50",
+    "densenet121": "light_densenet121",
+    "inception_v1": "light_inception_v1",
+    "squeezenet": "light_squeezenet",
+    "shufflenet": "light_shufflenet",
+}
+
+
+def light_dir() -> Path:
+    """Where the onnx package keeps its light models."""
+    return Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
+
+
+def load_light_model(name: str, seed: int = 0) -> onnx.ModelProto:
+    """Load ``light_<name>`` and turn each ConstantOfShape weight into a random initializer.
+
+    Values keep the sign and magnitude of the generator's constant (x U(0.5, 1.5)), so
+    batch-norm variances stay positive and activations stay finite.
+    """
+    model = onnx.load(str(light_dir() / f"{MODELS.get(name, name)}.onnx"))
+    rng = np.random.default_rng(seed)
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    keep, new_inits = [], []
+    for node in model.graph.node:
+        if node.op_type == "ConstantOfShape" and node.input[0] in inits:
+            shape = tuple(int(d) for d in inits[node.input[0]])
+            value = numpy_helper.to_array(node.attribute[0].t).reshape(-1)[0] if node.attribute else 0.0
+            arr = (float(value) * rng.uniform(0.5, 1.5, size=shape)).astype(np.float32)
+            new_inits.append(numpy_helper.from_array(arr, node.output[0]))
+        else:
+            keep.append(node)
+    used = {i for n in keep for i in n.input}
+    graph = model.graph
+    del graph.node[:]
+    graph.node.extend(keep)
+    produced = {i.name for i in new_inits}
+    old = [i for i in graph.initializer if i.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(old + new_inits)
+    inputs = [i for i in graph.input if i.name not in produced and i.name not in inits and i.name in used]
+    del graph.input[:]
+    graph.input.extend(inputs)
+    model.ir_version = max(model.ir_version, 4)  # initializers need not be graph inputs
+    onnx.checker.check_model(model)
+    return model
+
+
+def input_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
+    """Graph inputs (not initializers) and their static shapes."""
+    return {
+        i.name: tuple(d.dim_value for d in i.type.tensor_type.shape.dim) for i in model.graph.input
+    }
