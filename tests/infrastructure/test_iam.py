@@ -40,6 +40,11 @@ STAR_RESOURCE_ALLOWED: dict[tuple[str, frozenset[str]], str] = {
         "CloudWatch Logs encrypts Kiln's log groups (condition: this account's log groups)",
     ("KilnKey", frozenset({"kms:Decrypt", "kms:GenerateDataKey"})):
         "EventBridge writes undeliverable events to the encrypted dead-letter queue (condition: this account)",
+    ("KilnKey", frozenset({"kms:Decrypt", "kms:Encrypt", "kms:ReEncrypt*", "kms:GenerateDataKey*"})):
+        "added by CDK for the pagination secret: principals of the account, only via Secrets Manager "
+        "(kms:ViaService condition)",
+    ("KilnKey", frozenset({"kms:CreateGrant", "kms:DescribeKey"})):
+        "added by CDK for the pagination secret: Secrets Manager's grant on the key (kms:ViaService condition)",
 }
 WILDCARD_ACTION_ALLOWED = {("KilnKey", "kms:*")}
 
@@ -63,7 +68,8 @@ def _allow_statements(synth: Synthesized) -> list[tuple[str, dict[str, Any]]]:
 
 
 def _owner_key(owner: str) -> str:
-    return owner.rstrip("0123456789ABCDEF")[:-0 or None] if False else owner[:-8]
+    """The logical ID without CDK's 8-character hash suffix."""
+    return owner[:-8]
 
 
 def test_no_statement_allows_all_actions_of_a_service(synth: Synthesized) -> None:
