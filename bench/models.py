@@ -22,7 +22,7 @@ def light_dir() -> Path:
     return Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
 
 
-def load_light_model(name: str, seed: int = 0) -> onnx.ModelProto:
+def load_light_model(name: str, seed: int = 0, strip_softmax: bool = False) -> onnx.ModelProto:
     """Load ``light_<name>`` and turn each ConstantOfShape weight into a random initializer.
 
     Values keep the sign and magnitude of the generator's constant (x U(0.5, 1.5)), so
@@ -40,6 +40,9 @@ def load_light_model(name: str, seed: int = 0) -> onnx.ModelProto:
             new_inits.append(numpy_helper.from_array(arr, node.output[0]))
         else:
             keep.append(node)
+    if strip_softmax and keep and keep[-1].op_type == "Softmax":
+        last = keep.pop()
+        keep[-1].output[0] = last.output[0]  # logits keep the graph output's name
     used = {i for n in keep for i in n.input}
     graph = model.graph
     del graph.node[:]

@@ -14,8 +14,8 @@ from pathlib import Path
 os.environ.setdefault("JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION", "20")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from kiln_infra.app_factory import build_app, nag_findings  # noqa: E402
-from kiln_infra.paths import REPO_ROOT  # noqa: E402
+from kiln_infra.app_factory import build_app, nag_findings
+from kiln_infra.paths import REPO_ROOT
 
 
 def main() -> int:

@@ -27,8 +27,9 @@ def light_dir() -> Path:
 def load_light_model(name: str, seed: int = 0) -> onnx.ModelProto:
     """Load ``light_<name>`` and turn each ConstantOfShape weight into a random initializer.
 
-    Values keep the sign and magnitude of the generator's constant (x U(0.5, 1.5)), so
-    batch-norm variances stay positive and activations stay finite.
+    The shipped constants make every output identical whatever the input, which would hide
+    wrong results: kernels (2-D and up) get He-normal values, vectors (biases, batch-norm
+    parameters) U(0.9, 1.1): batch norms stay near identity, variances positive, logits input-dependent.
     """
     model = onnx.load(str(light_dir() / f"{MODELS.get(name, name)}.onnx"))
     rng = np.random.default_rng(seed)
@@ -37,8 +38,11 @@ def load_light_model(name: str, seed: int = 0) -> onnx.ModelProto:
     for node in model.graph.node:
         if node.op_type == "ConstantOfShape" and node.input[0] in inits:
             shape = tuple(int(d) for d in inits[node.input[0]])
-            value = numpy_helper.to_array(node.attribute[0].t).reshape(-1)[0] if node.attribute else 0.0
-            arr = (float(value) * rng.uniform(0.5, 1.5, size=shape)).astype(np.float32)
+            if len(shape) >= 2:
+                fan_in = int(np.prod(shape[1:]))
+                arr = rng.normal(0.0, np.sqrt(2.0 / fan_in), size=shape).astype(np.float32)
+            else:
+                arr = rng.uniform(0.9, 1.1, size=shape).astype(np.float32)
             new_inits.append(numpy_helper.from_array(arr, node.output[0]))
         else:
             keep.append(node)

@@ -385,7 +385,7 @@ def compile_relax(
             summary["tuned"], summary["reused"] = counts["tuned"], counts["reused"]
         if default_schedules:
             pass_ = DefaultCPUSchedule(vector_lanes(tgt))
-            fused = pass_(fused)
+            fused = pass_(fused)  # type: ignore[operator]
             summary["default"] = pass_.scheduled
         fused = _rewrite_layouts(fused)
         fused = tvm.transform.Sequential(

@@ -162,6 +162,8 @@ def parse_data_input_config(text: str | None, framework: str, target: Target | N
                                     "a dictionary of input name to shape, e.g. {\"data\": [1, 3, 224, 224]}")
         if not parsed:
             raise RuleError(member, f"'{member}' must name at least one input")
+        if all(isinstance(d, int) and not isinstance(d, bool) for d in parsed):
+            parsed = [parsed]  # one bare shape: the list form of a single input
         return [_input_spec(None, item, member, coreml, f"{member}[{i}]") for i, item in enumerate(parsed)]
     if not isinstance(parsed, dict) or not parsed:
         raise RuleError(member, f"'{member}' must be a dictionary of input name to shape, e.g. "

@@ -104,6 +104,8 @@ class WorkflowSteps:
             raise JobClientError(f"ModelPackageVersionArn: {exc.message}") from None
         if not input_config["S3Uri"].endswith(".tar.gz"):
             raise JobClientError(f"ModelPackageVersionArn: the ModelDataUrl of {arn} must be a .tar.gz archive")
+        # Describe shows the resolved input, as SageMaker does for package-based jobs.
+        self._service.store.set_fields(job["CompilationJobName"], {"InputConfig": input_config})
         return {"Job": {**job, "InputConfig": input_config}}
 
     def record_success(self, job: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from aws_cdk import App, Environment
+from aws_cdk import App
 from cdk_nag import AwsSolutionsChecks
 
 from kiln_infra.config import KilnConfig
@@ -32,9 +32,9 @@ def build_app(context: dict[str, Any] | None = None, outdir: str | Path | None =
     app = App(context=dict(context or {}) if cli else {**cdk_json_context(), **(context or {})},
               outdir=str(outdir) if outdir else None)
     config = KilnConfig.from_context(app.node.try_get_context("kiln"))
-    account, region = os.environ.get("CDK_DEFAULT_ACCOUNT"), os.environ.get("CDK_DEFAULT_REGION")
-    env = Environment(account=account, region=region) if account and region else None
-    stack = KilnStack(app, STACK_NAME, config=config, env=env)
+    # Environment-agnostic on purpose: no lookups, the same template for every account/region
+    # (and the same IAM strings the nag acknowledgements name). The CLI picks account/region at deploy.
+    stack = KilnStack(app, STACK_NAME, config=config)
     apply_suppressions(stack)
     return app, stack
 
@@ -50,6 +50,6 @@ class Finding:
 def nag_findings(app: App) -> list[Finding]:
     """Unacknowledged cdk-nag AwsSolutions findings of the app."""
     report = AwsSolutionsChecks(verbose=False).validate_scope(app)
-    return [Finding(rule=v.rule_name, severity=str(v.severity), path=r.construct_path or r.resource_logical_id,
+    return [Finding(rule=v.rule_name, severity=str(v.severity), path=r.construct_path or r.resource_logical_id or "",
                     description=v.description)
             for v in report.violations for r in v.violating_resources]

@@ -49,7 +49,7 @@ def requirements(path: Path = LAMBDA_REQUIREMENTS) -> list[Requirement]:
 
 
 def _stamp(path: Path = LAMBDA_REQUIREMENTS) -> str:
-    return hashlib.sha256((path.read_bytes() + f"|{PLATFORM}|{PYTHON_VERSION}".encode())).hexdigest()
+    return hashlib.sha256(path.read_bytes() + f"|{PLATFORM}|{PYTHON_VERSION}".encode()).hexdigest()
 
 
 def _wheel_fits_lambda(dist: md.Distribution) -> bool:

@@ -9,10 +9,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
 import onnx
 import pytest
-from onnx import numpy_helper
+from kiln_compiler.samples import load_light_model
 
 os.environ.setdefault("TVM_NUM_THREADS", "2")
 
@@ -20,42 +19,8 @@ LIGHT_DIR = Path(onnx.__file__).parent / "backend/test/data/light"
 
 
 def randomized_light_model(name: str, seed: int = 0) -> onnx.ModelProto:
-    """One of onnx's light models with its ConstantOfShape weights replaced by random initializers.
-
-    The light models' constant weights make every output identical (a uniform softmax),
-    which would hide wrong results; random weights make the comparison meaningful.
-    """
-    model = onnx.load(str(LIGHT_DIR / f"light_{name}.onnx"))
-    rng = np.random.default_rng(seed)
-    shapes = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
-    keep = []
-    for node in model.graph.node:
-        if node.op_type == "ConstantOfShape" and node.input[0] in shapes:
-            shape = tuple(int(d) for d in shapes[node.input[0]])
-            fan_in = int(np.prod(shape[1:])) if len(shape) > 1 else 1
-            values = rng.normal(0.0, np.sqrt(2.0 / fan_in), size=shape).astype(np.float32)
-            if len(shape) == 1:
-                values = rng.normal(0.0, 0.05, size=shape).astype(np.float32)
-            model.graph.initializer.append(numpy_helper.from_array(values, node.output[0]))
-        else:
-            keep.append(node)
-    del model.graph.node[:]
-    model.graph.node.extend(keep)
-    used = {i for n in model.graph.node for i in n.input}
-    inits = [i for i in model.graph.initializer if i.name in used]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(inits)
-    names = {i.name for i in inits}
-    graph_inputs = [i for i in model.graph.input if i.name in used and (i.name not in shapes or i.name in names)]
-    graph_inputs = [i for i in graph_inputs if not i.name.endswith("__SHAPE")]
-    # IR version 3 wants every initializer listed as a graph input too (the loader must skip them).
-    present = {i.name for i in graph_inputs}
-    graph_inputs += [onnx.helper.make_tensor_value_info(i.name, i.data_type, list(i.dims))
-                     for i in inits if i.name not in present]
-    del model.graph.input[:]
-    model.graph.input.extend(graph_inputs)
-    onnx.checker.check_model(model)
-    return model
+    """One of onnx's light models with random weights (see ``kiln_compiler.samples``)."""
+    return load_light_model(name, seed)
 
 
 def make_tar(path: Path, files: dict[str, bytes]) -> Path:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import skops.io as sio
 import xgboost as xgb
-from conftest import EF_ARM_ABI_FLOAT_HARD, EM_AARCH64, EM_ARM, elf_header
+from tests.compiler.conftest import EF_ARM_ABI_FLOAT_HARD, EM_AARCH64, EM_ARM, elf_header
 from kiln.catalog import TargetCatalog
 from kiln_compiler.build import build
 from kiln_compiler.errors import ClientError

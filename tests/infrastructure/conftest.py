@@ -12,10 +12,9 @@ import pytest
 
 os.environ.setdefault("JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION", "20")
 
-from aws_cdk import App  # noqa: E402
-
-from kiln_infra.app_factory import Finding, build_app, nag_findings  # noqa: E402
-from kiln_infra.stack import KilnStack  # noqa: E402
+from aws_cdk import App
+from kiln_infra.app_factory import Finding, build_app, nag_findings
+from kiln_infra.stack import KilnStack
 
 
 @dataclass
@@ -27,7 +26,7 @@ class Synthesized:
 
     @property
     def resources(self) -> dict[str, dict[str, Any]]:
-        return self.template["Resources"]  # type: ignore[no-any-return]
+        return self.template["Resources"]
 
     def of_type(self, kind: str) -> dict[str, dict[str, Any]]:
         return {k: v for k, v in self.resources.items() if v["Type"] == kind}
@@ -94,6 +93,8 @@ def resolve(value: Any) -> str:
             return f"<{arg[0]}.{arg[1]}>"
         if fn == "Fn::Join":
             return str(arg[0]).join(resolve(part) for part in arg[1])
+        if fn == "Fn::Sub" and isinstance(arg, str):
+            return arg.replace("${", "<").replace("}", ">")
     raise AssertionError(f"unexpected CloudFormation value {value!r}")
 
 

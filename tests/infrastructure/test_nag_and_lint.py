@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import cfnlint.api
-
 from kiln_infra.app_factory import Finding
 from kiln_infra.nag_suppressions import SUPPRESSIONS, find
 

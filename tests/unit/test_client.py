@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from botocore.stub import Stubber
-
 from kiln.client import sagemaker_client
 
 

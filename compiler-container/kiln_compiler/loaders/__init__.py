@@ -39,6 +39,8 @@ _REGISTRY: dict[str, str] = {
     "ONNX": "kiln_compiler.loaders.onnx",
     "XGBOOST": "kiln_compiler.loaders.xgboost",
     "SKLEARN": "kiln_compiler.loaders.sklearn",
+    "PYTORCH": "kiln_compiler.loaders.pytorch",
+    "TFLITE": "kiln_compiler.loaders.tflite",
 }
 
 
@@ -83,7 +85,7 @@ def find_model_files(model_dir: Path, suffixes: tuple[str, ...], framework: str,
 
 
 def resolve_shapes(declared: Sequence[tuple[str, tuple[int | None, ...], str]], config: DataInputConfig,
-                   framework: str) -> list[TensorSpec]:
+                   framework: str, layout: str = "NCHW") -> list[TensorSpec]:
     """Combine the shapes a model carries with DataInputConfig; ClientError naming the input on mismatch.
 
     ``declared`` holds (name, shape with None for unknown dims, dtype) in model order.
@@ -115,7 +117,7 @@ def resolve_shapes(declared: Sequence[tuple[str, tuple[int | None, ...], str]], 
         if len(given) != len(shape) or any(d is not None and d != g for d, g in zip(shape, given, strict=True)):
             raise ClientError(
                 f"DataInputConfig shape {list(given)} for input '{name}' does not match the model's shape "
-                f"{['?' if d is None else d for d in shape]} (NCHW layout expected for {framework}); "
+                f"{['?' if d is None else d for d in shape]} ({layout} layout expected for {framework}); "
                 "fix DataInputConfig or omit it"
             )
         specs.append(TensorSpec(name, given, config.dtypes.get(name, dtype)))

@@ -1,0 +1,75 @@
+"""Budgeted tuning, deadline and database reuse."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+tvm = pytest.importorskip("tvm")
+from kiln_compiler.tuning import TuningConfig, TuningDatabase  # noqa: E402
+from kiln_compiler.tvm_pipeline import compile_relax  # noqa: E402
+from tvm import relax  # noqa: E402
+from tvm.script import relax as R  # noqa: E402
+
+HOST = {"kind": "llvm", "mcpu": "haswell"}
+
+
+def _dense_module() -> Any:
+    w = relax.const(np.random.default_rng(0).standard_normal((64, 32)).astype("float32"))
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", R.Tensor((1, 64), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            out = bb.emit_output(bb.emit(relax.op.nn.relu(relax.op.matmul(x, w))))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def test_config_from_options() -> None:
+    # GIVEN CompilerOptions  WHEN parsed  THEN trials/minutes become a budget
+    assert TuningConfig.from_options({"tuning": {"trials": 20}}) == TuningConfig(trials=20)
+    assert TuningConfig.from_options({"tuning": {"minutes": 2}}) == TuningConfig(seconds=120.0)
+    assert TuningConfig.from_options({}) is None
+    with pytest.raises(ValueError):
+        TuningConfig.from_options({"tuning": {"trials": -1}})
+
+
+@pytest.mark.slow
+def test_tuned_record_is_reused_by_a_second_compile(tmp_path: Path) -> None:
+    # GIVEN a database filled by a small tuned compile
+    db = TuningDatabase(tmp_path / "db")
+    first = compile_relax(_dense_module(), HOST, tuning=TuningConfig(trials=8), database=db,
+                          deadline=time.time() + 240)
+    assert first.summary["tuned"] >= 1
+    records = len(db)
+    # WHEN the same model compiles again without a budget
+    second = compile_relax(_dense_module(), HOST, database=TuningDatabase(tmp_path / "db"))
+    # THEN nothing is tuned, the tuned kernel is reused and no record is added
+    assert second.summary["tuned"] == 0
+    assert second.summary["reused"] == first.summary["tuned"]
+    assert len(db) == records
+
+
+@pytest.mark.slow
+def test_tuning_never_passes_the_deadline(tmp_path: Path) -> None:
+    # GIVEN a huge trial budget and a deadline 40 s away
+    deadline = time.time() + 40
+    # WHEN compiling
+    result = compile_relax(_dense_module(), HOST, tuning=TuningConfig(trials=100000),
+                           database=TuningDatabase(tmp_path / "db"), deadline=deadline)
+    # THEN the compile finished before the deadline, with an executable
+    assert time.time() < deadline
+    assert result.executable is not None
+
+
+def test_no_tuning_for_a_target_this_machine_cannot_run(tmp_path: Path) -> None:
+    # GIVEN an aarch64 target and a budget  WHEN compiling  THEN nothing is tuned
+    target = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "neoverse-n1"}
+    result = compile_relax(_dense_module(), target, tuning=TuningConfig(trials=8),
+                           database=TuningDatabase(tmp_path / "db"), deadline=time.time() + 60)
+    assert result.summary["tuned"] == 0
+    assert result.summary["default"] >= 1
