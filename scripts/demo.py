@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-
 from kiln import runtime
 from kiln_compiler.samples import input_shapes, load_light_model
 

@@ -58,8 +58,8 @@ def build_resolver(service_factory: Callable[[], CompilationJobService]) -> APIG
         "CreateCompilationJob": lambda r: service().create(r, caller_arn=caller_arn()),
         "DescribeCompilationJob": lambda r: service().describe(_name(r)),
         "ListCompilationJobs": lambda r: service().list(r),
-        "StopCompilationJob": lambda r: (service().stop(_name(r)), {})[1],
-        "DeleteCompilationJob": lambda r: (service().delete(_name(r)), {})[1],
+        "StopCompilationJob": lambda r: _empty(service().stop, _name(r)),
+        "DeleteCompilationJob": lambda r: _empty(service().delete, _name(r)),
         "AddTags": lambda r: service().add_tags(r),
         "ListTags": lambda r: service().list_tags(r),
         "DeleteTags": lambda r: service().delete_tags(r),
@@ -85,7 +85,7 @@ def build_resolver(service_factory: Callable[[], CompilationJobService]) -> APIG
 
     @app.get("/compilation-jobs")
     def rest_list() -> Response:
-        params = dict(app.current_event.query_string_parameters or {})
+        params: dict[str, Any] = dict(app.current_event.query_string_parameters or {})
         if "MaxResults" in params:
             params["MaxResults"] = _integer(params["MaxResults"], "maxResults")
         return _json_response(200, service().list(params), "application/json")
@@ -144,6 +144,12 @@ def build_resolver(service_factory: Callable[[], CompilationJobService]) -> APIG
                                     "message": f"No route for {event.http_method} {event.path}"})
 
     return app
+
+
+def _empty(operation: Callable[[str], None], name: str) -> dict[str, Any]:
+    """Run an operation whose wire response is an empty object."""
+    operation(name)
+    return {}
 
 
 def _name(request: dict[str, Any]) -> str:

@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+
 from tests.compiler.conftest import make_tar
 
 ROLE = "arn:aws:iam::123456789012:role/KilnUserModelAccess"

@@ -14,13 +14,14 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from tests.compiler.conftest import EF_ARM_ABI_FLOAT_HARD, EM_AARCH64, EM_ARM, EM_X86_64, elf_header
 from kiln.catalog import TargetCatalog
 from kiln_compiler.build import build
 from kiln_compiler.errors import ClientError
 from kiln_compiler.loaders import load_model
 from kiln_compiler.options import CompilerOptions, DataInputConfig
 from kiln_compiler.package import package
+
+from tests.compiler.conftest import EF_ARM_ABI_FLOAT_HARD, EM_AARCH64, EM_ARM, EM_X86_64, elf_header
 
 CATALOG = TargetCatalog()
 NO_OPTS = CompilerOptions()

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import skops.io as sio
 import xgboost as xgb
-from tests.compiler.conftest import EF_ARM_ABI_FLOAT_HARD, EM_AARCH64, EM_ARM, elf_header
 from kiln.catalog import TargetCatalog
 from kiln_compiler.build import build
 from kiln_compiler.errors import ClientError
@@ -22,6 +21,8 @@ from kiln_compiler.options import CompilerOptions, DataInputConfig
 from kiln_compiler.package import package
 from sklearn.datasets import make_classification
 from sklearn.ensemble import RandomForestClassifier
+
+from tests.compiler.conftest import EF_ARM_ABI_FLOAT_HARD, EM_AARCH64, EM_ARM, elf_header
 
 CATALOG = TargetCatalog()
 # TL2cgen sums leaf values in float32 like XGBoost; sklearn averages in float64.

@@ -17,7 +17,6 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 from botocore.exceptions import ClientError
-
 from kiln import runtime
 from kiln_compiler.samples import input_shapes, load_light_model
 

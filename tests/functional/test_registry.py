@@ -500,5 +500,5 @@ def test_moto_still_clears_omitted_fields_on_update_model_package(registry: Regi
     upstream(backend, arn, None, None, None, [], [{"Name": "x", "Containers": [{"ModelDataUrl": "s3://b/k"}]}])
 
     # THEN moto has dropped the status (when this fails, upstream is fixed: remove
-    # kiln.local.stack.patch_update_model_package_keeps_fields)
+    # kiln.local.moto_patches.patch_update_model_package_keeps_fields)
     assert "ModelApprovalStatus" not in registry.sagemaker.describe_model_package(ModelPackageName=arn)

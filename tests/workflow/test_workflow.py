@@ -11,11 +11,11 @@ from typing import Any
 
 import numpy as np
 import pytest
-from tests.conftest import tar_gz, tiny_onnx_model
-from tests.workflow.conftest import wait_until
-
 from kiln import runtime
 from kiln.workflow import TransientError, WorkflowSteps
+
+from tests.conftest import tar_gz, tiny_onnx_model
+from tests.workflow.conftest import wait_until
 
 TERMINAL = {"COMPLETED", "FAILED", "STOPPED"}
 

@@ -46,7 +46,13 @@ def load(model_dir: Path, config: DataInputConfig, options: CompilerOptions) -> 
         onnx.checker.check_model(model)
     except Exception as exc:  # onnx raises many types for corrupt input
         raise ClientError(f"'{path.name}' is not a valid ONNX model ({str(exc).splitlines()[0][:300]})") from None
+    return from_proto(model, config, framework="ONNX", framework_version=f"onnx {onnx.__version__}",
+                      model_files=[str(path.relative_to(model_dir))])
 
+
+def from_proto(model: Any, config: DataInputConfig, *, framework: str, framework_version: str,
+               model_files: list[str], layout: str = "NCHW") -> LoadedModel:
+    """Import a checked ``onnx.ModelProto`` (also the end of the TENSORFLOW and KERAS paths, via tf2onnx)."""
     from tvm.relax.frontend.onnx import from_onnx
     from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
 
@@ -66,7 +72,7 @@ def load(model_dir: Path, config: DataInputConfig, options: CompilerOptions) -> 
         tt = inp.type.tensor_type
         shape = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in tt.shape.dim)
         declared.append((inp.name, shape, _dtype(tt.elem_type)))
-    inputs = resolve_shapes(declared, config, "ONNX")
+    inputs = resolve_shapes(declared, config, framework, layout=layout)
     try:
         mod = from_onnx(
             model,
@@ -79,15 +85,15 @@ def load(model_dir: Path, config: DataInputConfig, options: CompilerOptions) -> 
     except Exception as exc:
         log.exception("ONNX import failed")
         first = str(exc).strip().splitlines()[-1][:300] if str(exc).strip() else type(exc).__name__
-        raise ClientError(f"the ONNX model could not be converted: {first}") from None
+        raise ClientError(f"the {framework} model could not be converted: {first}") from None
     outputs = relax_outputs(mod, [o.name for o in model.graph.output])
     return LoadedModel(
-        framework="ONNX",
-        framework_version=f"onnx {onnx.__version__}, opset {opset}",
+        framework=framework,
+        framework_version=f"{framework_version}, opset {opset}",
         kind="relax",
         inputs=inputs,
         outputs=outputs,
-        model_files=[str(path.relative_to(model_dir))],
+        model_files=model_files,
         mod=mod,
         params=None,
     )

@@ -224,39 +224,6 @@ class RegistryEventPump:
                 self._in_flight -= 1
 
 
-def patch_update_model_package_keeps_fields() -> None:
-    """moto 5.2.5's UpdateModelPackage clears ModelApprovalStatus, ApprovalDescription and
-    CustomerMetadataProperties when a request omits them (AWS leaves them unchanged), so the
-    registry write-back would un-approve the package. Keep omitted fields as they are.
-    (For the lead: belongs in ``kiln.local.moto_patches`` with an upstream-fix check.)"""
-    from moto.sagemaker.models import SageMakerModelBackend
-
-    original = SageMakerModelBackend.update_model_package
-    if getattr(original, "_kiln_patched", False):
-        return
-
-    def update_model_package(self: Any, model_package_arn: str, model_approval_status: str | None,
-                             approval_description: str | None, customer_metadata_properties: dict[str, str] | None,
-                             customer_metadata_properties_to_remove: list[str],
-                             additional_inference_specifications_to_add: list[Any] | None) -> str:
-        package = self.model_packages.get(self.model_package_name_mapping.get(model_package_arn, model_package_arn))
-        if package is not None:
-            if model_approval_status is None:
-                model_approval_status = package.model_approval_status
-            if approval_description is None:
-                approval_description = package.approval_description
-            if package.customer_metadata_properties or customer_metadata_properties:
-                customer_metadata_properties = {**(package.customer_metadata_properties or {}),
-                                                **(customer_metadata_properties or {})}
-        return original(self, model_package_arn, model_approval_status, approval_description,
-                        customer_metadata_properties, customer_metadata_properties_to_remove,
-                        additional_inference_specifications_to_add)
-
-    update_model_package._kiln_patched = True  # type: ignore[attr-defined]
-    update_model_package.__wrapped__ = original  # type: ignore[attr-defined]
-    SageMakerModelBackend.update_model_package = update_model_package  # type: ignore[method-assign]
-
-
 class EmbeddedStack:
     """A moto server holding Kiln's resources, wired to the in-process handlers."""
 
@@ -289,7 +256,7 @@ class EmbeddedStack:
         moto_patches.patch_send_task_failure_cause()
         moto_patches.patch_heartbeat_timeout_name()
         moto_patches.patch_container_runner(self.runner.start, self.runner.stop)
-        patch_update_model_package_keeps_fields()
+        moto_patches.patch_update_model_package_keeps_fields()
         logging.getLogger("werkzeug").setLevel(logging.WARNING)
         self._server = ThreadedMotoServer(ip_address=self.host, port=self.aws_port, verbose=False)
         self._server.start()
@@ -469,7 +436,7 @@ class EmbeddedStack:
                             "overrides": {"containerOverrides": [
                                 {"name": COMPILER_CONTAINER,
                                  "environment": [{"name": k, "value": v} for k, v in env.items()]}]}}}
-        container_stopped(event, moto_patches._Context())
+        container_stopped(event, moto_patches._Context())  # type: ignore[arg-type]
 
     def wait_for(self, job_name: str, timeout: float = 600, poll: float = 0.5) -> dict[str, Any]:
         """Poll DescribeCompilationJob until the job is terminal (for tests and the CLI)."""
