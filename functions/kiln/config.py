@@ -31,6 +31,8 @@ class KilnSettings(BaseSettings):
     # Comma-separated subnets and security groups for compiler tasks of jobs without VpcConfig.
     subnets: str = ""
     security_groups: str = ""
+    # Comma-separated runners this deployment has (kiln.catalog.Runner values); others are refused.
+    enabled_runners: str = "fargate,batch-gpu"
     # Whether the API checks that the caller may iam:PassRole the job's RoleArn.
     check_pass_role: bool = False
     # Registry hook: where registry-started jobs write, with which role and limits.

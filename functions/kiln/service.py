@@ -40,7 +40,8 @@ class CompilationJobService:
 
     def __init__(self, *, store: JobStore, catalog: TargetCatalog, sfn: Any, events: JobEvents,
                  containers: CompilerContainers | None, state_machine_arn: str, region: str, account: str,
-                 network: dict[str, Any] | None = None, iam: Any | None = None) -> None:
+                 network: dict[str, Any] | None = None, iam: Any | None = None,
+                 enabled_runners: frozenset[str] | None = None) -> None:
         self.store = store
         self.catalog = catalog
         self._sfn = sfn
@@ -51,11 +52,16 @@ class CompilationJobService:
         self._account = account
         self._network = network or {}
         self._iam = iam
+        self._enabled_runners = enabled_runners
 
     # -- create ------------------------------------------------------------------------------
     def create(self, request: dict[str, Any], *, caller_arn: str | None = None) -> dict[str, Any]:
         validate_request("CreateCompilationJob", request)
         target = rules.check_create(request, self.catalog)
+        if self._enabled_runners is not None and str(target.runner) not in self._enabled_runners:
+            raise ValidationError(
+                f"Target '{target.name}' needs the '{target.runner}' compiler runner, which this deployment has "
+                f"not enabled (enabled: {', '.join(sorted(self._enabled_runners)) or 'none'})")
         rules.check_stopping_condition(request.get("StoppingCondition"))
         rules.check_tags(request.get("Tags"))
         if self._iam is not None and caller_arn:

@@ -35,7 +35,8 @@ def build_service(config: KilnSettings, session: Any | None = None) -> Compilati
         store=store, catalog=TargetCatalog(), sfn=sfn,
         events=JobEvents(session.client("events"), config.event_bus_name), containers=containers,
         state_machine_arn=config.state_machine_arn, region=config.region, account=config.account_id,
-        network=network, iam=session.client("iam") if config.check_pass_role else None)
+        network=network, iam=session.client("iam") if config.check_pass_role else None,
+        enabled_runners=frozenset(r for r in config.enabled_runners.split(",") if r))
 
 
 def build_workflow_steps(config: KilnSettings, session: Any | None = None) -> WorkflowSteps:

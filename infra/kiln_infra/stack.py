@@ -82,6 +82,9 @@ class KilnStack(Stack):
             "KILN_SUBNETS": ",".join(self.network.subnet_ids),
             "KILN_SECURITY_GROUPS": self.network.security_group.security_group_id,
             "KILN_CHECK_PASS_ROLE": "true",
+            # The API refuses targets whose runner this deployment did not create.
+            "KILN_ENABLED_RUNNERS": ",".join(
+                runner for runner, on in (("fargate", config.cpu_enabled), ("batch-gpu", config.gpu_enabled)) if on),
             "KILN_REGISTRY_OUTPUT_S3": config.registry_output_s3,
             "KILN_REGISTRY_ROLE_ARN": config.registry_role_arn,
             "KILN_REGISTRY_DEFAULT_TARGETS": config.registry_default_targets,

@@ -494,3 +494,22 @@ def test_failed_workflow_start_is_recorded_failed(sagemaker: Any, reconfigured: 
         assert "CompilationEndTime" in job
         # AND its active slot was released
         assert service.store.active_jobs() == before
+
+
+def test_target_of_a_runner_this_deployment_lacks_is_refused(sagemaker: Any, job_request: Callable[..., Any],
+                                                             unique: Callable[[str], str],
+                                                             reconfigured: Callable[..., Any]) -> None:
+    # GIVEN a deployment with CPU compilers only (CDK context target_families=["cpu"])
+    request = job_request(unique("gpu"))
+    request["OutputConfig"]["TargetDevice"] = "ml_g4dn"
+    with reconfigured(KILN_ENABLED_RUNNERS="fargate"):
+        # WHEN a GPU target is asked for
+        with pytest.raises(ClientError) as refused:
+            sagemaker.create_compilation_job(**request)
+        # THEN it is refused at create, naming the target and what is missing, and a CPU target still works
+        request["CompilationJobName"] = unique("cpu")
+        request["OutputConfig"]["TargetDevice"] = "ml_c4"
+        assert sagemaker.create_compilation_job(**request)["CompilationJobArn"]
+    assert refused.value.response["Error"]["Code"] == "ValidationException"
+    assert "ml_g4dn" in refused.value.response["Error"]["Message"]
+    assert "batch-gpu" in refused.value.response["Error"]["Message"]

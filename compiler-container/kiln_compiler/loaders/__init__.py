@@ -41,6 +41,8 @@ _REGISTRY: dict[str, str] = {
     "SKLEARN": "kiln_compiler.loaders.sklearn",
     "PYTORCH": "kiln_compiler.loaders.pytorch",
     "TFLITE": "kiln_compiler.loaders.tflite",
+    "TENSORFLOW": "kiln_compiler.loaders.tensorflow",
+    "KERAS": "kiln_compiler.loaders.keras",
 }
 
 
