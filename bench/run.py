@@ -13,13 +13,11 @@ import datetime as dt
 import os
 import platform
 import socket
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
 
 
 def cpu_info() -> tuple[str, str]:
@@ -68,9 +66,9 @@ def main() -> None:
     import numpy as np
     import onnxruntime as ort
     import tvm
+    from kiln_compiler.samples import MODELS, input_shapes, load_light_model
     from kiln_compiler.tuning import TuningConfig, TuningDatabase
     from kiln_compiler.tvm_pipeline import compile_relax
-    from models import MODELS, input_shapes, load_light_model
     from tvm import relax
     from tvm.relax.frontend.onnx import from_onnx
 

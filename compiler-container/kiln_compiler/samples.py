@@ -24,12 +24,13 @@ def light_dir() -> Path:
     return Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
 
 
-def load_light_model(name: str, seed: int = 0) -> onnx.ModelProto:
+def load_light_model(name: str, seed: int = 0, strip_softmax: bool = False) -> onnx.ModelProto:
     """Load ``light_<name>`` and turn each ConstantOfShape weight into a random initializer.
 
     The shipped constants make every output identical whatever the input, which would hide
     wrong results: kernels (2-D and up) get He-normal values, vectors (biases, batch-norm
     parameters) U(0.9, 1.1): batch norms stay near identity, variances positive, logits input-dependent.
+    ``strip_softmax`` drops a final Softmax so outputs are logits (softmax saturates on deep nets).
     """
     model = onnx.load(str(light_dir() / f"{MODELS.get(name, name)}.onnx"))
     rng = np.random.default_rng(seed)
@@ -46,6 +47,9 @@ def load_light_model(name: str, seed: int = 0) -> onnx.ModelProto:
             new_inits.append(numpy_helper.from_array(arr, node.output[0]))
         else:
             keep.append(node)
+    if strip_softmax and keep and keep[-1].op_type == "Softmax":
+        last = keep.pop()
+        keep[-1].output[0] = last.output[0]  # logits keep the graph output's name
     used = {i for n in keep for i in n.input}
     graph = model.graph
     del graph.node[:]

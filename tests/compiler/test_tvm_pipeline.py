@@ -69,11 +69,7 @@ def test_dense_and_pool_default_schedule_matches_unscheduled() -> None:
 
 def test_small_real_model_matches_unscheduled() -> None:
     # GIVEN light SqueezeNet (real architecture, materialized weights) without its softmax
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
-    from models import input_shapes, load_light_model
+    from kiln_compiler.samples import input_shapes, load_light_model
     from tvm.relax.frontend.onnx import from_onnx
 
     model = load_light_model("squeezenet", strip_softmax=True)
