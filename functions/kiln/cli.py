@@ -15,6 +15,13 @@ from typing import Any
 from rich.console import Console
 
 console = Console(stderr=True)
+# The command's result (JSON) goes to the real stdout; everything else, Powertools' JSON logs of the
+# in-process handlers included (they write to sys.stdout), goes to stderr.
+_result = sys.stdout
+
+
+def _emit(document: Any) -> None:
+    print(json.dumps(document, indent=2, default=str), file=_result, flush=True)
 
 
 def _platform(text: str) -> dict[str, str]:
@@ -66,14 +73,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global _result
     args = build_parser().parse_args(argv)
+    _result, sys.stdout = sys.stdout, sys.stderr
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("botocore", "boto3", "urllib3", "werkzeug", "moto"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     logging.getLogger("moto.stepfunctions").setLevel(logging.CRITICAL)
     handlers = {"serve": _serve, "compile": _compile, "run": _run, "bench": _bench}
-    return handlers[args.command](args)
+    try:
+        return handlers[args.command](args)
+    finally:
+        sys.stdout = _result
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -140,7 +152,7 @@ def _compile(args: argparse.Namespace) -> int:
         status = job["CompilationJobStatus"]
         if status != "COMPLETED":
             console.print(f"[red]{status}[/]: {job.get('FailureReason')}")
-            print(json.dumps(job, indent=2, default=str))
+            _emit(job)
             return 1
         uri = job["ModelArtifacts"]["S3ModelArtifacts"]
         key = uri.split("/", 3)[3]
@@ -148,7 +160,7 @@ def _compile(args: argparse.Namespace) -> int:
         local = args.output_dir / key.rsplit("/", 1)[-1]
         s3.download_file(artifacts, key, str(local))
         console.print(f"[green]COMPLETED[/] in {time.time() - started:.1f} s -> {local}")
-        print(json.dumps(job, indent=2, default=str))
+        _emit(job)
     return 0
 
 
@@ -223,8 +235,8 @@ def _bench(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         model.run(feeds)
         times.append((time.perf_counter() - t0) * 1000)
-    print(json.dumps({"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times),
-                      "repeat": args.repeat}))
+    _emit({"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times),
+           "repeat": args.repeat})
     return 0
 
 

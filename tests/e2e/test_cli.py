@@ -1,0 +1,70 @@
+"""`kiln compile`, `kiln run` and `kiln bench` as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from tests.conftest import tar_gz, tiny_onnx_model
+
+
+def _kiln(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "kiln.cli", *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=600, check=False)
+
+
+def test_compile_run_and_bench_a_model(tmp_path: Path) -> None:
+    # GIVEN a model archive on disk
+    archive = tmp_path / "tiny.tar.gz"
+    archive.write_bytes(tar_gz({"model.onnx": tiny_onnx_model().SerializeToString()}))
+    # WHEN `kiln compile` runs it through the embedded stack
+    result = _kiln("compile", str(archive), "--framework", "onnx", "--target-device", "ml_c4",
+                   "--data-input-config", '{"x": [1, 8]}', "--output-dir", str(tmp_path / "out"), cwd=tmp_path)
+    # THEN it exits 0, showed progress, wrote {basename}-{target}.tar.gz and printed the describe result
+    assert result.returncode == 0, result.stderr
+    assert "status INPROGRESS" in result.stderr and "stage build" in result.stderr
+    described = json.loads(result.stdout)
+    assert described["CompilationJobStatus"] == "COMPLETED"
+    artifact = tmp_path / "out" / "tiny-ml_c4.tar.gz"
+    assert artifact.is_file()
+    assert described["ModelArtifacts"]["S3ModelArtifacts"].endswith("/tiny-ml_c4.tar.gz")
+    # AND `kiln run` runs it on a .npy input and writes the outputs
+    x = np.random.default_rng(0).standard_normal((1, 8)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    ran = _kiln("run", str(artifact), "--input", f"x={tmp_path / 'x.npy'}", "--output-dir", str(tmp_path / "y"),
+                cwd=tmp_path)
+    assert ran.returncode == 0, ran.stderr
+    weights = {i.name: np.frombuffer(i.raw_data, dtype=np.float32).reshape(tuple(i.dims))
+               for i in tiny_onnx_model().graph.initializer}
+    np.testing.assert_allclose(np.load(tmp_path / "y" / "output_0.npy"),
+                               np.maximum(x @ weights["W"] + weights["b"], 0), rtol=1e-5, atol=1e-6)
+    # AND `kiln bench` reports latency figures
+    bench = _kiln("bench", str(artifact), "--repeat", "5", cwd=tmp_path)
+    assert bench.returncode == 0, bench.stderr
+    figures = json.loads(bench.stdout)
+    assert figures["repeat"] == 5 and 0 < figures["min_ms"] <= figures["median_ms"] <= figures["max_ms"]
+
+
+def test_compile_failure_exits_non_zero_with_the_reason(tmp_path: Path) -> None:
+    # GIVEN an archive without a model
+    archive = tmp_path / "empty.tar.gz"
+    archive.write_bytes(tar_gz({"notes.txt": b"nothing to compile"}))
+    # WHEN compiled
+    result = _kiln("compile", str(archive), "--framework", "ONNX", "--target-device", "ml_c4", cwd=tmp_path)
+    # THEN the exit code is non-zero and the FailureReason is printed
+    assert result.returncode == 1
+    assert "FAILED" in result.stderr
+    assert "ClientError: InputConfiguration:" in result.stderr
+
+
+def test_compile_refuses_invalid_input_before_starting(tmp_path: Path) -> None:
+    # GIVEN a target this deployment cannot compile for
+    archive = tmp_path / "m.tar.gz"
+    archive.write_bytes(tar_gz({"model.onnx": tiny_onnx_model().SerializeToString()}))
+    # WHEN compiled THEN the validation error is shown and the exit code is 2
+    result = _kiln("compile", str(archive), "--framework", "ONNX", "--target-device", "ml_inf1", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "ValidationException" in result.stderr and "ml_inf1" in result.stderr
