@@ -46,6 +46,15 @@ class _SumRewriter(PyExprMutator):  # type: ignore[misc]
             return seen.args[0]
         return expr
 
+    def visit_tuple_getitem_(self, op: relax.TupleGetItem) -> Any:  # noqa: D102
+        op = super().visit_tuple_getitem_(op)
+        src = op.tuple_value
+        bound = self.lookup_binding(src) if isinstance(src, relax.Var) else src
+        if (op.index == 0 and isinstance(bound, relax.Call)
+                and bound.op == tvm.ir.Op.get("relax.nn.dropout")):
+            return bound.args[0]  # inference: dropout is the identity
+        return op
+
     def visit_call_(self, call: relax.Call) -> Any:  # noqa: D102
         call = super().visit_call_(call)
         if call.op != tvm.ir.Op.get("relax.sum") or call.attrs.keepdims:
@@ -75,7 +84,9 @@ class _SumRewriter(PyExprMutator):  # type: ignore[misc]
 
 @tvm.transform.module_pass(opt_level=0, name="KilnSimplifySum")
 class SimplifySum:
-    """``sum(stack([a, b, ...]), axis=0)`` -> ``a + b + ...``."""
+    """``sum(stack([a, b, ...]), axis=0)`` -> ``a + b + ...``; inference dropout -> its input.
+
+    (Dropout's ``(out, mask)`` tuple also defeats ConvertLayout.)"""
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         rewriter = _SumRewriter(mod)
@@ -88,8 +99,12 @@ class SimplifySum:
 def to_nhwc() -> list[tvm.transform.Pass]:
     """Passes that convert conv2d (and what follows it) to NHWC / HWIO."""
     return [
+        relax.transform.DecomposeOpsForInference(),
         SimplifySum(),  # type: ignore[list-item]
+        relax.transform.CanonicalizeBindings(),  # ConvertLayout loses the layout across aliases
+        relax.transform.FoldConstant(),  # bias reshapes: ConvertLayout trips over shape tuples
         relax.transform.DeadCodeElimination(),
         relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "HWIO"]}),
         relax.transform.Normalize(),
+        relax.transform.EliminateCommonSubexpr(),  # one input transpose per graph input
     ]

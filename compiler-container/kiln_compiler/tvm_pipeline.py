@@ -27,6 +27,7 @@ import tvm
 from tvm import relax, tirx
 from tvm.s_tir import Schedule
 
+from kiln_compiler.cpu_layout import to_nhwc
 from kiln_compiler.tuning import TuningConfig, TuningDatabase, tune_and_apply
 
 log = logging.getLogger(__name__)
@@ -377,6 +378,8 @@ def compile_relax(
         return CompiledRelax(executable=tvm.compile(lowered, target=tgt, relax_pipeline=None), summary=summary)
 
     with tgt:
+        if default_schedules:
+            mod = tvm.transform.Sequential(to_nhwc())(mod)
         fused = tvm.transform.Sequential(_fuse_passes())(mod)
         fused = relax.transform.AttachAttrLayoutFreeBuffers()(fused)
         if database is not None:

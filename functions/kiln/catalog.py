@@ -35,6 +35,13 @@ class Family(StrEnum):
 NEURAL_FRAMEWORKS = ("TENSORFLOW", "KERAS", "MXNET", "ONNX", "PYTORCH", "TFLITE", "DARKNET")
 TREE_FRAMEWORKS = ("XGBOOST", "SKLEARN")
 ALL_FRAMEWORKS = NEURAL_FRAMEWORKS + TREE_FRAMEWORKS
+# Frameworks SageMaker accepts that this deployment's compiler cannot load yet, and why; the API
+# refuses them at create time (tests/compiler checks this matches the compiler's loaders).
+UNAVAILABLE_FRAMEWORKS = {
+    "MXNET": "MXNet 1.9 needs numpy 1.23 and has no Python 3.11 build; export the model to ONNX "
+             "(mx.onnx.export_model) and compile it as ONNX",
+    "DARKNET": "no Darknet converter is shipped yet; convert the cfg/weights to ONNX and compile it as ONNX",
+}
 # coremltools converts TensorFlow/Keras and PyTorch models only (as in SageMaker Neo).
 COREML_FRAMEWORKS = ("TENSORFLOW", "KERAS", "PYTORCH")
 

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from kiln.catalog import Family, Target, TargetCatalog, UnsupportedTargetError
+from kiln.catalog import UNAVAILABLE_FRAMEWORKS, Family, Target, TargetCatalog, UnsupportedTargetError
 from kiln.contract import raise_validation
 
 # FrameworkVersion "is only supported for the MXNet, PyTorch, TensorFlow and TensorFlow Lite frameworks".
@@ -255,7 +255,11 @@ def check_create(request: dict[str, Any], catalog: TargetCatalog) -> Target:
 
 
 def check_framework_target(framework: str, target: Target, options: dict[str, Any] | None = None) -> None:
-    """Refuse framework x target pairs this deployment cannot compile."""
+    """Refuse frameworks and framework x target pairs this deployment cannot compile."""
+    if framework in UNAVAILABLE_FRAMEWORKS:
+        raise RuleError("inputConfig.framework",
+                        f"Value '{framework}' at 'inputConfig.framework' failed to satisfy constraint: "
+                        f"Framework {framework} is not supported by this deployment: {UNAVAILABLE_FRAMEWORKS[framework]}")
     if framework not in target.frameworks:
         raise RuleError("inputConfig.framework",
                         f"Value '{framework}' at 'inputConfig.framework' failed to satisfy constraint: "

@@ -85,3 +85,12 @@ def test_bad_compiler_options(raw: str) -> None:
     # THEN ClientError
     with pytest.raises(ClientError):
         CompilerOptions.parse(raw)
+
+
+def test_compiler_loads_exactly_the_frameworks_the_api_accepts() -> None:
+    # GIVEN the API's framework rules (kiln.catalog) and the compiler's loader registry
+    from kiln.catalog import ALL_FRAMEWORKS, UNAVAILABLE_FRAMEWORKS
+    from kiln_compiler.loaders import available_frameworks
+
+    # WHEN compared THEN every framework the API accepts has a loader, and no loader is unreachable
+    assert set(available_frameworks()) == set(ALL_FRAMEWORKS) - set(UNAVAILABLE_FRAMEWORKS)

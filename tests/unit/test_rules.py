@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 from kiln import rules
-from kiln.catalog import Family, TargetCatalog
+from kiln.catalog import UNAVAILABLE_FRAMEWORKS, Family, TargetCatalog
 from kiln.errors import ValidationError
 
 from .conftest import create_request
@@ -71,10 +71,14 @@ REFERENCE_DATA_INPUT_EXAMPLES = [
 def test_reference_data_input_examples_are_accepted(framework: str, data: str) -> None:
     # GIVEN a DataInputConfig example from the reference text for its framework, on a CPU target
     request = request_for(framework, data, device="ml_c5")
+    target = CATALOG.device("ml_c5")
     # WHEN the semantic rules run
-    target = rules.check_create(request, CATALOG)
-    # THEN the request is accepted for that target and the parser yields one spec per input
-    assert target.name == "ml_c5"
+    # THEN the request is accepted for that target (frameworks this deployment cannot load are refused
+    # for that reason alone, not for their DataInputConfig) and the parser yields one spec per input
+    if framework in UNAVAILABLE_FRAMEWORKS:
+        assert "is not supported by this deployment" in refused(request)
+    else:
+        assert rules.check_create(request, CATALOG).name == "ml_c5"
     specs = rules.parse_data_input_config(data, framework, target)
     parsed = json.loads(data)
     assert len(specs) == len(parsed)
@@ -320,7 +324,7 @@ def test_unsupported_devices_are_refused_naming_target_and_supported(device: str
 
 
 @pytest.mark.parametrize(("framework", "device"), [
-    ("ONNX", "coreml"), ("MXNET", "coreml"), ("XGBOOST", "coreml"),
+    ("ONNX", "coreml"), ("TFLITE", "coreml"), ("XGBOOST", "coreml"),
     ("XGBOOST", "ml_p3"), ("SKLEARN", "jetson_nano"),
 ])
 def test_framework_target_pairs_that_cannot_compile_are_refused(framework: str, device: str) -> None:
@@ -395,7 +399,7 @@ def test_s3_uri_must_name_a_tar_gz_object(uri: str, expected: str) -> None:
     assert "inputConfig.s3Uri" in message and expected in message
 
 
-@pytest.mark.parametrize("framework", ["MXNET", "PYTORCH", "TENSORFLOW", "TFLITE"])
+@pytest.mark.parametrize("framework", ["PYTORCH", "TENSORFLOW", "TFLITE"])
 def test_framework_version_accepted_where_it_applies(framework: str) -> None:
     # GIVEN FrameworkVersion for a framework that supports it
     request = request_for(framework, '{"data": [1, 3, 224, 224]}', version="2.4")
@@ -452,3 +456,14 @@ def test_tag_keys_must_be_unique_and_not_reserved() -> None:
     assert "'tags.3.member.key'" in message and "reserved" in message
     rules.check_tags([{"Key": "team", "Value": "a"}, {"Key": "owner", "Value": "b"}])
     rules.check_tags(None)
+
+
+@pytest.mark.parametrize("framework", sorted(UNAVAILABLE_FRAMEWORKS))
+def test_frameworks_this_deployment_cannot_load_are_refused_with_a_way_out(framework: str) -> None:
+    # GIVEN a framework SageMaker accepts but Kiln's compiler cannot load
+    request = request_for(framework, '{"data": [1, 3, 224, 224]}')
+    # WHEN the rules run
+    message = refused(request)
+    # THEN the error names the member, the framework and what to do instead (export to ONNX)
+    assert f"Value '{framework}' at 'inputConfig.framework'" in message
+    assert "not supported by this deployment" in message and "ONNX" in message
