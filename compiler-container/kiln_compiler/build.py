@@ -171,8 +171,7 @@ def build(model: LoadedModel, target: Target, options: CompilerOptions, out_dir:
         raise ClientError(f"framework {model.framework} cannot be compiled for {target.name}; it supports "
                           f"{', '.join(target.frameworks)}", section="OutputConfiguration")
     if target.family == Family.COREML:
-        raise ClientError("the coreml target needs coremltools, which this compiler image does not include",
-                          section="OutputConfiguration")
+        raise ServerError("coreml targets are converted by kiln_compiler.coreml.convert, not built with TVM")
     if model.kind == "tree":
         return build_tree(model, target, options, out_dir)
     return build_relax(model, target, options, out_dir, tuning=tuning, database=database, deadline=deadline)

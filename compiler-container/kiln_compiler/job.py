@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kiln.catalog import TargetCatalog, UnsupportedTargetError
+from kiln.catalog import Family, TargetCatalog, UnsupportedTargetError
 
 from . import aws
 from .archive import safe_extract
@@ -114,7 +114,9 @@ def run_job(spec: JobSpec, work_dir: Path, *, session_factory: Callable[[str, st
     except KeyError:
         raise ClientError("OutputConfig needs TargetDevice or TargetPlatform", section="OutputConfiguration") from None
     options = CompilerOptions.parse(spec.compiler_options)
-    config = DataInputConfig.parse(spec.data_input_config, spec.framework)
+    coreml = target.family is Family.COREML
+    # CoreML's DataInputConfig form (ranges, enumerated shapes, Image inputs) is read by kiln_compiler.coreml.
+    config = DataInputConfig() if coreml else DataInputConfig.parse(spec.data_input_config, spec.framework)
     tuning, database = _tuning(options, work_dir)
     model_dir, build_dir = work_dir / "model", work_dir / "build"
 
@@ -124,10 +126,16 @@ def run_job(spec: JobSpec, work_dir: Path, *, session_factory: Callable[[str, st
         archive = aws.download(session, spec.s3_uri, work_dir / "input.tar.gz")
     with timer.stage("unpack"):
         safe_extract(archive, model_dir)
-    with timer.stage("load"):
-        model = load_model(spec.framework, model_dir, config, options)
-    with timer.stage("build"):
-        result = build(model, target, options, build_dir, tuning=tuning, database=database, deadline=deadline)
+    if coreml:
+        from .coreml import convert
+
+        with timer.stage("build"):
+            model, result = convert(spec.framework, model_dir, spec.data_input_config, options, target, build_dir)
+    else:
+        with timer.stage("load"):
+            model = load_model(spec.framework, model_dir, config, options)
+        with timer.stage("build"):
+            result = build(model, target, options, build_dir, tuning=tuning, database=database, deadline=deadline)
     name = artifact_name(spec.s3_uri, target.name)
     with timer.stage("package"):
         artifact = package(model, target, result, work_dir / "out" / name, model_dir=model_dir,

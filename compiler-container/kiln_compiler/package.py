@@ -76,7 +76,7 @@ def class_labels(model_dir: Path, name: str | None) -> Path | None:
 def build_manifest(model: LoadedModel, target: Target, result: BuildResult, files: dict[str, Path],
                    job_name: str | None, labels: Path | None) -> dict[str, Any]:
     """The manifest describing the artifact (everything the runtime loader checks)."""
-    return {
+    manifest: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "job_name": job_name,
         "framework": model.framework,
@@ -104,22 +104,41 @@ def build_manifest(model: LoadedModel, target: Target, result: BuildResult, file
             "apache-tvm-ffi": _version("apache-tvm-ffi"),
             "treelite": _version("treelite"),
             "tl2cgen": _version("tl2cgen"),
+            "coremltools": _version("coremltools"),
             "python": platform.python_version(),
         },
     }
+    if model.extra.get("coreml"):
+        manifest["coreml"] = model.extra["coreml"]  # the converted spec's inputs/outputs, flexibility, classifier
+    return manifest
 
 
 def _machine(target: Target) -> str:
+    if str(target.family) == "coreml":
+        return ""  # Core ML packages are machine-independent; the runtime checks for an Apple platform
     mtriple = str((target.host or target.tvm_target).get("mtriple", ""))
     arch = mtriple.split("-", 1)[0]
     return {"armv7l": "armv7l", "i686": "i686"}.get(arch, arch) or "x86_64"
+
+
+def _expand(paths: list[Path]) -> dict[str, Path]:
+    """Artifact member name -> file; a directory (an .mlpackage) contributes every file under it."""
+    files: dict[str, Path] = {}
+    for p in paths:
+        if p.is_dir():
+            for f in sorted(p.rglob("*")):
+                if f.is_file() and not f.is_symlink():
+                    files[str(Path(p.name) / f.relative_to(p))] = f
+        else:
+            files[p.name] = p
+    return files
 
 
 def package(model: LoadedModel, target: Target, result: BuildResult, out_path: Path, *,
             model_dir: Path, job_name: str | None = None, labels_name: str | None = None) -> Artifact:
     """Write the tarball (reproducible: fixed mtimes/owners, sorted) and return it with its digest."""
     labels = class_labels(model_dir, labels_name)
-    files = {p.name: p for p in result.files}
+    files = _expand(result.files)
     if labels:
         files[LABELS] = labels
     manifest = build_manifest(model, target, result, files, job_name, labels)

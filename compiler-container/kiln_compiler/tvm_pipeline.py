@@ -136,8 +136,31 @@ def _schedule_elementwise(sch: Schedule, block: Any, lanes: int) -> None:
         sch.parallel(fused)
 
 
+def _vector_factor(extent: int, lanes: int, max_vectors: int) -> int:
+    """Output-channel tile: whole vectors (up to ``max_vectors``), else half/quarter vectors."""
+    for f in [lanes * n for n in range(max_vectors, 0, -1)] + [lanes // 2, lanes // 4]:
+        if f > 1 and extent % f == 0:
+            return f
+    if extent <= 2 * lanes:
+        return extent
+    return _pick_factor(extent, 2 * lanes, lanes)
+
+
+def _register_budget(lanes: int) -> int:
+    """Accumulator registers: 32 zmm (AVX-512) keep 28, 16 ymm/q (AVX2, NEON) keep 12."""
+    return 28 if lanes >= 16 else 12
+
+
 def _schedule_anchor(sch: Schedule, block: Any, lanes: int) -> bool:
-    """Register-tile a reduction block (conv2d, matmul, pooling). Returns False if it does not fit."""
+    """Register-tile a reduction block (conv2d, matmul, pooling). Returns False if it does not fit.
+
+    The tile is ``reg_f`` output pixels (rows for matmul) x ``vec_f`` output channels
+    (columns): the channel axis is the innermost, contiguous output axis (NHWC, see
+    cpu_layout.py) and is vectorised; the pixel axes (every spatial axis absent from the
+    weight read, fused into one) are unrolled, so each input value loaded is one broadcast
+    feeding a whole vector of channels and each weight vector feeds ``reg_f`` accumulators.
+    The reduction (kh, kw, ic) runs inside the tile; the tile's accumulators stay in registers.
+    """
     b = sch.get(block)
     extents = _iter_extents(b)
     loops = sch.get_loops(block)
@@ -156,27 +179,42 @@ def _schedule_anchor(sch: Schedule, block: Any, lanes: int) -> bool:
         return False
     vec = cand[-1]
     vvar = b.iter_vars[vec].var
-    # the register axis: the largest spatial axis absent from every input read that the
-    # vector axis indexes (output channels for conv, rows for matmul): it reuses loads.
+    # pixel axes: spatial axes absent from every input read that the vector axis indexes
+    # (output pixels for conv, rows for matmul): a loaded input value is reused by them.
     reads_with_vec = [r for r in b.reads if vvar in _vars_in([r])]
-    reg = None
-    for i in sp:
-        if i == vec or extents[i] <= 1:
-            continue
-        if any(b.iter_vars[i].var in _vars_in([r]) for r in reads_with_vec):
-            continue
-        if reg is None or extents[i] > extents[reg]:
-            reg = i
-    vec_f = _pick_factor(extents[vec], 2 * lanes, lanes if extents[vec] >= lanes else 1)
-    acc_regs = 24 if lanes == 16 else 12
+    pix = [i for i in sp if i != vec and not any(b.iter_vars[i].var in _vars_in([r]) for r in reads_with_vec)]
+    pix_big = [i for i in pix if extents[i] > 1]
+    if pix_big and pix_big == list(range(pix_big[0], pix_big[-1] + 1)):
+        pix = pix_big
+    elif pix_big:
+        pix = [max(pix_big, key=lambda i: extents[i])]
+    else:
+        pix = []
+    budget = _register_budget(lanes)
+    vec_f = _vector_factor(extents[vec], lanes, 2 if pix else 4)
     nvec = -(-vec_f // lanes)
-    reg_f = _pick_factor(extents[reg], max(1, min(8, acc_regs // nvec))) if reg is not None else 1
+    pix_extent = 1
+    for i in pix:
+        pix_extent *= extents[i]
+    def rows(nv: int) -> tuple[list[int], int]:
+        """Pixel axes to tile and the tile: along the output row when it divides well (affine
+        indices keep the weight re-pack possible), else along all pixels fused."""
+        limit = max(1, min(14, budget // nv))
+        if not pix:
+            return [], 1
+        along_row = _pick_factor(extents[pix[-1]], limit)
+        if along_row >= min(4, extents[pix[-1]]) or len(pix) == 1:
+            return [pix[-1]], along_row
+        return pix, _pick_factor(pix_extent, limit)
+
+    tiled, reg_f = rows(nvec)
+    if pix and reg_f < 4 and nvec > 1:  # awkward pixel count: trade a vector column for rows
+        vec_f = _vector_factor(extents[vec], lanes, 1)
+        nvec = -(-vec_f // lanes)
+        tiled, reg_f = rows(nvec)
 
     # epilogues: inline elementwise consumers into the write-back of the tile
-    wb = sch.cache_write(block, 0, "local")
-    wb_block = wb
-    local_block = block
-    del local_block
+    wb_block = sch.cache_write(block, 0, "local")
     while True:
         consumers = sch.get_consumers(wb_block)
         if len(consumers) != 1:
@@ -188,13 +226,23 @@ def _schedule_anchor(sch: Schedule, block: Any, lanes: int) -> bool:
 
     loops = sch.get_loops(block)
     vo, vi = sch.split(loops[vec], [None, vec_f])
-    if reg is not None:
-        ro, ri = sch.split(loops[reg], [None, reg_f])
-    outer = [loops[i] for i in sp if i not in (vec, reg)]
-    if reg is not None:
-        outer.append(ro)
-    outer.append(vo)
-    inner = ([ri] if reg is not None else []) + [vi]
+    ro = ri = None
+    if tiled:
+        p_loop = sch.fuse(*[loops[i] for i in tiled]) if len(tiled) > 1 else loops[tiled[0]]
+        ro, ri = sch.split(p_loop, [None, reg_f])
+    outer = [loops[i] for i in sp if i != vec and i not in tiled]
+    # weight panel for one channel tile: keep it hot across pixel tiles when it fits L1/L2
+    red_extent = 1
+    for i in rd:
+        red_extent *= extents[i]
+    panel_bytes = red_extent * vec_f * 4
+    if ro is None:
+        outer.append(vo)
+    elif panel_bytes <= 128 * 1024:
+        outer += [vo, ro]
+    else:
+        outer += [ro, vo]
+    inner = ([ri] if ri is not None else []) + [vi]
     sch.reorder(*outer, *[loops[i] for i in rd], *inner)
     fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
     sch.reverse_compute_at(wb_block, fused)
@@ -205,7 +253,7 @@ def _schedule_anchor(sch: Schedule, block: Any, lanes: int) -> bool:
         if len(wb_loops) > 1:
             sch.unroll(wb_loops[-2])
     sch.parallel(fused)
-    if reg is not None:
+    if ri is not None:
         sch.unroll(ri)
     sch.vectorize(vi)
     sch.decompose_reduction(block, loops[rd[0]])
@@ -219,8 +267,17 @@ def schedule_cpu_func(func: tirx.PrimFunc, lanes: int) -> tirx.PrimFunc:
     blocks = sch.get_child_blocks(root) if root is not None else []
     reductions = [blk for blk in blocks if any(iv.iter_type == _COMM_REDUCE for iv in sch.get(blk).iter_vars)]
     anchored = False
+    layout_free = [int(i) for i in (func.attrs or {}).get("layout_free_buffers", [])]
     if len(reductions) == 1:
         anchor = reductions[0]
+        _inline_copies(sch, blocks, anchor)
+        blocks = [blk for blk in sch.get_child_blocks(root)] if root is not None else []
+        if layout_free:
+            # only the weights the tile reads are re-packed: a broadcast bias read by the inlined
+            # epilogue defeats RewriteLayout's cache-read (and with it the weights' re-pack)
+            reads = [r.source for r in sch.get(anchor).reads]
+            layout_free = [i for i in layout_free
+                           if i < len(func.params) and any(func.params[i].same_as(buf) for buf in reads)]
         names = [sch.get(blk).name_hint for blk in blocks]
         anchored = _schedule_anchor(sch, anchor, lanes)
         if anchored:
@@ -231,7 +288,29 @@ def schedule_cpu_func(func: tirx.PrimFunc, lanes: int) -> tirx.PrimFunc:
         if anchored and not _is_at_root(sch, blk):
             continue
         _schedule_elementwise(sch, blk, lanes)
-    return sch.mod["main"]
+    out = sch.mod["main"]
+    if layout_free and anchored:
+        out = out.with_attr("layout_free_buffers", layout_free)
+    elif anchored and "layout_free_buffers" in (func.attrs or {}):
+        out = out.without_attr("layout_free_buffers")
+    return out
+
+
+def _inline_copies(sch: Schedule, blocks: list[Any], anchor: Any) -> None:
+    """Inline pure copies feeding the anchor (a zero-width pad) instead of materialising them."""
+    for blk in blocks:
+        if blk.same_as(anchor):
+            continue
+        stmt = sch.get(blk)
+        value = getattr(stmt.body, "value", None)
+        if type(value).__name__ != "BufferLoad":
+            continue
+        if not any(c.same_as(anchor) for c in sch.get_consumers(blk)):
+            continue
+        try:
+            sch.compute_inline(blk)
+        except Exception:
+            continue
 
 
 def _has_root(sch: Schedule) -> bool:

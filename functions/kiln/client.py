@@ -25,7 +25,8 @@ def sagemaker_client(endpoint_url: str, *, region_name: str | None = None,
                      session: boto3.session.Session | None = None, **kwargs: Any) -> Any:
     """``boto3.client("sagemaker")`` for Kiln at ``endpoint_url``, SigV4-signed for execute-api."""
     session = session or boto3.session.Session()
-    region = region_name or session.region_name or _region_from_url(endpoint_url) or "us-east-1"
+    # The API's own URL says where it lives; it wins over the session's default region.
+    region = region_name or _region_from_url(endpoint_url) or session.region_name or "us-east-1"
     client = session.client("sagemaker", endpoint_url=endpoint_url, region_name=region, **kwargs)
     client.meta.events.register("before-sign.sagemaker", _sign_for_execute_api)
     return client

@@ -71,13 +71,18 @@ def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str] | None:
 
 
 def check_host(manifest: dict[str, Any], *, machine: str | None = None, flags: set[str] | None = None,
-               cuda_available: bool | None = None) -> None:
+               cuda_available: bool | None = None, system: str | None = None) -> None:
     """Raise IncompatibleHostError unless this host can run the artifact described by ``manifest``."""
     target = manifest.get("target", {})
     name = target.get("name", "?")
     family = target.get("family")
     machine = machine or host_machine()
     want = _MACHINE_ALIASES.get(str(target.get("machine", "")), str(target.get("machine", "")))
+    if family == "coreml" and (system or platform.system()) != "Darwin":
+        raise IncompatibleHostError(
+            f"artifact for {name} is a Core ML model package ({manifest.get('library')}); Core ML runs only on Apple "
+            f"devices (macOS, iOS, iPadOS, watchOS, tvOS, visionOS), not on {system or platform.system()}. Copy the "
+            ".mlpackage to an Apple device or Xcode project, or compile for a Linux target to run it here")
     if family == "windows" and platform.system() != "Windows":
         raise IncompatibleHostError(f"artifact for {name} is a Windows DLL; this host runs {platform.system()}")
     if want and want != machine:
@@ -130,6 +135,11 @@ class Model:
 
     def _load(self) -> None:
         lib = str(self.root / self.manifest["library"])
+        if self.manifest["runtime"] == "coreml":  # only reached on macOS (check_host), or with check=False
+            import coremltools
+
+            self._impl = coremltools.models.MLModel(lib)
+            return
         if self.manifest["runtime"] == "tl2cgen":
             import tl2cgen
 
@@ -163,6 +173,9 @@ class Model:
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         """Run the model on named inputs; returns the outputs in manifest order."""
+        if self.manifest["runtime"] == "coreml":
+            result = self._impl.predict(feeds)  # Image inputs take PIL images, as Core ML does
+            return [result[o.name] for o in self.outputs]
         arrays = self._check(feeds)
         if self.manifest["runtime"] == "tl2cgen":
             import tl2cgen

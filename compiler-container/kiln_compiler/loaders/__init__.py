@@ -22,13 +22,13 @@ class LoadedModel:
 
     framework: str
     framework_version: str
-    kind: Literal["relax", "tree"]
+    kind: Literal["relax", "tree", "coreml"]
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
     model_files: list[str]
     mod: Any = None  # tvm.IRModule (relax) for kind == "relax"
     params: dict[str, Any] | None = None  # separate weights, when the frontend keeps them apart
-    tree_model: Any = None  # treelite.Model for kind == "tree"
+    tree_model: Any = None  # treelite.Model for kind == "tree"; kind == "coreml" is converted, not built
     extra: dict[str, Any] = field(default_factory=dict)
 
 
