@@ -34,10 +34,10 @@ demo: install
 	$(PY) scripts/demo.py
 
 test: install
-	$(PY) -m pytest -p no:cacheprovider $(PYTEST_ARGS)
+	$(PY) -m pytest -p no:cacheprovider -n 2 $(PYTEST_ARGS)
 
 test-fast: install
-	$(PY) -m pytest -p no:cacheprovider -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -p no:cacheprovider -n 2 -m "not slow" $(PYTEST_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check functions compiler-container infra tests scripts bench
