@@ -43,6 +43,7 @@ _REGISTRY: dict[str, str] = {
     "TFLITE": "kiln_compiler.loaders.tflite",
     "TENSORFLOW": "kiln_compiler.loaders.tensorflow",
     "KERAS": "kiln_compiler.loaders.keras",
+    "DARKNET": "kiln_compiler.loaders.darknet",
 }
 
 
