@@ -40,7 +40,6 @@ ALL_FRAMEWORKS = NEURAL_FRAMEWORKS + TREE_FRAMEWORKS
 UNAVAILABLE_FRAMEWORKS = {
     "MXNET": "MXNet 1.9 needs numpy 1.23 and has no Python 3.11 build; export the model to ONNX "
              "(mx.onnx.export_model) and compile it as ONNX",
-    "DARKNET": "no Darknet converter is shipped yet; convert the cfg/weights to ONNX and compile it as ONNX",
 }
 # coremltools converts TensorFlow/Keras and PyTorch models only (as in SageMaker Neo).
 COREML_FRAMEWORKS = ("TENSORFLOW", "KERAS", "PYTORCH")

@@ -280,3 +280,19 @@ def test_execution_is_named_after_the_job(local_stack, service):
         checked += 1
     assert checked > 0
 
+
+
+def test_gpu_target_runs_on_the_batch_runner(local_stack, service, job_request, upload_model, tiny_onnx_archive):
+    # GIVEN a job for an NVIDIA target (the catalog's runner for it is AWS Batch)
+    upload_model("wf-gpu/model.tar.gz", tiny_onnx_archive)
+    request = job_request("wf-gpu")
+    request["OutputConfig"]["TargetDevice"] = "ml_g4dn"
+    # WHEN it runs
+    service.create(request)
+    job = local_stack.wait_for("wf-gpu", timeout=300)
+    # THEN the compiler ran as a Batch job (CUDA code generated without a GPU) and the job completed
+    assert job["CompilationJobStatus"] == "COMPLETED", job["FailureReason"]
+    assert job["ModelArtifacts"]["S3ModelArtifacts"].endswith("/model-ml_g4dn.tar.gz")
+    batch_jobs = [task for task, p in local_stack.runner.processes.items()
+                  if '"wf-gpu"' in p.env["KILN_JOB"]]
+    assert batch_jobs and all(":batch:" in task for task in batch_jobs)
