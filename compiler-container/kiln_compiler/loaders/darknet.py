@@ -222,8 +222,8 @@ def to_onnx(sections: list[Section], weights: bytes, shape: tuple[int, ...], inp
             cur = (_activate(g, y, sec.options.get("activation", "linear"), where), c, h, w)
         elif sec.kind == "upsample":
             stride = sec.get_int("stride", 2)
-            scales = g.const("scales", np.array([1, 1, stride, stride], np.float32))
-            y = g.op("Resize", [x, "", scales], "upsample", mode="nearest", nearest_mode="floor",
+            factors = g.const("scales", np.array([1, 1, stride, stride], np.float32))
+            y = g.op("Resize", [x, "", factors], "upsample", mode="nearest", nearest_mode="floor",
                      coordinate_transformation_mode="asymmetric")
             cur = (y, c, h * stride, w * stride)
         elif sec.kind == "yolo":
