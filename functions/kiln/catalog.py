@@ -208,9 +208,11 @@ _DEVICES: tuple[Target, ...] = (
     Target(
         name="x86_win32",
         family=Family.WINDOWS,
-        description="Windows x86 32-bit",
+        # Tree models only: neural networks need tvm_ffi.dll, which exists for 64-bit Windows only.
+        description="Windows x86 32-bit (tree ensembles; no 32-bit Windows TVM runtime exists)",
         tvm_target={"kind": "llvm", "mtriple": "i686-pc-windows-gnu", "mcpu": "pentium4"},
         toolchain=_MINGW32,
+        frameworks=TREE_FRAMEWORKS,
     ),
     Target(
         name="coreml",

@@ -259,3 +259,17 @@ def test_coreml_job_completes_through_the_api(local_stack: Any, job_request: Any
     spec = _spec(tmp_path / "artifact" / "model.mlpackage")
     assert spec.description.predictedFeatureName == "classLabel"
     assert (tmp_path / "artifact" / "class_labels.txt").read_text().split() == LABELS
+
+
+@pytest.mark.parametrize(("system", "refused"), [("Linux", True), ("Windows", True), ("Darwin", False)])
+def test_runtime_host_check_accepts_coreml_only_on_apple(system: str, refused: bool) -> None:
+    # GIVEN a coreml artifact's manifest (no machine or ISA: Core ML packages are machine-independent)
+    manifest = {"target": {"name": "coreml", "family": "coreml", "machine": "", "isa": []},
+                "library": "model.mlpackage"}
+    # WHEN this host's operating system is checked
+    # THEN only macOS is accepted, and the refusal says where Core ML runs
+    if refused:
+        with pytest.raises(kiln.runtime.IncompatibleHostError, match=f"Apple devices.*not on {system}"):
+            kiln.runtime.check_host(manifest, system=system)
+    else:
+        kiln.runtime.check_host(manifest, system=system, machine="arm64")

@@ -467,3 +467,13 @@ def test_frameworks_this_deployment_cannot_load_are_refused_with_a_way_out(frame
     # THEN the error names the member, the framework and what to do instead (export to ONNX)
     assert f"Value '{framework}' at 'inputConfig.framework'" in message
     assert "not supported by this deployment" in message and "ONNX" in message
+
+
+def test_neural_networks_for_32_bit_windows_are_refused_trees_accepted() -> None:
+    # GIVEN x86_win32, for which no 32-bit Windows TVM runtime exists
+    # WHEN an ONNX model and an XGBoost model are asked for
+    message = refused(request_for("ONNX", '{"data": [1, 3, 224, 224]}', device="x86_win32"))
+    target = rules.check_create(request_for("XGBOOST", None, device="x86_win32"), CATALOG)
+    # THEN the network is refused naming what the target supports, and the tree ensemble is accepted
+    assert "inputConfig.framework" in message and "'x86_win32' supports XGBOOST, SKLEARN" in message
+    assert target.name == "x86_win32"
