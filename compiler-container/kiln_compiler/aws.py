@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import threading
 import time
@@ -19,7 +20,8 @@ from .errors import ClientError, ServerError
 
 log = logging.getLogger(__name__)
 _ABORT_CODES = {"TaskTimedOut", "TaskDoesNotExist", "InvalidToken"}
-_TOKEN_GRACE_SECONDS = 30.0
+# How long a never-accepted token is retried before the job counts as abandoned (KILN_TOKEN_GRACE_SECONDS).
+_TOKEN_GRACE_SECONDS = float(os.environ.get("KILN_TOKEN_GRACE_SECONDS", "20"))
 
 
 def split_s3_uri(uri: str) -> tuple[str, str]:
