@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+
 from tests.conftest import tar_gz, tiny_onnx_model
 
 
