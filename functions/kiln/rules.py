@@ -15,6 +15,7 @@ from typing import Any
 
 from kiln.catalog import UNAVAILABLE_FRAMEWORKS, Family, Target, TargetCatalog, UnsupportedTargetError
 from kiln.contract import raise_validation
+from kiln.errors import ValidationError
 
 # FrameworkVersion "is only supported for the MXNet, PyTorch, TensorFlow and TensorFlow Lite frameworks".
 FRAMEWORK_VERSION_FRAMEWORKS = ("MXNET", "PYTORCH", "TENSORFLOW", "TFLITE")
@@ -242,8 +243,8 @@ def check_create(request: dict[str, Any], catalog: TargetCatalog) -> Target:
         target = catalog.for_output_config(output)
     except UnsupportedTargetError as exc:
         member = "outputConfig.targetDevice" if has_device else "outputConfig.targetPlatform"
-        raise_validation([f"Value '{exc.target}' at '{member}' failed to satisfy constraint: {exc}"])
-        raise  # unreachable: raise_validation raised
+        raise ValidationError(f"1 validation error detected: Value '{exc.target}' at '{member}' failed to "
+                              f"satisfy constraint: {exc}") from None
 
     try:
         options = parse_compiler_options(output.get("CompilerOptions"), target)

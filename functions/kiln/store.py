@@ -216,8 +216,6 @@ class JobStore:
                     f"Compilation job {name} is {job['CompilationJobStatus']}; only COMPLETED, FAILED or STOPPED "
                     "jobs can be deleted. Stop it first.") from None
             raise
-        if job["CompilationJobStatus"] not in TERMINAL:  # pragma: no cover - guarded by the condition
-            raise ValidationError(f"Compilation job {name} is not in a terminal state")
 
     # -- tags --------------------------------------------------------------------------------
     def add_tags(self, name: str, tags: list[dict[str, str]]) -> list[dict[str, str]]:
