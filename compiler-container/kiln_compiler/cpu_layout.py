@@ -30,7 +30,7 @@ def _same_shape(a: Any, b: Any) -> bool:
 
 
 @mutator
-class _SumRewriter(PyExprMutator):  # type: ignore[misc]
+class _SumRewriter(PyExprMutator):
     def __init__(self, mod: tvm.IRModule) -> None:
         super().__init__(mod)
 
@@ -46,7 +46,7 @@ class _SumRewriter(PyExprMutator):  # type: ignore[misc]
             return seen.args[0]
         return expr
 
-    def visit_tuple_getitem_(self, op: relax.TupleGetItem) -> Any:  # noqa: D102
+    def visit_tuple_getitem_(self, op: relax.TupleGetItem) -> Any:
         op = super().visit_tuple_getitem_(op)
         src = op.tuple_value
         bound = self.lookup_binding(src) if isinstance(src, relax.Var) else src
@@ -55,7 +55,7 @@ class _SumRewriter(PyExprMutator):  # type: ignore[misc]
             return bound.args[0]  # inference: dropout is the identity
         return op
 
-    def visit_call_(self, call: relax.Call) -> Any:  # noqa: D102
+    def visit_call_(self, call: relax.Call) -> Any:
         call = super().visit_call_(call)
         if call.op != tvm.ir.Op.get("relax.sum") or call.attrs.keepdims:
             return call
@@ -100,7 +100,7 @@ def to_nhwc() -> list[tvm.transform.Pass]:
     """Passes that convert conv2d (and what follows it) to NHWC / HWIO."""
     return [
         relax.transform.DecomposeOpsForInference(),
-        SimplifySum(),  # type: ignore[list-item]
+        SimplifySum(),
         relax.transform.CanonicalizeBindings(),  # ConvertLayout loses the layout across aliases
         relax.transform.FoldConstant(),  # bias reshapes: ConvertLayout trips over shape tuples
         relax.transform.DeadCodeElimination(),

@@ -1,12 +1,17 @@
 """Turn a Relax IRModule into a VM executable: tuning records first, default schedules after.
 
-CPU (llvm) targets get Kiln's default schedules for every kernel that has no tuning record:
-the anchor reduction of a fused kernel (conv2d, matmul/dense, pooling) is register-tiled
-(a vectorised innermost output axis x an unrolled second axis), its reduction loops run
-inside the tile, fused elementwise epilogues are inlined into the tile's write-back, the
-outer loops run in parallel, and constant weights are re-packed into the tile's access
-order at compile time (MetaSchedule's RewriteLayout + SplitLayoutRewritePreproc, folded
-by FoldConstant). Everything else is parallelised and vectorised.
+CPU (llvm) targets first convert convolutions to NHWC with HWIO weights (cpu_layout.py:
+output channels become the contiguous innermost axis; ONNX Sum is simplified to adds).
+Every kernel without a tuning record then gets Kiln's default schedule: the anchor
+reduction of a fused kernel (conv2d, matmul/dense, pooling) is register-tiled as
+rh x rw output pixels x 1-2 vectors of output channels (AVX-512 16 lanes, AVX2 8, NEON 4),
+the reduction (kh, kw, ic) runs inside the tile with the accumulators in registers, fused
+elementwise epilogues (bias, batch norm, residual add, relu) are inlined into the tile's
+write-back, the outer loops are fused and parallel, and the constant weights are re-packed
+into the tile's access order ([oc/vec, kh, kw, ic, vec]) at compile time (MetaSchedule's
+RewriteLayout + SplitLayoutRewritePreproc, folded by FoldConstant). Everything else is
+parallelised and vectorised. ``default_schedules=False`` is the plain reference build
+(NCHW, TOPI's unscheduled loops) that the tests compare against.
 
 Weights must be bound as constants in ``mod`` (``from_onnx(..., keep_params_in_input=False)``):
 the weight re-packing is only folded away for constants; weights passed as inputs would be
@@ -191,27 +196,21 @@ def _schedule_anchor(sch: Schedule, block: Any, lanes: int) -> bool:
     else:
         pix = []
     budget = _register_budget(lanes)
-    vec_f = _vector_factor(extents[vec], lanes, 2 if pix else 4)
-    nvec = -(-vec_f // lanes)
-    pix_extent = 1
-    for i in pix:
-        pix_extent *= extents[i]
-    def rows(nv: int) -> tuple[list[int], int]:
-        """Pixel axes to tile and the tile: along the output row when it divides well (affine
-        indices keep the weight re-pack possible), else along all pixels fused."""
+    # the tile: rh x rw output pixels (rw along the row) x nvec vectors of channels, with
+    # rh | H and rw | W so every index stays affine (exact write-back, weights re-packable)
+    ph, pw = (pix[-2], pix[-1]) if len(pix) >= 2 else (None, pix[-1] if pix else None)
+    best: tuple[int, int, int, int] | None = None  # (score, vec_f, rh, rw)
+    for max_vectors in (2, 1) if pix else (4,):
+        vf = _vector_factor(extents[vec], lanes, max_vectors)
+        nv = -(-vf // lanes)
         limit = max(1, min(14, budget // nv))
-        if not pix:
-            return [], 1
-        along_row = _pick_factor(extents[pix[-1]], limit)
-        if along_row >= min(4, extents[pix[-1]]) or len(pix) == 1:
-            return [pix[-1]], along_row
-        return pix, _pick_factor(pix_extent, limit)
-
-    tiled, reg_f = rows(nvec)
-    if pix and reg_f < 4 and nvec > 1:  # awkward pixel count: trade a vector column for rows
-        vec_f = _vector_factor(extents[vec], lanes, 1)
-        nvec = -(-vec_f // lanes)
-        tiled, reg_f = rows(nvec)
+        rw = _pick_factor(extents[pw], limit) if pw is not None else 1
+        rh = _pick_factor(extents[ph], max(1, limit // rw)) if ph is not None else 1
+        score = rh * rw * min(vf, nv * lanes)
+        if best is None or score > best[0]:
+            best = (score, vf, rh, rw)
+    assert best is not None
+    _, vec_f, rh, rw = best
 
     # epilogues: inline elementwise consumers into the write-back of the tile
     wb_block = sch.cache_write(block, 0, "local")
@@ -226,23 +225,26 @@ def _schedule_anchor(sch: Schedule, block: Any, lanes: int) -> bool:
 
     loops = sch.get_loops(block)
     vo, vi = sch.split(loops[vec], [None, vec_f])
-    ro = ri = None
-    if tiled:
-        p_loop = sch.fuse(*[loops[i] for i in tiled]) if len(tiled) > 1 else loops[tiled[0]]
-        ro, ri = sch.split(p_loop, [None, reg_f])
-    outer = [loops[i] for i in sp if i != vec and i not in tiled]
+    tile_outer, tile_inner = [], []
+    for axis, factor in ((ph, rh), (pw, rw)):
+        if axis is None:
+            continue
+        o, i = sch.split(loops[axis], [None, factor])
+        tile_outer.append(o)
+        tile_inner.append(i)
+    outer = [loops[i] for i in sp if i not in (vec, ph, pw)]
     # weight panel for one channel tile: keep it hot across pixel tiles when it fits L1/L2
     red_extent = 1
     for i in rd:
         red_extent *= extents[i]
     panel_bytes = red_extent * vec_f * 4
-    if ro is None:
+    if not tile_outer:
         outer.append(vo)
     elif panel_bytes <= 128 * 1024:
-        outer += [vo, ro]
+        outer += [vo, *tile_outer]
     else:
-        outer += [ro, vo]
-    inner = ([ri] if ri is not None else []) + [vi]
+        outer += [*tile_outer, vo]
+    inner = [*tile_inner, vi]
     sch.reorder(*outer, *[loops[i] for i in rd], *inner)
     fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
     sch.reverse_compute_at(wb_block, fused)
@@ -253,8 +255,8 @@ def _schedule_anchor(sch: Schedule, block: Any, lanes: int) -> bool:
         if len(wb_loops) > 1:
             sch.unroll(wb_loops[-2])
     sch.parallel(fused)
-    if ri is not None:
-        sch.unroll(ri)
+    for loop in tile_inner:
+        sch.unroll(loop)
     sch.vectorize(vi)
     sch.decompose_reduction(block, loops[rd[0]])
     return True

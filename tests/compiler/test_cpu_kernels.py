@@ -1,0 +1,122 @@
+"""Kiln's NHWC register-tiled CPU kernels against the unscheduled (NCHW, plain TOPI) build.
+
+Tolerance: fp32 summation order differs (tiles, vector lanes), so rtol/atol 1e-4 on
+unit-scale data; whole models compare logits with 1e-3 of their largest magnitude.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import pytest
+
+tvm = pytest.importorskip("tvm")
+from kiln_compiler.tvm_pipeline import compile_relax  # noqa: E402
+from tvm import relax  # noqa: E402
+from tvm.script import relax as R  # noqa: E402
+
+os.environ.setdefault("TVM_NUM_THREADS", "2")
+AVX2 = {"kind": "llvm", "mcpu": "haswell"}  # every x86 CI host has it
+RTOL, ATOL = 1e-4, 1e-4
+
+
+def _has_avx512() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return "avx512f" in f.read()
+    except OSError:
+        return False
+
+
+TARGETS = [AVX2] + ([{"kind": "llvm", "mcpu": "skylake-avx512"}] if _has_avx512() else [])
+
+
+def _run(mod: Any, x: np.ndarray, target: dict[str, Any], default_schedules: bool) -> np.ndarray:
+    ex = compile_relax(mod, target, default_schedules=default_schedules).executable
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    return vm["main"](tvm.runtime.tensor(x)).numpy()
+
+
+def _conv_block(cin: int, cout: int, k: int, stride: int, pad: int, hw: int, groups: int, seed: int) -> Any:
+    """conv2d (+ per-channel bias, batch-norm-like scale, relu) with constant weights."""
+    rng = np.random.default_rng(seed)
+    w = relax.const(rng.standard_normal((cout, cin // groups, k, k)).astype("float32") / np.sqrt(cin * k * k / groups))
+    bias = relax.const(rng.standard_normal((1, cout, 1, 1)).astype("float32"))
+    scale = relax.const(rng.uniform(0.5, 1.5, (1, cout, 1, 1)).astype("float32"))
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", R.Tensor((1, cin, hw, hw), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.nn.conv2d(x, w, strides=stride, padding=pad, groups=groups))
+            y = bb.emit(relax.op.multiply(relax.op.add(y, bias), scale))
+            out = bb.emit_output(bb.emit(relax.op.nn.relu(y)))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+CONVS = {
+    # name: (cin, cout, k, stride, pad, hw, groups)
+    "3x3_s1": (64, 64, 3, 1, 1, 14, 1),
+    "1x1": (256, 64, 1, 1, 0, 28, 1),
+    "1x1_s2": (64, 128, 1, 2, 0, 28, 1),
+    "7x7_s2_rgb": (3, 64, 7, 2, 3, 56, 1),
+    "3x3_s2": (32, 64, 3, 2, 1, 28, 1),
+    "odd_width": (16, 48, 3, 1, 1, 13, 1),
+    "channels_not_vector_multiple": (12, 1000, 1, 1, 0, 13, 1),
+    "channels_24": (3, 24, 3, 2, 1, 29, 1),
+    "grouped": (240, 240, 1, 1, 0, 14, 3),
+    "depthwise_3x3": (60, 60, 3, 1, 1, 14, 60),
+    "depthwise_3x3_s2": (60, 60, 3, 2, 1, 15, 60),
+}
+
+
+@pytest.mark.parametrize("target", TARGETS, ids=lambda t: t["mcpu"])
+@pytest.mark.parametrize("name", list(CONVS))
+def test_conv_kernel_matches_unscheduled(name: str, target: dict[str, Any]) -> None:
+    # GIVEN a conv2d block of a shape that real models use
+    cin, cout, k, stride, pad, hw, groups = CONVS[name]
+    mod = _conv_block(cin, cout, k, stride, pad, hw, groups, seed=len(name))
+    x = np.random.default_rng(0).standard_normal((1, cin, hw, hw)).astype("float32")
+    # WHEN built with Kiln's kernels and without any schedule
+    got, want = _run(mod, x, target, True), _run(mod, x, target, False)
+    # THEN the outputs agree
+    np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
+
+
+def test_pool_concat_sum_match_unscheduled() -> None:
+    # GIVEN two conv branches, an ONNX-style Sum (stack + sum), concat, max-pool and mean
+    rng = np.random.default_rng(3)
+    w1 = relax.const(rng.standard_normal((16, 8, 3, 3)).astype("float32") / 8)
+    w2 = relax.const(rng.standard_normal((16, 8, 1, 1)).astype("float32") / 3)
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", R.Tensor((1, 8, 15, 15), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            a = bb.emit(relax.op.nn.conv2d(x, w1, padding=1))
+            b = bb.emit(relax.op.nn.conv2d(x, w2))
+            s = bb.emit(relax.op.sum(relax.op.stack([a, b], axis=0), axis=[0]))
+            c = bb.emit(relax.op.concat([s, a], axis=1))
+            p = bb.emit(relax.op.nn.max_pool2d(c, pool_size=3, strides=2, padding=1))
+            out = bb.emit_output(bb.emit(relax.op.mean(p, axis=[2, 3], keepdims=True)))
+        bb.emit_func_output(out)
+    xs = rng.standard_normal((1, 8, 15, 15)).astype("float32")
+    # WHEN built both ways  THEN the outputs agree
+    np.testing.assert_allclose(_run(bb.get(), xs, AVX2, True), _run(bb.get(), xs, AVX2, False), rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("model_name", ["squeezenet", "shufflenet"])
+def test_real_model_matches_unscheduled(model_name: str) -> None:
+    # GIVEN a light real architecture (materialized weights) without its softmax
+    from kiln_compiler.samples import input_shapes, load_light_model
+    from tvm.relax.frontend.onnx import from_onnx
+
+    model = load_light_model(model_name, strip_softmax=True)
+    shapes = input_shapes(model)
+    mod = from_onnx(model, shape_dict=shapes, keep_params_in_input=False)
+    x = np.random.default_rng(2).random(next(iter(shapes.values()))).astype("float32")
+    # WHEN built with Kiln's kernels and without schedules
+    got, want = _run(mod, x, AVX2, True), _run(mod, x, AVX2, False)
+    # THEN logits agree to 1e-4 of their scale (a wrong tile would be off by far more)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(np.abs(want).max()))
