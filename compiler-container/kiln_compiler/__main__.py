@@ -70,8 +70,7 @@ def main() -> int:
         log.exception("internal error")
         reporter.failure("ServerError", f"ServerError: internal compiler error ({type(exc).__name__})")
         return 2
-    reporter.success(output)
-    return 0
+    return 0 if reporter.success(output) else JobAborted.exit_code
 
 
 if __name__ == "__main__":

@@ -130,12 +130,19 @@ class Reporter:
         if self._thread is not None:
             self._thread.join(timeout=5)
 
-    def success(self, output: dict[str, Any]) -> None:
+    def success(self, output: dict[str, Any]) -> bool:
+        """Report the result; False when the workflow no longer takes it (stopped or timed out)."""
         self.stop()
         if self.token:
-            self.client.send_task_success(taskToken=self.token, output=json.dumps(output))
+            try:
+                self.client.send_task_success(taskToken=self.token, output=json.dumps(output))
+            except BotoClientError as exc:
+                log.error("SendTaskSuccess refused (%s): the workflow no longer waits for this job",
+                          exc.response.get("Error", {}).get("Code"))
+                return False
         else:
             print(json.dumps(output), flush=True)
+        return True
 
     def failure(self, error: str, cause: str) -> None:
         self.stop()

@@ -147,8 +147,10 @@ def test_task_token_reports_through_step_functions(buckets: Any, aws_env: dict[s
     proc = _run(_job("e2e-token", "s3://user-models/in/s.tar.gz"), aws_env, tmp_path,
                 KILN_TASK_TOKEN="token-123", KILN_HEARTBEAT_SECONDS="1", KILN_LOG_LEVEL="DEBUG",
                 KILN_TOKEN_GRACE_SECONDS="600")
-    # THEN it succeeds, reports through SendTaskSuccess (not stdout) and uploads the artifact
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    # THEN it compiles, reports through SendTaskSuccess (not stdout) and uploads the artifact. No execution
+    # waits on this made-up token: moto may accept or refuse the answer, and the exit code must say which
+    refused = "the workflow no longer waits for this job" in proc.stderr
+    assert proc.returncode == (3 if refused else 0), proc.stderr[-2000:]
     assert proc.stdout.strip() == ""
     assert "SendTaskHeartbeat" in proc.stderr and "SendTaskSuccess" in proc.stderr
     assert buckets.head_object(Bucket="user-out", Key="compiled/s-ml_c4.tar.gz")["ContentLength"] > 0

@@ -14,7 +14,9 @@
    (MaxPendingTimeInSeconds). :func:`patch_heartbeat_timeout_name` restores AWS's name.
 5. moto's UpdateModelPackage clears the approval status when a request omits it:
    :func:`patch_update_model_package_keeps_fields` keeps omitted fields, as AWS does.
-6. moto's ECS/Batch never run containers. :func:`patch_container_runner` hands each RunTask /
+6. moto lets a second SendTaskSuccess/Failure overwrite the first answer to a task token before
+   the state consumes it (AWS accepts one answer): :func:`patch_first_token_answer_wins`.
+7. moto's ECS/Batch never run containers. :func:`patch_container_runner` hands each RunTask /
    SubmitJob to a callback (the local runner starts the real compiler entrypoint as a process),
    and StopTask / TerminateJob to another.
 
@@ -128,6 +130,25 @@ def patch_heartbeat_timeout_name() -> None:
     _applied.add("heartbeat")
 
 
+def patch_first_token_answer_wins() -> None:
+    """A task token takes one answer; later ones are refused (InvalidToken), as in AWS."""
+    if "first_answer" in _applied:
+        return
+    from moto.stepfunctions.parser.asl.eval.callback.callback import CallbackPoolManager
+
+    original = CallbackPoolManager.notify
+    _originals["callback_notify"] = original
+
+    def notify(self: Any, callback_id: Any, outcome: Any) -> bool:
+        endpoint = self._pool.get(callback_id)
+        if endpoint is not None and endpoint.get_outcome() is not None:
+            return False
+        return bool(original(self, callback_id, outcome))
+
+    CallbackPoolManager.notify = notify  # type: ignore[method-assign]
+    _applied.add("first_answer")
+
+
 def upstream_still_needs_patches() -> dict[str, bool]:
     """For each moto workaround, whether moto's own (unpatched) code still has the defect.
 
@@ -145,7 +166,12 @@ def upstream_still_needs_patches() -> dict[str, bool]:
         "_normalise_parameters", StateTaskService.__dict__["_normalise_parameters"])
     failure = _originals.get("send_task_failure") or StepFunctionResponse.send_task_failure
     from_error = _originals.get("task_from_error") or StateTask._from_error
+    from moto.stepfunctions.parser.asl.eval.callback.callback import CallbackPoolManager
+
+    notify = _originals.get("callback_notify") or CallbackPoolManager.notify
     return {
+        "first_answer_wins": "get_outcome" not in inspect.getsource(notify)
+                             and "_outcome" not in inspect.getsource(notify),
         "normalisation": "_to_boto_request" not in inspect.getsource(normalise),
         "failure_cause": "cause" not in inspect.getsource(failure),
         "heartbeat_timeout_name": "Heartbeat" not in inspect.getsource(from_error),
