@@ -73,3 +73,15 @@ def test_no_tuning_for_a_target_this_machine_cannot_run(tmp_path: Path) -> None:
                            database=TuningDatabase(tmp_path / "db"), deadline=time.time() + 60)
     assert result.summary["tuned"] == 0
     assert result.summary["default"] >= 1
+
+
+def test_tuning_order_measures_compute_bound_kernels_only() -> None:
+    # GIVEN the kernels of a fused network
+    from kiln_compiler.tuning import _tuning_order
+
+    names = ["transpose3", "fused_matmul_add", "concatenate1", "fused_conv2d1_add_relu", "max_pool2d",
+             "fused_conv2d_add_relu", "reshape2"]
+    # WHEN ordered for tuning
+    order = _tuning_order(names)
+    # THEN convolutions come first, then matmuls and pools; memory-bound copies are not tuned at all
+    assert order == ["fused_conv2d1_add_relu", "fused_conv2d_add_relu", "fused_matmul_add", "max_pool2d"]
