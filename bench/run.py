@@ -60,6 +60,10 @@ def main() -> None:
     ap.add_argument("--tune-minutes", type=float, default=None)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=20)
+    ap.add_argument("--models", help="comma-separated models to measure untuned (default: all five)")
+    ap.add_argument("--tune-models", help="comma-separated models to measure after tuning (default: all)")
+    ap.add_argument("--curve-model", help="the model of the ratio-vs-tuning-minutes curve")
+    ap.add_argument("--curve-points", help="comma-separated cumulative tuning minutes for the curve")
     args = ap.parse_args()
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
 
@@ -73,10 +77,18 @@ def main() -> None:
     from tvm.relax.frontend.onnx import from_onnx
 
     names = ["squeezenet", "resnet50"] if args.quick else list(MODELS)
+    if args.models:
+        names = args.models.split(",")
     tune_minutes = args.tune_minutes if args.tune_minutes is not None else (2.0 if args.quick else 15.0)
     tuned_models = ["squeezenet"] if args.quick else names
-    curve_model = "squeezenet" if args.quick else "resnet50"
+    if args.tune_models is not None:
+        tuned_models = [m for m in args.tune_models.split(",") if m]
+    curve_model = args.curve_model or ("squeezenet" if args.quick else "resnet50")
     curve_points = [0.5, 1.0, 2.0] if args.quick else [1.0, 3.0, 7.0, 15.0]
+    if args.curve_points:
+        curve_points = [float(p) for p in args.curve_points.split(",")]
+    if curve_model not in names:
+        names.append(curve_model)
     target = host_target()
     rows, curve = [], []
 
