@@ -4,6 +4,9 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.kiln-installed
+# The MXNET framework's isolated environment (mxnet 1.9.1 has no Python 3.11 wheel); see requirements/mxnet.txt.
+MXNET_PYTHON ?= python3.9
+MXNET_VENV := .venv-mxnet
 export JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION := 20
 export TVM_NUM_THREADS ?= 2
 PYTEST_ARGS ?=
@@ -21,13 +24,20 @@ debian-packages:
 	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends $$missing; \
 	fi
 
-$(STAMP): pyproject.toml requirements/base.txt requirements/compiler.txt requirements/dev.txt requirements/debian.txt
+$(STAMP): pyproject.toml requirements/base.txt requirements/compiler.txt requirements/dev.txt requirements/debian.txt \
+          requirements/mxnet.txt
 	@$(MAKE) --no-print-directory debian-packages
 	@command -v $(PYTHON) >/dev/null || { echo "Python 3.11 is required ($(PYTHON) not found)"; exit 1; }
 	@[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements/dev.txt
 	$(PY) -m pip install -q --no-deps -e .
+	@[ -x $(MXNET_VENV)/bin/python ] || { \
+	  py=$$(for c in $(MXNET_PYTHON) $$HOME/.pyenv/versions/3.9*/bin/python3.9; do \
+	    $$c -c 'import sys; assert sys.version_info[:2] == (3, 9)' 2>/dev/null && echo $$c && break; done); \
+	  [ -n "$$py" ] || { echo "Python 3.9 is required for the MXNET framework ($(MXNET_PYTHON) not found)"; exit 1; }; \
+	  $$py -m venv $(MXNET_VENV); }
+	$(MXNET_VENV)/bin/python -m pip install -q -r requirements/mxnet.txt
 	@touch $@
 
 demo: install

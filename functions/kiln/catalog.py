@@ -37,10 +37,8 @@ TREE_FRAMEWORKS = ("XGBOOST", "SKLEARN")
 ALL_FRAMEWORKS = NEURAL_FRAMEWORKS + TREE_FRAMEWORKS
 # Frameworks SageMaker accepts that this deployment's compiler cannot load yet, and why; the API
 # refuses them at create time (tests/compiler checks this matches the compiler's loaders).
-UNAVAILABLE_FRAMEWORKS = {
-    "MXNET": "MXNet 1.9 needs numpy 1.23 and has no Python 3.11 build; export the model to ONNX "
-             "(mx.onnx.export_model) and compile it as ONNX",
-}
+# Empty: every framework above has a loader (MXNET runs in its own Python 3.9 environment).
+UNAVAILABLE_FRAMEWORKS: dict[str, str] = {}
 # coremltools converts TensorFlow/Keras and PyTorch models only (as in SageMaker Neo).
 COREML_FRAMEWORKS = ("TENSORFLOW", "KERAS", "PYTORCH")
 

@@ -22,6 +22,8 @@ FRAMEWORK_VERSION_FRAMEWORKS = ("MXNET", "PYTORCH", "TENSORFLOW", "TFLITE")
 # Frameworks whose DataInputConfig shapes are NHWC (the others are NCHW).
 NHWC_FRAMEWORKS = ("TENSORFLOW", "TFLITE")
 NO_INPUT_CONFIG_FRAMEWORKS = ("XGBOOST", "SKLEARN")
+# Frameworks whose saved models do not record input shapes (MXNet symbols).
+DATA_INPUT_CONFIG_REQUIRED = ("MXNET",)
 
 # SageMaker's default limits for a compilation job where StoppingCondition leaves them out.
 DEFAULT_MAX_RUNTIME_SECONDS = 900
@@ -288,6 +290,10 @@ def _check_input_config(config: dict[str, Any], target: Target, options: dict[st
             raise RuleError("inputConfig.frameworkVersion",
                             f"Value '{version}' at 'inputConfig.frameworkVersion' must be a version such as '2.4'")
     check_framework_target(framework, target, options)
+    if framework in DATA_INPUT_CONFIG_REQUIRED and not config.get("DataInputConfig"):
+        raise RuleError("inputConfig.dataInputConfig",
+                        f"Value null at 'inputConfig.dataInputConfig' failed to satisfy constraint: {framework} models "
+                        "do not carry their input shapes; give them, e.g. {\"data\": [1, 3, 224, 224]}")
     parse_data_input_config(config.get("DataInputConfig"), framework, target)
     if "allow_pickle" in options and framework not in NO_INPUT_CONFIG_FRAMEWORKS:
         raise RuleError("outputConfig.compilerOptions",

@@ -458,14 +458,23 @@ def test_tag_keys_must_be_unique_and_not_reserved() -> None:
     rules.check_tags(None)
 
 
-@pytest.mark.parametrize("framework", sorted(UNAVAILABLE_FRAMEWORKS))
-def test_frameworks_this_deployment_cannot_load_are_refused_with_a_way_out(framework: str) -> None:
-    # GIVEN a framework SageMaker accepts but Kiln's compiler cannot load
-    request = request_for(framework, '{"data": [1, 3, 224, 224]}')
+def test_every_framework_sagemaker_accepts_is_loadable_so_none_is_refused() -> None:
+    # GIVEN this deployment's list of frameworks its compiler cannot load (MXNET left it when it got a loader)
+    # WHEN an MXNet model is asked for
+    target = rules.check_create(request_for("MXNET", '{"data": [1, 3, 224, 224]}'), CATALOG)
+    # THEN nothing is listed as unavailable and the request is accepted
+    assert UNAVAILABLE_FRAMEWORKS == {}
+    assert target.name == "ml_c4"
+
+
+def test_a_framework_listed_as_unavailable_is_refused_with_a_way_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    # GIVEN a framework SageMaker accepts, listed as one this deployment's compiler cannot load
+    monkeypatch.setitem(UNAVAILABLE_FRAMEWORKS, "MXNET", "export the model to ONNX and compile it as ONNX")
+    request = request_for("MXNET", '{"data": [1, 3, 224, 224]}')
     # WHEN the rules run
     message = refused(request)
-    # THEN the error names the member, the framework and what to do instead (export to ONNX)
-    assert f"Value '{framework}' at 'inputConfig.framework'" in message
+    # THEN the error names the member, the framework and what to do instead (the listed reason)
+    assert "Value 'MXNET' at 'inputConfig.framework'" in message
     assert "not supported by this deployment" in message and "ONNX" in message
 
 
@@ -477,3 +486,13 @@ def test_neural_networks_for_32_bit_windows_are_refused_trees_accepted() -> None
     # THEN the network is refused naming what the target supports, and the tree ensemble is accepted
     assert "inputConfig.framework" in message and "'x86_win32' supports XGBOOST, SKLEARN" in message
     assert target.name == "x86_win32"
+
+
+def test_mxnet_needs_data_input_config_at_create() -> None:
+    # GIVEN an MXNet job without DataInputConfig (an MXNet symbol does not record input shapes)
+    request = request_for("MXNET", None)
+    # WHEN the rules run THEN it is refused at create, naming the member, not later by the compiler
+    message = refused(request)
+    assert "inputConfig.dataInputConfig" in message and "MXNET" in message
+    # AND with shapes it is accepted
+    assert rules.check_create(request_for("MXNET", '{"data": [1, 3, 224, 224]}'), CATALOG).name == "ml_c4"

@@ -44,6 +44,7 @@ _REGISTRY: dict[str, str] = {
     "TENSORFLOW": "kiln_compiler.loaders.tensorflow",
     "KERAS": "kiln_compiler.loaders.keras",
     "DARKNET": "kiln_compiler.loaders.darknet",
+    "MXNET": "kiln_compiler.loaders.mxnet",
 }
 
 
