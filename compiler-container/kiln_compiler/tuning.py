@@ -89,7 +89,9 @@ class TuningDatabase:
         return self.local_dir / _RECORD_FILES[1]
 
     def _bucket_prefix(self) -> tuple[str, str]:
-        bucket, _, prefix = self.location[len("s3://"):].partition("/")
+        from .aws import split_s3_uri
+
+        bucket, prefix = split_s3_uri(self.location)
         return bucket, prefix.rstrip("/")
 
     def _client(self) -> Any:
