@@ -14,7 +14,7 @@ def test_each_moto_workaround_is_still_needed():
     status = moto_patches.upstream_still_needs_patches()
     # THEN every defect is still there (a False means upstream fixed it: delete that patch and this key)
     assert status == {"normalisation": True, "failure_cause": True, "heartbeat_timeout_name": True,
-                      "first_answer_wins": True}
+                      "first_answer_wins": True, "dynamodb_atomic_writes": True}
 
 
 def test_ecs_parameters_are_normalised_once_patched():

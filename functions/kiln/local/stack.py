@@ -256,6 +256,7 @@ class EmbeddedStack:
         moto_patches.patch_send_task_failure_cause()
         moto_patches.patch_heartbeat_timeout_name()
         moto_patches.patch_first_token_answer_wins()
+        moto_patches.patch_dynamodb_atomic_writes()
         moto_patches.patch_container_runner(self.runner.start, self.runner.stop)
         moto_patches.patch_update_model_package_keeps_fields()
         logging.getLogger("werkzeug").setLevel(logging.WARNING)
