@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from kiln.service import job_arn
 
 
 @pytest.fixture(scope="session")
@@ -53,8 +54,7 @@ def start_with_limits(local_stack: Any, service: Any) -> Callable[..., None]:
     def start(request: dict[str, Any], *, pending: int, runtime: int) -> None:
         now = time.time()
         job = {**{k: v for k, v in request.items() if k != "Tags"},
-               "CompilationJobArn": f"arn:aws:sagemaker:us-east-1:123456789012:compilation-job/"
-                                    f"{request['CompilationJobName']}",
+               "CompilationJobArn": job_arn("us-east-1", "123456789012", request["CompilationJobName"]),
                "CompilationJobStatus": "STARTING", "CreationTime": now, "LastModifiedTime": now,
                "StoppingCondition": {"MaxRuntimeInSeconds": runtime, "MaxPendingTimeInSeconds": pending}}
         service.store.create(job, extra={"Runner": "fargate"})
