@@ -47,6 +47,7 @@ class CompiledRelax:
 
     executable: Any  # relax VM Executable: .export_library(path, fcompile=...)
     summary: dict[str, int] = field(default_factory=lambda: {"tuned": 0, "reused": 0, "default": 0})
+    unscheduled: list[str] = field(default_factory=list)  # kernels the default schedule could not handle
 
 
 def make_target(target: dict[str, Any], host: dict[str, Any] | None = None) -> tvm.target.Target:
@@ -110,7 +111,13 @@ def _vars_in(regions: Any) -> set[Any]:
 
 
 def _schedule_elementwise(sch: Schedule, block: Any, lanes: int) -> None:
-    """Fuse spatial loops, run the outer part in parallel and vectorise the inner part."""
+    """Parallel outer loops, vectorised innermost axis.
+
+    The innermost axis (channels in NHWC) stays its own loop, split into whole vectors: fusing
+    it with the outer axes made a per-channel operand's index a modulo of the fused index, which
+    LLVM turns into gathers (DenseNet's batch norms ran 20x slower than a copy). An innermost
+    axis narrower than a vector is fused with its neighbours instead.
+    """
     b = sch.get(block)
     loops = sch.get_loops(block)
     if not loops:
@@ -119,7 +126,6 @@ def _schedule_elementwise(sch: Schedule, block: Any, lanes: int) -> None:
         not isinstance(sch.get(lp).extent, tirx.IntImm) for lp in loops
     ):
         return
-    spatial = [lp for lp, iv in zip(loops, b.iter_vars, strict=True) if iv.iter_type == _DATA_PAR]
     n_lead = 0
     for iv in b.iter_vars:
         if iv.iter_type != _DATA_PAR:
@@ -127,18 +133,63 @@ def _schedule_elementwise(sch: Schedule, block: Any, lanes: int) -> None:
         n_lead += 1
     if n_lead == 0:
         return
-    lead = spatial[:n_lead]
+    lead = list(loops[:n_lead])
+    all_spatial = n_lead == len(loops)
+    if all_spatial:
+        # widen the vectorised axis until it holds at least one vector
+        inner = [lead.pop()]
+        while lead and _extent(sch, inner) < lanes:
+            inner.insert(0, lead.pop())
+        width = _extent(sch, inner)
+        fused_inner = sch.fuse(*inner) if len(inner) > 1 else inner[0]
+        if width >= lanes:
+            vec = next((lanes * n for n in (4, 2, 1) if width % (lanes * n) == 0), 0) \
+                or _pick_factor(width, lanes * 4, lanes)
+            if vec > 1 and vec < width:
+                io, ii = sch.split(fused_inner, [None, vec])
+                lead.append(io)
+                fused_inner = ii
+            sch.vectorize(fused_inner)
+        else:
+            lead.append(fused_inner)
+    if not lead:
+        return
     fused = sch.fuse(*lead) if len(lead) > 1 else lead[0]
-    extent = int(sch.get(fused).extent)
-    if n_lead == len(loops) and extent >= 2 * lanes:
-        vec = _pick_factor(extent, lanes * 4, lanes)
-        if vec > 1:
-            outer, inner = sch.split(fused, [None, vec])
-            sch.vectorize(inner)
-            sch.parallel(outer)
-            return
-    if extent > 1:
+    if int(sch.get(fused).extent) > 1:
         sch.parallel(fused)
+
+
+def _extent(sch: Schedule, loops: list[Any]) -> int:
+    n = 1
+    for lp in loops:
+        n *= int(sch.get(lp).extent)
+    return n
+
+
+def _inline_intermediates(sch: Schedule, root: Any, anchor: Any | None) -> None:
+    """Inline every block whose result is not a function output (injective chains, pads, bias
+    broadcasts): a fused batch norm + relu is one pass over memory instead of seven. The
+    anchor's producers (a padded input) stay materialised: inlined, a pad's bounds check would
+    run in the convolution's innermost loop."""
+    changed = True
+    while changed:
+        changed = False
+        for blk in sch.get_child_blocks(root):
+            if _writes_output(sch, blk) or not _is_at_root(sch, blk):
+                continue  # outputs, and the blocks of a scheduled tile, stay
+            if anchor is not None and any(c.same_as(anchor) for c in sch.get_consumers(blk)):
+                continue
+            try:
+                sch.compute_inline(blk)
+                changed = True
+                break
+            except Exception:
+                continue
+
+
+def _writes_output(sch: Schedule, blk: Any) -> bool:
+    params = sch.mod["main"].params  # TVM 0.27: PrimFunc parameters are the buffers
+    return any(any(w.source.same_as(p) for p in params) for w in sch.get(blk).writes)
 
 
 def _vector_factor(extent: int, lanes: int, max_vectors: int) -> int:
@@ -247,9 +298,12 @@ def _schedule_anchor(sch: Schedule, block: Any, lanes: int) -> bool:
 
     # epilogues: inline elementwise consumers into the write-back of the tile
     wb_block = sch.cache_write(block, 0, "local")
+    out_shape = [int(d) for d in sch.get(block).writes[0].source.shape]
     while True:
         consumers = sch.get_consumers(wb_block)
-        if len(consumers) != 1:
+        if len(consumers) != 1 or _iter_extents(sch.get(consumers[0])) != out_shape:
+            # a consumer over a smaller domain (the slice that drops padded channels) would be
+            # inlined over the tile's whole domain by TVM, writing past the end of its buffer
             break
         try:
             sch.reverse_compute_inline(consumers[0])
@@ -299,6 +353,7 @@ def schedule_cpu_func(func: tirx.PrimFunc, lanes: int) -> tirx.PrimFunc:
     blocks = sch.get_child_blocks(root) if root is not None else []
     reductions = [blk for blk in blocks if any(iv.iter_type == _COMM_REDUCE for iv in sch.get(blk).iter_vars)]
     anchored = False
+    anchor = None
     layout_free = [int(i) for i in (func.attrs or {}).get("layout_free_buffers", [])]
     if len(reductions) == 1:
         anchor = reductions[0]
@@ -310,15 +365,13 @@ def schedule_cpu_func(func: tirx.PrimFunc, lanes: int) -> tirx.PrimFunc:
             reads = [r.source for r in sch.get(anchor).reads]
             layout_free = [i for i in layout_free
                            if i < len(func.params) and any(func.params[i].same_as(buf) for buf in reads)]
-        names = [sch.get(blk).name_hint for blk in blocks]
         anchored = _schedule_anchor(sch, anchor, lanes)
-        if anchored:
-            blocks = [sch.get_sblock(n) for n in names if _block_exists(sch, n)]
-            anchor_names = {sch.get(anchor).name_hint}
-            blocks = [blk for blk in blocks if sch.get(blk).name_hint not in anchor_names]
+    if root is not None:
+        _inline_intermediates(sch, root, anchor if anchored else None)
+        blocks = list(sch.get_child_blocks(root))
     for blk in blocks:
         if anchored and not _is_at_root(sch, blk):
-            continue
+            continue  # the anchor's tile (init, update, write-back) is scheduled
         _schedule_elementwise(sch, blk, lanes)
     out = sch.mod["main"]
     if layout_free and anchored:
@@ -353,14 +406,6 @@ def _has_root(sch: Schedule) -> bool:
     return True
 
 
-def _block_exists(sch: Schedule, name: str) -> bool:
-    try:
-        sch.get_sblock(name)
-    except Exception:
-        return False
-    return True
-
-
 def _is_at_root(sch: Schedule, blk: Any) -> bool:
     loops = sch.get_loops(blk)
     if not loops:
@@ -375,6 +420,7 @@ class DefaultCPUSchedule:
     def __init__(self, lanes: int) -> None:
         self.lanes = lanes
         self.scheduled = 0
+        self.failed: list[str] = []
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         updates = {}
@@ -385,6 +431,7 @@ class DefaultCPUSchedule:
                 new = schedule_cpu_func(func, self.lanes)
             except Exception as exc:
                 log.debug("default schedule failed for %s: %s", gv.name_hint, exc)
+                self.failed.append(gv.name_hint)
                 continue
             updates[gv] = new.with_attr("tirx.is_scheduled", True)
         for gv, func in updates.items():
@@ -482,6 +529,7 @@ def compile_relax(
         target = {**target, "num-cores": os.cpu_count() or 1}
     tgt = make_target(target, host)
     summary = {"tuned": 0, "reused": 0, "default": 0}
+    unscheduled: list[str] = []
     if tgt.kind.name != "llvm":
         with tgt:
             lowered = relax.get_default_pipeline(tgt)(mod)
@@ -490,7 +538,7 @@ def compile_relax(
 
     with tgt:
         if default_schedules:
-            mod = tvm.transform.Sequential(to_nhwc())(mod)
+            mod = tvm.transform.Sequential(to_nhwc(vector_lanes(tgt)))(mod)
         fused = tvm.transform.Sequential(_fuse_passes())(mod)
         fused = relax.transform.AttachAttrLayoutFreeBuffers()(fused)
         if database is not None:
@@ -501,6 +549,9 @@ def compile_relax(
             pass_ = DefaultCPUSchedule(vector_lanes(tgt))
             fused = pass_(fused)  # type: ignore[operator]
             summary["default"] = pass_.scheduled
+            unscheduled = pass_.failed
+            if unscheduled:
+                log.warning("%d kernels kept TVM's unscheduled loops: %s", len(unscheduled), ", ".join(unscheduled))
         fused = _rewrite_layouts(fused)
         fused = tvm.transform.Sequential(
             [relax.transform.SplitLayoutRewritePreproc(), relax.transform.FoldConstant(),
@@ -510,4 +561,4 @@ def compile_relax(
     if deadline is not None and time.time() > deadline:
         log.warning("compile passed its deadline before code generation")
     ex = tvm.compile(lowered, target=tgt, relax_pipeline=None)
-    return CompiledRelax(executable=ex, summary=summary)
+    return CompiledRelax(executable=ex, summary=summary, unscheduled=unscheduled)
