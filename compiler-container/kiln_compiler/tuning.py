@@ -311,8 +311,52 @@ def _tuning_order(names: list[str]) -> list[str]:
     return sorted((n for n in names if rank(n) < len(_TUNABLE)), key=lambda n: (rank(n), n))
 
 
-def _tune_worker(funcs: dict[str, str], target_json: str, db_dir: str, budget: int, per_task: int,
-                 stop_at: float | None) -> int:
+def _merge_records(source: TuningDatabase, dest: TuningDatabase) -> int:
+    """Copy every tuning record of ``source`` into ``dest``; returns how many."""
+    src, dst = source.open(), dest.open()
+    n = 0
+    for rec in src.get_all_tuning_records():
+        workload = dst.commit_workload(rec.workload.mod)
+        dst.commit_tuning_record(ms.database.TuningRecord(rec.trace, workload, rec.run_secs, rec.target,
+                                                          rec.args_info))
+        n += 1
+    return n
+
+
+def _record_default_schedule(task_mod: Any, target: Any, builder: Any, runner: Any,
+                             database: TuningDatabase) -> float | None:
+    """Measure Kiln's default schedule of a kernel and commit it as a tuning record.
+
+    The database then holds the default next to the searched candidates and applies whichever
+    measured fastest: a short search no longer replaces a good default schedule with a slower
+    one (SqueezeNet got slower after 3 minutes of tuning than untuned). Returns the seconds per
+    run, or None when the default schedule could not be built or run."""
+    from kiln_compiler.tvm_pipeline import default_schedule, vector_lanes
+
+    func = task_mod["main"]
+    try:
+        sch = default_schedule(func, vector_lanes(target))
+        ms.postproc.RewriteLayout().apply(sch)
+        (built,) = builder.build([ms.builder.BuilderInput(sch.mod, target)])
+        if built.error_msg:
+            raise RuntimeError(built.error_msg)
+        args_info = ms.arg_info.ArgInfo.from_entry_func(sch.mod, remove_preproc=True)
+        (future,) = runner.run([ms.runner.RunnerInput(built.artifact_path, "cpu", args_info)])
+        result = future.result()
+        if result.error_msg or not result.run_secs:
+            raise RuntimeError(result.error_msg or "no measurement")
+        db = database.open()
+        workload = db.commit_workload(task_mod)
+        db.commit_tuning_record(ms.database.TuningRecord(sch.trace, workload, result.run_secs, target, args_info))
+    except Exception as exc:
+        log.info("default schedule of %s not recorded: %s", func.attrs.get("global_symbol", "?")
+                 if func.attrs else "?", exc)
+        return None
+    return float(sum(float(t) for t in result.run_secs) / len(result.run_secs))
+
+
+def _tune_worker(funcs: dict[str, str], target_json: str, db_dir: str, defaults_dir: str, budget: int,
+                 per_task: int, stop_at: float | None) -> int:
     """Child-process body: tune ``funcs`` into the JSON database in ``db_dir``, one kernel at a time.
 
     One kernel per MetaSchedule run: its records are committed when the run ends, so a kill at the
@@ -323,6 +367,7 @@ def _tune_worker(funcs: dict[str, str], target_json: str, db_dir: str, budget: i
 
     target = tvm.target.Target(json.loads(target_json))
     database = TuningDatabase(db_dir)
+    defaults = TuningDatabase(defaults_dir)  # kept apart: the search replays database records as seeds
     trials_left = budget
     tuned = 0
     with tempfile.TemporaryDirectory(prefix="kiln-tune-", ignore_cleanup_errors=True) as work_dir:
@@ -337,8 +382,10 @@ def _tune_worker(funcs: dict[str, str], target_json: str, db_dir: str, budget: i
                 trials = min(per_task, trials_left)
                 if trials <= 0 or (stop_at is not None and time.time() >= stop_at):
                     break
+                task_mod = IRModule({"main": tvm.ir.load_json(funcs[name]).with_attr("global_symbol", "main")})
+                _record_default_schedule(task_mod, target, builder, runner, defaults)
                 task = ms.TuneContext(
-                    mod=IRModule({"main": tvm.ir.load_json(funcs[name]).with_attr("global_symbol", "main")}),
+                    mod=task_mod,
                     target=target,
                     space_generator="post-order-apply",
                     search_strategy=ms.search_strategy.EvolutionarySearch(
@@ -392,16 +439,20 @@ def tune_and_apply(
         funcs = {gv.name_hint: tvm.ir.save_json(f) for gv, f in todo.items()}
         worker = PopenWorker()
         timeout = None if stop_at is None else max(1.0, stop_at - time.time())
-        try:
-            worker.send(_tune_worker, (funcs, json.dumps(_target_dict(target)), str(database.local_dir), budget,
-                                       tuning.trials_per_task if tuning else 64,
-                                       None if stop_at is None else stop_at - 5.0), timeout=timeout)
-            worker.recv()
-        except Exception as exc:
-            log.warning("tuning stopped: %s", type(exc).__name__)
-        finally:
-            worker.kill()
-        _repair_records(database)
+        with tempfile.TemporaryDirectory(prefix="kiln-defaults-") as defaults_dir:
+            try:
+                worker.send(_tune_worker, (funcs, json.dumps(_target_dict(target)), str(database.local_dir),
+                                           defaults_dir, budget, tuning.trials_per_task if tuning else 64,
+                                           None if stop_at is None else stop_at - 5.0), timeout=timeout)
+                worker.recv()
+            except Exception as exc:
+                log.warning("tuning stopped: %s: %s", type(exc).__name__, str(exc)[-2000:])
+            finally:
+                worker.kill()
+            defaults = TuningDatabase(defaults_dir)
+            _repair_records(database)
+            _repair_records(defaults)
+            _merge_records(defaults, database)
         database.upload()
         mod, tuned = apply_database(mod, target, database)
     return mod, {"tuned": tuned, "reused": reused}

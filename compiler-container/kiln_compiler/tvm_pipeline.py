@@ -347,24 +347,28 @@ def _schedule_anchor(sch: Schedule, block: Any, lanes: int) -> bool:
 
 
 def schedule_cpu_func(func: tirx.PrimFunc, lanes: int) -> tirx.PrimFunc:
-    """Kiln's default CPU schedule for one PrimFunc (unchanged on any failure)."""
+    """Kiln's default CPU schedule for one PrimFunc (raises when it does not apply)."""
+    return default_schedule(func, lanes).mod["main"]
+
+
+def default_schedule(func: tirx.PrimFunc, lanes: int) -> Schedule:
+    """The traced schedule of Kiln's default CPU schedule for ``func``.
+
+    Its trace replays on ``func`` (MetaSchedule records it as a tuning candidate, see
+    tuning.py). The returned module's ``layout_free_buffers`` lists only the buffers the anchor
+    tile reads (the weights): a broadcast bias read by the inlined epilogue defeats
+    RewriteLayout's cache-read, and with it the weights' re-pack.
+    """
+    func = _narrow_layout_free(func)
     sch = Schedule(func)
     root = sch.get_sblock("root") if _has_root(sch) else None
     blocks = sch.get_child_blocks(root) if root is not None else []
     reductions = [blk for blk in blocks if any(iv.iter_type == _COMM_REDUCE for iv in sch.get(blk).iter_vars)]
     anchored = False
     anchor = None
-    layout_free = [int(i) for i in (func.attrs or {}).get("layout_free_buffers", [])]
     if len(reductions) == 1:
         anchor = reductions[0]
         _inline_copies(sch, blocks, anchor)
-        blocks = [blk for blk in sch.get_child_blocks(root)] if root is not None else []
-        if layout_free:
-            # only the weights the tile reads are re-packed: a broadcast bias read by the inlined
-            # epilogue defeats RewriteLayout's cache-read (and with it the weights' re-pack)
-            reads = [r.source for r in sch.get(anchor).reads]
-            layout_free = [i for i in layout_free
-                           if i < len(func.params) and any(func.params[i].same_as(buf) for buf in reads)]
         anchored = _schedule_anchor(sch, anchor, lanes)
     if root is not None:
         _inline_intermediates(sch, root, anchor if anchored else None)
@@ -373,12 +377,26 @@ def schedule_cpu_func(func: tirx.PrimFunc, lanes: int) -> tirx.PrimFunc:
         if anchored and not _is_at_root(sch, blk):
             continue  # the anchor's tile (init, update, write-back) is scheduled
         _schedule_elementwise(sch, blk, lanes)
-    out = sch.mod["main"]
-    if layout_free and anchored:
-        out = out.with_attr("layout_free_buffers", layout_free)
-    elif anchored and "layout_free_buffers" in (func.attrs or {}):
-        out = out.without_attr("layout_free_buffers")
-    return out
+    return sch
+
+
+def _narrow_layout_free(func: tirx.PrimFunc) -> tirx.PrimFunc:
+    """Keep in ``layout_free_buffers`` only the constants read by the single reduction block."""
+    layout_free = [int(i) for i in (func.attrs or {}).get("layout_free_buffers", [])]
+    if not layout_free:
+        return func
+    sch = Schedule(func)
+    if not _has_root(sch):
+        return func
+    blocks = sch.get_child_blocks(sch.get_sblock("root"))
+    reductions = [blk for blk in blocks if any(iv.iter_type == _COMM_REDUCE for iv in sch.get(blk).iter_vars)]
+    if len(reductions) != 1:
+        return func
+    reads = [r.source for r in sch.get(reductions[0]).reads]
+    keep = [i for i in layout_free if i < len(func.params) and any(func.params[i].same_as(b) for b in reads)]
+    if not keep:
+        return func.without_attr("layout_free_buffers")
+    return func.with_attr("layout_free_buffers", keep)
 
 
 def _inline_copies(sch: Schedule, blocks: list[Any], anchor: Any) -> None:
@@ -488,6 +506,8 @@ def _rewrite_layouts(mod: tvm.IRModule) -> tvm.IRModule:
         if not isinstance(func, tirx.PrimFunc) or "layout_free_buffers" not in (func.attrs or {}):
             continue
         sch = Schedule(func)
+        if _has_layout_rewrite(sch):
+            continue  # applied from a tuning record whose trace already re-packs the weights
         try:
             if post.apply(sch):
                 updates[gv] = sch.mod["main"]
@@ -496,6 +516,13 @@ def _rewrite_layouts(mod: tvm.IRModule) -> tvm.IRModule:
     for gv, func in updates.items():
         mod[gv] = func
     return mod
+
+
+def _has_layout_rewrite(sch: Schedule) -> bool:
+    if not _has_root(sch):
+        return False
+    return any("meta_schedule.layout_rewrite_preproc" in sch.get(blk).annotations
+               for blk in sch.get_child_blocks(sch.get_sblock("root")))
 
 
 def _compile_reserve(mod: tvm.IRModule) -> float:

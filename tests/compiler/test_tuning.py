@@ -85,3 +85,40 @@ def test_tuning_order_measures_compute_bound_kernels_only() -> None:
     order = _tuning_order(names)
     # THEN convolutions come first, then matmuls and pools; memory-bound copies are not tuned at all
     assert order == ["fused_conv2d1_add_relu", "fused_conv2d_add_relu", "fused_matmul_add", "max_pool2d"]
+
+
+def _conv_module() -> Any:
+    rng = np.random.default_rng(1)
+    w = relax.const(rng.standard_normal((32, 16, 3, 3)).astype("float32") / 12)
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", R.Tensor((1, 16, 14, 14), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            out = bb.emit_output(bb.emit(relax.op.nn.relu(relax.op.nn.conv2d(x, w, padding=1))))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+@pytest.mark.slow
+def test_default_schedule_competes_with_searched_candidates(tmp_path: Path) -> None:
+    # GIVEN a convolution and a search budget of 2 candidates
+    import json
+
+    db = TuningDatabase(tmp_path / "db")
+    x = np.random.default_rng(0).standard_normal((1, 16, 14, 14)).astype("float32")
+    # WHEN it is tuned
+    result = compile_relax(_conv_module(), HOST, tuning=TuningConfig(trials=2), database=db,
+                           deadline=time.time() + 240)
+    # THEN the database holds, for the conv kernel, the searched candidates and Kiln's default
+    #      schedule as a measured record (the database applies whichever ran fastest)
+    assert result.summary["tuned"] >= 1
+    records = [json.loads(line) for line in db.tuning_record_path.read_text().splitlines()]
+    by_workload: dict[int, int] = {}
+    for workload, _ in records:
+        by_workload[workload] = by_workload.get(workload, 0) + 1
+    assert max(by_workload.values()) == 2 + 1
+    # AND the applied schedules compute the right result
+    got = relax.VirtualMachine(result.executable, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+    want = relax.VirtualMachine(compile_relax(_conv_module(), HOST, default_schedules=False).executable,
+                                tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
