@@ -177,7 +177,7 @@ def _inline_intermediates(sch: Schedule, root: Any, anchor: Any | None) -> None:
         for blk in sch.get_child_blocks(root):
             if _writes_output(sch, blk) or not _is_at_root(sch, blk):
                 continue  # outputs, and the blocks of a scheduled tile, stay
-            if anchor is not None and any(c.same_as(anchor) for c in sch.get_consumers(blk)):
+            if anchor is not None and any(sch.get(c).same_as(sch.get(anchor)) for c in sch.get_consumers(blk)):
                 continue
             try:
                 sch.compute_inline(blk)
