@@ -42,6 +42,20 @@ def host_target() -> dict[str, object]:
     return {"kind": "llvm", "mcpu": "skylake-avx512" if "avx512f" in flags else "haswell"}
 
 
+def git_revision() -> str:
+    """The commit measured (with ``+changes`` when the work tree differs from it)."""
+    import subprocess
+
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True,
+                             text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=HERE,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return rev + ("+changes" if dirty else "")
+
+
 def median_ms(fn, repeat: int) -> float:
     import numpy as np
 
@@ -64,6 +78,7 @@ def main() -> None:
     ap.add_argument("--tune-models", help="comma-separated models to measure after tuning (default: all)")
     ap.add_argument("--curve-model", help="the model of the ratio-vs-tuning-minutes curve")
     ap.add_argument("--curve-points", help="comma-separated cumulative tuning minutes for the curve")
+    ap.add_argument("--out", default=str(HERE / "results"), help="results directory")
     args = ap.parse_args()
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
 
@@ -131,8 +146,8 @@ def main() -> None:
             curve.append({"model": curve_model, "tuning_min_total": m, "ratio": row["ratio"],
                           "kiln_ms": row["kiln_ms"], "ort_ms": row["ort_ms"]})
 
-    out = HERE / "results"
-    out.mkdir(exist_ok=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     stem = out / f"{dt.date.today().isoformat()}-{socket.gethostname()}"
     with open(f"{stem}.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -158,6 +173,7 @@ def main() -> None:
         print("matplotlib not installed: curve written as CSV only")
     model_name, flags = cpu_info()
     lines = [f"# Kiln bench {dt.date.today().isoformat()} on {socket.gethostname()}", "",
+             f"- code: {git_revision()}",
              f"- CPU: {model_name}, {os.cpu_count()} logical cores; flags: {flags}",
              f"- threads: TVM_NUM_THREADS={args.threads}, ORT intra_op_num_threads={args.threads}; "
              f"target {target}; batch 1 fp32; median of {args.repeat} runs; quick={args.quick}", "",

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import tvm
+import tvm_ffi
 from tvm.ir.utils import derived_object
 from tvm.s_tir import meta_schedule as ms
 from tvm.support.popen_pool import PopenPoolExecutor
@@ -323,36 +324,50 @@ def _merge_records(source: TuningDatabase, dest: TuningDatabase) -> int:
     return n
 
 
-def _record_default_schedule(task_mod: Any, target: Any, builder: Any, runner: Any,
-                             database: TuningDatabase) -> float | None:
-    """Measure Kiln's default schedule of a kernel and commit it as a tuning record.
+def _record_tile_variants(task_mod: Any, target: Any, builder: Any, runner: Any,
+                          database: TuningDatabase) -> int:
+    """Measure Kiln's default schedule of a kernel and its tile variants; commit them as records.
 
-    The database then holds the default next to the searched candidates and applies whichever
-    measured fastest: a short search no longer replaces a good default schedule with a slower
-    one (SqueezeNet got slower after 3 minutes of tuning than untuned). Returns the seconds per
-    run, or None when the default schedule could not be built or run."""
-    from kiln_compiler.tvm_pipeline import default_schedule, vector_lanes
+    The database then holds Kiln's own schedules next to MetaSchedule's candidates and applies
+    whichever measured fastest: a short search can no longer replace a good default schedule
+    with a slower one, and the tile choices the heuristic guesses (vectors of channels, pixels
+    per tile, loop order) are settled by measurement. Returns how many were recorded."""
+    from kiln_compiler.tvm_pipeline import default_schedule, tile_variants, vector_lanes
 
     func = task_mod["main"]
-    try:
-        sch = default_schedule(func, vector_lanes(target))
-        ms.postproc.RewriteLayout().apply(sch)
-        (built,) = builder.build([ms.builder.BuilderInput(sch.mod, target)])
-        if built.error_msg:
-            raise RuntimeError(built.error_msg)
-        args_info = ms.arg_info.ArgInfo.from_entry_func(sch.mod, remove_preproc=True)
-        (future,) = runner.run([ms.runner.RunnerInput(built.artifact_path, "cpu", args_info)])
-        result = future.result()
-        if result.error_msg or not result.run_secs:
-            raise RuntimeError(result.error_msg or "no measurement")
-        db = database.open()
-        workload = db.commit_workload(task_mod)
-        db.commit_tuning_record(ms.database.TuningRecord(sch.trace, workload, result.run_secs, target, args_info))
-    except Exception as exc:
-        log.info("default schedule of %s not recorded: %s", func.attrs.get("global_symbol", "?")
-                 if func.attrs else "?", exc)
-        return None
-    return float(sum(float(t) for t in result.run_secs) / len(result.run_secs))
+    schedules, seen = [], set()
+    for knobs in tile_variants():
+        try:
+            sch = default_schedule(func, vector_lanes(target), knobs)
+            ms.postproc.RewriteLayout().apply(sch)
+        except Exception as exc:
+            log.debug("tile variant %s does not apply: %s", knobs, exc)
+            continue
+        key = tvm_ffi.structural_hash(sch.mod)
+        if key not in seen:
+            seen.add(key)
+            schedules.append(sch)
+    if not schedules:
+        return 0
+    recorded = 0
+    db = database.open()
+    workload = db.commit_workload(task_mod)
+    built = builder.build([ms.builder.BuilderInput(sch.mod, target) for sch in schedules])
+    for sch, result in zip(schedules, built, strict=True):
+        if result.error_msg:
+            continue
+        try:
+            args_info = ms.arg_info.ArgInfo.from_entry_func(sch.mod, remove_preproc=True)
+            (future,) = runner.run([ms.runner.RunnerInput(result.artifact_path, "cpu", args_info)])
+            measured = future.result()
+            if measured.error_msg or not measured.run_secs:
+                continue
+            db.commit_tuning_record(ms.database.TuningRecord(sch.trace, workload, measured.run_secs, target,
+                                                             args_info))
+            recorded += 1
+        except Exception as exc:
+            log.info("tile variant not recorded: %s", exc)
+    return recorded
 
 
 def _tune_worker(funcs: dict[str, str], target_json: str, db_dir: str, defaults_dir: str, budget: int,
@@ -378,12 +393,22 @@ def _tune_worker(funcs: dict[str, str], target_json: str, db_dir: str, defaults_
             timeout_sec=30,
         )
         try:
-            for name in _tuning_order(list(funcs)):
+            order = _tuning_order(list(funcs))
+            task_mods = {name: IRModule({"main": tvm.ir.load_json(funcs[name]).with_attr("global_symbol", "main")})
+                         for name in order}
+            # Kiln's own tiles first, for every kernel: they are few and the likeliest to win
+            for name in order:
+                if stop_at is not None and time.time() >= stop_at:
+                    break
+                try:
+                    _record_tile_variants(task_mods[name], target, builder, runner, defaults)
+                except Exception as exc:  # the search below still runs
+                    log.warning("tile variants of %s not measured: %s", name, exc)
+            for name in order:
                 trials = min(per_task, trials_left)
                 if trials <= 0 or (stop_at is not None and time.time() >= stop_at):
                     break
-                task_mod = IRModule({"main": tvm.ir.load_json(funcs[name]).with_attr("global_symbol", "main")})
-                _record_default_schedule(task_mod, target, builder, runner, defaults)
+                task_mod = task_mods[name]
                 task = ms.TuneContext(
                     mod=task_mod,
                     target=target,

@@ -238,7 +238,26 @@ def _channel_tiles_outermost(block: Any, weight_reads: list[Any], n_channel_tile
     return channels_outer <= 2 * pixels_outer
 
 
-def _schedule_anchor(sch: Schedule, block: Any, lanes: int) -> bool:
+@dataclass(frozen=True)
+class TileKnobs:
+    """Overrides of the anchor tile's heuristic choices: what tuning measures (see tuning.py)."""
+
+    max_vectors: int | None = None  # vectors of output channels per tile (None: best of 2 and 1)
+    max_pixels: int = 14  # output pixels per tile
+    channels_outer: bool | None = None  # loop order of the tile grid (None: by bytes moved)
+
+
+def tile_variants() -> list[TileKnobs]:
+    """The default tile and the alternatives tuning measures next to it."""
+    out = [TileKnobs()]
+    for max_vectors in (1, 2):
+        for max_pixels in (14, 8, 4):
+            for channels_outer in (True, False):
+                out.append(TileKnobs(max_vectors, max_pixels, channels_outer))
+    return out
+
+
+def _schedule_anchor(sch: Schedule, block: Any, lanes: int, knobs: TileKnobs = TileKnobs()) -> bool:
     """Register-tile a reduction block (conv2d, matmul, pooling). Returns False if it does not fit.
 
     The tile is ``reg_f`` output pixels (rows for matmul) x ``vec_f`` output channels
@@ -276,7 +295,10 @@ def _schedule_anchor(sch: Schedule, block: Any, lanes: int) -> bool:
     elif pix_big:
         pix = [max(pix_big, key=lambda i: extents[i])]
     else:
-        pix = []
+        # depthwise convolution, pooling: every input read follows the channel, so no input
+        # value is shared across a pixel tile, but the weights are, and a tile of pixels gives
+        # each task enough work (one pixel x 8 channels per task ran at 12 GFLOP/s)
+        pix = [i for i in sp if i != vec and extents[i] > 1][-2:]
     budget = _register_budget(lanes)
     # the tile: rh x rw output pixels (rw along the row) x nvec vectors of channels, with
     # rh | H and rw | W so every index stays affine (exact write-back, weights re-packable)
@@ -284,10 +306,13 @@ def _schedule_anchor(sch: Schedule, block: Any, lanes: int) -> bool:
     # score: lanes of useful accumulators, then fewest loads per reduction step. (4 vectors x 7
     # pixels measured slower than 2 x 14 on AVX-512: 28 accumulators + 4 weight vectors spill.)
     best: tuple[tuple[int, int], int, int, int] | None = None  # (score, vec_f, rh, rw)
-    for max_vectors in (2, 1) if pix else (4,):
+    vector_choices: tuple[int, ...] = (2, 1) if pix else (4,)
+    if knobs.max_vectors is not None and pix:
+        vector_choices = (knobs.max_vectors,)
+    for max_vectors in vector_choices:
         vf = _vector_factor(extents[vec], lanes, max_vectors)
         nv = -(-vf // lanes)
-        limit = max(1, min(14, budget // nv))
+        limit = max(1, min(knobs.max_pixels, budget // nv))
         rw = _pick_factor(extents[pw], limit) if pw is not None else 1
         rh = _pick_factor(extents[ph], max(1, limit // rw)) if ph is not None else 1
         score = (rh * rw * min(vf, nv * lanes), -(nv + rh * rw))
@@ -322,9 +347,9 @@ def _schedule_anchor(sch: Schedule, block: Any, lanes: int) -> bool:
     outer = [loops[i] for i in sp if i not in (vec, ph, pw)]
     if not tile_outer:
         outer.append(vo)
-    elif _channel_tiles_outermost(b, reads_with_vec, extents[vec] // vec_f,
-                                  (extents[ph] // rh if ph is not None else 1)
-                                  * (extents[pw] // rw if pw is not None else 1)):
+    elif knobs.channels_outer if knobs.channels_outer is not None else _channel_tiles_outermost(
+            b, reads_with_vec, extents[vec] // vec_f,
+            (extents[ph] // rh if ph is not None else 1) * (extents[pw] // rw if pw is not None else 1)):
         outer += [vo, *tile_outer]
     else:
         outer += [*tile_outer, vo]
@@ -351,8 +376,9 @@ def schedule_cpu_func(func: tirx.PrimFunc, lanes: int) -> tirx.PrimFunc:
     return default_schedule(func, lanes).mod["main"]
 
 
-def default_schedule(func: tirx.PrimFunc, lanes: int) -> Schedule:
-    """The traced schedule of Kiln's default CPU schedule for ``func``.
+def default_schedule(func: tirx.PrimFunc, lanes: int, knobs: TileKnobs = TileKnobs()) -> Schedule:
+    """The traced schedule of Kiln's default CPU schedule for ``func`` (``knobs`` override the
+    tile's heuristic choices).
 
     Its trace replays on ``func`` (MetaSchedule records it as a tuning candidate, see
     tuning.py). The returned module's ``layout_free_buffers`` lists only the buffers the anchor
@@ -369,7 +395,7 @@ def default_schedule(func: tirx.PrimFunc, lanes: int) -> Schedule:
     if len(reductions) == 1:
         anchor = reductions[0]
         _inline_copies(sch, blocks, anchor)
-        anchored = _schedule_anchor(sch, anchor, lanes)
+        anchored = _schedule_anchor(sch, anchor, lanes, knobs)
     if root is not None:
         _inline_intermediates(sch, root, anchor if anchored else None)
         blocks = list(sch.get_child_blocks(root))

@@ -116,7 +116,7 @@ def test_default_schedule_competes_with_searched_candidates(tmp_path: Path) -> N
     by_workload: dict[int, int] = {}
     for workload, _ in records:
         by_workload[workload] = by_workload.get(workload, 0) + 1
-    assert max(by_workload.values()) == 2 + 1
+    assert max(by_workload.values()) > 2 + 1  # 2 searched, the default and its tile variants
     # AND the applied schedules compute the right result
     got = relax.VirtualMachine(result.executable, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
     want = relax.VirtualMachine(compile_relax(_conv_module(), HOST, default_schedules=False).executable,
