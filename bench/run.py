@@ -81,6 +81,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(HERE / "results"), help="results directory")
     args = ap.parse_args()
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
+    revision = git_revision()  # the code measured: read before anything else can change it
 
     import numpy as np
     import onnxruntime as ort
@@ -173,7 +174,7 @@ def main() -> None:
         print("matplotlib not installed: curve written as CSV only")
     model_name, flags = cpu_info()
     lines = [f"# Kiln bench {dt.date.today().isoformat()} on {socket.gethostname()}", "",
-             f"- code: {git_revision()}",
+             f"- code: {revision}",
              f"- CPU: {model_name}, {os.cpu_count()} logical cores; flags: {flags}",
              f"- threads: TVM_NUM_THREADS={args.threads}, ORT intra_op_num_threads={args.threads}; "
              f"target {target}; batch 1 fp32; median of {args.repeat} runs; quick={args.quick}", "",
