@@ -31,7 +31,11 @@ from tvm.support.popen_pool import PopenPoolExecutor
 
 log = logging.getLogger(__name__)
 
-_RECORD_FILES = ("database_workload.json", "database_tuning_record.json")
+# MetaSchedule's search records, and Kiln's own measured schedules (default tile and variants) kept
+# apart: EvolutionarySearch replays database records as seeds and cannot replay a Kiln trace.
+_SEARCH_FILES = ("database_workload.json", "database_tuning_record.json")
+_KILN_FILES = ("kiln_workload.json", "kiln_tuning_record.json")
+_RECORD_FILES = _SEARCH_FILES + _KILN_FILES
 
 
 @dataclass(frozen=True)
@@ -126,8 +130,20 @@ class TuningDatabase:
             if path.exists():
                 self._client().upload_file(str(path), bucket, f"{prefix}/{name}" if prefix else name)
 
+    def open_kiln(self) -> Any:
+        """The JSONDatabase of Kiln's measured default schedules and tile variants."""
+        return ms.database.JSONDatabase(
+            path_workload=str(self.local_dir / _KILN_FILES[0]),
+            path_tuning_record=str(self.local_dir / _KILN_FILES[1]),
+            allow_missing=True,
+        )
+
+    def open_all(self) -> Any:
+        """Search and Kiln records together: what a compile applies (the fastest of both)."""
+        return ms.database.UnionDatabase(self.open(), self.open_kiln())
+
     def open(self) -> Any:
-        """The MetaSchedule JSONDatabase over the local files."""
+        """The MetaSchedule JSONDatabase of the search's records."""
         from tvm.s_tir import meta_schedule as ms
 
         return ms.database.JSONDatabase(
@@ -137,9 +153,8 @@ class TuningDatabase:
         )
 
     def __len__(self) -> int:
-        if not self.tuning_record_path.exists():
-            return 0
-        return sum(1 for line in self.tuning_record_path.read_text().splitlines() if line.strip())
+        paths = (self.tuning_record_path, self.local_dir / _KILN_FILES[1])
+        return sum(sum(1 for line in p.read_text().splitlines() if line.strip()) for p in paths if p.exists())
 
 
 # --------------------------------------------------------------------------------------
@@ -280,7 +295,7 @@ def apply_database(mod: Any, target: Any, database: TuningDatabase) -> tuple[Any
     from tvm import relax
 
     before = {gv.name_hint for gv, f in _prim_funcs(mod).items() if _scheduled(f)}
-    with target, database.open():
+    with target, database.open_all():
         mod = relax.transform.MetaScheduleApplyDatabase()(mod)
     after = {gv.name_hint for gv, f in _prim_funcs(mod).items() if _scheduled(f)}
     return mod, len(after - before)
@@ -288,7 +303,7 @@ def apply_database(mod: Any, target: Any, database: TuningDatabase) -> tuple[Any
 
 def _repair_records(database: TuningDatabase) -> None:
     """Drop a partially written last line left by a killed tuning process."""
-    for path in (database.workload_path, database.tuning_record_path):
+    for path in (database.local_dir / name for name in _RECORD_FILES):
         if not path.exists():
             continue
         good = []
@@ -314,20 +329,7 @@ def _tuning_order(names: list[str]) -> list[str]:
     return sorted((n for n in names if rank(n) < len(_TUNABLE)), key=lambda n: (rank(n), n))
 
 
-def _merge_records(source: TuningDatabase, dest: TuningDatabase) -> int:
-    """Copy every tuning record of ``source`` into ``dest``; returns how many."""
-    src, dst = source.open(), dest.open()
-    n = 0
-    for rec in src.get_all_tuning_records():
-        workload = dst.commit_workload(rec.workload.mod)
-        dst.commit_tuning_record(ms.database.TuningRecord(rec.trace, workload, rec.run_secs, rec.target,
-                                                          rec.args_info))
-        n += 1
-    return n
-
-
-def _record_tile_variants(task_mod: Any, target: Any, builder: Any, runner: Any,
-                          database: TuningDatabase) -> int:
+def _record_tile_variants(task_mod: Any, target: Any, builder: Any, runner: Any, db: Any) -> int:
     """Measure Kiln's default schedule of a kernel and its tile variants; commit them as records.
 
     The database then holds Kiln's own schedules next to MetaSchedule's candidates and applies
@@ -352,7 +354,6 @@ def _record_tile_variants(task_mod: Any, target: Any, builder: Any, runner: Any,
     if not schedules:
         return 0
     recorded = 0
-    db = database.open()
     workload = db.commit_workload(task_mod)
     built = builder.build([ms.builder.BuilderInput(sch.mod, target) for sch in schedules])
     for sch, result in zip(schedules, built, strict=True):
@@ -372,7 +373,14 @@ def _record_tile_variants(task_mod: Any, target: Any, builder: Any, runner: Any,
     return recorded
 
 
-def _tune_worker(funcs: dict[str, str], target_json: str, db_dir: str, defaults_dir: str, budget: int,
+def _task_module(func: Any) -> Any:
+    """The one-kernel module a tuning record's workload is keyed by."""
+    from tvm import IRModule
+
+    return IRModule({"main": func.with_attr("global_symbol", "main")})
+
+
+def _tune_worker(funcs: dict[str, str], target_json: str, db_dir: str, budget: int,
                  per_task: int, stop_at: float | None) -> int:
     """Child-process body: tune ``funcs`` into the JSON database in ``db_dir``, one kernel at a time.
 
@@ -380,11 +388,9 @@ def _tune_worker(funcs: dict[str, str], target_json: str, db_dir: str, defaults_
     deadline keeps every kernel finished before it (one joint run commits little before its first
     round over every kernel ends, which on 2 cores takes minutes). The search is kept small
     (population 64, 16 fresh samples) so each kernel's first measurements come in seconds."""
-    from tvm import IRModule
 
     target = tvm.target.Target(json.loads(target_json))
     database = TuningDatabase(db_dir)
-    defaults = TuningDatabase(defaults_dir)  # kept apart: the search replays database records as seeds
     trials_left = budget
     tuned = 0
     with tempfile.TemporaryDirectory(prefix="kiln-tune-", ignore_cleanup_errors=True) as work_dir:
@@ -398,21 +404,26 @@ def _tune_worker(funcs: dict[str, str], target_json: str, db_dir: str, defaults_
         )
         try:
             order = _tuning_order(list(funcs))
-            task_mods = {name: IRModule({"main": tvm.ir.load_json(funcs[name]).with_attr("global_symbol", "main")})
-                         for name in order}
+            task_mods = {name: _task_module(tvm.ir.load_json(funcs[name])) for name in order}
+            kiln_db = database.open_kiln()
             # Kiln's own tiles first, for every kernel: they are few and the likeliest to win
             for name in order:
                 if stop_at is not None and time.time() >= stop_at:
                     break
+                if kiln_db.has_workload(task_mods[name]):
+                    continue
                 try:
-                    _record_tile_variants(task_mods[name], target, builder, runner, defaults)
+                    _record_tile_variants(task_mods[name], target, builder, runner, kiln_db)
                 except Exception as exc:  # the search below still runs
                     log.warning("tile variants of %s not measured: %s", name, exc)
+            searched = database.open()
             for name in order:
                 trials = min(per_task, trials_left)
                 if trials <= 0 or (stop_at is not None and time.time() >= stop_at):
                     break
                 task_mod = task_mods[name]
+                if searched.has_workload(task_mod):
+                    continue
                 task = ms.TuneContext(
                     mod=task_mod,
                     target=target,
@@ -451,8 +462,19 @@ def tune_and_apply(
     """
 
     database.download()
+    original = mod
     mod, reused = apply_database(mod, target, database)
-    todo = {gv: f for gv, f in _prim_funcs(mod).items() if not _scheduled(f)}
+    # with a budget: every compute-bound kernel that lacks Kiln's measured tiles or a search
+    # (a kernel with only one of them is reused now and still improved by a bigger budget)
+    todo = {}
+    if tuning is not None:
+        search_db, kiln_db = database.open(), database.open_kiln()
+        tunable = set(_tuning_order([gv.name_hint for gv in _prim_funcs(original)]))
+        for gv, f in _prim_funcs(original).items():
+            if gv.name_hint in tunable and not _scheduled(f):
+                task = _task_module(f)
+                if not (search_db.has_workload(task) and kiln_db.has_workload(task)):
+                    todo[gv] = f
     tuned = 0
     start = time.time()
     stop_at = deadline - reserve_seconds if deadline is not None else None
@@ -468,20 +490,19 @@ def tune_and_apply(
         funcs = {gv.name_hint: tvm.ir.save_json(f) for gv, f in todo.items()}
         worker = PopenWorker()
         timeout = None if stop_at is None else max(1.0, stop_at - time.time())
-        with tempfile.TemporaryDirectory(prefix="kiln-defaults-") as defaults_dir:
-            try:
-                worker.send(_tune_worker, (funcs, json.dumps(_target_dict(target)), str(database.local_dir),
-                                           defaults_dir, budget, tuning.trials_per_task if tuning else 64,
-                                           None if stop_at is None else stop_at - 5.0), timeout=timeout)
-                worker.recv()
-            except Exception as exc:
-                log.warning("tuning stopped: %s: %s", type(exc).__name__, str(exc)[-2000:])
-            finally:
-                worker.kill()
-            defaults = TuningDatabase(defaults_dir)
-            _repair_records(database)
-            _repair_records(defaults)
-            _merge_records(defaults, database)
+        try:
+            worker.send(_tune_worker, (funcs, json.dumps(_target_dict(target)), str(database.local_dir),
+                                       budget, tuning.trials_per_task if tuning else 64,
+                                       None if stop_at is None else stop_at - 5.0), timeout=timeout)
+            worker.recv()
+        except Exception as exc:
+            log.warning("tuning stopped: %s: %s", type(exc).__name__, str(exc)[-2000:])
+        finally:
+            worker.kill()
+        _repair_records(database)
         database.upload()
-        mod, tuned = apply_database(mod, target, database)
+        mod, applied = apply_database(original, target, database)
+        scheduled = {gv.name_hint for gv, f in _prim_funcs(mod).items() if _scheduled(f)}
+        tuned = len(scheduled & {gv.name_hint for gv in todo})
+        reused = applied - tuned
     return mod, {"tuned": tuned, "reused": reused}
