@@ -389,7 +389,7 @@ def default_schedule(func: tirx.PrimFunc, lanes: int, knobs: TileKnobs = TileKno
     sch = Schedule(func)
     root = sch.get_sblock("root") if _has_root(sch) else None
     blocks = sch.get_child_blocks(root) if root is not None else []
-    reductions = [blk for blk in blocks if any(iv.iter_type == _COMM_REDUCE for iv in sch.get(blk).iter_vars)]
+    reductions = _reduction_blocks(sch, blocks)
     anchored = False
     anchor = None
     if len(reductions) == 1:
@@ -406,6 +406,10 @@ def default_schedule(func: tirx.PrimFunc, lanes: int, knobs: TileKnobs = TileKno
     return sch
 
 
+def _reduction_blocks(sch: Schedule, blocks: list[Any]) -> list[Any]:
+    return [blk for blk in blocks if any(iv.iter_type == _COMM_REDUCE for iv in sch.get(blk).iter_vars)]
+
+
 def _narrow_layout_free(func: tirx.PrimFunc) -> tirx.PrimFunc:
     """Keep in ``layout_free_buffers`` only the constants read by the single reduction block."""
     layout_free = [int(i) for i in (func.attrs or {}).get("layout_free_buffers", [])]
@@ -415,7 +419,7 @@ def _narrow_layout_free(func: tirx.PrimFunc) -> tirx.PrimFunc:
     if not _has_root(sch):
         return func
     blocks = sch.get_child_blocks(sch.get_sblock("root"))
-    reductions = [blk for blk in blocks if any(iv.iter_type == _COMM_REDUCE for iv in sch.get(blk).iter_vars)]
+    reductions = _reduction_blocks(sch, blocks)
     if len(reductions) != 1:
         return func
     reads = [r.source for r in sch.get(reductions[0]).reads]
