@@ -99,7 +99,7 @@ class WorkflowSteps:
         try:
             options = rules.parse_compiler_options(job["OutputConfig"].get("CompilerOptions"), target)
             rules.check_framework_target(framework, target, options)
-            rules.parse_data_input_config(data_input, framework, target)
+            rules.parse_data_input_config(data_input, framework, target, options.get("dtype", "float32"))
         except rules.RuleError as exc:
             raise JobClientError(f"ModelPackageVersionArn: {exc.message}") from None
         if not input_config["S3Uri"].endswith(".tar.gz"):
