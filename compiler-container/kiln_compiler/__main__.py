@@ -11,6 +11,7 @@ import threading
 import traceback
 from pathlib import Path
 
+from . import faults
 from .aws import Reporter
 from .errors import CompilationError, JobAborted, scrub_paths
 from .job import JobSpec, run_job
@@ -58,6 +59,7 @@ def main() -> int:
     logging.basicConfig(level=os.environ.get("KILN_LOG_LEVEL", "INFO"), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))
+    faults.install(os.environ.get(faults.ENV))  # TEST-ONLY: never set in a deployment
     reporter = Reporter(os.environ.get("KILN_TASK_TOKEN") or None,
                         float(os.environ.get("KILN_HEARTBEAT_SECONDS", "10")), _abort)
     reporter.start()

@@ -14,7 +14,7 @@ from typing import Any
 
 from kiln.catalog import Family, TargetCatalog, UnsupportedTargetError
 
-from . import aws
+from . import aws, faults
 from .archive import safe_extract
 from .build import build
 from .errors import ClientError
@@ -75,6 +75,7 @@ class Timer:
     def stage(self, name: str) -> Iterator[None]:
         start = time.perf_counter()
         log.info("stage %s: start", name)
+        faults.enter_stage(name)  # test-only fault injection (KILN_FAULT); a no-op otherwise
         try:
             yield
         finally:

@@ -12,6 +12,8 @@ from kiln.runners import STOPPED_ERROR, CompilerContainers
 from kiln.service import CompilationJobService
 
 log = logging.getLogger(__name__)
+# SIGKILL: 137 as ECS and Batch report it (128 + 9), -9 as a local process reports it.
+KILLED_EXIT_CODES = (137, -9)
 
 
 class TransientError(Exception):
@@ -20,6 +22,10 @@ class TransientError(Exception):
 
 class JobClientError(Exception):
     """The job's input is at fault; recorded as ``ClientError: ...``."""
+
+
+class JobServerError(Exception):
+    """Kiln is at fault (e.g. the compiler broke its contract with the workflow); ``ServerError: ...``."""
 
 
 def failure_reason(error: dict[str, Any] | None, limits: dict[str, Any] | None) -> str:
@@ -45,6 +51,8 @@ def failure_reason(error: dict[str, Any] | None, limits: dict[str, Any] | None) 
         pass
     if name == "JobClientError":
         return f"ClientError: {message}"
+    if name == "JobServerError":
+        return f"ServerError: {message}"
     short = message.splitlines()[0][:300] if message else "no details"
     return f"ServerError: {name or 'unknown error'}: {short}"
 
@@ -68,6 +76,8 @@ class WorkflowSteps:
             status = self._service.store.get(name)["CompilationJobStatus"]
             if status == "INPROGRESS":  # a retried step whose first attempt did land
                 return {"Proceed": True}
+            if status == "STARTING":  # the write lost a race but the job is still to start: retry
+                raise TransientError(f"job {name} is still STARTING after a conflicting write") from None
             log.info("job %s is %s; not compiling", name, status)
             return {"Proceed": False}
         return {"Proceed": True}
@@ -110,7 +120,8 @@ class WorkflowSteps:
 
     def record_success(self, job: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
         if not result.get("S3ModelArtifacts") or not result.get("ArtifactDigest"):
-            raise JobClientError("the compiler reported success without an artifact")
+            # The compiler's output is Kiln's contract, not the user's input.
+            raise JobServerError("the compiler reported success without an artifact")
         record = self._service.record_success(job["CompilationJobName"], result, self._inference_image)
         return {"Recorded": record is not None}
 
@@ -138,6 +149,8 @@ class WorkflowSteps:
         else:
             cause = f"ServerError: the compiler container exited with code {exit_code}" + (
                 f" ({reason})" if reason else "")
+            if exit_code in KILLED_EXIT_CODES:
+                cause += "; it was killed (SIGKILL), most often for running out of memory"
         # Lands only if the container had not reported: a closed token refuses it.
         self._containers.fail_token(token, "ServerError", cause)
         log.debug("container of %s stopped (exit %s)", job_name, exit_code)

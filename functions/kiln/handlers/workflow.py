@@ -10,6 +10,7 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 from botocore.exceptions import ClientError
 
 from kiln.config import settings
+from kiln.store import TRANSIENT_CANCELLATIONS
 from kiln.wiring import build_workflow_steps
 from kiln.workflow import TransientError, WorkflowSteps
 
@@ -41,8 +42,10 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
         if step == "RecordFailure":
             return steps.record_failure(job, event.get("Error") or {}, event.get("Limits") or {})
     except ClientError as exc:
-        if exc.response["Error"]["Code"] in _THROTTLING:
-            raise TransientError(exc.response["Error"]["Code"]) from exc
+        code = exc.response["Error"]["Code"]
+        reasons = {r.get("Code") for r in exc.response.get("CancellationReasons", [])}
+        if code in _THROTTLING or (code == "TransactionCanceledException" and reasons & TRANSIENT_CANCELLATIONS):
+            raise TransientError(code) from exc
         raise
     raise ValueError(f"unknown workflow step {step!r}")
 
