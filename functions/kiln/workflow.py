@@ -8,6 +8,7 @@ from typing import Any
 
 from kiln import rules
 from kiln.errors import ConflictError
+from kiln.job_metrics import take_census
 from kiln.runners import STOPPED_ERROR, CompilerContainers
 from kiln.service import CompilationJobService
 
@@ -135,6 +136,13 @@ class WorkflowSteps:
         else:
             record = self._service.record_failure(name, failure_reason(error, limits))
         return {"Recorded": record is not None}
+
+    def census(self) -> dict[str, Any]:
+        """Active jobs by status and those running past their limits (scheduled; kiln.job_metrics)."""
+        census = take_census(self._service.store)
+        if census.overdue:
+            log.warning("jobs running past MaxPendingTimeInSeconds + MaxRuntimeInSeconds: %s", census.overdue)
+        return {"ByStatus": census.by_status, "Overdue": census.overdue, "Metrics": census.metrics()}
 
     def container_stopped(self, job_name: str | None, token: str | None, exit_code: int | None,
                           reason: str) -> dict[str, Any]:

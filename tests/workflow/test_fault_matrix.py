@@ -308,3 +308,30 @@ def test_model_package_deleted_mid_flight(local_stack, service, job_request, upl
               reason_prefix=f"ClientError: ModelPackageVersionArn: could not describe {arn} (ValidationException)")
     assert deleted and deleted[0].raised == 1
     assert not [p for p in local_stack.runner.processes.values() if '"fm-package"' in p.env["KILN_JOB"]]
+
+
+# -- what operators see -------------------------------------------------------------------------
+
+def test_census_counts_active_jobs_and_finds_those_past_their_limits(local_stack, service, job_request):
+    # GIVEN a STARTING job created long ago with small limits (its workflow never ran: it is stuck)
+    import time
+
+    from kiln.handlers.workflow import handler
+    from kiln.local.moto_patches import _Context
+    from kiln.service import job_arn
+
+    now = time.time()
+    stuck = {**job_request("fm-stuck"), "CompilationJobArn": job_arn("us-east-1", "123456789012", "fm-stuck"),
+             "CompilationJobStatus": "STARTING", "CreationTime": now - 3600, "LastModifiedTime": now - 3600,
+             "StoppingCondition": {"MaxRuntimeInSeconds": 60, "MaxPendingTimeInSeconds": 60}}
+    service.store.create(stuck, extra={"Runner": "fargate"})
+    try:
+        # WHEN the scheduled census step runs
+        census = handler({"Step": "Census"}, _Context())
+        # THEN it counts the active jobs by status from the index, and names the overdue one
+        assert census["ByStatus"]["STARTING"] >= 1
+        assert "fm-stuck" in census["Overdue"]
+        assert sum(census["ByStatus"].values()) == service.store.active_jobs()
+        assert ["JobsStarting", "Count", census["ByStatus"]["STARTING"]] in [list(m) for m in census["Metrics"]]
+    finally:
+        service.record_failure("fm-stuck", "ServerError: test cleanup")

@@ -255,7 +255,8 @@ class EmbeddedStack:
         self._set_env({"MOTO_PORT": str(self.aws_port), "AWS_ENDPOINT_URL": self.endpoint_url,
                        "AWS_ACCESS_KEY_ID": "local", "AWS_SECRET_ACCESS_KEY": "local",
                        "AWS_DEFAULT_REGION": REGION, "AWS_REGION": REGION,
-                       "POWERTOOLS_TRACE_DISABLED": "true", "POWERTOOLS_METRICS_NAMESPACE": "Kiln"})
+                       "POWERTOOLS_TRACE_DISABLED": "true", "POWERTOOLS_METRICS_NAMESPACE": "Kiln",
+                       "POWERTOOLS_METRICS_DISABLED": "true"})  # no EMF records on local stdout
         moto_patches.patch_service_normalisation()
         moto_patches.patch_lambda_in_process()
         moto_patches.patch_send_task_failure_cause()
