@@ -168,9 +168,9 @@ def _s3_error(request: Any, event_name: str = "", **_: Any) -> Any:
         if fault.kind == "s3" and fault.stage == _plan.stage and _plan.take(fault):
             code, _, status = fault.arg.partition(":")
             log.warning("fault s3=%s fires for %s %s", fault.arg, event_name, request.method)
-            body = (f"<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>{code}</Code>"
-                    f"<Message>injected {code}</Message><RequestId>fault</RequestId></Error>").encode()
-            return AWSResponse(request.url, int(status), {"Content-Type": "application/xml"}, _ErrorBody(body))
+            xml = (f"<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>{code}</Code>"
+                   f"<Message>injected {code}</Message><RequestId>fault</RequestId></Error>").encode()
+            return AWSResponse(request.url, int(status), {"Content-Type": "application/xml"}, _ErrorBody(xml))
     return None
 
 
@@ -184,4 +184,4 @@ def _hook_botocore() -> None:
         original(self, events)
         events.register("before-send.s3", _s3_error)
 
-    botocore.session.Session._register_builtin_handlers = register  # type: ignore[method-assign]
+    botocore.session.Session._register_builtin_handlers = register

@@ -42,8 +42,8 @@ def pickled_globals(data: bytes) -> set[str]:
                 found.add(f"{module}.{attr}")
                 pushed.append(None)
             elif name == "STACK_GLOBAL":
-                module, attr = (pushed[-2], pushed[-1]) if len(pushed) >= 2 else (None, None)
-                found.add(f"{module}.{attr}" if isinstance(module, str) and isinstance(attr, str) else UNRESOLVED)
+                where, what = (pushed[-2], pushed[-1]) if len(pushed) >= 2 else (None, None)
+                found.add(f"{where}.{what}" if isinstance(where, str) and isinstance(what, str) else UNRESOLVED)
                 pushed.append(None)
             elif name in _STRING_OPS:
                 pushed.append(arg if isinstance(arg, str) else arg.decode("latin-1") if isinstance(arg, bytes) else None)

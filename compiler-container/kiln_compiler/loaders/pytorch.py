@@ -55,7 +55,7 @@ _TENSOR_GLOBALS = re.compile(
     r"|torch\.serialization\._get_layout")
 
 
-def _check_pickled_globals(path: Path, options: CompilerOptions) -> None:
+def check_pickled_globals(path: Path, options: CompilerOptions) -> None:
     """Refuse a PyTorch file whose pickles import anything but tensors (unless ``allow_pickle``)."""
     outside = scan_zip(path).outside(_TENSOR_GLOBALS)
     if not outside:
@@ -110,9 +110,10 @@ def _first_line(exc: BaseException) -> str:
     return (lines[0] if lines else type(exc).__name__)[:300]
 
 
-def _load_exported(path: Path, options: CompilerOptions) -> Any:
+def _load_exported(path: Path, options: CompilerOptions | None = None) -> Any:
     import torch
 
+    options = options or CompilerOptions()
     with zipfile.ZipFile(path) as zf:
         pickled = [n for n in zf.namelist() if any(p in n for p in _PICKLED_PAYLOADS)]
     if pickled and options.allow_pickle:
@@ -265,7 +266,7 @@ def load(model_dir: Path, config: DataInputConfig, options: CompilerOptions) -> 
         raise ClientError(f"the archive contains several PyTorch model files {rel}; include exactly one")
     path = files[0]
     if zipfile.is_zipfile(path):  # caps and pickle check first; _kind explains what a non-zip is
-        _check_pickled_globals(path, options)
+        check_pickled_globals(path, options)
     kind = _kind(path)
 
     import torch
