@@ -125,7 +125,7 @@ def resolve_shapes(declared: Sequence[tuple[str, tuple[int | None, ...], str]], 
                 f"{['?' if d is None else d for d in shape]} ({layout} layout expected for {framework}); "
                 "fix DataInputConfig or omit it"
             )
-        specs.append(TensorSpec(name, given, config.dtypes.get(name, dtype)))
+        specs.append(TensorSpec(name, given, dtype))
     for spec in specs:  # shapes the model itself declares are capped like DataInputConfig's
         size = rules.input_bytes(spec.shape, spec.dtype)
         if size > rules.MAX_INPUT_BYTES:
