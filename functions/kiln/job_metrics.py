@@ -99,10 +99,13 @@ def emit(metrics: list[Metric]) -> None:
     (Powertools; a no-op when ``POWERTOOLS_METRICS_DISABLED`` is set, as local mode does)."""
     if not metrics:
         return
-    from aws_lambda_powertools import Metrics
     from aws_lambda_powertools.metrics import MetricUnit
+    from aws_lambda_powertools.metrics.provider.cloudwatch_emf.cloudwatch import AmazonCloudWatchEMFProvider
 
-    recorder = Metrics(namespace=NAMESPACE, service=SERVICE)
+    # Its own provider: Powertools' ``Metrics`` instances share one metric set per process, and a flush
+    # here must neither take nor drop what a handler's ``log_metrics`` collects (the API's Requests).
+    recorder = AmazonCloudWatchEMFProvider(namespace=NAMESPACE, service=SERVICE,
+                                           default_dimensions={"service": SERVICE})
     for name, unit, value in metrics:
         recorder.add_metric(name=name, unit=MetricUnit(unit), value=value)
     recorder.flush_metrics()

@@ -51,8 +51,12 @@ def test_container_failures(exit_code: int | None, stop_code: str, failed: bool)
 
 
 def test_emit_writes_one_emf_record(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
-    # GIVEN metrics enabled (as in Lambda)
+    # GIVEN metrics enabled (as in Lambda) and a handler's own metric pending (the API's Requests)
+    from aws_lambda_powertools import Metrics
+
     monkeypatch.delenv("POWERTOOLS_METRICS_DISABLED", raising=False)
+    handler_metrics = Metrics(namespace="Kiln", service="kiln-api")
+    handler_metrics.add_metric(name="Requests", unit="Count", value=1)
     # WHEN two metrics are emitted
     job_metrics.emit([("JobsFailed", "Count", 1), ("JobDurationSeconds", "Seconds", 3.5)])
     # THEN stdout holds one CloudWatch EMF record with both, in the Kiln namespace
@@ -63,6 +67,9 @@ def test_emit_writes_one_emf_record(capsys: pytest.CaptureFixture[str], monkeypa
                                                                    "JobDurationSeconds": "Seconds"}
     assert record["JobsFailed"] == [1.0] and record["JobDurationSeconds"] == [3.5]
     assert directive["Dimensions"] == [["service"]] and record["service"] == job_metrics.SERVICE
+    # AND the handler's pending metric was neither taken nor dropped
+    assert "Requests" not in record and list(handler_metrics.metric_set) == ["Requests"]
+    handler_metrics.clear_metrics()
 
 
 class _Bus:
