@@ -158,7 +158,7 @@ class _ErrorBody:
         yield self._data
 
 
-def _s3_error(request: Any, event_name: str = "", **_: Any) -> Any:
+def _s3_error(request: Any, event_name: str = "", **kwargs: Any) -> Any:
     """botocore ``before-send`` handler: an S3 error response instead of the request, while planned."""
     from botocore.awsrequest import AWSResponse
 
