@@ -132,6 +132,18 @@ def test_onnx_with_billions_of_declared_elements_is_refused(model_dir: Path, whe
     assert no_external_reads == []
 
 
+def test_onnx_file_beyond_protobufs_limit_is_refused_unread(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # GIVEN a .onnx file of more than 2 GiB (sparse: nothing is written)
+    with open(model_dir / "model.onnx", "wb") as handle:
+        handle.truncate(2 * 1024**3 + 1)
+    read: list[str] = []
+    monkeypatch.setattr(onnx, "load", lambda *args, **kwargs: read.append("onnx.load"))
+    # WHEN it is loaded THEN it is refused from its size, before onnx reads it
+    with pytest.raises(ClientError, match="larger than 2 GiB; save the model with its weights as external data"):
+        load_model("ONNX", model_dir, DataInputConfig(), CompilerOptions())
+    assert read == []
+
+
 def test_onnx_input_declaring_terabytes_is_refused(model_dir: Path) -> None:
     # GIVEN a model whose declared input shape is [1000000, 1000000] float32 (4 TB)
     graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",

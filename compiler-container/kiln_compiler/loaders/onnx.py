@@ -17,6 +17,7 @@ from ..options import CompilerOptions, DataInputConfig
 from . import LoadedModel, find_model_files, resolve_shapes
 
 log = logging.getLogger(__name__)
+MAX_PROTO_BYTES = 2 * 1024**3  # protobuf's limit on one message: a larger .onnx keeps its weights outside
 
 
 def _dtype(elem_type: int) -> str:
@@ -117,6 +118,9 @@ def load(model_dir: Path, config: DataInputConfig, options: CompilerOptions) -> 
         rel = [str(f.relative_to(model_dir)) for f in files]
         raise ClientError(f"the archive contains several .onnx files {rel}; include exactly one model")
     path = files[0]
+    if path.stat().st_size > MAX_PROTO_BYTES:  # protobuf cannot parse it; reading it would allocate it all
+        raise ClientError(f"'{path.name}' is larger than 2 GiB; save the model with its weights as external data "
+                          "(onnx.save(..., save_as_external_data=True))")
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # onnx raises many types for corrupt input
