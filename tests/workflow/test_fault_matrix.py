@@ -331,7 +331,8 @@ def test_census_counts_active_jobs_and_finds_those_past_their_limits(local_stack
         # THEN it counts the active jobs by status from the index, and names the overdue one
         assert census["ByStatus"]["STARTING"] >= 1
         assert "fm-stuck" in census["Overdue"]
-        assert sum(census["ByStatus"].values()) == service.store.active_jobs()
+        assert wait_until(lambda: sum(handler({"Step": "Census"}, _Context())["ByStatus"].values())
+                          == service.store.active_jobs(), timeout=10)
         assert ["JobsStarting", "Count", census["ByStatus"]["STARTING"]] in [list(m) for m in census["Metrics"]]
     finally:
         service.record_failure("fm-stuck", "ServerError: test cleanup")
