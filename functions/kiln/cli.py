@@ -120,11 +120,15 @@ def _configure_logging(verbose: bool, *, serving: bool) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from kiln.console.app import PREFIX, Artifacts, ConsoleApp, FormDefaults, local_api
     from kiln.local.server import ApiServer
     from kiln.local.stack import EmbeddedStack
 
     stack = EmbeddedStack(host=args.host, aws_port=args.aws_port or args.port + 1, work_dir=args.work_dir).start()
-    server = ApiServer(args.host, args.port).start()
+    server = ApiServer(args.host, args.port)
+    server.mount(PREFIX, ConsoleApp(local_api(server.url), Artifacts(stack.client("s3")), FormDefaults(
+        role_arn=stack.outputs["JobRoleArn"], input_prefix=f"s3://{stack.outputs['ModelBucket']}/",
+        output_prefix=f"s3://{stack.outputs['ArtifactBucket']}/"))).start()
     console.print(f"[bold]Kiln[/] API on {server.url}  (embedded AWS on {stack.endpoint_url})")
     console.print(f"  boto3.client('sagemaker', endpoint_url='{server.url}')")
     console.print(f"  job role: {stack.outputs['JobRoleArn']}  buckets: s3://{stack.outputs['ModelBucket']}, "
@@ -149,9 +153,15 @@ def _wait_for_stop() -> None:
 
 
 def _console(args: argparse.Namespace) -> int:
-    from kiln.console.app import ConsoleServer, signed_api
+    import boto3
 
-    server = ConsoleServer(signed_api(args.api, region_name=args.region), args.host, args.port).start()
+    from kiln.client import region_from_url
+    from kiln.console.app import Artifacts, ConsoleServer, signed_api
+
+    session = boto3.session.Session()
+    region = args.region or region_from_url(args.api) or session.region_name or "us-east-1"
+    server = ConsoleServer(signed_api(args.api, region_name=region, session=session), args.host, args.port,
+                           artifacts=Artifacts(session.client("s3", region_name=region))).start()
     console.print(f"[bold]Kiln console[/] on {server.url}/console  (API {args.api}, signed with your AWS "
                   "credentials for execute-api)")
     _wait_for_stop()
