@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -61,3 +64,50 @@ def browser_page(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
         page = context.new_page()
         yield page
         context.close()
+
+
+@dataclass
+class FakeUpstream:
+    """A stand-in for a deployed Kiln API: records every request, answers List/Describe."""
+
+    url: str
+    requests: list[dict[str, Any]] = field(default_factory=list)
+
+
+@pytest.fixture
+def fake_upstream() -> Iterator[FakeUpstream]:
+    """A local HTTP server at ``/prod`` that answers SageMaker JSON 1.1 with one completed job."""
+    from werkzeug.serving import make_server
+    from werkzeug.wrappers import Request, Response
+
+    job = {"CompilationJobName": "deployed-job", "CompilationJobArn":
+           "arn:aws:sagemaker:eu-west-1:123456789012:compilation-job/deployed-job",
+           "CompilationJobStatus": "COMPLETED", "CreationTime": 1796000000, "CompilationStartTime": 1796000005,
+           "CompilationEndTime": 1796000065, "CompilationTargetDevice": "ml_c5", "LastModifiedTime": 1796000065}
+    answers = {
+        "SageMaker.ListCompilationJobs": {"CompilationJobSummaries": [job]},
+        "SageMaker.DescribeCompilationJob": {**job, "RoleArn": "arn:aws:iam::123456789012:role/r", "FailureReason": "",
+                                             "InputConfig": {"S3Uri": "s3://b/m.tar.gz", "Framework": "PYTORCH"},
+                                             "OutputConfig": {"S3OutputLocation": "s3://b/out", "TargetDevice": "ml_c5"},
+                                             "StoppingCondition": {"MaxRuntimeInSeconds": 900},
+                                             "ModelArtifacts": {"S3ModelArtifacts": ""}},
+    }
+    upstream = FakeUpstream(url="")
+
+    def app(environ: dict[str, Any], start_response: Any) -> Any:
+        request = Request(environ)
+        body = request.get_data()
+        upstream.requests.append({"method": request.method, "path": request.full_path.rstrip("?"),
+                                  "headers": dict(request.headers), "body": body})
+        answer = answers.get(request.headers.get("X-Amz-Target", ""))
+        if answer is None:
+            return Response('{"__type": "UnknownOperationException", "message": "no"}', status=400)(environ, start_response)
+        return Response(json.dumps(answer), content_type="application/x-amz-json-1.1")(environ, start_response)
+
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    upstream.url = f"http://127.0.0.1:{server.server_port}/prod"
+    yield upstream
+    server.shutdown()
+    thread.join(timeout=5)
