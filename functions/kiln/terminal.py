@@ -178,9 +178,10 @@ def summary(job: dict[str, Any], artifact: Path, manifest: dict[str, Any] | None
     """The few lines a user reads when a job completed."""
     table = Table.grid(padding=(0, 2))
     table.add_column(style="dim")
-    table.add_column()
+    table.add_column(overflow="fold")
     size = artifact.stat().st_size
-    table.add_row("artifact", f"{artifact}  ({size / 1e6:.1f} MB)" if size >= 100_000 else f"{artifact}  ({size} B)")
+    shown = _relative(artifact)
+    table.add_row("artifact", f"{shown}  ({size / 1e6:.1f} MB)" if size >= 100_000 else f"{shown}  ({size} B)")
     target = (manifest or {}).get("target", {})
     name = target.get("name") or job.get("OutputConfig", {}).get("TargetDevice", "")
     table.add_row("target", f"{name}  {target_description}".rstrip())
@@ -193,6 +194,14 @@ def summary(job: dict[str, Any], artifact: Path, manifest: dict[str, Any] | None
     table.add_row("latency", f"{ms:.2f} ms (median, batch as compiled, this host)" if ms is not None
                   else f"not measured here: {why}")
     return Group(Text.assemble(("COMPLETED", "bold green"), f" in {elapsed:.1f} s"), table)
+
+
+def _relative(path: Path) -> Path:
+    """``path`` relative to the working directory when it lies below it (shorter to read)."""
+    try:
+        return path.resolve().relative_to(Path.cwd().resolve())
+    except ValueError:
+        return path
 
 
 def failure(job: dict[str, Any]) -> RenderableType:
