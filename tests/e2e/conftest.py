@@ -17,7 +17,7 @@ import boto3
 import pytest
 from kiln.local.stack import free_port
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"  # Debian's package (requirements/debian.txt)
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"  # Debian's package (requirements/debian-dev.txt)
 # a headless browser that talks to nothing but the page under test
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
