@@ -155,7 +155,7 @@ class ConsoleApp:
             response = getattr(self, f"_{endpoint}")(request, **values)
         except HTTPException as exc:
             response = exc.get_response()
-        return response(environ, start_response)  # type: ignore[no-any-return]
+        return response(environ, start_response)
 
     # -- pages -------------------------------------------------------------------------------
     def _render(self, template: str, status: int = 200, **context: Any) -> Response:
@@ -351,7 +351,7 @@ class ConsoleServer:
 
         def root(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
             if not environ.get("PATH_INFO", "").startswith(PREFIX):
-                return redirect(PREFIX)(environ, start_response)  # type: ignore[no-any-return]
+                return redirect(PREFIX)(environ, start_response)
             return app(environ, start_response)
 
         self._server: BaseWSGIServer = make_server(host, port, root, threaded=True)
