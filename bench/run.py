@@ -2,9 +2,9 @@
 
 Usage: .venv/bin/python bench/run.py [--quick] [--tune-minutes M] [--threads N] [--targets host,ml_c4]
 (KILN_BENCH_QUICK=1 is the same as --quick). Untuned, every model is compiled for the catalog target
-matching this host (its widest ISA) and for the AVX2 target ml_c4; Kiln and both peers are timed in
-interleaved rounds (kiln.benchmark, the same code as `make demo`) and each row gives Kiln / ORT,
-Kiln / OpenVINO and Kiln / faster peer. Tuned rows and the curve use the host's target.
+matching this host (its widest ISA, kiln.host) and for the AVX2 target ml_c4; Kiln and both peers are
+timed in interleaved rounds (kiln.benchmark, the same code as `make demo`) and each row gives
+Kiln / ORT, Kiln / OpenVINO and Kiln / faster peer. Tuned rows and the curve use the host's target.
 Writes bench/results/YYYY-MM-DD-<host>.{md,csv} and a ratio-vs-tuning-minutes curve (CSV, and PNG
 when matplotlib is installed).
 """
@@ -26,15 +26,16 @@ HERE = Path(__file__).resolve().parent
 
 
 def cpu_info() -> tuple[str, str]:
-    """CPU model name and its SIMD flags."""
+    """CPU model name and its SIMD flags (those kiln.isa knows)."""
+    from kiln.isa import KNOWN_FEATURES
+
     model, flags = platform.processor(), ""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name") and model in ("", platform.processor()):
                 model = line.split(":", 1)[1].strip()
             if line.startswith("flags"):
-                flags = " ".join(f for f in line.split(":", 1)[1].split()
-                                 if f.startswith(("avx", "fma", "sse4", "amx", "f16c")))
+                flags = " ".join(f for f in line.split(":", 1)[1].split() if f in KNOWN_FEATURES)
                 break
     except OSError:
         pass
@@ -85,16 +86,16 @@ def main() -> None:
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
     revision = git_revision()  # the code measured: read before anything else can change it
 
+    import kiln.runtime
     import numpy as np
-    import tvm
+    import onnx
     from kiln.benchmark import faster_peer, interleaved_medians, peers
     from kiln.catalog import Target, TargetCatalog
-    from kiln.host import HOST, host_target
+    from kiln.host import HOST, host_target, target_isa_label
+    from kiln_compiler import CompilerOptions, compile_model
+    from kiln_compiler.package import package
     from kiln_compiler.samples import MODELS, input_shapes, load_light_model
-    from kiln_compiler.tuning import TuningConfig, TuningDatabase
-    from kiln_compiler.tvm_pipeline import compile_relax
-    from tvm import relax
-    from tvm.relax.frontend.onnx import from_onnx
+    from kiln_compiler.tuning import TuningDatabase
 
     names = ["squeezenet", "resnet50"] if args.quick else list(MODELS)
     if args.models:
@@ -121,27 +122,29 @@ def main() -> None:
         x = np.random.default_rng(0).random(next(iter(shapes.values()))).astype("float32")
         feed = {next(iter(shapes)): x}
         rivals = peers(model.SerializeToString(), args.threads)
-        mod = from_onnx(model, shape_dict=shapes, keep_params_in_input=False)
-        t0 = time.time()
-        kwargs: dict[str, object] = {}
-        if tuning_minutes > 0 and db_dir is not None:
-            kwargs = {"tuning": TuningConfig(seconds=tuning_minutes * 60), "database": TuningDatabase(db_dir),
-                      "deadline": time.time() + tuning_minutes * 60 + 120}
-        result = compile_relax(mod, target.tvm_target, **kwargs)  # type: ignore[arg-type]
-        compile_s = time.time() - t0
-        vm = relax.VirtualMachine(result.executable, tvm.cpu())
-        xt = tvm.runtime.tensor(x)
-        runners = {"Kiln": lambda: vm["main"](xt), **{p.name: (lambda p=p: p.run(feed)) for p in rivals}}
-        medians = interleaved_medians(runners, rounds=args.repeat)
+        tuned = tuning_minutes > 0 and db_dir is not None
+        options = CompilerOptions.parse(f'{{"tuning": {{"minutes": {tuning_minutes}}}}}' if tuned else None, target)
+        with tempfile.TemporaryDirectory() as work:
+            model_dir = Path(work) / "model"
+            model_dir.mkdir()
+            onnx.save(model, str(model_dir / "model.onnx"))
+            t0 = time.time()
+            result = compile_model(model_dir, "ONNX", target, options, out_dir=Path(work) / "build",
+                                   tuning_database=TuningDatabase(db_dir) if tuned else None,
+                                   deadline=time.time() + tuning_minutes * 60 + 120 if tuned else None)
+            compile_s = time.time() - t0
+            compiled = kiln.runtime.load(package(result, target, Path(work) / "model.tar.gz", model_dir=model_dir).path)
+            runners = {"Kiln": lambda: compiled.run(feed), **{p.name: (lambda p=p: p.run(feed)) for p in rivals}}
+            medians = interleaved_medians(runners, rounds=args.repeat)
         peer, peer_ms = faster_peer(medians, [p.name for p in rivals])
         kiln_ms = medians["Kiln"]
-        row = {"model": name, "target": target.name, "isa": "+".join(target.isa),
+        row = {"model": name, "target": target.name, "isa": target_isa_label(target),
                "tuning_min": tuning_minutes, "compile_s": round(compile_s, 1),
                "kiln_ms": round(kiln_ms, 2), "ort_ms": round(medians["ONNX Runtime"], 2),
                "openvino_ms": round(medians["OpenVINO"], 2), "ratio": round(kiln_ms / medians["ONNX Runtime"], 2),
                "ratio_openvino": round(kiln_ms / medians["OpenVINO"], 2),
                "ratio_faster_peer": round(kiln_ms / peer_ms, 2), "faster_peer": peer,
-               **{k: v for k, v in result.summary.items()}}
+               **{k: v for k, v in result.tuning.items()}}
         print(row, flush=True)
         return row
 
@@ -195,9 +198,9 @@ def main() -> None:
              f"- threads: TVM_NUM_THREADS={args.threads}, ORT intra_op_num_threads={args.threads}, OpenVINO "
              f"INFERENCE_NUM_THREADS={args.threads} (CPU plugin, INFERENCE_PRECISION_HINT=f32, "
              f"PERFORMANCE_HINT=LATENCY); versions: {peer_versions()}",
-             f"- targets: {described_targets} untuned; "
-             f"tuned rows and curve on {host.name} (this host's widest ISA); batch 1 fp32; "
-             f"Kiln and peers timed in {args.repeat} interleaved rounds, medians; quick={args.quick}", "",
+             f"- targets: {described_targets} untuned; tuned rows and curve on {host.name} (this host's widest ISA); "
+             f"batch 1 fp32; Kiln and peers timed in {args.repeat} interleaved rounds, medians; quick={args.quick}",
+             "",
              "| model | target | tuning (min) | compile (s) | Kiln (ms) | ORT (ms) | OpenVINO (ms) | Kiln/ORT | "
              "Kiln/OpenVINO | Kiln / faster peer | tuned | reused | default |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]

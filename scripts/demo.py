@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from kiln import runtime
 from kiln.benchmark import faster_peer, interleaved_medians, peers
-from kiln.host import host_target
+from kiln.host import host_target, target_isa_label
 from kiln_compiler.samples import input_shapes, load_light_model
 from rich.console import Console
 from rich.table import Table
@@ -72,7 +72,7 @@ def main() -> int:
     table.add_column("runtime")
     table.add_column("latency (ms)", justify="right")
     table.add_column("Kiln / it", justify="right")
-    table.add_row(f"Kiln ({target.name}, {'+'.join(target.isa)})", f"{kiln_ms:.2f}", "")
+    table.add_row(f"Kiln ({target.name}, {target_isa_label(target)})", f"{kiln_ms:.2f}", "")
     for peer in rivals:
         table.add_row(peer.name, f"{medians[peer.name]:.2f}", f"{kiln_ms / medians[peer.name]:.2f}")
     console.print(table)

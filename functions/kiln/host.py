@@ -1,16 +1,20 @@
 """Which catalog target matches this machine (``--target-device host``, the demo, the bench).
 
-Uses the catalog's public data only: a cloud target of this host's architecture whose ISA this
-CPU has, the widest such ISA first (AVX-512 before AVX2), then by name (``ml_c5`` before ``ml_m5``).
+Uses the catalog's public data and kiln.isa's rule: a cloud CPU target of this host's
+architecture whose code this CPU can run, the widest vectors first (AVX-512 before AVX2), then
+the most features, then by name (``ml_c5`` before ``ml_m5``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
+from kiln import isa
 from kiln.catalog import Family, Target, TargetCatalog
 
 HOST = "host"  # the --target-device value that asks for this machine's target
 
-_FAMILY_OF_MACHINE = {"x86_64": Family.X86_64, "aarch64": Family.AARCH64}
+_CPU_FAMILIES = (Family.X86_64, Family.AARCH64, Family.ARMV7)
 
 
 class NoHostTargetError(Exception):
@@ -18,17 +22,20 @@ class NoHostTargetError(Exception):
 
 
 def matching_target(catalog: TargetCatalog, machine: str, flags: set[str] | None) -> Target:
-    """The widest-ISA cloud target of ``machine`` that a CPU with ``flags`` runs."""
-    family = _FAMILY_OF_MACHINE.get(machine)
-    have = flags or set()
-    candidates = [t for t in (catalog.device(name) for name in catalog.supported_devices)
-                  if family is not None and t.family is family and t.is_cloud and set(t.isa) <= have]
+    """The widest-ISA cloud target that a ``machine`` whose CPU reports ``flags`` runs."""
+    candidates = []
+    for name in catalog.supported_devices:
+        target = catalog.device(name)
+        cpu = target.cpu
+        if target.family in _CPU_FAMILIES and target.is_cloud and cpu is not None \
+                and isa.host_can_run(cpu, machine, flags):
+            candidates.append((-cpu.vector_lanes, -len(cpu.features), name, target))
     if not candidates:
+        shown = " ".join(sorted(f for f in flags or () if f.startswith(("avx", "fma", "asimd"))))
         raise NoHostTargetError(
-            f"no catalog target matches this host ({machine}"
-            f"{', CPU features ' + ' '.join(sorted(f for f in have if f.startswith(('avx', 'fma')))) if have else ''}); "
+            f"no catalog target matches this host ({machine}{', CPU features ' + shown if shown else ''}); "
             f"pass --target-device with one of: {', '.join(catalog.supported_devices)}")
-    return min(candidates, key=lambda t: (-len(t.isa), t.name))
+    return min(candidates, key=lambda c: c[:3])[3]
 
 
 def host_target(catalog: TargetCatalog | None = None) -> Target:
@@ -36,3 +43,18 @@ def host_target(catalog: TargetCatalog | None = None) -> Target:
     from kiln.runtime import cpu_flags, host_machine
 
     return matching_target(catalog or TargetCatalog(), host_machine(), cpu_flags())
+
+
+_LABELS = (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("avx", "AVX"), ("asimd", "NEON"), ("neon", "NEON"))
+
+
+def isa_label(features: Iterable[str]) -> str:
+    """A short name for what a feature set's widest vectors are: AVX-512, AVX2, AVX, NEON, SSE or '-'."""
+    have = set(features)
+    label = next((name for flag, name in _LABELS if flag in have), None)
+    return label or ("SSE" if any(f.startswith("sse") for f in have) else "-")
+
+
+def target_isa_label(target: Target) -> str:
+    """``isa_label`` of a catalog target's CPU code."""
+    return isa_label(target.cpu.features if target.cpu else ())

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from kiln.host import host_target
+from kiln.host import host_target, target_isa_label
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -29,7 +29,7 @@ def test_demo_compiles_for_this_host_and_compares_with_both_peers_cleanly(tmp_pa
     assert f"target {host.name} (matches this host)" in output
     assert re.search(r"output matches ONNX Runtime \(max abs diff [0-9.e+-]+\)", output)
     # AND the table has Kiln and both peers the bench measures, each with Kiln's ratio to it
-    assert re.search(rf"Kiln \({host.name}, {re.escape('+'.join(host.isa))}\)\s+│\s+\d+\.\d+", output)
+    assert re.search(rf"Kiln \({host.name}, {re.escape(target_isa_label(host))}\)\s+│\s+\d+\.\d+", output)
     for peer in ("ONNX Runtime", "OpenVINO"):
         assert re.search(rf"{peer}\s+│\s+\d+\.\d+\s+│\s+\d+\.\d+", output), peer
     assert re.search(r"Kiln / faster peer \((ONNX Runtime|OpenVINO)\): \d+\.\d+", output)

@@ -8,32 +8,38 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kiln import progress
+from kiln import isa, progress
 from kiln.catalog import TargetCatalog
 from kiln.hints import suggest_fix
-from kiln.host import NoHostTargetError, matching_target
+from kiln.host import NoHostTargetError, matching_target, target_isa_label
 from kiln.terminal import JobFollower, Snapshot
 from rich.console import Console
 
-AVX512_HOST = {"sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni"}
+
+def _flags(mtriple: str, mcpu: str, *extra: str) -> set[str]:
+    """The cpuinfo flags of a CPU of that model (kiln.isa's table), plus ``extra``."""
+    return set(isa.cpu_features(mtriple, mcpu).features) | set(extra)
 
 
-@pytest.mark.parametrize(("machine", "flags", "expected"), [
-    ("x86_64", AVX512_HOST, "ml_c5"),              # widest ISA wins, compute family first
-    ("x86_64", {"sse4_2", "avx", "avx2", "fma"}, "ml_c4"),
-    ("aarch64", {"fp", "asimd"}, "ml_c6g"),
+@pytest.mark.parametrize(("machine", "flags", "expected", "label"), [
+    # widest vectors win, then the compute family: a Zen 4 / Skylake-SP host gets ml_c5
+    ("x86_64", _flags("x86_64-linux-gnu", "skylake-avx512", "avx512_vnni", "sha_ni"), "ml_c5", "AVX-512"),
+    ("x86_64", _flags("x86_64-linux-gnu", "haswell"), "ml_c4", "AVX2"),
+    ("aarch64", _flags("aarch64-linux-gnu", "neoverse-n1"), "ml_c6g", "NEON"),
 ])
-def test_host_matches_the_widest_catalog_target_its_cpu_runs(machine: str, flags: set[str], expected: str) -> None:
+def test_host_matches_the_widest_catalog_target_its_cpu_runs(machine: str, flags: set[str], expected: str,
+                                                             label: str) -> None:
     # GIVEN the catalog and a host's machine and CPU flags  WHEN matched  THEN the widest runnable cloud target
     target = matching_target(TargetCatalog(), machine, flags)
     assert target.name == expected
     assert set(target.isa) <= flags
+    assert target_isa_label(target) == label
 
 
 def test_host_without_a_matching_target_is_told_what_to_pass() -> None:
     # GIVEN an x86 CPU without AVX2 (no cloud target runs there)  WHEN matched  THEN a clear error
     with pytest.raises(NoHostTargetError, match=r"pass --target-device with one of: .*ml_c4"):
-        matching_target(TargetCatalog(), "x86_64", {"sse4_2", "avx"})
+        matching_target(TargetCatalog(), "x86_64", _flags("x86_64-linux-gnu", "x86-64", "avx"))
 
 
 def test_progress_lines_round_trip_and_stage_lines_are_read() -> None:
