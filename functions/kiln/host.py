@@ -7,8 +7,6 @@ the most features, then by name (``ml_c5`` before ``ml_m5``).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 from kiln import isa
 from kiln.catalog import Family, Target, TargetCatalog
 
@@ -31,9 +29,9 @@ def matching_target(catalog: TargetCatalog, machine: str, flags: set[str] | None
                 and isa.host_can_run(cpu, machine, flags):
             candidates.append((-cpu.vector_lanes, -len(cpu.features), name, target))
     if not candidates:
-        shown = " ".join(sorted(f for f in flags or () if f.startswith(("avx", "fma", "asimd"))))
+        widest = isa.vector_isa_name(flags or ())
         raise NoHostTargetError(
-            f"no catalog target matches this host ({machine}{', CPU features ' + shown if shown else ''}); "
+            f"no catalog cloud target runs on this host ({machine}, widest vectors: {widest}); "
             f"pass --target-device with one of: {', '.join(catalog.supported_devices)}")
     return min(candidates, key=lambda c: c[:3])[3]
 
@@ -45,16 +43,7 @@ def host_target(catalog: TargetCatalog | None = None) -> Target:
     return matching_target(catalog or TargetCatalog(), host_machine(), cpu_flags())
 
 
-_LABELS = (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("avx", "AVX"), ("asimd", "NEON"), ("neon", "NEON"))
-
-
-def isa_label(features: Iterable[str]) -> str:
-    """A short name for what a feature set's widest vectors are: AVX-512, AVX2, AVX, NEON, SSE or '-'."""
-    have = set(features)
-    label = next((name for flag, name in _LABELS if flag in have), None)
-    return label or ("SSE" if any(f.startswith("sse") for f in have) else "-")
-
 
 def target_isa_label(target: Target) -> str:
-    """``isa_label`` of a catalog target's CPU code."""
-    return isa_label(target.cpu.features if target.cpu else ())
+    """The widest vector extension of a catalog target's CPU code (AVX-512, AVX2, NEON, ...)."""
+    return isa.vector_isa_name(target.cpu.features if target.cpu else ())

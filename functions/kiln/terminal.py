@@ -23,7 +23,7 @@ from rich.table import Table
 from rich.text import Text
 
 from kiln.hints import suggest_fix
-from kiln.host import isa_label
+from kiln.isa import vector_isa_name
 from kiln.progress import Progress
 
 TERMINAL = ("COMPLETED", "FAILED", "STOPPED")
@@ -187,7 +187,7 @@ def summary(job: dict[str, Any], artifact: Path, manifest: dict[str, Any] | None
     name = target.get("name") or job.get("OutputConfig", {}).get("TargetDevice", "")
     table.add_row("target", f"{name}  {target_description}".rstrip())
     features = [str(f) for f in target.get("isa") or []]
-    table.add_row("ISA", f"{isa_label(features)}  ({' '.join(features)})" if features else "-")
+    table.add_row("ISA", f"{vector_isa_name(features)}  ({' '.join(features)})" if features else "-")
     tuning = (manifest or {}).get("tuning") or {}
     if tuning:
         table.add_row("kernels", f"{tuning.get('tuned', 0)} tuned, {tuning.get('reused', 0)} reused, "

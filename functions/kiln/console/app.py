@@ -35,6 +35,7 @@ from werkzeug.wrappers import Request, Response
 
 from kiln.catalog import ALL_FRAMEWORKS, TargetCatalog
 from kiln.hints import suggest_fix
+from kiln.isa import vector_isa_name
 
 log = logging.getLogger("kiln.console")
 
@@ -134,6 +135,7 @@ class ConsoleApp:
         self._env = Environment(loader=PackageLoader("kiln.console", "templates"),
                                 autoescape=select_autoescape(["html"]))
         self._env.filters["when"] = _when
+        self._env.filters["vector_isa"] = vector_isa_name
         self._env.filters["tojson_pretty"] = lambda v: json.dumps(v, indent=2, sort_keys=True, default=str)
         self._env.globals.update(prefix=PREFIX, statuses=STATUSES, terminal=TERMINAL)
         self._routes = Map([
@@ -206,8 +208,9 @@ class ConsoleApp:
     def _job(self, request: Request, name: str) -> Response:
         try:
             job = self.api.describe_compilation_job(CompilationJobName=name)
-        except ClientError as exc:
-            return self._render("missing.html", status=404, name=name, error=_message(exc), title=name)
+        except (ClientError, BotoCoreError) as exc:  # no such job, or the API cannot be reached
+            return self._render("missing.html", status=404 if isinstance(exc, ClientError) else 502, name=name,
+                                error=_message(exc), title=name)
         manifest, manifest_error, link = None, None, None
         uri = (job.get("ModelArtifacts") or {}).get("S3ModelArtifacts")
         if job["CompilationJobStatus"] == "COMPLETED" and uri and self.artifacts is not None:
@@ -255,7 +258,10 @@ class ConsoleApp:
         return redirect(f"{then}?{urlencode({'flash': flash})}", code=303)
 
     def _artifact(self, request: Request, name: str) -> Response:
-        job = self.api.describe_compilation_job(CompilationJobName=name)
+        try:
+            job = self.api.describe_compilation_job(CompilationJobName=name)
+        except (ClientError, BotoCoreError) as exc:
+            raise NotFound(_message(exc)) from None
         uri = (job.get("ModelArtifacts") or {}).get("S3ModelArtifacts")
         if not uri or self.artifacts is None:
             raise NotFound(f"job {name} has no artifact")
