@@ -92,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {"serve": _serve, "compile": _compile, "run": _run, "bench": _bench, "console": _console}
     try:
         return handlers[args.command](args)
+    except KeyboardInterrupt:  # Ctrl-C: the embedded stack stopped its compiler processes on the way out
+        console.print("interrupted", style="yellow")
+        return 130
     except Exception as exc:  # a user sees what went wrong, not a trace (unless --verbose)
         if args.verbose:
             raise

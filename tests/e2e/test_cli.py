@@ -103,3 +103,16 @@ def test_compile_for_this_host_shows_progress_and_a_summary_and_nothing_else(tmp
     assert f"ISA       {target_isa_label(host)}  ({host.isa[0]} " in summary
     assert "1 default schedule" in summary
     assert re.search(r"latency\s+\d+\.\d+ ms", summary)
+
+
+def test_an_unexpected_error_is_one_line_without_a_trace_unless_verbose(tmp_path: Path) -> None:
+    # GIVEN an artifact that is not a gzip archive
+    broken = tmp_path / "broken.tar.gz"
+    broken.write_bytes(b"not an archive")
+    # WHEN run, then run with --verbose
+    quiet = _kiln("run", str(broken), cwd=tmp_path)
+    loud = _kiln("--verbose", "run", str(broken), cwd=tmp_path)
+    # THEN the error is named in one line with the way to more, and only --verbose shows the trace
+    assert quiet.returncode == 1 and "error: " in quiet.stderr and "--verbose" in quiet.stderr
+    assert "Traceback" not in quiet.stderr
+    assert loud.returncode != 0 and "Traceback" in loud.stderr
