@@ -98,7 +98,8 @@ class JobFollower:
         with Live(console=self._console, refresh_per_second=4, transient=True) as live:
             while True:
                 job = self._describe()
-                self._read_log(started, echo=False)
+                # --verbose: the compiler's log scrolls above the live display
+                self._read_log(started, echo=self._verbose)
                 status = job["CompilationJobStatus"]
                 now = self._clock()
                 live.update(Snapshot(status, now - started, self.progress, now).render())
