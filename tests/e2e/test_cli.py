@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import pty
 import re
 import subprocess
 import sys
@@ -116,3 +118,34 @@ def test_an_unexpected_error_is_one_line_without_a_trace_unless_verbose(tmp_path
     assert quiet.returncode == 1 and "error: " in quiet.stderr and "--verbose" in quiet.stderr
     assert "Traceback" not in quiet.stderr
     assert loud.returncode != 0 and "Traceback" in loud.stderr
+
+
+def test_compile_on_a_terminal_shows_one_live_display_then_the_summary(tmp_path: Path) -> None:
+    # GIVEN a model archive and a terminal (a pseudo-terminal as stdin/stdout/stderr)
+    archive = tmp_path / "tiny.tar.gz"
+    archive.write_bytes(tar_gz({"model.onnx": tiny_onnx_model().SerializeToString()}))
+    leader, follower = pty.openpty()
+    env = {**os.environ, "TERM": "xterm-256color", "COLUMNS": "120", "LINES": "40"}
+    process = subprocess.Popen([sys.executable, "-m", "kiln.cli", "compile", str(archive), "--framework", "ONNX",
+                                "--target-device", "ml_c4", "--data-input-config", '{"x": [1, 8]}',
+                                "--output-dir", str(tmp_path / "out")],
+                               stdin=follower, stdout=follower, stderr=follower, cwd=tmp_path, env=env)
+    os.close(follower)
+    received = bytearray()
+    while True:  # read until the command closes the terminal (EIO), so it never blocks on a full buffer
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        received += chunk
+    os.close(leader)
+    # WHEN it has finished
+    assert process.wait(timeout=600) == 0, received.decode(errors="replace")[-3000:]
+    screen = received.decode(errors="replace")
+    # THEN it redrew one display in place (cursor control, no plain "[ 1.2s] status" lines) and ended
+    # with the summary
+    assert "\x1b[2K" in screen and "INPROGRESS" in screen
+    assert not re.search(r"\[\s*\d+\.\ds\] status", screen)
+    assert "COMPLETED" in screen and "tiny-ml_c4.tar.gz" in screen and "latency" in screen
