@@ -25,7 +25,7 @@ debian-packages:
 	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends $$missing; \
 	fi
 
-$(STAMP): pyproject.toml requirements/base.txt requirements/runtime.txt requirements/compiler.txt requirements/dev.txt \
+$(STAMP): pyproject.toml requirements/base.txt requirements/runtime.txt requirements/runtime-cuda.txt requirements/compiler.txt requirements/dev.txt \
           requirements/debian.txt requirements/mxnet.txt runtime/pyproject.toml scripts/kiln_assets.py $(RUNTIME_SOURCES)
 	@$(MAKE) --no-print-directory debian-packages
 	@command -v $(PYTHON) >/dev/null || { echo "Python 3.11 is required ($(PYTHON) not found)"; exit 1; }

@@ -82,8 +82,17 @@ def cuda() -> Any:
         ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
     except OSError as exc:
         raise RuntimeLibraryError(f"TVM's CUDA runtime module cannot be loaded ({exc}); it needs the NVIDIA "
-                                  "driver (libcuda) and the CUDA 13 runtime (pip install nvidia-cuda-runtime)") from None
+                                  "driver (libcuda) and the CUDA 13 runtime: pip install 'kiln-runtime[cuda]'") from None
+    from . import cuda_jit
+
+    cuda_jit.register(tvm_ffi, device_arch)
     return tvm_ffi
+
+
+def device_arch(device_id: int = 0) -> str:
+    """``sm_XY`` of a CUDA device (its compute capability X.Y)."""
+    get_attr = ffi().get_global_func("runtime.GetDeviceAttr")
+    return "sm_" + str(get_attr(_CUDA, device_id, 4)).replace(".", "")  # attribute 4: kComputeVersion
 
 
 def cuda_present() -> bool:

@@ -17,6 +17,7 @@ from kiln_compiler.loaders import load_model
 from kiln_compiler.options import CompilerOptions, DataInputConfig
 from kiln_compiler.package import package
 
+from tests.compiler.conftest import squeezenet, squeezenet_dir  # noqa: F401 - shared fixtures
 from tests.conftest import tiny_onnx_model
 
 REPO = Path(__file__).resolve().parents[2]
