@@ -55,8 +55,8 @@ test-fast: install
 	$(PY) -m pytest -p no:cacheprovider -n 2 -m "not slow" $(PYTEST_ARGS)
 
 lint: install
-	$(VENV)/bin/ruff check functions compiler-container infra tests scripts bench
-	$(VENV)/bin/mypy functions/kiln compiler-container/kiln_compiler infra/kiln_infra
+	$(VENV)/bin/ruff check functions compiler-container infra runtime tests scripts bench
+	$(VENV)/bin/mypy functions/kiln compiler-container/kiln_compiler infra/kiln_infra runtime/kiln_runtime
 
 synth: install
 	$(PY) infra/app.py

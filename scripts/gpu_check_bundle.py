@@ -63,17 +63,15 @@ def wheels(out: Path, pythons: tuple[str, ...]) -> None:
 
 def _compile(model_dir: Path, target: str, options: str | None, out: Path) -> Path:
     from kiln.catalog import TargetCatalog
-    from kiln_compiler.build import build
-    from kiln_compiler.loaders import load_model
-    from kiln_compiler.options import CompilerOptions, DataInputConfig
+    from kiln_compiler.compile import compile_model
+    from kiln_compiler.options import CompilerOptions
     from kiln_compiler.package import package
 
     catalog = TargetCatalog()
-    opts = CompilerOptions.parse(options) if options else CompilerOptions()
-    loaded = load_model("ONNX", model_dir, DataInputConfig(), opts)
     tgt = catalog.platform(*target.split(":")) if ":" in target else catalog.device(target)
-    result = build(loaded, tgt, opts, out / "build")
-    artifact = package(loaded, tgt, result, out / "model.tar.gz", model_dir=model_dir).path
+    opts = CompilerOptions.parse(options, tgt)
+    result = compile_model(model_dir, "ONNX", tgt, opts, out_dir=out / "build")
+    artifact = package(result, tgt, out / "model.tar.gz", model_dir=model_dir).path
     shutil.rmtree(out / "build")
     return Path(artifact)
 

@@ -87,7 +87,7 @@ def run(artifact: Path, feeds: dict[str, np.ndarray], *, roots: Path = DEFAULT_R
             raise EmulationError(f"artifact for {manifest.get('target', {}).get('name')} runs natively here "
                                  "(kiln run without --emulate)")
         emu = emulator(machine, roots)
-        args = []
+        args: list[str] = []
         for name, value in feeds.items():
             path = work / f"input-{len(args)}.npy"
             np.save(path, value)

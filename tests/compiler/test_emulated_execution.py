@@ -162,7 +162,7 @@ def test_armv7_artifacts_are_refused_clearly(squeezenet_dir: Path, tmp_path: Pat
     x = np.zeros((1, 3, 224, 224), np.float32)
     # WHEN it is run emulated
     # THEN the error says why it cannot be: no armv7 TVM runtime library exists
-    with pytest.raises(emulate.EmulationError, match="no emulation root for armv7l.*no armv7 TVM runtime library"):
+    with pytest.raises(emulate.EmulationError, match=r"no emulation root for armv7l.*no armv7 TVM runtime library"):
         emulate.run(artifact, {"data_0": x})
 
 

@@ -1,4 +1,4 @@
-"""Fixtures for kiln-runtime: small real artifacts compiled here, and the platform wheels."""
+"""Fixtures for kiln-runtime: small real artifacts compiled here (compile_artifact), and the platform wheels."""
 
 from __future__ import annotations
 
@@ -11,13 +11,8 @@ import numpy as np
 import onnx
 import pytest
 import xgboost as xgb
-from kiln.catalog import TargetCatalog
-from kiln_compiler.build import build
-from kiln_compiler.loaders import load_model
-from kiln_compiler.options import CompilerOptions, DataInputConfig
-from kiln_compiler.package import package
 
-from tests.compiler.conftest import squeezenet, squeezenet_dir  # noqa: F401 - shared fixtures
+from tests.compiler.conftest import compile_artifact, squeezenet, squeezenet_dir  # noqa: F401 - shared
 from tests.conftest import tiny_onnx_model
 
 REPO = Path(__file__).resolve().parents[2]
@@ -31,17 +26,6 @@ def load_script(name: str) -> ModuleType:
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
-
-
-def compile_artifact(model_dir: Path, framework: str, target: str, out: Path, options: str | None = None,
-                     data_input_config: str | None = None) -> Path:
-    """``model_dir`` compiled for a TargetDevice (or ``OS:ARCH[:ACCEL]`` platform) and packaged."""
-    catalog = TargetCatalog()
-    opts = CompilerOptions.parse(options) if options else CompilerOptions()
-    loaded = load_model(framework, model_dir, DataInputConfig.parse(data_input_config, framework), opts)
-    tgt = catalog.platform(*target.split(":")) if ":" in target else catalog.device(target)
-    result = build(loaded, tgt, opts, out / "build")
-    return package(loaded, tgt, result, out / f"model-{tgt.name}.tar.gz", model_dir=model_dir).path
 
 
 @pytest.fixture(scope="session")

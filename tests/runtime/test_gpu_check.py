@@ -12,12 +12,11 @@ from typing import Any
 
 import kiln_runtime
 import numpy as np
-import onnx
 import pytest
 from kiln.catalog import TargetCatalog
 from kiln_compiler.loaders import load_model
 from kiln_compiler.options import CompilerOptions, DataInputConfig
-from kiln_compiler.tvm_pipeline import compile_relax
+from kiln_compiler.pipeline import compile_relax
 from kiln_runtime import cuda_jit
 
 from tests.runtime.conftest import compile_artifact, load_script
@@ -39,7 +38,7 @@ def bundler() -> ModuleType:
 def _cuda_source(model_dir: Path, arch: str) -> str:
     """The CUDA C source TVM puts into an ml_g4dn-style artifact (what the runtime compiles at load)."""
     target = TargetCatalog().device("ml_g4dn")
-    loaded = load_model("ONNX", model_dir, DataInputConfig(), CompilerOptions())
+    loaded = load_model("ONNX", model_dir, DataInputConfig.parse(None, "ONNX", target), CompilerOptions())
     compiled = compile_relax(loaded.mod, {"kind": "cuda", "arch": arch}, host=dict(target.host or {}))
     pending: list[Any] = [compiled.executable.mod]
     while pending:

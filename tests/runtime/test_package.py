@@ -17,7 +17,6 @@ import kiln_runtime
 import numpy as np
 import onnx
 import onnxruntime as ort
-import pytest
 
 from tests.conftest import tiny_onnx_model
 from tests.runtime.conftest import REPO
