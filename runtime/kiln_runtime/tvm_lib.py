@@ -129,7 +129,7 @@ class RelaxVM:
 
     def _to_numpy(self, tensor: Any) -> np.ndarray:
         if tensor.device.dlpack_device_type() != _CPU:
-            host = self._alloc(tensor.shape, tensor.dtype, self._cpu, None)
+            host = self._alloc(self._ffi.Shape(list(tensor.shape)), tensor.dtype, self._cpu, None)
             self._copy(tensor, host)
             tensor = host
         return np.from_dlpack(tensor).copy()
