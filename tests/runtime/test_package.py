@@ -158,3 +158,18 @@ def test_tiny_artifact_runs_in_process(tiny_x86: Path) -> None:
                                    providers=["CPUExecutionProvider"])
     np.testing.assert_allclose(y, session.run(None, {"x": x})[0], rtol=1e-5, atol=1e-6)
     assert model.runtime == "tvm-relax-vm" and y.dtype == np.float32
+
+
+def test_compiler_images_build_context_holds_what_the_dockerfiles_copy() -> None:
+    # GIVEN the CDK build context's allow-list and both compiler Dockerfiles
+    from kiln_infra.paths import COMPILER_CONTEXT_EXCLUDE
+
+    allowed = {p[1:].rstrip("/*") for p in COMPILER_CONTEXT_EXCLUDE if p.startswith("!")}
+    for dockerfile in ("compiler-container/Dockerfile", "compiler-container/Dockerfile.gpu"):
+        # WHEN each COPY from the context is read
+        sources = [line.split()[1] for line in (REPO / dockerfile).read_text().splitlines()
+                   if line.startswith("COPY ") and "--from" not in line]
+        # THEN the allow-list lets it in (kiln-runtime and scripts/kiln_assets.py included)
+        for source in sources:
+            assert any(source == a or source.startswith(a + "/") for a in allowed), (dockerfile, source)
+    assert {"runtime", "scripts/kiln_assets.py"} <= allowed
