@@ -1,0 +1,203 @@
+"""Kernel work bench: build a light model's artifact, time artifacts against ONNX Runtime
+interleaved in one process, and profile an artifact per kernel.
+
+Usage (PYTHONPATH as in the README):
+  bench/kernels.py build squeezenet ml_c4 out.so          # default schedules of this checkout
+  bench/kernels.py time squeezenet a.so b.so [--rounds 5] # medians per round, a/b vs ORT, same run
+  bench/kernels.py profile squeezenet a.so [--top 15]     # per-kernel ms and GFLOP/s (VM instrument)
+
+A/B comparisons of two schedules: build one .so from each checkout, then time both in one run:
+host noise (this machine is shared) hits every subject of a round alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def _model(name: str) -> tuple[Any, dict[str, tuple[int, ...]]]:
+    from kiln_compiler.samples import input_shapes, load_light_model
+
+    model = load_light_model(name)
+    return model, input_shapes(model)
+
+
+def build(name: str, target_name: str, out: Path) -> None:
+    """Compile ``name`` with the default schedules for the catalog target ``target_name``."""
+    from kiln.catalog import TargetCatalog
+    from kiln_compiler.pipeline import compile_relax
+    from tvm.relax.frontend.onnx import from_onnx
+
+    target = TargetCatalog().device(target_name)
+    model, shapes = _model(name)
+    mod = from_onnx(model, shape_dict=shapes, keep_params_in_input=False)
+    t0 = time.time()
+    compiled = compile_relax(mod, target.tvm_target)
+    compiled.executable.export_library(str(out))
+    print(f"{name} {target_name}: compiled in {time.time() - t0:.1f} s, unscheduled {compiled.unscheduled}")
+
+
+def _feed(shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return {k: rng.random(v).astype("float32") for k, v in shapes.items()}
+
+
+def _vm(path: str) -> Any:
+    import tvm
+    from tvm import relax
+
+    return relax.VirtualMachine(tvm.runtime.load_module(path), tvm.cpu())
+
+
+def _median_ms(fn: Any, repeat: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1000)
+    _MINIMA.append(min(times))
+    return statistics.median(times)
+
+
+_MINIMA: list[float] = []  # the fastest run of each _median_ms call (less sensitive to a busy host)
+
+
+def time_artifacts(name: str, paths: list[str], rounds: int, repeat: int, threads: int) -> None:
+    """Interleaved rounds: ORT, then each artifact, ``repeat`` runs each; prints per-round medians."""
+    import onnxruntime as ort
+    import tvm
+
+    model, shapes = _model(name)
+    feed = _feed(shapes)
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    args = [tvm.runtime.tensor(v) for v in feed.values()]
+    vms = [_vm(p) for p in paths]
+    want = sess.run(None, feed)[0]
+    for p, vm in zip(paths, vms, strict=True):
+        got = vm["main"](*args)
+        got = (got if hasattr(got, "numpy") else got[0]).numpy()
+        err = float(np.abs(got - want).max() / max(1e-12, float(np.abs(want).max())))
+        print(f"{p}: max error vs ORT {err:.2e} of the output's scale")
+    rows: list[list[float]] = []
+    minima: list[list[float]] = []
+    for _ in range(rounds):
+        _MINIMA.clear()
+        row = [_median_ms(lambda: sess.run(None, feed), repeat)]
+        time.sleep(0.2)  # let ORT's spinning workers settle
+        for vm in vms:
+            row.append(_median_ms(lambda vm=vm: vm["main"](*args), repeat))
+            time.sleep(0.2)
+        rows.append(row)
+        minima.append(list(_MINIMA))
+        print(f"round: ORT {row[0]:.2f} ms | " + " | ".join(f"{r:.2f} ms ({r / row[0]:.2f}x)" for r in row[1:]))
+    for i, p in enumerate(paths):
+        ratios = [r[i + 1] / r[0] for r in rows]
+        print(f"{p}: median {statistics.median(r[i + 1] for r in rows):.2f} ms, ratio vs ORT median "
+              f"{statistics.median(ratios):.2f} (range {min(ratios):.2f}-{max(ratios):.2f}); "
+              f"ORT median {statistics.median(r[0] for r in rows):.2f} ms; fastest runs: "
+              f"{min(m[i + 1] for m in minima):.2f} ms vs ORT {min(m[0] for m in minima):.2f} ms")
+
+
+def _flops(func: Any) -> float:
+    """Multiply-adds x 2 of a kernel's reduction blocks (the product of their iteration extents)."""
+    from kiln_compiler.schedules.tir import has_root, iter_extents, reduction_blocks
+    from tvm.s_tir import Schedule
+
+    sch = Schedule(func)
+    if not has_root(sch):
+        return 0.0
+    total = 0.0
+    for blk in reduction_blocks(sch, sch.get_child_blocks(sch.get_sblock("root"))):
+        extents = iter_extents(sch.get(blk)) or []
+        total += 2.0 * float(np.prod(extents)) if extents else 0.0
+    return total
+
+
+def profile(name: str, path: str, target_name: str, runs: int, top: int) -> None:
+    """Per-kernel wall time through the VM's instrument hook (median over ``runs`` inferences)."""
+    import tvm
+    from kiln.catalog import TargetCatalog
+    from kiln_compiler import pipeline
+    from kiln_compiler.graph import cpu_graph_passes
+    from kiln_compiler.schedules import target_lanes
+    from tvm import relax
+    from tvm.relax.frontend.onnx import from_onnx
+
+    model, shapes = _model(name)
+    feed = _feed(shapes)
+    # FLOPs per kernel name, from the same graph rewrites and fusion the build ran
+    target = TargetCatalog().device(target_name).tvm_target
+    mod = from_onnx(model, shape_dict=shapes, keep_params_in_input=False)
+    with tvm.target.Target(target) as tgt:
+        mod = tvm.transform.Sequential(cpu_graph_passes(target_lanes(tgt)))(mod)
+        fused = tvm.transform.Sequential(pipeline._fuse_passes())(mod)
+    flops = {gv.name_hint: _flops(f) for gv, f in fused.functions_items() if isinstance(f, tvm.tirx.PrimFunc)}
+    vm = relax.VirtualMachine(tvm.runtime.load_module(path), tvm.cpu())
+    times: dict[str, list[float]] = {}
+    start: list[float] = [0.0]
+
+    def instrument(func: Any, symbol: str, before: bool, ret: Any, *args: Any) -> int:
+        if before:
+            start[0] = time.perf_counter()
+        else:
+            times.setdefault(symbol, []).append((time.perf_counter() - start[0]) * 1000)
+        return 0
+
+    args = [tvm.runtime.tensor(v) for v in feed.values()]
+    vm["main"](*args)
+    vm.set_instrument(instrument)
+    for _ in range(runs):
+        vm["main"](*args)
+    per_call = {s: statistics.median(v) * len(v) / runs for s, v in times.items()}
+    total = sum(per_call.values())
+    print(f"{path}: {total:.2f} ms in calls per inference, {sum(len(v) for v in times.values()) / runs:.0f} calls")
+    for sym, ms in sorted(per_call.items(), key=lambda kv: -kv[1])[:top]:
+        # the layout rewrite renames kernels: <name>1_prepacked (or <name>1) is <name> of the fused module
+        base = sym.removesuffix("_prepacked")
+        f = flops.get(base, 0.0) or flops.get(base.removesuffix("1"), 0.0)
+        rate = f"{f / ms / 1e6:7.1f} GFLOP/s" if f else "      -"
+        print(f"  {ms:7.3f} ms {rate}  {sym}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build")
+    b.add_argument("model")
+    b.add_argument("target")
+    b.add_argument("out", type=Path)
+    t = sub.add_parser("time")
+    t.add_argument("model")
+    t.add_argument("paths", nargs="+")
+    t.add_argument("--rounds", type=int, default=5)
+    t.add_argument("--repeat", type=int, default=20)
+    p = sub.add_parser("profile")
+    p.add_argument("model")
+    p.add_argument("path")
+    p.add_argument("target")
+    p.add_argument("--runs", type=int, default=20)
+    p.add_argument("--top", type=int, default=15)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    os.environ["TVM_NUM_THREADS"] = str(args.threads)
+    if args.cmd == "build":
+        build(args.model, args.target, args.out)
+    elif args.cmd == "time":
+        time_artifacts(args.model, args.paths, args.rounds, args.repeat, args.threads)
+    else:
+        profile(args.model, args.path, args.target, args.runs, args.top)
+
+
+if __name__ == "__main__":
+    main()
