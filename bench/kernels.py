@@ -60,13 +60,16 @@ def _median_ms(fn: Any, repeat: int) -> float:
     fn()
     times = []
     for _ in range(repeat):
-        t = time.perf_counter()
+        t = _CLOCK[0]()
         fn()
-        times.append((time.perf_counter() - t) * 1000)
+        times.append((_CLOCK[0]() - t) * 1000)
     _MINIMA.append(min(times))
     return statistics.median(times)
 
 
+# wall clock, or with --cpu-time and one thread the calling thread's CPU time: on a host other
+# processes load, it leaves out the time the thread waited for a core
+_CLOCK = [time.perf_counter]
 _MINIMA: list[float] = []  # the fastest run of each _median_ms call (less sensitive to a busy host)
 
 
@@ -109,19 +112,24 @@ def time_artifacts(name: str, paths: list[str], rounds: int, repeat: int, thread
               f"{min(m[i + 1] for m in minima):.2f} ms vs ORT {min(m[0] for m in minima):.2f} ms")
 
 
-def _flops(func: Any) -> float:
-    """Multiply-adds x 2 of a kernel's reduction blocks (the product of their iteration extents)."""
+def _reduction_summary(func: Any) -> tuple[float, str]:
+    """FLOPs (2 x multiply-adds) of a kernel's reduction blocks and its class (block, kernel, map)."""
     from kiln_compiler.schedules.tir import has_root, iter_extents, reduction_blocks
     from tvm.s_tir import Schedule
 
     sch = Schedule(func)
     if not has_root(sch):
-        return 0.0
-    total = 0.0
+        return 0.0, "other"
+    total, kind = 0.0, "elementwise"
     for blk in reduction_blocks(sch, sch.get_child_blocks(sch.get_sblock("root"))):
-        extents = iter_extents(sch.get(blk)) or []
+        stmt = sch.get(blk)
+        extents = iter_extents(stmt) or []
         total += 2.0 * float(np.prod(extents)) if extents else 0.0
-    return total
+        if len(extents) == 7:  # conv2d NHWC: n, h, w, c, kh, kw, ic
+            kind = f"{stmt.name_hint} {extents[4]}x{extents[5]} at {extents[1]}x{extents[2]}"
+        else:
+            kind = stmt.name_hint
+    return total, kind
 
 
 def profile(name: str, path: str, target_name: str, runs: int, top: int) -> None:
@@ -142,16 +150,17 @@ def profile(name: str, path: str, target_name: str, runs: int, top: int) -> None
     with tvm.target.Target(target) as tgt:
         mod = tvm.transform.Sequential(cpu_graph_passes(target_lanes(tgt)))(mod)
         fused = tvm.transform.Sequential(pipeline._fuse_passes())(mod)
-    flops = {gv.name_hint: _flops(f) for gv, f in fused.functions_items() if isinstance(f, tvm.tirx.PrimFunc)}
+    summary = {gv.name_hint: _reduction_summary(f) for gv, f in fused.functions_items()
+               if isinstance(f, tvm.tirx.PrimFunc)}
     vm = relax.VirtualMachine(tvm.runtime.load_module(path), tvm.cpu())
     times: dict[str, list[float]] = {}
     start: list[float] = [0.0]
 
     def instrument(func: Any, symbol: str, before: bool, ret: Any, *args: Any) -> int:
         if before:
-            start[0] = time.perf_counter()
+            start[0] = _CLOCK[0]()
         else:
-            times.setdefault(symbol, []).append((time.perf_counter() - start[0]) * 1000)
+            times.setdefault(symbol, []).append((_CLOCK[0]() - start[0]) * 1000)
         return 0
 
     args = [tvm.runtime.tensor(v) for v in feed.values()]
@@ -162,12 +171,21 @@ def profile(name: str, path: str, target_name: str, runs: int, top: int) -> None
     per_call = {s: statistics.median(v) * len(v) / runs for s, v in times.items()}
     total = sum(per_call.values())
     print(f"{path}: {total:.2f} ms in calls per inference, {sum(len(v) for v in times.values()) / runs:.0f} calls")
-    for sym, ms in sorted(per_call.items(), key=lambda kv: -kv[1])[:top]:
+    classes: dict[str, list[float]] = {}
+    for sym, ms in sorted(per_call.items(), key=lambda kv: -kv[1]):
         # the layout rewrite renames kernels: <name>1_prepacked (or <name>1) is <name> of the fused module
         base = sym.removesuffix("_prepacked")
-        f = flops.get(base, 0.0) or flops.get(base.removesuffix("1"), 0.0)
+        f, kind = summary.get(base) or summary.get(base.removesuffix("1")) or (0.0, "other")
+        acc = classes.setdefault(kind, [0.0, 0.0, 0])
+        acc[0], acc[1], acc[2] = acc[0] + ms, acc[1] + f, acc[2] + 1
+        if top > 0:
+            top -= 1
+            rate = f"{f / ms / 1e6:7.1f} GFLOP/s" if f else "      -"
+            print(f"  {ms:7.3f} ms {rate}  {sym} ({kind})")
+    print("per class:")
+    for kind, (ms, f, n) in sorted(classes.items(), key=lambda kv: -kv[1][0]):
         rate = f"{f / ms / 1e6:7.1f} GFLOP/s" if f else "      -"
-        print(f"  {ms:7.3f} ms {rate}  {sym}")
+        print(f"  {ms:7.3f} ms {rate}  {n:3d} x {kind}")
 
 
 def main() -> None:
@@ -188,9 +206,15 @@ def main() -> None:
     p.add_argument("target")
     p.add_argument("--runs", type=int, default=20)
     p.add_argument("--top", type=int, default=15)
+    for sp in (t, p):
+        sp.add_argument("--cpu-time", action="store_true", help="time the calling thread's CPU (needs --threads 1)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
+    if getattr(args, "cpu_time", False):
+        if args.threads != 1:
+            ap.error("--cpu-time measures the calling thread only: use --threads 1")
+        _CLOCK[0] = time.thread_time
     if args.cmd == "build":
         build(args.model, args.target, args.out)
     elif args.cmd == "time":
