@@ -224,3 +224,34 @@ def test_register_tile_fills_the_register_file(lanes: int, registers: int, cin: 
     #      tile holds at least a row of a 7 or 13 map (1 pixel x 1 vector ran at FMA latency)
     assert pixels * vectors + vectors + 1 <= registers
     assert pixels * vectors >= min(hw, 13)
+
+
+@pytest.mark.parametrize(("cin", "cout", "k", "hw"), [(64, 256, 3, 13), (32, 64, 1, 14)])
+def test_neon_shaped_tile_matches_unscheduled_kernel(cin: int, cout: int, k: int, hw: int) -> None:
+    # GIVEN a fused conv kernel and the tile Kiln gives it for 4-lane vectors with 32 registers
+    #       (aarch64 NEON; no ARM host here, so the same TensorIR is compiled for this x86 host)
+    from kiln import isa
+    from kiln_compiler import pipeline as tp
+    from kiln_compiler.graph import cpu_graph_passes
+    from kiln_compiler.schedules import default_schedule
+
+    vector = isa.VectorUnit(4, 32)
+    mod = _conv_block(cin, cout, k, 1, k // 2, hw, 1, seed=3)
+    with tvm.target.Target(AVX2):
+        fused = tvm.transform.Sequential(tp._fuse_passes())(tvm.transform.Sequential(cpu_graph_passes(4))(mod))
+    (conv,) = [f for gv, f in fused.functions_items() if isinstance(f, tvm.tirx.PrimFunc) and "conv" in gv.name_hint]
+    pixels, vectors = _anchor_tile(conv, vector)
+    assert pixels * vectors > 12  # more than a 16-register file would hold
+    scheduled = default_schedule(conv, vector).mod["main"]
+    rng = np.random.default_rng(7)
+    args = [rng.standard_normal([int(d) for d in buf.shape]).astype("float32") for buf in conv.params]
+    outputs = []
+    # WHEN the scheduled and the unscheduled kernel run on the same inputs
+    for func in (scheduled, conv):
+        lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=AVX2)
+        tensors = [tvm.runtime.tensor(a) for a in args]
+        lib["main"](*tensors)
+        outputs.append(tensors[-1].numpy())
+    # THEN they agree (and both wrote their output buffer, which started as noise)
+    assert not np.allclose(outputs[1], args[-1])
+    np.testing.assert_allclose(outputs[0], outputs[1], rtol=RTOL, atol=ATOL)
