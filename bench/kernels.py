@@ -168,7 +168,9 @@ def profile(name: str, path: str, target_name: str, runs: int, top: int) -> None
     vm.set_instrument(instrument)
     for _ in range(runs):
         vm["main"](*args)
+    # ms per inference of each kernel (a kernel can run several times per inference), and its calls
     per_call = {s: statistics.median(v) * len(v) / runs for s, v in times.items()}
+    calls = {s: len(v) / runs for s, v in times.items()}
     total = sum(per_call.values())
     print(f"{path}: {total:.2f} ms in calls per inference, {sum(len(v) for v in times.values()) / runs:.0f} calls")
     classes: dict[str, list[float]] = {}
@@ -176,6 +178,7 @@ def profile(name: str, path: str, target_name: str, runs: int, top: int) -> None
         # the layout rewrite renames kernels: <name>1_prepacked (or <name>1) is <name> of the fused module
         base = sym.removesuffix("_prepacked")
         f, kind = summary.get(base) or summary.get(base.removesuffix("1")) or (0.0, "other")
+        f *= calls[sym]
         acc = classes.setdefault(kind, [0.0, 0.0, 0])
         acc[0], acc[1], acc[2] = acc[0] + ms, acc[1] + f, acc[2] + 1
         if top > 0:
@@ -185,7 +188,7 @@ def profile(name: str, path: str, target_name: str, runs: int, top: int) -> None
     print("per class:")
     for kind, (ms, f, n) in sorted(classes.items(), key=lambda kv: -kv[1][0]):
         rate = f"{f / ms / 1e6:7.1f} GFLOP/s" if f else "      -"
-        print(f"  {ms:7.3f} ms {rate}  {n:3d} x {kind}")
+        print(f"  {ms:7.3f} ms {rate}  {kind} ({n} kernels)")
 
 
 def main() -> None:
