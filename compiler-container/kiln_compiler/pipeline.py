@@ -29,7 +29,7 @@ from tvm.s_tir import Schedule
 
 from .graph import cpu_graph_passes
 from .options import TuningBudget
-from .schedules import DefaultCPUSchedule, has_root, target_lanes
+from .schedules import DefaultCPUSchedule, has_root, target_lanes, target_vector_unit
 from .tuning import TuningDatabase, tune_and_apply
 
 log = logging.getLogger(__name__)
@@ -157,7 +157,7 @@ def compile_relax(
                                            reserve_seconds=_compile_reserve(fused))
             summary["tuned"], summary["reused"] = counts["tuned"], counts["reused"]
         if default_schedules:
-            pass_ = DefaultCPUSchedule(target_lanes(tgt))
+            pass_ = DefaultCPUSchedule(target_vector_unit(tgt))
             fused = pass_(fused)  # type: ignore[operator]
             summary["default"] = pass_.scheduled
             unscheduled = pass_.failed

@@ -73,6 +73,19 @@ _MATTR: Mapping[str, str] = {
 }
 # Features that widen the fp32 vector: the widest present sets the lanes.
 _LANES = (("avx512f", 16), ("avx2", 8), ("avx", 8))
+# Architectural vector registers: x86-64 16 ymm/xmm (AVX-512 doubles them to 32 zmm), 32-bit x86
+# 8; aarch64 NEON 32 q, armv7 NEON 16 q.
+_REGISTERS = {Arch.X86_64: 16, Arch.X86: 8, Arch.AARCH64: 32, Arch.ARMV7: 16}
+
+
+@dataclass(frozen=True)
+class VectorUnit:
+    """The fp32 vector registers generated code may use: how wide, and how many."""
+
+    lanes: int
+    registers: int
+
+
 # what people call the widest vector extension of a feature set, widest first
 _VECTOR_NAMES = (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("avx", "AVX"), ("asimd", "NEON"), ("neon", "NEON"),
                  ("sse4_2", "SSE4.2"))
@@ -95,6 +108,14 @@ class CpuFeatures:
     def vector_lanes(self) -> int:
         """fp32 lanes of the widest vector register the code uses (AVX-512 16, AVX2 8, NEON/SSE 4)."""
         return next((lanes for flag, lanes in _LANES if flag in self.features), 4)
+
+    @property
+    def vector_unit(self) -> VectorUnit:
+        """Lanes and number of the vector registers (AVX-512 16 x 32, AVX2 8 x 16, aarch64 NEON 4 x 32)."""
+        registers = _REGISTERS[self.arch]
+        if self.arch is Arch.X86_64 and "avx512f" in self.features:
+            registers = 32
+        return VectorUnit(self.vector_lanes, registers)
 
     @property
     def runtime_check(self) -> tuple[str, ...]:

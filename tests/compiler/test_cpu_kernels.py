@@ -169,6 +169,7 @@ def test_real_model_matches_unscheduled(model_name: str) -> None:
 
 def test_padded_input_is_materialised_outside_the_tile() -> None:
     # GIVEN a 3x3 convolution with padding 1, fused with its epilogue
+    from kiln import isa
     from kiln_compiler import pipeline as tp
     from kiln_compiler.graph import cpu_graph_passes
     from kiln_compiler.schedules import default_schedule
@@ -178,10 +179,80 @@ def test_padded_input_is_materialised_outside_the_tile() -> None:
         fused = tvm.transform.Sequential(tp._fuse_passes())(tvm.transform.Sequential(cpu_graph_passes(8))(mod))
     (conv,) = [f for gv, f in fused.functions_items() if isinstance(f, tvm.tirx.PrimFunc) and "conv" in gv.name_hint]
     # WHEN Kiln's default schedule is applied
-    text = default_schedule(conv, 8).mod["main"].script()
+    text = default_schedule(conv, isa.VectorUnit(8, 16)).mod["main"].script()
     # THEN the bounds check lives in the pad copy, not in the tile's innermost update
     #      (inlined, it ran once per multiply-add and halved the speed of every 3x3 layer)
     update = text[text.index('T.sblock("conv2d_nhwc_update")'):]
     update = update[:update.index("T.sblock(", 20)] if "T.sblock(" in update[20:] else update
     assert "if_then_else" not in update
     assert "if_then_else" in text
+
+
+def _anchor_tile(conv_func: Any, vector: Any) -> tuple[int, int]:
+    """(pixels, channel vectors) of the register tile Kiln's default schedule gives a conv kernel."""
+    from kiln_compiler.schedules import default_schedule
+
+    sch = default_schedule(conv_func, vector)
+    pixels, channels = 1, 1
+    for loop in sch.get_loops(sch.get_sblock("conv2d_nhwc_update")):
+        stmt = sch.get(loop)
+        if stmt.kind == tvm.tirx.ForKind.UNROLLED:
+            pixels *= int(stmt.extent)
+        elif stmt.kind == tvm.tirx.ForKind.VECTORIZED:
+            channels *= int(stmt.extent)
+    return pixels, -(-channels // vector.lanes)
+
+
+@pytest.mark.parametrize(("lanes", "registers"), [(8, 16), (16, 32), (4, 32)], ids=["avx2", "avx512", "neon"])
+@pytest.mark.parametrize(("cin", "cout", "k", "hw"), [(512, 1000, 1, 13), (64, 256, 3, 13), (512, 512, 3, 7),
+                                                      (64, 64, 1, 56)])
+def test_register_tile_fills_the_register_file(lanes: int, registers: int, cin: int, cout: int, k: int,
+                                               hw: int) -> None:
+    # GIVEN a convolution over a map whose side has few divisors (13, 7) or many (56)
+    from kiln import isa
+    from kiln_compiler import pipeline as tp
+    from kiln_compiler.graph import cpu_graph_passes
+
+    vector = isa.VectorUnit(lanes, registers)
+    mod = _conv_block(cin, cout, k, 1, k // 2, hw, 1, seed=2)
+    with tvm.target.Target(AVX2):
+        fused = tvm.transform.Sequential(tp._fuse_passes())(tvm.transform.Sequential(cpu_graph_passes(lanes))(mod))
+    (conv,) = [f for gv, f in fused.functions_items() if isinstance(f, tvm.tirx.PrimFunc) and "conv" in gv.name_hint]
+    # WHEN Kiln's default schedule tiles it for a vector unit
+    pixels, vectors = _anchor_tile(conv, vector)
+    # THEN accumulators, weight vectors and the broadcast fit the registers (no spills) and there
+    #      are enough independent accumulators to hide the FMA latency (2 FMAs per cycle x 4
+    #      cycles), or a whole row of a narrower map (1 pixel x 1 vector ran at FMA latency)
+    assert pixels * vectors + vectors + 1 <= registers
+    assert pixels * vectors >= min(hw, 8)
+
+
+@pytest.mark.parametrize(("cin", "cout", "k", "hw"), [(64, 256, 3, 13), (32, 64, 1, 14)])
+def test_neon_shaped_tile_matches_unscheduled_kernel(cin: int, cout: int, k: int, hw: int) -> None:
+    # GIVEN a fused conv kernel and the tile Kiln gives it for 4-lane vectors with 32 registers
+    #       (aarch64 NEON; no ARM host here, so the same TensorIR is compiled for this x86 host)
+    from kiln import isa
+    from kiln_compiler import pipeline as tp
+    from kiln_compiler.graph import cpu_graph_passes
+    from kiln_compiler.schedules import default_schedule
+
+    vector = isa.VectorUnit(4, 32)
+    mod = _conv_block(cin, cout, k, 1, k // 2, hw, 1, seed=3)
+    with tvm.target.Target(AVX2):
+        fused = tvm.transform.Sequential(tp._fuse_passes())(tvm.transform.Sequential(cpu_graph_passes(4))(mod))
+    (conv,) = [f for gv, f in fused.functions_items() if isinstance(f, tvm.tirx.PrimFunc) and "conv" in gv.name_hint]
+    pixels, vectors = _anchor_tile(conv, vector)
+    assert pixels * vectors > 12  # more than a 16-register file would hold
+    scheduled = default_schedule(conv, vector).mod["main"]
+    rng = np.random.default_rng(7)
+    args = [rng.standard_normal([int(d) for d in buf.shape]).astype("float32") for buf in conv.params]
+    outputs = []
+    # WHEN the scheduled and the unscheduled kernel run on the same inputs
+    for func in (scheduled, conv):
+        lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=AVX2)
+        tensors = [tvm.runtime.tensor(a) for a in args]
+        lib["main"](*tensors)
+        outputs.append(tensors[-1].numpy())
+    # THEN they agree (and both wrote their output buffer, which started as noise)
+    assert not np.allclose(outputs[1], args[-1])
+    np.testing.assert_allclose(outputs[0], outputs[1], rtol=RTOL, atol=ATOL)

@@ -192,3 +192,16 @@ def test_isa_mattr_and_unknown_cpus() -> None:
         isa.cpu_features("aarch64-linux-gnu", "znver4")
     arm = isa.cpu_features("aarch64-linux-gnu", "neoverse-n1", ["+neon"])
     assert arm.vector_lanes == 4 and "asimddp" in arm.features and arm.runtime_check == ()
+
+
+@pytest.mark.parametrize(("triple", "mcpu", "unit"), [
+    ("x86_64-linux-gnu", "haswell", isa.VectorUnit(8, 16)),
+    ("x86_64-linux-gnu", "skylake-avx512", isa.VectorUnit(16, 32)),
+    ("i686-linux-gnu", "pentium4", isa.VectorUnit(4, 8)),
+    ("aarch64-linux-gnu", "neoverse-n1", isa.VectorUnit(4, 32)),
+    ("armv7l-linux-gnueabihf", "cortex-a72", isa.VectorUnit(4, 16)),
+])
+def test_isa_vector_unit_counts_registers_per_architecture(triple: str, mcpu: str, unit: isa.VectorUnit) -> None:
+    # GIVEN a target triple and mcpu  WHEN its vector unit is looked up
+    # THEN lanes and register count are the architecture's (what register tiles are sized by)
+    assert isa.cpu_features(triple, mcpu).vector_unit == unit

@@ -11,7 +11,7 @@ from .knobs import TileKnobs, tile_variants
 from .tir import has_root, is_scheduled
 
 __all__ = ["DefaultCPUSchedule", "TileKnobs", "default_schedule", "has_root", "is_scheduled",
-           "schedule_cpu_func", "target_cpu", "target_lanes", "tile_variants"]
+           "schedule_cpu_func", "target_cpu", "target_lanes", "target_vector_unit", "tile_variants"]
 
 
 def target_cpu(target: Any) -> isa.CpuFeatures:
@@ -25,3 +25,8 @@ def target_cpu(target: Any) -> isa.CpuFeatures:
 def target_lanes(target: Any) -> int:
     """fp32 lanes of the target's widest vector register (AVX-512 16, AVX2 8, NEON/SSE 4)."""
     return target_cpu(target).vector_lanes
+
+
+def target_vector_unit(target: Any) -> isa.VectorUnit:
+    """fp32 lanes and number of the target's vector registers (what register tiles are sized by)."""
+    return target_cpu(target).vector_unit

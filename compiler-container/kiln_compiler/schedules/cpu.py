@@ -15,6 +15,7 @@ import logging
 from typing import Any
 
 import tvm
+from kiln.isa import VectorUnit
 from tvm import tirx
 from tvm.s_tir import Schedule
 
@@ -129,13 +130,31 @@ def _vector_factor(extent: int, lanes: int, max_vectors: int) -> int:
     return _pick_factor(extent, 2 * lanes, lanes)
 
 
-def _register_budget(lanes: int) -> int:
-    """Accumulator registers: 32 zmm (AVX-512) keep 28, 16 ymm/q (AVX2, NEON) keep 12."""
-    return 28 if lanes >= 16 else 12
+def _register_budget(vector: VectorUnit, n_vectors: int) -> int:
+    """Accumulators a tile of ``n_vectors`` channel vectors may keep in registers.
+
+    Each reduction step loads ``n_vectors`` weight vectors and broadcasts one input value into
+    a register; every other vector register can hold an accumulator: 16 ymm (AVX2) leave 14
+    for one vector (a 13-pixel row fits) and 13 for two, 32 zmm (AVX-512) or NEON q 30 and 29.
+    """
+    return max(1, vector.registers - n_vectors - 1)
 
 
-# Data a thread re-reads across tiles stays cached when it is at most this big: the L2 of
-# the smallest core Kiln targets (AMD Zen 3: 512 KiB; Intel server cores and Graviton have more).
+# The core the tile model assumes (Haswell to Zen 4, Skylake-SP, Neoverse N1 alike): two FMA
+# pipes, two loads per cycle, four cycles of FMA latency.
+_FMAS_PER_CYCLE, _LOADS_PER_CYCLE, _FMA_LATENCY = 2, 2, 4
+
+
+def _tile_rate(pixels: int, n_vectors: int, useful_lanes: int) -> float:
+    """Useful output lanes a pixels x n_vectors tile computes per cycle of its reduction step.
+
+    A step issues pixels * n_vectors FMAs and loads n_vectors weight vectors plus one broadcast
+    per pixel; each accumulator's FMA waits for the previous step's (latency). So 1 pixel x 1
+    vector runs at a quarter of the FMA rate, and 14 pixels x 1 vector (15 loads per 14 FMAs)
+    is load bound where 4 x 2 is not: on AVX2 that choice made ResNet-50 30% slower.
+    """
+    cycles = max(pixels * n_vectors / _FMAS_PER_CYCLE, (pixels + n_vectors) / _LOADS_PER_CYCLE, _FMA_LATENCY)
+    return pixels * useful_lanes / cycles
 
 
 # Data a thread re-reads across tiles stays cached when it is at most this big: the L2 of
@@ -162,7 +181,7 @@ def _channel_tiles_outermost(block: Any, weight_reads: list[Any], n_channel_tile
     return channels_outer <= 2 * pixels_outer
 
 
-def _schedule_anchor(sch: Schedule, block: Any, lanes: int, knobs: TileKnobs = DEFAULT_KNOBS) -> bool:
+def _schedule_anchor(sch: Schedule, block: Any, vector: VectorUnit, knobs: TileKnobs = DEFAULT_KNOBS) -> bool:
     """Register-tile a reduction block (conv2d, matmul, pooling). Returns False if it does not fit.
 
     The tile is ``reg_f`` output pixels (rows for matmul) x ``vec_f`` output channels
@@ -204,23 +223,24 @@ def _schedule_anchor(sch: Schedule, block: Any, lanes: int, knobs: TileKnobs = D
         # value is shared across a pixel tile, but the weights are, and a tile of pixels gives
         # each task enough work (one pixel x 8 channels per task ran at 12 GFLOP/s)
         pix = [i for i in sp if i != vec and extents[i] > 1][-2:]
-    budget = _register_budget(lanes)
+    lanes = vector.lanes
     # the tile: rh x rw output pixels (rw along the row) x nvec vectors of channels, with
     # rh | H and rw | W so every index stays affine (exact write-back, weights re-packable)
     ph, pw = (pix[-2], pix[-1]) if len(pix) >= 2 else (None, pix[-1] if pix else None)
-    # score: lanes of useful accumulators, then fewest loads per reduction step. (4 vectors x 7
-    # pixels measured slower than 2 x 14 on AVX-512: 28 accumulators + 4 weight vectors spill.)
-    best: tuple[tuple[int, int], int, int, int] | None = None  # (score, vec_f, rh, rw)
+    # score: useful lanes per cycle of the tile's reduction step (_tile_rate), then fewest loads
+    # per FMA. (4 vectors x 7 pixels measured slower than 2 x 14 on AVX-512: 28 accumulators +
+    # 4 weight vectors spill; the register budget now excludes that.)
+    best: tuple[tuple[float, float], int, int, int] | None = None  # (score, vec_f, rh, rw)
     vector_choices: tuple[int, ...] = (2, 1) if pix else (4,)
     if knobs.max_vectors is not None and pix:
         vector_choices = (knobs.max_vectors,)
     for max_vectors in vector_choices:
         vf = _vector_factor(extents[vec], lanes, max_vectors)
         nv = -(-vf // lanes)
-        limit = max(1, min(knobs.max_pixels, budget // nv))
+        limit = max(1, min(knobs.max_pixels, _register_budget(vector, nv) // nv))
         rw = _pick_factor(extents[pw], limit) if pw is not None else 1
         rh = _pick_factor(extents[ph], max(1, limit // rw)) if ph is not None else 1
-        score = (rh * rw * min(vf, nv * lanes), -(nv + rh * rw))
+        score = (_tile_rate(rh * rw, nv, min(vf, nv * lanes)), -(nv + rh * rw) / (nv * rh * rw))
         if best is None or score > best[0]:
             best = (score, vf, rh, rw)
     assert best is not None
@@ -276,12 +296,12 @@ def _schedule_anchor(sch: Schedule, block: Any, lanes: int, knobs: TileKnobs = D
     return True
 
 
-def schedule_cpu_func(func: tirx.PrimFunc, lanes: int) -> tirx.PrimFunc:
+def schedule_cpu_func(func: tirx.PrimFunc, vector: VectorUnit) -> tirx.PrimFunc:
     """Kiln's default CPU schedule for one PrimFunc (raises when it does not apply)."""
-    return default_schedule(func, lanes).mod["main"]
+    return default_schedule(func, vector).mod["main"]
 
 
-def default_schedule(func: tirx.PrimFunc, lanes: int, knobs: TileKnobs = DEFAULT_KNOBS) -> Schedule:
+def default_schedule(func: tirx.PrimFunc, vector: VectorUnit, knobs: TileKnobs = DEFAULT_KNOBS) -> Schedule:
     """The traced schedule of Kiln's default CPU schedule for ``func`` (``knobs`` override the
     tile's heuristic choices).
 
@@ -300,14 +320,14 @@ def default_schedule(func: tirx.PrimFunc, lanes: int, knobs: TileKnobs = DEFAULT
     if len(reductions) == 1:
         anchor = reductions[0]
         _inline_copies(sch, blocks, anchor)
-        anchored = _schedule_anchor(sch, anchor, lanes, knobs)
+        anchored = _schedule_anchor(sch, anchor, vector, knobs)
     if root is not None:
         _inline_intermediates(sch, root, anchor if anchored else None)
         blocks = list(sch.get_child_blocks(root))
     for blk in blocks:
         if anchored and not is_at_root(sch, blk):
             continue  # the anchor's tile (init, update, write-back) is scheduled
-        _schedule_elementwise(sch, blk, lanes)
+        _schedule_elementwise(sch, blk, vector.lanes)
     return sch
 
 
@@ -351,8 +371,8 @@ def _inline_copies(sch: Schedule, blocks: list[Any], anchor: Any) -> None:
 class DefaultCPUSchedule:
     """Apply Kiln's default CPU schedules to every PrimFunc not yet scheduled."""
 
-    def __init__(self, lanes: int) -> None:
-        self.lanes = lanes
+    def __init__(self, vector: VectorUnit) -> None:
+        self.vector = vector
         self.scheduled = 0
         self.failed: list[str] = []
 
@@ -362,7 +382,7 @@ class DefaultCPUSchedule:
             if not isinstance(func, tirx.PrimFunc) or is_scheduled(func):
                 continue
             try:
-                new = schedule_cpu_func(func, self.lanes)
+                new = schedule_cpu_func(func, self.vector)
             except Exception as exc:
                 log.debug("default schedule failed for %s: %s", gv.name_hint, exc)
                 self.failed.append(gv.name_hint)

@@ -23,7 +23,7 @@ from kiln.runtime import cpu_flags, host_machine
 from tvm.s_tir import meta_schedule as ms
 
 from ..options import TuningBudget
-from ..schedules import default_schedule, is_scheduled, target_cpu, target_lanes, tile_variants
+from ..schedules import default_schedule, is_scheduled, target_cpu, target_vector_unit, tile_variants
 from .builder import KilnBuilder, target_dict
 from .database import TuningDatabase
 
@@ -85,7 +85,7 @@ def _record_tile_variants(task_mod: Any, target: Any, builder: Any, runner: Any,
     schedules, seen = [], set()
     for knobs in tile_variants():
         try:
-            sch = default_schedule(func, target_lanes(target), knobs)
+            sch = default_schedule(func, target_vector_unit(target), knobs)
             ms.postproc.RewriteLayout().apply(sch)
         except Exception as exc:
             log.debug("tile variant %s does not apply: %s", knobs, exc)
