@@ -124,7 +124,7 @@ def test_default_schedule_competes_with_searched_candidates(tmp_path: Path) -> N
     # THEN the database holds, for the conv kernel, the searched candidates and Kiln's default
     #      schedule as a measured record (the database applies whichever ran fastest)
     assert result.summary["tuned"] >= 1
-    searched = [json.loads(line) for line in db.tuning_record_path.read_text().splitlines()]
+    searched = [json.loads(line) for line in db.search_record_path.read_text().splitlines()]
     kiln = [json.loads(line) for line in (db.local_dir / "kiln_tuning_record.json").read_text().splitlines()]
     assert 1 <= len(searched) <= 2
     assert len(kiln) >= 2  # the default tile and at least one variant
@@ -141,14 +141,14 @@ def test_a_bigger_budget_searches_kernels_that_only_have_kiln_tiles(tmp_path: Pa
     #       (a first tune whose time ran out after the tile variants)
     db = TuningDatabase(tmp_path / "db")
     compile_relax(_conv_module(), HOST, tuning=TuningBudget(trials=2), database=db, deadline=time.time() + 240)
-    db.tuning_record_path.unlink()
-    db.workload_path.unlink()
+    db.search_record_path.unlink()
+    db.search_workload_path.unlink()
     kiln_records = len(db)
     assert kiln_records >= 2
     # WHEN the model compiles again with a budget
     again = compile_relax(_conv_module(), HOST, tuning=TuningBudget(trials=2), database=TuningDatabase(tmp_path / "db"),
                           deadline=time.time() + 240)
     # THEN the search runs for that kernel (its tiles are not measured twice) and it counts as tuned
-    assert db.tuning_record_path.exists() and db.tuning_record_path.read_text().strip()
+    assert db.search_record_path.exists() and db.search_record_path.read_text().strip()
     assert len(db) > kiln_records
     assert again.summary["tuned"] >= 1

@@ -44,6 +44,16 @@ class TuningDatabase:
     def is_s3(self) -> bool:
         return self.location.startswith("s3://")
 
+    @property
+    def search_workload_path(self) -> Path:
+        """The workloads file of MetaSchedule's search records."""
+        return self.local_dir / SEARCH_FILES[0]
+
+    @property
+    def search_record_path(self) -> Path:
+        """The tuning-records file of MetaSchedule's search."""
+        return self.local_dir / SEARCH_FILES[1]
+
     def _bucket_prefix(self) -> tuple[str, str]:
         from ..aws import split_s3_uri
 
@@ -94,8 +104,8 @@ class TuningDatabase:
     def open_search(self) -> Any:
         """The MetaSchedule JSONDatabase of the search's records."""
         return ms.database.JSONDatabase(
-            path_workload=str(self.local_dir / SEARCH_FILES[0]),
-            path_tuning_record=str(self.local_dir / SEARCH_FILES[1]),
+            path_workload=str(self.search_workload_path),
+            path_tuning_record=str(self.search_record_path),
             allow_missing=True,
         )
 
