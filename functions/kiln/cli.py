@@ -36,6 +36,12 @@ def _platform(text: str) -> dict[str, str]:
     return pairs
 
 
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kiln", description="Kiln: SageMaker-compatible model compilation")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -46,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8080)
     serve.add_argument("--aws-port", type=int, default=None, help="embedded AWS endpoint port (default PORT+1)")
     serve.add_argument("--work-dir", type=Path, default=None, help="where compiler processes work")
+    serve.add_argument("--max-compilers", type=_positive, default=None,
+                       help="compiler processes at once; the rest wait as pending (default: CPU count)")
 
     compile_ = sub.add_parser("compile", help="compile one model through the full job path, locally")
     compile_.add_argument("model", type=Path, help="the model archive (.tar.gz)")
@@ -92,7 +100,8 @@ def _serve(args: argparse.Namespace) -> int:
     from kiln.local.server import ApiServer
     from kiln.local.stack import EmbeddedStack
 
-    stack = EmbeddedStack(host=args.host, aws_port=args.aws_port or args.port + 1, work_dir=args.work_dir).start()
+    stack = EmbeddedStack(host=args.host, aws_port=args.aws_port or args.port + 1, work_dir=args.work_dir,
+                          max_compilers=args.max_compilers).start()
     server = ApiServer(args.host, args.port).start()
     console.print(f"[bold]Kiln[/] API on {server.url}  (embedded AWS on {stack.endpoint_url})")
     console.print(f"  boto3.client('sagemaker', endpoint_url='{server.url}')")
@@ -113,7 +122,6 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _compile(args: argparse.Namespace) -> int:
     from kiln.local.stack import EmbeddedStack
-    from kiln.wiring import default_service
 
     if not args.model.is_file():
         console.print(f"[red]no such file: {args.model}[/]")
@@ -138,7 +146,7 @@ def _compile(args: argparse.Namespace) -> int:
             output["TargetPlatform"] = args.target_platform
         if args.compiler_options:
             output["CompilerOptions"] = args.compiler_options
-        service = default_service()
+        service = stack.kiln.service
         from kiln.errors import KilnError
 
         try:
@@ -166,9 +174,7 @@ def _compile(args: argparse.Namespace) -> int:
 
 def _follow(stack: Any, name: str, started: float) -> dict[str, Any]:
     """Show status changes and compiler stages until the job ends."""
-    from kiln.wiring import default_service
-
-    service = default_service()
+    service = stack.kiln.service
     log_path = stack.work_dir / "containers" / name / f"{name}.log"
     seen_status, seen_lines = "", 0
     with console.status("compiling…") as status_line:

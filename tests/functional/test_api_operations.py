@@ -107,11 +107,9 @@ def test_stop_then_delete(sagemaker: Any, job_request: Callable[..., Any], uniqu
 @pytest.mark.parametrize("status", ["STARTING", "INPROGRESS", "STOPPING"])
 def test_delete_refused_for_every_active_status(sagemaker: Any, local_stack: Any, unique: Callable[[str], str],
                                                 status: str) -> None:
-    from kiln.wiring import default_service
-
     # GIVEN a stored job in an active status (no workflow behind it)
     name = unique("active")
-    default_service().store.create(record(name, 1_500_000_000.0, status))
+    local_stack.kiln.service.store.create(record(name, 1_500_000_000.0, status))
     # WHEN it is deleted
     error = error_of(lambda: sagemaker.delete_compilation_job(CompilationJobName=name))
     # THEN ValidationException names the status, and the job is still there
@@ -122,11 +120,9 @@ def test_delete_refused_for_every_active_status(sagemaker: Any, local_stack: Any
 @pytest.mark.parametrize("status", ["COMPLETED", "FAILED", "STOPPED"])
 def test_delete_allowed_for_every_terminal_status(sagemaker: Any, local_stack: Any, unique: Callable[[str], str],
                                                   status: str) -> None:
-    from kiln.wiring import default_service
-
     # GIVEN a stored job in a terminal status
     name = unique("terminal")
-    default_service().store.create(record(name, 1_500_000_000.0, status))
+    local_stack.kiln.service.store.create(record(name, 1_500_000_000.0, status))
     # WHEN it is deleted / THEN it is gone; stopping it had been refused
     assert error_of(lambda: sagemaker.stop_compilation_job(CompilationJobName=name))["Code"] == "ValidationException"
     sagemaker.delete_compilation_job(CompilationJobName=name)
@@ -269,10 +265,8 @@ SEED_BASE = 1_400_000_000.0
 @pytest.fixture(scope="module")
 def seeded(local_stack: Any) -> dict[str, Any]:
     """250 jobs written straight to the store: distinct creation times, shuffled names, every status."""
-    from kiln.wiring import default_service
-
     tag = "pg" + uuid.uuid4().hex[:6]
-    store = default_service().store
+    store = local_stack.kiln.service.store
     jobs = []
     for i in range(250):
         name = f"{tag}-{(i * 97) % 250:03d}"  # name order differs from creation order
@@ -459,7 +453,7 @@ def test_resource_limit_exceeded_at_the_configured_limit(local_stack: Any, sagem
     # GIVEN a deployment on its own table allowing 3 active jobs, with 3 active
     table = unique("kiln-jobs-limit")
     local_stack.client("dynamodb").create_table(**table_definition(table))
-    with reconfigured(KILN_TABLE_NAME=table, KILN_MAX_ACTIVE_JOBS="3") as service:
+    with reconfigured(table_name=table, max_active_jobs=3) as service:
         names = [unique("slot") for _ in range(3)]
         for name in names:
             service.store.create(record(name, SEED_BASE, "STARTING"))
@@ -481,7 +475,7 @@ def test_failed_workflow_start_is_recorded_failed(sagemaker: Any, reconfigured: 
                                                   unique: Callable[[str], str]) -> None:
     # GIVEN a deployment whose state machine ARN points nowhere
     bogus = f"arn:aws:states:us-east-1:{ACCOUNT}:stateMachine:kiln-does-not-exist"
-    with reconfigured(KILN_STATE_MACHINE_ARN=bogus) as service:
+    with reconfigured(state_machine_arn=bogus) as service:
         before = service.store.active_jobs()
         name = unique("nostart")
         # WHEN a job is created
@@ -502,7 +496,7 @@ def test_target_of_a_runner_this_deployment_lacks_is_refused(sagemaker: Any, job
     # GIVEN a deployment with CPU compilers only (CDK context target_families=["cpu"])
     request = job_request(unique("gpu"))
     request["OutputConfig"]["TargetDevice"] = "ml_g4dn"
-    with reconfigured(KILN_ENABLED_RUNNERS="fargate"):
+    with reconfigured(enabled_runners="fargate"):
         # WHEN a GPU target is asked for
         with pytest.raises(ClientError) as refused:
             sagemaker.create_compilation_job(**request)

@@ -31,9 +31,7 @@ def event_for(method: str, path: str, body: Any = None, headers: dict[str, str] 
 @pytest.fixture(scope="module")
 def resolve(local_stack: Any) -> Any:
     """build_resolver over the service of the embedded stack (moto): event in, parsed response out."""
-    from kiln.wiring import default_service
-
-    app = build_resolver(default_service)
+    app = build_resolver(lambda: local_stack.kiln.service)
 
     def call(event: dict[str, Any]) -> tuple[int, dict[str, Any], Any]:
         response = app.resolve(event, _Context())

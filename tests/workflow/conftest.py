@@ -42,9 +42,7 @@ def job_events(local_stack: Any) -> Callable[[str], list[dict[str, Any]]]:
 
 @pytest.fixture
 def service(local_stack: Any) -> Any:
-    from kiln.wiring import default_service
-
-    return default_service()
+    return local_stack.kiln.service
 
 
 @pytest.fixture

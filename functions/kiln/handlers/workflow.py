@@ -2,32 +2,25 @@
 
 from __future__ import annotations
 
-import functools
+import json
 from typing import Any
 
 from aws_lambda_powertools import Logger
 from aws_lambda_powertools.utilities.typing import LambdaContext
 from botocore.exceptions import ClientError
 
-from kiln.config import settings
-from kiln.wiring import build_workflow_steps
-from kiln.workflow import TransientError, WorkflowSteps
+from kiln import wiring
+from kiln.errors import error_code, is_retryable
+from kiln.workflow import TransientError
 
 logger = Logger(service="kiln-workflow")
-
-_THROTTLING = {"ThrottlingException", "ProvisionedThroughputExceededException", "RequestLimitExceeded",
-               "InternalServerError", "ServiceUnavailable", "TransactionConflictException"}
-
-
-@functools.cache
-def _steps() -> WorkflowSteps:
-    return build_workflow_steps(settings())
+wiring.start_in_lambda()
 
 
 @logger.inject_lambda_context
 def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     """Run one step: ``{"Step": "MarkInProgress" | "ResolveModelPackage" | "RecordSuccess" | "RecordFailure", ...}``."""
-    steps = _steps()
+    steps = wiring.current().workflow_steps
     step = event.get("Step")
     job = event["Job"]
     logger.append_keys(job=job.get("CompilationJobName"), step=step)
@@ -41,8 +34,8 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
         if step == "RecordFailure":
             return steps.record_failure(job, event.get("Error") or {}, event.get("Limits") or {})
     except ClientError as exc:
-        if exc.response["Error"]["Code"] in _THROTTLING:
-            raise TransientError(exc.response["Error"]["Code"]) from exc
+        if is_retryable(exc):
+            raise TransientError(error_code(exc)) from exc
         raise
     raise ValueError(f"unknown workflow step {step!r}")
 
@@ -65,7 +58,5 @@ def container_stopped(event: dict[str, Any], context: LambdaContext) -> dict[str
         reason = detail.get("stoppedReason", "")
     name = None
     if env.get("KILN_JOB"):
-        import json
-
         name = json.loads(env["KILN_JOB"]).get("CompilationJobName")
-    return _steps().container_stopped(name, env.get("KILN_TASK_TOKEN"), exit_code, reason)
+    return wiring.current().workflow_steps.container_stopped(name, env.get("KILN_TASK_TOKEN"), exit_code, reason)
