@@ -68,6 +68,13 @@ class SerializationError(KilnError):
     status = 400
 
 
+class RequestTooLarge(KilnError):
+    """A body far beyond any valid request (API Gateway answers 413 too, for over 10 MB)."""
+
+    code = "RequestEntityTooLargeException"
+    status = 413
+
+
 class AccessDenied(KilnError):
     code = "AccessDeniedException"
     status = 400

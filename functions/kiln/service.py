@@ -162,7 +162,7 @@ class CompilationJobService:
         validate_request("ListCompilationJobs", request)
         query = ListQuery(
             sort_by=request.get("SortBy", "CreationTime"),
-            sort_order=request.get("SortOrder", "Descending"),
+            sort_order=request.get("SortOrder", "Ascending"),  # botocore documents both defaults
             max_results=int(request.get("MaxResults", 10)),
             name_contains=request.get("NameContains"),
             status_equals=request.get("StatusEquals"),

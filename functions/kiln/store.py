@@ -88,7 +88,7 @@ class ListQuery:
     """A validated ListCompilationJobs request."""
 
     sort_by: str = "CreationTime"
-    sort_order: str = "Descending"
+    sort_order: str = "Ascending"
     max_results: int = 10
     name_contains: str | None = None
     status_equals: str | None = None

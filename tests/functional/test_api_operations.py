@@ -317,8 +317,21 @@ def test_boto3_paginator_and_default_sort(sagemaker: Any, seeded: dict[str, Any]
     names = [s["CompilationJobName"] for page in paginator.paginate(NameContains=seeded["tag"],
                                                                      PaginationConfig={"PageSize": 17})
              for s in page["CompilationJobSummaries"]]
-    # THEN the default is CreationTime Descending, complete and without duplicates
-    assert names == expected_order(seeded["jobs"], "CreationTime", "Descending")
+    # THEN the default is SortBy=CreationTime, SortOrder=Ascending (as botocore's documentation of the
+    # API states), complete and without duplicates
+    assert names == expected_order(seeded["jobs"], "CreationTime", "Ascending")
+    documentation = {member: shape.documentation for member, shape in
+                     sagemaker.meta.service_model.operation_model("ListCompilationJobs").input_shape.members.items()}
+    assert "The default is <code>Ascending</code>" in documentation["SortOrder"]
+    assert "The default is <code>CreationTime</code>" in documentation["SortBy"]
+
+
+def test_default_sort_is_oldest_first_on_one_page(sagemaker: Any, seeded: dict[str, Any]) -> None:
+    # GIVEN the seeded jobs  WHEN one page is listed without SortBy/SortOrder
+    page = sagemaker.list_compilation_jobs(NameContains=seeded["tag"], MaxResults=5)["CompilationJobSummaries"]
+    # THEN it holds the five oldest, oldest first
+    assert [s["CompilationJobName"] for s in page] == expected_order(seeded["jobs"], "CreationTime", "Ascending")[:5]
+    assert page[0]["CreationTime"] < page[-1]["CreationTime"]
 
 
 @pytest.mark.parametrize("sort_by", ["CreationTime", "Name", "Status"])
@@ -392,7 +405,7 @@ def test_forged_and_altered_tokens_are_refused(sagemaker: Any, seeded: dict[str,
 ])
 def test_token_reused_with_other_filters_is_refused(sagemaker: Any, seeded: dict[str, Any],
                                                     other: dict[str, Any]) -> None:
-    # GIVEN a token issued for NameContains=tag, SortBy=Name (Descending)
+    # GIVEN a token issued for NameContains=tag, SortBy=Name (Ascending, the default)
     token = _first_token(sagemaker, seeded["tag"], SortBy="Name")
     # WHEN it is reused with another sort or filter
     error = error_of(lambda: sagemaker.list_compilation_jobs(NameContains=seeded["tag"], MaxResults=10,
@@ -406,7 +419,7 @@ def test_token_reused_with_another_page_size_is_accepted(sagemaker: Any, seeded:
     token = _first_token(sagemaker, seeded["tag"], SortBy="Name")
     # WHEN the next page is asked with MaxResults=15 / THEN it continues right after the first page
     page = sagemaker.list_compilation_jobs(NameContains=seeded["tag"], MaxResults=15, SortBy="Name", NextToken=token)
-    expected = expected_order(seeded["jobs"], "Name", "Descending")[10:25]
+    expected = expected_order(seeded["jobs"], "Name", "Ascending")[10:25]
     assert [s["CompilationJobName"] for s in page["CompilationJobSummaries"]] == expected
 
 

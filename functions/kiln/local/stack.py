@@ -58,6 +58,14 @@ REGISTRY_FUNCTION = "kiln-registry"
 REGISTRY_QUEUE = "kiln-registry-events"
 
 
+def host_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, else the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
         sock.bind((host, 0))
@@ -110,7 +118,7 @@ class LocalContainerRunner:
     on_exit: Any = None  # callable(env, exit_code, reason)
     processes: dict[str, _Process] = field(default_factory=dict)
     log_dir: Path | None = None
-    max_running: int = field(default_factory=lambda: os.cpu_count() or 1)
+    max_running: int = field(default_factory=lambda: host_cpus())
     # Environment every compiler process gets on top of its task's (e.g. the tuning database).
     extra_env: dict[str, str] = field(default_factory=dict)
     queued: deque[tuple[str, dict[str, str]]] = field(default_factory=deque)
