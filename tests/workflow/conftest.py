@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -59,6 +59,17 @@ def start_with_limits(local_stack: Any, service: Any) -> Callable[..., None]:
         service.start_workflow(job, "fargate", runtime, pending)
 
     return start
+
+
+@pytest.fixture
+def one_compiler_slot(local_stack: Any) -> Iterator[Any]:
+    """Local mode limited to one compiler process at once (restored afterwards); yields the runner."""
+    runner = local_stack.runner
+    before = runner.max_running
+    runner.set_capacity(1)
+    runner.peak_running = runner.running()
+    yield runner
+    runner.set_capacity(before)
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 60, poll: float = 0.2) -> bool:

@@ -122,6 +122,7 @@ class LocalContainerRunner:
     # Environment every compiler process gets on top of its task's (e.g. the tuning database).
     extra_env: dict[str, str] = field(default_factory=dict)
     queued: deque[tuple[str, dict[str, str]]] = field(default_factory=deque)
+    peak_running: int = 0  # the most compiler processes seen running at once
     # While True, tasks stay pending (no capacity at all): used to exercise MaxPendingTimeInSeconds.
     hold: bool = False
     held: list[tuple[str, dict[str, str]]] = field(default_factory=list)
@@ -135,6 +136,12 @@ class LocalContainerRunner:
             return
         with self._lock:
             self.queued.append((task_id, env))
+        self._start_queued()
+
+    def set_capacity(self, max_running: int) -> None:
+        """Change how many compiler processes may run at once; queued tasks start if slots opened."""
+        with self._lock:
+            self.max_running = max_running
         self._start_queued()
 
     def running(self) -> int:
@@ -162,6 +169,7 @@ class LocalContainerRunner:
                                      cwd=work, start_new_session=True)
         process = _Process(popen, env)
         self.processes[task_id] = process
+        self.peak_running = max(self.peak_running, self.running())
         threading.Thread(target=self._wait, args=(task_id, process), daemon=True,
                          name=f"kiln-container-{job_name}").start()
 
