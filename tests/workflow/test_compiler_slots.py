@@ -3,6 +3,7 @@ for Fargate capacity, their pending time counting against MaxPendingTimeInSecond
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from tests.conftest import tar_gz
@@ -31,6 +32,10 @@ def test_second_job_waits_for_the_slot_then_completes(local_stack: Any, service:
     assert one_compiler_slot.running() == 1 and len(waiting) == 1
     first = next(n for n in names if n not in waiting)
     assert service.describe(waiting[0])["CompilationJobStatus"] not in ("COMPLETED", "FAILED", "STOPPED")
+    # AND the running compiler has a lower CPU priority than the API's process
+    [running] = [p for p in one_compiler_slot.processes.values() if f'"{first}"' in p.env["KILN_JOB"]]
+    own = os.getpriority(os.PRIO_PROCESS, 0)
+    assert os.getpriority(os.PRIO_PROCESS, running.popen.pid) == min(own + 10, 19)
     # AND both complete, never more than one compiler running at once
     jobs = {name: local_stack.wait_for(name, timeout=240) for name in names}
     assert [job["CompilationJobStatus"] for job in jobs.values()] == ["COMPLETED", "COMPLETED"], [
