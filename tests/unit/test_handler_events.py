@@ -90,10 +90,11 @@ def test_rest_list_and_stage_prefix(resolve: Any) -> None:
     # WHEN they are resolved
     plain = resolve(event_for("GET", "/compilation-jobs", query={"MaxResults": "2", "SortBy": "Name"}))
     staged = resolve(event_for("GET", "/prod/compilation-jobs", query={"MaxResults": "2", "SortBy": "Name"}))
-    # THEN both are served as JSON with the same summaries
+    # THEN both are served as JSON with the same jobs (their status may move on in between)
     assert plain[0] == staged[0] == 200
     assert plain[1]["content-type"] == "application/json"
-    assert plain[2] == staged[2]
+    names = [[s["CompilationJobName"] for s in answer[2]["CompilationJobSummaries"]] for answer in (plain, staged)]
+    assert names[0] == names[1] and len(names[0]) == 2
 
 
 def test_handler_never_leaks_internal_errors() -> None:
