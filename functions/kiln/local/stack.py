@@ -19,6 +19,7 @@ MaxPendingTimeInSeconds.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -170,10 +171,9 @@ class LocalContainerRunner:
         with open(log_path, "ab") as log_file:
             popen = subprocess.Popen(command, env=full_env, stdout=log_file, stderr=subprocess.STDOUT,
                                      cwd=work, start_new_session=True)
-        try:  # its threads and children, started later, inherit it
+        # Its threads and children, started later, inherit it (not permitted / no such call: skipped).
+        with contextlib.suppress(OSError, AttributeError):
             os.setpriority(os.PRIO_PROCESS, popen.pid, COMPILER_NICENESS)
-        except (OSError, AttributeError):  # not permitted, or not on this platform
-            pass
         process = _Process(popen, env)
         self.processes[task_id] = process
         self.peak_running = max(self.peak_running, self.running())
