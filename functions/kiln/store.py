@@ -260,6 +260,8 @@ class JobStore:
         if index == "ByCreationTime" and (query.created_after is not None or query.created_before is not None):
             low = query.created_after if query.created_after is not None else 0.0
             high = query.created_before if query.created_before is not None else 1e12
+            if low > high:  # an empty window (DynamoDB refuses BETWEEN with bounds reversed)
+                return [], None
             key_condition = key_condition & Key("CreationTime").between(_to_dynamo(low), _to_dynamo(high))
         if index == "ByStatus" and query.status_equals:
             key_condition = key_condition & Key("StatusKey").begins_with(query.status_equals + "#")
