@@ -144,6 +144,21 @@ class JobStore:
             raise
         return job
 
+    def import_records(self, jobs: Iterable[dict[str, Any]]) -> int:
+        """Bulk-load finished (COMPLETED/FAILED/STOPPED) job records, as ``create`` lays them out but
+        without the name check and the active-job counter (benchmarks, migrations); how many."""
+        count = 0
+        with self._table.batch_writer(overwrite_by_pkeys=["JobName"]) as batch:
+            for job in jobs:
+                if job["CompilationJobStatus"] not in TERMINAL:
+                    raise ValueError(f"only finished jobs can be imported, not {job['CompilationJobStatus']}")
+                name = job["CompilationJobName"]
+                batch.put_item(Item=_to_dynamo({**job, "JobName": name, "Partition": PARTITION,
+                                                "StatusKey": _status_key(job["CompilationJobStatus"],
+                                                                         job["CreationTime"], name)}))
+                count += 1
+        return count
+
     # -- read --------------------------------------------------------------------------------
     def get(self, name: str) -> dict[str, Any]:
         """The stored record (public members plus internal ones); ``ResourceNotFound`` if absent."""
