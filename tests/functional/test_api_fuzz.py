@@ -118,7 +118,10 @@ def assert_all_terminal(service: Any, names: list[str]) -> None:
     while pending and time.time() < deadline:
         pending = {n for n in pending if service.describe(n)["CompilationJobStatus"] not in TERMINAL}
         time.sleep(0.5)
-    assert not pending, f"{len(pending)} accepted jobs not terminal: {sorted(pending)[:10]}"
+    stuck = {n: {k: v for k, v in service.store.get(n).items() if k in ("CompilationJobStatus", "StoppingCondition",
+                                                                         "OutputConfig", "ExecutionArn")}
+             for n in sorted(pending)[:5]}
+    assert not pending, f"{len(pending)} accepted jobs not terminal, e.g. {stuck}"
     for name in names:
         reason = service.describe(name).get("FailureReason", "")
         assert not reason or reason.startswith(("ClientError:", "ServerError:")), reason
