@@ -89,3 +89,12 @@ def reconfigured(local_stack: Any) -> Callable[..., Any]:
             yield kiln.service
 
     return swap
+
+
+@pytest.fixture(scope="session")
+def console(api_server: Any, local_stack: Any) -> Any:
+    """The web console over the local API (as `kiln serve` mounts it), driven by werkzeug's test client."""
+    from kiln.console.app import Artifacts, ConsoleApp, local_api
+    from werkzeug.test import Client
+
+    return Client(ConsoleApp(local_api(api_server.url), Artifacts(local_stack.client("s3"))))
