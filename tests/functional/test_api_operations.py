@@ -399,7 +399,7 @@ def test_forged_and_altered_tokens_are_refused(sagemaker: Any, seeded: dict[str,
 
 
 @pytest.mark.parametrize("other", [
-    {"SortBy": "CreationTime"}, {"SortBy": "Name", "SortOrder": "Ascending"},
+    {"SortBy": "CreationTime"}, {"SortBy": "Name", "SortOrder": "Descending"},
     {"SortBy": "Name", "StatusEquals": "FAILED"}, {"SortBy": "Name", "CreationTimeAfter": SEED_BASE},
     {"SortBy": "Name", "LastModifiedTimeBefore": SEED_BASE + 99999},
 ])

@@ -21,6 +21,8 @@ def test_second_job_waits_for_the_slot_then_completes(local_stack: Any, service:
     names = ["slot-first", "slot-second"]
     for name in names:
         upload_model(f"{name}/model.tar.gz", tiny_onnx_archive)
+    # (compilers of earlier tests have ended, so the one slot is free)
+    assert wait_until(lambda: one_compiler_slot.running() == 0, timeout=180)
     # WHEN both are created while no capacity is free, then the one slot opens
     one_compiler_slot.set_capacity(0)
     for name in names:
