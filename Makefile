@@ -12,7 +12,7 @@ export JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION := 20
 export TVM_NUM_THREADS ?= 2
 PYTEST_ARGS ?=
 
-.PHONY: install debian-packages demo test test-fast lint synth bench clean wheels gpu-check-bundle
+.PHONY: install debian-packages demo test test-fast lint synth bench fuzz load clean wheels gpu-check-bundle
 
 install: $(STAMP)
 
@@ -73,6 +73,18 @@ wheels: install
 # A self-contained folder for a machine with an NVIDIA GPU and no network (see scripts/gpu-check).
 gpu-check-bundle: install
 	$(PY) scripts/gpu_check_bundle.py --out build/gpu-check
+
+# API fuzzing from botocore's shapes: FUZZ_EXAMPLES per generated test (4 tests: >= 10,000 requests in all).
+FUZZ_EXAMPLES ?= 4000
+fuzz: install
+	@mkdir -p bench/results
+	KILN_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) KILN_FUZZ_REPORT=bench/results/fuzz-latest.json \
+	  $(PY) -m pytest -p no:cacheprovider -q tests/functional/test_api_fuzz.py
+	@cat bench/results/fuzz-latest.json
+
+# Load against `kiln serve` on 127.0.0.1 (a benchmark, not a test; < 10 min).
+load: install
+	$(PY) bench/load.py $(LOAD_ARGS)
 
 clean:
 	rm -rf cdk.out build .mypy_cache .ruff_cache .pytest_cache

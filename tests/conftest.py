@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import tarfile
 from collections.abc import Callable, Iterator
@@ -44,6 +45,41 @@ def tar_gz(files: dict[str, bytes]) -> bytes:
             info.size = len(data)
             archive.addfile(info, io.BytesIO(data))
     return buffer.getvalue()
+
+
+def event_for(method: str, path: str, body: Any = None, headers: dict[str, str] | None = None,
+              query: dict[str, Any] | None = None, raw: bytes | None = None) -> dict[str, Any]:
+    """The proxy event for an HTTP request, checked against Powertools' model."""
+    from aws_lambda_powertools.utilities.parser.models import APIGatewayProxyEventModel
+    from kiln.local.server import proxy_event
+    from werkzeug.test import EnvironBuilder
+    from werkzeug.wrappers import Request
+
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    builder = EnvironBuilder(path=path, method=method, data=data, headers=headers or {}, query_string=query,
+                             base_url="http://127.0.0.1:8080")
+    event = proxy_event(Request(builder.get_environ()))
+    model = APIGatewayProxyEventModel.model_validate(event)
+    assert model.httpMethod == method and model.path == path
+    return event
+
+
+@pytest.fixture(scope="session")
+def resolve(local_stack: Any) -> Any:
+    """build_resolver over the service of the embedded stack (moto): event in, parsed response out."""
+    from kiln.api import build_resolver
+    from kiln.local.server import _Context
+
+    app = build_resolver(lambda: local_stack.kiln.service)
+
+    def call(event: dict[str, Any]) -> tuple[int, dict[str, Any], Any]:
+        response = app.resolve(event, _Context())
+        headers = {k.lower(): v for k, v in (response.get("headers") or {}).items()}
+        for key, values in (response.get("multiValueHeaders") or {}).items():
+            headers[key.lower()] = ", ".join(values)
+        return response["statusCode"], headers, json.loads(response["body"]) if response.get("body") else None
+
+    return call
 
 
 @pytest.fixture(scope="session")
@@ -90,7 +126,7 @@ def upload_model(local_stack: Any) -> Callable[[str, bytes], str]:
     return upload
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def job_request(local_stack: Any) -> Callable[..., dict[str, Any]]:
     """A valid CreateCompilationJob request, with overrides."""
 

@@ -14,13 +14,58 @@ from typing import Any
 from aws_lambda_powertools.event_handler import APIGatewayRestResolver, Response
 
 from kiln.contract import OPERATIONS, validate_request
-from kiln.errors import KilnError, SerializationError, UnknownOperation, ValidationError, wire_error
+from kiln.errors import (
+    KilnError,
+    RequestTooLarge,
+    SerializationError,
+    UnknownOperation,
+    ValidationError,
+    wire_error,
+)
 from kiln.service import CompilationJobService
 
 log = logging.getLogger(__name__)
 
 JSON_11 = "application/x-amz-json-1.1"
 TARGET_PREFIX = "SageMaker."
+# The deepest request SageMaker's shapes allow is a few levels; anything far deeper is not a request.
+MAX_JSON_DEPTH = 64
+# API Gateway accepts 10 MB; Kiln's largest valid request is a few tens of KiB.
+MAX_BODY_BYTES = 1024 * 1024
+
+
+def parse_body(raw: str | None) -> Any:
+    """The request body as JSON (empty -> ``{}``); ``SerializationError`` when it is not JSON, too deep
+    or too large (never a ``RecursionError``: nesting is measured without recursion)."""
+    if raw is None or raw == "":
+        return {}
+    if len(raw) > MAX_BODY_BYTES:
+        raise RequestTooLarge(f"The request body is {len(raw)} characters; at most {MAX_BODY_BYTES} are accepted")
+    try:
+        parsed = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise SerializationError(f"The request body is not valid JSON: {exc.msg if hasattr(exc, 'msg') else exc}") from None
+    except RecursionError:
+        parsed = None
+        depth = MAX_JSON_DEPTH + 1
+    else:
+        depth = _depth(parsed)
+    if depth > MAX_JSON_DEPTH:
+        raise SerializationError(f"The request body nests JSON more than {MAX_JSON_DEPTH} levels deep")
+    return parsed
+
+
+def _depth(document: Any) -> int:
+    """How deep arrays and objects nest in ``document`` (iterative; stops counting past the limit)."""
+    deepest, stack = 0, [(document, 1)]
+    while stack:
+        value, level = stack.pop()
+        if isinstance(value, dict | list):
+            deepest = max(deepest, level)
+            if deepest > MAX_JSON_DEPTH:
+                return deepest
+            stack.extend((child, level + 1) for child in (value.values() if isinstance(value, dict) else value))
+    return deepest
 
 
 def _json_response(status: int, body: dict[str, Any], content_type: str = JSON_11) -> Response:
@@ -38,17 +83,8 @@ def build_resolver(service_factory: Callable[[], CompilationJobService]) -> APIG
         identity = app.current_event.request_context.identity
         return identity.user_arn if identity else None
 
-    def body() -> Any:
-        raw = app.current_event.body
-        if raw is None or raw == "":
-            return {}
-        try:
-            return json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise SerializationError(f"The request body is not valid JSON: {exc.msg if hasattr(exc, 'msg') else exc}") from None
-
     def object_body() -> dict[str, Any]:
-        parsed = body()
+        parsed = parse_body(app.current_event.body)
         if not isinstance(parsed, dict):
             raise SerializationError("The request body must be a JSON object")
         return parsed

@@ -36,6 +36,12 @@ def _platform(text: str) -> dict[str, str]:
     return pairs
 
 
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kiln", description="Kiln: SageMaker-compatible model compilation")
     parser.add_argument("-v", "--verbose", action="store_true",
@@ -47,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8080)
     serve.add_argument("--aws-port", type=int, default=None, help="embedded AWS endpoint port (default PORT+1)")
     serve.add_argument("--work-dir", type=Path, default=None, help="where compiler processes work")
+    serve.add_argument("--max-compilers", type=_positive, default=None,
+                       help="compiler processes at once; the rest wait as pending (default: CPU count)")
 
     compile_ = sub.add_parser("compile", help="compile one model through the full job path, locally")
     compile_.add_argument("model", type=Path, help="the model archive (.tar.gz)")
@@ -129,7 +137,8 @@ def _serve(args: argparse.Namespace) -> int:
     from kiln.local.server import ApiServer
     from kiln.local.stack import EmbeddedStack
 
-    stack = EmbeddedStack(host=args.host, aws_port=args.aws_port or args.port + 1, work_dir=args.work_dir).start()
+    stack = EmbeddedStack(host=args.host, aws_port=args.aws_port or args.port + 1, work_dir=args.work_dir,
+                          max_compilers=args.max_compilers).start()
     server = ApiServer(args.host, args.port)
     server.mount(PREFIX, ConsoleApp(local_api(server.url), Artifacts(stack.client("s3")), FormDefaults(
         role_arn=stack.outputs["JobRoleArn"], input_prefix=f"s3://{stack.outputs['ModelBucket']}/",
@@ -180,7 +189,6 @@ def _compile(args: argparse.Namespace) -> int:
     from kiln.errors import KilnError
     from kiln.host import HOST, NoHostTargetError, host_target
     from kiln.local.stack import EmbeddedStack
-    from kiln.wiring import default_service
 
     if not args.model.is_file():
         console.print(f"[red]no such file: {args.model}[/]")
@@ -215,7 +223,7 @@ def _compile(args: argparse.Namespace) -> int:
             output["TargetPlatform"] = args.target_platform
         if args.compiler_options:
             output["CompilerOptions"] = args.compiler_options
-        service = default_service()
+        service = stack.kiln.service
         try:
             service.create({"CompilationJobName": name, "RoleArn": stack.outputs["JobRoleArn"],
                             "InputConfig": input_config, "OutputConfig": output,

@@ -1,32 +1,49 @@
-"""Runtime configuration of Kiln's functions, read from ``KILN_*`` environment variables.
+"""Typed configuration of Kiln's functions.
 
-CDK sets these on the Lambdas; the local stack sets them for its in-process handlers.
+In AWS, CDK sets ``KILN_*`` environment variables on the Lambdas and
+:meth:`KilnSettings.from_environment` reads them (once, through :mod:`kiln.wiring`). Local mode
+never touches the environment: it builds a ``KilnSettings`` for its own resources and injects it.
+Settings that name a deployment's resources (the table, the state machine, the token-signing key...)
+have no default: a function started without them fails at start, naming what is missing.
 """
 
 from __future__ import annotations
 
-import functools
+import os
+from typing import Any
 
-from pydantic import Field
+import pydantic
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "KILN_"
+
+
+class SettingsError(Exception):
+    """The settings are incomplete or invalid; the message names every offending ``KILN_*`` variable."""
 
 
 class KilnSettings(BaseSettings):
     """Everything a Kiln function needs to know about its deployment."""
 
-    model_config = SettingsConfigDict(env_prefix="KILN_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True, populate_by_name=True)
 
     region: str = Field(default="us-east-1", validation_alias="AWS_REGION")
-    account_id: str = "000000000000"
-    table_name: str = "kiln-jobs"
+    # Required: the deployment's resources (no default that could point at someone else's).
+    account_id: str = ""
+    table_name: str = ""
     state_machine_arn: str = ""
-    event_bus_name: str = "default"
-    max_active_jobs: int = 20
     # Key that signs ListCompilationJobs NextTokens (a forged or altered token is refused).
-    pagination_key: str = "kiln-local-pagination-key"
+    pagination_key: str = ""
+    event_bus_name: str = "default"
+    max_active_jobs: int = Field(default=20, ge=1)
     inference_image: str = ""
+    # Job metrics as CloudWatch EMF records on stdout (Lambda's log stream); local mode turns them off.
+    emit_metrics: bool = True
+    # Required while the fargate runner is enabled.
     ecs_cluster: str = ""
     compiler_task_family: str = "kiln-compiler"
+    # Required while the batch-gpu runner is enabled.
     gpu_job_queue: str = ""
     # Comma-separated subnets and security groups for compiler tasks of jobs without VpcConfig.
     subnets: str = ""
@@ -39,10 +56,49 @@ class KilnSettings(BaseSettings):
     registry_output_s3: str = ""
     registry_role_arn: str = ""
     registry_default_targets: str = ""
-    registry_max_runtime_seconds: int = 900
+    registry_max_runtime_seconds: int = Field(default=900, ge=1)
+
+    @model_validator(mode="after")
+    def _deployment_is_named(self) -> KilnSettings:
+        missing = [name for name in ("account_id", "table_name", "state_machine_arn", "pagination_key")
+                   if not getattr(self, name)]
+        runners = self.runners()
+        if "fargate" in runners and not self.ecs_cluster:
+            missing.append("ecs_cluster")
+        if "batch-gpu" in runners and not self.gpu_job_queue:
+            missing.append("gpu_job_queue")
+        if missing:
+            names = ", ".join(ENV_PREFIX + name.upper() for name in missing)
+            raise ValueError(f"required settings are not set: {names}")
+        return self
+
+    def runners(self) -> frozenset[str]:
+        """The enabled runners (``enabled_runners`` as a set)."""
+        return frozenset(r.strip() for r in self.enabled_runners.split(",") if r.strip())
+
+    def network(self) -> dict[str, list[str]]:
+        """The default awsvpc network of compiler tasks (jobs without VpcConfig)."""
+        return {"Subnets": [s for s in self.subnets.split(",") if s],
+                "SecurityGroups": [g for g in self.security_groups.split(",") if g]}
+
+    @classmethod
+    def from_environment(cls) -> KilnSettings:
+        """The settings CDK gave this function (``KILN_*`` variables); ``SettingsError`` when incomplete."""
+        try:
+            return cls()
+        except pydantic.ValidationError as exc:
+            where = os.environ.get("AWS_LAMBDA_FUNCTION_NAME")
+            problems = "; ".join(_problem(error) for error in exc.errors())
+            raise SettingsError(f"Kiln cannot start{f' in Lambda function {where}' if where else ''}: "
+                                f"{problems}") from None
 
 
-@functools.cache
-def settings() -> KilnSettings:
-    """The process's settings (read once; tests call ``settings.cache_clear()``)."""
-    return KilnSettings()
+def _problem(error: Any) -> str:
+    """One pydantic error as ``VARIABLE: message``."""
+    loc = error.get("loc") or ()
+    message = str(error.get("msg", "")).removeprefix("Value error, ")
+    if not loc:
+        return message
+    field = str(loc[0])
+    variable = "AWS_REGION" if field == "region" else ENV_PREFIX + field.upper()
+    return f"{variable}: {message}"

@@ -54,12 +54,15 @@ def _path_name(member: str) -> str:
     return member[:1].lower() + member[1:]
 
 
+_SHOWN_CHARS = 256  # a value quoted in a message is clipped (a 1 MB string is not echoed back)
+_LISTED_ERRORS = 10
+
+
 def _show(value: Any) -> str:
     if value is None:
         return "null"
-    if isinstance(value, str):
-        return f"'{value}'"
-    return str(value)
+    text = f"'{value}'" if isinstance(value, str) else str(value)
+    return text if len(text) <= _SHOWN_CHARS else text[:_SHOWN_CHARS - 3] + "..."
 
 
 class _Validator:
@@ -170,7 +173,8 @@ def raise_validation(errors: list[str]) -> None:
     if not errors:
         return
     noun = "error" if len(errors) == 1 else "errors"
-    raise ValidationError(f"{len(errors)} validation {noun} detected: " + "; ".join(errors))
+    more = f"; and {len(errors) - _LISTED_ERRORS} more" if len(errors) > _LISTED_ERRORS else ""
+    raise ValidationError(f"{len(errors)} validation {noun} detected: " + "; ".join(errors[:_LISTED_ERRORS]) + more)
 
 
 def validate_request(operation: str, params: Any) -> None:

@@ -96,7 +96,8 @@ def container_failed(exit_code: int | None, stop_code: str = "") -> bool:
 
 def emit(metrics: list[Metric]) -> None:
     """Write ``metrics`` as one CloudWatch EMF record on stdout, dimension ``service`` = :data:`SERVICE`
-    (Powertools; a no-op when ``POWERTOOLS_METRICS_DISABLED`` is set, as local mode does)."""
+    (Powertools; a no-op when ``POWERTOOLS_METRICS_DISABLED`` is set). Deployments call it through
+    ``wiring.Kiln.emit_metrics``, which local mode's settings (``emit_metrics=False``) turn off."""
     if not metrics:
         return
     from aws_lambda_powertools.metrics import MetricUnit

@@ -28,7 +28,7 @@ from botocore.exceptions import ClientError
 
 from kiln.catalog import Target, TargetCatalog, UnsupportedTargetError
 from kiln.config import KilnSettings
-from kiln.errors import ResourceInUse, ResourceNotFound, ValidationError
+from kiln.errors import ResourceInUse, ResourceNotFound, ValidationError, error_code, is_retryable
 from kiln.events import DETAIL_TYPE as JOB_DETAIL_TYPE
 from kiln.events import EVENT_SOURCE as JOB_EVENT_SOURCE
 from kiln.service import CompilationJobService
@@ -54,8 +54,6 @@ JOB_COMPLETED_EVENT_PATTERN: dict[str, Any] = {
 
 MAX_ADDITIONAL_SPECIFICATIONS = 15  # SageMaker's limit per model package
 _JOB_NAME = re.compile(r"[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}")
-_RETRYABLE = {"ThrottlingException", "ServiceUnavailable", "InternalFailure", "InternalServerError",
-              "RequestLimitExceeded", "TooManyRequestsException"}
 
 
 class RetryLater(Exception):
@@ -160,10 +158,6 @@ def _instance_type_enums() -> tuple[frozenset[str], frozenset[str]]:
             frozenset(model.shape_for("TransformInstanceType").enum))
 
 
-def _error_code(exc: Exception) -> str:
-    return str(exc.response["Error"]["Code"]) if isinstance(exc, ClientError) else type(exc).__name__
-
-
 class RegistryHook:
     """Compile on approval; write the compiled variants back to the model package."""
 
@@ -252,8 +246,8 @@ class RegistryHook:
             log.warning("skipping target '%s' for %s: the job was refused: %s", target.text, arn, exc.message)
             summary["rejected"].append({"target": target.text, "reason": exc.message})
         except Exception as exc:  # limits, throttling: the event is retried, created jobs are skipped then
-            log.warning("could not create job %s for %s: %s", name, arn, _error_code(exc))
-            summary["failed"].append({"target": target.text, "reason": _error_code(exc)})
+            log.warning("could not create job %s for %s: %s", name, arn, error_code(exc))
+            summary["failed"].append({"target": target.text, "reason": error_code(exc)})
         else:
             log.info("created job %s for %s (%s)", name, arn, target.text)
             summary["created"].append(name)
@@ -288,11 +282,11 @@ class RegistryHook:
         try:
             package = self._sagemaker.describe_model_package(ModelPackageName=package_arn)
         except ClientError as exc:
-            if _error_code(exc) in _RETRYABLE:
+            if is_retryable(exc):
                 raise
             log.warning("model package %s of job %s cannot be described (%s): nothing written back",
-                        package_arn, name, _error_code(exc))
-            return {"job": name, "ignored": f"model package unavailable ({_error_code(exc)})"}
+                        package_arn, name, error_code(exc))
+            return {"job": name, "ignored": f"model package unavailable ({error_code(exc)})"}
         result = {"job": name, "ModelPackageArn": package_arn, "Specification": spec_name}
         if self._has_spec(package, spec_name):
             log.info("model package %s already lists '%s': not added again (job %s)", package_arn, spec_name, name)
@@ -361,13 +355,3 @@ class RegistryHook:
         self._service.add_tags({"ResourceArn": job_arn, "Tags": [
             {"Key": PACKAGE_ARN_TAG, "Value": package_arn}, {"Key": SPECIFICATION_TAG, "Value": spec_name}]})
 
-
-def build_registry_hook(config: KilnSettings, session: Any | None = None) -> RegistryHook:
-    """A hook wired to the deployment named in ``config`` (the service as the API builds it)."""
-    import boto3
-
-    from kiln.wiring import build_service
-
-    session = session or boto3.session.Session(region_name=config.region)
-    return RegistryHook(build_service(config, session), session.client("sagemaker"),
-                        RegistryConfig.from_settings(config))

@@ -23,6 +23,16 @@ log = logging.getLogger(__name__)
 _ARN = re.compile(r"arn:aws[a-z\-]*:sagemaker:([a-z0-9\-]+):(\d{12}):compilation-job/([a-zA-Z0-9\-]+)")
 
 
+# Time filters are clamped to what a job's times can be, to the microsecond: any timestamp is a valid
+# filter, but DynamoDB numbers stop at 1E-130 / 9.9E125 (5.97e-196 answered 500 in the fuzzer).
+_EARLIEST, _LATEST = 0.0, 1e11
+
+
+def _time_filter(value: Any) -> float | None:
+    seconds = parse_timestamp(value)
+    return None if seconds is None else round(min(max(seconds, _EARLIEST), _LATEST), 6)
+
+
 def job_arn(region: str, account: str, name: str) -> str:
     return f"arn:aws:sagemaker:{region}:{account}:compilation-job/{name}"
 
@@ -162,14 +172,14 @@ class CompilationJobService:
         validate_request("ListCompilationJobs", request)
         query = ListQuery(
             sort_by=request.get("SortBy", "CreationTime"),
-            sort_order=request.get("SortOrder", "Descending"),
+            sort_order=request.get("SortOrder", "Ascending"),  # botocore documents both defaults
             max_results=int(request.get("MaxResults", 10)),
             name_contains=request.get("NameContains"),
             status_equals=request.get("StatusEquals"),
-            created_after=parse_timestamp(request.get("CreationTimeAfter")),
-            created_before=parse_timestamp(request.get("CreationTimeBefore")),
-            modified_after=parse_timestamp(request.get("LastModifiedTimeAfter")),
-            modified_before=parse_timestamp(request.get("LastModifiedTimeBefore")),
+            created_after=_time_filter(request.get("CreationTimeAfter")),
+            created_before=_time_filter(request.get("CreationTimeBefore")),
+            modified_after=_time_filter(request.get("LastModifiedTimeAfter")),
+            modified_before=_time_filter(request.get("LastModifiedTimeBefore")),
         )
         items, token = self.store.list(query, request.get("NextToken"))
         summaries = []

@@ -28,14 +28,20 @@ import boto3
 from boto3.dynamodb.conditions import Attr, ConditionBase, Key
 from botocore.exceptions import ClientError
 
-from kiln.errors import ConflictError, ResourceInUse, ResourceLimitExceeded, ResourceNotFound, ValidationError
+from kiln.errors import (
+    TRANSIENT_CANCELLATION_REASONS,
+    ConflictError,
+    ResourceInUse,
+    ResourceLimitExceeded,
+    ResourceNotFound,
+    ValidationError,
+)
 
 TERMINAL = ("COMPLETED", "FAILED", "STOPPED")
 ACTIVE = ("STARTING", "INPROGRESS", "STOPPING")
 PARTITION = "job"
 COUNTER_KEY = "#active"
 # A transaction cancelled for these reasons changed nothing and may be retried (not a lost race).
-TRANSIENT_CANCELLATIONS = frozenset({"TransactionConflict", "ProvisionedThroughputExceeded", "ThrottlingError"})
 
 INDEXES = {
     "ByCreationTime": ("CreationTime", "N"),
@@ -90,7 +96,7 @@ class ListQuery:
     """A validated ListCompilationJobs request."""
 
     sort_by: str = "CreationTime"
-    sort_order: str = "Descending"
+    sort_order: str = "Ascending"
     max_results: int = 10
     name_contains: str | None = None
     status_equals: str | None = None
@@ -146,6 +152,21 @@ class JobStore:
             raise
         return job
 
+    def import_records(self, jobs: Iterable[dict[str, Any]]) -> int:
+        """Bulk-load finished (COMPLETED/FAILED/STOPPED) job records, as ``create`` lays them out but
+        without the name check and the active-job counter (benchmarks, migrations); how many."""
+        count = 0
+        with self._table.batch_writer(overwrite_by_pkeys=["JobName"]) as batch:
+            for job in jobs:
+                if job["CompilationJobStatus"] not in TERMINAL:
+                    raise ValueError(f"only finished jobs can be imported, not {job['CompilationJobStatus']}")
+                name = job["CompilationJobName"]
+                batch.put_item(Item=_to_dynamo({**job, "JobName": name, "Partition": PARTITION,
+                                                "StatusKey": _status_key(job["CompilationJobStatus"],
+                                                                         job["CreationTime"], name)}))
+                count += 1
+        return count
+
     # -- read --------------------------------------------------------------------------------
     def get(self, name: str) -> dict[str, Any]:
         """The stored record (public members plus internal ones); ``ResourceNotFound`` if absent."""
@@ -193,7 +214,7 @@ class JobStore:
         except ClientError as exc:
             reasons = {r.get("Code") for r in exc.response.get("CancellationReasons", [])}
             if exc.response["Error"]["Code"] == "TransactionCanceledException" and (
-                    "ConditionalCheckFailed" in reasons or not reasons & TRANSIENT_CANCELLATIONS):
+                    "ConditionalCheckFailed" in reasons or not reasons & TRANSIENT_CANCELLATION_REASONS):
                 raise ConflictError(f"Job {name} changed while moving to {to_status}") from None
             raise  # a TransactionConflict or throttling: nothing changed, the caller may retry
         return {**current, **values}
@@ -264,6 +285,8 @@ class JobStore:
         if index == "ByCreationTime" and (query.created_after is not None or query.created_before is not None):
             low = query.created_after if query.created_after is not None else 0.0
             high = query.created_before if query.created_before is not None else 1e12
+            if low > high:  # an empty window (DynamoDB refuses BETWEEN with bounds reversed)
+                return [], None
             key_condition = key_condition & Key("CreationTime").between(_to_dynamo(low), _to_dynamo(high))
         if index == "ByStatus" and query.status_equals:
             key_condition = key_condition & Key("StatusKey").begins_with(query.status_equals + "#")

@@ -7,7 +7,7 @@ import logging
 from typing import Any
 
 from kiln import rules
-from kiln.errors import ConflictError
+from kiln.errors import ConflictError, error_code, is_retryable
 from kiln.job_metrics import take_census
 from kiln.runners import STOPPED_ERROR, CompilerContainers
 from kiln.service import CompilationJobService
@@ -89,10 +89,9 @@ class WorkflowSteps:
         try:
             package = self._sagemaker.describe_model_package(ModelPackageName=arn)
         except Exception as exc:
-            code = getattr(exc, "response", {}).get("Error", {}).get("Code", type(exc).__name__)
-            if code in ("ThrottlingException", "ServiceUnavailable"):
-                raise TransientError(code) from exc
-            raise JobClientError(f"ModelPackageVersionArn: could not describe {arn} ({code})") from exc
+            if is_retryable(exc):
+                raise TransientError(error_code(exc)) from exc
+            raise JobClientError(f"ModelPackageVersionArn: could not describe {arn} ({error_code(exc)})") from exc
         containers = package.get("InferenceSpecification", {}).get("Containers", [])
         if not containers or not containers[0].get("ModelDataUrl"):
             raise JobClientError(f"ModelPackageVersionArn: {arn} has no container with a ModelDataUrl")

@@ -237,8 +237,6 @@ def test_bad_coreml_configurations_are_client_errors(torchscript_dir: Path, tmp_
 
 def test_coreml_job_completes_through_the_api(local_stack: Any, job_request: Any, upload_model: Any,
                                               torchscript_dir: Path, tmp_path: Path) -> None:
-    from kiln.wiring import default_service
-
     from tests.conftest import tar_gz
 
     # GIVEN a TorchScript model and its labels uploaded as an archive, and a coreml job for it
@@ -249,7 +247,7 @@ def test_coreml_job_completes_through_the_api(local_stack: Any, job_request: Any
         {"input0": {"shape": [1, 3, 32, 32], "type": "Image", "bias": [-1, -1, -1], "scale": 1 / 127.5}}))
     request["OutputConfig"].update(TargetDevice="coreml", CompilerOptions='{"class_labels": "labels.txt"}')
     # WHEN it runs through the API and the workflow
-    default_service().create(request)
+    local_stack.kiln.service.create(request)
     job = local_stack.wait_for("coreml-job", timeout=300)
     # THEN it completes with {basename}-coreml.tar.gz holding the .mlpackage of an image classifier
     assert job["CompilationJobStatus"] == "COMPLETED", job.get("FailureReason")

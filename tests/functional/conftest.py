@@ -79,30 +79,16 @@ def wait_terminal(sagemaker: Any) -> Callable[[str], dict[str, Any]]:
 
 
 @pytest.fixture
-def reconfigured(local_stack: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., Any]]:
-    """Serve the API with other KILN_* settings for one test (a context manager); restores afterwards."""
-    from kiln.config import settings
-    from kiln.handlers import workflow
-    from kiln.wiring import default_service
-
-    workflow._steps()  # keep the running workflows on the session's settings
+def reconfigured(local_stack: Any) -> Callable[..., Any]:
+    """Serve the API with other settings (KilnSettings fields) inside a ``with`` block; yields the
+    service. Running workflows keep the stack's steps."""
 
     @contextmanager
-    def swap(**env: str) -> Iterator[Any]:
-        with monkeypatch.context() as patch:
-            for key, value in env.items():
-                patch.setenv(key, value)
-            settings.cache_clear()
-            default_service.cache_clear()
-            try:
-                yield default_service()
-            finally:
-                settings.cache_clear()
-                default_service.cache_clear()
+    def swap(**changes: Any) -> Iterator[Any]:
+        with local_stack.reconfigured(**changes) as kiln:
+            yield kiln.service
 
-    yield swap
-    settings.cache_clear()
-    default_service.cache_clear()
+    return swap
 
 
 @pytest.fixture(scope="session")

@@ -107,11 +107,9 @@ def test_stop_then_delete(sagemaker: Any, job_request: Callable[..., Any], uniqu
 @pytest.mark.parametrize("status", ["STARTING", "INPROGRESS", "STOPPING"])
 def test_delete_refused_for_every_active_status(sagemaker: Any, local_stack: Any, unique: Callable[[str], str],
                                                 status: str) -> None:
-    from kiln.wiring import default_service
-
     # GIVEN a stored job in an active status (no workflow behind it)
     name = unique("active")
-    default_service().store.create(record(name, 1_500_000_000.0, status))
+    local_stack.kiln.service.store.create(record(name, 1_500_000_000.0, status))
     # WHEN it is deleted
     error = error_of(lambda: sagemaker.delete_compilation_job(CompilationJobName=name))
     # THEN ValidationException names the status, and the job is still there
@@ -122,11 +120,9 @@ def test_delete_refused_for_every_active_status(sagemaker: Any, local_stack: Any
 @pytest.mark.parametrize("status", ["COMPLETED", "FAILED", "STOPPED"])
 def test_delete_allowed_for_every_terminal_status(sagemaker: Any, local_stack: Any, unique: Callable[[str], str],
                                                   status: str) -> None:
-    from kiln.wiring import default_service
-
     # GIVEN a stored job in a terminal status
     name = unique("terminal")
-    default_service().store.create(record(name, 1_500_000_000.0, status))
+    local_stack.kiln.service.store.create(record(name, 1_500_000_000.0, status))
     # WHEN it is deleted / THEN it is gone; stopping it had been refused
     assert error_of(lambda: sagemaker.stop_compilation_job(CompilationJobName=name))["Code"] == "ValidationException"
     sagemaker.delete_compilation_job(CompilationJobName=name)
@@ -269,10 +265,8 @@ SEED_BASE = 1_400_000_000.0
 @pytest.fixture(scope="module")
 def seeded(local_stack: Any) -> dict[str, Any]:
     """250 jobs written straight to the store: distinct creation times, shuffled names, every status."""
-    from kiln.wiring import default_service
-
     tag = "pg" + uuid.uuid4().hex[:6]
-    store = default_service().store
+    store = local_stack.kiln.service.store
     jobs = []
     for i in range(250):
         name = f"{tag}-{(i * 97) % 250:03d}"  # name order differs from creation order
@@ -323,8 +317,21 @@ def test_boto3_paginator_and_default_sort(sagemaker: Any, seeded: dict[str, Any]
     names = [s["CompilationJobName"] for page in paginator.paginate(NameContains=seeded["tag"],
                                                                      PaginationConfig={"PageSize": 17})
              for s in page["CompilationJobSummaries"]]
-    # THEN the default is CreationTime Descending, complete and without duplicates
-    assert names == expected_order(seeded["jobs"], "CreationTime", "Descending")
+    # THEN the default is SortBy=CreationTime, SortOrder=Ascending (as botocore's documentation of the
+    # API states), complete and without duplicates
+    assert names == expected_order(seeded["jobs"], "CreationTime", "Ascending")
+    documentation = {member: shape.documentation for member, shape in
+                     sagemaker.meta.service_model.operation_model("ListCompilationJobs").input_shape.members.items()}
+    assert "The default is <code>Ascending</code>" in documentation["SortOrder"]
+    assert "The default is <code>CreationTime</code>" in documentation["SortBy"]
+
+
+def test_default_sort_is_oldest_first_on_one_page(sagemaker: Any, seeded: dict[str, Any]) -> None:
+    # GIVEN the seeded jobs  WHEN one page is listed without SortBy/SortOrder
+    page = sagemaker.list_compilation_jobs(NameContains=seeded["tag"], MaxResults=5)["CompilationJobSummaries"]
+    # THEN it holds the five oldest, oldest first
+    assert [s["CompilationJobName"] for s in page] == expected_order(seeded["jobs"], "CreationTime", "Ascending")[:5]
+    assert page[0]["CreationTime"] < page[-1]["CreationTime"]
 
 
 @pytest.mark.parametrize("sort_by", ["CreationTime", "Name", "Status"])
@@ -392,13 +399,13 @@ def test_forged_and_altered_tokens_are_refused(sagemaker: Any, seeded: dict[str,
 
 
 @pytest.mark.parametrize("other", [
-    {"SortBy": "CreationTime"}, {"SortBy": "Name", "SortOrder": "Ascending"},
+    {"SortBy": "CreationTime"}, {"SortBy": "Name", "SortOrder": "Descending"},
     {"SortBy": "Name", "StatusEquals": "FAILED"}, {"SortBy": "Name", "CreationTimeAfter": SEED_BASE},
     {"SortBy": "Name", "LastModifiedTimeBefore": SEED_BASE + 99999},
 ])
 def test_token_reused_with_other_filters_is_refused(sagemaker: Any, seeded: dict[str, Any],
                                                     other: dict[str, Any]) -> None:
-    # GIVEN a token issued for NameContains=tag, SortBy=Name (Descending)
+    # GIVEN a token issued for NameContains=tag, SortBy=Name (Ascending, the default)
     token = _first_token(sagemaker, seeded["tag"], SortBy="Name")
     # WHEN it is reused with another sort or filter
     error = error_of(lambda: sagemaker.list_compilation_jobs(NameContains=seeded["tag"], MaxResults=10,
@@ -412,7 +419,7 @@ def test_token_reused_with_another_page_size_is_accepted(sagemaker: Any, seeded:
     token = _first_token(sagemaker, seeded["tag"], SortBy="Name")
     # WHEN the next page is asked with MaxResults=15 / THEN it continues right after the first page
     page = sagemaker.list_compilation_jobs(NameContains=seeded["tag"], MaxResults=15, SortBy="Name", NextToken=token)
-    expected = expected_order(seeded["jobs"], "Name", "Descending")[10:25]
+    expected = expected_order(seeded["jobs"], "Name", "Ascending")[10:25]
     assert [s["CompilationJobName"] for s in page["CompilationJobSummaries"]] == expected
 
 
@@ -459,7 +466,7 @@ def test_resource_limit_exceeded_at_the_configured_limit(local_stack: Any, sagem
     # GIVEN a deployment on its own table allowing 3 active jobs, with 3 active
     table = unique("kiln-jobs-limit")
     local_stack.client("dynamodb").create_table(**table_definition(table))
-    with reconfigured(KILN_TABLE_NAME=table, KILN_MAX_ACTIVE_JOBS="3") as service:
+    with reconfigured(table_name=table, max_active_jobs=3) as service:
         names = [unique("slot") for _ in range(3)]
         for name in names:
             service.store.create(record(name, SEED_BASE, "STARTING"))
@@ -481,7 +488,7 @@ def test_failed_workflow_start_is_recorded_failed(sagemaker: Any, reconfigured: 
                                                   unique: Callable[[str], str]) -> None:
     # GIVEN a deployment whose state machine ARN points nowhere
     bogus = f"arn:aws:states:us-east-1:{ACCOUNT}:stateMachine:kiln-does-not-exist"
-    with reconfigured(KILN_STATE_MACHINE_ARN=bogus) as service:
+    with reconfigured(state_machine_arn=bogus) as service:
         before = service.store.active_jobs()
         name = unique("nostart")
         # WHEN a job is created
@@ -502,7 +509,7 @@ def test_target_of_a_runner_this_deployment_lacks_is_refused(sagemaker: Any, job
     # GIVEN a deployment with CPU compilers only (CDK context target_families=["cpu"])
     request = job_request(unique("gpu"))
     request["OutputConfig"]["TargetDevice"] = "ml_g4dn"
-    with reconfigured(KILN_ENABLED_RUNNERS="fargate"):
+    with reconfigured(enabled_runners="fargate"):
         # WHEN a GPU target is asked for
         with pytest.raises(ClientError) as refused:
             sagemaker.create_compilation_job(**request)

@@ -14,11 +14,11 @@ import re
 import threading
 import uuid
 from collections.abc import Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from kiln.config import settings
 from kiln.handlers import registry as registry_handler
 from kiln.registry import (
     JOB_COMPLETED_EVENT_PATTERN,
@@ -30,7 +30,6 @@ from kiln.registry import (
     specification_name,
 )
 from kiln.service import CompilationJobService
-from kiln.wiring import default_service
 
 REGION = "us-east-1"
 JOB_NAME = re.compile(r"[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}")
@@ -43,6 +42,11 @@ class Registry:
     stack: Any
     archive: bytes
     suffix: str
+    settings_scope: ExitStack
+
+    def configure(self, **changes: Any) -> None:
+        """Serve with these settings changed (KilnSettings fields) until the test ends."""
+        self.settings_scope.enter_context(self.stack.reconfigured(**changes))
 
     @property
     def sagemaker(self) -> Any:
@@ -50,19 +54,21 @@ class Registry:
 
     @property
     def service(self) -> CompilationJobService:
-        return default_service()
+        service: CompilationJobService = self.stack.kiln.service
+        return service
 
     @property
     def hook(self) -> RegistryHook:
-        return registry_handler._hook()
+        hook: RegistryHook = self.stack.kiln.registry_hook
+        return hook
 
     @property
     def role_arn(self) -> str:
-        return settings().registry_role_arn
+        return str(self.stack.settings.registry_role_arn)
 
     @property
     def output_s3(self) -> str:
-        return settings().registry_output_s3
+        return str(self.stack.settings.registry_output_s3)
 
     def group(self, base: str, targets: str | None) -> str:
         """A new group (unique to this test) tagged with ``targets``; its name."""
@@ -121,21 +127,13 @@ class Registry:
         return {t["Key"]: t["Value"] for t in self.service.list_tags({"ResourceArn": arn})["Tags"]}
 
 
-def _clear_caches() -> None:
-    settings.cache_clear()
-    default_service.cache_clear()
-    registry_handler._hook.cache_clear()
-
-
 @pytest.fixture
-def registry(local_stack: Any, tiny_onnx_archive: bytes, monkeypatch: pytest.MonkeyPatch) -> Iterator[Registry]:
+def registry(local_stack: Any, tiny_onnx_archive: bytes) -> Iterator[Registry]:
     """The session's embedded stack, with registry limits for these tests; settings restored after."""
-    monkeypatch.delenv("KILN_REGISTRY_DEFAULT_TARGETS", raising=False)
-    monkeypatch.setenv("KILN_REGISTRY_MAX_RUNTIME_SECONDS", "600")
-    _clear_caches()
-    yield Registry(local_stack, tiny_onnx_archive, uuid.uuid4().hex[:8])
-    monkeypatch.undo()
-    _clear_caches()
+    with ExitStack() as scope:
+        registry = Registry(local_stack, tiny_onnx_archive, uuid.uuid4().hex[:8], scope)
+        registry.configure(registry_default_targets="", registry_max_runtime_seconds=600)
+        yield registry
 
 
 @pytest.fixture
@@ -220,7 +218,7 @@ def test_rejected_or_pending_package_creates_no_jobs(registry: Registry, status:
     assert f"is {status}, not Approved" in caplog.text
 
 
-def test_group_without_targets_uses_the_default_or_does_nothing(registry: Registry, monkeypatch: pytest.MonkeyPatch,
+def test_group_without_targets_uses_the_default_or_does_nothing(registry: Registry,
                                                                 caplog: pytest.LogCaptureFixture) -> None:
     # GIVEN an untagged group and no default targets
     group = registry.group("untagged", None)
@@ -235,8 +233,7 @@ def test_group_without_targets_uses_the_default_or_does_nothing(registry: Regist
     assert "has no 'kiln:targets' tag and no default targets" in caplog.text
 
     # AND WHEN the deployment configures default targets, the same event compiles for them
-    monkeypatch.setenv("KILN_REGISTRY_DEFAULT_TARGETS", "ml_m4, LINUX/X86_64")
-    _clear_caches()
+    registry.configure(registry_default_targets="ml_m4, LINUX/X86_64")
     summary = handle(registry.approval_event(arn))
     outputs = [registry.service.describe(n)["OutputConfig"] for n in summary["created"]]
     assert sorted(o.get("TargetDevice") or o["TargetPlatform"]["Arch"] for o in outputs) == ["X86_64", "ml_m4"]
@@ -318,14 +315,13 @@ def test_completed_job_is_written_back_once_and_tagged(local_stack: Any, registr
 
 
 def test_edge_target_lists_no_instance_types_and_names_the_inference_image(
-        registry: Registry, monkeypatch: pytest.MonkeyPatch, held_job_events: None) -> None:
+        registry: Registry, held_job_events: None) -> None:
     # GIVEN a deployment with an inference image and a completed job for an edge device
     group = registry.group("edge", "deeplens")
     arn = registry.package(group, model=True)
     [name] = handle(registry.approval_event(arn))["created"]
     assert registry.finish(name)["CompilationJobStatus"] == "COMPLETED"
-    monkeypatch.setenv("KILN_INFERENCE_IMAGE", "123456789012.dkr.ecr.us-east-1.amazonaws.com/kiln-runtime:1")
-    _clear_caches()
+    registry.configure(inference_image="123456789012.dkr.ecr.us-east-1.amazonaws.com/kiln-runtime:1")
 
     # WHEN its completion is handled
     result = handle(registry.job_event(name))

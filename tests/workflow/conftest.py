@@ -43,9 +43,7 @@ def job_events(local_stack: Any) -> Callable[[str], list[dict[str, Any]]]:
 
 @pytest.fixture
 def service(local_stack: Any) -> Any:
-    from kiln.wiring import default_service
-
-    return default_service()
+    return local_stack.kiln.service
 
 
 @pytest.fixture
@@ -62,6 +60,17 @@ def start_with_limits(local_stack: Any, service: Any) -> Callable[..., None]:
         service.start_workflow(job, "fargate", runtime, pending)
 
     return start
+
+
+@pytest.fixture
+def one_compiler_slot(local_stack: Any) -> Iterator[Any]:
+    """Local mode limited to one compiler process at once (restored afterwards); yields the runner."""
+    runner = local_stack.runner
+    before = runner.max_running
+    runner.set_capacity(1)
+    runner.peak_running = runner.running()
+    yield runner
+    runner.set_capacity(before)
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 60, poll: float = 0.2) -> bool:

@@ -343,17 +343,18 @@ def test_census_counts_active_jobs_and_finds_those_past_their_limits(local_stack
                                                                  (143, "UserInitiated", False)])
 def test_container_stopped_hook_counts_failed_containers(local_stack, monkeypatch, capsys, exit_code, stop_code,
                                                          counted):
-    # GIVEN metrics enabled (as in Lambda) and an ECS task-stopped event of a compiler container
+    # GIVEN metrics enabled (as in Lambda; local mode turns them off) and an ECS task-stopped event of a compiler
+    # container
     from kiln.handlers.workflow import container_stopped
     from kiln.local.moto_patches import _Context
 
-    monkeypatch.delenv("POWERTOOLS_METRICS_DISABLED", raising=False)
     event = {"source": "aws.ecs", "detail-type": "ECS Task State Change",
              "detail": {"lastStatus": "STOPPED", "stopCode": stop_code, "stoppedReason": "test",
                         "containers": [{"name": "compiler", "exitCode": exit_code}], "overrides": {}}}
     capsys.readouterr()
     # WHEN the hook handles it
-    container_stopped(event, _Context())
+    with local_stack.reconfigured(emit_metrics=True):
+        container_stopped(event, _Context())
     # THEN an abnormal end is counted as CompilerContainerFailures, a clean exit or Kiln's own stop is not
     records = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith('{"_aws"')]
     assert [r.get("CompilerContainerFailures") for r in records] == ([[1.0]] if counted else [])

@@ -12,7 +12,6 @@ from typing import Any
 
 import pytest
 from kiln.local.stack import EmbeddedStack
-from kiln.wiring import default_service
 
 GROUP = f"wf-registry-{uuid.uuid4().hex[:8]}"  # the stack is shared by the session
 TARGETS = "ml_c4 lambda LINUX/X86_64 ml_inf1"  # three compilable targets and a refused one
@@ -57,8 +56,8 @@ def put_state_change(stack: EmbeddedStack, package_arn: str, status: str) -> Non
     assert response["FailedEntryCount"] == 0
 
 
-def job_names() -> list[str]:
-    summaries = default_service().list({"MaxResults": 100, "NameContains": GROUP})["CompilationJobSummaries"]
+def job_names(stack: EmbeddedStack) -> list[str]:
+    summaries = stack.kiln.service.list({"MaxResults": 100, "NameContains": GROUP})["CompilationJobSummaries"]
     return sorted(s["CompilationJobName"] for s in summaries)
 
 
@@ -70,13 +69,13 @@ def specs(stack: EmbeddedStack, package_arn: str) -> list[dict[str, Any]]:
 def test_approval_event_compiles_every_target_and_writes_the_artifacts_back(
         stack: EmbeddedStack, package: str, caplog: pytest.LogCaptureFixture) -> None:
     # GIVEN an approved package version of a group tagged with three targets and an unknown one
-    assert job_names() == []
+    assert job_names(stack) == []
 
     # WHEN its approval event is put on the embedded EventBridge and the jobs run to the end
     with caplog.at_level(logging.INFO, logger="kiln.registry"):
         put_state_change(stack, package, "Approved")
         assert stack.wait_for_registry(timeout=60)
-        names = job_names()
+        names = job_names(stack)
         finished = {name: stack.wait_for(name, timeout=180) for name in names}
         assert stack.wait_for_registry(timeout=60)
 
@@ -100,7 +99,7 @@ def test_approval_event_compiles_every_target_and_writes_the_artifacts_back(
     # AND each job is tagged with the package and the specification it produced
     for job in finished.values():
         tags = {t["Key"]: t["Value"] for t in
-                default_service().list_tags({"ResourceArn": job["CompilationJobArn"]})["Tags"]}
+                stack.kiln.service.list_tags({"ResourceArn": job["CompilationJobArn"]})["Tags"]}
         assert tags["kiln:model-package-arn"] == package and tags["kiln:source"] == "registry"
         assert tags["kiln:registry-specification"] == COMPILED[tags["kiln:target"]]
     # AND the package is still approved
@@ -109,7 +108,7 @@ def test_approval_event_compiles_every_target_and_writes_the_artifacts_back(
 
 def test_redelivered_approval_event_creates_no_jobs(stack: EmbeddedStack, package: str) -> None:
     # GIVEN the jobs and specifications of the approval above
-    before, listed = job_names(), specs(stack, package)
+    before, listed = job_names(stack), specs(stack, package)
     assert len(before) == len(COMPILED)
 
     # WHEN the same approval event is delivered again
@@ -117,7 +116,7 @@ def test_redelivered_approval_event_creates_no_jobs(stack: EmbeddedStack, packag
     assert stack.wait_for_registry(timeout=60)
 
     # THEN no job is created and the package is unchanged
-    assert job_names() == before
+    assert job_names(stack) == before
     assert specs(stack, package) == listed
 
 
@@ -129,12 +128,12 @@ def test_rejected_or_pending_version_creates_no_jobs(stack: EmbeddedStack, packa
         ModelPackageGroupName=GROUP, ModelApprovalStatus=status,
         InferenceSpecification=sagemaker.describe_model_package(ModelPackageName=package)["InferenceSpecification"],
     )["ModelPackageArn"]
-    before = job_names()
+    before = job_names(stack)
 
     # WHEN its state change event is put on the bus
     put_state_change(stack, arn, status)
     assert stack.wait_for_registry(timeout=60)
 
     # THEN no job is created for it
-    assert job_names() == before
+    assert job_names(stack) == before
     assert specs(stack, arn) == []

@@ -8,13 +8,14 @@ from aws_lambda_powertools import Logger, Metrics, Tracer
 from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
+from kiln import wiring
 from kiln.api import build_resolver
-from kiln.wiring import default_service
 
 logger = Logger(service="kiln-api")
 tracer = Tracer(service="kiln-api")
 metrics = Metrics(namespace="Kiln", service="kiln-api")
-app = build_resolver(default_service)
+app = build_resolver(lambda: wiring.current().service)
+wiring.start_in_lambda()
 
 
 @logger.inject_lambda_context(correlation_id_path="requestContext.requestId")

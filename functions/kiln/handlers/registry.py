@@ -2,23 +2,18 @@
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 from aws_lambda_powertools import Logger
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
-from kiln.config import settings
+from kiln import wiring
 from kiln.events import DETAIL_TYPE as JOB_DETAIL_TYPE
 from kiln.events import EVENT_SOURCE as JOB_EVENT_SOURCE
-from kiln.registry import PACKAGE_DETAIL_TYPE, PACKAGE_EVENT_SOURCE, RegistryHook, build_registry_hook
+from kiln.registry import PACKAGE_DETAIL_TYPE, PACKAGE_EVENT_SOURCE
 
 logger = Logger(service="kiln-registry")
-
-
-@functools.cache
-def _hook() -> RegistryHook:
-    return build_registry_hook(settings())
+wiring.start_in_lambda()
 
 
 @logger.inject_lambda_context
@@ -27,9 +22,9 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     source, detail_type = event.get("source"), event.get("detail-type")
     logger.append_keys(event_source=source, event_id=event.get("id"))
     if source == PACKAGE_EVENT_SOURCE and detail_type == PACKAGE_DETAIL_TYPE:
-        summary = _hook().on_model_package_event(event)
+        summary = wiring.current().registry_hook.on_model_package_event(event)
     elif source == JOB_EVENT_SOURCE and detail_type == JOB_DETAIL_TYPE:
-        summary = _hook().on_job_state_change(event)
+        summary = wiring.current().registry_hook.on_job_state_change(event)
     else:
         logger.info("ignoring an event the registry hook does not handle", detail_type=detail_type)
         return {"ignored": f"{source} / {detail_type}"}

@@ -2,39 +2,30 @@
 
 from __future__ import annotations
 
-import functools
+import json
 from typing import Any
 
 from aws_lambda_powertools import Logger
 from aws_lambda_powertools.utilities.typing import LambdaContext
 from botocore.exceptions import ClientError
 
-from kiln import job_metrics
-from kiln.config import settings
-from kiln.store import TRANSIENT_CANCELLATIONS
-from kiln.wiring import build_workflow_steps
-from kiln.workflow import TransientError, WorkflowSteps
+from kiln import job_metrics, wiring
+from kiln.errors import error_code, is_retryable
+from kiln.workflow import TransientError
 
 logger = Logger(service="kiln-workflow")
-
-_THROTTLING = {"ThrottlingException", "ProvisionedThroughputExceededException", "RequestLimitExceeded",
-               "InternalServerError", "ServiceUnavailable", "TransactionConflictException"}
-
-
-@functools.cache
-def _steps() -> WorkflowSteps:
-    return build_workflow_steps(settings())
+wiring.start_in_lambda()
 
 
 @logger.inject_lambda_context
 def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     """Run one step: ``{"Step": "MarkInProgress" | "ResolveModelPackage" | "RecordSuccess" | "RecordFailure", ...}``,
     or the scheduled ``{"Step": "Census"}`` (active-job gauges for the dashboard and the overdue alarm)."""
-    steps = _steps()
+    steps = wiring.current().workflow_steps
     step = event.get("Step")
     if step == "Census":
         census = steps.census()
-        job_metrics.emit(census["Metrics"])
+        wiring.current().emit_metrics(census["Metrics"])
         return census
     job = event["Job"]
     logger.append_keys(job=job.get("CompilationJobName"), step=step)
@@ -48,10 +39,8 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
         if step == "RecordFailure":
             return steps.record_failure(job, event.get("Error") or {}, event.get("Limits") or {})
     except ClientError as exc:
-        code = exc.response["Error"]["Code"]
-        reasons = {r.get("Code") for r in exc.response.get("CancellationReasons", [])}
-        if code in _THROTTLING or (code == "TransactionCanceledException" and reasons & TRANSIENT_CANCELLATIONS):
-            raise TransientError(code) from exc
+        if is_retryable(exc):
+            raise TransientError(error_code(exc)) from exc
         raise
     raise ValueError(f"unknown workflow step {step!r}")
 
@@ -75,10 +64,8 @@ def container_stopped(event: dict[str, Any], context: LambdaContext) -> dict[str
         reason = detail.get("stoppedReason", "")
         stop_code = str(detail.get("stopCode", ""))
     if job_metrics.container_failed(exit_code, stop_code):
-        job_metrics.emit([(job_metrics.CONTAINER_FAILURES, "Count", 1)])
+        wiring.current().emit_metrics([(job_metrics.CONTAINER_FAILURES, "Count", 1)])
     name = None
     if env.get("KILN_JOB"):
-        import json
-
         name = json.loads(env["KILN_JOB"]).get("CompilationJobName")
-    return _steps().container_stopped(name, env.get("KILN_TASK_TOKEN"), exit_code, reason)
+    return wiring.current().workflow_steps.container_stopped(name, env.get("KILN_TASK_TOKEN"), exit_code, reason)

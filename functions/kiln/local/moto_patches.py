@@ -23,6 +23,9 @@
 8. moto's ECS/Batch never run containers. :func:`patch_container_runner` hands each RunTask /
    SubmitJob to a callback (the local runner starts the real compiler entrypoint as a process),
    and StopTask / TerminateJob to another.
+9. moto's Step Functions interpreter calls the server back at ``MOTO_PORT`` read from the
+   process environment (default 5000). :func:`patch_server_port` tells it the embedded server's
+   port instead, so local mode never sets environment variables.
 
 ``tests/workflow/test_moto_patches.py`` notices when upstream fixes (1), (3) or (4).
 """
@@ -51,6 +54,20 @@ def _operation_model(service: str, action: str) -> Any:
     api_name = {v: k for k, v in client.meta.method_to_api_mapping.items()}.get(action, action)
     operation = client.meta.method_to_api_mapping.get(action, api_name)
     return client.meta.service_model.operation_model(operation)
+
+
+def patch_server_port(port: int) -> None:
+    """Point moto's own callbacks (Step Functions -> Lambda/ECS/Batch) at the server on ``port``."""
+    import moto.settings
+    from moto.stepfunctions.parser.asl.utils import boto_client
+
+    def moto_server_port() -> str:
+        return str(port)
+
+    _originals.setdefault("moto_server_port", moto.settings.moto_server_port)
+    moto.settings.moto_server_port = moto_server_port
+    boto_client.moto_server_port = moto_server_port  # imported by name there
+    _applied.add("server_port")
 
 
 def patch_service_normalisation() -> None:

@@ -1,0 +1,307 @@
+"""`make load`: Kiln's API under load, against `kiln serve` on 127.0.0.1 (a benchmark, not a test).
+
+Phase 1: CLIENTS concurrent clients make CREATES CreateCompilationJob attempts (a tiny real ONNX
+model) and, between them and until every accepted job is terminal, DescribeCompilationJob and
+ListCompilationJobs calls. Reports errors other than the intended ResourceLimitExceeded, whether
+every accepted job ended terminal, and API latency p50/p99 per operation.
+
+Phase 2: ListCompilationJobs latency with 100, 1,000 and 10,000 jobs in the table. The rows are
+inserted through Kiln's JobStore straight into the embedded DynamoDB (creating 10,000 real jobs
+would run 10,000 compilations); the listing goes through `kiln serve`.
+
+Usage: .venv/bin/python bench/load.py [--clients 50] [--creates 500] [--sizes 100,1000,10000]
+Writes bench/results/YYYY-MM-DD-load.{json,md}. Bounded: phase 1 stops waiting after --deadline s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any
+
+import boto3
+import botocore.config
+from botocore.exceptions import ClientError
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(REPO))
+from tests.conftest import tar_gz, tiny_onnx_model  # noqa: E402  (the tests' tiny real model)
+
+ROLE = "arn:aws:iam::123456789012:role/kiln-compilation-job"
+MODELS, ARTIFACTS = "kiln-local-models", "kiln-local-artifacts"
+TERMINAL = ("COMPLETED", "FAILED", "STOPPED")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+class Recorder:
+    """Latency and outcome of every API call, by operation (thread-safe)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.latency: dict[str, list[float]] = defaultdict(list)
+        self.outcomes: Counter[str] = Counter()
+
+    def call(self, operation: str, fn: Any, **kwargs: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            result = fn(**kwargs)
+            outcome = "ok"
+        except ClientError as exc:
+            result, outcome = None, exc.response["Error"]["Code"]
+        except Exception as exc:  # a transport error is an error too
+            result, outcome = None, type(exc).__name__
+        elapsed = (time.perf_counter() - started) * 1000
+        with self.lock:
+            self.latency[operation].append(elapsed)
+            self.outcomes[f"{operation}:{outcome}"] += 1
+        return result
+
+    def summary(self) -> dict[str, Any]:
+        everything = [v for values in self.latency.values() for v in values]
+        return {
+            "calls": len(everything),
+            "p50_ms": round(percentile(everything, 50), 1), "p99_ms": round(percentile(everything, 99), 1),
+            "by_operation": {op: {"calls": len(v), "p50_ms": round(percentile(v, 50), 1),
+                                  "p99_ms": round(percentile(v, 99), 1), "max_ms": round(max(v), 1)}
+                             for op, v in sorted(self.latency.items())},
+            "outcomes": dict(sorted(self.outcomes.items())),
+        }
+
+
+def start_server(work: Path, port: int, aws_port: int, max_compilers: int | None) -> subprocess.Popen[bytes]:
+    command = [sys.executable, "-m", "kiln.cli", "serve", "--port", str(port), "--aws-port", str(aws_port),
+               "--work-dir", str(work)]
+    if max_compilers:
+        command += ["--max-compilers", str(max_compilers)]
+    log = open(work / "serve.log", "wb")  # noqa: SIM115  (closed with the process)
+    return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
+
+
+def client(url: str) -> Any:
+    return boto3.client("sagemaker", endpoint_url=url, region_name="us-east-1", aws_access_key_id="bench",
+                        aws_secret_access_key="bench",
+                        config=botocore.config.Config(retries={"max_attempts": 1}, max_pool_connections=4,
+                                                      read_timeout=120))
+
+
+def wait_ready(url: str, timeout: float = 120) -> None:
+    api = client(url)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            api.list_compilation_jobs(MaxResults=1)
+            return
+        except Exception:
+            time.sleep(0.5)
+    raise SystemExit(f"kiln serve did not answer on {url} within {timeout} s")
+
+
+def load_phase(url: str, aws_url: str, clients: int, creates: int, think: float, deadline_s: float) -> dict[str, Any]:
+    s3 = boto3.client("s3", endpoint_url=aws_url, region_name="us-east-1", aws_access_key_id="local",
+                      aws_secret_access_key="local")
+    s3.put_object(Bucket=MODELS, Key="load/model.tar.gz",
+                  Body=tar_gz({"model.onnx": tiny_onnx_model().SerializeToString()}))
+    recorder = Recorder()
+    attempts = iter(range(creates))
+    attempts_lock = threading.Lock()
+    accepted: list[str] = []
+    creating_done = threading.Event()
+    all_terminal = threading.Event()
+    started = time.time()
+
+    def next_attempt() -> int | None:
+        with attempts_lock:
+            return next(attempts, None)
+
+    def work(index: int) -> None:
+        api = client(url)
+        rng = random.Random(index)
+        while not all_terminal.is_set() and time.time() - started < deadline_s:
+            attempt = None if creating_done.is_set() else next_attempt()
+            if attempt is not None:
+                name = f"load-{attempt:04d}"
+                result = recorder.call("CreateCompilationJob", api.create_compilation_job, CompilationJobName=name,
+                                       RoleArn=ROLE, InputConfig={"S3Uri": f"s3://{MODELS}/load/model.tar.gz",
+                                                                  "Framework": "ONNX",
+                                                                  "DataInputConfig": '{"x": [1, 8]}'},
+                                       OutputConfig={"S3OutputLocation": f"s3://{ARTIFACTS}/load/{name}",
+                                                     "TargetDevice": "ml_c5"},
+                                       StoppingCondition={"MaxRuntimeInSeconds": 900})
+                if result is not None:
+                    with attempts_lock:
+                        accepted.append(name)
+            elif not creating_done.is_set():
+                creating_done.set()
+            with attempts_lock:
+                known = list(accepted)
+            if known:
+                recorder.call("DescribeCompilationJob", api.describe_compilation_job,
+                              CompilationJobName=rng.choice(known))
+            recorder.call("ListCompilationJobs", api.list_compilation_jobs, MaxResults=20, SortOrder="Descending",
+                          **({"StatusEquals": "INPROGRESS"} if rng.random() < 0.3 else {}))
+            time.sleep(think)
+
+    def watch() -> None:
+        api = client(url)
+        while time.time() - started < deadline_s:
+            if creating_done.is_set():
+                with attempts_lock:
+                    names = list(accepted)
+                statuses = [api.describe_compilation_job(CompilationJobName=n)["CompilationJobStatus"] for n in names]
+                if all(s in TERMINAL for s in statuses):
+                    all_terminal.set()
+                    return
+            time.sleep(2)
+
+    threads = [threading.Thread(target=work, args=(i,), daemon=True) for i in range(clients)]
+    watcher = threading.Thread(target=watch, daemon=True)
+    for thread in [*threads, watcher]:
+        thread.start()
+    for thread in [*threads, watcher]:
+        thread.join(timeout=max(1.0, deadline_s - (time.time() - started) + 30))
+    api = client(url)
+    final = Counter(api.describe_compilation_job(CompilationJobName=n)["CompilationJobStatus"] for n in accepted)
+    summary = recorder.summary()
+    errors = {k: v for k, v in summary["outcomes"].items()
+              if not k.endswith(":ok") and k != "CreateCompilationJob:ResourceLimitExceeded"}
+    return {"clients": clients, "create_attempts": creates, "think_s": think, "accepted": len(accepted),
+            "refused_resource_limit": summary["outcomes"].get("CreateCompilationJob:ResourceLimitExceeded", 0),
+            "errors_other_than_resource_limit": sum(errors.values()), "error_detail": errors,
+            "final_statuses": dict(final), "every_job_terminal": sum(final.values()) == len(accepted)
+            and all(s in TERMINAL for s in final), "wall_s": round(time.time() - started, 1), "api": summary}
+
+
+def list_phase(url: str, aws_url: str, sizes: list[int], calls: int) -> dict[str, Any]:
+    from kiln.store import JobStore
+
+    dynamodb = boto3.resource("dynamodb", endpoint_url=aws_url, region_name="us-east-1",
+                              aws_access_key_id="local", aws_secret_access_key="local")
+    store = JobStore("kiln-jobs", pagination_key="unused-for-writes", max_active_jobs=10**9, dynamodb=dynamodb)
+    api = client(url)
+    existing = len(api.list_compilation_jobs(MaxResults=100)["CompilationJobSummaries"])  # phase 1's jobs
+    inserted, results = 0, {}
+    base = time.time() - 10**6
+    statuses = ("COMPLETED", "FAILED", "STOPPED")
+
+    def seeds(start: int, stop: int) -> Any:
+        for index in range(start, stop):
+            name, now = f"seed-{index:05d}", base + index
+            yield {"CompilationJobName": name, "CompilationJobArn":
+                   f"arn:aws:sagemaker:us-east-1:123456789012:compilation-job/{name}",
+                   "CompilationJobStatus": statuses[index % 3], "CreationTime": now, "LastModifiedTime": now,
+                   "RoleArn": ROLE, "InputConfig": {"S3Uri": f"s3://{MODELS}/x.tar.gz", "Framework": "ONNX"},
+                   "OutputConfig": {"S3OutputLocation": f"s3://{ARTIFACTS}/x", "TargetDevice": "ml_c5"},
+                   "StoppingCondition": {"MaxRuntimeInSeconds": 900}, "FailureReason": ""}
+
+    for size in sizes:
+        insert_started = time.time()
+        # JobStore.import_records (batch writes): moto's TransactWriteItems, which create uses, costs
+        # O(rows) per write here (1,000 creates took 219 s), so 10,000 would take hours.
+        target = max(size - existing, inserted)
+        store.import_records(seeds(inserted, target))
+        inserted = target
+        insert_s = time.time() - insert_started
+        recorder = Recorder()
+        for i in range(calls):
+            kwargs: list[dict[str, Any]] = [{"MaxResults": 100}, {"MaxResults": 100, "SortOrder": "Descending"},
+                                            {"MaxResults": 100, "StatusEquals": "FAILED"},
+                                            {"MaxResults": 100, "NameContains": "seed-0"},
+                                            {"MaxResults": 100, "SortBy": "Name"}]
+            recorder.call("ListCompilationJobs", api.list_compilation_jobs, **kwargs[i % len(kwargs)])
+        summary = recorder.summary()["by_operation"]["ListCompilationJobs"]
+        results[str(size)] = {**summary, "insert_s": round(insert_s, 1)}
+        print(f"  {size:>6} jobs: ListCompilationJobs p50 {summary['p50_ms']} ms, p99 {summary['p99_ms']} ms "
+              f"(inserted in {insert_s:.0f} s)", flush=True)
+    return results
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, default=50)
+    parser.add_argument("--creates", type=int, default=500)
+    parser.add_argument("--think", type=float, default=0.1, help="seconds each client waits between calls")
+    parser.add_argument("--deadline", type=float, default=300, help="seconds phase 1 may take at most")
+    parser.add_argument("--sizes", default="100,1000,10000")
+    parser.add_argument("--list-calls", type=int, default=50)
+    parser.add_argument("--max-compilers", type=int, default=None, help="kiln serve --max-compilers")
+    parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument("--skip-load", action="store_true", help="only the ListCompilationJobs phase")
+    args = parser.parse_args()
+    port, aws_port = free_port(), free_port()
+    url, aws_url = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{aws_port}"
+    with tempfile.TemporaryDirectory(prefix="kiln-load-") as tmp:
+        server = start_server(Path(tmp), port, aws_port, args.max_compilers)
+        try:
+            wait_ready(url)
+            load: dict[str, Any] = {}
+            if not args.skip_load:
+                print(f"phase 1: {args.clients} clients, {args.creates} creates against {url}", flush=True)
+                load = load_phase(url, aws_url, args.clients, args.creates, args.think, args.deadline)
+                print(json.dumps({k: v for k, v in load.items() if k != "api"}, indent=2), flush=True)
+                print(f"  API p50 {load['api']['p50_ms']} ms, p99 {load['api']['p99_ms']} ms "
+                      f"over {load['api']['calls']} calls", flush=True)
+            print("phase 2: ListCompilationJobs latency by table size", flush=True)
+            listing = list_phase(url, aws_url, [int(s) for s in args.sizes.split(",")], args.list_calls)
+        finally:
+            server.terminate()
+            try:
+                server.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                server.kill()
+    report = {"date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "host": socket.gethostname(),
+              "cpus": len(os.sched_getaffinity(0)), "load": load, "list_latency_by_table_size": listing}
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"{dt.date.today().isoformat()}-{'list' if args.skip_load else 'load'}"
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    stem.with_suffix(".md").write_text(markdown(report) if load else json.dumps(report, indent=2) + "\n")
+    print(f"wrote {stem}.json and {stem}.md")
+    return 0 if not load or (load["errors_other_than_resource_limit"] == 0 and load["every_job_terminal"]) else 1
+
+
+def markdown(report: dict[str, Any]) -> str:
+    load, api = report["load"], report["load"]["api"]
+    lines = [f"# `make load` — {report['date']} on {report['host']} ({report['cpus']} CPUs)", "",
+             f"{load['clients']} clients, {load['create_attempts']} CreateCompilationJob attempts "
+             f"(think time {load['think_s']} s), then Describe/List until every accepted job was terminal "
+             f"({load['wall_s']} s).", "",
+             f"- accepted: {load['accepted']}; refused with ResourceLimitExceeded: {load['refused_resource_limit']}",
+             f"- errors other than ResourceLimitExceeded: {load['errors_other_than_resource_limit']} "
+             f"{load['error_detail'] or ''}",
+             f"- every accepted job terminal: {load['every_job_terminal']} {load['final_statuses']}",
+             f"- API latency over {api['calls']} calls: p50 {api['p50_ms']} ms, p99 {api['p99_ms']} ms", "",
+             "| operation | calls | p50 ms | p99 ms | max ms |", "|---|---|---|---|---|"]
+    lines += [f"| {op} | {v['calls']} | {v['p50_ms']} | {v['p99_ms']} | {v['max_ms']} |"
+              for op, v in api["by_operation"].items()]
+    lines += ["", "ListCompilationJobs (MaxResults 100, five filter/sort mixes) by jobs in the table "
+              "(rows bulk-loaded with JobStore.import_records):", "", "| jobs | p50 ms | p99 ms | insert s |", "|---|---|---|---|"]
+    lines += [f"| {size} | {v['p50_ms']} | {v['p99_ms']} | {v['insert_s']} |"
+              for size, v in report["list_latency_by_table_size"].items()]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
