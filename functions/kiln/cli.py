@@ -65,6 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--input", action="append", default=[], metavar="NAME=FILE.npy")
     run.add_argument("--output-dir", type=Path, default=None, help="write outputs as output_N.npy here")
 
+    serve_model = sub.add_parser("serve-model", help="serve an artifact over SageMaker's inference-container "
+                                                     "contract (GET /ping, POST /invocations)")
+    serve_model.add_argument("artifact", type=Path, help="the artifact (.tar.gz or its unpacked directory)")
+    serve_model.add_argument("--host", default="127.0.0.1")
+    serve_model.add_argument("--port", type=int, default=8080)
+    serve_model.add_argument("--threads", type=int, default=0, help="kernel threads (default: the CPU quota)")
+
     bench = sub.add_parser("bench", help="measure an artifact's latency on random inputs")
     bench.add_argument("artifact", type=Path)
     bench.add_argument("--repeat", type=int, default=20)
@@ -81,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("botocore", "boto3", "urllib3", "werkzeug", "moto"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     logging.getLogger("moto.stepfunctions").setLevel(logging.CRITICAL)
-    handlers = {"serve": _serve, "compile": _compile, "run": _run, "bench": _bench}
+    handlers = {"serve": _serve, "compile": _compile, "run": _run, "bench": _bench, "serve-model": _serve_model}
     try:
         return handlers[args.command](args)
     finally:
@@ -108,6 +115,26 @@ def _serve(args: argparse.Namespace) -> int:
     console.print("stopping…")
     server.stop()
     stack.stop()
+    return 0
+
+
+def _serve_model(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from kiln_serving.config import ServingSettings
+    from kiln_serving.server import serve
+
+    if not args.artifact.exists():
+        console.print(f"[red]no such artifact: {args.artifact}[/]")
+        return 2
+    try:
+        settings = ServingSettings(model=args.artifact, host=args.host, port=args.port, threads=args.threads)
+    except ValidationError as exc:
+        console.print(f"[red]{exc}[/]")
+        return 2
+    console.print(f"[bold]Kiln[/] serving {args.artifact} on http://{args.host}:{args.port}  "
+                  "(GET /ping, POST /invocations)")
+    serve(settings)
     return 0
 
 

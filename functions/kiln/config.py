@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import functools
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from kiln.inference_images import check_families
 
 
 class KilnSettings(BaseSettings):
@@ -25,6 +27,9 @@ class KilnSettings(BaseSettings):
     # Key that signs ListCompilationJobs NextTokens (a forged or altered token is refused).
     pagination_key: str = "kiln-local-pagination-key"
     inference_image: str = ""
+    # Serving image per family for ml_* targets, JSON: {"x86_64": uri, "aarch64": uri, "cuda": uri}
+    # (kiln.inference_images); a family left out falls back to inference_image.
+    inference_images: dict[str, str] = Field(default_factory=dict)
     ecs_cluster: str = ""
     compiler_task_family: str = "kiln-compiler"
     gpu_job_queue: str = ""
@@ -40,6 +45,12 @@ class KilnSettings(BaseSettings):
     registry_role_arn: str = ""
     registry_default_targets: str = ""
     registry_max_runtime_seconds: int = 900
+
+    @field_validator("inference_images")
+    @classmethod
+    def _serving_families(cls, value: dict[str, str]) -> dict[str, str]:
+        check_families(value, "KILN_INFERENCE_IMAGES")
+        return value
 
 
 @functools.cache

@@ -43,7 +43,8 @@ def build_workflow_steps(config: KilnSettings, session: Any | None = None) -> Wo
     """The workflow's steps, over a service wired like the API's."""
     session = session or boto3.session.Session(region_name=config.region)
     return WorkflowSteps(build_service(config, session), sagemaker=session.client("sagemaker"),
-                         containers=build_containers(config, session), inference_image=config.inference_image)
+                         containers=build_containers(config, session), inference_image=config.inference_image,
+                         inference_images=config.inference_images)
 
 
 @functools.cache

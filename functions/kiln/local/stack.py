@@ -32,6 +32,7 @@ from typing import Any
 
 import boto3
 
+from kiln.inference_images import LOCAL_IMAGES
 from kiln.local import moto_patches
 
 log = logging.getLogger(__name__)
@@ -394,10 +395,11 @@ class EmbeddedStack:
             "KILN_MAX_ACTIVE_JOBS": str(self.max_active_jobs),
             "KILN_TUNING_DB": str(self.work_dir / "tuning-db"),
         })
-        # Registry hook defaults; a caller's own KILN_REGISTRY_* settings win.
+        # Registry hook and serving-image defaults; a caller's own KILN_* settings win.
         self._set_env({key: value for key, value in {
             "KILN_REGISTRY_OUTPUT_S3": "s3://kiln-local-artifacts/registry",
-            "KILN_REGISTRY_ROLE_ARN": job_role}.items() if not os.environ.get(key)})
+            "KILN_REGISTRY_ROLE_ARN": job_role,
+            "KILN_INFERENCE_IMAGES": json.dumps(LOCAL_IMAGES)}.items() if not os.environ.get(key)})
         self._reset_caches()
 
     def _create_registry_hook(self, lam: Any, role_arn: str, code: bytes) -> dict[str, str]:
