@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 
 import uvicorn
 
@@ -27,5 +28,10 @@ def serve(settings: ServingSettings) -> None:
     os.environ.setdefault("TVM_NUM_THREADS", str(threads))
     log.info("serving %s on %s:%d with %s kernel threads", settings.model, settings.host, settings.port,
              os.environ["TVM_NUM_THREADS"])
+    # uvicorn drains on SIGTERM/SIGINT, then re-raises the signal under the handlers it found: with these, a stop
+    # is a normal return (exit 0), not a death by signal or a KeyboardInterrupt traceback.
+    for stop in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(stop, lambda *_: None)
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, workers=1,
                 log_level=settings.log_level, timeout_graceful_shutdown=30)
+    log.info("stopped")
