@@ -7,11 +7,13 @@ STAMP := $(VENV)/.kiln-installed
 # The MXNET framework's isolated environment (mxnet 1.9.1 has no Python 3.11 wheel); see requirements/mxnet.txt.
 MXNET_PYTHON ?= python3.9
 MXNET_VENV := .venv-mxnet
+# The SageMaker Python SDK v2 + sagemaker-core for the SDK flow test (they cannot share .venv's packaging/protobuf).
+SAGEMAKER_VENV := .venv-sagemaker
 export JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION := 20
 export TVM_NUM_THREADS ?= 2
 PYTEST_ARGS ?=
 
-.PHONY: install debian-packages demo test test-fast lint synth bench clean
+.PHONY: install debian-packages demo test test-fast lint synth bench serve-load clean
 
 install: $(STAMP)
 
@@ -25,7 +27,7 @@ debian-packages:
 	fi
 
 $(STAMP): pyproject.toml requirements/base.txt requirements/compiler.txt requirements/dev.txt requirements/debian.txt \
-          requirements/mxnet.txt
+          requirements/mxnet.txt requirements/serving.txt requirements/sagemaker-sdk.txt
 	@$(MAKE) --no-print-directory debian-packages
 	@command -v $(PYTHON) >/dev/null || { echo "Python 3.11 is required ($(PYTHON) not found)"; exit 1; }
 	@[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
@@ -38,6 +40,8 @@ $(STAMP): pyproject.toml requirements/base.txt requirements/compiler.txt require
 	  [ -n "$$py" ] || { echo "Python 3.9 is required for the MXNET framework ($(MXNET_PYTHON) not found)"; exit 1; }; \
 	  $$py -m venv $(MXNET_VENV); }
 	$(MXNET_VENV)/bin/python -m pip install -q -r requirements/mxnet.txt
+	@[ -x $(SAGEMAKER_VENV)/bin/python ] || $(PYTHON) -m venv $(SAGEMAKER_VENV)
+	$(SAGEMAKER_VENV)/bin/python -m pip install -q -r requirements/sagemaker-sdk.txt
 	@touch $@
 
 demo: install
@@ -50,14 +54,18 @@ test-fast: install
 	$(PY) -m pytest -p no:cacheprovider -n 2 -m "not slow" $(PYTEST_ARGS)
 
 lint: install
-	$(VENV)/bin/ruff check functions compiler-container infra tests scripts bench
-	$(VENV)/bin/mypy functions/kiln compiler-container/kiln_compiler infra/kiln_infra
+	$(VENV)/bin/ruff check functions compiler-container serving-container infra tests scripts bench
+	$(VENV)/bin/mypy functions/kiln compiler-container/kiln_compiler infra/kiln_infra serving-container/kiln_serving
 
 synth: install
 	$(PY) infra/app.py
 
 bench: install
 	$(PY) bench/run.py $(BENCH_ARGS)
+
+# kiln serve-model under 1, 8 and 32 concurrent clients (bench/serve_load.py; writes bench/results/).
+serve-load: install
+	$(PY) bench/serve_load.py $(SERVE_LOAD_ARGS)
 
 clean:
 	rm -rf cdk.out build .mypy_cache .ruff_cache .pytest_cache

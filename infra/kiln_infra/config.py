@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 TargetFamily = Literal["cpu", "gpu"]
 # Serving image families (kiln.inference_images.SERVING_FAMILIES): x86-64 CPU, Graviton, NVIDIA.
 ServingFamily = Literal["x86_64", "aarch64", "cuda"]
+SERVING_FAMILIES: tuple[ServingFamily, ...] = ("x86_64", "aarch64", "cuda")
 
 # CloudWatch Logs accepts only these retention periods (days).
 LOG_RETENTION_DAYS = (1, 3, 5, 7, 14, 30, 60, 90, 120, 150, 180, 365, 400, 545, 731, 1096, 1827,
@@ -63,8 +64,7 @@ class KilnConfig(BaseModel):
     # InferenceImage of ml_* jobs per serving family (KILN_INFERENCE_IMAGES): "asset" builds the family's
     # serving-container/ Dockerfile at deploy (cdk deploy runs docker build; ARM64 needs buildx/QEMU or an ARM
     # host), an image URI names a prebuilt image, "" records none. Families of disabled runners get none.
-    serving_images: dict[ServingFamily, str] = Field(
-        default_factory=lambda: {"x86_64": "asset", "aarch64": "asset", "cuda": "asset"})
+    serving_images: dict[ServingFamily, str] = Field(default_factory=lambda: dict.fromkeys(SERVING_FAMILIES, "asset"))
     # None: create a VPC with private isolated subnets and endpoints; otherwise import one.
     vpc: ImportedVpc | None = None
     # Availability zones of the created VPC.

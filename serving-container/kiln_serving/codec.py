@@ -296,7 +296,7 @@ def encode(outputs: Sequence[np.ndarray], specs: Sequence[Spec], kind: str) -> b
                                     f"({', '.join(named)}); accept {NPZ} or {JSON}")
         np.save(buffer, next(iter(named.values())), allow_pickle=False)
     else:
-        np.savez(buffer, **named)
+        np.savez(buffer, allow_pickle=False, **named)
     return buffer.getvalue()
 
 

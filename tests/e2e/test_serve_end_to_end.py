@@ -4,13 +4,8 @@ from __future__ import annotations
 
 import io
 import json
-import socket
-import subprocess
-import sys
 import tarfile
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import boto3
 import numpy as np

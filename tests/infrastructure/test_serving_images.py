@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from aws_cdk import App, Stack
 from kiln.inference_images import SERVING_FAMILIES
+from kiln_infra import config as infra_config
 from kiln_infra.config import KilnConfig
 from kiln_infra.paths import REPO_ROOT, SERVING_DOCKERFILES
 from kiln_infra.serving import ServingImages
@@ -27,7 +28,7 @@ def test_each_serving_family_is_built_as_an_image_asset_for_its_platform(synth: 
     # GIVEN the default deployment's asset manifest
     assets = _docker_assets(synth)
     # THEN every serving Dockerfile is an image asset, ARM64 for Graviton, and every serving family has one
-    assert set(SERVING_DOCKERFILES) == set(SERVING_FAMILIES.values())
+    assert set(SERVING_DOCKERFILES) == set(SERVING_FAMILIES.values()) == set(infra_config.SERVING_FAMILIES)
     assert assets[SERVING_DOCKERFILES["x86_64"]]["platform"] == "linux/amd64"
     assert assets[SERVING_DOCKERFILES["aarch64"]]["platform"] == "linux/arm64"
     assert assets[SERVING_DOCKERFILES["cuda"]]["platform"] == "linux/amd64"

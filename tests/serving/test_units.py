@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from kiln.runtime import TensorSpec
 from kiln_serving import codec
-from kiln_serving.cpu import available_cpus, quota_cpus
 from kiln_serving.config import ServingSettings
+from kiln_serving.cpu import available_cpus, quota_cpus
 from pydantic import ValidationError
 
 
