@@ -52,6 +52,7 @@ class ModelHost:
             model = self._load()
         except runtime.IncompatibleHostError as exc:
             self.error = f"this host cannot run the model: {exc}"
+            log.error("%s; /ping answers 503", self.error)
         except Exception as exc:
             log.exception("loading the model failed")
             self.error = f"the model could not be loaded: {type(exc).__name__}: {_first_line(exc)}"
