@@ -21,25 +21,26 @@ HERE = Path(__file__).resolve().parent
 
 
 def cpu_info() -> tuple[str, str]:
-    """CPU model name and its SIMD flags."""
+    """CPU model name and its SIMD flags (those kiln.isa knows)."""
+    from kiln.isa import KNOWN_FEATURES
+
     model, flags = platform.processor(), ""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name") and model in ("", platform.processor()):
                 model = line.split(":", 1)[1].strip()
             if line.startswith("flags"):
-                flags = " ".join(f for f in line.split(":", 1)[1].split()
-                                 if f.startswith(("avx", "fma", "sse4", "amx", "f16c")))
+                flags = " ".join(f for f in line.split(":", 1)[1].split() if f in KNOWN_FEATURES)
                 break
     except OSError:
         pass
     return model, flags
 
 
-def host_target() -> dict[str, object]:
-    """The widest x86 ISA this CPU has (AVX-512 or AVX2)."""
+def host_target() -> str:
+    """The catalog target of the widest x86 ISA this CPU has (ml_c5: AVX-512, ml_c4: AVX2)."""
     _, flags = cpu_info()
-    return {"kind": "llvm", "mcpu": "skylake-avx512" if "avx512f" in flags else "haswell"}
+    return "ml_c5" if "avx512f" in flags.split() else "ml_c4"
 
 
 def git_revision() -> str:
@@ -83,14 +84,15 @@ def main() -> None:
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
     revision = git_revision()  # the code measured: read before anything else can change it
 
+    import kiln.runtime
     import numpy as np
+    import onnx
     import onnxruntime as ort
-    import tvm
+    from kiln.catalog import TargetCatalog
+    from kiln_compiler import CompilerOptions, compile_model
+    from kiln_compiler.package import package
     from kiln_compiler.samples import MODELS, input_shapes, load_light_model
-    from kiln_compiler.tuning import TuningConfig, TuningDatabase
-    from kiln_compiler.tvm_pipeline import compile_relax
-    from tvm import relax
-    from tvm.relax.frontend.onnx import from_onnx
+    from kiln_compiler.tuning import TuningDatabase
 
     names = ["squeezenet", "resnet50"] if args.quick else list(MODELS)
     if args.models:
@@ -105,7 +107,7 @@ def main() -> None:
         curve_points = [float(p) for p in args.curve_points.split(",")]
     if curve_model not in names:
         names.append(curve_model)
-    target = host_target()
+    target = TargetCatalog().device(host_target())
     rows, curve = [], []
 
     def measure(name: str, tuning_minutes: float, db_dir: str | None) -> dict[str, object]:
@@ -117,20 +119,22 @@ def main() -> None:
         sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
         feed = {next(iter(shapes)): x}
         ort_ms = median_ms(lambda: sess.run(None, feed), args.repeat)
-        mod = from_onnx(model, shape_dict=shapes, keep_params_in_input=False)
-        t0 = time.time()
-        kwargs: dict[str, object] = {}
-        if tuning_minutes > 0 and db_dir is not None:
-            kwargs = {"tuning": TuningConfig(seconds=tuning_minutes * 60), "database": TuningDatabase(db_dir),
-                      "deadline": time.time() + tuning_minutes * 60 + 120}
-        result = compile_relax(mod, target, **kwargs)  # type: ignore[arg-type]
-        compile_s = time.time() - t0
-        vm = relax.VirtualMachine(result.executable, tvm.cpu())
-        xt = tvm.runtime.tensor(x)
-        tvm_ms = median_ms(lambda: vm["main"](xt), args.repeat)
+        tuned = tuning_minutes > 0 and db_dir is not None
+        options = CompilerOptions.parse(f'{{"tuning": {{"minutes": {tuning_minutes}}}}}' if tuned else None, target)
+        with tempfile.TemporaryDirectory() as work:
+            model_dir = Path(work) / "model"
+            model_dir.mkdir()
+            onnx.save(model, str(model_dir / "model.onnx"))
+            t0 = time.time()
+            result = compile_model(model_dir, "ONNX", target, options, out_dir=Path(work) / "build",
+                                   tuning_database=TuningDatabase(db_dir) if tuned else None,
+                                   deadline=time.time() + tuning_minutes * 60 + 120 if tuned else None)
+            compile_s = time.time() - t0
+            compiled = kiln.runtime.load(package(result, target, Path(work) / "model.tar.gz", model_dir=model_dir).path)
+            tvm_ms = median_ms(lambda: compiled.run(feed), args.repeat)
         row = {"model": name, "tuning_min": tuning_minutes, "compile_s": round(compile_s, 1),
                "kiln_ms": round(tvm_ms, 2), "ort_ms": round(ort_ms, 2), "ratio": round(tvm_ms / ort_ms, 2),
-               **{k: v for k, v in result.summary.items()}}
+               **{k: v for k, v in result.tuning.items()}}
         print(row, flush=True)
         return row
 

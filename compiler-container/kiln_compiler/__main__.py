@@ -12,8 +12,8 @@ import traceback
 from pathlib import Path
 
 from .aws import Reporter
-from .errors import CompilationError, JobAborted
-from .job import JobSpec, run_job
+from .errors import ABORTED_EXIT_CODE, CompilationError
+from .job import CompilerSettings, JobSpec, run_job
 
 log = logging.getLogger("kiln_compiler")
 
@@ -22,7 +22,7 @@ def _abort(code: str) -> None:
     """The workflow stopped or timed out this job: stop at once, nobody is waiting for a result."""
     log.error("job aborted by the workflow (%s); exiting", code)
     sys.stderr.flush()
-    os._exit(JobAborted.exit_code)
+    os._exit(ABORTED_EXIT_CODE)
 
 
 def _start_runtime_watchdog(reporter: Reporter, raw_job: str) -> None:
@@ -59,7 +59,7 @@ def main() -> int:
         spec = JobSpec.parse(os.environ.get("KILN_JOB", ""))
         base = os.environ.get("KILN_WORK_DIR")
         with tempfile.TemporaryDirectory(prefix="kiln-", dir=base) as work:
-            output = run_job(spec, Path(work))
+            output = run_job(spec, Path(work), settings=CompilerSettings.from_env(os.environ))
     except CompilationError as exc:
         log.error("job failed: %s", exc.reason)
         if exc.__cause__ or exc.__context__:
@@ -70,7 +70,7 @@ def main() -> int:
         log.exception("internal error")
         reporter.failure("ServerError", f"ServerError: internal compiler error ({type(exc).__name__})")
         return 2
-    return 0 if reporter.success(output) else JobAborted.exit_code
+    return 0 if reporter.success(output) else ABORTED_EXIT_CODE
 
 
 if __name__ == "__main__":

@@ -34,7 +34,6 @@ class ServerError(CompilationError):
     """Kiln's fault (a bug or an infrastructure failure)."""
 
 
-class JobAborted(Exception):
-    """The workflow stopped or timed out the job; exit without reporting."""
-
-    exit_code = 3
+# Exit code of a compiler the workflow stopped or timed out (its task token was refused): nobody
+# waits for its result, so it exits without reporting.
+ABORTED_EXIT_CODE = 3

@@ -1,26 +1,27 @@
-"""One compilation job, end to end: fetch, unpack, load, build, package, upload."""
+"""The job adapter: one compilation job around ``compile_model`` (credentials, S3, packaging)."""
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from kiln.catalog import Family, TargetCatalog, UnsupportedTargetError
+from kiln.catalog import TargetCatalog, UnsupportedTargetError
 
 from . import aws
 from .archive import safe_extract
-from .build import build
+from .compile import compile_model
 from .errors import ClientError
-from .loaders import load_model
-from .options import CompilerOptions, DataInputConfig
+from .options import CompilerOptions
 from .package import artifact_name, package
+
+if TYPE_CHECKING:
+    from .tuning import TuningDatabase
 
 log = logging.getLogger(__name__)
 UPLOAD_MARGIN_S = 60.0  # time kept back from MaxRuntimeInSeconds for packaging and upload
@@ -40,7 +41,6 @@ class JobSpec:
     compiler_options: str | None
     kms_key_id: str | None
     max_runtime_s: float | None
-    raw: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def parse(cls, text: str) -> JobSpec:
@@ -59,7 +59,6 @@ class JobSpec:
                 compiler_options=out.get("CompilerOptions"),
                 kms_key_id=out.get("KmsKeyId"),
                 max_runtime_s=(job.get("StoppingCondition") or {}).get("MaxRuntimeInSeconds"),
-                raw=job,
             )
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise ValueError(f"malformed KILN_JOB: {exc!r}") from None
@@ -82,27 +81,39 @@ class Timer:
             log.info("stage %s: %.2fs", name, self.timings[name])
 
 
-def _tuning(options: CompilerOptions, work_dir: Path) -> tuple[Any, Any]:
-    from .tuning import TuningConfig, TuningDatabase
+@dataclass(frozen=True)
+class CompilerSettings:
+    """How this compiler deployment is configured (the container's environment, read once by __main__)."""
+
+    tuning_database: str | None = None  # s3://bucket/prefix or a local directory (KILN_TUNING_DB)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> CompilerSettings:
+        """Settings from the container environment the workflow's task definition sets."""
+        return cls(tuning_database=env.get("KILN_TUNING_DB") or None)
+
+
+def open_tuning_database(location: str | None, work_dir: Path) -> TuningDatabase | None:
+    """The shared tuning database at ``location`` (None when unset or unreachable: compile without it)."""
+    if not location:
+        return None
+    from .tuning import TuningDatabase
 
     try:
-        config = TuningConfig.from_options(options.raw)
-    except ValueError as exc:
-        raise ClientError(f"CompilerOptions tuning: {exc}", section="OutputConfiguration") from None
-    location = os.environ.get("KILN_TUNING_DB")
-    database = None
-    if location:
-        try:
-            database = TuningDatabase(location, cache_dir=work_dir / "tuning-db") if location.startswith("s3://") \
-                else TuningDatabase(location)
-        except Exception:
-            log.exception("tuning database %s unavailable; compiling without it", location)
-    return config, database
+        if location.startswith("s3://"):
+            return TuningDatabase(location, cache_dir=work_dir / "tuning-db")
+        return TuningDatabase(location)
+    except Exception:
+        log.exception("tuning database %s unavailable; compiling without it", location)
+        return None
 
 
-def run_job(spec: JobSpec, work_dir: Path, *, session_factory: Callable[[str, str], Any] = aws.assume_job_role,
+def run_job(spec: JobSpec, work_dir: Path, *, settings: CompilerSettings = CompilerSettings(),
+            session_factory: Callable[[str, str], Any] = aws.assume_job_role,
             catalog: TargetCatalog | None = None) -> dict[str, Any]:
-    """Run the job; returns the success output. Raises CompilationError subclasses on failure."""
+    """Run the job: credentials -> download -> unpack -> compile_model -> package -> upload.
+
+    Returns the success output; raises CompilationError subclasses on failure."""
     started = time.monotonic()
     deadline = time.time() + spec.max_runtime_s - UPLOAD_MARGIN_S if spec.max_runtime_s else None
     timer = Timer()
@@ -113,12 +124,8 @@ def run_job(spec: JobSpec, work_dir: Path, *, session_factory: Callable[[str, st
         raise ClientError(str(exc), section="OutputConfiguration") from None
     except KeyError:
         raise ClientError("OutputConfig needs TargetDevice or TargetPlatform", section="OutputConfiguration") from None
-    options = CompilerOptions.parse(spec.compiler_options)
-    coreml = target.family is Family.COREML
-    # CoreML's DataInputConfig form (ranges, enumerated shapes, Image inputs) is read by kiln_compiler.coreml.
-    config = DataInputConfig() if coreml else DataInputConfig.parse(spec.data_input_config, spec.framework)
-    tuning, database = _tuning(options, work_dir)
-    model_dir, build_dir = work_dir / "model", work_dir / "build"
+    options = CompilerOptions.parse(spec.compiler_options, target)
+    model_dir = work_dir / "model"
 
     with timer.stage("credentials"):
         session = session_factory(spec.role_arn, spec.name)
@@ -126,25 +133,21 @@ def run_job(spec: JobSpec, work_dir: Path, *, session_factory: Callable[[str, st
         archive = aws.download(session, spec.s3_uri, work_dir / "input.tar.gz")
     with timer.stage("unpack"):
         safe_extract(archive, model_dir)
-    if coreml:
-        from .coreml import convert
-
-        with timer.stage("build"):
-            model, result = convert(spec.framework, model_dir, spec.data_input_config, options, target, build_dir)
-    else:
-        with timer.stage("load"):
-            model = load_model(spec.framework, model_dir, config, options)
-        with timer.stage("build"):
-            result = build(model, target, options, build_dir, tuning=tuning, database=database, deadline=deadline)
+    result = compile_model(model_dir, spec.framework, target, options, out_dir=work_dir / "build",
+                           data_input_config=spec.data_input_config, deadline=deadline, stage=timer.stage,
+                           tuning_database=open_tuning_database(settings.tuning_database, work_dir))
+    if result.unscheduled:
+        log.warning("%d kernels kept TVM's unscheduled loops: %s", len(result.unscheduled),
+                    ", ".join(result.unscheduled))
     name = artifact_name(spec.s3_uri, target.name)
     with timer.stage("package"):
-        artifact = package(model, target, result, work_dir / "out" / name, model_dir=model_dir,
+        artifact = package(result, target, work_dir / "out" / name, model_dir=model_dir,
                            job_name=spec.name, labels_name=options.class_labels)
     out_uri = f"{spec.output_location}/{name}"
     with timer.stage("upload"):
         aws.upload(session, artifact.path, out_uri, spec.kms_key_id)
     timer.timings["total"] = round(time.monotonic() - started, 3)
-    derived = {s.name: list(s.shape) for s in model.inputs}
+    derived = {s.name: list(s.shape) for s in result.model.inputs}
     return {
         "S3ModelArtifacts": out_uri,
         "ArtifactDigest": artifact.digest,

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kiln import rules
+from kiln.catalog import Target
 
 from .errors import ClientError
 
@@ -16,42 +17,60 @@ def _rule(parse: Any, *args: Any) -> Any:
     try:
         return parse(*args)
     except rules.RuleError as exc:
-        raise ClientError(exc.message) from None
+        section = "OutputConfiguration" if exc.member.startswith("outputConfig") else "InputConfiguration"
+        raise ClientError(exc.message, section=section) from None
+
+
+@dataclass(frozen=True)
+class TuningBudget:
+    """A tuning budget: a number of trials, a time budget in seconds, or both (``CompilerOptions["tuning"]``)."""
+
+    trials: int | None = None
+    seconds: float | None = None
+    trials_per_task: int = 64
+
+    def max_trials(self, n_tasks: int) -> int:
+        """Trial budget for ``n_tasks`` kernels (time-only budgets get a generous cap)."""
+        if self.trials is not None:
+            return self.trials
+        return n_tasks * self.trials_per_task
 
 
 @dataclass(frozen=True)
 class CompilerOptions:
-    """The options Kiln honours; unknown keys are refused."""
+    """The options Kiln honours, checked by ``kiln.rules`` (the API checks the same at create)."""
 
     mcpu: str | None = None
     mattr: tuple[str, ...] = ()
     gpu_code: str | None = None
-    dtype: str = "float32"
+    dtype: str | None = None  # the input dtype asked for (PyTorch); None: the model's own
     class_labels: str | None = None
     allow_pickle: bool = False
     output_names: tuple[str, ...] = ()
-    raw: dict[str, Any] = field(default_factory=dict)
+    signature_def_key: str | None = None  # TensorFlow SavedModel signature (default serving_default)
+    tuning: TuningBudget | None = None
 
     @classmethod
-    def parse(cls, raw: str | dict[str, Any] | None) -> CompilerOptions:
-        """Parse the ``CompilerOptions`` string (JSON or Python literal)."""
+    def parse(cls, raw: str | dict[str, Any] | None, target: Target | None = None) -> CompilerOptions:
+        """Parse the ``CompilerOptions`` string (JSON or Python literal) with the rules for ``target``."""
         if raw is None or raw == "":
-            return cls()
-        data: dict[str, Any] = _rule(rules.parse_compiler_options, json.dumps(raw) if isinstance(raw, dict) else raw)
+            data: dict[str, Any] = _rule(rules.parse_compiler_options, None, target)
+        else:
+            data = _rule(rules.parse_compiler_options, json.dumps(raw) if isinstance(raw, dict) else raw, target)
         outs = data.get("output_names", [])
-        gpu = data.get("gpu-code")
-        allow = bool(data.get("allow_pickle", False))
-        mattr = data.get("mattr", [])
-        dtype = data.get("dtype", "float32")
+        tuning = data.get("tuning")
         return cls(
             mcpu=data.get("mcpu"),
-            mattr=tuple(mattr),
-            gpu_code=gpu,
-            dtype=dtype,
+            mattr=tuple(data.get("mattr", [])),
+            gpu_code=data.get("gpu-code"),
+            dtype=data.get("dtype"),
             class_labels=data.get("class_labels"),
-            allow_pickle=allow,
+            allow_pickle=bool(data.get("allow_pickle", False)),
             output_names=tuple(outs) if isinstance(outs, list) else (str(outs),),
-            raw=dict(data),
+            signature_def_key=data.get("signature_def_key"),
+            tuning=None if tuning is None else TuningBudget(
+                trials=tuning.get("trials"),
+                seconds=None if tuning.get("minutes") is None else float(tuning["minutes"]) * 60.0),
         )
 
 
@@ -61,18 +80,17 @@ class DataInputConfig:
 
     by_name: dict[str, tuple[int, ...]] = field(default_factory=dict)
     by_position: tuple[tuple[int, ...], ...] = ()
-    dtypes: dict[str, str] = field(default_factory=dict)
 
     @property
     def empty(self) -> bool:
         return not self.by_name and not self.by_position
 
     @classmethod
-    def parse(cls, raw: str | None, framework: str) -> DataInputConfig:
+    def parse(cls, raw: str | None, framework: str, target: Target | None = None) -> DataInputConfig:
         """Parse the ``DataInputConfig`` string per the SageMaker reference (``kiln.rules``)."""
         if raw is None or raw.strip() in ("", "{}", "[]"):
             return cls()
-        specs = _rule(rules.parse_data_input_config, raw, framework)
+        specs = _rule(rules.parse_data_input_config, raw, framework, target)
         by_name: dict[str, tuple[int, ...]] = {}
         by_position: list[tuple[int, ...]] = []
         for spec in specs:

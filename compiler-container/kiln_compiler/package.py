@@ -15,9 +15,8 @@ from typing import Any
 
 from kiln.catalog import Target
 
-from .build import BuildResult
+from .backends.base import BuildResult
 from .errors import ClientError
-from .loaders import LoadedModel
 
 MANIFEST = "manifest.json"
 LABELS = "class_labels.txt"
@@ -73,9 +72,10 @@ def class_labels(model_dir: Path, name: str | None) -> Path | None:
     return hits[0]
 
 
-def build_manifest(model: LoadedModel, target: Target, result: BuildResult, files: dict[str, Path],
+def build_manifest(result: BuildResult, target: Target, files: dict[str, Path],
                    job_name: str | None, labels: Path | None) -> dict[str, Any]:
     """The manifest describing the artifact (everything the runtime loader checks)."""
+    model = result.model
     manifest: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "job_name": job_name,
@@ -134,14 +134,14 @@ def _expand(paths: list[Path]) -> dict[str, Path]:
     return files
 
 
-def package(model: LoadedModel, target: Target, result: BuildResult, out_path: Path, *,
+def package(result: BuildResult, target: Target, out_path: Path, *,
             model_dir: Path, job_name: str | None = None, labels_name: str | None = None) -> Artifact:
     """Write the tarball (reproducible: fixed mtimes/owners, sorted) and return it with its digest."""
     labels = class_labels(model_dir, labels_name)
     files = _expand(result.files)
     if labels:
         files[LABELS] = labels
-    manifest = build_manifest(model, target, result, files, job_name, labels)
+    manifest = build_manifest(result, target, files, job_name, labels)
     blob = json.dumps(manifest, indent=2, sort_keys=True).encode()
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with out_path.open("wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as gz, \

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from kiln import isa as isa_table
+
 
 class Runner(StrEnum):
     """Where a job's compiler container runs."""
@@ -48,6 +50,8 @@ class Toolchain:
     """A C/C++ toolchain to link the compiled module, and how to run its output here."""
 
     cxx: str  # compiler driver used by tvm.support.cc / tl2cgen
+    # Debian packages that provide it (and the emulator); requirements/debian.txt installs them all for
+    # `make install` and the compiler image (tests/unit/test_catalog.py checks the two agree).
     debian_packages: tuple[str, ...] = ()
     emulator: str | None = None  # qemu-user binary that runs this arch's code on x86_64
     sysroot: str | None = None  # for the emulator (-L)
@@ -65,14 +69,25 @@ class Target:
     toolchain: Toolchain | None = None
     runner: Runner = Runner.FARGATE
     frameworks: tuple[str, ...] = ALL_FRAMEWORKS
-    # CPU features an x86 artifact needs at run time (checked by the runtime loader).
-    isa: tuple[str, ...] = ()
     cuda_arch: str | None = None  # default sm_XX for NVIDIA devices
     instance_types: tuple[str, ...] = ()  # SageMaker hosting instance types (cloud targets)
 
     @property
     def is_cloud(self) -> bool:
         return bool(self.instance_types)
+
+    @property
+    def cpu(self) -> isa_table.CpuFeatures | None:
+        """What the target's CPU code may use (the host CPU's for GPU targets); None for Core ML."""
+        llvm = self.host if self.family is Family.CUDA else self.tvm_target
+        if not llvm or llvm.get("kind") != "llvm":
+            return None
+        return isa_table.target_features(llvm)
+
+    @property
+    def isa(self) -> tuple[str, ...]:
+        """CPU features an artifact for this target needs at run time (checked by the runtime loader)."""
+        return self.cpu.runtime_check if self.cpu else ()
 
 
 @dataclass(frozen=True)
@@ -96,22 +111,20 @@ _GCC_ARMHF = Toolchain(
     emulator="qemu-arm-static",
     sysroot="/usr/arm-linux-gnueabihf",
 )
-_GCC_I686 = Toolchain(cxx="i686-linux-gnu-g++", debian_packages=("g++-i686-linux-gnu",))
+_GCC_I686 = Toolchain(cxx="i686-linux-gnu-g++", debian_packages=("g++-i686-linux-gnu", "qemu-user-static"),
+                      emulator="qemu-i386-static", sysroot="/usr/i686-linux-gnu")
 _MINGW64 = Toolchain(cxx="x86_64-w64-mingw32-g++", debian_packages=("g++-mingw-w64-x86-64",))
 _MINGW32 = Toolchain(cxx="i686-w64-mingw32-g++", debian_packages=("g++-mingw-w64-i686",))
 
-_AVX2 = ("avx2", "fma")
-_AVX512 = ("avx2", "fma", "avx512f")
 
 
-def _x86(name: str, mcpu: str, isa: tuple[str, ...], desc: str, instances: tuple[str, ...] = ()) -> Target:
+def _x86(name: str, mcpu: str, desc: str, instances: tuple[str, ...] = ()) -> Target:
     return Target(
         name=name,
         family=Family.X86_64,
         description=desc,
         tvm_target={"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": mcpu},
         toolchain=_GCC_X86,
-        isa=isa,
         instance_types=instances,
     )
 
@@ -165,14 +178,14 @@ _ARM64_HOST = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"
 
 _DEVICES: tuple[Target, ...] = (
     # x86 cloud instances. c4/m4 are Haswell/Broadwell (AVX2); c5/m5 are Skylake-SP (AVX-512).
-    _x86("ml_c4", "haswell", _AVX2, "EC2 C4 (Haswell, AVX2)", ("ml.c4.xlarge", "ml.c4.2xlarge", "ml.c4.4xlarge", "ml.c4.8xlarge")),
-    _x86("ml_m4", "haswell", _AVX2, "EC2 M4 (Broadwell, AVX2)", ("ml.m4.xlarge", "ml.m4.2xlarge", "ml.m4.4xlarge", "ml.m4.10xlarge")),
-    _x86("ml_c5", "skylake-avx512", _AVX512, "EC2 C5 (Skylake-SP, AVX-512)", ("ml.c5.xlarge", "ml.c5.2xlarge", "ml.c5.4xlarge", "ml.c5.9xlarge")),
-    _x86("ml_m5", "skylake-avx512", _AVX512, "EC2 M5 (Skylake-SP, AVX-512)", ("ml.m5.large", "ml.m5.xlarge", "ml.m5.2xlarge", "ml.m5.4xlarge")),
+    _x86("ml_c4", "haswell", "EC2 C4 (Haswell, AVX2)", ("ml.c4.xlarge", "ml.c4.2xlarge", "ml.c4.4xlarge", "ml.c4.8xlarge")),
+    _x86("ml_m4", "haswell", "EC2 M4 (Broadwell, AVX2)", ("ml.m4.xlarge", "ml.m4.2xlarge", "ml.m4.4xlarge", "ml.m4.10xlarge")),
+    _x86("ml_c5", "skylake-avx512", "EC2 C5 (Skylake-SP, AVX-512)", ("ml.c5.xlarge", "ml.c5.2xlarge", "ml.c5.4xlarge", "ml.c5.9xlarge")),
+    _x86("ml_m5", "skylake-avx512", "EC2 M5 (Skylake-SP, AVX-512)", ("ml.m5.large", "ml.m5.xlarge", "ml.m5.2xlarge", "ml.m5.4xlarge")),
     # Lambda's x86 fleet guarantees AVX2, not AVX-512.
-    _x86("lambda", "haswell", _AVX2, "AWS Lambda (x86_64, AVX2)"),
-    _x86("sbe_c", "haswell", _AVX2, "Snowball Edge Compute (x86_64, AVX2)"),
-    _x86("deeplens", "x86-64", (), "AWS DeepLens (Intel Atom, CPU only)"),
+    _x86("lambda", "haswell", "AWS Lambda (x86_64, AVX2)"),
+    _x86("sbe_c", "haswell", "Snowball Edge Compute (x86_64, AVX2)"),
+    _x86("deeplens", "x86-64", "AWS DeepLens (Intel Atom, CPU only)"),
     # Graviton2.
     _arm64("ml_c6g", "neoverse-n1", "EC2 C6g (Graviton2)", ("ml.c6g.large", "ml.c6g.xlarge", "ml.c6g.2xlarge", "ml.c6g.4xlarge")),
     _arm64("ml_m6g", "neoverse-n1", "EC2 M6g (Graviton2)", ("ml.m6g.large", "ml.m6g.xlarge", "ml.m6g.2xlarge", "ml.m6g.4xlarge")),
@@ -201,7 +214,6 @@ _DEVICES: tuple[Target, ...] = (
         description="Windows x86-64 (AVX2)",
         tvm_target={"kind": "llvm", "mtriple": "x86_64-pc-windows-gnu", "mcpu": "haswell"},
         toolchain=_MINGW64,
-        isa=_AVX2,
     ),
     Target(
         name="x86_win32",
@@ -281,15 +293,17 @@ class TargetCatalog:
 
     @staticmethod
     def _platforms() -> dict[str, Target]:
-        x86 = _x86("LINUX_X86_64", "x86-64-v3", _AVX2, "Linux x86-64 (mcpu from CompilerOptions, default AVX2)")
+        x86 = _x86("LINUX_X86_64", "x86-64-v3", "Linux x86-64 (mcpu from CompilerOptions, default AVX2)")
         return {
             "LINUX_X86_64": x86,
             "LINUX_X86": Target(
                 name="LINUX_X86",
                 family=Family.X86,
-                description="Linux x86 32-bit",
+                # Tree models only, as x86_win32: no 32-bit Linux TVM runtime (tvm-ffi wheel) exists.
+                description="Linux x86 32-bit (tree ensembles; no 32-bit Linux TVM runtime exists)",
                 tvm_target={"kind": "llvm", "mtriple": "i686-linux-gnu", "mcpu": "pentium4"},
                 toolchain=_GCC_I686,
+                frameworks=TREE_FRAMEWORKS,
             ),
             "LINUX_ARM64": _arm64("LINUX_ARM64", "generic", "Linux ARM64 (mcpu from CompilerOptions)"),
             "LINUX_ARM_EABIHF": _armv7("LINUX_ARM_EABIHF", "generic", "Linux ARMv7 hard-float"),

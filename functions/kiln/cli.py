@@ -119,10 +119,9 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _serve_model(args: argparse.Namespace) -> int:
-    from pydantic import ValidationError
-
     from kiln_serving.config import ServingSettings
     from kiln_serving.server import serve
+    from pydantic import ValidationError
 
     if not args.artifact.exists():
         console.print(f"[red]no such artifact: {args.artifact}[/]")

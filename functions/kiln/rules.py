@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from kiln import isa
 from kiln.catalog import UNAVAILABLE_FRAMEWORKS, Family, Target, TargetCatalog, UnsupportedTargetError
 from kiln.contract import raise_validation
 from kiln.errors import ValidationError
@@ -120,6 +121,9 @@ def _check_option_types(options: dict[str, Any], member: str) -> None:
     if "output_names" in options and not (isinstance(options["output_names"], list)
                                           and all(isinstance(n, str) for n in options["output_names"])):
         raise RuleError(member, f"'output_names' at '{member}' must be a list of tensor names")
+    if "signature_def_key" in options and not (isinstance(options["signature_def_key"], str)
+                                               and options["signature_def_key"]):
+        raise RuleError(member, f"'signature_def_key' at '{member}' must be the name of a SavedModel signature")
     if "allow_pickle" in options and not isinstance(options["allow_pickle"], bool):
         raise RuleError(member, f"'allow_pickle' at '{member}' must be true or false")
     if "tuning" in options:
@@ -130,8 +134,10 @@ def _check_tuning(tuning: Any, member: str) -> None:
     if not isinstance(tuning, dict) or not set(tuning) <= {"trials", "minutes"} or not tuning:
         raise RuleError(member, f"'tuning' at '{member}' must be {{\"trials\": N}} and/or {{\"minutes\": M}}")
     for key, value in tuning.items():
-        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-            raise RuleError(member, f"'tuning.{key}' at '{member}' must be a positive number")
+        kinds = int if key == "trials" else int | float
+        if isinstance(value, bool) or not isinstance(value, kinds) or value <= 0:
+            noun = "a positive integer" if key == "trials" else "a positive number"
+            raise RuleError(member, f"'tuning.{key}' at '{member}' must be {noun}")
 
 
 def _check_options_for_target(options: dict[str, Any], target: Target, member: str) -> None:
@@ -142,6 +148,12 @@ def _check_options_for_target(options: dict[str, Any], target: Target, member: s
         if extra:
             raise RuleError(member, f"Target 'coreml' accepts only 'class_labels' at '{member}', "
                                     f"not {', '.join(sorted(extra))}")
+    cpu = target.host if target.family is Family.CUDA else target.tvm_target
+    if "mcpu" in options and cpu and target.family is not Family.CUDA:
+        try:
+            isa.cpu_features(str(cpu.get("mtriple", "")), options["mcpu"], options.get("mattr", []))
+        except isa.UnknownCpuError as exc:
+            raise RuleError(member, f"'mcpu' at '{member}': {exc}") from None
     if target.family is not Family.CUDA:
         gpu = sorted(set(options) & {"gpu-code", "cuda-ver", "trt-ver"})
         if gpu:

@@ -11,6 +11,9 @@ from typing import Literal
 
 import onnx
 import pytest
+from kiln.catalog import Target, TargetCatalog
+from kiln_compiler import CompilerOptions, compile_model
+from kiln_compiler.package import package
 from kiln_compiler.samples import load_light_model
 
 os.environ.setdefault("TVM_NUM_THREADS", "2")
@@ -76,3 +79,21 @@ def moto_server() -> Iterator[str]:
     server.start()
     yield f"http://127.0.0.1:{port}"
     server.stop()
+
+
+def target_named(name: str) -> Target:
+    """A catalog target by TargetDevice (``ml_c4``) or platform (``LINUX:X86_64:NVIDIA``)."""
+    catalog = TargetCatalog()
+    return catalog.platform(*name.split(":")) if ":" in name else catalog.device(name)
+
+
+def compile_artifact(model_dir: Path, framework: str, target: str, out: Path, *, options: str | None = None,
+                     data_input_config: str | None = None) -> Path:
+    """``compile_model`` then ``package``, as a job does; returns the artifact (.tar.gz).
+
+    ``options`` is the CompilerOptions string, parsed with the target's rules as the job parses it."""
+    tgt = target_named(target)
+    opts = CompilerOptions.parse(options, tgt)
+    result = compile_model(model_dir, framework, tgt, opts, out_dir=out / "build", data_input_config=data_input_config)
+    return package(result, tgt, out / f"model-{tgt.name}.tar.gz", model_dir=model_dir,
+                   labels_name=opts.class_labels).path

@@ -16,7 +16,7 @@ import kiln.runtime
 import numpy as np
 import pytest
 from kiln.catalog import TargetCatalog
-from kiln_compiler.coreml import convert
+from kiln_compiler import BuildResult, compile_model
 from kiln_compiler.errors import ClientError
 from kiln_compiler.options import CompilerOptions
 from kiln_compiler.package import package
@@ -27,6 +27,11 @@ ct = pytest.importorskip("coremltools")
 torch = pytest.importorskip("torch")
 
 TARGET = TargetCatalog().device("coreml")
+
+
+def _to_coreml(framework: str, model_dir: Path, config: str | None, options: CompilerOptions,
+               out_dir: Path) -> BuildResult:
+    return compile_model(model_dir, framework, TARGET, options, out_dir=out_dir, data_input_config=config)
 LABELS = ["cat", "dog", "bird", "fish"]
 FP16 = {"rtol": 2e-2, "atol": 2e-3}  # float16 compute against float32 frameworks
 
@@ -68,10 +73,10 @@ def test_torchscript_image_classifier_with_enumerated_shapes(torch_classifier: A
     # enumerated sizes, bias/scale mapping pixels to [-1, 1], and class_labels naming a file in the archive
     config = json.dumps([{"shape": [[1, 3, 32, 32], [1, 3, 64, 64]], "default_shape": [1, 3, 32, 32],
                           "type": "Image", "bias": [-1, -1, -1], "scale": 1 / 127.5}])
-    options = CompilerOptions.parse('{"class_labels": "labels.txt"}')
+    options = CompilerOptions.parse('{"class_labels": "labels.txt"}', TARGET)
     # WHEN it is converted for coreml and packaged
-    model, result = convert("PYTORCH", torchscript_dir, config, options, TARGET, tmp_path / "build")
-    artifact = package(model, TARGET, result, tmp_path / "model-coreml.tar.gz", model_dir=torchscript_dir,
+    result = _to_coreml("PYTORCH", torchscript_dir, config, options, tmp_path / "build")
+    artifact = package(result, TARGET, tmp_path / "model-coreml.tar.gz", model_dir=torchscript_dir,
                        labels_name="labels.txt")
     pkg = result.files[0]
     spec = _spec(pkg)
@@ -125,8 +130,8 @@ def test_exported_program_static_tensor_input(torch_classifier: Any, tmp_path: P
     x = np.random.default_rng(1).standard_normal((1, 3, 32, 32)).astype(np.float32)
     torch.export.save(torch.export.export(torch_classifier, (torch.from_numpy(x),)), str(d / "model.pt2"))
     # WHEN it is converted for coreml
-    model, result = convert("PYTORCH", d, '{"x": {"shape": [1, 3, 32, 32]}}', CompilerOptions(), TARGET,
-                            tmp_path / "build")
+    result = _to_coreml("PYTORCH", d, '{"x": {"shape": [1, 3, 32, 32]}}', CompilerOptions(), tmp_path / "build")
+    model = result.model
     # THEN its input is a float32 tensor of exactly that shape (no flexibility) and its numerics match torch
     spec = _spec(result.files[0])
     (inp,) = spec.description.input
@@ -163,7 +168,8 @@ def test_keras_tensor_input_with_batch_range(keras_dir: tuple[Path, Any], tmp_pa
     d, keras_model = keras_dir
     config = '{"image": {"shape": ["1..4", 16, 16, 3], "default_shape": [2, 16, 16, 3]}}'
     # WHEN it is converted for coreml
-    model, result = convert("KERAS", d, config, CompilerOptions(), TARGET, tmp_path / "build")
+    result = _to_coreml("KERAS", d, config, CompilerOptions(), tmp_path / "build")
+    model = result.model
     spec = _spec(result.files[0])
     # THEN the input is a tensor whose batch ranges over 1..4, default 2, the other dimensions fixed
     (inp,) = spec.description.input
@@ -197,7 +203,7 @@ def test_tensorflow_savedmodel_grayscale_image(tmp_path: Path) -> None:
     tf.saved_model.save(net, str(d / "saved"), signatures={"serving_default": net.serve})
     config = '{"pixels": {"shape": [1, 12, 12, 1], "type": "Image", "bias": [-0.5], "scale": 0.00392156862}}'
     # WHEN it is converted for coreml
-    _, result = convert("TENSORFLOW", d, config, CompilerOptions(), TARGET, tmp_path / "build")
+    result = _to_coreml("TENSORFLOW", d, config, CompilerOptions(), tmp_path / "build")
     spec = _spec(result.files[0])
     # THEN the input is a 12x12 grayscale image and the program matches TensorFlow on the preprocessed pixels
     (inp,) = spec.description.input
@@ -226,7 +232,7 @@ def test_bad_coreml_configurations_are_client_errors(torchscript_dir: Path, tmp_
     # WHEN it is converted for coreml
     # THEN the user is told what to fix
     with pytest.raises(ClientError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        convert("PYTORCH", torchscript_dir, config, CompilerOptions.parse(options), TARGET, tmp_path / "build")
+        _to_coreml("PYTORCH", torchscript_dir, config, CompilerOptions.parse(options, TARGET), tmp_path / "build")
 
 
 def test_coreml_job_completes_through_the_api(local_stack: Any, job_request: Any, upload_model: Any,

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 tvm = pytest.importorskip("tvm")
-from kiln_compiler.tvm_pipeline import compile_relax  # noqa: E402
+from kiln_compiler.pipeline import compile_relax  # noqa: E402
 from tvm import relax  # noqa: E402
 from tvm.script import relax as R  # noqa: E402
 
@@ -135,12 +135,12 @@ def _dense_block() -> Any:
 
 def test_lower_rank_constants_keep_nhwc() -> None:
     # GIVEN a DenseNet-style block whose batch-norm constants have rank 3
-    from kiln_compiler.cpu_layout import to_nhwc
+    from kiln_compiler.graph import cpu_graph_passes
 
     mod = _dense_block()
     # WHEN converted to NHWC
     with tvm.target.Target(AVX2):
-        nhwc = tvm.transform.Sequential(to_nhwc(8))(mod)
+        nhwc = tvm.transform.Sequential(cpu_graph_passes(8))(mod)
     text = nhwc.script()
     # THEN the only activation transposes are at the graph's input and output
     #      (a rank-3 constant used to keep each batch norm in NCHW between two transposes)
@@ -169,15 +169,16 @@ def test_real_model_matches_unscheduled(model_name: str) -> None:
 
 def test_padded_input_is_materialised_outside_the_tile() -> None:
     # GIVEN a 3x3 convolution with padding 1, fused with its epilogue
-    from kiln_compiler import tvm_pipeline as tp
-    from kiln_compiler.cpu_layout import to_nhwc
+    from kiln_compiler import pipeline as tp
+    from kiln_compiler.graph import cpu_graph_passes
+    from kiln_compiler.schedules import default_schedule
 
     mod = _conv_block(64, 64, 3, 1, 1, 14, 1, seed=1)
     with tvm.target.Target(AVX2):
-        fused = tvm.transform.Sequential(tp._fuse_passes())(tvm.transform.Sequential(to_nhwc(8))(mod))
+        fused = tvm.transform.Sequential(tp._fuse_passes())(tvm.transform.Sequential(cpu_graph_passes(8))(mod))
     (conv,) = [f for gv, f in fused.functions_items() if isinstance(f, tvm.tirx.PrimFunc) and "conv" in gv.name_hint]
     # WHEN Kiln's default schedule is applied
-    text = tp.default_schedule(conv, 8).mod["main"].script()
+    text = default_schedule(conv, 8).mod["main"].script()
     # THEN the bounds check lives in the pad copy, not in the tile's innermost update
     #      (inlined, it ran once per multiply-add and halved the speed of every 3x3 layer)
     update = text[text.index('T.sblock("conv2d_nhwc_update")'):]

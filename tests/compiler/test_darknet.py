@@ -9,12 +9,11 @@ from typing import Any
 import kiln.runtime
 import numpy as np
 import pytest
-from kiln.catalog import TargetCatalog
-from kiln_compiler.build import build
 from kiln_compiler.errors import ClientError
 from kiln_compiler.loaders import load_model
 from kiln_compiler.options import CompilerOptions, DataInputConfig
-from kiln_compiler.package import package
+
+from tests.compiler.conftest import compile_artifact
 
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
@@ -127,10 +126,7 @@ def darknet_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[di
 
 
 def _compile(model_dir: Path, config: str | None, out: Path) -> kiln.runtime.Model:
-    loaded = load_model("DARKNET", model_dir, DataInputConfig.parse(config, "DARKNET"), CompilerOptions())
-    target = TargetCatalog().device("ml_c4")
-    result = build(loaded, target, CompilerOptions(), out / "build")
-    return kiln.runtime.load(package(loaded, target, result, out / "model-ml_c4.tar.gz", model_dir=model_dir).path)
+    return kiln.runtime.load(compile_artifact(model_dir, "DARKNET", "ml_c4", out, data_input_config=config))
 
 
 @pytest.mark.parametrize("config", [None, '{"data": [1, 3, 64, 96]}'])

@@ -13,12 +13,12 @@ import kiln.runtime
 import numpy as np
 import pytest
 from kiln.catalog import TargetCatalog
-from kiln_compiler.build import build
 from kiln_compiler.errors import ClientError
 from kiln_compiler.loaders import load_model
 from kiln_compiler.loaders.mxnet import mxnet_python
 from kiln_compiler.options import CompilerOptions, DataInputConfig
-from kiln_compiler.package import package
+
+from tests.compiler.conftest import compile_artifact
 
 CATALOG = TargetCatalog()
 SHAPE = (1, 3, 16, 16)
@@ -74,11 +74,8 @@ def test_ml_c4_artifact_matches_mxnet(checkpoint: Path, tmp_path: Path) -> None:
     # GIVEN an MXNet checkpoint (conv, batchnorm, relu, pooling, fully connected, softmax) and MXNet's own output
     x, ref = np.load(checkpoint.parent / "x.npy"), np.load(checkpoint.parent / "y.npy")
     # WHEN it is compiled for ml_c4 with DataInputConfig in dict form and run through kiln.runtime
-    loaded = load_model("MXNET", checkpoint, DataInputConfig.parse('{"data": [1, 3, 16, 16]}', "MXNET"),
-                        CompilerOptions())
-    target = CATALOG.device("ml_c4")
-    result = build(loaded, target, CompilerOptions(), tmp_path / "build")
-    model = kiln.runtime.load(package(loaded, target, result, tmp_path / "m.tar.gz", model_dir=checkpoint).path)
+    model = kiln.runtime.load(compile_artifact(checkpoint, "MXNET", "ml_c4", tmp_path,
+                                               data_input_config='{"data": [1, 3, 16, 16]}'))
     (y,) = model.run({"data": x})
     # THEN it agrees with MXNet within float32 rounding, and the manifest names the input, output and framework
     np.testing.assert_allclose(y, ref, rtol=RTOL, atol=ATOL)
@@ -87,7 +84,7 @@ def test_ml_c4_artifact_matches_mxnet(checkpoint: Path, tmp_path: Path) -> None:
     assert [(s.shape, s.dtype) for s in model.outputs] == [((1, 10), "float32")]
     assert model.manifest["framework"] == "MXNET"
     assert "mxnet 1.9.1" in model.manifest["framework_version"]
-    assert loaded.model_files == ["model-symbol.json", "model-0000.params"]
+    assert model.manifest["model_files"] == ["model-symbol.json", "model-0000.params"]
 
 
 @pytest.mark.parametrize(("config", "expected"), [

@@ -15,13 +15,18 @@ import onnx
 import onnxruntime as ort
 import pytest
 from kiln.catalog import TargetCatalog
-from kiln_compiler.build import build
 from kiln_compiler.errors import ClientError
 from kiln_compiler.loaders import load_model
 from kiln_compiler.options import CompilerOptions, DataInputConfig
-from kiln_compiler.package import package
 
-from tests.compiler.conftest import EF_ARM_ABI_FLOAT_HARD, EM_AARCH64, EM_ARM, EM_X86_64, elf_header
+from tests.compiler.conftest import (
+    EF_ARM_ABI_FLOAT_HARD,
+    EM_AARCH64,
+    EM_ARM,
+    EM_X86_64,
+    compile_artifact,
+    elf_header,
+)
 
 CATALOG = TargetCatalog()
 NO_OPTS = CompilerOptions()
@@ -29,19 +34,14 @@ NO_OPTS = CompilerOptions()
 RTOL, ATOL = 1e-4, 1e-6
 
 
-def _compile(model_dir: Path, target: str, out: Path, options: CompilerOptions = NO_OPTS,
-             labels: str | None = None) -> Path:
-    loaded = load_model("ONNX", model_dir, DataInputConfig(), options)
-    tgt = CATALOG.platform(*target.split(":")) if ":" in target else CATALOG.device(target)
-    result = build(loaded, tgt, options, out / "build")
-    return package(loaded, tgt, result, out / f"model-{tgt.name}.tar.gz", model_dir=model_dir,
-                   labels_name=labels).path
+def _compile(model_dir: Path, target: str, out: Path, options: str | None = None) -> Path:
+    return compile_artifact(model_dir, "ONNX", target, out, options=options)
 
 
 @pytest.fixture(scope="module")
 def c4_artifact(squeezenet_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """SqueezeNet compiled for ml_c4 (AVX2: runs on this host)."""
-    return Path(_compile(squeezenet_dir, "ml_c4", tmp_path_factory.mktemp("c4"), labels="labels.txt"))
+    return Path(_compile(squeezenet_dir, "ml_c4", tmp_path_factory.mktemp("c4"), '{"class_labels": "labels.txt"}'))
 
 
 def test_loader_infers_shapes_from_model(squeezenet_dir: Path) -> None:
@@ -67,7 +67,8 @@ def test_ml_c4_artifact_matches_onnxruntime(c4_artifact: Path, squeezenet: onnx.
     assert model.class_labels is not None and model.class_labels[3] == "class3"
     m = model.manifest
     assert m["framework"] == "ONNX" and m["target"]["name"] == "ml_c4"
-    assert m["target"]["isa"] == ["avx2", "fma"] and m["target"]["tvm_target"]["mcpu"] == "haswell"
+    assert {"avx2", "fma"} <= set(m["target"]["isa"]) and "avx512f" not in m["target"]["isa"]
+    assert m["target"]["tvm_target"]["mcpu"] == "haswell"
     assert m["versions"]["apache-tvm"] == "0.27.0.post1"
     assert set(m["files"]) == {"model.so", "class_labels.txt"}
 
@@ -144,8 +145,8 @@ def test_gpu_code_option_sets_cuda_arch(squeezenet_dir: Path, tmp_path: Path) ->
     # WHEN compiled without and with it
     with pytest.raises(ClientError, match="gpu-code"):
         _compile(squeezenet_dir, "LINUX:X86_64:NVIDIA", tmp_path / "a")
-    art = Path(_compile(squeezenet_dir, "LINUX:X86_64:NVIDIA", tmp_path / "b", CompilerOptions.parse(
-        "{'gpu-code': 'sm_86', 'trt-ver': '8.6', 'cuda-ver': '12.2'}")))
+    art = Path(_compile(squeezenet_dir, "LINUX:X86_64:NVIDIA", tmp_path / "b",
+                        "{'gpu-code': 'sm_86', 'trt-ver': '8.6', 'cuda-ver': '12.2'}"))
     with tarfile.open(art) as tar:
         manifest = kiln.runtime.json.loads(tar.extractfile("manifest.json").read())  # type: ignore[union-attr]
     # THEN the artifact records the requested architecture
@@ -256,3 +257,48 @@ def test_dynamic_batch_takes_shape_from_data_input_config(tmp_path: Path) -> Non
     # THEN the declared batch is used for the input and propagates to the output
     assert loaded.inputs[0].shape == (5, 4)
     assert loaded.outputs[0].shape == (5, 3)
+
+
+def _small_conv_model() -> onnx.ModelProto:
+    """One 3x3 convolution (16 -> 32 channels at 8x8) + ReLU: enough work for the default schedule's vectors."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.random.default_rng(3).standard_normal((32, 16, 3, 3)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["y"])],
+        "conv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 32, 8, 8])], [numpy_helper.from_array(w, "w")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_mcpu_option_sets_the_manifest_isa(tmp_path: Path) -> None:
+    # GIVEN an ml_c4 (AVX2) job whose CompilerOptions ask for mcpu znver4 (an AVX-512 CPU)
+    (tmp_path / "m").mkdir()
+    onnx.save(_small_conv_model(), str(tmp_path / "m" / "model.onnx"))
+    # WHEN it is compiled and packaged
+    art = compile_artifact(tmp_path / "m", "ONNX", "ml_c4", tmp_path, options='{"mcpu": "znver4"}')
+    with tarfile.open(art) as tar:
+        tar.extractall(tmp_path / "x", filter="data")
+    manifest = kiln.runtime.read_manifest(tmp_path / "x")
+    # THEN the code uses AVX-512 registers, and the manifest says so (the catalog's AVX2 list would not)
+    disassembly = subprocess.run(["objdump", "-d", str(tmp_path / "x" / "model.so")], capture_output=True,
+                                 text=True, check=True).stdout
+    assert "%zmm" in disassembly
+    assert {"avx512f", "avx512bw", "avx512_vnni", "avx512_bf16"} <= set(manifest["target"]["isa"])
+    assert manifest["target"]["tvm_target"]["mcpu"] == "znver4"
+    # AND kiln.runtime refuses it on an AVX2-only host, naming what is missing
+    avx2_host = {"avx", "avx2", "fma", "f16c", "bmi1", "bmi2", "movbe", "ssse3", "sse4_1", "sse4_2", "popcnt"}
+    with pytest.raises(kiln.runtime.IncompatibleHostError, match="avx512f"):
+        kiln.runtime.check_host(manifest, machine="x86_64", flags=avx2_host)
+    kiln.runtime.check_host(manifest, machine="x86_64", flags=avx2_host | set(manifest["target"]["isa"]))
+
+
+def test_unknown_mcpu_is_a_client_error(tmp_path: Path) -> None:
+    # GIVEN CompilerOptions naming a CPU the ISA table does not know, or one of another architecture
+    # WHEN parsed for the target  THEN a ClientError names the option (the API refuses the same at create)
+    tgt = CATALOG.device("ml_c4")
+    with pytest.raises(ClientError, match="mcpu 'ivybridge' is not a x86_64 CPU Kiln knows"):
+        CompilerOptions.parse('{"mcpu": "ivybridge"}', tgt)
+    with pytest.raises(ClientError, match="'neoverse-n1' is not a x86_64 CPU"):
+        CompilerOptions.parse('{"mcpu": "neoverse-n1"}', tgt)
+    assert CompilerOptions.parse('{"mcpu": "neoverse-n1"}', CATALOG.device("ml_c6g")).mcpu == "neoverse-n1"

@@ -10,11 +10,11 @@ import kiln.runtime
 import numpy as np
 import pytest
 from kiln.catalog import TargetCatalog
-from kiln_compiler.build import build
 from kiln_compiler.errors import ClientError
 from kiln_compiler.loaders import load_model
 from kiln_compiler.options import CompilerOptions, DataInputConfig
-from kiln_compiler.package import package
+
+from tests.compiler.conftest import compile_artifact
 
 torch = pytest.importorskip("torch")
 nn = torch.nn
@@ -79,11 +79,7 @@ def saved(tiny_resnet: nn.Module, tmp_path_factory: pytest.TempPathFactory) -> d
 
 def _compile_and_run(model_dir: Path, config: str | None, out: Path, x: np.ndarray) -> tuple[kiln.runtime.Model,
                                                                                              np.ndarray]:
-    loaded = load_model("PYTORCH", model_dir, DataInputConfig.parse(config, "PYTORCH"), CompilerOptions())
-    target = CATALOG.device("ml_c4")
-    result = build(loaded, target, CompilerOptions(), out / "build")
-    artifact = package(loaded, target, result, out / "model-ml_c4.tar.gz", model_dir=model_dir)
-    model = kiln.runtime.load(artifact.path)
+    model = kiln.runtime.load(compile_artifact(model_dir, "PYTORCH", "ml_c4", out, data_input_config=config))
     (y,) = model.run({model.inputs[0].name: x})
     return model, y
 

@@ -9,11 +9,11 @@ import kiln.runtime
 import numpy as np
 import pytest
 from kiln.catalog import TargetCatalog
-from kiln_compiler.build import build
 from kiln_compiler.errors import ClientError
 from kiln_compiler.loaders import load_model
 from kiln_compiler.options import CompilerOptions, DataInputConfig
-from kiln_compiler.package import package
+
+from tests.compiler.conftest import compile_artifact
 
 tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
@@ -58,10 +58,7 @@ def saved(keras_model: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[st
 
 
 def _compile(framework: str, model_dir: Path, config: str | None, out: Path) -> kiln.runtime.Model:
-    loaded = load_model(framework, model_dir, DataInputConfig.parse(config, framework), CompilerOptions())
-    target = CATALOG.device("ml_c4")
-    result = build(loaded, target, CompilerOptions(), out / "build")
-    return kiln.runtime.load(package(loaded, target, result, out / "model-ml_c4.tar.gz", model_dir=model_dir).path)
+    return kiln.runtime.load(compile_artifact(model_dir, framework, "ml_c4", out, data_input_config=config))
 
 
 @pytest.mark.parametrize(("framework", "fmt", "config", "layout"), [

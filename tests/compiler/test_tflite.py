@@ -14,13 +14,11 @@ import kiln.runtime
 import numpy as np
 import pytest
 from kiln.catalog import TargetCatalog
-from kiln_compiler.build import build
 from kiln_compiler.errors import ClientError
 from kiln_compiler.loaders import load_model
 from kiln_compiler.options import CompilerOptions, DataInputConfig
-from kiln_compiler.package import package
 
-from tests.compiler.conftest import EM_AARCH64, elf_header
+from tests.compiler.conftest import EM_AARCH64, compile_artifact, elf_header
 
 tf = pytest.importorskip("tensorflow")
 
@@ -88,10 +86,7 @@ def _input_for(interpreter: Any, seed: int) -> np.ndarray:
 
 
 def _compile(model_dir: Path, target: str, out: Path, config: str | None = None) -> Path:
-    loaded = load_model("TFLITE", model_dir, DataInputConfig.parse(config, "TFLITE"), CompilerOptions())
-    tgt = CATALOG.device(target)
-    result = build(loaded, tgt, CompilerOptions(), out / "build")
-    return package(loaded, tgt, result, out / f"model-{target}.tar.gz", model_dir=model_dir).path
+    return compile_artifact(model_dir, "TFLITE", target, out, data_input_config=config)
 
 
 @pytest.mark.parametrize("kind", ["fp32", "int8", "uint8"])

@@ -14,15 +14,13 @@ import pytest
 import skops.io as sio
 import xgboost as xgb
 from kiln.catalog import TargetCatalog
-from kiln_compiler.build import build
 from kiln_compiler.errors import ClientError
 from kiln_compiler.loaders import load_model
 from kiln_compiler.options import CompilerOptions, DataInputConfig
-from kiln_compiler.package import package
 from sklearn.datasets import make_classification
 from sklearn.ensemble import RandomForestClassifier
 
-from tests.compiler.conftest import EF_ARM_ABI_FLOAT_HARD, EM_AARCH64, EM_ARM, elf_header
+from tests.compiler.conftest import EF_ARM_ABI_FLOAT_HARD, EM_AARCH64, EM_ARM, compile_artifact, elf_header
 
 CATALOG = TargetCatalog()
 # TL2cgen sums leaf values in float32 like XGBoost; sklearn averages in float64.
@@ -35,13 +33,8 @@ def data() -> tuple[np.ndarray, np.ndarray]:
     return X.astype(np.float32), y
 
 
-def _compile(model_dir: Path, framework: str, target: str, out: Path,
-             options: CompilerOptions | None = None) -> Path:
-    options = options or CompilerOptions()
-    loaded = load_model(framework, model_dir, DataInputConfig(), options)
-    tgt = CATALOG.device(target)
-    result = build(loaded, tgt, options, out / "build")
-    return package(loaded, tgt, result, out / f"m-{target}.tar.gz", model_dir=model_dir).path
+def _compile(model_dir: Path, framework: str, target: str, out: Path, options: str | None = None) -> Path:
+    return compile_artifact(model_dir, framework, target, out, options=options)
 
 
 @pytest.mark.parametrize("fmt", ["json", "ubj"])
@@ -150,5 +143,5 @@ def test_tree_refused_for_gpu_target(tmp_path: Path, data: tuple[np.ndarray, np.
     xgb.XGBClassifier(n_estimators=2).fit(X, y).get_booster().save_model(str(tmp_path / "m/m.json"))
     # WHEN compiled for a GPU target
     # THEN ClientError from the framework x target check
-    with pytest.raises(ClientError, match="cannot be compiled for ml_g4dn"):
+    with pytest.raises(ClientError, match="cannot be compiled for target 'ml_g4dn'"):
         _compile(tmp_path / "m", "XGBOOST", "ml_g4dn", tmp_path)

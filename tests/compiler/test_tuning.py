@@ -10,8 +10,11 @@ import numpy as np
 import pytest
 
 tvm = pytest.importorskip("tvm")
-from kiln_compiler.tuning import TuningConfig, TuningDatabase  # noqa: E402
-from kiln_compiler.tvm_pipeline import compile_relax  # noqa: E402
+from kiln.catalog import TargetCatalog  # noqa: E402
+from kiln_compiler.errors import ClientError  # noqa: E402
+from kiln_compiler.options import CompilerOptions, TuningBudget  # noqa: E402
+from kiln_compiler.pipeline import compile_relax  # noqa: E402
+from kiln_compiler.tuning import TuningDatabase  # noqa: E402
 from tvm import relax  # noqa: E402
 from tvm.script import relax as R  # noqa: E402
 
@@ -29,20 +32,24 @@ def _dense_module() -> Any:
     return bb.get()
 
 
-def test_config_from_options() -> None:
-    # GIVEN CompilerOptions  WHEN parsed  THEN trials/minutes become a budget
-    assert TuningConfig.from_options({"tuning": {"trials": 20}}) == TuningConfig(trials=20)
-    assert TuningConfig.from_options({"tuning": {"minutes": 2}}) == TuningConfig(seconds=120.0)
-    assert TuningConfig.from_options({}) is None
-    with pytest.raises(ValueError):
-        TuningConfig.from_options({"tuning": {"trials": -1}})
+@pytest.mark.parametrize("bad", ['{"tuning": {"trials": -1}}', '{"tuning": {"trials": 0}}',
+                                 '{"tuning": {"minutes": 0}}', '{"tuning": {"trials": 2.5}}'])
+def test_budget_from_options(bad: str) -> None:
+    # GIVEN CompilerOptions for a target  WHEN parsed  THEN trials/minutes become a budget
+    c4 = TargetCatalog().device("ml_c4")
+    assert CompilerOptions.parse('{"tuning": {"trials": 20}}', c4).tuning == TuningBudget(trials=20)
+    assert CompilerOptions.parse('{"tuning": {"minutes": 2}}', c4).tuning == TuningBudget(seconds=120.0)
+    assert CompilerOptions.parse("{}", c4).tuning is None
+    # AND the API's bounds (kiln.rules) hold in the compiler too: no zero, negative or fractional trials
+    with pytest.raises(ClientError, match="tuning"):
+        CompilerOptions.parse(bad, c4)
 
 
 @pytest.mark.slow
 def test_tuned_record_is_reused_by_a_second_compile(tmp_path: Path) -> None:
     # GIVEN a database filled by a small tuned compile
     db = TuningDatabase(tmp_path / "db")
-    first = compile_relax(_dense_module(), HOST, tuning=TuningConfig(trials=8), database=db,
+    first = compile_relax(_dense_module(), HOST, tuning=TuningBudget(trials=8), database=db,
                           deadline=time.time() + 240)
     assert first.summary["tuned"] >= 1
     records = len(db)
@@ -59,7 +66,7 @@ def test_tuning_never_passes_the_deadline(tmp_path: Path) -> None:
     # GIVEN a huge trial budget and a deadline 40 s away
     deadline = time.time() + 40
     # WHEN compiling
-    result = compile_relax(_dense_module(), HOST, tuning=TuningConfig(trials=100000),
+    result = compile_relax(_dense_module(), HOST, tuning=TuningBudget(trials=100000),
                            database=TuningDatabase(tmp_path / "db"), deadline=deadline)
     # THEN the compile finished before the deadline, with an executable
     assert time.time() < deadline
@@ -69,7 +76,7 @@ def test_tuning_never_passes_the_deadline(tmp_path: Path) -> None:
 def test_no_tuning_for_a_target_this_machine_cannot_run(tmp_path: Path) -> None:
     # GIVEN an aarch64 target and a budget  WHEN compiling  THEN nothing is tuned
     target = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "neoverse-n1"}
-    result = compile_relax(_dense_module(), target, tuning=TuningConfig(trials=8),
+    result = compile_relax(_dense_module(), target, tuning=TuningBudget(trials=8),
                            database=TuningDatabase(tmp_path / "db"), deadline=time.time() + 60)
     assert result.summary["tuned"] == 0
     assert result.summary["default"] >= 1
@@ -77,7 +84,7 @@ def test_no_tuning_for_a_target_this_machine_cannot_run(tmp_path: Path) -> None:
 
 def test_tuning_order_measures_compute_bound_kernels_only() -> None:
     # GIVEN the kernels of a fused network
-    from kiln_compiler.tuning import _tuning_order
+    from kiln_compiler.tuning.search import _tuning_order
 
     names = ["transpose3", "fused_matmul_add", "concatenate1", "fused_conv2d1_add_relu", "max_pool2d",
              "fused_conv2d_add_relu", "reshape2"]
@@ -107,7 +114,7 @@ def test_default_schedule_competes_with_searched_candidates(tmp_path: Path) -> N
     db = TuningDatabase(tmp_path / "db")
     x = np.random.default_rng(0).standard_normal((1, 16, 14, 14)).astype("float32")
     # WHEN it is tuned
-    result = compile_relax(_conv_module(), HOST, tuning=TuningConfig(trials=2), database=db,
+    result = compile_relax(_conv_module(), HOST, tuning=TuningBudget(trials=2), database=db,
                            deadline=time.time() + 240)
     # THEN the database holds, for the conv kernel, the searched candidates and Kiln's default
     #      schedule as a measured record (the database applies whichever ran fastest)
@@ -128,13 +135,13 @@ def test_a_bigger_budget_searches_kernels_that_only_have_kiln_tiles(tmp_path: Pa
     # GIVEN a database where the conv kernel has Kiln's measured tiles but no searched records
     #       (a first tune whose time ran out after the tile variants)
     db = TuningDatabase(tmp_path / "db")
-    compile_relax(_conv_module(), HOST, tuning=TuningConfig(trials=2), database=db, deadline=time.time() + 240)
+    compile_relax(_conv_module(), HOST, tuning=TuningBudget(trials=2), database=db, deadline=time.time() + 240)
     db.tuning_record_path.unlink()
     db.workload_path.unlink()
     kiln_records = len(db)
     assert kiln_records >= 2
     # WHEN the model compiles again with a budget
-    again = compile_relax(_conv_module(), HOST, tuning=TuningConfig(trials=2), database=TuningDatabase(tmp_path / "db"),
+    again = compile_relax(_conv_module(), HOST, tuning=TuningBudget(trials=2), database=TuningDatabase(tmp_path / "db"),
                           deadline=time.time() + 240)
     # THEN the search runs for that kernel (its tiles are not measured twice) and it counts as tuned
     assert db.tuning_record_path.exists() and db.tuning_record_path.read_text().strip()

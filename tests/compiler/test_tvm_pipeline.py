@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 tvm = pytest.importorskip("tvm")
-from kiln_compiler.tvm_pipeline import compile_relax, vector_lanes  # noqa: E402
+from kiln_compiler.pipeline import compile_relax  # noqa: E402
+from kiln_compiler.schedules import target_lanes  # noqa: E402
 from tvm import relax  # noqa: E402
 from tvm.script import relax as R  # noqa: E402
 
@@ -99,8 +100,8 @@ def test_cross_targets_compile(target: dict, host: dict | None) -> None:
     assert result.summary["default"] > 0
 
 
-def test_vector_lanes() -> None:
+def test_target_lanes() -> None:
     # GIVEN targets  WHEN asking for fp32 lanes  THEN AVX-512 16, AVX2 8, NEON 4
-    assert vector_lanes(tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512"})) == 16
-    assert vector_lanes(tvm.target.Target({"kind": "llvm", "mcpu": "haswell"})) == 8
-    assert vector_lanes(tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu"})) == 4
+    assert target_lanes(tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512"})) == 16
+    assert target_lanes(tvm.target.Target({"kind": "llvm", "mcpu": "haswell"})) == 8
+    assert target_lanes(tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu"})) == 4

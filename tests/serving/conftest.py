@@ -19,11 +19,11 @@ import numpy as np
 import onnx
 import pytest
 import uvicorn
-from kiln.catalog import TargetCatalog
 from kiln_serving.app import create_app
 from kiln_serving.config import ServingSettings
 from onnx import TensorProto, helper, numpy_helper
 
+from tests.compiler.conftest import compile_artifact
 from tests.conftest import tiny_onnx_model
 
 IMAGE_SHAPE = (1, 3, 6, 8)  # NCHW: 3 channels, 6 rows, 8 columns
@@ -51,19 +51,11 @@ def image_model() -> onnx.ModelProto:
 
 
 def compile_onnx(model: onnx.ModelProto, out: Path, target: str = "ml_c4") -> Path:
-    """The model compiled by Kiln's compiler (loader, TVM build, packaging) into ``out/model-TARGET.tar.gz``."""
-    from kiln_compiler.build import build
-    from kiln_compiler.loaders import load_model
-    from kiln_compiler.options import CompilerOptions, DataInputConfig
-    from kiln_compiler.package import package
-
+    """The model compiled by Kiln's compiler into ``out/model-TARGET.tar.gz`` (tests.compiler's job helper)."""
     model_dir = out / "model"
     model_dir.mkdir(parents=True)
     onnx.save(model, str(model_dir / "model.onnx"))
-    loaded = load_model("ONNX", model_dir, DataInputConfig(), CompilerOptions())
-    tgt = TargetCatalog().device(target)
-    result = build(loaded, tgt, CompilerOptions(), out / "build")
-    return package(loaded, tgt, result, out / f"model-{tgt.name}.tar.gz", model_dir=model_dir).path
+    return compile_artifact(model_dir, "ONNX", target, out)
 
 
 @pytest.fixture(scope="session")

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import botocore.session
 import pytest
-from kiln.catalog import Family, Runner, TargetCatalog, UnsupportedTargetError
+from kiln.catalog import Family, Runner, Target, TargetCatalog, UnsupportedTargetError
 
 CATALOG = TargetCatalog()
 MODEL = botocore.session.get_session().get_service_model("sagemaker")
@@ -124,3 +126,34 @@ def test_unknown_device_is_refused_with_supported_list() -> None:
     # THEN it is refused as unknown, listing the supported devices
     assert info.value.reason == "unknown target device"
     assert info.value.supported == CATALOG.supported_devices
+
+
+def _every_target() -> list[Target]:
+    platforms = [("LINUX", "X86_64", None), ("LINUX", "X86", None), ("LINUX", "ARM64", None),
+                 ("LINUX", "ARM_EABIHF", None), ("LINUX", "X86_64", "NVIDIA"), ("LINUX", "ARM64", "NVIDIA")]
+    return [CATALOG.device(d) for d in CATALOG.supported_devices] + [CATALOG.platform(*p) for p in platforms]
+
+
+def test_every_toolchain_is_installed_by_make_install_and_the_image() -> None:
+    # GIVEN the Debian packages requirements/debian.txt installs (make install and both Dockerfiles read it)
+    root = Path(__file__).resolve().parents[2]
+    installed = {ln.strip() for ln in (root / "requirements/debian.txt").read_text().splitlines()
+                 if ln.strip() and not ln.startswith("#")}
+    # WHEN every target's toolchain says which packages it needs
+    needed = {(t.name, p) for t in _every_target() if t.toolchain for p in t.toolchain.debian_packages}
+    # THEN each is installed: a target is accepted at create only if its toolchain ships
+    assert needed and {p for _, p in needed} <= installed, sorted(n for n in needed if n[1] not in installed)
+    for target in _every_target():
+        assert target.toolchain is None or target.toolchain.cxx == "g++" or target.toolchain.debian_packages, \
+            f"{target.name}: a cross toolchain must say which Debian packages provide it"
+
+
+def test_every_cpu_target_has_isa_data() -> None:
+    # GIVEN every target  WHEN its CPU is looked up in kiln.isa  THEN it is known (x86 ones list their features)
+    for target in _every_target():
+        if target.family.value == "coreml":
+            assert target.cpu is None
+            continue
+        assert target.cpu is not None and target.cpu.vector_lanes in (4, 8, 16), target.name
+        if target.cpu.arch.value == "x86_64" and target.tvm_target.get("mcpu") not in ("x86-64",):
+            assert "avx2" in target.isa or target.family is Family.CUDA, target.name

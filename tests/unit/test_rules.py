@@ -279,7 +279,6 @@ def test_allow_pickle_is_accepted_for_tree_frameworks() -> None:
      "{'gpu-code': 'sm_62', 'trt-ver': '6.0.1', 'cuda-ver': '10.0'}", "LINUX_ARM64_NVIDIA"),
     ({"Os": "LINUX", "Arch": "X86_64"}, "{'mcpu': 'skylake-avx512'}", "LINUX_X86_64"),
     ({"Os": "LINUX", "Arch": "ARM64"}, None, "LINUX_ARM64"),
-    ({"Os": "LINUX", "Arch": "X86"}, None, "LINUX_X86"),
 ])
 def test_reference_platform_examples_are_accepted(platform: dict[str, str], options: str | None, target: str) -> None:
     # GIVEN a TargetPlatform example (Raspberry Pi 3, Jetson TX2, x86-64 ...) with its CompilerOptions
@@ -478,14 +477,18 @@ def test_a_framework_listed_as_unavailable_is_refused_with_a_way_out(monkeypatch
     assert "not supported by this deployment" in message and "ONNX" in message
 
 
-def test_neural_networks_for_32_bit_windows_are_refused_trees_accepted() -> None:
-    # GIVEN x86_win32, for which no 32-bit Windows TVM runtime exists
+@pytest.mark.parametrize(("device", "platform", "name"), [
+    ("x86_win32", None, "x86_win32"), (None, {"Os": "LINUX", "Arch": "X86"}, "LINUX_X86")])
+def test_neural_networks_for_32_bit_x86_are_refused_trees_accepted(device: str | None,
+                                                                   platform: dict[str, str] | None,
+                                                                   name: str) -> None:
+    # GIVEN a 32-bit x86 target (Windows or Linux), for which no 32-bit TVM runtime exists
     # WHEN an ONNX model and an XGBoost model are asked for
-    message = refused(request_for("ONNX", '{"data": [1, 3, 224, 224]}', device="x86_win32"))
-    target = rules.check_create(request_for("XGBOOST", None, device="x86_win32"), CATALOG)
+    message = refused(request_for("ONNX", '{"data": [1, 3, 224, 224]}', device=device, platform=platform))
+    target = rules.check_create(request_for("XGBOOST", None, device=device, platform=platform), CATALOG)
     # THEN the network is refused naming what the target supports, and the tree ensemble is accepted
-    assert "inputConfig.framework" in message and "'x86_win32' supports XGBOOST, SKLEARN" in message
-    assert target.name == "x86_win32"
+    assert "inputConfig.framework" in message and f"'{name}' supports XGBOOST, SKLEARN" in message
+    assert target.name == name
 
 
 def test_mxnet_needs_data_input_config_at_create() -> None:

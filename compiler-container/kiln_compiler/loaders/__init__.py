@@ -124,5 +124,5 @@ def resolve_shapes(declared: Sequence[tuple[str, tuple[int | None, ...], str]], 
                 f"{['?' if d is None else d for d in shape]} ({layout} layout expected for {framework}); "
                 "fix DataInputConfig or omit it"
             )
-        specs.append(TensorSpec(name, given, config.dtypes.get(name, dtype)))
+        specs.append(TensorSpec(name, given, dtype))
     return specs

@@ -96,8 +96,8 @@ def _load_exported(path: Path) -> Any:
 
 def _input_dtype(i: int, name: str, config: DataInputConfig, options: CompilerOptions,
                  model_dtype: str | None) -> str:
-    """DataInputConfig's dtype for the input, else CompilerOptions 'dtype', else the model's, else float32."""
-    given = config.dtypes.get(name) or (options.dtype if "dtype" in options.raw else None)
+    """CompilerOptions 'dtype' for the input, else the model's, else float32."""
+    given = options.dtype
     if model_dtype is not None and given is not None and given != model_dtype:
         raise ClientError(f"input #{i} '{name}' of the model is {model_dtype}, but the configuration asks for "
                           f"{given}; fix CompilerOptions 'dtype' (or the input's dtype) or omit it")

@@ -86,7 +86,7 @@ def _from_saved_model(saved: Path, config: DataInputConfig, options: CompilerOpt
 
     from .onnx import from_proto
 
-    key = str(options.raw.get("signature_def_key") or "serving_default")
+    key = options.signature_def_key or "serving_default"
     try:
         loaded = tf.saved_model.load(str(saved))
     except Exception as exc:

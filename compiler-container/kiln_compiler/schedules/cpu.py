@@ -1,81 +1,39 @@
-"""Turn a Relax IRModule into a VM executable: tuning records first, default schedules after.
+"""Kiln's default CPU schedules: register-tiled reductions, fused epilogues, vectorised elementwise.
 
-CPU (llvm) targets first convert convolutions to NHWC with HWIO weights (cpu_layout.py:
-output channels become the contiguous innermost axis; ONNX Sum is simplified to adds).
-Every kernel without a tuning record then gets Kiln's default schedule: the anchor
-reduction of a fused kernel (conv2d, matmul/dense, pooling) is register-tiled as
-rh x rw output pixels x 1-2 vectors of output channels (AVX-512 16 lanes, AVX2 8, NEON 4),
-the reduction (kh, kw, ic) runs inside the tile with the accumulators in registers, fused
-elementwise epilogues (bias, batch norm, residual add, relu) are inlined into the tile's
-write-back, the outer loops are fused and parallel, and the constant weights are re-packed
-into the tile's access order ([oc/vec, kh, kw, ic, vec]) at compile time (MetaSchedule's
-RewriteLayout + SplitLayoutRewritePreproc, folded by FoldConstant). Everything else is
-parallelised and vectorised. ``default_schedules=False`` is the plain reference build
-(NCHW, TOPI's unscheduled loops) that the tests compare against.
-
-Weights must be bound as constants in ``mod`` (``from_onnx(..., keep_params_in_input=False)``):
-the weight re-packing is only folded away for constants; weights passed as inputs would be
-re-packed on every call.
-
-CUDA targets use TVM's dlight GPU rules (the default CUDA pipeline).
+The anchor reduction of a fused kernel (conv2d, matmul/dense, pooling) is register-tiled as
+rh x rw output pixels x 1-2 vectors of output channels (AVX-512 16 lanes, AVX2 8, NEON 4, from
+``kiln.isa``); the reduction (kh, kw, ic) runs inside the tile with the accumulators in registers;
+fused elementwise epilogues (bias, batch norm, residual add, relu) are inlined into the tile's
+write-back; the outer loops are fused and parallel; the constant weights are re-packed into the
+tile's access order at compile time (see ``kiln_compiler.pipeline``). Everything else is
+parallelised and vectorised. Imports neither the tuner nor the pipeline.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import tvm
-from tvm import relax, tirx
+from tvm import tirx
 from tvm.s_tir import Schedule
 
-from kiln_compiler.cpu_layout import to_nhwc
-from kiln_compiler.tuning import TuningConfig, TuningDatabase, tune_and_apply
+from .knobs import DEFAULT_KNOBS, TileKnobs
+from .tir import (
+    COMM_REDUCE,
+    DATA_PAR,
+    buffer_bytes,
+    has_root,
+    is_at_root,
+    is_scheduled,
+    iter_extents,
+    loop_extent,
+    reduction_blocks,
+    vars_in,
+    writes_output,
+)
 
 log = logging.getLogger(__name__)
-
-_DATA_PAR = 0  # IterVar.DataPar
-_COMM_REDUCE = 2  # IterVar.CommReduce
-
-
-@dataclass
-class CompiledRelax:
-    """A compiled model and how its kernels were scheduled."""
-
-    executable: Any  # relax VM Executable: .export_library(path, fcompile=...)
-    summary: dict[str, int] = field(default_factory=lambda: {"tuned": 0, "reused": 0, "default": 0})
-    unscheduled: list[str] = field(default_factory=list)  # kernels the default schedule could not handle
-
-
-def make_target(target: dict[str, Any], host: dict[str, Any] | None = None) -> tvm.target.Target:
-    """A tvm Target from catalog JSON dicts."""
-    if host is not None:
-        return tvm.target.Target(target, host=tvm.target.Target(host))
-    return tvm.target.Target(target)
-
-
-def vector_lanes(target: tvm.target.Target) -> int:
-    """fp32 lanes of the target's widest vector register (AVX-512 16, AVX2 8, NEON/SSE 4)."""
-    mcpu = str(target.attrs.get("mcpu", "") or "")
-    attrs = " ".join(str(a) for a in (target.attrs.get("mattr", None) or []))
-    triple = str(target.attrs.get("mtriple", "") or "")
-    avx512 = ("skylake-avx512", "cascadelake", "icelake", "cooperlake", "tigerlake", "rocketlake",
-              "sapphirerapids", "znver4", "znver5", "graniterapids", "emeraldrapids", "x86-64-v4")
-    if "avx512f" in attrs or any(mcpu.startswith(c) for c in avx512):
-        return 16
-    if "avx2" in attrs or mcpu in ("haswell", "broadwell", "skylake", "znver1", "znver2", "znver3",
-                                   "alderlake", "x86-64-v3", "core-avx2"):
-        return 8
-    del triple
-    return 4
-
-
-# --------------------------------------------------------------------------------------
-# Default CPU schedules
-# --------------------------------------------------------------------------------------
 
 
 def _pick_factor(extent: int, limit: int, quantum: int = 1) -> int:
@@ -89,25 +47,6 @@ def _pick_factor(extent: int, limit: int, quantum: int = 1) -> int:
         if score >= best_score:
             best, best_score = d, score
     return best
-
-
-def _iter_extents(block: Any) -> list[int] | None:
-    out = []
-    for iv in block.iter_vars:
-        ext = iv.dom.extent
-        if not isinstance(ext, tirx.IntImm):
-            return None
-        out.append(int(ext))
-    return out
-
-
-def _vars_in(regions: Any) -> set[Any]:
-    """Variables used by the index expressions of buffer regions."""
-    found: set[Any] = set()
-    for region in regions:
-        for r in region.region:
-            found.update(tirx.analysis.undefined_vars(r.min, []))
-    return found
 
 
 def _schedule_elementwise(sch: Schedule, block: Any, lanes: int) -> None:
@@ -128,7 +67,7 @@ def _schedule_elementwise(sch: Schedule, block: Any, lanes: int) -> None:
         return
     n_lead = 0
     for iv in b.iter_vars:
-        if iv.iter_type != _DATA_PAR:
+        if iv.iter_type != DATA_PAR:
             break
         n_lead += 1
     if n_lead == 0:
@@ -138,9 +77,9 @@ def _schedule_elementwise(sch: Schedule, block: Any, lanes: int) -> None:
     if all_spatial:
         # widen the vectorised axis until it holds at least one vector
         inner = [lead.pop()]
-        while lead and _extent(sch, inner) < lanes:
+        while lead and loop_extent(sch, inner) < lanes:
             inner.insert(0, lead.pop())
-        width = _extent(sch, inner)
+        width = loop_extent(sch, inner)
         fused_inner = sch.fuse(*inner) if len(inner) > 1 else inner[0]
         if width >= lanes:
             vec = next((lanes * n for n in (4, 2, 1) if width % (lanes * n) == 0), 0) \
@@ -159,13 +98,6 @@ def _schedule_elementwise(sch: Schedule, block: Any, lanes: int) -> None:
         sch.parallel(fused)
 
 
-def _extent(sch: Schedule, loops: list[Any]) -> int:
-    n = 1
-    for lp in loops:
-        n *= int(sch.get(lp).extent)
-    return n
-
-
 def _inline_intermediates(sch: Schedule, root: Any, anchor: Any | None) -> None:
     """Inline every block whose result is not a function output (injective chains, pads, bias
     broadcasts): a fused batch norm + relu is one pass over memory instead of seven. The
@@ -175,7 +107,7 @@ def _inline_intermediates(sch: Schedule, root: Any, anchor: Any | None) -> None:
     while changed:
         changed = False
         for blk in sch.get_child_blocks(root):
-            if _writes_output(sch, blk) or not _is_at_root(sch, blk):
+            if writes_output(sch, blk) or not is_at_root(sch, blk):
                 continue  # outputs, and the blocks of a scheduled tile, stay
             if anchor is not None and any(sch.get(c).same_as(sch.get(anchor)) for c in sch.get_consumers(blk)):
                 continue
@@ -185,11 +117,6 @@ def _inline_intermediates(sch: Schedule, root: Any, anchor: Any | None) -> None:
                 break
             except Exception:
                 continue
-
-
-def _writes_output(sch: Schedule, blk: Any) -> bool:
-    params = sch.mod["main"].params  # TVM 0.27: PrimFunc parameters are the buffers
-    return any(any(w.source.same_as(p) for p in params) for w in sch.get(blk).writes)
 
 
 def _vector_factor(extent: int, lanes: int, max_vectors: int) -> int:
@@ -209,14 +136,11 @@ def _register_budget(lanes: int) -> int:
 
 # Data a thread re-reads across tiles stays cached when it is at most this big: the L2 of
 # the smallest core Kiln targets (AMD Zen 3: 512 KiB; Intel server cores and Graviton have more).
+
+
+# Data a thread re-reads across tiles stays cached when it is at most this big: the L2 of
+# the smallest core Kiln targets (AMD Zen 3: 512 KiB; Intel server cores and Graviton have more).
 _CACHE_BYTES = 512 * 1024
-
-
-def _buffer_bytes(buf: Any) -> int:
-    n = 1
-    for d in buf.shape:
-        n *= int(d) if isinstance(d, tirx.IntImm) else 1 << 20
-    return n * max(1, tvm.DataType(buf.dtype).bits // 8)
 
 
 def _channel_tiles_outermost(block: Any, weight_reads: list[Any], n_channel_tiles: int,
@@ -230,53 +154,34 @@ def _channel_tiles_outermost(block: Any, weight_reads: list[Any], n_channel_tile
     Channel tiles stay outermost unless the other order moves less than half the bytes: the
     input estimate counts the whole buffer, though a strided layer reads only part of it.
     """
-    weights = sum(_buffer_bytes(r.source) for r in weight_reads)
-    inputs = sum(_buffer_bytes(r.source) for r in block.reads
+    weights = sum(buffer_bytes(r.source) for r in weight_reads)
+    inputs = sum(buffer_bytes(r.source) for r in block.reads
                  if not any(r.source.same_as(w.source) for w in weight_reads))
     channels_outer = weights + inputs * (n_channel_tiles if inputs > _CACHE_BYTES else 1)
     pixels_outer = inputs + weights * (n_pixel_tiles if weights > _CACHE_BYTES else 1)
     return channels_outer <= 2 * pixels_outer
 
 
-@dataclass(frozen=True)
-class TileKnobs:
-    """Overrides of the anchor tile's heuristic choices: what tuning measures (see tuning.py)."""
-
-    max_vectors: int | None = None  # vectors of output channels per tile (None: best of 2 and 1)
-    max_pixels: int = 14  # output pixels per tile
-    channels_outer: bool | None = None  # loop order of the tile grid (None: by bytes moved)
-
-
-def tile_variants() -> list[TileKnobs]:
-    """The default tile and the alternatives tuning measures next to it."""
-    out = [TileKnobs()]
-    for max_vectors in (1, 2):
-        for max_pixels in (14, 8, 4):
-            for channels_outer in (True, False):
-                out.append(TileKnobs(max_vectors, max_pixels, channels_outer))
-    return out
-
-
-def _schedule_anchor(sch: Schedule, block: Any, lanes: int, knobs: TileKnobs = TileKnobs()) -> bool:
+def _schedule_anchor(sch: Schedule, block: Any, lanes: int, knobs: TileKnobs = DEFAULT_KNOBS) -> bool:
     """Register-tile a reduction block (conv2d, matmul, pooling). Returns False if it does not fit.
 
     The tile is ``reg_f`` output pixels (rows for matmul) x ``vec_f`` output channels
     (columns): the channel axis is the innermost, contiguous output axis (NHWC, see
-    cpu_layout.py) and is vectorised; the pixel axes (every spatial axis absent from the
+    kiln_compiler.graph) and is vectorised; the pixel axes (every spatial axis absent from the
     weight read, fused into one) are unrolled, so each input value loaded is one broadcast
     feeding a whole vector of channels and each weight vector feeds ``reg_f`` accumulators.
     The reduction (kh, kw, ic) runs inside the tile; the tile's accumulators stay in registers.
     """
     b = sch.get(block)
-    extents = _iter_extents(b)
+    extents = iter_extents(b)
     loops = sch.get_loops(block)
     if extents is None or len(loops) != len(b.iter_vars):
         return False
     kinds = [iv.iter_type for iv in b.iter_vars]
-    if any(k not in (_DATA_PAR, _COMM_REDUCE) for k in kinds):
+    if any(k not in (DATA_PAR, COMM_REDUCE) for k in kinds):
         return False
-    sp = [i for i, k in enumerate(kinds) if k == _DATA_PAR]
-    rd = [i for i, k in enumerate(kinds) if k == _COMM_REDUCE]
+    sp = [i for i, k in enumerate(kinds) if k == DATA_PAR]
+    rd = [i for i, k in enumerate(kinds) if k == COMM_REDUCE]
     # loops must be in block-iter order, spatial first
     if not sp or not rd or max(sp) > min(rd):
         return False
@@ -287,8 +192,8 @@ def _schedule_anchor(sch: Schedule, block: Any, lanes: int, knobs: TileKnobs = T
     vvar = b.iter_vars[vec].var
     # pixel axes: spatial axes absent from every input read that the vector axis indexes
     # (output pixels for conv, rows for matmul): a loaded input value is reused by them.
-    reads_with_vec = [r for r in b.reads if vvar in _vars_in([r])]
-    pix = [i for i in sp if i != vec and not any(b.iter_vars[i].var in _vars_in([r]) for r in reads_with_vec)]
+    reads_with_vec = [r for r in b.reads if vvar in vars_in([r])]
+    pix = [i for i in sp if i != vec and not any(b.iter_vars[i].var in vars_in([r]) for r in reads_with_vec)]
     pix_big = [i for i in pix if extents[i] > 1]
     if pix_big and pix_big == list(range(pix_big[0], pix_big[-1] + 1)):
         pix = pix_big
@@ -326,7 +231,7 @@ def _schedule_anchor(sch: Schedule, block: Any, lanes: int, knobs: TileKnobs = T
     out_shape = [int(d) for d in sch.get(block).writes[0].source.shape]
     while True:
         consumers = sch.get_consumers(wb_block)
-        if len(consumers) != 1 or _iter_extents(sch.get(consumers[0])) != out_shape:
+        if len(consumers) != 1 or iter_extents(sch.get(consumers[0])) != out_shape:
             # a consumer over a smaller domain (the slice that drops padded channels) would be
             # inlined over the tile's whole domain by TVM, writing past the end of its buffer
             break
@@ -376,7 +281,7 @@ def schedule_cpu_func(func: tirx.PrimFunc, lanes: int) -> tirx.PrimFunc:
     return default_schedule(func, lanes).mod["main"]
 
 
-def default_schedule(func: tirx.PrimFunc, lanes: int, knobs: TileKnobs = TileKnobs()) -> Schedule:
+def default_schedule(func: tirx.PrimFunc, lanes: int, knobs: TileKnobs = DEFAULT_KNOBS) -> Schedule:
     """The traced schedule of Kiln's default CPU schedule for ``func`` (``knobs`` override the
     tile's heuristic choices).
 
@@ -387,9 +292,9 @@ def default_schedule(func: tirx.PrimFunc, lanes: int, knobs: TileKnobs = TileKno
     """
     func = _narrow_layout_free(func)
     sch = Schedule(func)
-    root = sch.get_sblock("root") if _has_root(sch) else None
+    root = sch.get_sblock("root") if has_root(sch) else None
     blocks = sch.get_child_blocks(root) if root is not None else []
-    reductions = _reduction_blocks(sch, blocks)
+    reductions = reduction_blocks(sch, blocks)
     anchored = False
     anchor = None
     if len(reductions) == 1:
@@ -400,14 +305,10 @@ def default_schedule(func: tirx.PrimFunc, lanes: int, knobs: TileKnobs = TileKno
         _inline_intermediates(sch, root, anchor if anchored else None)
         blocks = list(sch.get_child_blocks(root))
     for blk in blocks:
-        if anchored and not _is_at_root(sch, blk):
+        if anchored and not is_at_root(sch, blk):
             continue  # the anchor's tile (init, update, write-back) is scheduled
         _schedule_elementwise(sch, blk, lanes)
     return sch
-
-
-def _reduction_blocks(sch: Schedule, blocks: list[Any]) -> list[Any]:
-    return [blk for blk in blocks if any(iv.iter_type == _COMM_REDUCE for iv in sch.get(blk).iter_vars)]
 
 
 def _narrow_layout_free(func: tirx.PrimFunc) -> tirx.PrimFunc:
@@ -416,10 +317,10 @@ def _narrow_layout_free(func: tirx.PrimFunc) -> tirx.PrimFunc:
     if not layout_free:
         return func
     sch = Schedule(func)
-    if not _has_root(sch):
+    if not has_root(sch):
         return func
     blocks = sch.get_child_blocks(sch.get_sblock("root"))
-    reductions = _reduction_blocks(sch, blocks)
+    reductions = reduction_blocks(sch, blocks)
     if len(reductions) != 1:
         return func
     reads = [r.source for r in sch.get(reductions[0]).reads]
@@ -446,21 +347,6 @@ def _inline_copies(sch: Schedule, blocks: list[Any], anchor: Any) -> None:
             continue
 
 
-def _has_root(sch: Schedule) -> bool:
-    try:
-        sch.get_sblock("root")
-    except Exception:
-        return False
-    return True
-
-
-def _is_at_root(sch: Schedule, blk: Any) -> bool:
-    loops = sch.get_loops(blk)
-    if not loops:
-        return True
-    return not any(sch.get(lp).kind != tirx.ForKind.SERIAL for lp in loops)
-
-
 @tvm.transform.module_pass(opt_level=0, name="KilnDefaultCPUSchedule")
 class DefaultCPUSchedule:
     """Apply Kiln's default CPU schedules to every PrimFunc not yet scheduled."""
@@ -473,7 +359,7 @@ class DefaultCPUSchedule:
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         updates = {}
         for gv, func in mod.functions_items():
-            if not isinstance(func, tirx.PrimFunc) or _is_scheduled(func):
+            if not isinstance(func, tirx.PrimFunc) or is_scheduled(func):
                 continue
             try:
                 new = schedule_cpu_func(func, self.lanes)
@@ -486,136 +372,3 @@ class DefaultCPUSchedule:
             mod[gv] = func
         self.scheduled = len(updates)
         return mod
-
-
-def _is_scheduled(func: tirx.PrimFunc) -> bool:
-    return bool(func.attrs is not None and "tirx.is_scheduled" in func.attrs and func.attrs["tirx.is_scheduled"])
-
-
-# --------------------------------------------------------------------------------------
-# Pipelines
-# --------------------------------------------------------------------------------------
-
-
-def _fuse_passes() -> list[tvm.transform.Pass]:
-    return [
-        relax.transform.DecomposeOpsForInference(),
-        relax.transform.CanonicalizeBindings(),
-        relax.transform.LegalizeOps(),
-        relax.transform.AnnotateTIROpPattern(),
-        relax.transform.FoldConstant(),
-        relax.transform.FuseOps(),
-        relax.transform.FuseTIR(),
-        relax.transform.DeadCodeElimination(),
-    ]
-
-
-def _finalize_passes() -> list[tvm.transform.Pass]:
-    return [
-        relax.transform.RewriteDataflowReshape(),
-        relax.transform.ToNonDataflow(),
-        relax.transform.RemovePurityChecking(),
-        relax.transform.CallTIRRewrite(),
-        relax.transform.StaticPlanBlockMemory(),
-        relax.transform.LowerAllocTensor(),
-        relax.transform.KillAfterLastUse(),
-        relax.transform.LowerRuntimeBuiltin(),
-        relax.transform.ComputePrimValue(),
-        relax.transform.VMShapeLower(),
-        relax.transform.AttachGlobalSymbol(),
-    ]
-
-
-def _rewrite_layouts(mod: tvm.IRModule) -> tvm.IRModule:
-    """Re-pack layout-free (constant) weights into each scheduled kernel's access order."""
-    from tvm.s_tir import meta_schedule as ms
-
-    post = ms.postproc.RewriteLayout()
-    updates = {}
-    for gv, func in mod.functions_items():
-        if not isinstance(func, tirx.PrimFunc) or "layout_free_buffers" not in (func.attrs or {}):
-            continue
-        sch = Schedule(func)
-        if _has_layout_rewrite(sch):
-            continue  # applied from a tuning record whose trace already re-packs the weights
-        try:
-            if post.apply(sch):
-                updates[gv] = sch.mod["main"]
-        except Exception as exc:
-            log.debug("layout rewrite failed for %s: %s", gv.name_hint, exc)
-    for gv, func in updates.items():
-        mod[gv] = func
-    return mod
-
-
-def _has_layout_rewrite(sch: Schedule) -> bool:
-    if not _has_root(sch):
-        return False
-    return any("meta_schedule.layout_rewrite_preproc" in sch.get(blk).annotations
-               for blk in sch.get_child_blocks(sch.get_sblock("root")))
-
-
-def _compile_reserve(mod: tvm.IRModule) -> float:
-    """Seconds to keep for code generation after tuning (measured: ~0.4 s per kernel)."""
-    return 15.0 + 0.5 * count_kernels(mod)
-
-
-def count_kernels(mod: tvm.IRModule) -> int:
-    """Number of PrimFuncs (kernels) in ``mod``."""
-    return sum(1 for _, f in mod.functions_items() if isinstance(f, tirx.PrimFunc))
-
-
-def compile_relax(
-    mod: tvm.IRModule,
-    target: dict[str, Any],
-    *,
-    host: dict[str, Any] | None = None,
-    tuning: TuningConfig | None = None,
-    database: TuningDatabase | None = None,
-    deadline: float | None = None,
-    default_schedules: bool = True,
-) -> CompiledRelax:
-    """Compile ``mod`` (weights bound as constants) for ``target``, finishing before ``deadline``.
-
-    Kernels found in ``database`` are applied ("reused"); with a ``tuning`` budget, the rest
-    are tuned first (only for a target that matches this machine, see tuning.py) and
-    recorded ("tuned"); every other kernel gets the default schedule ("default").
-    """
-    if target.get("kind") == "llvm" and "num-cores" not in target:
-        # MetaSchedule needs it; it is part of the tuning-record key (records are per core count)
-        target = {**target, "num-cores": os.cpu_count() or 1}
-    tgt = make_target(target, host)
-    summary = {"tuned": 0, "reused": 0, "default": 0}
-    unscheduled: list[str] = []
-    if tgt.kind.name != "llvm":
-        with tgt:
-            lowered = relax.get_default_pipeline(tgt)(mod)
-        summary["default"] = count_kernels(lowered)
-        return CompiledRelax(executable=tvm.compile(lowered, target=tgt, relax_pipeline=None), summary=summary)
-
-    with tgt:
-        if default_schedules:
-            mod = tvm.transform.Sequential(to_nhwc(vector_lanes(tgt)))(mod)
-        fused = tvm.transform.Sequential(_fuse_passes())(mod)
-        fused = relax.transform.AttachAttrLayoutFreeBuffers()(fused)
-        if database is not None:
-            fused, counts = tune_and_apply(fused, tgt, database=database, tuning=tuning, deadline=deadline,
-                                           reserve_seconds=_compile_reserve(fused))
-            summary["tuned"], summary["reused"] = counts["tuned"], counts["reused"]
-        if default_schedules:
-            pass_ = DefaultCPUSchedule(vector_lanes(tgt))
-            fused = pass_(fused)  # type: ignore[operator]
-            summary["default"] = pass_.scheduled
-            unscheduled = pass_.failed
-            if unscheduled:
-                log.warning("%d kernels kept TVM's unscheduled loops: %s", len(unscheduled), ", ".join(unscheduled))
-        fused = _rewrite_layouts(fused)
-        fused = tvm.transform.Sequential(
-            [relax.transform.SplitLayoutRewritePreproc(), relax.transform.FoldConstant(),
-             relax.transform.DeadCodeElimination()]
-        )(fused)
-        lowered = tvm.transform.Sequential(_finalize_passes())(fused)
-    if deadline is not None and time.time() > deadline:
-        log.warning("compile passed its deadline before code generation")
-    ex = tvm.compile(lowered, target=tgt, relax_pipeline=None)
-    return CompiledRelax(executable=ex, summary=summary, unscheduled=unscheduled)

@@ -29,11 +29,11 @@ from kiln import rules
 from kiln.catalog import Target
 from kiln.runtime import TensorSpec
 
-from .build import BuildResult
-from .errors import ClientError, ServerError
-from .loaders import LoadedModel, find_model_files
-from .options import CompilerOptions
-from .package import class_labels
+from ..errors import ClientError, ServerError
+from ..loaders import LoadedModel, find_model_files
+from ..options import CompilerOptions
+from ..package import class_labels
+from .base import BuildResult, CompileRequest
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ def _input_types(ct: Any, entries: Sequence[tuple[str | None, dict[str, Any]]], 
 
 
 def _torch_source(path: Path, entries: list[tuple[str | None, dict[str, Any]]]) -> tuple[Any, str]:
-    from .loaders import pytorch
+    from ..loaders import pytorch
 
     kind = pytorch._kind(path)
     if kind == "export":
@@ -165,7 +165,7 @@ def _torch_source(path: Path, entries: list[tuple[str | None, dict[str, Any]]]) 
 def _keras_source(path: Path) -> Any:
     import tensorflow as tf
 
-    from .loaders.keras import _load
+    from ..loaders.keras import _load
 
     model = _load(path)
     names = [str(t.name).split(":")[0] for t in model.inputs]
@@ -214,7 +214,7 @@ def _source(framework: str, model_dir: Path, entries: list[tuple[str | None, dic
         raise ClientError(f"the archive contains several TensorFlow models {[str(f.relative_to(model_dir)) for f in files]}"
                           "; include exactly one SavedModel or frozen graph")
     if saved:
-        key = str(options.raw.get("signature_def_key") or "serving_default")
+        key = options.signature_def_key or "serving_default"
         loaded = tf.saved_model.load(str(saved[0]))
         signatures = dict(getattr(loaded, "signatures", {}) or {})
         if key not in signatures:
@@ -288,13 +288,10 @@ def _tensor_spec(item: dict[str, Any], channel_last: bool) -> TensorSpec:
     return TensorSpec(item["name"], tuple(shape), item["dtype"])
 
 
-def convert(framework: str, model_dir: Path, data_input_config: str | None, options: CompilerOptions,
-            target: Target, out_dir: Path) -> tuple[LoadedModel, BuildResult]:
-    """Convert the archive's model to ``out_dir/model.mlpackage``; returns what packaging needs."""
-    framework = framework.upper()
-    if framework not in target.frameworks:
-        raise ClientError(f"framework {framework} cannot be compiled for {target.name}; it supports "
-                          f"{', '.join(target.frameworks)}", section="OutputConfiguration")
+def compile(request: CompileRequest) -> BuildResult:
+    """Convert the archive's model to ``out_dir/model.mlpackage`` (Core ML's own DataInputConfig form)."""
+    framework, model_dir, options, target = request.framework.upper(), request.model_dir, request.options, request.target
+    data_input_config, out_dir = request.data_input_config, request.out_dir
     try:
         import coremltools as ct
     except ImportError:
@@ -312,7 +309,8 @@ def convert(framework: str, model_dir: Path, data_input_config: str | None, opti
     if framework == "TENSORFLOW" and options.output_names and isinstance(source, str):
         kwargs["outputs"] = [_canon(n) for n in options.output_names]
     try:
-        mlmodel = ct.convert(source, **kwargs)
+        with request.stage("build"):
+            mlmodel = ct.convert(source, **kwargs)
     except ClientError:
         raise
     except Exception as exc:
@@ -345,4 +343,4 @@ def convert(framework: str, model_dir: Path, data_input_config: str | None, opti
         inputs=[_tensor_spec(i, channel_last) for i in ins], outputs=[_tensor_spec(o, channel_last) for o in outs],
         model_files=model_files, extra={"coreml": info, "labels": labels_path},
     )
-    return model, BuildResult(files=[pkg], library=PACKAGE_NAME, runtime="coreml")
+    return BuildResult(model=model, files=[pkg], library=PACKAGE_NAME, runtime="coreml")

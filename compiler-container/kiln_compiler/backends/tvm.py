@@ -1,0 +1,85 @@
+"""The TVM backend: a Relax module from the loaders, compiled with Kiln's pipeline, linked per target."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from kiln.catalog import Family, Target
+
+from ..errors import ClientError, ServerError
+from ..loaders import load_model
+from ..options import DataInputConfig
+from .base import LIB_NAMES, BuildResult, CompileRequest, effective_target, first_line
+
+log = logging.getLogger(__name__)
+
+
+def _check_llvm_target(tvm_target: dict[str, Any]) -> None:
+    """Refuse an mcpu/mattr LLVM does not know, as a ClientError rather than a crash later."""
+    import tvm
+
+    try:
+        tvm.target.Target(tvm_target)
+    except Exception as exc:
+        raise ClientError(f"CompilerOptions give an invalid target {tvm_target}: {str(exc).splitlines()[0][:200]}",
+                          section="OutputConfiguration") from None
+
+
+def _fcompile(target: Target) -> Any:
+    from tvm.support import cc
+
+    if target.toolchain is None:
+        raise ServerError(f"target {target.name} has no toolchain in the catalog")
+    if target.family == Family.WINDOWS:
+        dll = windows_ffi_library(target)
+        return cc.cross_compiler(target.toolchain.cxx, options=["-static-libgcc", "-static-libstdc++", str(dll)],
+                                 output_format="dll")
+    return cc.cross_compiler(target.toolchain.cxx)
+
+
+def windows_ffi_library(target: Target) -> Path:
+    """tvm_ffi.dll (from the win_amd64 tvm-ffi wheel) that Windows artifacts link against."""
+    root = Path(os.environ.get("KILN_WINDOWS_FFI_DIR", "/opt/kiln/windows"))
+    dll = root / ("win32" if "i686" in str(target.tvm_target.get("mtriple", "")) else "win_amd64") / "tvm_ffi.dll"
+    if not dll.is_file():
+        raise ServerError(f"the Windows TVM runtime library is missing from this compiler image ({dll})")
+    return dll
+
+
+def compile(request: CompileRequest) -> BuildResult:
+    """Load the model into Relax, compile it with the TVM pipeline and export a shared library."""
+    from ..pipeline import compile_relax
+
+    target, options = request.target, request.options
+    config = DataInputConfig.parse(request.data_input_config, request.framework, target)
+    with request.stage("load"):
+        model = load_model(request.framework, request.model_dir, config, options)
+    tvm_target, needs = effective_target(target, options)
+    _check_llvm_target(tvm_target)
+    host = dict(target.host) if target.host else None  # the CPU side of a GPU target, as the catalog gives it
+    with request.stage("build"):
+        try:
+            compiled = compile_relax(model.mod, tvm_target, host=host, tuning=options.tuning,
+                                     database=request.tuning_database, deadline=request.deadline)
+        except ClientError:
+            raise
+        except Exception as exc:
+            log.exception("TVM compilation failed")
+            raise ClientError(
+                f"the model could not be compiled for {target.name}: {first_line(exc)}. An operator or shape in "
+                "the model is probably not supported for this target"
+            ) from None
+        request.out_dir.mkdir(parents=True, exist_ok=True)
+        lib = request.out_dir / LIB_NAMES.get(target.family, "model.so")
+        try:
+            compiled.executable.export_library(str(lib), fcompile=_fcompile(target))
+        except ServerError:
+            raise
+        except Exception as exc:
+            log.exception("export_library failed")
+            raise ServerError(f"linking the compiled model for {target.name} failed: {first_line(exc)}") from None
+    return BuildResult(model=model, files=[lib], library=lib.name, runtime="tvm-relax-vm", tvm_target=tvm_target,
+                       isa=needs, tuning=dict(compiled.summary), unscheduled=list(compiled.unscheduled))

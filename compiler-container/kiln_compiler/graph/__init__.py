@@ -1,0 +1,8 @@
+"""Relax graph rewrites for CPU targets, one named pass per rewrite (see ``cpu_graph_passes``)."""
+
+from .grouped_conv import PadConvChannels, SplitGroupedConv
+from .layout import cpu_graph_passes
+from .simplify import ConstantsToFullRank, DivideByConstantToMultiply, RemoveInferenceDropout, SumOfStackToAdd
+
+__all__ = ["ConstantsToFullRank", "DivideByConstantToMultiply", "PadConvChannels", "RemoveInferenceDropout",
+           "SplitGroupedConv", "SumOfStackToAdd", "cpu_graph_passes"]

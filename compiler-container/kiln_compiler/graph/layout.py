@@ -1,0 +1,38 @@
+"""The CPU graph pipeline: convolutions in NHWC with HWIO weights, and the rewrites it needs.
+
+Output channels become the innermost, contiguous axis: the default schedule then vectorises over
+output channels (full vectors for every layer width, no strided gathers) and unrolls over output
+pixels, each input value being one broadcast reused by a whole vector of channels. Relax's
+ConvertLayout carries the layout through layout-agnostic operators (elementwise, pooling, concat,
+batch norm) and transposes only at the edges (graph input, reshape, flatten).
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm import relax
+
+from .grouped_conv import PadConvChannels, SplitGroupedConv
+from .simplify import ConstantsToFullRank, DivideByConstantToMultiply, RemoveInferenceDropout, SumOfStackToAdd
+
+
+def _simplify() -> list[tvm.transform.Pass]:
+    return [RemoveInferenceDropout(), SumOfStackToAdd(), ConstantsToFullRank(), DivideByConstantToMultiply()]
+
+
+def cpu_graph_passes(lanes: int = 16) -> list[tvm.transform.Pass]:
+    """Passes that convert conv2d (and what follows it) to NHWC / HWIO; ``lanes``: fp32 vector width."""
+    return [
+        relax.transform.DecomposeOpsForInference(),
+        *_simplify(),
+        relax.transform.CanonicalizeBindings(),  # ConvertLayout loses the layout across aliases
+        relax.transform.FoldConstant(),  # bias reshapes: ConvertLayout trips over shape tuples
+        relax.transform.DeadCodeElimination(),
+        relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "HWIO"]}),
+        relax.transform.Normalize(),
+        relax.transform.FoldConstant(),  # HWIO weights as constants for the conv rewrites
+        *_simplify(),  # again, now that batch norm's 1/sqrt(var + eps) is a constant
+        SplitGroupedConv(lanes),
+        PadConvChannels(lanes),
+        relax.transform.EliminateCommonSubexpr(),  # one input transpose per graph input
+    ]

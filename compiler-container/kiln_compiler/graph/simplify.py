@@ -1,0 +1,134 @@
+"""Small Relax rewrites that let ConvertLayout keep NHWC and let epilogues fuse.
+
+Each rewrite is its own named pass:
+
+* ``SumOfStackToAdd``: ONNX ``Sum`` arrives as ``sum(stack([broadcast_to(a), broadcast_to(b)]), 0)``
+  (a 5-D copy of both operands); it becomes ``a + b``, which fuses into the producer's epilogue.
+* ``RemoveInferenceDropout``: dropout's ``(out, mask)`` tuple is the identity at inference, and
+  the tuple defeats ConvertLayout.
+* ``ConstantsToFullRank``: ``x * c`` with a lower-rank constant ``c`` (ONNX ``Unsqueeze(scale,
+  [1, 2])`` of shape (C, 1, 1)) gets ``c`` reshaped to x's rank: ConvertLayout keeps a binary op
+  with operands of different ranks in NCHW (two transposes around every DenseNet batch norm).
+* ``DivideByConstantToMultiply``: ``x / c`` becomes ``x * (1/c)``: a vector divide costs ~10
+  multiplies (batch norm's ``1/sqrt(var + eps)``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import tvm
+from tvm import relax
+from tvm.relax.expr_functor import PyExprMutator, mutator
+
+from ._mutate import bound_value, rewrite_functions, same_shape
+
+_DIVIDE = tvm.ir.Op.get("relax.divide")
+_BINARY_EWISE = tuple(tvm.ir.Op.get(f"relax.{name}") for name in
+                      ("add", "subtract", "multiply", "divide", "maximum", "minimum", "power"))
+
+
+@mutator
+class _SumOfStack(PyExprMutator):
+    def visit_call_(self, call: relax.Call) -> Any:
+        call = super().visit_call_(call)
+        if call.op != tvm.ir.Op.get("relax.sum") or call.attrs.keepdims:
+            return call
+        axis = call.attrs.axis
+        if axis is None or len(axis) != 1 or int(axis[0]) != 0:
+            return call
+        stack = bound_value(self, call.args[0])
+        if not isinstance(stack, relax.Call) or stack.op != tvm.ir.Op.get("relax.stack"):
+            return call
+        if int(stack.attrs.axis) != 0:
+            return call
+        items = bound_value(self, stack.args[0])
+        if not isinstance(items, relax.Tuple) or len(items.fields) < 1:
+            return call
+        fields = [self._strip_broadcast(f, call) for f in items.fields]
+        if not all(same_shape(f, call) for f in fields):
+            return call
+        acc = fields[0]
+        for f in fields[1:]:
+            acc = self.builder_.emit(relax.op.add(acc, f))
+        return acc
+
+    def _strip_broadcast(self, expr: Any, like: Any) -> Any:
+        """``broadcast_to(x, s)`` where x already has shape s is x."""
+        seen = bound_value(self, expr)
+        if (isinstance(seen, relax.Call) and seen.op == tvm.ir.Op.get("relax.broadcast_to")
+                and same_shape(seen.args[0], like)):
+            return seen.args[0]
+        return expr
+
+
+@mutator
+class _InferenceDropout(PyExprMutator):
+    def visit_tuple_getitem_(self, op: relax.TupleGetItem) -> Any:
+        op = super().visit_tuple_getitem_(op)
+        bound = bound_value(self, op.tuple_value)
+        if op.index == 0 and isinstance(bound, relax.Call) and bound.op == tvm.ir.Op.get("relax.nn.dropout"):
+            return bound.args[0]
+        return op
+
+
+@mutator
+class _FullRankConstants(PyExprMutator):
+    def visit_call_(self, call: relax.Call) -> Any:
+        call = super().visit_call_(call)
+        out = getattr(call, "ty", None)
+        if call.op not in _BINARY_EWISE or not isinstance(out, relax.TensorType) or out.ndim < 1:
+            return call
+        args = list(call.args)
+        changed = False
+        for i, arg in enumerate(args):
+            value = arg.value.numpy() if isinstance(arg, tvm.ir.expr.Constant) else None
+            if value is not None and 0 < value.ndim < out.ndim:
+                args[i] = relax.const(value.reshape((1,) * (out.ndim - value.ndim) + value.shape), str(value.dtype))
+                changed = True
+        return relax.Call(call.op, args, call.attrs) if changed else call
+
+
+@mutator
+class _DivideByConstant(PyExprMutator):
+    def visit_call_(self, call: relax.Call) -> Any:
+        call = super().visit_call_(call)
+        if call.op != _DIVIDE or not isinstance(call.args[1], tvm.ir.expr.Constant):
+            return call
+        value = call.args[1].value.numpy()
+        if value.dtype.kind != "f" or not np.all(value != 0):
+            return call
+        return relax.op.multiply(call.args[0], relax.const((1.0 / value).astype(value.dtype)))
+
+
+@tvm.transform.module_pass(opt_level=0, name="KilnSumOfStackToAdd")
+class SumOfStackToAdd:
+    """``sum(stack([a, b, ...]), axis=0)`` -> ``a + b + ...`` (broadcasts to the same shape dropped)."""
+
+    def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        return rewrite_functions(mod, _SumOfStack(mod))
+
+
+@tvm.transform.module_pass(opt_level=0, name="KilnRemoveInferenceDropout")
+class RemoveInferenceDropout:
+    """``dropout(x)[0]`` -> ``x``."""
+
+    def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        return rewrite_functions(mod, _InferenceDropout(mod))
+
+
+@tvm.transform.module_pass(opt_level=0, name="KilnConstantsToFullRank")
+class ConstantsToFullRank:
+    """Lower-rank constant operands of binary elementwise ops reshaped to the result's rank."""
+
+    def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        return rewrite_functions(mod, _FullRankConstants(mod))
+
+
+@tvm.transform.module_pass(opt_level=0, name="KilnDivideByConstantToMultiply")
+class DivideByConstantToMultiply:
+    """``x / c`` -> ``x * (1/c)`` for a floating-point constant ``c`` with no zeros."""
+
+    def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        return rewrite_functions(mod, _DivideByConstant(mod))

@@ -1,0 +1,175 @@
+"""Turn a Relax IRModule into a VM executable: graph rewrites, tuning records, default schedules.
+
+CPU (llvm) targets first get Kiln's graph rewrites (``kiln_compiler.graph``: convolutions in
+NHWC with HWIO weights, so output channels are the contiguous innermost axis), then every kernel
+without a tuning record (``kiln_compiler.tuning``) gets Kiln's default schedule
+(``kiln_compiler.schedules``), and the constant weights are re-packed into each kernel's access
+order (MetaSchedule's RewriteLayout + SplitLayoutRewritePreproc, folded by FoldConstant).
+``default_schedules=False`` is the plain reference build (NCHW, TOPI's unscheduled loops) that the
+tests compare against.
+
+Weights must be bound as constants in ``mod`` (``from_onnx(..., keep_params_in_input=False)``):
+the weight re-packing is only folded away for constants; weights passed as inputs would be
+re-packed on every call.
+
+CUDA targets use TVM's dlight GPU rules (the default CUDA pipeline).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import tvm
+from tvm import relax, tirx
+from tvm.s_tir import Schedule
+
+from .graph import cpu_graph_passes
+from .options import TuningBudget
+from .schedules import DefaultCPUSchedule, has_root, target_lanes
+from .tuning import TuningDatabase, tune_and_apply
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CompiledRelax:
+    """A compiled model and how its kernels were scheduled."""
+
+    executable: Any  # relax VM Executable: .export_library(path, fcompile=...)
+    summary: dict[str, int] = field(default_factory=lambda: {"tuned": 0, "reused": 0, "default": 0})
+    unscheduled: list[str] = field(default_factory=list)  # kernels the default schedule could not handle
+
+
+def make_target(target: dict[str, Any], host: dict[str, Any] | None = None) -> tvm.target.Target:
+    """A tvm Target from catalog JSON dicts."""
+    if host is not None:
+        return tvm.target.Target(target, host=tvm.target.Target(host))
+    return tvm.target.Target(target)
+
+
+def _fuse_passes() -> list[tvm.transform.Pass]:
+    return [
+        relax.transform.DecomposeOpsForInference(),
+        relax.transform.CanonicalizeBindings(),
+        relax.transform.LegalizeOps(),
+        relax.transform.AnnotateTIROpPattern(),
+        relax.transform.FoldConstant(),
+        relax.transform.FuseOps(),
+        relax.transform.FuseTIR(),
+        relax.transform.DeadCodeElimination(),
+    ]
+
+
+def _finalize_passes() -> list[tvm.transform.Pass]:
+    return [
+        relax.transform.RewriteDataflowReshape(),
+        relax.transform.ToNonDataflow(),
+        relax.transform.RemovePurityChecking(),
+        relax.transform.CallTIRRewrite(),
+        relax.transform.StaticPlanBlockMemory(),
+        relax.transform.LowerAllocTensor(),
+        relax.transform.KillAfterLastUse(),
+        relax.transform.LowerRuntimeBuiltin(),
+        relax.transform.ComputePrimValue(),
+        relax.transform.VMShapeLower(),
+        relax.transform.AttachGlobalSymbol(),
+    ]
+
+
+def _rewrite_layouts(mod: tvm.IRModule) -> tvm.IRModule:
+    """Re-pack layout-free (constant) weights into each scheduled kernel's access order."""
+    from tvm.s_tir import meta_schedule as ms
+
+    post = ms.postproc.RewriteLayout()
+    updates = {}
+    for gv, func in mod.functions_items():
+        if not isinstance(func, tirx.PrimFunc) or "layout_free_buffers" not in (func.attrs or {}):
+            continue
+        sch = Schedule(func)
+        if _has_layout_rewrite(sch):
+            continue  # applied from a tuning record whose trace already re-packs the weights
+        try:
+            if post.apply(sch):
+                updates[gv] = sch.mod["main"]
+        except Exception as exc:
+            log.debug("layout rewrite failed for %s: %s", gv.name_hint, exc)
+    for gv, func in updates.items():
+        mod[gv] = func
+    return mod
+
+
+def _has_layout_rewrite(sch: Schedule) -> bool:
+    if not has_root(sch):
+        return False
+    return any("meta_schedule.layout_rewrite_preproc" in sch.get(blk).annotations
+               for blk in sch.get_child_blocks(sch.get_sblock("root")))
+
+
+def _compile_reserve(mod: tvm.IRModule) -> float:
+    """Seconds to keep for code generation after tuning (measured: ~0.4 s per kernel)."""
+    return 15.0 + 0.5 * count_kernels(mod)
+
+
+def count_kernels(mod: tvm.IRModule) -> int:
+    """Number of PrimFuncs (kernels) in ``mod``."""
+    return sum(1 for _, f in mod.functions_items() if isinstance(f, tirx.PrimFunc))
+
+
+def compile_relax(
+    mod: tvm.IRModule,
+    target: dict[str, Any],
+    *,
+    host: dict[str, Any] | None = None,
+    tuning: TuningBudget | None = None,
+    database: TuningDatabase | None = None,
+    deadline: float | None = None,
+    default_schedules: bool = True,
+) -> CompiledRelax:
+    """Compile ``mod`` (weights bound as constants) for ``target``, finishing before ``deadline``.
+
+    Kernels found in ``database`` are applied ("reused"); with a ``tuning`` budget, the rest
+    are tuned first (only for a target that matches this machine, see kiln_compiler.tuning) and
+    recorded ("tuned"); every other kernel gets the default schedule ("default").
+    """
+    if target.get("kind") == "llvm" and "num-cores" not in target:
+        # MetaSchedule needs it; it is part of the tuning-record key (records are per core count)
+        target = {**target, "num-cores": os.cpu_count() or 1}
+    tgt = make_target(target, host)
+    summary = {"tuned": 0, "reused": 0, "default": 0}
+    unscheduled: list[str] = []
+    if tgt.kind.name != "llvm":
+        with tgt:
+            lowered = relax.get_default_pipeline(tgt)(mod)
+        summary["default"] = count_kernels(lowered)
+        return CompiledRelax(executable=tvm.compile(lowered, target=tgt, relax_pipeline=None), summary=summary)
+
+    with tgt:
+        if default_schedules:
+            mod = tvm.transform.Sequential(cpu_graph_passes(target_lanes(tgt)))(mod)
+        fused = tvm.transform.Sequential(_fuse_passes())(mod)
+        fused = relax.transform.AttachAttrLayoutFreeBuffers()(fused)
+        if database is not None:
+            fused, counts = tune_and_apply(fused, tgt, database=database, tuning=tuning, deadline=deadline,
+                                           reserve_seconds=_compile_reserve(fused))
+            summary["tuned"], summary["reused"] = counts["tuned"], counts["reused"]
+        if default_schedules:
+            pass_ = DefaultCPUSchedule(target_lanes(tgt))
+            fused = pass_(fused)  # type: ignore[operator]
+            summary["default"] = pass_.scheduled
+            unscheduled = pass_.failed
+            if unscheduled:
+                log.warning("%d kernels kept TVM's unscheduled loops: %s", len(unscheduled), ", ".join(unscheduled))
+        fused = _rewrite_layouts(fused)
+        fused = tvm.transform.Sequential(
+            [relax.transform.SplitLayoutRewritePreproc(), relax.transform.FoldConstant(),
+             relax.transform.DeadCodeElimination()]
+        )(fused)
+        lowered = tvm.transform.Sequential(_finalize_passes())(fused)
+    if deadline is not None and time.time() > deadline:
+        log.warning("compile passed its deadline before code generation")
+    ex = tvm.compile(lowered, target=tgt, relax_pipeline=None)
+    return CompiledRelax(executable=ex, summary=summary, unscheduled=unscheduled)

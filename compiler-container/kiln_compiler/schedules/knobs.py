@@ -1,0 +1,27 @@
+"""The tile choices Kiln's default CPU schedule makes by heuristic, and the variants tuning measures."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class TileKnobs:
+    """Overrides of the anchor tile's heuristic choices: what tuning measures (see kiln_compiler.tuning)."""
+
+    max_vectors: int | None = None  # vectors of output channels per tile (None: best of 2 and 1)
+    max_pixels: int = 14  # output pixels per tile
+    channels_outer: bool | None = None  # loop order of the tile grid (None: by bytes moved)
+
+
+def tile_variants() -> list[TileKnobs]:
+    """The default tile and the alternatives tuning measures next to it."""
+    out = [DEFAULT_KNOBS]
+    for max_vectors in (1, 2):
+        for max_pixels in (14, 8, 4):
+            for channels_outer in (True, False):
+                out.append(TileKnobs(max_vectors, max_pixels, channels_outer))
+    return out
+
+
+DEFAULT_KNOBS = TileKnobs()  # the heuristic's own choices
