@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import os
 import signal
@@ -13,6 +15,26 @@ from kiln_serving.config import ServingSettings
 from kiln_serving.cpu import available_cpus
 
 log = logging.getLogger("kiln_serving")
+# glibc's mallopt parameter for the most malloc arenas (malloc.h).
+M_ARENA_MAX = -8
+MALLOC_ARENAS = 2
+
+
+def limit_malloc_arenas() -> bool:
+    """Cap glibc's malloc arenas unless MALLOC_ARENA_MAX is set; True when capped.
+
+    Request bodies and arrays are decoded on a pool of threads, and glibc gives each thread its own arena:
+    under 8 clients with SqueezeNet-sized (600 KB) requests the server's RSS kept climbing (261 -> 320 MiB
+    after 1800 requests), with 2 arenas it settled at 292 MiB (docs/adr/0013). The model itself allocates
+    nothing per request (its RSS is flat over 1600 direct runs)."""
+    if "MALLOC_ARENA_MAX" in os.environ:
+        return False
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        return bool(libc is not None and libc.mallopt(M_ARENA_MAX, MALLOC_ARENAS) == 1)
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to cap
+        return False
 
 
 def kernel_threads(settings: ServingSettings) -> int:
@@ -23,6 +45,7 @@ def kernel_threads(settings: ServingSettings) -> int:
 def serve(settings: ServingSettings) -> None:
     """Serve ``settings.model`` on ``settings.host:settings.port`` until SIGTERM/SIGINT."""
     threads = kernel_threads(settings)
+    limit_malloc_arenas()
     # TVM's runtime and TL2cgen (through kiln.runtime) size their thread pools from TVM_NUM_THREADS when the
     # model is loaded; it is their only knob. An operator's own value wins.
     os.environ.setdefault("TVM_NUM_THREADS", str(threads))

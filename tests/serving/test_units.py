@@ -11,6 +11,7 @@ from kiln.runtime import TensorSpec
 from kiln_serving import codec
 from kiln_serving.config import ServingSettings
 from kiln_serving.cpu import available_cpus, quota_cpus
+from kiln_serving.server import limit_malloc_arenas
 from pydantic import ValidationError
 
 
@@ -89,3 +90,12 @@ def test_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KILN_SERVING_IMAGE_BIAS", "[1, 2]")
     with pytest.raises(ValidationError, match="KILN_SERVING_IMAGE_BIAS"):
         ServingSettings()
+
+
+def test_malloc_arenas_are_capped_unless_the_operator_chose(monkeypatch: pytest.MonkeyPatch) -> None:
+    # GIVEN an operator's MALLOC_ARENA_MAX WHEN the server starts THEN it is left to glibc
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    assert limit_malloc_arenas() is False
+    # GIVEN none WHEN the server starts on glibc (this Linux host) THEN mallopt caps the arenas
+    monkeypatch.delenv("MALLOC_ARENA_MAX")
+    assert limit_malloc_arenas() is True
