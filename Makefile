@@ -8,11 +8,13 @@ RUNTIME_SOURCES := $(wildcard runtime/kiln_runtime/*.py)
 # The MXNET framework's isolated environment (mxnet 1.9.1 has no Python 3.11 wheel); see requirements/mxnet.txt.
 MXNET_PYTHON ?= python3.9
 MXNET_VENV := .venv-mxnet
+# The SageMaker Python SDK v2 + sagemaker-core for the SDK flow test (they cannot share .venv's packaging/protobuf).
+SAGEMAKER_VENV := .venv-sagemaker
 export JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION := 20
 export TVM_NUM_THREADS ?= 2
 PYTEST_ARGS ?=
 
-.PHONY: install debian-packages demo test test-fast lint synth bench fuzz load clean wheels gpu-check-bundle
+.PHONY: install debian-packages demo test test-fast lint synth bench fuzz load serve-load clean wheels gpu-check-bundle
 
 install: $(STAMP)
 
@@ -27,7 +29,7 @@ debian-packages:
 	fi
 
 $(STAMP): pyproject.toml requirements/base.txt requirements/runtime.txt requirements/runtime-cuda.txt requirements/compiler.txt requirements/dev.txt \
-          requirements/debian.txt requirements/debian-dev.txt requirements/mxnet.txt runtime/pyproject.toml \
+          requirements/debian.txt requirements/debian-dev.txt requirements/mxnet.txt requirements/serving.txt requirements/sagemaker-sdk.txt runtime/pyproject.toml \
           scripts/kiln_assets.py $(RUNTIME_SOURCES)
 	@$(MAKE) --no-print-directory debian-packages
 	@command -v $(PYTHON) >/dev/null || { echo "Python 3.11 is required ($(PYTHON) not found)"; exit 1; }
@@ -45,6 +47,8 @@ $(STAMP): pyproject.toml requirements/base.txt requirements/runtime.txt requirem
 	  [ -n "$$py" ] || { echo "Python 3.9 is required for the MXNET framework ($(MXNET_PYTHON) not found)"; exit 1; }; \
 	  $$py -m venv $(MXNET_VENV); }
 	$(MXNET_VENV)/bin/python -m pip install -q -r requirements/mxnet.txt
+	@[ -x $(SAGEMAKER_VENV)/bin/python ] || $(PYTHON) -m venv $(SAGEMAKER_VENV)
+	$(SAGEMAKER_VENV)/bin/python -m pip install -q -r requirements/sagemaker-sdk.txt
 	@touch $@
 
 demo: install
@@ -57,8 +61,8 @@ test-fast: install
 	$(PY) -m pytest -p no:cacheprovider -n 2 -m "not slow" $(PYTEST_ARGS)
 
 lint: install
-	$(VENV)/bin/ruff check functions compiler-container infra runtime tests scripts bench
-	$(VENV)/bin/mypy functions/kiln compiler-container/kiln_compiler infra/kiln_infra runtime/kiln_runtime
+	$(VENV)/bin/ruff check functions compiler-container serving-container infra runtime tests scripts bench
+	$(VENV)/bin/mypy functions/kiln compiler-container/kiln_compiler infra/kiln_infra runtime/kiln_runtime serving-container/kiln_serving
 
 synth: install
 	$(PY) infra/app.py
@@ -85,6 +89,10 @@ fuzz: install
 # Load against `kiln serve` on 127.0.0.1 (a benchmark, not a test; < 10 min).
 load: install
 	$(PY) bench/load.py $(LOAD_ARGS)
+
+# kiln serve-model under 1, 8 and 32 concurrent clients (bench/serve_load.py; writes bench/results/).
+serve-load: install
+	$(PY) bench/serve_load.py $(SERVE_LOAD_ARGS)
 
 clean:
 	rm -rf cdk.out build .mypy_cache .ruff_cache .pytest_cache

@@ -79,6 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--emulate", action="store_true",
                      help="run an aarch64 artifact on this x86 host under qemu-user (numerics, not speed)")
 
+    serve_model = sub.add_parser("serve-model", help="serve an artifact over SageMaker's inference-container "
+                                                     "contract (GET /ping, POST /invocations)")
+    serve_model.add_argument("artifact", type=Path, help="the artifact (.tar.gz or its unpacked directory)")
+    serve_model.add_argument("--host", default="127.0.0.1")
+    serve_model.add_argument("--port", type=int, default=8080)
+    serve_model.add_argument("--threads", type=int, default=0, help="kernel threads (default: the CPU quota)")
+
     bench = sub.add_parser("bench", help="measure an artifact's latency on random inputs")
     bench.add_argument("artifact", type=Path)
     bench.add_argument("--repeat", type=int, default=20)
@@ -98,8 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     global _result
     args = build_parser().parse_args(argv)
     _result, sys.stdout = sys.stdout, sys.stderr
-    _configure_logging(args.verbose, serving=args.command in ("serve", "console"))
-    handlers = {"serve": _serve, "compile": _compile, "run": _run, "bench": _bench, "console": _console}
+    _configure_logging(args.verbose, serving=args.command in ("serve", "console", "serve-model"))
+    handlers = {"serve": _serve, "compile": _compile, "run": _run, "bench": _bench, "console": _console,
+                "serve-model": _serve_model}
     try:
         return handlers[args.command](args)
     except KeyboardInterrupt:  # Ctrl-C: the embedded stack stopped its compiler processes on the way out
@@ -124,6 +132,7 @@ def _configure_logging(verbose: bool, *, serving: bool) -> None:
     logging.getLogger("moto.stepfunctions").setLevel(logging.CRITICAL)
     if serving:
         logging.getLogger("kiln.serve").setLevel(logging.INFO)
+        logging.getLogger("kiln_serving").setLevel(logging.INFO)
     if not verbose:
         # the in-process Lambda handlers log JSON lines through Powertools (their own handlers)
         from kiln.handlers import api, registry, workflow
@@ -180,6 +189,25 @@ def _console(args: argparse.Namespace) -> int:
                   "credentials for execute-api)")
     _wait_for_stop()
     server.stop()
+    return 0
+
+
+def _serve_model(args: argparse.Namespace) -> int:
+    from kiln_serving.config import ServingSettings
+    from kiln_serving.server import serve
+    from pydantic import ValidationError
+
+    if not args.artifact.exists():
+        console.print(f"[red]no such artifact: {args.artifact}[/]")
+        return 2
+    try:
+        settings = ServingSettings(model=args.artifact, host=args.host, port=args.port, threads=args.threads)
+    except ValidationError as exc:
+        console.print(f"[red]{exc}[/]")
+        return 2
+    console.print(f"[bold]Kiln[/] serving {args.artifact} on http://{args.host}:{args.port}  "
+                  "(GET /ping, POST /invocations)")
+    serve(settings)
     return 0
 
 

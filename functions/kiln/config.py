@@ -13,8 +13,10 @@ import os
 from typing import Any
 
 import pydantic
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from kiln.inference_images import check_families
 
 ENV_PREFIX = "KILN_"
 
@@ -41,6 +43,9 @@ class KilnSettings(BaseSettings):
     # Job metrics as CloudWatch EMF records on stdout (Lambda's log stream); local mode turns them off.
     emit_metrics: bool = True
     # Required while the fargate runner is enabled.
+    # Serving image per family for ml_* targets, JSON: {"x86_64": uri, "aarch64": uri, "cuda": uri}
+    # (kiln.inference_images); a family left out falls back to inference_image.
+    inference_images: dict[str, str] = Field(default_factory=dict)
     ecs_cluster: str = ""
     compiler_task_family: str = "kiln-compiler"
     # Required while the batch-gpu runner is enabled.
@@ -91,6 +96,12 @@ class KilnSettings(BaseSettings):
             problems = "; ".join(_problem(error) for error in exc.errors())
             raise SettingsError(f"Kiln cannot start{f' in Lambda function {where}' if where else ''}: "
                                 f"{problems}") from None
+
+    @field_validator("inference_images")
+    @classmethod
+    def _serving_families(cls, value: dict[str, str]) -> dict[str, str]:
+        check_families(value, "KILN_INFERENCE_IMAGES")
+        return value
 
 
 def _problem(error: Any) -> str:

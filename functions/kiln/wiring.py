@@ -78,7 +78,8 @@ class Kiln:
     def workflow_steps(self) -> WorkflowSteps:
         """The state machine's Lambda steps, over the same service."""
         return WorkflowSteps(self.service, sagemaker=self.clients.client("sagemaker"), containers=self.containers,
-                             inference_image=self.settings.inference_image)
+                             inference_image=self.settings.inference_image,
+                             inference_images=self.settings.inference_images)
 
     @functools.cached_property
     def registry_hook(self) -> RegistryHook:

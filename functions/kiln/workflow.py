@@ -8,6 +8,7 @@ from typing import Any
 
 from kiln import rules
 from kiln.errors import ConflictError, error_code, is_retryable
+from kiln.inference_images import inference_image
 from kiln.job_metrics import take_census
 from kiln.runners import STOPPED_ERROR, CompilerContainers
 from kiln.service import CompilationJobService
@@ -62,11 +63,13 @@ class WorkflowSteps:
     """Each Lambda step of the state machine, over the same service the API uses."""
 
     def __init__(self, service: CompilationJobService, *, sagemaker: Any,
-                 containers: CompilerContainers | None, inference_image: str = "") -> None:
+                 containers: CompilerContainers | None, inference_image: str = "",
+                 inference_images: dict[str, str] | None = None) -> None:
         self._service = service
         self._sagemaker = sagemaker
         self._containers = containers
-        self._inference_image = inference_image
+        self._inference_image = inference_image  # any target's, when no family image applies
+        self._inference_images = inference_images or {}  # per serving family, for ml_* targets
 
     def mark_in_progress(self, job: dict[str, Any]) -> dict[str, Any]:
         """STARTING -> INPROGRESS; ``Proceed: false`` when the job was stopped before it started."""
@@ -122,7 +125,9 @@ class WorkflowSteps:
         if not result.get("S3ModelArtifacts") or not result.get("ArtifactDigest"):
             # The compiler's output is Kiln's contract, not the user's input.
             raise JobServerError("the compiler reported success without an artifact")
-        record = self._service.record_success(job["CompilationJobName"], result, self._inference_image)
+        target = self._service.catalog.for_output_config(job["OutputConfig"])
+        image = inference_image(target, self._inference_images, self._inference_image)
+        record = self._service.record_success(job["CompilationJobName"], result, image)
         return {"Recorded": record is not None}
 
     def record_failure(self, job: dict[str, Any], error: dict[str, Any], limits: dict[str, Any]) -> dict[str, Any]:

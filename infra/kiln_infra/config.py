@@ -13,6 +13,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 TargetFamily = Literal["cpu", "gpu"]
+# Serving image families (kiln.inference_images.SERVING_FAMILIES): x86-64 CPU, Graviton, NVIDIA.
+ServingFamily = Literal["x86_64", "aarch64", "cuda"]
+SERVING_FAMILIES: tuple[ServingFamily, ...] = ("x86_64", "aarch64", "cuda")
 
 # CloudWatch Logs accepts only these retention periods (days).
 LOG_RETENTION_DAYS = (1, 3, 5, 7, 14, 30, 60, 90, 120, 150, 180, 365, 400, 545, 731, 1096, 1827,
@@ -55,8 +58,13 @@ class KilnConfig(BaseModel):
     gpu_image_tag: str = "asset"
     # Name of an ECR repository (same account and region) holding prebuilt compiler images.
     compiler_repository: str | None = None
-    # Image the registry hook and the API record as the inference image (KILN_INFERENCE_IMAGE).
+    # Image the registry hook and the API record as the inference image (KILN_INFERENCE_IMAGE) of targets
+    # without a serving image below (edge devices, or a family set to "").
     inference_image: str = ""
+    # InferenceImage of ml_* jobs per serving family (KILN_INFERENCE_IMAGES): "asset" builds the family's
+    # serving-container/ Dockerfile at deploy (cdk deploy runs docker build; ARM64 needs buildx/QEMU or an ARM
+    # host), an image URI names a prebuilt image, "" records none. Families of disabled runners get none.
+    serving_images: dict[ServingFamily, str] = Field(default_factory=lambda: dict.fromkeys(SERVING_FAMILIES, "asset"))
     # None: create a VPC with private isolated subnets and endpoints; otherwise import one.
     vpc: ImportedVpc | None = None
     # Availability zones of the created VPC.
@@ -107,6 +115,8 @@ class KilnConfig(BaseModel):
         prebuilt = [tag for tag in (self.cpu_image_tag, self.gpu_image_tag) if tag != "asset"]
         if prebuilt and not self.compiler_repository:
             raise ValueError("image tags other than 'asset' need compiler_repository")
+        if any(any(c.isspace() for c in uri) for uri in self.serving_images.values()):
+            raise ValueError("serving_images values are 'asset', '' or an image URI (no spaces)")
         if self.event_bus_name.startswith("arn:"):
             raise ValueError("event_bus_name is a name in this account, not an ARN")
         return self

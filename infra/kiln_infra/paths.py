@@ -9,6 +9,9 @@ FUNCTIONS_DIR = REPO_ROOT / "functions"
 STATE_MACHINE_FILE = REPO_ROOT / "statemachine" / "compilation_job.asl.json"
 COMPILER_DOCKERFILE = "compiler-container/Dockerfile"
 COMPILER_GPU_DOCKERFILE = "compiler-container/Dockerfile.gpu"
+# The serving images, one per serving family (kiln.inference_images.SERVING_FAMILIES).
+SERVING_DOCKERFILES = {"x86_64": "serving-container/Dockerfile", "aarch64": "serving-container/Dockerfile.arm64",
+                       "cuda": "serving-container/Dockerfile.gpu"}
 LAMBDA_REQUIREMENTS = REPO_ROOT / "infra" / "lambda-requirements.txt"
 LAYER_BUILD_DIR = REPO_ROOT / "infra" / "build" / "lambda-layer"
 
@@ -29,6 +32,19 @@ COMPILER_CONTEXT_EXCLUDE = [
     "**/*.egg-info",
     "!scripts/",
     "!scripts/kiln_assets.py",
+    "**/__pycache__",
+    "**/*.pyc",
+]
+
+# The serving images' build context: the runtime (functions/kiln), the server and the pins.
+SERVING_CONTEXT_EXCLUDE = [
+    "*",
+    "!requirements/",
+    "!requirements/**",
+    "!functions/",
+    "!functions/kiln/**",
+    "!serving-container/",
+    "!serving-container/**",
     "**/__pycache__",
     "**/*.pyc",
 ]

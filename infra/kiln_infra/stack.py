@@ -22,6 +22,7 @@ from kiln_infra.key import KilnKey
 from kiln_infra.monitoring import KilnMonitoring
 from kiln_infra.network import NetworkForCompilers
 from kiln_infra.runners import JOB_ROLE_TAG, CompilerRunners
+from kiln_infra.serving import ServingImages
 from kiln_infra.table import JobTable
 from kiln_infra.workflow import CompilationWorkflow, WorkflowArns
 
@@ -39,6 +40,7 @@ class KilnStack(Stack):
         self.workflow_arns = WorkflowArns.named(self, f"{self.stack_name}-CompilationJob")
         self.runners = CompilerRunners(self, "CompilerRunners", config=config, network=self.network, key=self.key,
                                        state_machine_arn=self.workflow_arns.state_machine, removal_policy=stateful)
+        self.serving_images = ServingImages(self, "ServingImages", config=config)
         self.pagination_key = secretsmanager.Secret(
             self, "PaginationKey", description="Kiln: HMAC key that signs ListCompilationJobs NextTokens",
             encryption_key=self.key.key, removal_policy=RemovalPolicy.DESTROY,
@@ -83,6 +85,7 @@ class KilnStack(Stack):
             # Resolved by CloudFormation at deploy; the function environment is encrypted with KilnKey.
             "KILN_PAGINATION_KEY": self.pagination_key.secret_value.unsafe_unwrap(),
             "KILN_INFERENCE_IMAGE": config.inference_image,
+            "KILN_INFERENCE_IMAGES": self.serving_images.environment_value(),
             "KILN_ECS_CLUSTER": runners.cluster.cluster_arn,
             "KILN_COMPILER_TASK_FAMILY": runners.task_family,
             "KILN_GPU_JOB_QUEUE": runners.job_queue.job_queue_arn if runners.job_queue else "",

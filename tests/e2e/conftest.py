@@ -1,4 +1,4 @@
-"""Fixtures of the end-to-end tests: `kiln serve` as a process, headless Chromium."""
+"""Fixtures of the end-to-end tests: `kiln serve` and `kiln serve-model` as processes, headless Chromium."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -111,3 +113,39 @@ def fake_upstream() -> Iterator[FakeUpstream]:
     yield upstream
     server.shutdown()
     thread.join(timeout=5)
+
+
+@pytest.fixture
+def serve_model(tmp_path: Path) -> Iterator[Callable[..., str]]:
+    """Start a serving process on a free port (``kiln serve-model ARTIFACT`` by default; ``{port}`` in a given
+    command or environment is replaced by the port); returns its URL once /ping is 200. Each is stopped with
+    SIGTERM afterwards and must exit 0."""
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start(artifact: Path, command: list[str] | None = None, env: dict[str, str] | None = None) -> str:
+        port = free_port()
+        argv = command or [sys.executable, "-m", "kiln.cli", "serve-model", str(artifact), "--port", str(port)]
+        log = tmp_path / f"serve-model-{port}.log"
+        with open(log, "w") as out:
+            process = subprocess.Popen(
+                [a.replace("{port}", str(port)) for a in argv], stdout=out, stderr=subprocess.STDOUT,
+                env={k: v.replace("{port}", str(port)) for k, v in env.items()} if env else None)
+        started.append(process)
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(url + "/ping", timeout=5) as response:
+                    if response.status == 200:
+                        return url
+            except (urllib.error.URLError, ConnectionError):
+                pass
+            if time.time() > deadline or process.poll() is not None:
+                process.kill()
+                raise RuntimeError(f"the serving process did not become ready:\n{log.read_text()}")
+            time.sleep(0.3)
+
+    yield start
+    for process in started:
+        process.terminate()
+        assert process.wait(timeout=60) == 0

@@ -14,7 +14,7 @@ from kiln_infra.paths import FUNCTIONS_DIR, REPO_ROOT
 from .conftest import Synthesized
 
 # KilnSettings fields that are not deployment settings (Lambda sets AWS_REGION; a default suffices).
-NOT_FROM_CDK = {"region", "registry_max_runtime_seconds"}
+NOT_FROM_CDK = {"region", "registry_max_runtime_seconds", "emit_metrics"}
 
 
 def test_functions_run_the_handlers_traced_with_powertools(synth: Synthesized) -> None:

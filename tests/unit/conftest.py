@@ -28,3 +28,18 @@ def create_request(**overrides: Any) -> dict[str, Any]:
 @pytest.fixture
 def make_request() -> Callable[..., dict[str, Any]]:
     return create_request
+
+
+# Every setting a deployment must give (kiln.config.KilnSettings has no default for them).
+COMPLETE = {"KILN_ACCOUNT_ID": "123456789012", "KILN_TABLE_NAME": "kiln-jobs-prod",
+            "KILN_STATE_MACHINE_ARN": "arn:aws:states:eu-west-1:123456789012:stateMachine:kiln",
+            "KILN_PAGINATION_KEY": "a-deployment-secret", "KILN_ECS_CLUSTER": "arn:aws:ecs:eu-west-1:1:cluster/kiln",
+            "KILN_GPU_JOB_QUEUE": "arn:aws:batch:eu-west-1:1:job-queue/kiln-gpu", "AWS_REGION": "eu-west-1"}
+
+
+@pytest.fixture
+def deployment_env(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """The process environment of a complete deployment (as CDK sets it on a Lambda)."""
+    for key, value in COMPLETE.items():
+        monkeypatch.setenv(key, value)
+    return COMPLETE

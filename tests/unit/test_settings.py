@@ -12,11 +12,9 @@ from pathlib import Path
 import pytest
 from kiln.config import KilnSettings, SettingsError
 
+from tests.unit.conftest import COMPLETE
+
 REPO = Path(__file__).resolve().parents[2]
-COMPLETE = {"KILN_ACCOUNT_ID": "123456789012", "KILN_TABLE_NAME": "kiln-jobs-prod",
-            "KILN_STATE_MACHINE_ARN": "arn:aws:states:eu-west-1:123456789012:stateMachine:kiln",
-            "KILN_PAGINATION_KEY": "a-deployment-secret", "KILN_ECS_CLUSTER": "arn:aws:ecs:eu-west-1:1:cluster/kiln",
-            "KILN_GPU_JOB_QUEUE": "arn:aws:batch:eu-west-1:1:job-queue/kiln-gpu", "AWS_REGION": "eu-west-1"}
 HANDLERS = ("kiln.handlers.api", "kiln.handlers.workflow", "kiln.handlers.registry")
 
 

@@ -46,6 +46,7 @@ import boto3
 
 from kiln import wiring
 from kiln.config import ENV_PREFIX, KilnSettings
+from kiln.inference_images import LOCAL_IMAGES
 from kiln.local import moto_patches
 
 log = logging.getLogger(__name__)
@@ -487,9 +488,10 @@ class EmbeddedStack:
                         "ClusterArn": cluster, "SubnetId": subnet, "SecurityGroupId": group,
                         "GpuJobQueueArn": queue["jobQueueArn"], "ModelBucket": "kiln-local-models",
                         "ArtifactBucket": "kiln-local-artifacts", **registry}
-        # Registry hook defaults; a caller's own KILN_REGISTRY_* variables win (read, never written).
-        registry_defaults = {name: value for name, value in {
-            "registry_output_s3": "s3://kiln-local-artifacts/registry", "registry_role_arn": job_role}.items()
+        # Registry hook and serving-image defaults; a caller's own KILN_* variables win (read, never written).
+        registry_defaults: dict[str, Any] = {name: value for name, value in {
+            "registry_output_s3": "s3://kiln-local-artifacts/registry", "registry_role_arn": job_role,
+            "inference_images": dict(LOCAL_IMAGES)}.items()
             if not os.environ.get(ENV_PREFIX + name.upper())}
         settings = KilnSettings(
             region=REGION, account_id=ACCOUNT, table_name=table, state_machine_arn=machine,
