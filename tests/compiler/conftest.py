@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import onnx
 import pytest
 from kiln.catalog import Target, TargetCatalog
@@ -97,3 +98,72 @@ def compile_artifact(model_dir: Path, framework: str, target: str, out: Path, *,
     result = compile_model(model_dir, framework, tgt, opts, out_dir=out / "build", data_input_config=data_input_config)
     return package(result, tgt, out / f"model-{tgt.name}.tar.gz", model_dir=model_dir,
                    labels_name=opts.class_labels).path
+
+
+def small_cnn(seed: int = 0) -> onnx.ModelProto:
+    """Three convolutions (3x3 stride 2 padded, 3x3 padded, 1x1) with bias and relu, global average pool,
+    flatten; input ``input`` [1,3,32,32], opset 13."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    nodes, inits, x = [], [], "input"
+    for i, (cin, cout, k, stride, pad) in enumerate([(3, 16, 3, 2, 1), (16, 32, 3, 1, 1), (32, 32, 1, 1, 0)]):
+        w = (rng.standard_normal((cout, cin, k, k)) / np.sqrt(cin * k * k)).astype("float32")
+        inits += [numpy_helper.from_array(w, f"c{i}_w"),
+                  numpy_helper.from_array((rng.standard_normal(cout) * 0.1).astype("float32"), f"c{i}_b")]
+        nodes += [helper.make_node("Conv", [x, f"c{i}_w", f"c{i}_b"], [f"c{i}"], kernel_shape=[k, k],
+                                   strides=[stride] * 2, pads=[pad] * 4),
+                  helper.make_node("Relu", [f"c{i}"], [f"r{i}"])]
+        x = f"r{i}"
+    nodes += [helper.make_node("GlobalAveragePool", [x], ["gap"]), helper.make_node("Flatten", ["gap"], ["output"])]
+    graph = helper.make_graph(nodes, "small_cnn", [helper.make_tensor_value_info("input", TensorProto.FLOAT,
+                                                                                 [1, 3, 32, 32])],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 32])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    return model
+
+
+def quantize_qdq(model: onnx.ModelProto, work: Path, seed: int = 0, samples: int = 4) -> onnx.ModelProto:
+    """``model`` quantized by onnxruntime's ``quantize_static`` as users do: QDQ format, per-channel s8
+    weights, u8 activations, calibrated on ``samples`` random normal inputs. Models below opset 13
+    are converted first (per-channel DequantizeLinear needs its ``axis``)."""
+    import onnx.version_converter
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    if max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) < 13:
+        model = onnx.version_converter.convert_version(model, 13)
+    inp = model.graph.input[0]
+    shape = [d.dim_value for d in inp.type.tensor_type.shape.dim]
+    rng = np.random.default_rng(seed)
+    batches = iter([{inp.name: rng.standard_normal(shape).astype("float32")} for _ in range(samples)])
+
+    class Reader(CalibrationDataReader):
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(batches, None)
+
+    work.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(work / "fp32.onnx"))
+    quantize_static(str(work / "fp32.onnx"), str(work / "qdq.onnx"), Reader(), quant_format=QuantFormat.QDQ,
+                    per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    return onnx.load(str(work / "qdq.onnx"))
+
+
+@pytest.fixture(scope="session")
+def qdq_small_cnn_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An unpacked archive holding the QDQ-quantized ``small_cnn`` as model.onnx."""
+    work = tmp_path_factory.mktemp("qdq_small_cnn")
+    d = work / "archive"
+    d.mkdir()
+    onnx.save(quantize_qdq(small_cnn(), work / "quantize"), str(d / "model.onnx"))
+    return d
+
+
+@pytest.fixture(scope="session")
+def qdq_squeezenet_dir(tmp_path_factory: pytest.TempPathFactory, squeezenet: onnx.ModelProto) -> Path:
+    """An unpacked archive holding SqueezeNet 1.0 quantized to QDQ (opset 13) as model.onnx."""
+    work = tmp_path_factory.mktemp("qdq_squeezenet")
+    d = work / "archive"
+    d.mkdir()
+    onnx.save(quantize_qdq(squeezenet, work / "quantize"), str(d / "model.onnx"))
+    return d

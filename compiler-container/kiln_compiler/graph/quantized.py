@@ -174,7 +174,9 @@ class _IntegerConv(PyExprMutator):
         low = max(out_zp, int(info.min)) if relu else int(info.min)
         if out_zp:
             y = self.builder_.emit(relax.op.add(y, relax.const(np.float32(out_zp))))
-        y = self.builder_.emit(relax.op.clip(y, low, int(info.max)))
+        # maximum/minimum with constants, not clip: FuseOps keeps clip out of the conv's kernel
+        y = self.builder_.emit(relax.op.maximum(y, relax.const(np.float32(low))))
+        y = self.builder_.emit(relax.op.minimum(y, relax.const(np.float32(info.max))))
         return relax.op.astype(y, out_dtype)
 
 
@@ -189,4 +191,5 @@ class QuantizedConvToInteger:
         rewriter = _IntegerConv(mod)
         out = rewrite_functions(mod, rewriter)
         self.rewritten = rewriter.rewritten
-        return out
+        # the replaced fp32 chains are dead now
+        return relax.transform.DeadCodeElimination()(out) if self.rewritten else out
