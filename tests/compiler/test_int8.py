@@ -90,3 +90,57 @@ def test_qdq_squeezenet_matches_onnxruntime(qdq_squeezenet_dir: Path, tmp_path: 
     # THEN at most 1 quantized unit apart
     assert worst <= 1
     assert exact >= MIN_EXACT
+
+
+def _has_vnni() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return "avx512_vnni" in f.read()
+    except OSError:
+        return False
+
+
+def _build(model_dir: Path, mcpu: str, tmp_path: Path) -> tuple[object, str]:
+    """(VM executable, disassembly) of the QDQ model compiled by Kiln's CPU pipeline for ``mcpu``."""
+    import shutil
+    import subprocess
+
+    from kiln_compiler.pipeline import compile_relax
+
+    mod = from_onnx(onnx.load(str(model_dir / "model.onnx")), shape_dict={"input": [1, 3, 32, 32]},
+                    keep_params_in_input=False)
+    compiled = compile_relax(mod, {"kind": "llvm", "mcpu": mcpu})
+    assert compiled.unscheduled == []
+    lib = tmp_path / f"{mcpu}.so"
+    compiled.executable.export_library(str(lib))
+    objdump = shutil.which("objdump")
+    assert objdump is not None, "binutils' objdump is needed to inspect the generated code"
+    return compiled.executable, subprocess.run([objdump, "-d", str(lib)], capture_output=True, text=True,
+                                               check=True).stdout
+
+
+@pytest.mark.parametrize("mcpu, vnni", [("cascadelake", True), ("znver4", True), ("haswell", False)])
+def test_integer_convs_use_vpdpbusd_where_the_target_has_vnni(qdq_small_cnn_dir: Path, tmp_path: Path,
+                                                              mcpu: str, vnni: bool) -> None:
+    # GIVEN the QDQ small CNN (two of its three convolutions have input channels in multiples of 4)
+    # WHEN compiled for a target with AVX512-VNNI, or for AVX2 only
+    _, asm = _build(qdq_small_cnn_dir, mcpu, tmp_path)
+    # THEN the VNNI targets' code multiplies with vpdpbusd; the AVX2 code has none (it would SIGILL)
+    assert ("vpdpbusd" in asm) is vnni
+
+
+@pytest.mark.skipif(not _has_vnni(), reason="the host has no AVX512-VNNI")
+def test_vnni_kernels_match_onnxruntime(qdq_small_cnn_dir: Path, tmp_path: Path) -> None:
+    # GIVEN the QDQ small CNN compiled with vpdpbusd kernels for this host's ISA
+    import tvm
+    from tvm import relax
+
+    executable, _ = _build(qdq_small_cnn_dir, "cascadelake", tmp_path)
+    x = np.random.default_rng(5).standard_normal((1, 3, 32, 32)).astype("float32")
+    # WHEN it and ONNX Runtime run the same input
+    out = relax.VirtualMachine(executable, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+    qdq = onnx.load(str(qdq_small_cnn_dir / "model.onnx"))
+    (ref,) = ort.InferenceSession(qdq.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"input": x})
+    # THEN at most 1 quantized unit apart
+    assert np.rint(np.abs(out - ref) / _output_scale(qdq)).max() <= 1
