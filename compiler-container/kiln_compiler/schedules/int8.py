@@ -38,9 +38,10 @@ def _register_vnni_intrin() -> None:
     if TensorIntrin.get(VNNI_INTRIN, allow_missing=True) is not None:
         return
 
+    # TVMScript: the annotations are buffer declarations, not types (hence the type: ignores)
     @T.prim_func(s_tir=True)
-    def desc(a: T.Buffer((4,), "uint8", offset_factor=1), b: T.Buffer((16, 4), "int8", offset_factor=1),
-             c: T.Buffer((16,), "int32", offset_factor=1)) -> None:
+    def desc(a: T.Buffer((4,), "uint8", offset_factor=1), b: T.Buffer((16, 4), "int8", offset_factor=1),  # type: ignore[valid-type]
+             c: T.Buffer((16,), "int32", offset_factor=1)) -> None:  # type: ignore[valid-type]
         with T.sblock("root"):
             T.reads(c[0:16], a[0:4], b[0:16, 0:4])
             T.writes(c[0:16])
@@ -51,8 +52,8 @@ def _register_vnni_intrin() -> None:
                         c[vi] = c[vi] + T.cast(a[vk], "int32") * T.cast(b[vi, vk], "int32")
 
     @T.prim_func(s_tir=True)
-    def impl(a: T.Buffer((4,), "uint8", offset_factor=1), b: T.Buffer((16, 4), "int8", offset_factor=1),
-             c: T.Buffer((16,), "int32", offset_factor=1)) -> None:
+    def impl(a: T.Buffer((4,), "uint8", offset_factor=1), b: T.Buffer((16, 4), "int8", offset_factor=1),  # type: ignore[valid-type]
+             c: T.Buffer((16,), "int32", offset_factor=1)) -> None:  # type: ignore[valid-type]
         with T.sblock("root"):
             T.reads(c[0:16], a[0:4], b[0:16, 0:4])
             T.writes(c[0:16])
