@@ -1,6 +1,7 @@
 """Reduced-precision bench: Kiln int8 vs Kiln fp32 vs ONNX Runtime fp32 and int8 (the same QDQ model).
 
 Usage: .venv/bin/python bench/int8.py [--models squeezenet,...] [--threads 2] [--rounds 3] [--runs 20]
+       [--target ml_c5] [--options '{"mcpu": "znver4"}']
 The QDQ model is onnxruntime's ``quantize_static`` of the light model (per-channel s8 weights, u8
 activations, kiln_compiler.samples.quantize_qdq). Subjects run interleaved, round after round
 (median of ``runs`` calls each), so load on a shared machine hits them alike; prints each subject's
@@ -29,14 +30,14 @@ def _median_ms(fn: Callable[[], object], runs: int) -> float:
     return float(np.median(times) * 1e3)
 
 
-def _kiln(model_dir: Path, out: Path, target: str) -> Callable[[dict[str, np.ndarray]], object]:
+def _kiln(model_dir: Path, out: Path, target: str, options: str | None) -> Callable[[dict[str, np.ndarray]], object]:
     import kiln.runtime
     from kiln.catalog import TargetCatalog
     from kiln_compiler import CompilerOptions, compile_model
     from kiln_compiler.package import package
 
     tgt = TargetCatalog().device(target)
-    result = compile_model(model_dir, "ONNX", tgt, CompilerOptions.parse(None, tgt), out_dir=out / "build")
+    result = compile_model(model_dir, "ONNX", tgt, CompilerOptions.parse(options, tgt), out_dir=out / "build")
     model = kiln.runtime.load(package(result, tgt, out / "model.tar.gz", model_dir=model_dir).path)
     return model.run
 
@@ -48,6 +49,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--target", default="ml_c5", help="catalog target the Kiln artifacts are built for")
+    parser.add_argument("--options", default=None, help='CompilerOptions, e.g. \'{"mcpu": "znver4"}\' for VNNI')
     args = parser.parse_args()
     os.environ["TVM_NUM_THREADS"] = str(args.threads)  # read by the TVM runtime at its first parallel call
     import onnx
@@ -66,7 +68,7 @@ def main() -> None:
                 d = work / label
                 d.mkdir()
                 onnx.save(model, str(d / "model.onnx"))
-                run = _kiln(d, work / f"build-{label}", args.target)
+                run = _kiln(d, work / f"build-{label}", args.target, args.options)
                 subjects[f"kiln {label}"] = lambda run=run, x=x: run(x)
                 opts = ort.SessionOptions()
                 opts.intra_op_num_threads, opts.inter_op_num_threads = args.threads, 1
