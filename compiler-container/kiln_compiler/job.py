@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from kiln.catalog import TargetCatalog, UnsupportedTargetError
 
-from . import aws
+from . import aws, faults
 from .archive import safe_extract
 from .compile import compile_model
 from .errors import ClientError
@@ -74,6 +74,7 @@ class Timer:
     def stage(self, name: str) -> Iterator[None]:
         start = time.perf_counter()
         log.info("stage %s: start", name)
+        faults.enter_stage(name)  # test-only fault injection (KILN_FAULT); a no-op otherwise
         try:
             yield
         finally:
