@@ -28,8 +28,10 @@ from tvm import relax, tirx
 from tvm.s_tir import Schedule
 
 from .graph import cpu_graph_passes
+from .graph.quantized import QuantizedConvToInteger
 from .options import TuningBudget
-from .schedules import DefaultCPUSchedule, has_root, target_lanes, target_vector_unit
+from .schedules import DefaultCPUSchedule, has_root, target_cpu, target_lanes, target_vector_unit
+from .schedules.int8 import VNNIConvSchedule
 from .tuning import TuningDatabase, tune_and_apply
 
 log = logging.getLogger(__name__)
@@ -149,7 +151,8 @@ def compile_relax(
 
     with tgt:
         if default_schedules:
-            mod = tvm.transform.Sequential(cpu_graph_passes(target_lanes(tgt)))(mod)
+            # QDQ chains become integer convolutions before the layout rewrites (ADR 0018)
+            mod = tvm.transform.Sequential([QuantizedConvToInteger(), *cpu_graph_passes(target_lanes(tgt))])(mod)
         fused = tvm.transform.Sequential(_fuse_passes())(mod)
         fused = relax.transform.AttachAttrLayoutFreeBuffers()(fused)
         if database is not None:
@@ -157,9 +160,12 @@ def compile_relax(
                                            reserve_seconds=_compile_reserve(fused))
             summary["tuned"], summary["reused"] = counts["tuned"], counts["reused"]
         if default_schedules:
+            vnni = VNNIConvSchedule()
+            if "avx512_vnni" in target_cpu(tgt).features:
+                fused = vnni(fused)  # type: ignore[operator]
             pass_ = DefaultCPUSchedule(target_vector_unit(tgt))
             fused = pass_(fused)  # type: ignore[operator]
-            summary["default"] = pass_.scheduled
+            summary["default"] = pass_.scheduled + len(vnni.scheduled)
             unscheduled = pass_.failed
             if unscheduled:
                 log.warning("%d kernels kept TVM's unscheduled loops: %s", len(unscheduled), ", ".join(unscheduled))

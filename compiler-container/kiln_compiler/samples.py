@@ -71,3 +71,28 @@ def input_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
     return {
         i.name: tuple(d.dim_value for d in i.type.tensor_type.shape.dim) for i in model.graph.input
     }
+
+
+def quantize_qdq(model: onnx.ModelProto, work: Path, seed: int = 0, samples: int = 4) -> onnx.ModelProto:
+    """``model`` quantized by onnxruntime's ``quantize_static`` as users do: QDQ format, per-channel s8
+    weights, u8 activations, calibrated on ``samples`` random normal inputs. Models below opset 13
+    are converted first (per-channel DequantizeLinear needs its ``axis``)."""
+    import onnx.version_converter
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    if max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) < 13:
+        model = onnx.version_converter.convert_version(model, 13)
+    inp = model.graph.input[0]
+    shape = [d.dim_value for d in inp.type.tensor_type.shape.dim]
+    rng = np.random.default_rng(seed)
+    batches = iter([{inp.name: rng.standard_normal(shape).astype("float32")} for _ in range(samples)])
+
+    class Reader(CalibrationDataReader):
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(batches, None)
+
+    work.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(work / "fp32.onnx"))
+    quantize_static(str(work / "fp32.onnx"), str(work / "qdq.onnx"), Reader(), quant_format=QuantFormat.QDQ,
+                    per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    return onnx.load(str(work / "qdq.onnx"))

@@ -14,12 +14,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import boto3
+import numpy as np
 import onnx
 import pytest
 from kiln.catalog import Target, TargetCatalog
 from kiln_compiler import CompilerOptions, compile_model
 from kiln_compiler.package import package
-from kiln_compiler.samples import load_light_model
+from kiln_compiler.samples import load_light_model, quantize_qdq
 
 os.environ.setdefault("TVM_NUM_THREADS", "2")
 
@@ -145,3 +146,47 @@ def buckets(aws_env: dict[str, str]) -> Any:
         with contextlib.suppress(s3.exceptions.BucketAlreadyOwnedByYou):
             s3.create_bucket(Bucket=b)
     return s3
+
+
+def small_cnn(seed: int = 0) -> onnx.ModelProto:
+    """Three convolutions (3x3 stride 2 padded, 3x3 padded, 1x1) with bias and relu, global average pool,
+    flatten; input ``input`` [1,3,32,32], opset 13."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    nodes, inits, x = [], [], "input"
+    for i, (cin, cout, k, stride, pad) in enumerate([(3, 16, 3, 2, 1), (16, 32, 3, 1, 1), (32, 32, 1, 1, 0)]):
+        w = (rng.standard_normal((cout, cin, k, k)) / np.sqrt(cin * k * k)).astype("float32")
+        inits += [numpy_helper.from_array(w, f"c{i}_w"),
+                  numpy_helper.from_array((rng.standard_normal(cout) * 0.1).astype("float32"), f"c{i}_b")]
+        nodes += [helper.make_node("Conv", [x, f"c{i}_w", f"c{i}_b"], [f"c{i}"], kernel_shape=[k, k],
+                                   strides=[stride] * 2, pads=[pad] * 4),
+                  helper.make_node("Relu", [f"c{i}"], [f"r{i}"])]
+        x = f"r{i}"
+    nodes += [helper.make_node("GlobalAveragePool", [x], ["gap"]), helper.make_node("Flatten", ["gap"], ["output"])]
+    graph = helper.make_graph(nodes, "small_cnn", [helper.make_tensor_value_info("input", TensorProto.FLOAT,
+                                                                                 [1, 3, 32, 32])],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 32])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    return model
+
+
+@pytest.fixture(scope="session")
+def qdq_small_cnn_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An unpacked archive holding the QDQ-quantized ``small_cnn`` as model.onnx."""
+    work = tmp_path_factory.mktemp("qdq_small_cnn")
+    d = work / "archive"
+    d.mkdir()
+    onnx.save(quantize_qdq(small_cnn(), work / "quantize"), str(d / "model.onnx"))
+    return d
+
+
+@pytest.fixture(scope="session")
+def qdq_squeezenet_dir(tmp_path_factory: pytest.TempPathFactory, squeezenet: onnx.ModelProto) -> Path:
+    """An unpacked archive holding SqueezeNet 1.0 quantized to QDQ (opset 13) as model.onnx."""
+    work = tmp_path_factory.mktemp("qdq_squeezenet")
+    d = work / "archive"
+    d.mkdir()
+    onnx.save(quantize_qdq(squeezenet, work / "quantize"), str(d / "model.onnx"))
+    return d

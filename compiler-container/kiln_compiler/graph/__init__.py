@@ -2,7 +2,9 @@
 
 from .grouped_conv import PadConvChannels, SplitGroupedConv
 from .layout import cpu_graph_passes
+from .quantized import QuantizedConvToInteger
 from .simplify import ConstantsToFullRank, DivideByConstantToMultiply, RemoveInferenceDropout, SumOfStackToAdd
 
-__all__ = ["ConstantsToFullRank", "DivideByConstantToMultiply", "PadConvChannels", "RemoveInferenceDropout",
+__all__ = ["ConstantsToFullRank", "DivideByConstantToMultiply", "PadConvChannels", "QuantizedConvToInteger",
+           "RemoveInferenceDropout",
            "SplitGroupedConv", "SumOfStackToAdd", "cpu_graph_passes"]

@@ -1,0 +1,88 @@
+"""Reduced-precision bench: Kiln int8 vs Kiln fp32 vs ONNX Runtime fp32 and int8 (the same QDQ model).
+
+Usage: .venv/bin/python bench/int8.py [--models squeezenet,...] [--threads 2] [--rounds 3] [--runs 20]
+       [--target ml_c5] [--options '{"mcpu": "znver4"}']
+The QDQ model is onnxruntime's ``quantize_static`` of the light model (per-channel s8 weights, u8
+activations, kiln_compiler.samples.quantize_qdq). Subjects run interleaved, round after round
+(median of ``runs`` calls each), so load on a shared machine hits them alike; prints each subject's
+median per round and the range over rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+
+def _median_ms(fn: Callable[[], object], runs: int) -> float:
+    fn()
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return float(np.median(times) * 1e3)
+
+
+def _kiln(model_dir: Path, out: Path, target: str, options: str | None) -> Callable[[dict[str, np.ndarray]], object]:
+    import kiln.runtime
+    from kiln.catalog import TargetCatalog
+    from kiln_compiler import CompilerOptions, compile_model
+    from kiln_compiler.package import package
+
+    tgt = TargetCatalog().device(target)
+    result = compile_model(model_dir, "ONNX", tgt, CompilerOptions.parse(options, tgt), out_dir=out / "build")
+    model = kiln.runtime.load(package(result, tgt, out / "model.tar.gz", model_dir=model_dir).path)
+    return model.run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="squeezenet")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--target", default="ml_c5", help="catalog target the Kiln artifacts are built for")
+    parser.add_argument("--options", default=None, help='CompilerOptions, e.g. \'{"mcpu": "znver4"}\' for VNNI')
+    args = parser.parse_args()
+    os.environ["TVM_NUM_THREADS"] = str(args.threads)  # read by the TVM runtime at its first parallel call
+    import onnx
+    import onnxruntime as ort
+    from kiln_compiler.samples import input_shapes, load_light_model, quantize_qdq
+
+    for name in args.models.split(","):
+        with tempfile.TemporaryDirectory() as tmp:
+            work = Path(tmp)
+            fp32 = load_light_model(name)
+            qdq = quantize_qdq(fp32, work / "quantize")
+            (input_name, shape), = input_shapes(fp32).items()
+            x = {input_name: np.random.default_rng(0).standard_normal(shape).astype("float32")}
+            subjects: dict[str, Callable[[], object]] = {}
+            for label, model in (("fp32", fp32), ("int8", qdq)):
+                d = work / label
+                d.mkdir()
+                onnx.save(model, str(d / "model.onnx"))
+                run = _kiln(d, work / f"build-{label}", args.target, args.options)
+                subjects[f"kiln {label}"] = lambda run=run, x=x: run(x)
+                opts = ort.SessionOptions()
+                opts.intra_op_num_threads, opts.inter_op_num_threads = args.threads, 1
+                sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+                subjects[f"ort {label}"] = lambda sess=sess, x=x: sess.run(None, x)
+            rounds: dict[str, list[float]] = {k: [] for k in subjects}
+            for _ in range(args.rounds):
+                for label, fn in subjects.items():
+                    rounds[label].append(_median_ms(fn, args.runs))
+                    time.sleep(0.2)  # worker threads of the previous subject stop spinning
+            for label, values in rounds.items():
+                print(f"{name:12s} {label:10s} median {np.median(values):7.2f} ms  range "
+                      f"{min(values):7.2f}-{max(values):7.2f}  rounds {', '.join(f'{v:.2f}' for v in values)}")
+
+
+if __name__ == "__main__":
+    main()

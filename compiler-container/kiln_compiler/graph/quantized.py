@@ -1,0 +1,195 @@
+"""Integer convolutions from QDQ graphs: ``DequantizeLinear -> Conv -> (bias) (-> Relu) -> QuantizeLinear``.
+
+TVM's ONNX frontend lowers a QDQ model (onnxruntime's ``quantize_static``, Olive, NNCF) to
+simulated quantization: every quantized tensor is dequantized and the convolution runs in fp32.
+``QuantizedConvToInteger`` turns each chain
+
+    x_f = dequantize(x_q: u8, s_x, z_x)           (per tensor)
+    w_f = dequantize(W_q: s8 const, s_w, 0)       (per tensor or per output channel)
+    y_f = conv2d(x_f, w_f) [+ dequantize(B_q: s32 const, s_b, 0)] [relu]
+    y_q = quantize(y_f, s_y, z_y)                 (per tensor, u8 or s8)
+
+into integer arithmetic the way ONNX Runtime's QLinearConv computes it:
+
+    acc   = conv2d(pad(x_q, z_x), W_q, out_dtype=int32)          u8 x s8 -> s32
+    acc  += B_q - z_x * sum(W_q over kh, kw, ic)                  (one s32 constant per channel)
+    y_q   = saturate(round_half_even(float(acc) * s_x * s_w / s_y) + z_y)  (relu: lower bound z_y)
+
+The input is padded with its zero point (the real value 0), so the zero-point correction is one
+constant per channel, exact at the borders. The epilogue (correction, requantization, relu) is
+elementwise and fuses into the convolution's kernel; ``y_q`` stays u8, so the next layer's
+``dequantize`` is matched again and activations stay 8-bit between such layers. Integer
+accumulation is exact; the only rounding is the final requantization, where a product that
+lands within float32 rounding of a .5 tie may differ from ONNX Runtime's by 1 (quantized unit).
+A bias whose scale is not ``s_x * s_w`` (not how onnxruntime writes it) is added in float.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import tvm
+from tvm import relax
+from tvm.relax.expr_functor import PyExprMutator, mutator
+
+from ._mutate import bound_value, rewrite_functions
+
+_QUANTIZE = tvm.ir.Op.get("relax.quantize")
+_DEQUANTIZE = tvm.ir.Op.get("relax.dequantize")
+_CONV2D = tvm.ir.Op.get("relax.nn.conv2d")
+_ADD = tvm.ir.Op.get("relax.add")
+_RELU = tvm.ir.Op.get("relax.nn.relu")
+_RESHAPE = tvm.ir.Op.get("relax.reshape")
+# a bias scale this close to s_x * s_w is taken as exactly it (onnxruntime computes it in float32)
+_BIAS_SCALE_RTOL = 1e-6
+
+
+def _const(expr: Any) -> np.ndarray | None:
+    return expr.value.numpy() if isinstance(expr, tvm.ir.expr.Constant) else None
+
+
+def _dtype(expr: Any) -> str | None:
+    ty = getattr(expr, "ty", None)
+    return str(ty.dtype) if isinstance(ty, relax.TensorType) else None
+
+
+@dataclass(frozen=True)
+class _Operand:
+    """A dequantized tensor: its quantized value, scale and zero point."""
+
+    value: Any
+    scale: np.ndarray
+    zero_point: np.ndarray
+
+
+@mutator
+class _IntegerConv(PyExprMutator):
+    def __init__(self, mod: tvm.IRModule) -> None:
+        super().__init__(mod)
+        self.rewritten = 0
+
+    def _dequantized(self, expr: Any) -> _Operand | None:
+        call = bound_value(self, expr)
+        if not isinstance(call, relax.Call) or call.op != _DEQUANTIZE:
+            return None
+        scale, zero_point = _const(call.args[1]), _const(call.args[2])
+        if scale is None or zero_point is None:
+            return None
+        return _Operand(call.args[0], scale.astype("float32"), zero_point)
+
+    def _bias(self, expr: Any, channels: int) -> tuple[_Operand | None, np.ndarray | None]:
+        """A bias as (dequantized s32 constant, None) or (None, float values)."""
+        value = bound_value(self, expr)
+        if isinstance(value, relax.Call) and value.op == _RESHAPE:
+            value = bound_value(self, value.args[0])
+        floats = _const(value)
+        if floats is not None and floats.dtype == np.float32 and floats.size == channels:
+            return None, floats.reshape(channels)
+        dq = self._dequantized(value)
+        if dq is None or _dtype(dq.value) != "int32" or _const(dq.value) is None or np.any(dq.zero_point != 0):
+            return None, None
+        return dq, None
+
+    def visit_call_(self, call: relax.Call) -> Any:
+        call = super().visit_call_(call)
+        if call.op != _QUANTIZE or str(call.attrs.out_dtype) not in ("uint8", "int8"):
+            return call
+        out_scale, out_zp = _const(call.args[1]), _const(call.args[2])
+        if out_scale is None or out_zp is None or out_scale.size != 1 or out_zp.size != 1:
+            return call
+        src = bound_value(self, call.args[0])
+        relu = isinstance(src, relax.Call) and src.op == _RELU
+        if relu:
+            src = bound_value(self, src.args[0])
+        bias_expr = None
+        if isinstance(src, relax.Call) and src.op == _ADD:
+            for conv_side, other in ((0, 1), (1, 0)):
+                cand = bound_value(self, src.args[conv_side])
+                if isinstance(cand, relax.Call) and cand.op == _CONV2D:
+                    src, bias_expr = cand, src.args[other]
+                    break
+        if not isinstance(src, relax.Call) or src.op != _CONV2D:
+            return call
+        new = self._integer_conv(src, bias_expr, relu, float(out_scale.reshape(())), int(out_zp.reshape(())),
+                                 str(call.attrs.out_dtype))
+        if new is None:
+            return call
+        self.rewritten += 1
+        return new
+
+    def _integer_conv(self, conv: relax.Call, bias_expr: Any, relu: bool, out_scale: float, out_zp: int,
+                      out_dtype: str) -> Any:
+        attrs = conv.attrs
+        if str(attrs.data_layout) != "NCHW" or str(attrs.kernel_layout) != "OIHW" or str(attrs.out_layout) != "NCHW":
+            return None
+        x, w = self._dequantized(conv.args[0]), self._dequantized(conv.args[1])
+        if x is None or w is None or _dtype(x.value) != "uint8" or x.scale.size != 1 or x.zero_point.size != 1:
+            return None
+        w_q = _const(w.value)
+        if w_q is None or w_q.dtype != np.int8 or w_q.ndim != 4 or np.any(w.zero_point != 0):
+            return None
+        channels = w_q.shape[0]
+        if w.scale.size not in (1, channels):
+            return None
+        bias_q, bias_f = (None, None) if bias_expr is None else self._bias(bias_expr, channels)
+        if bias_expr is not None and bias_q is None and bias_f is None:
+            return None
+        x_scale, x_zp = float(x.scale.reshape(())), int(x.zero_point.reshape(()))
+        acc_scale = (np.float32(x_scale) * np.broadcast_to(w.scale.reshape(-1), (channels,))).astype("float32")
+        correction = -x_zp * w_q.astype("int64").sum(axis=(1, 2, 3))
+        if bias_q is not None:
+            b_q = _const(bias_q.value)
+            assert b_q is not None
+            b_scale = np.broadcast_to(bias_q.scale.reshape(-1), (channels,))
+            if np.allclose(b_scale, acc_scale, rtol=_BIAS_SCALE_RTOL, atol=0):
+                correction = correction + b_q.astype("int64").reshape(channels)
+            else:
+                bias_f = (b_q.astype("float64").reshape(channels) * b_scale).astype("float32")
+        if np.abs(correction).max(initial=0) >= 2**31:
+            return None
+
+        data = x.value
+        padding = [int(p) for p in attrs.padding]
+        if x_zp != 0 and any(padding):
+            top, left, bottom, right = padding
+            data = self.builder_.emit(relax.op.nn.pad(data, [0, 0, 0, 0, top, bottom, left, right],
+                                                      pad_value=float(x_zp)))
+            padding = [0, 0, 0, 0]
+        acc = self.builder_.emit(relax.op.nn.conv2d(
+            data, relax.const(w_q, "int8"), strides=attrs.strides, padding=padding, dilation=attrs.dilation,
+            groups=int(attrs.groups), data_layout="NCHW", kernel_layout="OIHW", out_dtype="int32"))
+        per_channel = (1, channels, 1, 1)
+        if np.any(correction != 0):
+            acc = self.builder_.emit(relax.op.add(acc, relax.const(correction.astype("int32").reshape(per_channel))))
+        y = self.builder_.emit(relax.op.astype(acc, "float32"))
+        multiplier = (acc_scale / np.float32(out_scale)).astype("float32")
+        y = self.builder_.emit(relax.op.multiply(y, relax.const(multiplier.reshape(per_channel))))
+        if bias_f is not None:
+            y = self.builder_.emit(relax.op.add(
+                y, relax.const((bias_f / np.float32(out_scale)).astype("float32").reshape(per_channel))))
+        y = self.builder_.emit(relax.op.round(y))
+        info = np.iinfo(out_dtype)
+        low = max(out_zp, int(info.min)) if relu else int(info.min)
+        if out_zp:
+            y = self.builder_.emit(relax.op.add(y, relax.const(np.float32(out_zp))))
+        # maximum/minimum with constants, not clip: FuseOps keeps clip out of the conv's kernel
+        y = self.builder_.emit(relax.op.maximum(y, relax.const(np.float32(low))))
+        y = self.builder_.emit(relax.op.minimum(y, relax.const(np.float32(info.max))))
+        return relax.op.astype(y, out_dtype)
+
+
+@tvm.transform.module_pass(opt_level=0, name="KilnQuantizedConvToInteger")
+class QuantizedConvToInteger:
+    """``dequantize -> conv2d -> (bias) (-> relu) -> quantize`` -> u8 x s8 -> s32 conv2d + requantize."""
+
+    def __init__(self) -> None:
+        self.rewritten = 0
+
+    def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        rewriter = _IntegerConv(mod)
+        out = rewrite_functions(mod, rewriter)
+        self.rewritten = rewriter.rewritten
+        # the replaced fp32 chains are dead now
+        return relax.transform.DeadCodeElimination()(out) if self.rewritten else out

@@ -1,0 +1,172 @@
+"""u8 x s8 -> s32 convolutions on AVX512-VNNI: ``vpdpbusd`` by tensorization (16 x 4 dot products).
+
+The NHWC/HWIO convolution (``kiln_compiler.graph``) is blocked as 16 output channels x 4 input
+channels: the weights are re-packed at compile time to ``[oc/16, kh, kw, ic/4, 16, 4]`` (a layout
+rewrite folded like the fp32 kernels' weights), and each step of the reduction is one ``vpdpbusd``:
+four input bytes broadcast to 16 lanes against a 64-byte weight block, accumulated into 16 s32.
+A tile holds ``rw`` output pixels of a row, one accumulator register each; the requantizing
+epilogue is inlined into the tile's write-back. Kernels that do not fit (channels not multiples of
+16 / 4, no VNNI) keep Kiln's default schedule.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import tvm
+from tvm import tirx
+from tvm.s_tir import Schedule
+
+from .tir import COMM_REDUCE, DATA_PAR, has_root, is_scheduled, iter_extents, reduction_blocks, writes_output
+
+log = logging.getLogger(__name__)
+
+VNNI_INTRIN = "kiln_dot_16x4_vnni"
+_MAX_PIXELS = 16  # accumulators per tile: 16 of the 32 zmm registers, the rest for weights and inputs
+
+
+def _register_vnni_intrin() -> None:
+    """Register Kiln's ``vpdpbusd`` intrinsic once.
+
+    Not TVM's ``dot_16x4_vnni``: it calls ``llvm.x86.avx512.vpdpbusd.512`` with ``<16 x i32>``
+    operands, which the LLVM in the 0.27 wheel rejects (it declares them ``<64 x i8>``); and
+    importing ``tvm.s_tir.tensor_intrin`` registers every CUDA intrinsic too (30-100 s)."""
+    from tvm.s_tir import TensorIntrin
+    from tvm.script import tirx as T
+
+    if TensorIntrin.get(VNNI_INTRIN, allow_missing=True) is not None:
+        return
+
+    # TVMScript: the annotations are buffer declarations, not types (hence the type: ignores)
+    @T.prim_func(s_tir=True)
+    def desc(a: T.Buffer((4,), "uint8", offset_factor=1), b: T.Buffer((16, 4), "int8", offset_factor=1),  # type: ignore[valid-type]
+             c: T.Buffer((16,), "int32", offset_factor=1)) -> None:  # type: ignore[valid-type]
+        with T.sblock("root"):
+            T.reads(c[0:16], a[0:4], b[0:16, 0:4])
+            T.writes(c[0:16])
+            for i in T.serial(0, 16):
+                for k in T.serial(0, 4):
+                    with T.sblock("update"):
+                        vi, vk = T.axis.remap("SR", [i, k])
+                        c[vi] = c[vi] + T.cast(a[vk], "int32") * T.cast(b[vi, vk], "int32")
+
+    @T.prim_func(s_tir=True)
+    def impl(a: T.Buffer((4,), "uint8", offset_factor=1), b: T.Buffer((16, 4), "int8", offset_factor=1),  # type: ignore[valid-type]
+             c: T.Buffer((16,), "int32", offset_factor=1)) -> None:  # type: ignore[valid-type]
+        with T.sblock("root"):
+            T.reads(c[0:16], a[0:4], b[0:16, 0:4])
+            T.writes(c[0:16])
+            a_i32 = T.reinterpret(a.vload([0], "uint8x4"), dtype="int32")
+            c[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
+                c.vload([0], dtype="int32x16"),
+                T.reinterpret(T.broadcast(a_i32, 16), dtype="uint8x64"),
+                b.vload([0, 0], dtype="int8x64"),
+                dtype="int32x16",
+            )
+
+    TensorIntrin.register(VNNI_INTRIN, desc, impl)
+
+
+def _pick_divisor(extent: int, limit: int) -> int:
+    return max(d for d in range(1, min(extent, limit) + 1) if extent % d == 0)
+
+
+def schedule_vnni_conv(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
+    """The VNNI schedule of a fused u8 x s8 -> s32 NHWC convolution kernel, or None when it does not fit."""
+    # the intrinsic's description indexes with int32: Relax legalizes with int64 shapes
+    func = tirx.transform.ForceNarrowIndexToInt32()(tvm.IRModule({"main": func}))["main"]
+    sch = Schedule(func)
+    if not has_root(sch):
+        return None
+    root = sch.get_sblock("root")
+    blocks = sch.get_child_blocks(root)
+    reductions = reduction_blocks(sch, blocks)
+    if len(reductions) != 1:
+        return None
+    block = reductions[0]
+    stmt = sch.get(block)
+    extents = iter_extents(stmt)
+    kinds = [iv.iter_type for iv in stmt.iter_vars]
+    if extents is None or kinds != [DATA_PAR] * 4 + [COMM_REDUCE] * 3 or len(stmt.reads) != 2:
+        return None
+    data, weight = stmt.reads[0].source, stmt.reads[1].source
+    if (str(data.dtype), str(weight.dtype), str(stmt.writes[0].source.dtype)) != ("uint8", "int8", "int32"):
+        return None
+    _, _, width, channels, _, _, in_channels = extents
+    if channels % 16 or in_channels % 4 or len(weight.shape) != 4:
+        return None
+    _register_vnni_intrin()
+
+    # the padded input stays materialised (vpdpbusd loads 4 bytes of it), in parallel
+    for blk in blocks:
+        if not blk.same_as(block) and not writes_output(sch, blk) and \
+                any(c.same_as(block) for c in sch.get_consumers(blk)):
+            loops = sch.get_loops(blk)
+            sch.parallel(sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0])
+    # weights [kh, kw, ic, oc] -> [oc/16, kh, kw, ic/4, 16, 4], re-packed once at compile time
+    cached = sch.cache_read(block, 1, "global")
+    sch.transform_layout(block, ("read", 1),
+                         lambda kh, kw, ic, oc: (oc // 16, kh, kw, ic // 4, oc % 16, ic % 4))
+    sch.annotate(cached, "meta_schedule.layout_rewrite_preproc", True)
+
+    # "global": the intrinsic describes its accumulator in the global scope
+    write_back = sch.cache_write(block, 0, "global")
+    out_shape = [int(d) for d in sch.get(block).writes[0].source.shape]
+    while True:
+        consumers = sch.get_consumers(write_back)
+        if len(consumers) != 1 or iter_extents(sch.get(consumers[0])) != out_shape:
+            break
+        try:
+            sch.reverse_compute_inline(consumers[0])
+        except Exception:
+            break
+
+    n, h, w, oc, kh, kw, ic = sch.get_loops(block)
+    rw = _pick_divisor(width, _MAX_PIXELS)
+    wo, wi = sch.split(w, [None, rw])
+    oco, oci = sch.split(oc, [None, 16])
+    ico, ici = sch.split(ic, [None, 4])
+    sch.reorder(n, h, wo, oco, kh, kw, ico, wi, oci, ici)
+    outer = sch.fuse(n, h, wo, oco)
+    sch.reverse_compute_at(write_back, outer)
+    wb_loops = sch.get_loops(write_back)[1:]
+    if wb_loops:
+        sch.vectorize(wb_loops[-1])
+    sch.parallel(outer)
+    sch.decompose_reduction(block, kh)
+    sch.unroll(wi)
+    sch.tensorize(oci, VNNI_INTRIN)
+    # what is left at the root (elementwise consumers that could not be inlined) runs in parallel
+    for blk in sch.get_child_blocks(root):
+        loops = sch.get_loops(blk)
+        if loops and all(sch.get(lp).kind == tirx.ForKind.SERIAL for lp in loops):
+            sch.parallel(loops[0])
+    result: tirx.PrimFunc = sch.mod["main"]
+    return result
+
+
+@tvm.transform.module_pass(opt_level=0, name="KilnVNNIConvSchedule")
+class VNNIConvSchedule:
+    """Schedule every unscheduled u8 x s8 -> s32 convolution kernel with ``vpdpbusd`` (AVX512-VNNI targets)."""
+
+    def __init__(self) -> None:
+        self.scheduled: list[str] = []
+
+    def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        updates: dict[Any, tirx.PrimFunc] = {}
+        for gv, func in mod.functions_items():
+            if not isinstance(func, tirx.PrimFunc) or is_scheduled(func):
+                continue
+            try:
+                new = schedule_vnni_conv(func)
+            except Exception as exc:  # a kernel the blocking does not fit keeps the default schedule
+                log.debug("VNNI schedule failed for %s: %s", gv.name_hint, exc)
+                continue
+            if new is not None:
+                updates[gv] = new.with_attr("tirx.is_scheduled", True)
+                self.scheduled.append(gv.name_hint)
+        for gv, func in updates.items():
+            mod[gv] = func
+        return mod

@@ -1,0 +1,146 @@
+"""QDQ ONNX models (onnxruntime's ``quantize_static``) compiled to integer convolutions.
+
+Tolerance: the integer convolutions accumulate exactly (u8 x s8 -> s32); the only rounding is the
+requantization ``round_half_even(float(acc) * s_x * s_w / s_y)``, where Kiln's float32 product can
+land on the other side of a .5 tie than ONNX Runtime's, i.e. 1 quantized unit. Such a 1-unit step
+in an inner layer may move an outer layer by 1 unit too, so outputs are compared in units of the
+output's quantization scale: at most 1 unit apart, and almost all of them identical.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import kiln.runtime
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from kiln_compiler.graph import QuantizedConvToInteger
+from tvm.relax.frontend.onnx import from_onnx
+
+from tests.compiler.conftest import compile_artifact
+
+# share of outputs that must equal ONNX Runtime's exactly (measured: 100% small CNN, >99% SqueezeNet)
+MIN_EXACT = 0.95
+
+
+def _output_scale(model: onnx.ModelProto) -> float:
+    """Scale of the DequantizeLinear that produces the graph's (first) output."""
+    init = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    out = model.graph.output[0].name
+    node = next(n for n in model.graph.node if out in n.output)
+    assert node.op_type == "DequantizeLinear", f"output produced by {node.op_type}"
+    return float(init[node.input[1]])
+
+
+def _agreement(model_dir: Path, tmp_path: Path, input_name: str, shape: tuple[int, ...]) -> tuple[int, float]:
+    """(max abs difference in output quantization units, share of identical outputs) of the ml_c4
+    artifact vs ONNX Runtime running the same QDQ model on one random input."""
+    qdq = onnx.load(str(model_dir / "model.onnx"))
+    model = kiln.runtime.load(compile_artifact(model_dir, "ONNX", "ml_c4", tmp_path))
+    x = np.random.default_rng(3).standard_normal(shape).astype("float32")
+    (out,) = model.run({input_name: x})
+    (ref,) = ort.InferenceSession(qdq.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {input_name: x})
+    units = np.rint(np.abs(out.astype("float64") - ref) / _output_scale(qdq))
+    return int(units.max()), float(np.mean(units == 0))
+
+
+def test_every_qdq_convolution_becomes_integer(qdq_small_cnn_dir: Path) -> None:
+    # GIVEN the QDQ small CNN in Relax (three DQ -> conv -> bias -> Q chains, relu folded into Q)
+    mod = from_onnx(onnx.load(str(qdq_small_cnn_dir / "model.onnx")), shape_dict={"input": [1, 3, 32, 32]},
+                    keep_params_in_input=False)
+    # WHEN the rewrite runs
+    rewrite = QuantizedConvToInteger()
+    out = rewrite(mod)
+    # THEN all three are u8 x s8 -> s32 convolutions and no fp32 convolution is left
+    assert rewrite.rewritten == 3
+    convs = [c for c in _calls(out) if c.op.name == "relax.nn.conv2d"]
+    assert [(str(c.args[0].ty.dtype), str(c.args[1].ty.dtype), str(c.attrs.out_dtype)) for c in convs] == \
+        [("uint8", "int8", "int32")] * 3
+    # the input's zero point is not 0: the first layer pads with it instead of with 0
+    pads = [c for c in _calls(out) if c.op.name == "relax.nn.pad"]
+    assert len(pads) == 1 and float(pads[0].attrs.pad_value) != 0.0
+
+
+def _calls(mod: object) -> list:
+    from tvm import relax
+
+    found: list = []
+    relax.analysis.post_order_visit(mod["main"], lambda e: found.append(e) if isinstance(e, relax.Call)
+                                    and hasattr(e.op, "name") else None)
+    return found
+
+
+def test_qdq_small_cnn_matches_onnxruntime(qdq_small_cnn_dir: Path, tmp_path: Path) -> None:
+    # GIVEN a QDQ CNN made by quantize_static (per-channel s8 weights, u8 activations, asymmetric input)
+    # WHEN compile_model builds it for ml_c4 and the artifact and ONNX Runtime run the same input
+    worst, exact = _agreement(qdq_small_cnn_dir, tmp_path, "input", (1, 3, 32, 32))
+    # THEN the outputs are at most 1 quantized unit apart, almost all identical
+    assert worst <= 1
+    assert exact >= MIN_EXACT
+
+
+@pytest.mark.slow
+def test_qdq_squeezenet_matches_onnxruntime(qdq_squeezenet_dir: Path, tmp_path: Path) -> None:
+    # GIVEN SqueezeNet 1.0 quantized to QDQ (26 integer convolutions, concats, pools, softmax)
+    # WHEN compiled for ml_c4 and run beside ONNX Runtime on the same QDQ model
+    worst, exact = _agreement(qdq_squeezenet_dir, tmp_path, "data_0", (1, 3, 224, 224))
+    # THEN at most 1 quantized unit apart
+    assert worst <= 1
+    assert exact >= MIN_EXACT
+
+
+def _has_vnni() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return "avx512_vnni" in f.read()
+    except OSError:
+        return False
+
+
+def _build(model_dir: Path, mcpu: str, tmp_path: Path) -> tuple[object, str]:
+    """(VM executable, disassembly) of the QDQ model compiled by Kiln's CPU pipeline for ``mcpu``."""
+    import shutil
+    import subprocess
+
+    from kiln_compiler.pipeline import compile_relax
+
+    mod = from_onnx(onnx.load(str(model_dir / "model.onnx")), shape_dict={"input": [1, 3, 32, 32]},
+                    keep_params_in_input=False)
+    compiled = compile_relax(mod, {"kind": "llvm", "mcpu": mcpu})
+    assert compiled.unscheduled == []
+    lib = tmp_path / f"{mcpu}.so"
+    compiled.executable.export_library(str(lib))
+    objdump = shutil.which("objdump")
+    assert objdump is not None, "binutils' objdump is needed to inspect the generated code"
+    return compiled.executable, subprocess.run([objdump, "-d", str(lib)], capture_output=True, text=True,
+                                               check=True).stdout
+
+
+@pytest.mark.parametrize("mcpu, vnni", [("cascadelake", True), ("znver4", True), ("haswell", False)])
+def test_integer_convs_use_vpdpbusd_where_the_target_has_vnni(qdq_small_cnn_dir: Path, tmp_path: Path,
+                                                              mcpu: str, vnni: bool) -> None:
+    # GIVEN the QDQ small CNN (two of its three convolutions have input channels in multiples of 4)
+    # WHEN compiled for a target with AVX512-VNNI, or for AVX2 only
+    _, asm = _build(qdq_small_cnn_dir, mcpu, tmp_path)
+    # THEN the VNNI targets' code multiplies with vpdpbusd; the AVX2 code has none (it would SIGILL)
+    assert ("vpdpbusd" in asm) is vnni
+
+
+@pytest.mark.skipif(not _has_vnni(), reason="the host has no AVX512-VNNI")
+def test_vnni_kernels_match_onnxruntime(qdq_small_cnn_dir: Path, tmp_path: Path) -> None:
+    # GIVEN the QDQ small CNN compiled with vpdpbusd kernels for this host's ISA
+    import tvm
+    from tvm import relax
+
+    executable, _ = _build(qdq_small_cnn_dir, "cascadelake", tmp_path)
+    x = np.random.default_rng(5).standard_normal((1, 3, 32, 32)).astype("float32")
+    # WHEN it and ONNX Runtime run the same input
+    out = relax.VirtualMachine(executable, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+    qdq = onnx.load(str(qdq_small_cnn_dir / "model.onnx"))
+    (ref,) = ort.InferenceSession(qdq.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"input": x})
+    # THEN at most 1 quantized unit apart
+    assert np.rint(np.abs(out - ref) / _output_scale(qdq)).max() <= 1
