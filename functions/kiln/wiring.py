@@ -19,7 +19,8 @@ from kiln.workflow import WorkflowSteps
 def build_containers(config: KilnSettings, session: Any) -> CompilerContainers:
     return CompilerContainers(ecs=session.client("ecs"), batch=session.client("batch"),
                               sfn=session.client("stepfunctions"), cluster=config.ecs_cluster,
-                              family=config.compiler_task_family, gpu_queue=config.gpu_job_queue)
+                              family=config.compiler_task_family, gpu_queue=config.gpu_job_queue,
+                              batch_queues=[p["JobQueue"] for p in config.runner_placements.values() if "JobQueue" in p])
 
 
 def build_service(config: KilnSettings, session: Any | None = None) -> CompilationJobService:
@@ -36,7 +37,8 @@ def build_service(config: KilnSettings, session: Any | None = None) -> Compilati
         events=JobEvents(session.client("events"), config.event_bus_name), containers=containers,
         state_machine_arn=config.state_machine_arn, region=config.region, account=config.account_id,
         network=network, iam=session.client("iam") if config.check_pass_role else None,
-        enabled_runners=frozenset(r for r in config.enabled_runners.split(",") if r))
+        enabled_runners=frozenset(r for r in config.enabled_runners.split(",") if r),
+        placements=config.runner_placements)
 
 
 def build_workflow_steps(config: KilnSettings, session: Any | None = None) -> WorkflowSteps:
