@@ -46,6 +46,10 @@ class RunnerSpec:
     architecture: str  # "x86_64" or "arm64": which compiler image it runs
     instance_family: str | None  # EC2 family of its compute environment; None = no choice (Fargate)
     gpu: bool = False
+    # Where a job goes when a deployment has not enabled this runner (None: the job is refused at create).
+    # Graviton families are opt-in (their arm64 image is built only when asked for): without them, Graviton
+    # targets are cross-built on the generic runner as before, and their record says no measurement was made.
+    fallback: Runner | None = None
 
 
 # The one table of runners; CDK builds one compute environment per enabled Batch family from it.
@@ -57,9 +61,9 @@ RUNNERS: dict[Runner, RunnerSpec] = {
     Runner.BATCH_C5: RunnerSpec("batch", "x86_64", "c5"),
     Runner.BATCH_M5: RunnerSpec("batch", "x86_64", "m5"),
     Runner.BATCH_C6I: RunnerSpec("batch", "x86_64", "c6i"),
-    Runner.BATCH_C6G: RunnerSpec("batch", "arm64", "c6g"),
-    Runner.BATCH_M6G: RunnerSpec("batch", "arm64", "m6g"),
-    Runner.BATCH_C7G: RunnerSpec("batch", "arm64", "c7g"),
+    Runner.BATCH_C6G: RunnerSpec("batch", "arm64", "c6g", fallback=Runner.FARGATE),
+    Runner.BATCH_M6G: RunnerSpec("batch", "arm64", "m6g", fallback=Runner.FARGATE),
+    Runner.BATCH_C7G: RunnerSpec("batch", "arm64", "c7g", fallback=Runner.FARGATE),
 }
 # TargetPlatform targets name no instance; an mcpu of a cloud family's CPU sends them to its runner
 # (LINUX_ARM64 + neoverse-v1 is how a Graviton3 c7g job is asked for: ml_c7g is no SageMaker TargetDevice).

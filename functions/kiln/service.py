@@ -71,10 +71,13 @@ class CompilationJobService:
         target = rules.check_create(request, self.catalog)
         mcpu = rules.parse_compiler_options(request["OutputConfig"].get("CompilerOptions"), target).get("mcpu")
         runner = self.catalog.runner_for(target, mcpu)
-        if self._enabled_runners is not None and str(runner) not in self._enabled_runners:
+        enabled = self._enabled_runners
+        if enabled is not None and str(runner) not in enabled and str(runner.spec.fallback) in enabled:
+            runner = runner.spec.fallback or runner
+        if enabled is not None and str(runner) not in enabled:
             raise ValidationError(
                 f"Target '{target.name}' needs the '{runner}' compiler runner, which this deployment has "
-                f"not enabled (enabled: {', '.join(sorted(self._enabled_runners)) or 'none'})")
+                f"not enabled (enabled: {', '.join(sorted(enabled)) or 'none'})")
         rules.check_stopping_condition(request.get("StoppingCondition"))
         rules.check_tags(request.get("Tags"))
         if self._iam is not None and caller_arn:
