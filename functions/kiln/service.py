@@ -277,8 +277,14 @@ class CompilationJobService:
             updates["InferenceImage"] = inference_image
         if result.get("Tuning") is not None:
             updates["Internal"] = {"Tuning": result["Tuning"], "Timings": result.get("Timings", {})}
+        extension: dict[str, Any] = {}
         if result.get("Profile"):
-            updates[EXTENSION] = {"Profile": result["Profile"]}
+            extension["Profile"] = result["Profile"]
+        usage = self._usage(name, result.get("Timings") or {})
+        if usage:
+            extension["Usage"] = usage
+        if extension:
+            updates[EXTENSION] = extension
         try:
             record = self.store.transition(name, "COMPLETED", allowed_from=("INPROGRESS",), updates=updates)
         except ConflictError:
@@ -286,6 +292,22 @@ class CompilationJobService:
             return None
         self._events.state_changed(describe_view(record))
         return record
+
+    def _usage(self, name: str, timings: dict[str, Any]) -> dict[str, Any] | None:
+        """What the job cost: task-seconds of its compiler container on its runner, and where they went
+        (build includes tuning; the container's own start and image pull are not counted)."""
+        if "total" not in timings:
+            return None
+        runner = self.store.get(name).get("Runner", "")
+        usage: dict[str, Any] = {"Runner": runner, "TaskSeconds": timings["total"]}
+        for stage in ("build", "profile"):
+            if stage in timings:
+                usage[f"{stage.capitalize()}Seconds"] = timings[stage]
+        if runner in {str(r) for r in Runner}:
+            spec = Runner(runner).spec
+            usage["InstanceFamily"] = spec.instance_family or "fargate"
+            usage["Architecture"] = spec.architecture
+        return usage
 
     def record_failure(self, name: str, reason: str) -> dict[str, Any] | None:
         try:

@@ -42,8 +42,13 @@ def test_local_x86_job_has_a_plausible_profile_in_record_and_manifest(local_stac
     local = tmp_path / "artifact.tar.gz"
     local_stack.client("s3").download_file(bucket, key, str(local))
     assert runtime.load(local).manifest["profile"] == profile
-    # AND the profile took part of the job's timings, next to the build
-    assert service.store.get("prof-x86")["Internal"]["Timings"]["profile"] > 0
+    # AND the record says what the job cost: task-seconds on its runner (ml_c4's family), build and profile
+    # within them
+    timings = service.store.get("prof-x86")["Internal"]["Timings"]
+    usage = job["Kiln"]["Usage"]
+    assert usage["Runner"] == "batch-c4" and usage["InstanceFamily"] == "c4" and usage["Architecture"] == "x86_64"
+    assert usage["TaskSeconds"] == timings["total"]
+    assert 0 < usage["ProfileSeconds"] < usage["TaskSeconds"] and 0 < usage["BuildSeconds"] < usage["TaskSeconds"]
 
     # WHEN a stock boto3 client describes the job
     wire: dict[str, Any] = {}
