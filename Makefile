@@ -15,9 +15,10 @@ PYTEST_ARGS ?=
 
 install: $(STAMP)
 
-# Debian packages: cross toolchains (aarch64, armv7, mingw) and qemu-user to run foreign artifacts.
+# Debian packages: cross toolchains (aarch64, armv7, mingw) and qemu-user to run foreign artifacts (debian.txt,
+# also in the compiler image); Chromium for the console's browser tests (debian-dev.txt, tests only).
 debian-packages:
-	@missing=$$(for p in $$(grep -v '^#' requirements/debian.txt); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	@missing=$$(for p in $$(grep -hv '^#' requirements/debian.txt requirements/debian-dev.txt); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages: $$missing"; \
 	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
@@ -25,6 +26,7 @@ debian-packages:
 	fi
 
 $(STAMP): pyproject.toml requirements/base.txt requirements/compiler.txt requirements/dev.txt requirements/debian.txt \
+          requirements/debian-dev.txt \
           requirements/mxnet.txt
 	@$(MAKE) --no-print-directory debian-packages
 	@command -v $(PYTHON) >/dev/null || { echo "Python 3.11 is required ($(PYTHON) not found)"; exit 1; }

@@ -1,8 +1,12 @@
-"""`make bench`: Kiln (TVM) vs ONNX Runtime on the onnx package's light models.
+"""`make bench`: Kiln (TVM) vs its peers, ONNX Runtime and OpenVINO, on the onnx package's light models.
 
-Usage: .venv/bin/python bench/run.py [--quick] [--tune-minutes M] [--threads N]
-(KILN_BENCH_QUICK=1 is the same as --quick). Writes bench/results/YYYY-MM-DD-<host>.{md,csv}
-and a ratio-vs-tuning-minutes curve (CSV, and PNG when matplotlib is installed).
+Usage: .venv/bin/python bench/run.py [--quick] [--tune-minutes M] [--threads N] [--targets host,ml_c4]
+(KILN_BENCH_QUICK=1 is the same as --quick). Untuned, every model is compiled for the catalog target
+matching this host (its widest ISA, kiln.host) and for the AVX2 target ml_c4; Kiln and both peers are
+timed in interleaved rounds (kiln.benchmark, the same code as `make demo`) and each row gives
+Kiln / ORT, Kiln / OpenVINO and Kiln / faster peer. Tuned rows and the curve use the host's target.
+Writes bench/results/YYYY-MM-DD-<host>.{md,csv} and a ratio-vs-tuning-minutes curve (CSV, and PNG
+when matplotlib is installed).
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime as dt
+import math
 import os
 import platform
 import socket
@@ -37,10 +42,17 @@ def cpu_info() -> tuple[str, str]:
     return model, flags
 
 
-def host_target() -> str:
-    """The catalog target of the widest x86 ISA this CPU has (ml_c5: AVX-512, ml_c4: AVX2)."""
-    _, flags = cpu_info()
-    return "ml_c5" if "avx512f" in flags.split() else "ml_c4"
+def peer_versions() -> str:
+    """The peers' package versions, as measured."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = []
+    for dist in ("onnxruntime", "openvino"):
+        try:
+            found.append(f"{dist} {version(dist)}")
+        except PackageNotFoundError:
+            found.append(f"{dist} missing")
+    return ", ".join(found)
 
 
 def git_revision() -> str:
@@ -57,18 +69,6 @@ def git_revision() -> str:
     return rev + ("+changes" if dirty else "")
 
 
-def median_ms(fn, repeat: int) -> float:
-    import numpy as np
-
-    fn()
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t) * 1000)
-    return float(np.median(times))
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", default=os.environ.get("KILN_BENCH_QUICK") == "1")
@@ -79,6 +79,8 @@ def main() -> None:
     ap.add_argument("--tune-models", help="comma-separated models to measure after tuning (default: all)")
     ap.add_argument("--curve-model", help="the model of the ratio-vs-tuning-minutes curve")
     ap.add_argument("--curve-points", help="comma-separated cumulative tuning minutes for the curve")
+    ap.add_argument("--targets", default="host,ml_c4",
+                    help="comma-separated catalog targets of the untuned rows ('host': the one matching this CPU)")
     ap.add_argument("--out", default=str(HERE / "results"), help="results directory")
     args = ap.parse_args()
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
@@ -87,8 +89,9 @@ def main() -> None:
     import kiln.runtime
     import numpy as np
     import onnx
-    import onnxruntime as ort
-    from kiln.catalog import TargetCatalog
+    from kiln.benchmark import faster_peer, interleaved_medians, peers
+    from kiln.catalog import Target, TargetCatalog
+    from kiln.host import HOST, host_target, target_isa_label
     from kiln_compiler import CompilerOptions, compile_model
     from kiln_compiler.package import package
     from kiln_compiler.samples import MODELS, input_shapes, load_light_model
@@ -107,18 +110,18 @@ def main() -> None:
         curve_points = [float(p) for p in args.curve_points.split(",")]
     if curve_model not in names:
         names.append(curve_model)
-    target = TargetCatalog().device(host_target())
+    catalog = TargetCatalog()
+    host = host_target(catalog)
+    wanted = dict.fromkeys(host.name if t == HOST else t for t in args.targets.split(",") if t)  # ordered, unique
+    targets = [catalog.device(t) for t in wanted]
     rows, curve = [], []
 
-    def measure(name: str, tuning_minutes: float, db_dir: str | None) -> dict[str, object]:
+    def measure(name: str, target: Target, tuning_minutes: float, db_dir: str | None) -> dict[str, object]:
         model = load_light_model(name)
         shapes = input_shapes(model)
         x = np.random.default_rng(0).random(next(iter(shapes.values()))).astype("float32")
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = args.threads
-        sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
         feed = {next(iter(shapes)): x}
-        ort_ms = median_ms(lambda: sess.run(None, feed), args.repeat)
+        rivals = peers(model.SerializeToString(), args.threads)
         tuned = tuning_minutes > 0 and db_dir is not None
         options = CompilerOptions.parse(f'{{"tuning": {{"minutes": {tuning_minutes}}}}}' if tuned else None, target)
         with tempfile.TemporaryDirectory() as work:
@@ -131,25 +134,34 @@ def main() -> None:
                                    deadline=time.time() + tuning_minutes * 60 + 120 if tuned else None)
             compile_s = time.time() - t0
             compiled = kiln.runtime.load(package(result, target, Path(work) / "model.tar.gz", model_dir=model_dir).path)
-            tvm_ms = median_ms(lambda: compiled.run(feed), args.repeat)
-        row = {"model": name, "tuning_min": tuning_minutes, "compile_s": round(compile_s, 1),
-               "kiln_ms": round(tvm_ms, 2), "ort_ms": round(ort_ms, 2), "ratio": round(tvm_ms / ort_ms, 2),
+            runners = {"Kiln": lambda: compiled.run(feed), **{p.name: (lambda p=p: p.run(feed)) for p in rivals}}
+            medians = interleaved_medians(runners, rounds=args.repeat)
+        peer, peer_ms = faster_peer(medians, [p.name for p in rivals])
+        kiln_ms = medians["Kiln"]
+        row = {"model": name, "target": target.name, "isa": target_isa_label(target),
+               "tuning_min": tuning_minutes, "compile_s": round(compile_s, 1),
+               "kiln_ms": round(kiln_ms, 2), "ort_ms": round(medians["ONNX Runtime"], 2),
+               "openvino_ms": round(medians["OpenVINO"], 2), "ratio": round(kiln_ms / medians["ONNX Runtime"], 2),
+               "ratio_openvino": round(kiln_ms / medians["OpenVINO"], 2),
+               "ratio_faster_peer": round(kiln_ms / peer_ms, 2), "faster_peer": peer,
                **{k: v for k, v in result.tuning.items()}}
         print(row, flush=True)
         return row
 
-    for name in names:
-        rows.append(measure(name, 0.0, None))
+    for target in targets:
+        for name in names:
+            rows.append(measure(name, target, 0.0, None))
     for name in tuned_models:
         with tempfile.TemporaryDirectory() as d:
-            rows.append(measure(name, tune_minutes, d))
+            rows.append(measure(name, host, tune_minutes, d))
     with tempfile.TemporaryDirectory() as d:  # one database, growing: cumulative minutes
         spent = 0.0
         for m in curve_points:
-            row = measure(curve_model, m - spent, d)
+            row = measure(curve_model, host, m - spent, d)
             spent = m
             curve.append({"model": curve_model, "tuning_min_total": m, "ratio": row["ratio"],
-                          "kiln_ms": row["kiln_ms"], "ort_ms": row["ort_ms"]})
+                          "ratio_faster_peer": row["ratio_faster_peer"], "kiln_ms": row["kiln_ms"],
+                          "ort_ms": row["ort_ms"], "openvino_ms": row["openvino_ms"]})
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -168,28 +180,46 @@ def main() -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        plt.plot([0] + [c["tuning_min_total"] for c in curve], [rows[names.index(curve_model)]["ratio"]] +
-                 [c["ratio"] for c in curve], marker="o")
+        untuned = next(r for r in rows if r["model"] == curve_model and r["target"] == host.name
+                       and r["tuning_min"] == 0.0)
+        plt.plot([0] + [c["tuning_min_total"] for c in curve], [untuned["ratio_faster_peer"]] +
+                 [c["ratio_faster_peer"] for c in curve], marker="o")
         plt.axhline(1.0, linestyle="--")
         plt.xlabel("tuning minutes")
-        plt.ylabel(f"{curve_model}: Kiln / ONNX Runtime latency")
+        plt.ylabel(f"{curve_model}: Kiln / faster peer latency")
         plt.savefig(f"{stem}-curve.png", dpi=100)
     except ImportError:
         print("matplotlib not installed: curve written as CSV only")
     model_name, flags = cpu_info()
+    described_targets = ", ".join(f"{t.name} ({t.tvm_target.get('mcpu')})" for t in targets)
     lines = [f"# Kiln bench {dt.date.today().isoformat()} on {socket.gethostname()}", "",
              f"- code: {revision}",
              f"- CPU: {model_name}, {os.cpu_count()} logical cores; flags: {flags}",
-             f"- threads: TVM_NUM_THREADS={args.threads}, ORT intra_op_num_threads={args.threads}; "
-             f"target {target}; batch 1 fp32; median of {args.repeat} runs; quick={args.quick}", "",
-             "| model | tuning (min) | compile (s) | Kiln (ms) | ORT (ms) | Kiln/ORT | tuned | reused | default |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             f"- threads: TVM_NUM_THREADS={args.threads}, ORT intra_op_num_threads={args.threads}, OpenVINO "
+             f"INFERENCE_NUM_THREADS={args.threads} (CPU plugin, INFERENCE_PRECISION_HINT=f32, "
+             f"PERFORMANCE_HINT=LATENCY); versions: {peer_versions()}",
+             f"- targets: {described_targets} untuned; tuned rows and curve on {host.name} (this host's widest ISA); "
+             f"batch 1 fp32; Kiln and peers timed in {args.repeat} interleaved rounds, medians; quick={args.quick}",
+             "",
+             "| model | target | tuning (min) | compile (s) | Kiln (ms) | ORT (ms) | OpenVINO (ms) | Kiln/ORT | "
+             "Kiln/OpenVINO | Kiln / faster peer | tuned | reused | default |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['tuning_min']} | {r['compile_s']} | {r['kiln_ms']} | {r['ort_ms']} | "
-                     f"{r['ratio']} | {r['tuned']} | {r['reused']} | {r['default']} |")
-    lines += ["", f"Ratio vs cumulative tuning minutes ({curve_model}):", "",
-              "| minutes | Kiln (ms) | ORT (ms) | Kiln/ORT |", "|---|---|---|---|"]
-    lines += [f"| {c['tuning_min_total']} | {c['kiln_ms']} | {c['ort_ms']} | {c['ratio']} |" for c in curve]
+        lines.append(f"| {r['model']} | {r['target']} | {r['tuning_min']} | {r['compile_s']} | {r['kiln_ms']} | "
+                     f"{r['ort_ms']} | {r['openvino_ms']} | {r['ratio']} | {r['ratio_openvino']} | "
+                     f"**{r['ratio_faster_peer']}** ({r['faster_peer']}) | {r['tuned']} | {r['reused']} | "
+                     f"{r['default']} |")
+    lines += ["", "Geomean of Kiln / faster peer, untuned:", ""]
+    for target in targets:
+        ratios = [float(r["ratio_faster_peer"]) for r in rows if r["target"] == target.name and r["tuning_min"] == 0.0]
+        if ratios:
+            lines.append(f"- {target.name}: {math.exp(sum(map(math.log, ratios)) / len(ratios)):.2f} "
+                         f"over {len(ratios)} models")
+    lines += ["", f"Ratio vs cumulative tuning minutes ({curve_model}, {host.name}):", "",
+              "| minutes | Kiln (ms) | ORT (ms) | OpenVINO (ms) | Kiln/ORT | Kiln / faster peer |",
+              "|---|---|---|---|---|---|"]
+    lines += [f"| {c['tuning_min_total']} | {c['kiln_ms']} | {c['ort_ms']} | {c['openvino_ms']} | {c['ratio']} | "
+              f"{c['ratio_faster_peer']} |" for c in curve]
     Path(f"{stem}.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {stem}.md")
 

@@ -1,70 +1,86 @@
-"""`make demo`: compile a real model end to end in local mode, then run it and compare.
+"""`make demo`: compile a real model end to end in local mode for this machine's target, run it, compare.
 
 The same path as production: CreateCompilationJob validation, the Step Functions workflow on
-moto, the compiler entrypoint as a process, the artifact downloaded from (embedded) S3."""
+moto, the compiler entrypoint as a process, the artifact downloaded from (embedded) S3. Then the
+artifact runs here, its output is checked against ONNX Runtime, and Kiln's latency is put beside
+the peers the bench measures (kiln.benchmark: ONNX Runtime and OpenVINO, same threads, interleaved
+rounds), with the ratio as measured, whatever it is.
+"""
 
 from __future__ import annotations
 
 import io
 import json
-import statistics
+import os
 import subprocess
 import sys
 import tarfile
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 from kiln import runtime
+from kiln.benchmark import faster_peer, interleaved_medians, peers
+from kiln.host import host_target, target_isa_label
 from kiln_compiler.samples import input_shapes, load_light_model
+from rich.console import Console
+from rich.table import Table
 
 MODEL = "squeezenet"
+ROUNDS = 30
 
 
 def main() -> int:
+    console = Console()
     out = Path("demo-out")
     out.mkdir(exist_ok=True)
+    target = host_target()
     model = load_light_model(MODEL)
     shapes = input_shapes(model)
+    data = model.SerializeToString()
     with tempfile.TemporaryDirectory() as tmp:
         archive = Path(tmp) / f"{MODEL}.tar.gz"
-        data = model.SerializeToString()
         with tarfile.open(archive, "w:gz") as tar:
             info = tarfile.TarInfo("model.onnx")
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
         command = [sys.executable, "-m", "kiln.cli", "compile", str(archive), "--framework", "ONNX",
-                   "--target-device", "ml_c4", "--data-input-config", json.dumps({k: list(v) for k, v in shapes.items()}),
-                   "--output-dir", str(out), "--job-name", "demo-squeezenet"]
-        print("$", " ".join(command[1:]), flush=True)
+                   "--target-device", "host", "--data-input-config",
+                   json.dumps({k: list(v) for k, v in shapes.items()}), "--output-dir", str(out),
+                   "--job-name", f"demo-{MODEL}"]
+        console.print(f"$ kiln compile {MODEL}.tar.gz --framework ONNX --target-device host "
+                      f"--output-dir {out}", style="bold", highlight=False)
         if subprocess.call(command) != 0:
             return 1
-    artifact = out / f"{MODEL}-ml_c4.tar.gz"
+    artifact = out / f"{MODEL}-{target.name}.tar.gz"
     compiled = runtime.load(artifact)
+    threads = int(os.environ.get("TVM_NUM_THREADS") or os.cpu_count() or 1)
+    rivals = peers(data, threads)
     rng = np.random.default_rng(0)
     feeds = {name: rng.standard_normal(shape).astype(np.float32) for name, shape in shapes.items()}
     ours = compiled.run(feeds)[0]
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 2
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    theirs = session.run(None, feeds)[0]
+    reference = rivals[0]  # ONNX Runtime
+    theirs = reference.run(feeds)[0]
     np.testing.assert_allclose(ours, theirs, rtol=1e-3, atol=1e-4)
+    console.print(f"\noutput matches {reference.name} (max abs diff {np.abs(ours - theirs).max():.1e})")
 
-    def median_ms(run: object, repeat: int = 20) -> float:
-        times = []
-        for _ in range(repeat):
-            start = time.perf_counter()
-            run()  # type: ignore[operator]
-            times.append((time.perf_counter() - start) * 1000)
-        return statistics.median(times)
-
-    kiln_ms = median_ms(lambda: compiled.run(feeds))
-    ort_ms = median_ms(lambda: session.run(None, feeds))
-    print(f"\nartifact: {artifact}  inputs: {[(s.name, s.shape) for s in compiled.inputs]}")
-    print(f"output matches ONNX Runtime (max abs diff {np.abs(ours - theirs).max():.2e})")
-    print(f"median latency: Kiln {kiln_ms:.1f} ms, ONNX Runtime {ort_ms:.1f} ms (ratio {kiln_ms / ort_ms:.2f}x)")
+    medians = interleaved_medians({"Kiln": lambda: compiled.run(feeds),
+                                   **{p.name: (lambda p=p: p.run(feeds)) for p in rivals}}, rounds=ROUNDS)
+    kiln_ms = medians["Kiln"]
+    table = Table(title=f"{MODEL}, batch 1 fp32, {threads} threads each, median of {ROUNDS} interleaved rounds",
+                  title_justify="left")
+    table.add_column("runtime")
+    table.add_column("latency (ms)", justify="right")
+    table.add_column("Kiln / it", justify="right")
+    table.add_row(f"Kiln ({target.name}, {target_isa_label(target)})", f"{kiln_ms:.2f}", "")
+    for peer in rivals:
+        table.add_row(peer.name, f"{medians[peer.name]:.2f}", f"{kiln_ms / medians[peer.name]:.2f}")
+    console.print(table)
+    name, peer_ms = faster_peer(medians, [p.name for p in rivals])
+    ratio = kiln_ms / peer_ms
+    verdict = "Kiln is faster" if ratio < 1 else f"{name} is faster"
+    console.print(f"Kiln / faster peer ({name}): [bold]{ratio:.2f}[/] — {verdict} on this host (below 1: Kiln "
+                  "is faster). Untuned; `make bench` measures all five models.", highlight=False)
     return 0
 
 

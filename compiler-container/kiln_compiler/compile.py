@@ -6,6 +6,9 @@ tests all compile through this one function, the way tvmc puts its CLI over a li
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -24,13 +27,15 @@ __all__ = ["BuildResult", "compile_model"]
 
 def compile_model(model_dir: Path, framework: str, target: Target, options: CompilerOptions, *,
                   out_dir: Path, data_input_config: str | None = None, tuning_database: TuningDatabase | None = None,
-                  deadline: float | None = None) -> BuildResult:
+                  deadline: float | None = None,
+                  stage: Callable[[str], AbstractContextManager[object]] | None = None) -> BuildResult:
     """Compile the model unpacked in ``model_dir`` for ``target``; the files land in ``out_dir``.
 
     ``options`` must come from ``CompilerOptions.parse(text, target)`` (the rules for this target);
     ``data_input_config`` is the user's DataInputConfig string; ``tuning_database`` a
     ``kiln_compiler.tuning.TuningDatabase`` whose records are applied (and extended when
-    ``options.tuning`` sets a budget); ``deadline`` (epoch seconds) bounds tuning. Raises
+    ``options.tuning`` sets a budget); ``deadline`` (epoch seconds) bounds tuning; ``stage(name)``, a
+    context manager factory, wraps the "load" and "build" stages (the job times and logs them). Raises
     ``ClientError`` for what the user can fix, ``ServerError`` for Kiln's faults."""
     framework = framework.upper()
     try:
@@ -40,4 +45,5 @@ def compile_model(model_dir: Path, framework: str, target: Target, options: Comp
     compile_backend = backend_for(target, framework)
     return compile_backend(CompileRequest(model_dir=model_dir, framework=framework, target=target, options=options,
                                           out_dir=out_dir, data_input_config=data_input_config,
-                                          tuning_database=tuning_database, deadline=deadline))
+                                          tuning_database=tuning_database, deadline=deadline,
+                                          stage=stage or (lambda _name: contextlib.nullcontext())))

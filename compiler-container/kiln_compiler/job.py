@@ -137,10 +137,9 @@ def run_job(spec: JobSpec, work_dir: Path, *, settings: CompilerSettings = Compi
         archive = aws.download(session, spec.s3_uri, work_dir / "input.tar.gz")
     with timer.stage("unpack"):
         safe_extract(archive, model_dir)
-    with timer.stage("build"):
-        result = compile_model(model_dir, spec.framework, target, options, out_dir=work_dir / "build",
-                               data_input_config=spec.data_input_config, deadline=deadline,
-                               tuning_database=open_tuning_database(settings.tuning_database, work_dir))
+    result = compile_model(model_dir, spec.framework, target, options, out_dir=work_dir / "build",
+                           data_input_config=spec.data_input_config, deadline=deadline, stage=timer.stage,
+                           tuning_database=open_tuning_database(settings.tuning_database, work_dir))
     if result.unscheduled:
         log.warning("%d kernels kept TVM's unscheduled loops: %s", len(result.unscheduled),
                     ", ".join(result.unscheduled))

@@ -38,7 +38,8 @@ def _platform(text: str) -> dict[str, str]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kiln", description="Kiln: SageMaker-compatible model compilation")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show library, Lambda and compiler logs (and traces of unexpected errors)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="serve the API locally with an embedded AWS endpoint")
@@ -51,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     compile_.add_argument("model", type=Path, help="the model archive (.tar.gz)")
     compile_.add_argument("--framework", required=True, type=str.upper)
     target = compile_.add_mutually_exclusive_group(required=True)
-    target.add_argument("--target-device")
+    target.add_argument("--target-device", help="a SageMaker TargetDevice, or 'host' for the catalog target "
+                                                "that matches this machine (Kiln's extension)")
     target.add_argument("--target-platform", type=_platform)
     compile_.add_argument("--data-input-config")
     compile_.add_argument("--framework-version")
@@ -59,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     compile_.add_argument("--max-runtime", type=int, default=900, help="MaxRuntimeInSeconds")
     compile_.add_argument("--output-dir", type=Path, default=Path("."))
     compile_.add_argument("--job-name", default=None)
+    compile_.add_argument("--json", action="store_true",
+                          help="print the final DescribeCompilationJob as JSON on stdout (machine-readable)")
 
     run = sub.add_parser("run", help="run a compiled artifact on inputs")
     run.add_argument("artifact", type=Path)
@@ -69,6 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("artifact", type=Path)
     bench.add_argument("--repeat", type=int, default=20)
     bench.add_argument("--warmup", type=int, default=3)
+
+    console_ = sub.add_parser("console", help="serve the web console for a deployed Kiln, signing its API calls "
+                                               "with your AWS credentials (SigV4, execute-api)")
+    console_.add_argument("--api", required=True, help="the deployed API's URL "
+                                                       "(https://ID.execute-api.REGION.amazonaws.com/prod)")
+    console_.add_argument("--region", default=None, help="signing region (default: from the URL)")
+    console_.add_argument("--host", default="127.0.0.1")
+    console_.add_argument("--port", type=int, default=8090)
     return parser
 
 
@@ -76,28 +88,63 @@ def main(argv: list[str] | None = None) -> int:
     global _result
     args = build_parser().parse_args(argv)
     _result, sys.stdout = sys.stdout, sys.stderr
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("botocore", "boto3", "urllib3", "werkzeug", "moto"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    logging.getLogger("moto.stepfunctions").setLevel(logging.CRITICAL)
-    handlers = {"serve": _serve, "compile": _compile, "run": _run, "bench": _bench}
+    _configure_logging(args.verbose, serving=args.command in ("serve", "console"))
+    handlers = {"serve": _serve, "compile": _compile, "run": _run, "bench": _bench, "console": _console}
     try:
         return handlers[args.command](args)
+    except KeyboardInterrupt:  # Ctrl-C: the embedded stack stopped its compiler processes on the way out
+        console.print("interrupted", style="yellow")
+        return 130
+    except Exception as exc:  # a user sees what went wrong, not a trace (unless --verbose)
+        if args.verbose:
+            raise
+        console.print(f"[red]error:[/] {type(exc).__name__}: {exc}", highlight=False)
+        console.print("run again with --verbose for the logs and the trace", style="dim")
+        return 1
     finally:
         sys.stdout = _result
 
 
+def _configure_logging(verbose: bool, *, serving: bool) -> None:
+    """Library, Lambda and moto logs only with ``--verbose``; a server keeps its request lines."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("botocore", "boto3", "urllib3", "werkzeug", "moto"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("moto.stepfunctions").setLevel(logging.CRITICAL)
+    if serving:
+        logging.getLogger("kiln.serve").setLevel(logging.INFO)
+    if not verbose:
+        # the in-process Lambda handlers log JSON lines through Powertools (their own handlers)
+        from kiln.handlers import api, registry, workflow
+
+        for handler in (api, registry, workflow):
+            handler.logger.setLevel(logging.WARNING)
+
+
 def _serve(args: argparse.Namespace) -> int:
+    from kiln.console.app import PREFIX, Artifacts, ConsoleApp, FormDefaults, local_api
     from kiln.local.server import ApiServer
     from kiln.local.stack import EmbeddedStack
 
     stack = EmbeddedStack(host=args.host, aws_port=args.aws_port or args.port + 1, work_dir=args.work_dir).start()
-    server = ApiServer(args.host, args.port).start()
+    server = ApiServer(args.host, args.port)
+    server.mount(PREFIX, ConsoleApp(local_api(server.url), Artifacts(stack.client("s3")), FormDefaults(
+        role_arn=stack.outputs["JobRoleArn"], input_prefix=f"s3://{stack.outputs['ModelBucket']}/",
+        output_prefix=f"s3://{stack.outputs['ArtifactBucket']}/"))).start()
     console.print(f"[bold]Kiln[/] API on {server.url}  (embedded AWS on {stack.endpoint_url})")
     console.print(f"  boto3.client('sagemaker', endpoint_url='{server.url}')")
     console.print(f"  job role: {stack.outputs['JobRoleArn']}  buckets: s3://{stack.outputs['ModelBucket']}, "
                   f"s3://{stack.outputs['ArtifactBucket']}")
+    console.print(f"  console: {server.url}/console")
+    _wait_for_stop()
+    server.stop()
+    stack.stop()
+    return 0
+
+
+def _wait_for_stop() -> None:
+    """Block until SIGTERM or Ctrl-C."""
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     try:
@@ -106,18 +153,46 @@ def _serve(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         pass
     console.print("stopping…")
+
+
+def _console(args: argparse.Namespace) -> int:
+    import boto3
+
+    from kiln.client import region_from_url
+    from kiln.console.app import Artifacts, ConsoleServer, signed_api
+
+    session = boto3.session.Session()
+    region = args.region or region_from_url(args.api) or session.region_name or "us-east-1"
+    server = ConsoleServer(signed_api(args.api, region_name=region, session=session), args.host, args.port,
+                           artifacts=Artifacts(session.client("s3", region_name=region))).start()
+    console.print(f"[bold]Kiln console[/] on {server.url}/console  (API {args.api}, signed with your AWS "
+                  "credentials for execute-api)")
+    _wait_for_stop()
     server.stop()
-    stack.stop()
     return 0
 
 
 def _compile(args: argparse.Namespace) -> int:
+    from kiln import terminal
+    from kiln.catalog import TargetCatalog
+    from kiln.errors import KilnError
+    from kiln.host import HOST, NoHostTargetError, host_target
     from kiln.local.stack import EmbeddedStack
     from kiln.wiring import default_service
 
     if not args.model.is_file():
         console.print(f"[red]no such file: {args.model}[/]")
         return 2
+    if args.target_device == HOST:
+        try:
+            args.target_device = host_target().name
+        except NoHostTargetError as exc:
+            console.print(f"[red]{exc}[/]")
+            return 2
+        console.print(f"target {args.target_device} (matches this host)", style="dim")
+    description = ""
+    if args.target_device and args.target_device in TargetCatalog().supported_devices:
+        description = f"({TargetCatalog().device(args.target_device).description})"  # else the API names it
     name = args.job_name or f"kiln-compile-{int(time.time())}"
     basename = args.model.name[: -len(".tar.gz")] if args.model.name.endswith(".tar.gz") else args.model.stem
     started = time.time()
@@ -139,55 +214,34 @@ def _compile(args: argparse.Namespace) -> int:
         if args.compiler_options:
             output["CompilerOptions"] = args.compiler_options
         service = default_service()
-        from kiln.errors import KilnError
-
         try:
             service.create({"CompilationJobName": name, "RoleArn": stack.outputs["JobRoleArn"],
                             "InputConfig": input_config, "OutputConfig": output,
                             "StoppingCondition": {"MaxRuntimeInSeconds": args.max_runtime}})
         except KilnError as exc:
-            console.print(f"[red]{exc.code}: {exc.message}[/]")
+            console.print(f"[red]{exc.code}: {exc.message}[/]", highlight=False)
             return 2
-        job = _follow(stack, name, started)
-        status = job["CompilationJobStatus"]
-        if status != "COMPLETED":
-            console.print(f"[red]{status}[/]: {job.get('FailureReason')}")
-            _emit(job)
+        log_path = stack.work_dir / "containers" / name / f"{name}.log"
+        job = terminal.JobFollower(console, lambda: service.describe(name), log_path,
+                                   verbose=args.verbose).follow(started)
+        # the registry hook handles the job's state-change event before the stack stops (quietly)
+        stack.wait_for_registry(timeout=10)
+        if job["CompilationJobStatus"] != "COMPLETED":
+            console.print(terminal.failure(job))
+            if args.json:
+                _emit(job)
             return 1
         uri = job["ModelArtifacts"]["S3ModelArtifacts"]
         key = uri.split("/", 3)[3]
         args.output_dir.mkdir(parents=True, exist_ok=True)
         local = args.output_dir / key.rsplit("/", 1)[-1]
         s3.download_file(artifacts, key, str(local))
-        console.print(f"[green]COMPLETED[/] in {time.time() - started:.1f} s -> {local}")
+    elapsed = time.time() - started
+    manifest = terminal.read_artifact_manifest(local)
+    console.print(terminal.summary(job, local, manifest, terminal.artifact_latency(local), elapsed, description))
+    if args.json:
         _emit(job)
     return 0
-
-
-def _follow(stack: Any, name: str, started: float) -> dict[str, Any]:
-    """Show status changes and compiler stages until the job ends."""
-    from kiln.wiring import default_service
-
-    service = default_service()
-    log_path = stack.work_dir / "containers" / name / f"{name}.log"
-    seen_status, seen_lines = "", 0
-    with console.status("compiling…") as status_line:
-        while True:
-            job = service.describe(name)
-            status = job["CompilationJobStatus"]
-            if status != seen_status:
-                console.print(f"[{time.time() - started:6.1f}s] status {status}")
-                seen_status = status
-            if log_path.exists():
-                lines = log_path.read_text(errors="replace").splitlines()
-                for line in lines[seen_lines:]:
-                    if " stage " in line or "ERROR" in line:
-                        console.print(f"[{time.time() - started:6.1f}s]   {line.split(': ', 1)[-1]}")
-                seen_lines = len(lines)
-            status_line.update(f"{status} - {time.time() - started:.0f} s")
-            if status in ("COMPLETED", "FAILED", "STOPPED"):
-                return job
-            time.sleep(0.5)
 
 
 def _inputs(pairs: list[str]) -> dict[str, Any]:

@@ -26,13 +26,14 @@ def sagemaker_client(endpoint_url: str, *, region_name: str | None = None,
     """``boto3.client("sagemaker")`` for Kiln at ``endpoint_url``, SigV4-signed for execute-api."""
     session = session or boto3.session.Session()
     # The API's own URL says where it lives; it wins over the session's default region.
-    region = region_name or _region_from_url(endpoint_url) or session.region_name or "us-east-1"
+    region = region_name or region_from_url(endpoint_url) or session.region_name or "us-east-1"
     client = session.client("sagemaker", endpoint_url=endpoint_url, region_name=region, **kwargs)
     client.meta.events.register("before-sign.sagemaker", _sign_for_execute_api)
     return client
 
 
-def _region_from_url(url: str) -> str | None:
+def region_from_url(url: str) -> str | None:
+    """The region in an execute-api URL, or None."""
     # https://{api-id}.execute-api.{region}.amazonaws.com/{stage}
     host = url.split("//", 1)[-1].split("/", 1)[0]
     parts = host.split(".")

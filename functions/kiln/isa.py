@@ -73,6 +73,15 @@ _MATTR: Mapping[str, str] = {
 }
 # Features that widen the fp32 vector: the widest present sets the lanes.
 _LANES = (("avx512f", 16), ("avx2", 8), ("avx", 8))
+# what people call the widest vector extension of a feature set, widest first
+_VECTOR_NAMES = (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("avx", "AVX"), ("asimd", "NEON"), ("neon", "NEON"),
+                 ("sse4_2", "SSE4.2"))
+
+
+def vector_isa_name(features: Iterable[str]) -> str:
+    """The widest vector extension in ``features`` as people name it (AVX-512, AVX2, NEON, ...), or '-'."""
+    have = set(features)
+    return next((name for flag, name in _VECTOR_NAMES if flag in have), "-")
 
 
 @dataclass(frozen=True)

@@ -28,8 +28,9 @@ from kiln_infra.workflow import WorkflowArns
 
 RUNTIME = lambda_.Runtime.PYTHON_3_11
 ARCHITECTURE = lambda_.Architecture.X86_64
-# functions/ also holds the local mode (moto, local servers) and the CLI: not shipped to Lambda.
-CODE_EXCLUDE = ["kiln/local", "kiln/local/**", "kiln/cli.py", "**/__pycache__", "**/*.pyc", "*.egg-info"]
+# functions/ also holds the local mode (moto, local servers), the web console and the CLI: not shipped to Lambda.
+CODE_EXCLUDE = ["kiln/local", "kiln/local/**", "kiln/console", "kiln/console/**", "kiln/cli.py", "kiln/terminal.py",
+                "**/__pycache__", "**/*.pyc", "*.egg-info"]
 
 API_HANDLER = "kiln.handlers.api.handler"
 WORKFLOW_HANDLER = "kiln.handlers.workflow.handler"

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from kiln import progress
 
 tvm = pytest.importorskip("tvm")
 from kiln.catalog import TargetCatalog  # noqa: E402
@@ -46,12 +47,16 @@ def test_budget_from_options(bad: str) -> None:
 
 
 @pytest.mark.slow
-def test_tuned_record_is_reused_by_a_second_compile(tmp_path: Path) -> None:
+def test_tuned_record_is_reused_by_a_second_compile(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
     # GIVEN a database filled by a small tuned compile
     db = TuningDatabase(tmp_path / "db")
     first = compile_relax(_dense_module(), HOST, tuning=TuningBudget(trials=8), database=db,
                           deadline=time.time() + 240)
     assert first.summary["tuned"] >= 1
+    # (the tuner reported its progress on stderr, for `kiln compile` to show: start, per kernel, end)
+    events = [e for e in map(progress.parse, capfd.readouterr().err.splitlines()) if e and e["event"] == "tuning"]
+    assert [e["phase"] for e in events] == ["start", "tiles", "search", "end"]
+    assert events[0]["total"] == events[-1]["done"] == 1 and events[0]["stop_at"] > time.time()
     records = len(db)
     # WHEN the same model compiles again without a budget
     second = compile_relax(_dense_module(), HOST, database=TuningDatabase(tmp_path / "db"))

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import pty
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+from kiln.host import host_target, target_isa_label
 
 from tests.conftest import tar_gz, tiny_onnx_model
 
@@ -21,12 +25,15 @@ def test_compile_run_and_bench_a_model(tmp_path: Path) -> None:
     # GIVEN a model archive on disk
     archive = tmp_path / "tiny.tar.gz"
     archive.write_bytes(tar_gz({"model.onnx": tiny_onnx_model().SerializeToString()}))
-    # WHEN `kiln compile` runs it through the embedded stack
-    result = _kiln("compile", str(archive), "--framework", "onnx", "--target-device", "ml_c4",
-                   "--data-input-config", '{"x": [1, 8]}', "--output-dir", str(tmp_path / "out"), cwd=tmp_path)
-    # THEN it exits 0, showed progress, wrote {basename}-{target}.tar.gz and printed the describe result
+    # WHEN `kiln compile --json --verbose` runs it through the embedded stack
+    result = _kiln("--verbose", "compile", str(archive), "--framework", "onnx", "--target-device", "ml_c4",
+                   "--data-input-config", '{"x": [1, 8]}', "--output-dir", str(tmp_path / "out"), "--json",
+                   cwd=tmp_path)
+    # THEN it exits 0, showed progress and (verbose) the compiler's own log on stderr, wrote
+    # {basename}-{target}.tar.gz and printed the describe result, alone, on stdout
     assert result.returncode == 0, result.stderr
     assert "status INPROGRESS" in result.stderr and "stage build" in result.stderr
+    assert "kiln_compiler.job: stage build: start" in result.stderr
     described = json.loads(result.stdout)
     assert described["CompilationJobStatus"] == "COMPLETED"
     artifact = tmp_path / "out" / "tiny-ml_c4.tar.gz"
@@ -55,10 +62,11 @@ def test_compile_failure_exits_non_zero_with_the_reason(tmp_path: Path) -> None:
     archive.write_bytes(tar_gz({"notes.txt": b"nothing to compile"}))
     # WHEN compiled
     result = _kiln("compile", str(archive), "--framework", "ONNX", "--target-device", "ml_c4", cwd=tmp_path)
-    # THEN the exit code is non-zero and the FailureReason is printed
+    # THEN the exit code is non-zero, the FailureReason and what to do are printed, no trace
     assert result.returncode == 1
-    assert "FAILED" in result.stderr
-    assert "ClientError: InputConfiguration:" in result.stderr
+    assert "FAILED: ClientError: InputConfiguration:" in result.stderr
+    assert "what to do: Fix the model archive" in result.stderr
+    assert "Traceback" not in result.stderr and result.stdout == ""
 
 
 def test_compile_refuses_invalid_input_before_starting(tmp_path: Path) -> None:
@@ -69,3 +77,75 @@ def test_compile_refuses_invalid_input_before_starting(tmp_path: Path) -> None:
     result = _kiln("compile", str(archive), "--framework", "ONNX", "--target-device", "ml_inf1", cwd=tmp_path)
     assert result.returncode == 2
     assert "ValidationException" in result.stderr and "ml_inf1" in result.stderr
+
+
+def test_compile_for_this_host_shows_progress_and_a_summary_and_nothing_else(tmp_path: Path) -> None:
+    # GIVEN a model archive
+    archive = tmp_path / "tiny.tar.gz"
+    archive.write_bytes(tar_gz({"model.onnx": tiny_onnx_model().SerializeToString()}))
+    # WHEN compiled for `host` without --verbose or --json
+    result = _kiln("compile", str(archive), "--framework", "ONNX", "--target-device", "host",
+                   "--data-input-config", '{"x": [1, 8]}', "--output-dir", str(tmp_path / "out"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    # THEN the artifact is for the catalog target matching this machine
+    host = host_target()
+    assert (tmp_path / "out" / f"tiny-{host.name}.tar.gz").is_file()
+    assert f"target {host.name} (matches this host)" in result.stderr
+    # AND the output is status and stage lines, then the summary: no Lambda JSON, no library log
+    # lines, no stage line after the final status, nothing on stdout
+    lines = result.stderr.splitlines()
+    assert result.stdout == ""
+    assert not [line for line in lines if line.lstrip().startswith(("{", "}")) or " INFO " in line
+                or "WARNING" in line or "kiln.runners" in line or "Traceback" in line]
+    final = lines.index(next(line for line in lines if line.endswith("status COMPLETED")))
+    assert any("stage upload" in line for line in lines[:final])
+    assert not any("stage " in line for line in lines[final + 1:])
+    summary = "\n".join(lines[final + 1:])
+    assert "COMPLETED in" in summary and f"tiny-{host.name}.tar.gz" in summary
+    assert f"ISA       {target_isa_label(host)}  ({host.isa[0]} " in summary
+    assert "1 default schedule" in summary
+    assert re.search(r"latency\s+\d+\.\d+ ms", summary)
+
+
+def test_an_unexpected_error_is_one_line_without_a_trace_unless_verbose(tmp_path: Path) -> None:
+    # GIVEN an artifact that is not a gzip archive
+    broken = tmp_path / "broken.tar.gz"
+    broken.write_bytes(b"not an archive")
+    # WHEN run, then run with --verbose
+    quiet = _kiln("run", str(broken), cwd=tmp_path)
+    loud = _kiln("--verbose", "run", str(broken), cwd=tmp_path)
+    # THEN the error is named in one line with the way to more, and only --verbose shows the trace
+    assert quiet.returncode == 1 and "error: " in quiet.stderr and "--verbose" in quiet.stderr
+    assert "Traceback" not in quiet.stderr
+    assert loud.returncode != 0 and "Traceback" in loud.stderr
+
+
+def test_compile_on_a_terminal_shows_one_live_display_then_the_summary(tmp_path: Path) -> None:
+    # GIVEN a model archive and a terminal (a pseudo-terminal as stdin/stdout/stderr)
+    archive = tmp_path / "tiny.tar.gz"
+    archive.write_bytes(tar_gz({"model.onnx": tiny_onnx_model().SerializeToString()}))
+    leader, follower = pty.openpty()
+    env = {**os.environ, "TERM": "xterm-256color", "COLUMNS": "120", "LINES": "40"}
+    process = subprocess.Popen([sys.executable, "-m", "kiln.cli", "compile", str(archive), "--framework", "ONNX",
+                                "--target-device", "ml_c4", "--data-input-config", '{"x": [1, 8]}',
+                                "--output-dir", str(tmp_path / "out")],
+                               stdin=follower, stdout=follower, stderr=follower, cwd=tmp_path, env=env)
+    os.close(follower)
+    received = bytearray()
+    while True:  # read until the command closes the terminal (EIO), so it never blocks on a full buffer
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        received += chunk
+    os.close(leader)
+    # WHEN it has finished
+    assert process.wait(timeout=600) == 0, received.decode(errors="replace")[-3000:]
+    screen = received.decode(errors="replace")
+    # THEN it redrew one display in place (cursor control, no plain "[ 1.2s] status" lines) and ended
+    # with the summary
+    assert "\x1b[2K" in screen and "INPROGRESS" in screen
+    assert not re.search(r"\[\s*\d+\.\ds\] status", screen)
+    assert "COMPLETED" in screen and "tiny-ml_c4.tar.gz" in screen and "latency" in screen

@@ -4,13 +4,8 @@ from __future__ import annotations
 
 import io
 import json
-import socket
-import subprocess
-import sys
 import tarfile
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import boto3
 import numpy as np
@@ -19,39 +14,6 @@ import pytest
 from botocore.exceptions import ClientError
 from kiln import runtime
 from kiln_compiler.samples import input_shapes, load_light_model
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str, Path]]:
-    """`kiln serve` on free ports, exactly as a user starts it; yields (api url, aws url, log)."""
-    port = _free_port()
-    aws_port = _free_port()
-    log = tmp_path_factory.mktemp("serve") / "serve.log"
-    with open(log, "w") as out:
-        process = subprocess.Popen([sys.executable, "-m", "kiln.cli", "serve", "--port", str(port),
-                                    "--aws-port", str(aws_port)], stdout=out, stderr=subprocess.STDOUT)
-    api, aws = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{aws_port}"
-    client = boto3.client("sagemaker", endpoint_url=api, region_name="us-east-1",
-                          aws_access_key_id="x", aws_secret_access_key="x")
-    deadline = time.time() + 60
-    while True:
-        try:
-            client.list_compilation_jobs()
-            break
-        except Exception:
-            if time.time() > deadline or process.poll() is not None:
-                process.kill()
-                raise RuntimeError(f"kiln serve did not start:\n{log.read_text()}") from None
-            time.sleep(0.5)
-    yield api, aws, log
-    process.terminate()  # what Ctrl-C/SIGTERM does: a clean stop
-    assert process.wait(timeout=30) == 0
 
 
 def test_compile_a_real_model_through_the_served_api(served, tmp_path):

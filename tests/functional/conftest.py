@@ -103,3 +103,12 @@ def reconfigured(local_stack: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[
     yield swap
     settings.cache_clear()
     default_service.cache_clear()
+
+
+@pytest.fixture(scope="session")
+def console(api_server: Any, local_stack: Any) -> Any:
+    """The web console over the local API (as `kiln serve` mounts it), driven by werkzeug's test client."""
+    from kiln.console.app import Artifacts, ConsoleApp, local_api
+    from werkzeug.test import Client
+
+    return Client(ConsoleApp(local_api(api_server.url), Artifacts(local_stack.client("s3"))))

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,6 +34,8 @@ class CompileRequest:
     data_input_config: str | None = None  # the user's DataInputConfig string (its form depends on the backend)
     tuning_database: TuningDatabase | None = None  # records to apply (and extend with a budget), TVM CPU builds
     deadline: float | None = None  # epoch seconds by which the build must be done
+    # Wraps each stage ("load", "build") so a caller can time and report it (the job's stage log).
+    stage: Callable[[str], AbstractContextManager[object]] = field(default=lambda _name: contextlib.nullcontext())
 
 
 @dataclass

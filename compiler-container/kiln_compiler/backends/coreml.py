@@ -309,7 +309,8 @@ def compile(request: CompileRequest) -> BuildResult:
     if framework == "TENSORFLOW" and options.output_names and isinstance(source, str):
         kwargs["outputs"] = [_canon(n) for n in options.output_names]
     try:
-        mlmodel = ct.convert(source, **kwargs)
+        with request.stage("build"):
+            mlmodel = ct.convert(source, **kwargs)
     except ClientError:
         raise
     except Exception as exc:

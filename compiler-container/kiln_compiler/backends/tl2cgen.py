@@ -26,8 +26,9 @@ def compile(request: CompileRequest) -> BuildResult:
     target, options = request.target, request.options
     if target.toolchain is None:
         raise ServerError(f"target {target.name} has no toolchain in the catalog")
-    model = load_model(request.framework, request.model_dir,
-                       DataInputConfig.parse(request.data_input_config, request.framework, target), options)
+    config = DataInputConfig.parse(request.data_input_config, request.framework, target)
+    with request.stage("load"):
+        model = load_model(request.framework, request.model_dir, config, options)
     request.out_dir.mkdir(parents=True, exist_ok=True)
     lib = request.out_dir / LIB_NAMES.get(target.family, "model.so")
     flags = ["-O3"]
@@ -36,12 +37,13 @@ def compile(request: CompileRequest) -> BuildResult:
                      else f"-march={options.mcpu}")
     if target.family == Family.ARMV7:
         flags.append("-mfloat-abi=hard")
-    try:
-        tl2cgen.export_lib(model.tree_model, toolchain=_c_compiler(target.toolchain.cxx), libpath=str(lib),
-                           params={"parallel_comp": min(os.cpu_count() or 1, 8)}, options=flags,
-                           nthread=os.cpu_count() or 1)
-    except Exception as exc:
-        log.exception("tl2cgen export failed")
-        raise ServerError(f"building the tree model for {target.name} failed: {first_line(exc)}") from None
+    with request.stage("build"):
+        try:
+            tl2cgen.export_lib(model.tree_model, toolchain=_c_compiler(target.toolchain.cxx), libpath=str(lib),
+                               params={"parallel_comp": min(os.cpu_count() or 1, 8)}, options=flags,
+                               nthread=os.cpu_count() or 1)
+        except Exception as exc:
+            log.exception("tl2cgen export failed")
+            raise ServerError(f"building the tree model for {target.name} failed: {first_line(exc)}") from None
     _, needs = effective_target(target, options)
     return BuildResult(model=model, files=[lib], library=lib.name, runtime="tl2cgen", isa=needs)

@@ -55,29 +55,31 @@ def compile(request: CompileRequest) -> BuildResult:
 
     target, options = request.target, request.options
     config = DataInputConfig.parse(request.data_input_config, request.framework, target)
-    model = load_model(request.framework, request.model_dir, config, options)
+    with request.stage("load"):
+        model = load_model(request.framework, request.model_dir, config, options)
     tvm_target, needs = effective_target(target, options)
     _check_llvm_target(tvm_target)
     host = dict(target.host) if target.host else None  # the CPU side of a GPU target, as the catalog gives it
-    try:
-        compiled = compile_relax(model.mod, tvm_target, host=host, tuning=options.tuning,
-                                 database=request.tuning_database, deadline=request.deadline)
-    except ClientError:
-        raise
-    except Exception as exc:
-        log.exception("TVM compilation failed")
-        raise ClientError(
-            f"the model could not be compiled for {target.name}: {first_line(exc)}. An operator or shape in the "
-            "model is probably not supported for this target"
-        ) from None
-    request.out_dir.mkdir(parents=True, exist_ok=True)
-    lib = request.out_dir / LIB_NAMES.get(target.family, "model.so")
-    try:
-        compiled.executable.export_library(str(lib), fcompile=_fcompile(target))
-    except ServerError:
-        raise
-    except Exception as exc:
-        log.exception("export_library failed")
-        raise ServerError(f"linking the compiled model for {target.name} failed: {first_line(exc)}") from None
+    with request.stage("build"):
+        try:
+            compiled = compile_relax(model.mod, tvm_target, host=host, tuning=options.tuning,
+                                     database=request.tuning_database, deadline=request.deadline)
+        except ClientError:
+            raise
+        except Exception as exc:
+            log.exception("TVM compilation failed")
+            raise ClientError(
+                f"the model could not be compiled for {target.name}: {first_line(exc)}. An operator or shape in "
+                "the model is probably not supported for this target"
+            ) from None
+        request.out_dir.mkdir(parents=True, exist_ok=True)
+        lib = request.out_dir / LIB_NAMES.get(target.family, "model.so")
+        try:
+            compiled.executable.export_library(str(lib), fcompile=_fcompile(target))
+        except ServerError:
+            raise
+        except Exception as exc:
+            log.exception("export_library failed")
+            raise ServerError(f"linking the compiled model for {target.name} failed: {first_line(exc)}") from None
     return BuildResult(model=model, files=[lib], library=lib.name, runtime="tvm-relax-vm", tvm_target=tvm_target,
                        isa=needs, tuning=dict(compiled.summary), unscheduled=list(compiled.unscheduled))

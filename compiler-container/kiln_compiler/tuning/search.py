@@ -18,7 +18,7 @@ from typing import Any
 
 import tvm
 import tvm_ffi
-from kiln import isa
+from kiln import isa, progress
 from kiln.runtime import cpu_flags, host_machine
 from tvm.s_tir import meta_schedule as ms
 
@@ -149,9 +149,10 @@ def _tune_worker(funcs: dict[str, str], target_json: str, db_dir: str, budget: i
             task_mods = {name: _task_module(tvm.ir.load_json(funcs[name])) for name in order}
             kiln_db = database.open_kiln()
             # Kiln's own tiles first, for every kernel: they are few and the likeliest to win
-            for name in order:
+            for done, name in enumerate(order):
                 if stop_at is not None and time.time() >= stop_at:
                     break
+                progress.emit("tuning", phase="tiles", done=done, total=len(order), kernel=name, stop_at=stop_at)
                 if kiln_db.has_workload(task_mods[name]):
                     continue
                 try:
@@ -159,10 +160,11 @@ def _tune_worker(funcs: dict[str, str], target_json: str, db_dir: str, budget: i
                 except Exception as exc:  # the search below still runs
                     log.warning("tile variants of %s not measured: %s", name, exc)
             searched = database.open_search()
-            for name in order:
+            for done, name in enumerate(order):
                 trials = min(per_task, trials_left)
                 if trials <= 0 or (stop_at is not None and time.time() >= stop_at):
                     break
+                progress.emit("tuning", phase="search", done=done, total=len(order), kernel=name, stop_at=stop_at)
                 task_mod = task_mods[name]
                 if searched.has_workload(task_mod):
                     continue
@@ -228,6 +230,8 @@ def tune_and_apply(
         from tvm.support.popen_pool import PopenWorker
 
         funcs = {gv.name_hint: tvm.ir.save_json(f) for gv, f in todo.items()}
+        # `kiln compile` shows these (kiln.progress); the child writes one per kernel and phase
+        progress.emit("tuning", phase="start", done=0, total=len(funcs), stop_at=stop_at)
         worker = PopenWorker()
         timeout = None if stop_at is None else max(1.0, stop_at - time.time())
         try:
@@ -239,6 +243,7 @@ def tune_and_apply(
             log.warning("tuning stopped: %s: %s", type(exc).__name__, str(exc)[-2000:])
         finally:
             worker.kill()
+        progress.emit("tuning", phase="end", done=len(funcs), total=len(funcs), stop_at=stop_at)
         database.repair()
         database.upload()
         mod, applied = apply_database(original, target, database)

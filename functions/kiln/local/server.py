@@ -99,10 +99,23 @@ class ApiServer:
     """The API on host:port in a background thread."""
 
     def __init__(self, host: str = "127.0.0.1", port: int = 8080) -> None:
-        self._server: BaseWSGIServer = make_server(host, port, _application, threaded=True)
+        self._mounts: dict[str, Any] = {}
+        self._server: BaseWSGIServer = make_server(host, port, self._dispatch, threaded=True)
         self.port = self._server.server_port
         self.url = f"http://{host}:{self.port}"
         self._thread = threading.Thread(target=self._server.serve_forever, name="kiln-api", daemon=True)
+
+    def mount(self, prefix: str, app: Any) -> ApiServer:
+        """Serve another WSGI app (the web console) at ``prefix``; everything else is the API."""
+        self._mounts[prefix] = app
+        return self
+
+    def _dispatch(self, environ: dict[str, Any], start_response: Any) -> Any:
+        path = environ.get("PATH_INFO", "")
+        for prefix, app in self._mounts.items():
+            if path == prefix or path.startswith(prefix + "/"):
+                return app(environ, start_response)
+        return _application(environ, start_response)
 
     def start(self) -> ApiServer:
         self._thread.start()
