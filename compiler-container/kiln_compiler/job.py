@@ -7,7 +7,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -88,7 +88,7 @@ class CompilerSettings:
 
     tuning_database: str | None = None  # s3://bucket/prefix or a local directory (KILN_TUNING_DB)
     runner: str | None = None  # the kiln.catalog.Runner this container is (KILN_RUNNER, set per runner by CDK)
-    profile: ProfileSettings = ProfileSettings()  # KILN_PROFILE: where the artifact may be measured
+    profile: ProfileSettings = field(default_factory=ProfileSettings)  # KILN_PROFILE: where it may be measured
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> CompilerSettings:

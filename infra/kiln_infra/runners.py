@@ -19,8 +19,8 @@ from aws_cdk import aws_ecr_assets as ecr_assets
 from aws_cdk import aws_ecs as ecs
 from aws_cdk import aws_iam as iam
 from constructs import Construct
-
 from kiln.catalog import Runner
+
 from kiln_infra.config import KilnConfig
 from kiln_infra.key import KilnKey
 from kiln_infra.logs import encrypted_log_group
