@@ -4,6 +4,7 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.kiln-installed
+RUNTIME_SOURCES := $(wildcard runtime/kiln_runtime/*.py)
 # The MXNET framework's isolated environment (mxnet 1.9.1 has no Python 3.11 wheel); see requirements/mxnet.txt.
 MXNET_PYTHON ?= python3.9
 MXNET_VENV := .venv-mxnet
@@ -11,7 +12,7 @@ export JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION := 20
 export TVM_NUM_THREADS ?= 2
 PYTEST_ARGS ?=
 
-.PHONY: install debian-packages demo test test-fast lint synth bench clean
+.PHONY: install debian-packages demo test test-fast lint synth bench clean wheels gpu-check-bundle
 
 install: $(STAMP)
 
@@ -25,15 +26,19 @@ debian-packages:
 	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends $$missing; \
 	fi
 
-$(STAMP): pyproject.toml requirements/base.txt requirements/compiler.txt requirements/dev.txt requirements/debian.txt \
-          requirements/debian-dev.txt \
-          requirements/mxnet.txt
+$(STAMP): pyproject.toml requirements/base.txt requirements/runtime.txt requirements/runtime-cuda.txt requirements/compiler.txt requirements/dev.txt \
+          requirements/debian.txt requirements/debian-dev.txt requirements/mxnet.txt runtime/pyproject.toml \
+          scripts/kiln_assets.py $(RUNTIME_SOURCES)
 	@$(MAKE) --no-print-directory debian-packages
 	@command -v $(PYTHON) >/dev/null || { echo "Python 3.11 is required ($(PYTHON) not found)"; exit 1; }
 	@[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements/dev.txt
 	$(PY) -m pip install -q --no-deps -e .
+	$(PY) -m pip install -q --no-deps -e runtime
+	@# The same assets the compiler image gets (compiler-container/Dockerfile runs the same script).
+	$(PY) scripts/kiln_assets.py windows-ffi
+	$(PY) scripts/kiln_assets.py emulation-root aarch64
 	@[ -x $(MXNET_VENV)/bin/python ] || { \
 	  py=$$(for c in $(MXNET_PYTHON) $$HOME/.pyenv/versions/3.9*/bin/python3.9; do \
 	    $$c -c 'import sys; assert sys.version_info[:2] == (3, 9)' 2>/dev/null && echo $$c && break; done); \
@@ -52,14 +57,22 @@ test-fast: install
 	$(PY) -m pytest -p no:cacheprovider -n 2 -m "not slow" $(PYTEST_ARGS)
 
 lint: install
-	$(VENV)/bin/ruff check functions compiler-container infra tests scripts bench
-	$(VENV)/bin/mypy functions/kiln compiler-container/kiln_compiler infra/kiln_infra
+	$(VENV)/bin/ruff check functions compiler-container infra runtime tests scripts bench
+	$(VENV)/bin/mypy functions/kiln compiler-container/kiln_compiler infra/kiln_infra runtime/kiln_runtime
 
 synth: install
 	$(PY) infra/app.py
 
 bench: install
 	$(PY) bench/run.py $(BENCH_ARGS)
+
+# kiln-runtime platform wheels (linux x86_64, linux aarch64, win_amd64) into dist/.
+wheels: install
+	$(PY) scripts/kiln_assets.py wheels --dist dist
+
+# A self-contained folder for a machine with an NVIDIA GPU and no network (see scripts/gpu-check).
+gpu-check-bundle: install
+	$(PY) scripts/gpu_check_bundle.py --out build/gpu-check
 
 clean:
 	rm -rf cdk.out build .mypy_cache .ruff_cache .pytest_cache

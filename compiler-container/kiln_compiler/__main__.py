@@ -11,8 +11,9 @@ import threading
 import traceback
 from pathlib import Path
 
+from . import faults
 from .aws import Reporter
-from .errors import ABORTED_EXIT_CODE, CompilationError
+from .errors import ABORTED_EXIT_CODE, CompilationError, scrub_paths
 from .job import CompilerSettings, JobSpec, run_job
 
 log = logging.getLogger("kiln_compiler")
@@ -46,26 +47,40 @@ def _start_runtime_watchdog(reporter: Reporter, raw_job: str) -> None:
     timer.start()
 
 
+def _user_facing(reason: str, work: str | None, base: str | None) -> str:
+    """The reason without the compiler's own paths: the work directory, temporary files, installed code."""
+    roots = [r for r in (work, base, tempfile.gettempdir(), sys.prefix, sys.base_prefix,
+                         str(Path(__file__).resolve().parents[1])) if r]
+    return scrub_paths(reason, model_dir=Path(work) / "model" if work else None, internal_roots=roots)
+
+
 def main() -> int:
     """Run the job described by the environment; return the exit code."""
     logging.basicConfig(level=os.environ.get("KILN_LOG_LEVEL", "INFO"), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))
+    faults.install(os.environ.get(faults.ENV))  # TEST-ONLY: never set in a deployment
     reporter = Reporter(os.environ.get("KILN_TASK_TOKEN") or None,
                         float(os.environ.get("KILN_HEARTBEAT_SECONDS", "10")), _abort)
     reporter.start()
     _start_runtime_watchdog(reporter, os.environ.get("KILN_JOB", ""))
+    base = os.environ.get("KILN_WORK_DIR")
+    work: str | None = None
     try:
         spec = JobSpec.parse(os.environ.get("KILN_JOB", ""))
-        base = os.environ.get("KILN_WORK_DIR")
         with tempfile.TemporaryDirectory(prefix="kiln-", dir=base) as work:
             output = run_job(spec, Path(work), settings=CompilerSettings.from_env(os.environ))
     except CompilationError as exc:
         log.error("job failed: %s", exc.reason)
         if exc.__cause__ or exc.__context__:
             log.debug("".join(traceback.format_exception(exc)))
-        reporter.failure(exc.error_code, exc.reason)
+        reporter.failure(exc.error_code, _user_facing(exc.reason, work, base))
         return exc.exit_code
+    except MemoryError:
+        log.exception("out of memory")
+        reporter.failure("ServerError", "ServerError: the compiler ran out of memory (MemoryError); the model needs "
+                                        "a larger compiler task")
+        return 2
     except Exception as exc:
         log.exception("internal error")
         reporter.failure("ServerError", f"ServerError: internal compiler error ({type(exc).__name__})")

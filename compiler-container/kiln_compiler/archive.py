@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import os
 import tarfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,3 +98,37 @@ def safe_extract(archive: Path, dest: Path, limits: ArchiveLimits = DEFAULT_LIMI
         except (tarfile.FilterError, tarfile.TarError, OSError) as exc:
             raise ClientError(f"the model archive could not be extracted safely ({exc})") from None
     return sorted(p for p in dest.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def check_zip(path: Path, limits: ArchiveLimits = DEFAULT_LIMITS, *, label: str | None = None,
+              data: bytes | None = None) -> list[zipfile.ZipInfo]:
+    """Check a zip-based model file (``.keras``, ``.pt2``, TorchScript) against the outer archive's caps
+    before any framework opens it: entry count, per-entry and total uncompressed size, expansion ratio,
+    and entry names. Reads only the central directory. Returns the entries; ClientError when hostile.
+
+    ``data`` checks an in-memory zip (one nested inside another); ``label`` names the file in messages."""
+    label = label or path.name
+    size = len(data) if data is not None else path.stat().st_size
+    try:
+        with zipfile.ZipFile(io.BytesIO(data) if data is not None else path) as zf:
+            entries = zf.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise ClientError(f"'{label}' is not a readable zip archive ({exc})") from None
+    if len(entries) > limits.max_members:
+        raise ClientError(f"'{label}' has {len(entries)} entries, more than {limits.max_members}; "
+                          "it does not look like a model file")
+    total = 0
+    for entry in entries:
+        name = entry.filename
+        if name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":") or ".." in Path(name).parts:
+            raise ClientError(f"'{label}' contains an entry with a path that leaves the file ('{name}')")
+        if entry.file_size > limits.max_member_bytes:
+            raise ClientError(f"the entry '{name}' of '{label}' expands to {entry.file_size} bytes, more than "
+                              "the per-file limit")
+        total += entry.file_size
+    if total > limits.max_total_bytes:
+        raise ClientError(f"'{label}' expands to {total} bytes, beyond the total size limit")
+    if total > 1024**2 and total / max(size, 1) > limits.max_ratio:
+        raise ClientError(f"'{label}' expands more than {limits.max_ratio:.0f}x (a compression bomb?); "
+                          "save the model without padding")
+    return entries

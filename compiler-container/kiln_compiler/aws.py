@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import boto3
+from boto3.exceptions import RetriesExceededError, S3UploadFailedError
 from botocore.exceptions import BotoCoreError
 from botocore.exceptions import ClientError as BotoClientError
 
@@ -20,6 +21,16 @@ from .errors import ClientError, ServerError
 
 log = logging.getLogger(__name__)
 _ABORT_CODES = {"TaskTimedOut", "TaskDoesNotExist", "InvalidToken"}
+# S3 answers that are S3's (or the network's) fault, left after botocore's retries: a ServerError,
+# not the user's input. Everything else (AccessDenied, NoSuchBucket, KMS.*) is the user's to fix.
+_S3_SERVER_CODES = {"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "Throttling",
+                    "ThrottlingException", "RequestTimeTooSkewed"}
+
+
+def _s3_server_side(exc: BotoClientError) -> bool:
+    code = str(exc.response.get("Error", {}).get("Code", ""))
+    status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+    return code in _S3_SERVER_CODES or status >= 500 or (code.isdigit() and int(code) >= 500)
 # How long a never-accepted token is retried before the job counts as abandoned (KILN_TOKEN_GRACE_SECONDS).
 _TOKEN_GRACE_SECONDS = float(os.environ.get("KILN_TOKEN_GRACE_SECONDS", "20"))
 
@@ -54,9 +65,11 @@ def download(session: boto3.Session, uri: str, dest: Path) -> Path:
         session.client("s3").download_file(bucket, key, str(dest))
     except BotoClientError as exc:
         code = exc.response.get("Error", {}).get("Code", "")
+        if _s3_server_side(exc):
+            raise ServerError(f"S3 kept failing while reading the model artifact ({code}); retry the job") from None
         raise ClientError(f"cannot read the model artifact {uri} ({code or exc}); check S3Uri and that RoleArn "
                           "may s3:GetObject it") from None
-    except BotoCoreError as exc:
+    except (BotoCoreError, RetriesExceededError) as exc:
         raise ServerError(f"S3 download failed ({exc})") from None
     return dest
 
@@ -68,9 +81,16 @@ def upload(session: boto3.Session, path: Path, uri: str, kms_key_id: str | None)
     if kms_key_id:
         extra.update(ServerSideEncryption="aws:kms", SSEKMSKeyId=kms_key_id)
     try:
-        session.client("s3").upload_file(str(path), bucket, key, ExtraArgs=extra)
+        try:
+            session.client("s3").upload_file(str(path), bucket, key, ExtraArgs=extra)
+        except S3UploadFailedError as failed:  # boto3 wraps the ClientError; its answer is what matters
+            if isinstance(failed.__context__, BotoClientError):
+                raise failed.__context__ from None
+            raise ServerError(f"S3 upload failed ({failed})") from None
     except BotoClientError as exc:
         code = exc.response.get("Error", {}).get("Code", "")
+        if _s3_server_side(exc):
+            raise ServerError(f"S3 kept failing while writing the compiled model ({code}); retry the job") from None
         raise ClientError(f"cannot write the compiled model to {uri} ({code or exc}); check S3OutputLocation, "
                           "KmsKeyId and that RoleArn may s3:PutObject there", section="OutputConfiguration") from None
     except BotoCoreError as exc:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from kiln.catalog import TargetCatalog, UnsupportedTargetError
 
-from . import aws, profile
+from . import aws, faults, profile
 from .archive import safe_extract
 from .compile import compile_model
 from .errors import ClientError
@@ -75,6 +75,7 @@ class Timer:
     def stage(self, name: str) -> Iterator[None]:
         start = time.perf_counter()
         log.info("stage %s: start", name)
+        faults.enter_stage(name)  # test-only fault injection (KILN_FAULT); a no-op otherwise
         try:
             yield
         finally:

@@ -334,6 +334,11 @@ class TargetCatalog:
         except KeyError:
             raise UnsupportedTargetError(name, "unknown target device", self.supported_devices) from None
 
+    @property
+    def supported_platforms(self) -> dict[str, Target]:
+        """Every accepted TargetPlatform, by key (``LINUX_ARM64``, ``LINUX_X86_64_NVIDIA``, ...)."""
+        return dict(sorted(self._platforms().items()))
+
     def platform(self, os: str, arch: str, accelerator: str | None = None) -> Target:
         """The target for a ``TargetPlatform`` (Os, Arch, optional Accelerator)."""
         key = "_".join(p for p in (os, arch, accelerator) if p)

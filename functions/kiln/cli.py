@@ -65,9 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
                           help="print the final DescribeCompilationJob as JSON on stdout (machine-readable)")
 
     run = sub.add_parser("run", help="run a compiled artifact on inputs")
-    run.add_argument("artifact", type=Path)
-    run.add_argument("--input", action="append", default=[], metavar="NAME=FILE.npy")
-    run.add_argument("--output-dir", type=Path, default=None, help="write outputs as output_N.npy here")
+    from kiln_runtime.cli import add_run_arguments
+
+    add_run_arguments(run)  # the arguments of kiln-runtime's kiln-run
+    run.add_argument("--emulate", action="store_true",
+                     help="run an aarch64 artifact on this x86 host under qemu-user (numerics, not speed)")
 
     bench = sub.add_parser("bench", help="measure an artifact's latency on random inputs")
     bench.add_argument("artifact", type=Path)
@@ -244,26 +246,21 @@ def _compile(args: argparse.Namespace) -> int:
     return 0
 
 
-def _inputs(pairs: list[str]) -> dict[str, Any]:
-    import numpy as np
-
-    feeds: dict[str, Any] = {}
-    for pair in pairs:
-        name, _, path = pair.partition("=")
-        if not path:
-            raise SystemExit(f"--input must be NAME=FILE.npy, got {pair!r}")
-        feeds[name] = np.load(path, allow_pickle=False)
-    return feeds
-
-
 def _run(args: argparse.Namespace) -> int:
-    from kiln import runtime
+    from kiln_runtime.cli import UsageError, read_inputs, run_command
 
-    model = runtime.load(args.artifact)
-    feeds = _inputs(args.input)
-    outputs = model.run(feeds)
+    if not args.emulate:
+        return run_command(args)
+    from kiln import emulate
+    from kiln.runtime import ArtifactError
+
+    try:
+        outputs = emulate.run(args.artifact, read_inputs(args.input))
+    except (UsageError, ArtifactError, emulate.EmulationError) as exc:
+        console.print(f"[red]{exc}[/]")
+        return 2
     for index, value in enumerate(outputs):
-        console.print(f"output {index}: shape {tuple(value.shape)} dtype {value.dtype}")
+        console.print(f"output {index}: shape {tuple(value.shape)} dtype {value.dtype} (emulated)")
         if args.output_dir:
             import numpy as np
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,12 +24,21 @@ FRAMEWORK_VERSION_FRAMEWORKS = ("MXNET", "PYTORCH", "TENSORFLOW", "TFLITE")
 # Frameworks whose DataInputConfig shapes are NHWC (the others are NCHW).
 NHWC_FRAMEWORKS = ("TENSORFLOW", "TFLITE")
 NO_INPUT_CONFIG_FRAMEWORKS = ("XGBOOST", "SKLEARN")
+# Frameworks whose model files may hold pickles that run code; CompilerOptions allow_pickle opts in.
+PICKLE_FRAMEWORKS = ("SKLEARN", "XGBOOST", "PYTORCH")
 # Frameworks whose saved models do not record input shapes (MXNet symbols).
 DATA_INPUT_CONFIG_REQUIRED = ("MXNET",)
 
 # SageMaker's default limits for a compilation job where StoppingCondition leaves them out.
 DEFAULT_MAX_RUNTIME_SECONDS = 900
 DEFAULT_MAX_PENDING_SECONDS = 3600
+
+# The most bytes one model input may take (shape x element size). Loaders allocate example inputs of
+# the configured shape and TVM plans buffers from it, so a shape of terabytes is refused before any
+# of that happens, at create and in the compiler alike.
+MAX_INPUT_BYTES = 4 * 1024**3
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "int64": 8, "int32": 4, "int16": 2,
+               "int8": 1, "uint8": 1, "bool": 1}
 
 _DTYPES = {"float": "float32", "float32": "float32", "float16": "float16", "int64": "int64",
            "long": "int64", "int32": "int32", "int8": "int8", "uint8": "uint8"}
@@ -161,8 +171,23 @@ def _check_options_for_target(options: dict[str, Any], target: Target, member: s
                                     f"not '{target.name}'")
 
 
-def parse_data_input_config(text: str | None, framework: str, target: Target | None = None) -> list[InputSpec]:
-    """Parse ``DataInputConfig`` in the form the framework takes (see the SageMaker reference)."""
+def input_bytes(shape: tuple[int, ...], dtype: str) -> int:
+    """Bytes of one tensor of ``shape`` and ``dtype`` (8 per element for a dtype not listed)."""
+    return math.prod(shape) * DTYPE_BYTES.get(dtype, 8)
+
+
+def check_input_size(shape: tuple[int, ...], dtype: str, where: str, member: str) -> None:
+    """Refuse an input whose shape x element size exceeds :data:`MAX_INPUT_BYTES` (nothing is allocated)."""
+    size = input_bytes(shape, dtype)
+    if size > MAX_INPUT_BYTES:
+        raise RuleError(member, f"Shape {list(shape)} at '{where}' takes {size} bytes as {dtype}; an input may "
+                                f"take at most {MAX_INPUT_BYTES} bytes ({MAX_INPUT_BYTES // 1024**3} GiB)")
+
+
+def parse_data_input_config(text: str | None, framework: str, target: Target | None = None,
+                            dtype: str = "float32") -> list[InputSpec]:
+    """Parse ``DataInputConfig`` in the form the framework takes (see the SageMaker reference);
+    ``dtype`` (CompilerOptions') sizes each shape against :data:`MAX_INPUT_BYTES`."""
     member = "inputConfig.dataInputConfig"
     if text is None or text == "":
         return []
@@ -179,31 +204,33 @@ def parse_data_input_config(text: str | None, framework: str, target: Target | N
             raise RuleError(member, f"'{member}' must name at least one input")
         if all(isinstance(d, int) and not isinstance(d, bool) for d in parsed):
             parsed = [parsed]  # one bare shape: the list form of a single input
-        return [_input_spec(None, item, member, coreml, f"{member}[{i}]") for i, item in enumerate(parsed)]
+        return [_input_spec(None, item, member, coreml, f"{member}[{i}]", dtype) for i, item in enumerate(parsed)]
     if not isinstance(parsed, dict) or not parsed:
         raise RuleError(member, f"'{member}' must be a dictionary of input name to shape, e.g. "
                                 "{\"data\": [1, 3, 224, 224]}")
-    return [_input_spec(str(name), value, member, coreml, f"{member}.{name}") for name, value in parsed.items()]
+    return [_input_spec(str(name), value, member, coreml, f"{member}.{name}", dtype)
+            for name, value in parsed.items()]
 
 
-def _input_spec(name: str | None, value: Any, member: str, coreml: bool, where: str) -> InputSpec:
+def _input_spec(name: str | None, value: Any, member: str, coreml: bool, where: str, dtype: str) -> InputSpec:
     if coreml and isinstance(value, dict):
-        return InputSpec(name=name, shape=None, coreml=_coreml_input(value, where, member))
-    shape = _shape(value, where, member)
+        return InputSpec(name=name, shape=None, coreml=_coreml_input(value, where, member, dtype))
+    shape = _shape(value, where, member, dtype)
     return InputSpec(name=name, shape=shape)
 
 
-def _shape(value: Any, where: str, member: str) -> tuple[int, ...]:
+def _shape(value: Any, where: str, member: str, dtype: str = "float32") -> tuple[int, ...]:
     if (not isinstance(value, list) or not value
             or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in value)):
         raise RuleError(member, f"Shape at '{where}' must be a list of positive integers, e.g. [1, 3, 224, 224]; "
                                 f"got {json.dumps(value)}")
     if len(value) > 8:
         raise RuleError(member, f"Shape at '{where}' has {len(value)} dimensions; at most 8 are supported")
+    check_input_size(tuple(value), dtype, where, member)
     return tuple(value)
 
 
-def _coreml_input(value: dict[str, Any], where: str, member: str) -> dict[str, Any]:
+def _coreml_input(value: dict[str, Any], where: str, member: str, dtype: str) -> dict[str, Any]:
     unknown = set(value) - _COREML_KEYS
     if unknown:
         raise RuleError(member, f"Unknown CoreML input parameter(s) {', '.join(sorted(unknown))} at '{where}'; "
@@ -213,14 +240,14 @@ def _coreml_input(value: dict[str, Any], where: str, member: str) -> dict[str, A
     shape = value["shape"]
     if isinstance(shape, list) and shape and all(isinstance(s, list) for s in shape):
         for s in shape:
-            _shape(s, f"{where}.shape", member)
+            _shape(s, f"{where}.shape", member, dtype)
     elif not (isinstance(shape, list) and shape and all(
             (isinstance(d, int) and d > 0) or (isinstance(d, str) and re.fullmatch(r"\d+\.\.(\d+|-1)", d))
             for d in shape)):
         raise RuleError(member, f"'shape' at '{where}' must be a shape, a list of shapes, or use ranges "
                                 "such as \"1..10\"")
     if "default_shape" in value:
-        _shape(value["default_shape"], f"{where}.default_shape", member)
+        _shape(value["default_shape"], f"{where}.default_shape", member, dtype)
     kind = value.get("type", "Tensor")
     if kind not in ("Image", "Tensor"):
         raise RuleError(member, f"'type' at '{where}' must be 'Image' or 'Tensor'")
@@ -306,10 +333,11 @@ def _check_input_config(config: dict[str, Any], target: Target, options: dict[st
         raise RuleError("inputConfig.dataInputConfig",
                         f"Value null at 'inputConfig.dataInputConfig' failed to satisfy constraint: {framework} models "
                         "do not carry their input shapes; give them, e.g. {\"data\": [1, 3, 224, 224]}")
-    parse_data_input_config(config.get("DataInputConfig"), framework, target)
-    if "allow_pickle" in options and framework not in NO_INPUT_CONFIG_FRAMEWORKS:
+    parse_data_input_config(config.get("DataInputConfig"), framework, target, options.get("dtype", "float32"))
+    if "allow_pickle" in options and framework not in PICKLE_FRAMEWORKS:
         raise RuleError("outputConfig.compilerOptions",
-                        "'allow_pickle' at 'outputConfig.compilerOptions' applies only to SKLEARN and XGBOOST models")
+                        "'allow_pickle' at 'outputConfig.compilerOptions' applies only to "
+                        f"{', '.join(PICKLE_FRAMEWORKS)} models")
 
 
 def stopping_limits(stopping: dict[str, Any] | None) -> tuple[int, int]:

@@ -34,6 +34,8 @@ TERMINAL = ("COMPLETED", "FAILED", "STOPPED")
 ACTIVE = ("STARTING", "INPROGRESS", "STOPPING")
 PARTITION = "job"
 COUNTER_KEY = "#active"
+# A transaction cancelled for these reasons changed nothing and may be retried (not a lost race).
+TRANSIENT_CANCELLATIONS = frozenset({"TransactionConflict", "ProvisionedThroughputExceeded", "ThrottlingError"})
 
 INDEXES = {
     "ByCreationTime": ("CreationTime", "N"),
@@ -189,9 +191,11 @@ class JobStore:
         try:
             self._client.transact_write_items(TransactItems=items)
         except ClientError as exc:
-            if exc.response["Error"]["Code"] == "TransactionCanceledException":
+            reasons = {r.get("Code") for r in exc.response.get("CancellationReasons", [])}
+            if exc.response["Error"]["Code"] == "TransactionCanceledException" and (
+                    "ConditionalCheckFailed" in reasons or not reasons & TRANSIENT_CANCELLATIONS):
                 raise ConflictError(f"Job {name} changed while moving to {to_status}") from None
-            raise
+            raise  # a TransactionConflict or throttling: nothing changed, the caller may retry
         return {**current, **values}
 
     def set_fields(self, name: str, fields: dict[str, Any]) -> None:

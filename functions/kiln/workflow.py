@@ -8,10 +8,13 @@ from typing import Any
 
 from kiln import rules
 from kiln.errors import ConflictError
+from kiln.job_metrics import take_census
 from kiln.runners import STOPPED_ERROR, CompilerContainers
 from kiln.service import CompilationJobService
 
 log = logging.getLogger(__name__)
+# SIGKILL: 137 as ECS and Batch report it (128 + 9), -9 as a local process reports it.
+KILLED_EXIT_CODES = (137, -9)
 
 
 class TransientError(Exception):
@@ -20,6 +23,10 @@ class TransientError(Exception):
 
 class JobClientError(Exception):
     """The job's input is at fault; recorded as ``ClientError: ...``."""
+
+
+class JobServerError(Exception):
+    """Kiln is at fault (e.g. the compiler broke its contract with the workflow); ``ServerError: ...``."""
 
 
 def failure_reason(error: dict[str, Any] | None, limits: dict[str, Any] | None) -> str:
@@ -45,6 +52,8 @@ def failure_reason(error: dict[str, Any] | None, limits: dict[str, Any] | None) 
         pass
     if name == "JobClientError":
         return f"ClientError: {message}"
+    if name == "JobServerError":
+        return f"ServerError: {message}"
     short = message.splitlines()[0][:300] if message else "no details"
     return f"ServerError: {name or 'unknown error'}: {short}"
 
@@ -68,6 +77,8 @@ class WorkflowSteps:
             status = self._service.store.get(name)["CompilationJobStatus"]
             if status == "INPROGRESS":  # a retried step whose first attempt did land
                 return {"Proceed": True}
+            if status == "STARTING":  # the write lost a race but the job is still to start: retry
+                raise TransientError(f"job {name} is still STARTING after a conflicting write") from None
             log.info("job %s is %s; not compiling", name, status)
             return {"Proceed": False}
         return {"Proceed": True}
@@ -99,7 +110,7 @@ class WorkflowSteps:
         try:
             options = rules.parse_compiler_options(job["OutputConfig"].get("CompilerOptions"), target)
             rules.check_framework_target(framework, target, options)
-            rules.parse_data_input_config(data_input, framework, target)
+            rules.parse_data_input_config(data_input, framework, target, options.get("dtype", "float32"))
         except rules.RuleError as exc:
             raise JobClientError(f"ModelPackageVersionArn: {exc.message}") from None
         if not input_config["S3Uri"].endswith(".tar.gz"):
@@ -110,7 +121,8 @@ class WorkflowSteps:
 
     def record_success(self, job: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
         if not result.get("S3ModelArtifacts") or not result.get("ArtifactDigest"):
-            raise JobClientError("the compiler reported success without an artifact")
+            # The compiler's output is Kiln's contract, not the user's input.
+            raise JobServerError("the compiler reported success without an artifact")
         record = self._service.record_success(job["CompilationJobName"], result, self._inference_image)
         return {"Recorded": record is not None}
 
@@ -125,6 +137,13 @@ class WorkflowSteps:
             record = self._service.record_failure(name, failure_reason(error, limits))
         return {"Recorded": record is not None}
 
+    def census(self) -> dict[str, Any]:
+        """Active jobs by status and those running past their limits (scheduled; kiln.job_metrics)."""
+        census = take_census(self._service.store)
+        if census.overdue:
+            log.warning("jobs running past MaxPendingTimeInSeconds + MaxRuntimeInSeconds: %s", census.overdue)
+        return {"ByStatus": census.by_status, "Overdue": census.overdue, "Metrics": census.metrics()}
+
     def container_stopped(self, job_name: str | None, token: str | None, exit_code: int | None,
                           reason: str) -> dict[str, Any]:
         """A compiler container stopped: if it had not reported, fail its task token now
@@ -138,6 +157,8 @@ class WorkflowSteps:
         else:
             cause = f"ServerError: the compiler container exited with code {exit_code}" + (
                 f" ({reason})" if reason else "")
+            if exit_code in KILLED_EXIT_CODES:
+                cause += "; it was killed (SIGKILL), most often for running out of memory"
         # Lands only if the container had not reported: a closed token refuses it.
         self._containers.fail_token(token, "ServerError", cause)
         log.debug("container of %s stopped (exit %s)", job_name, exit_code)

@@ -101,6 +101,13 @@ class KilnConfig(BaseModel):
     registry_output_s3: str = ""
     registry_role_arn: str = ""
     registry_default_targets: str = ""
+    # Operators' alarms (kiln_infra.monitoring): the SNS topic they notify (ALARM and OK), in this
+    # account and region; empty: the alarms exist (and show on the dashboard) without an action.
+    alarm_topic_arn: str = Field(default="", pattern=r"^(arn:aws[a-z-]*:sns:[a-z0-9-]+:\d{12}:[A-Za-z0-9_-]{1,256})?$")
+    # FailedJobRate alarms when at least this share of the jobs finished in 15 minutes FAILED (3 jobs or more).
+    alarm_failed_job_rate: float = Field(default=0.5, gt=0, le=1)
+    # ApiServerErrors alarms at this many 5xx answers in 5 minutes.
+    alarm_api_server_errors: int = Field(default=1, ge=1)
 
     @model_validator(mode="after")
     def _check(self) -> KilnConfig:

@@ -22,6 +22,13 @@ COMPILER_CONTEXT_EXCLUDE = [
     "!functions/kiln/**",
     "!compiler-container/",
     "!compiler-container/**",
+    # kiln-runtime and the script that makes the image's assets (tvm_ffi.dll, the aarch64 emulation root)
+    "!runtime/",
+    "!runtime/**",
+    "runtime/kiln_runtime/lib",
+    "**/*.egg-info",
+    "!scripts/",
+    "!scripts/kiln_assets.py",
     "**/__pycache__",
     "**/*.pyc",
 ]

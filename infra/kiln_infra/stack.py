@@ -19,6 +19,7 @@ from kiln_infra.functions import (
     WorkflowFunctions,
 )
 from kiln_infra.key import KilnKey
+from kiln_infra.monitoring import KilnMonitoring
 from kiln_infra.network import NetworkForCompilers
 from kiln_infra.runners import JOB_ROLE_TAG, CompilerRunners
 from kiln_infra.table import JobTable
@@ -58,6 +59,12 @@ class KilnStack(Stack):
                                  registry=self.registry_function.function, key=self.key)
         self.api = JobApi(self, "JobApi", function=self.api_function.function, config=config, key=self.key,
                           removal_policy=stateful)
+        self.monitoring = KilnMonitoring(
+            self, "Monitoring", config=config, api=self.api.api, state_machine=self.workflow.state_machine,
+            dead_letters=self.events.dead_letters, census=self.workflow_functions.steps.function,
+            functions={"api": self.api_function.function, "workflow steps": self.workflow_functions.steps.function,
+                       "container stopped": self.workflow_functions.container_stopped.function,
+                       "registry": self.registry_function.function})
 
         CfnOutput(self, "CompilerRoleArn", value=self.runners.role.role_arn,
                   description=f"Job roles (RoleArn) must trust this role and carry the tag {JOB_ROLE_TAG}=true")

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
+import json
 import os
+import subprocess
+import sys
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
+import boto3
 import onnx
 import pytest
 from kiln.catalog import Target, TargetCatalog
@@ -97,3 +102,46 @@ def compile_artifact(model_dir: Path, framework: str, target: str, out: Path, *,
     result = compile_model(model_dir, framework, tgt, opts, out_dir=out / "build", data_input_config=data_input_config)
     return package(result, tgt, out / f"model-{tgt.name}.tar.gz", model_dir=model_dir,
                    labels_name=opts.class_labels).path
+
+
+ROLE = "arn:aws:iam::123456789012:role/KilnUserModelAccess"
+
+
+@pytest.fixture()
+def aws_env(moto_server: str, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """AWS settings pointing at the moto server (also set in this process)."""
+    env = {"AWS_ENDPOINT_URL": moto_server, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1", "TVM_NUM_THREADS": "2"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    return env
+
+
+def entrypoint_job(name: str, s3_uri: str, **output: Any) -> dict[str, Any]:
+    """The KILN_JOB of an ONNX job (SqueezeNet's input) for ``python -m kiln_compiler``."""
+    return {
+        "CompilationJobName": name,
+        "CompilationJobArn": f"arn:aws:sagemaker:us-east-1:123456789012:compilation-job/{name}",
+        "RoleArn": ROLE,
+        "InputConfig": {"S3Uri": s3_uri, "Framework": "ONNX", "DataInputConfig": '{"data_0": [1, 3, 224, 224]}'},
+        "OutputConfig": {"S3OutputLocation": "s3://user-out/compiled", "TargetDevice": "ml_c4", **output},
+        "StoppingCondition": {"MaxRuntimeInSeconds": 900},
+    }
+
+
+def run_entrypoint(job: dict[str, Any], env: dict[str, str], tmp_path: Path, **extra: str) -> subprocess.CompletedProcess[str]:
+    """Run the container entrypoint as a process, the job in its environment and ``tmp_path`` as work dir."""
+    return subprocess.run([sys.executable, "-m", "kiln_compiler"], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **env, "KILN_JOB": json.dumps(job), "KILN_WORK_DIR": str(tmp_path),
+                               **extra}, check=False)
+
+
+@pytest.fixture()
+def buckets(aws_env: dict[str, str]) -> Any:
+    """The user's model and output buckets on the moto server; an S3 client."""
+    s3 = boto3.client("s3")
+    for b in ("user-models", "user-out"):
+        with contextlib.suppress(s3.exceptions.BucketAlreadyOwnedByYou):
+            s3.create_bucket(Bucket=b)
+    return s3

@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -18,45 +14,9 @@ import onnx
 import onnxruntime as ort
 import pytest
 
+from tests.compiler.conftest import entrypoint_job as _job
 from tests.compiler.conftest import make_tar
-
-ROLE = "arn:aws:iam::123456789012:role/KilnUserModelAccess"
-
-
-@pytest.fixture()
-def aws_env(moto_server: str, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
-    env = {"AWS_ENDPOINT_URL": moto_server, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-           "AWS_DEFAULT_REGION": "us-east-1", "TVM_NUM_THREADS": "2"}
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
-    return env
-
-
-def _job(name: str, s3_uri: str, **output: Any) -> dict[str, Any]:
-    return {
-        "CompilationJobName": name,
-        "CompilationJobArn": f"arn:aws:sagemaker:us-east-1:123456789012:compilation-job/{name}",
-        "RoleArn": ROLE,
-        "InputConfig": {"S3Uri": s3_uri, "Framework": "ONNX", "DataInputConfig": '{"data_0": [1, 3, 224, 224]}'},
-        "OutputConfig": {"S3OutputLocation": "s3://user-out/compiled", "TargetDevice": "ml_c4", **output},
-        "StoppingCondition": {"MaxRuntimeInSeconds": 900},
-    }
-
-
-def _run(job: dict[str, Any], env: dict[str, str], tmp_path: Path, **extra: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "kiln_compiler"], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, **env, "KILN_JOB": json.dumps(job), "KILN_WORK_DIR": str(tmp_path),
-                               **extra}, check=False)
-
-
-@pytest.fixture()
-def buckets(aws_env: dict[str, str]) -> Any:
-    s3 = boto3.client("s3")
-    for b in ("user-models", "user-out"):
-        with contextlib.suppress(s3.exceptions.BucketAlreadyOwnedByYou):
-            s3.create_bucket(Bucket=b)
-    return s3
+from tests.compiler.conftest import run_entrypoint as _run
 
 
 def test_compiles_onnx_end_to_end(buckets: Any, aws_env: dict[str, str], squeezenet: onnx.ModelProto,

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import os
-import shutil
+import json
 import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
@@ -148,45 +146,14 @@ def test_gpu_code_option_sets_cuda_arch(squeezenet_dir: Path, tmp_path: Path) ->
     art = Path(_compile(squeezenet_dir, "LINUX:X86_64:NVIDIA", tmp_path / "b",
                         "{'gpu-code': 'sm_86', 'trt-ver': '8.6', 'cuda-ver': '12.2'}"))
     with tarfile.open(art) as tar:
-        manifest = kiln.runtime.json.loads(tar.extractfile("manifest.json").read())  # type: ignore[union-attr]
+        manifest = json.loads(tar.extractfile("manifest.json").read())  # type: ignore[union-attr]
     # THEN the artifact records the requested architecture
     assert manifest["target"]["tvm_target"] == {"kind": "cuda", "arch": "sm_86"}
 
 
-def _windows_ffi_dir(tmp_root: Path) -> Path | None:
-    """tvm_ffi.dll from the win_amd64 tvm-ffi wheel (downloaded from PyPI once, cached)."""
-    env = os.environ.get("KILN_WINDOWS_FFI_DIR")
-    if env and (Path(env) / "win_amd64/tvm_ffi.dll").is_file():
-        return Path(env)
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "kiln-tests/windows"
-    if (cache / "win_amd64/tvm_ffi.dll").is_file():
-        return cache
-    from importlib.metadata import version
-
-    dl = tmp_root / "wheel"
-    proc = subprocess.run(
-        [str(Path(sys.executable).parent / "pip"), "download", f"apache-tvm-ffi=={version('apache-tvm-ffi')}",
-         "--platform", "win_amd64", "--python-version", "3.11", "--only-binary=:all:", "--no-deps", "-d", str(dl)],
-        capture_output=True, timeout=180, check=False)
-    wheels = list(dl.glob("*.whl"))
-    if proc.returncode or not wheels:
-        return None
-    import zipfile
-
-    with zipfile.ZipFile(wheels[0]) as zf:
-        member = next(n for n in zf.namelist() if n.endswith("lib/tvm_ffi.dll"))
-        (cache / "win_amd64").mkdir(parents=True, exist_ok=True)
-        with zf.open(member) as src, (cache / "win_amd64/tvm_ffi.dll").open("wb") as dst:
-            shutil.copyfileobj(src, dst)
-    return cache
-
-
 def test_x86_win64_is_pe_dll(squeezenet_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # GIVEN the Windows tvm-ffi DLL (from PyPI) to link against
-    ffi = _windows_ffi_dir(tmp_path)
-    if ffi is None:
-        pytest.skip("could not fetch the win_amd64 apache-tvm-ffi wheel from PyPI")
-    monkeypatch.setenv("KILN_WINDOWS_FFI_DIR", str(ffi))
+    # GIVEN the Windows tvm-ffi DLL where `make install` puts it (as the image does), no override
+    monkeypatch.delenv("KILN_WINDOWS_FFI_DIR", raising=False)
     # WHEN the model is compiled for x86_win64
     art = Path(_compile(squeezenet_dir, "x86_win64", tmp_path))
     with tarfile.open(art) as tar:

@@ -110,9 +110,10 @@ def test_compile_for_this_host_shows_progress_and_a_summary_and_nothing_else(tmp
 
 
 def test_an_unexpected_error_is_one_line_without_a_trace_unless_verbose(tmp_path: Path) -> None:
-    # GIVEN an artifact that is not a gzip archive
-    broken = tmp_path / "broken.tar.gz"
-    broken.write_bytes(b"not an archive")
+    # GIVEN an artifact directory whose manifest lacks its inputs (nothing the runtime checks for)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "manifest.json").write_text(json.dumps({"runtime": "tvm-relax-vm", "library": "model.so"}))
     # WHEN run, then run with --verbose
     quiet = _kiln("run", str(broken), cwd=tmp_path)
     loud = _kiln("--verbose", "run", str(broken), cwd=tmp_path)
@@ -120,6 +121,10 @@ def test_an_unexpected_error_is_one_line_without_a_trace_unless_verbose(tmp_path
     assert quiet.returncode == 1 and "error: " in quiet.stderr and "--verbose" in quiet.stderr
     assert "Traceback" not in quiet.stderr
     assert loud.returncode != 0 and "Traceback" in loud.stderr
+    # AND a file that is no archive at all is a named user error (kiln-runtime's ArtifactError), exit 2
+    (tmp_path / "not.tar.gz").write_bytes(b"not an archive")
+    named = _kiln("run", str(tmp_path / "not.tar.gz"), cwd=tmp_path)
+    assert named.returncode == 2 and "is not a Kiln artifact archive" in named.stderr
 
 
 def test_compile_on_a_terminal_shows_one_live_display_then_the_summary(tmp_path: Path) -> None:

@@ -235,7 +235,7 @@ def test_compiler_options_examples_are_accepted(options: str, device: str | None
     ('{"class_labels": "../../etc/passwd"}', "coreml", None, "'class_labels'"),
     ('{"output_names": "out:0"}', "ml_c4", None, "'output_names'"),
     ('{"allow_pickle": "yes"}', "ml_c4", None, "'allow_pickle'"),
-    ('{"allow_pickle": true}', "ml_c4", None, "applies only to SKLEARN and XGBOOST"),
+    ('{"allow_pickle": true}', "ml_c4", None, "applies only to SKLEARN, XGBOOST, PYTORCH"),
     ('{"tuning": {"trials": 0}}', "ml_c4", None, "'tuning.trials'"),
     ('{"tuning": {"hours": 2}}', "ml_c4", None, "'tuning'"),
     ('{"gpu-code": "sm_75"}', "ml_c4", None, "apply only to NVIDIA targets"),
@@ -499,3 +499,24 @@ def test_mxnet_needs_data_input_config_at_create() -> None:
     assert "inputConfig.dataInputConfig" in message and "MXNET" in message
     # AND with shapes it is accepted
     assert rules.check_create(request_for("MXNET", '{"data": [1, 3, 224, 224]}'), CATALOG).name == "ml_c4"
+
+
+@pytest.mark.parametrize(("framework", "data", "options", "where"), [
+    ("ONNX", '{"data": [1000000, 1000000]}', None, "inputConfig.dataInputConfig.data"),
+    ("PYTORCH", "[[1, 3, 224, 224], [65536, 65536, 65536]]", None, "inputConfig.dataInputConfig[1]"),
+    # 1 Gi elements: 4 GiB as float32 fits, 8 GiB as int64 does not
+    ("ONNX", '{"ids": [1024, 1024, 1025]}', '{"dtype": "int64"}', "inputConfig.dataInputConfig.ids"),
+])
+def test_data_input_config_that_would_allocate_too_much_is_refused(framework: str, data: str, options: str | None,
+                                                                   where: str) -> None:
+    # GIVEN a DataInputConfig whose shape x element size exceeds the per-input cap (terabytes, say)
+    request = request_for(framework, data, options=options)
+    # WHEN the rules run at create
+    message = refused(request)
+    # THEN it is refused naming the member and the size, before anything is allocated
+    assert f"at '{where}' takes" in message and "an input may take at most" in message
+
+
+def test_data_input_config_at_the_cap_is_accepted() -> None:
+    # GIVEN a shape of exactly 4 GiB as float32 WHEN the rules run THEN it is accepted
+    rules.check_create(request_for("ONNX", '{"data": [1024, 1024, 1024]}'), CATALOG)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -70,3 +71,139 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 60, poll: float =
             return True
         time.sleep(poll)
     return predicate()
+
+
+def compiler_log(stack: Any, name: str) -> str:
+    """The compiler process's log of a job (local runner)."""
+    from pathlib import Path
+
+    path = Path(stack.work_dir) / "containers" / name / f"{name}.log"
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+@pytest.fixture
+def compiler_fault(local_stack: Any) -> Iterator[Callable[[str, str], None]]:
+    """``compiler_fault(job_name, "hang@build")``: the job's compiler process runs with that TEST-ONLY
+    ``KILN_FAULT`` (see kiln_compiler.faults)."""
+    planned: list[str] = []
+
+    def plan(name: str, spec: str) -> None:
+        local_stack.runner.faults[name] = spec
+        planned.append(name)
+
+    yield plan
+    for name in planned:
+        local_stack.runner.faults.pop(name, None)
+
+
+@dataclass
+class AwsError:
+    """An error botocore raises in this process for matching calls (the handlers run in-process)."""
+
+    operation: str
+    code: str
+    times: int | None  # None: every matching call
+    when: Callable[[dict[str, Any]], bool]
+    status: int = 400
+    reasons: list[str] | None = None
+    raised: int = 0
+
+
+@pytest.fixture
+def aws_error(monkeypatch: pytest.MonkeyPatch) -> Callable[..., AwsError]:
+    """``aws_error("TransactWriteItems", "ProvisionedThroughputExceededException", times=1, when=...)``: the
+    next matching calls of any boto3 client in this process fail as AWS would answer, after botocore's own
+    retries (so the caller's error handling is what runs)."""
+    from botocore.client import BaseClient
+    from botocore.exceptions import ClientError
+
+    faults: list[AwsError] = []
+    original = BaseClient._make_api_call
+
+    def make_api_call(self: Any, operation_name: str, params: dict[str, Any]) -> Any:
+        for fault in faults:
+            if fault.operation == operation_name and (fault.times is None or fault.raised < fault.times) \
+                    and fault.when(params):
+                fault.raised += 1
+                response: dict[str, Any] = {
+                    "Error": {"Code": fault.code, "Message": f"injected {fault.code}"},
+                    "ResponseMetadata": {"HTTPStatusCode": fault.status}}
+                if fault.reasons is not None:
+                    response["CancellationReasons"] = [{"Code": r} for r in fault.reasons]
+                raise ClientError(response, operation_name)
+        return original(self, operation_name, params)
+
+    monkeypatch.setattr(BaseClient, "_make_api_call", make_api_call)
+
+    def add(operation: str, code: str, *, times: int | None = None,
+            when: Callable[[dict[str, Any]], bool] = lambda params: True, status: int = 400,
+            reasons: list[str] | None = None) -> AwsError:
+        fault = AwsError(operation, code, times, when, status, reasons)
+        faults.append(fault)
+        return fault
+
+    return add
+
+
+@dataclass
+class Snapshot:
+    """What a fault-injection check compares: every S3 key, before the job ran."""
+
+    keys: set[str]
+
+
+def s3_keys(stack: Any) -> set[str]:
+    """``bucket/key`` of every object in the embedded S3."""
+    s3 = stack.client("s3")
+    found: set[str] = set()
+    for bucket in (b["Name"] for b in s3.list_buckets()["Buckets"]):
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+            found.update(f"{bucket}/{o['Key']}" for o in page.get("Contents", []))
+    return found
+
+
+@pytest.fixture
+def contained(local_stack: Any, service: Any) -> Callable[..., dict[str, Any]]:
+    """``contained(name, snapshot, status=..., reason_prefix=...)``: wait for the job to end, then check what
+    every fault must leave: the expected terminal state and FailureReason class, no compiler process of the
+    job running, no S3 object written outside the job's output prefix, and the active-job counter equal to
+    the number of jobs still active (so this job's slot was released exactly once)."""
+
+    def check(name: str, before: Snapshot, *, status: str, reason_prefix: str = "",
+              timeout: float = 180) -> dict[str, Any]:
+        job = local_stack.wait_for(name, timeout=timeout)
+        assert job["CompilationJobStatus"] == status, (job["CompilationJobStatus"], job["FailureReason"])
+        if reason_prefix:
+            assert job["FailureReason"].startswith(reason_prefix), job["FailureReason"]
+        assert "Traceback" not in job["FailureReason"] and str(local_stack.work_dir) not in job["FailureReason"]
+        assert wait_until(lambda: all(p.popen.poll() is not None for p in local_stack.runner.processes.values()
+                                      if f'"{name}"' in p.env.get("KILN_JOB", "")), timeout=45), \
+            f"a compiler process of {name} is still running"
+        output = job["OutputConfig"]["S3OutputLocation"].removeprefix("s3://").rstrip("/") + "/"
+        written = s3_keys(local_stack) - before.keys
+        assert all(key.startswith(output) for key in written), sorted(written)
+        def counter_matches() -> bool:
+            active = sum(len(_all_with_status(service, s)) for s in ("STARTING", "INPROGRESS", "STOPPING"))
+            return bool(service.store.active_jobs() == active)
+
+        assert wait_until(counter_matches, timeout=10), "the active-job counter does not match the active jobs"
+        return job
+
+    return check
+
+
+def _all_with_status(service: Any, status: str) -> list[str]:
+    names: list[str] = []
+    request: dict[str, Any] = {"StatusEquals": status, "MaxResults": 100}
+    while True:
+        page = service.list(request)
+        names += [s["CompilationJobName"] for s in page["CompilationJobSummaries"]]
+        if not page.get("NextToken"):
+            return names
+        request["NextToken"] = page["NextToken"]
+
+
+@pytest.fixture
+def snapshot(local_stack: Any) -> Callable[[], Snapshot]:
+    """Take a :class:`Snapshot` (after the test uploaded its model, before the job runs)."""
+    return lambda: Snapshot(s3_keys(local_stack))

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import re
 import shutil
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -140,6 +141,8 @@ def _input_types(ct: Any, entries: Sequence[tuple[str | None, dict[str, Any]]], 
 def _torch_source(path: Path, entries: list[tuple[str | None, dict[str, Any]]]) -> tuple[Any, str]:
     from ..loaders import pytorch
 
+    if zipfile.is_zipfile(path):  # the PYTORCH loader's caps and pickle check (CoreML takes no allow_pickle)
+        pytorch.check_pickled_globals(path, CompilerOptions())
     kind = pytorch._kind(path)
     if kind == "export":
         program = pytorch._load_exported(path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -41,11 +42,17 @@ def _fcompile(target: Target) -> Any:
 
 
 def windows_ffi_library(target: Target) -> Path:
-    """tvm_ffi.dll (from the win_amd64 tvm-ffi wheel) that Windows artifacts link against."""
-    root = Path(os.environ.get("KILN_WINDOWS_FFI_DIR", "/opt/kiln/windows"))
+    """tvm_ffi.dll (from the win_amd64 tvm-ffi wheel) that Windows artifacts link against.
+
+    ``scripts/kiln_assets.py windows-ffi`` puts it under ``<sys.prefix>/share/kiln/windows`` for both
+    `make install` (the venv) and the compiler image (/usr/local); KILN_WINDOWS_FFI_DIR overrides.
+    """
+    root = Path(os.environ.get("KILN_WINDOWS_FFI_DIR", str(Path(sys.prefix) / "share" / "kiln" / "windows")))
     dll = root / ("win32" if "i686" in str(target.tvm_target.get("mtriple", "")) else "win_amd64") / "tvm_ffi.dll"
     if not dll.is_file():
-        raise ServerError(f"the Windows TVM runtime library is missing from this compiler image ({dll})")
+        log.error("tvm_ffi.dll not found at %s", dll)
+        raise ServerError("the Windows TVM runtime library (tvm_ffi.dll) is missing from this compiler installation; "
+                          "`make install` or scripts/kiln_assets.py windows-ffi provides it")
     return dll
 
 

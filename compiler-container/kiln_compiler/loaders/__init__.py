@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from kiln import rules
 from kiln.runtime import TensorSpec
 
 from ..errors import ClientError
@@ -125,4 +126,9 @@ def resolve_shapes(declared: Sequence[tuple[str, tuple[int | None, ...], str]], 
                 "fix DataInputConfig or omit it"
             )
         specs.append(TensorSpec(name, given, dtype))
+    for spec in specs:  # shapes the model itself declares are capped like DataInputConfig's
+        size = rules.input_bytes(spec.shape, spec.dtype)
+        if size > rules.MAX_INPUT_BYTES:
+            raise ClientError(f"the {framework} model's input '{spec.name}' has shape {list(spec.shape)}, {size} "
+                              f"bytes as {spec.dtype}; an input may take at most {rules.MAX_INPUT_BYTES} bytes")
     return specs

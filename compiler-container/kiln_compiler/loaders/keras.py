@@ -3,7 +3,8 @@
 As in the SageMaker reference, the model is NHWC but DataInputConfig for KERAS is NCHW; 4-D
 inputs are transposed at the artifact's entrance (tf2onnx ``inputs_as_nchw``), so the compiled
 model takes the NCHW data the configuration describes. Models load with Keras' ``safe_mode``
-(no Python lambdas deserialised).
+(no Python lambdas deserialised); a ``.keras`` file (a zip) is first checked against the outer
+archive's caps (:func:`kiln_compiler.archive.check_zip`), so a zip bomb is refused before Keras opens it.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from ..archive import check_zip
 from ..errors import ClientError
 from ..options import CompilerOptions, DataInputConfig
 from . import LoadedModel, find_model_files, resolve_shapes
@@ -46,16 +48,19 @@ def _load(path: Path) -> Any:
 
 def load(model_dir: Path, config: DataInputConfig, options: CompilerOptions) -> LoadedModel:
     """Load the single ``.keras`` / ``.h5`` file in ``model_dir``."""
+    files = find_model_files(model_dir, (".keras", ".h5", ".hdf5"), "KERAS", _HINT)
+    if len(files) > 1:
+        raise ClientError(f"the archive contains several Keras models {[f.name for f in files]}; include one")
+    path = files[0]
+    if path.suffix.lower() == ".keras":
+        check_zip(path)  # before TensorFlow is even imported
+
     import keras
     import tensorflow as tf
     import tf2onnx
 
     from .onnx import from_proto
 
-    files = find_model_files(model_dir, (".keras", ".h5", ".hdf5"), "KERAS", _HINT)
-    if len(files) > 1:
-        raise ClientError(f"the archive contains several Keras models {[f.name for f in files]}; include one")
-    path = files[0]
     model = _load(path)
     names = [str(t.name).split(":")[0] for t in model.inputs]
     declared = [(n, tuple(t.shape), tf_dtype(t.dtype)) for n, t in zip(names, model.inputs, strict=True)]

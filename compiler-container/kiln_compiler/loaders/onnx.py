@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import logging
+import math
+import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from kiln.runtime import TensorSpec
 
+from ..archive import DEFAULT_LIMITS, ArchiveLimits
 from ..errors import ClientError
 from ..options import CompilerOptions, DataInputConfig
 from . import LoadedModel, find_model_files, resolve_shapes
 
 log = logging.getLogger(__name__)
+MAX_PROTO_BYTES = 2 * 1024**3  # protobuf's limit on one message: a larger .onnx keeps its weights outside
 
 
 def _dtype(elem_type: int) -> str:
@@ -32,17 +37,97 @@ def relax_outputs(mod: Any, names: list[str]) -> list[TensorSpec]:
     return specs
 
 
-def load(model_dir: Path, config: DataInputConfig, options: CompilerOptions) -> LoadedModel:
-    """Load the single ``.onnx`` file in ``model_dir`` into a Relax IRModule."""
+def _tensors(graph: Any) -> Iterator[Any]:
+    """Every TensorProto a graph declares: initializers, sparse initializers, node attributes, subgraphs."""
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield sparse.values
+        yield sparse.indices
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.HasField("t"):
+                yield attribute.t
+            yield from attribute.tensors
+            if attribute.HasField("g"):
+                yield from _tensors(attribute.g)
+            for subgraph in attribute.graphs:
+                yield from _tensors(subgraph)
+
+
+def _external_file(tensor: Any, model_file: Path, model_dir: Path) -> tuple[Path, int, int]:
+    """The file, offset and length of a tensor's external data; ClientError unless it is inside the archive."""
+    entries = {e.key: e.value for e in tensor.external_data}
+    location = entries.get("location", "")
+    shown = f"tensor '{tensor.name}' keeps its data in '{location}'"
+    if not location or os.path.isabs(location) or location.startswith(("/", "\\")) or ".." in Path(location).parts:
+        raise ClientError(f"{shown}, outside the model archive; external data must be a file in the archive, "
+                          "named relative to the .onnx file (onnx.save(..., save_as_external_data=True))")
+    target = model_file.parent / location
+    try:
+        target.resolve().relative_to(model_dir.resolve())
+    except ValueError:
+        raise ClientError(f"{shown}, which leads outside the model archive") from None
+    if not target.is_file():
+        raise ClientError(f"{shown}, which the archive does not contain")
+    try:
+        offset, length = int(entries.get("offset", 0)), int(entries.get("length", -1))
+    except ValueError:
+        raise ClientError(f"{shown} with a malformed offset or length") from None
+    size = target.stat().st_size
+    if offset < 0 or offset > size or (length >= 0 and offset + length > size):
+        raise ClientError(f"{shown} at bytes {offset}..{offset + length}, beyond the end of that file ({size} bytes)")
+    return target, offset, length
+
+
+def check_declared_tensors(model: Any, model_file: Path, model_dir: Path,
+                           limits: ArchiveLimits = DEFAULT_LIMITS) -> None:
+    """Before any tensor data is read: every declared tensor's size (dims x element size) within the
+    archive's per-file cap and their sum within its total cap, external data only inside the archive."""
     import onnx
+
+    total = 0
+    for tensor in _tensors(model.graph):
+        dims = tuple(tensor.dims)
+        if any(d < 0 for d in dims):
+            raise ClientError(f"tensor '{tensor.name}' declares a negative dimension {list(dims)}")
+        try:
+            itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+        except Exception:
+            raise ClientError(f"tensor '{tensor.name}' declares an unknown data type {tensor.data_type}") from None
+        size = math.prod(dims) * itemsize
+        if size > limits.max_member_bytes:
+            raise ClientError(f"tensor '{tensor.name}' declares {math.prod(dims)} elements ({size} bytes), more than "
+                              f"the {limits.max_member_bytes} bytes one tensor may take")
+        total += size
+        if total > limits.max_total_bytes:
+            raise ClientError(f"the model's tensors declare more than {limits.max_total_bytes} bytes in all")
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            _external_file(tensor, model_file, model_dir)
+
+
+def load(model_dir: Path, config: DataInputConfig, options: CompilerOptions) -> LoadedModel:
+    """Load the single ``.onnx`` file in ``model_dir`` into a Relax IRModule.
+
+    The graph is read without its external data first, so declared sizes and external locations are
+    checked before any weight is read (:func:`check_declared_tensors`)."""
+    import onnx
+    from onnx.external_data_helper import load_external_data_for_model
 
     files = find_model_files(model_dir, (".onnx",), "ONNX", "Put the model in the archive as model.onnx.")
     if len(files) > 1:
         rel = [str(f.relative_to(model_dir)) for f in files]
         raise ClientError(f"the archive contains several .onnx files {rel}; include exactly one model")
     path = files[0]
+    if path.stat().st_size > MAX_PROTO_BYTES:  # protobuf cannot parse it; reading it would allocate it all
+        raise ClientError(f"'{path.name}' is larger than 2 GiB; save the model with its weights as external data "
+                          "(onnx.save(..., save_as_external_data=True))")
     try:
-        model = onnx.load(str(path), load_external_data=True)
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # onnx raises many types for corrupt input
+        raise ClientError(f"'{path.name}' is not a valid ONNX model ({str(exc).splitlines()[0][:300]})") from None
+    check_declared_tensors(model, path, model_dir)
+    try:
+        load_external_data_for_model(model, str(path.parent))
         onnx.checker.check_model(model)
     except Exception as exc:  # onnx raises many types for corrupt input
         raise ClientError(f"'{path.name}' is not a valid ONNX model ({str(exc).splitlines()[0][:300]})") from None

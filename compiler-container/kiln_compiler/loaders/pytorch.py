@@ -5,16 +5,22 @@ through ``torch._export.converter.TS2EPConverter`` (a private torch API, guarded
 becomes a ClientError asking for ``torch.export``), which needs example inputs, so TorchScript
 needs DataInputConfig. Symbolic dimensions left in the program are bound to the configured shapes.
 
-Untrusted files: ``torch.jit.load`` unpickles with TorchScript's restricted unpickler.
-``torch.export.load`` falls back to ``torch.load(weights_only=False)`` and ``pickle.loads`` for
-some payloads; Kiln forces ``weights_only`` for the load (``TORCH_FORCE_WEIGHTS_ONLY_LOAD``) and
-refuses archives with pickled custom/opaque objects before torch reads them.
+Untrusted files: before torch opens the file, Kiln checks it like the outer archive (entry count,
+sizes, expansion ratio; :func:`kiln_compiler.archive.check_zip`) and reads the globals of every
+pickle in it and in the zips nested in it (:mod:`kiln_compiler.pickles`, nothing is unpickled): a
+global other than TorchScript's own classes and torch's tensor rebuilders is refused unless
+CompilerOptions ``allow_pickle`` is true, as for scikit-learn pickles. ``torch.jit.load`` unpickles
+with TorchScript's restricted unpickler. ``torch.export.load`` falls back to
+``torch.load(weights_only=False)`` and ``pickle.loads`` for some payloads; without ``allow_pickle``
+Kiln forces ``weights_only`` for the load (``TORCH_FORCE_WEIGHTS_ONLY_LOAD``) and refuses archives
+with pickled custom/opaque objects.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,6 +31,7 @@ from kiln.runtime import TensorSpec
 
 from ..errors import ClientError
 from ..options import CompilerOptions, DataInputConfig
+from ..pickles import scan_zip
 from . import LoadedModel, find_model_files
 
 log = logging.getLogger(__name__)
@@ -34,6 +41,34 @@ _HINT = ("Save the model with torch.export.save(torch.export.export(model, args)
          "TorchScript with torch.jit.trace(model, args).save('model.pth').")
 # Payloads torch.export.load unpickles without restriction (torchbind objects, opaque Python objects).
 _PICKLED_PAYLOADS = ("data/constants/custom_obj_", "data/constants/opaque_obj_")
+# Globals the pickles of TorchScript and torch.save/torch.export archives of plain tensors refer to:
+# TorchScript's own classes (``__torch__.*``, resolved by TorchScript's type system, never imported),
+# torch's tensor and storage rebuilders, dtypes, and the containers around them. Anything else is code.
+_TENSOR_GLOBALS = re.compile(
+    r"__torch__(\.\w+)*"
+    r"|collections\.OrderedDict|builtins\.(set|frozenset|slice)|_codecs\.encode"
+    r"|torch\._utils\._rebuild_(tensor|tensor_v2|tensor_v3|parameter|parameter_with_state|qtensor|sparse_tensor"
+    r"|device_tensor_from_numpy|meta_tensor_no_storage|wrapper_subclass)"
+    r"|torch\.jit\._pickle\.(restore_type_tag|build_intlist|build_tensorlist|build_doublelist|build_boollist)"
+    r"|torch\.\w*Storage|torch\.storage\.UntypedStorage|torch\.(device|Size|dtype|layout|memory_format)"
+    r"|torch\.(float\d*|double|half|bfloat16|complex\d+|u?int\d+|long|short|bool|cfloat|cdouble)"
+    r"|torch\.serialization\._get_layout")
+
+
+def check_pickled_globals(path: Path, options: CompilerOptions) -> None:
+    """Refuse a PyTorch file whose pickles import anything but tensors (unless ``allow_pickle``)."""
+    outside = scan_zip(path).outside(_TENSOR_GLOBALS)
+    if not outside:
+        return
+    if options.allow_pickle:
+        log.warning("'%s' pickles %s; loading it because CompilerOptions allow_pickle is true", path.name, outside)
+        return
+    entry, names = next(iter(outside.items()))
+    raise ClientError(
+        f"'{entry}' holds pickled Python objects {names[:5]}: loading them would run code from the file, so Kiln "
+        "refuses it by default. Save a model whose pickles hold only tensors (torch.export.save or "
+        "torch.jit.save), or set CompilerOptions {\"allow_pickle\": true} if you trust this file"
+    )
 
 
 def _kind(path: Path) -> str:
@@ -75,11 +110,15 @@ def _first_line(exc: BaseException) -> str:
     return (lines[0] if lines else type(exc).__name__)[:300]
 
 
-def _load_exported(path: Path) -> Any:
+def _load_exported(path: Path, options: CompilerOptions | None = None) -> Any:
     import torch
 
+    options = options or CompilerOptions()
     with zipfile.ZipFile(path) as zf:
         pickled = [n for n in zf.namelist() if any(p in n for p in _PICKLED_PAYLOADS)]
+    if pickled and options.allow_pickle:
+        log.warning("'%s' holds pickled objects %s; loading them because allow_pickle is true", path.name, pickled)
+        return torch.export.load(str(path))
     if pickled:
         raise ClientError(
             f"'{path.name}' holds pickled Python objects {pickled[:3]} (torchbind or opaque constants); loading "
@@ -226,12 +265,14 @@ def load(model_dir: Path, config: DataInputConfig, options: CompilerOptions) -> 
         rel = [str(f.relative_to(model_dir)) for f in files]
         raise ClientError(f"the archive contains several PyTorch model files {rel}; include exactly one")
     path = files[0]
+    if zipfile.is_zipfile(path):  # caps and pickle check first; _kind explains what a non-zip is
+        check_pickled_globals(path, options)
     kind = _kind(path)
 
     import torch
 
     if kind == "export":
-        program = _load_exported(path)
+        program = _load_exported(path, options)
         specs = _from_exported(program, config, options)
     else:
         program, specs = _from_script(path, config, options)

@@ -9,7 +9,9 @@ from aws_lambda_powertools import Logger
 from aws_lambda_powertools.utilities.typing import LambdaContext
 from botocore.exceptions import ClientError
 
+from kiln import job_metrics
 from kiln.config import settings
+from kiln.store import TRANSIENT_CANCELLATIONS
 from kiln.wiring import build_workflow_steps
 from kiln.workflow import TransientError, WorkflowSteps
 
@@ -26,9 +28,14 @@ def _steps() -> WorkflowSteps:
 
 @logger.inject_lambda_context
 def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
-    """Run one step: ``{"Step": "MarkInProgress" | "ResolveModelPackage" | "RecordSuccess" | "RecordFailure", ...}``."""
+    """Run one step: ``{"Step": "MarkInProgress" | "ResolveModelPackage" | "RecordSuccess" | "RecordFailure", ...}``,
+    or the scheduled ``{"Step": "Census"}`` (active-job gauges for the dashboard and the overdue alarm)."""
     steps = _steps()
     step = event.get("Step")
+    if step == "Census":
+        census = steps.census()
+        job_metrics.emit(census["Metrics"])
+        return census
     job = event["Job"]
     logger.append_keys(job=job.get("CompilationJobName"), step=step)
     try:
@@ -41,8 +48,10 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
         if step == "RecordFailure":
             return steps.record_failure(job, event.get("Error") or {}, event.get("Limits") or {})
     except ClientError as exc:
-        if exc.response["Error"]["Code"] in _THROTTLING:
-            raise TransientError(exc.response["Error"]["Code"]) from exc
+        code = exc.response["Error"]["Code"]
+        reasons = {r.get("Code") for r in exc.response.get("CancellationReasons", [])}
+        if code in _THROTTLING or (code == "TransactionCanceledException" and reasons & TRANSIENT_CANCELLATIONS):
+            raise TransientError(code) from exc
         raise
     raise ValueError(f"unknown workflow step {step!r}")
 
@@ -56,6 +65,7 @@ def container_stopped(event: dict[str, Any], context: LambdaContext) -> dict[str
         env = {e["name"]: e.get("value", "") for e in container.get("environment", [])}
         exit_code = container.get("exitCode")
         reason = detail.get("statusReason", "")
+        stop_code = ""
     else:
         env = {}
         for override in detail.get("overrides", {}).get("containerOverrides", []):
@@ -63,6 +73,9 @@ def container_stopped(event: dict[str, Any], context: LambdaContext) -> dict[str
         containers = detail.get("containers", [])
         exit_code = containers[0].get("exitCode") if containers else None
         reason = detail.get("stoppedReason", "")
+        stop_code = str(detail.get("stopCode", ""))
+    if job_metrics.container_failed(exit_code, stop_code):
+        job_metrics.emit([(job_metrics.CONTAINER_FAILURES, "Count", 1)])
     name = None
     if env.get("KILN_JOB"):
         import json

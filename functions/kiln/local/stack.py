@@ -82,6 +82,8 @@ class LocalContainerRunner:
     # While True, tasks stay pending (no capacity): used to exercise MaxPendingTimeInSeconds.
     hold: bool = False
     held: list[tuple[str, dict[str, str]]] = field(default_factory=list)
+    # TEST-ONLY: job name -> KILN_FAULT for that job's compiler process (kiln_compiler.faults).
+    faults: dict[str, str] = field(default_factory=dict)
 
     def start(self, task_id: str, env: dict[str, str]) -> None:
         if "KILN_JOB" not in env:
@@ -98,6 +100,9 @@ class LocalContainerRunner:
                     # a local process runs on this host, whatever the job's runner: measure what it can run
                     "KILN_PROFILE": "host", "KILN_RUNNER": "local"}
         full_env.pop("MOTO_PORT", None)
+        full_env.pop("KILN_FAULT", None)  # only a test's per-job fault, never an inherited one
+        if job_name in self.faults:
+            full_env["KILN_FAULT"] = self.faults[job_name]
         command = [sys.executable, *COMPILER_COMMAND[1:]]
         log_path = (self.log_dir or work) / f"{job_name}.log"
         with open(log_path, "ab") as log_file:
@@ -255,7 +260,8 @@ class EmbeddedStack:
         self._set_env({"MOTO_PORT": str(self.aws_port), "AWS_ENDPOINT_URL": self.endpoint_url,
                        "AWS_ACCESS_KEY_ID": "local", "AWS_SECRET_ACCESS_KEY": "local",
                        "AWS_DEFAULT_REGION": REGION, "AWS_REGION": REGION,
-                       "POWERTOOLS_TRACE_DISABLED": "true", "POWERTOOLS_METRICS_NAMESPACE": "Kiln"})
+                       "POWERTOOLS_TRACE_DISABLED": "true", "POWERTOOLS_METRICS_NAMESPACE": "Kiln",
+                       "POWERTOOLS_METRICS_DISABLED": "true"})  # no EMF records on local stdout
         moto_patches.patch_service_normalisation()
         moto_patches.patch_lambda_in_process()
         moto_patches.patch_send_task_failure_cause()
