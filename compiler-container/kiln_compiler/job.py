@@ -7,18 +7,19 @@ import logging
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kiln.catalog import TargetCatalog, UnsupportedTargetError
 
-from . import aws, faults
+from . import aws, faults, profile
 from .archive import safe_extract
 from .compile import compile_model
 from .errors import ClientError
 from .options import CompilerOptions
 from .package import artifact_name, package
+from .profile import ProfileSettings
 
 if TYPE_CHECKING:
     from .tuning import TuningDatabase
@@ -87,11 +88,14 @@ class CompilerSettings:
     """How this compiler deployment is configured (the container's environment, read once by __main__)."""
 
     tuning_database: str | None = None  # s3://bucket/prefix or a local directory (KILN_TUNING_DB)
+    runner: str | None = None  # the kiln.catalog.Runner this container is (KILN_RUNNER, set per runner by CDK)
+    profile: ProfileSettings = field(default_factory=ProfileSettings)  # KILN_PROFILE: where it may be measured
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> CompilerSettings:
         """Settings from the container environment the workflow's task definition sets."""
-        return cls(tuning_database=env.get("KILN_TUNING_DB") or None)
+        return cls(tuning_database=env.get("KILN_TUNING_DB") or None, runner=env.get("KILN_RUNNER") or None,
+                   profile=ProfileSettings.from_env(env))
 
 
 def open_tuning_database(location: str | None, work_dir: Path) -> TuningDatabase | None:
@@ -141,9 +145,19 @@ def run_job(spec: JobSpec, work_dir: Path, *, settings: CompilerSettings = Compi
         log.warning("%d kernels kept TVM's unscheduled loops: %s", len(result.unscheduled),
                     ", ".join(result.unscheduled))
     name = artifact_name(spec.s3_uri, target.name)
+
+    def measure(root: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+        left = deadline - time.time() if deadline else None
+        reason = profile.why_not(target, manifest, settings.profile, settings.runner, left)
+        if reason:
+            log.info("artifact not profiled: %s", reason)
+            return profile.not_measured(reason)
+        with timer.stage("profile"):
+            return profile.profile_artifact(root, settings.profile, runner=settings.runner, seconds_left=left)
+
     with timer.stage("package"):
         artifact = package(result, target, work_dir / "out" / name, model_dir=model_dir,
-                           job_name=spec.name, labels_name=options.class_labels)
+                           job_name=spec.name, labels_name=options.class_labels, profiler=measure)
     out_uri = f"{spec.output_location}/{name}"
     with timer.stage("upload"):
         aws.upload(session, artifact.path, out_uri, spec.kms_key_id)
@@ -155,4 +169,5 @@ def run_job(spec: JobSpec, work_dir: Path, *, settings: CompilerSettings = Compi
         "DerivedDataInputConfig": json.dumps(derived),
         "Timings": timer.timings,
         "Tuning": result.tuning,
+        "Profile": artifact.manifest.get("profile"),
     }

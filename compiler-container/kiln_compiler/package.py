@@ -8,6 +8,8 @@ import io
 import json
 import platform
 import tarfile
+import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -134,14 +136,37 @@ def _expand(paths: list[Path]) -> dict[str, Path]:
     return files
 
 
+def stage(files: dict[str, Path], manifest: dict[str, Any], root: Path) -> Path:
+    """The artifact's layout as a directory (links to the built files, and the manifest) that
+    ``kiln.runtime.load`` opens as it opens the unpacked tarball: what the profile measures."""
+    root.mkdir(parents=True, exist_ok=True)
+    for name, path in files.items():
+        link = root / name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(path.resolve())
+    (root / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    return root
+
+
+# Measures a staged artifact (its directory and manifest) and returns the manifest's "profile" member.
+Profiler = Callable[[Path, dict[str, Any]], dict[str, Any]]
+
+
 def package(result: BuildResult, target: Target, out_path: Path, *,
-            model_dir: Path, job_name: str | None = None, labels_name: str | None = None) -> Artifact:
-    """Write the tarball (reproducible: fixed mtimes/owners, sorted) and return it with its digest."""
+            model_dir: Path, job_name: str | None = None, labels_name: str | None = None,
+            profiler: Profiler | None = None) -> Artifact:
+    """Write the tarball (reproducible: fixed mtimes/owners, sorted) and return it with its digest.
+
+    With a ``profiler``, the artifact is first staged and measured, and the manifest carries the profile
+    (once, without writing the tarball twice)."""
     labels = class_labels(model_dir, labels_name)
     files = _expand(result.files)
     if labels:
         files[LABELS] = labels
     manifest = build_manifest(result, target, files, job_name, labels)
+    if profiler is not None:
+        with tempfile.TemporaryDirectory(prefix="kiln-stage-") as staged:
+            manifest["profile"] = profiler(stage(files, manifest, Path(staged) / "artifact"), manifest)
     blob = json.dumps(manifest, indent=2, sort_keys=True).encode()
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with out_path.open("wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as gz, \

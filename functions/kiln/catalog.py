@@ -15,10 +15,64 @@ from kiln import isa as isa_table
 
 
 class Runner(StrEnum):
-    """Where a job's compiler container runs."""
+    """Where a job's compiler container runs (and, on a target's own hardware, measures its artifact)."""
 
-    FARGATE = "fargate"  # ECS Fargate, CPU targets (and cross builds)
-    BATCH_GPU = "batch-gpu"  # AWS Batch on GPU instances: NVIDIA targets
+    FARGATE = "fargate"  # ECS Fargate x86-64, whatever CPU it hands out: cross and edge targets
+    BATCH_GPU = "batch-gpu"  # AWS Batch on NVIDIA instances (g4dn): NVIDIA targets
+    BATCH_C4 = "batch-c4"  # AWS Batch compute environments of one instance family each, scaling to zero
+    BATCH_M4 = "batch-m4"
+    BATCH_C5 = "batch-c5"
+    BATCH_M5 = "batch-m5"
+    BATCH_C6I = "batch-c6i"
+    BATCH_C6G = "batch-c6g"  # Graviton: the arm64 compiler image
+    BATCH_M6G = "batch-m6g"
+    BATCH_C7G = "batch-c7g"
+
+    @property
+    def spec(self) -> RunnerSpec:
+        return RUNNERS[self]
+
+    @property
+    def on_target_hardware(self) -> bool:
+        """Whether this runner is a fixed instance family (so it can measure targets of that family)."""
+        return self.spec.instance_family is not None
+
+
+@dataclass(frozen=True)
+class RunnerSpec:
+    """What a runner is: the AWS service it runs on, its CPU architecture and instance family."""
+
+    platform: str  # "ecs" (Fargate task) or "batch" (Batch job); the state machine branches on it
+    architecture: str  # "x86_64" or "arm64": which compiler image it runs
+    instance_family: str | None  # EC2 family of its compute environment; None = no choice (Fargate)
+    gpu: bool = False
+    # Where a job goes when a deployment has not enabled this runner (None: the job is refused at create).
+    # Graviton families are opt-in (their arm64 image is built only when asked for): without them, Graviton
+    # targets are cross-built on the generic runner as before, and their record says no measurement was made.
+    fallback: Runner | None = None
+
+
+# The one table of runners; CDK builds one compute environment per enabled Batch family from it.
+RUNNERS: dict[Runner, RunnerSpec] = {
+    Runner.FARGATE: RunnerSpec("ecs", "x86_64", None),
+    Runner.BATCH_GPU: RunnerSpec("batch", "x86_64", "g4dn", gpu=True),
+    Runner.BATCH_C4: RunnerSpec("batch", "x86_64", "c4"),
+    Runner.BATCH_M4: RunnerSpec("batch", "x86_64", "m4"),
+    Runner.BATCH_C5: RunnerSpec("batch", "x86_64", "c5"),
+    Runner.BATCH_M5: RunnerSpec("batch", "x86_64", "m5"),
+    Runner.BATCH_C6I: RunnerSpec("batch", "x86_64", "c6i"),
+    Runner.BATCH_C6G: RunnerSpec("batch", "arm64", "c6g", fallback=Runner.FARGATE),
+    Runner.BATCH_M6G: RunnerSpec("batch", "arm64", "m6g", fallback=Runner.FARGATE),
+    Runner.BATCH_C7G: RunnerSpec("batch", "arm64", "c7g", fallback=Runner.FARGATE),
+}
+# TargetPlatform targets name no instance; an mcpu of a cloud family's CPU sends them to its runner
+# (LINUX_ARM64 + neoverse-v1 is how a Graviton3 c7g job is asked for: ml_c7g is no SageMaker TargetDevice).
+PLATFORM_CPU_RUNNERS: dict[tuple[str, str], Runner] = {
+    ("LINUX_ARM64", "neoverse-v1"): Runner.BATCH_C7G,
+    ("LINUX_ARM64", "neoverse-n1"): Runner.BATCH_C6G,
+    ("LINUX_X86_64", "icelake-server"): Runner.BATCH_C6I,
+    ("LINUX_X86_64", "skylake-avx512"): Runner.BATCH_C5,
+}
 
 
 class Family(StrEnum):
@@ -77,6 +131,16 @@ class Target:
         return bool(self.instance_types)
 
     @property
+    def instance_family(self) -> str | None:
+        """The EC2 family of a cloud target (``ml.c5.xlarge`` -> ``c5``)."""
+        return self.instance_types[0].split(".")[1] if self.instance_types else None
+
+    def measurable_on(self, runner: Runner) -> bool:
+        """Whether ``runner`` is this target's hardware, so timings taken there are the target's."""
+        family = runner.spec.instance_family
+        return family is not None and (self.instance_family is None or self.instance_family == family)
+
+    @property
     def cpu(self) -> isa_table.CpuFeatures | None:
         """What the target's CPU code may use (the host CPU's for GPU targets); None for Core ML."""
         llvm = self.host if self.family is Family.CUDA else self.tvm_target
@@ -118,7 +182,8 @@ _MINGW32 = Toolchain(cxx="i686-w64-mingw32-g++", debian_packages=("g++-mingw-w64
 
 
 
-def _x86(name: str, mcpu: str, desc: str, instances: tuple[str, ...] = ()) -> Target:
+def _x86(name: str, mcpu: str, desc: str, instances: tuple[str, ...] = (),
+         runner: Runner = Runner.FARGATE) -> Target:
     return Target(
         name=name,
         family=Family.X86_64,
@@ -126,10 +191,12 @@ def _x86(name: str, mcpu: str, desc: str, instances: tuple[str, ...] = ()) -> Ta
         tvm_target={"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": mcpu},
         toolchain=_GCC_X86,
         instance_types=instances,
+        runner=runner,
     )
 
 
-def _arm64(name: str, mcpu: str, desc: str, instances: tuple[str, ...] = ()) -> Target:
+def _arm64(name: str, mcpu: str, desc: str, instances: tuple[str, ...] = (),
+           runner: Runner = Runner.FARGATE) -> Target:
     return Target(
         name=name,
         family=Family.AARCH64,
@@ -137,6 +204,7 @@ def _arm64(name: str, mcpu: str, desc: str, instances: tuple[str, ...] = ()) -> 
         tvm_target={"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": mcpu, "mattr": ["+neon"]},
         toolchain=_GCC_AARCH64,
         instance_types=instances,
+        runner=runner,
     )
 
 
@@ -178,17 +246,17 @@ _ARM64_HOST = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"
 
 _DEVICES: tuple[Target, ...] = (
     # x86 cloud instances. c4/m4 are Haswell/Broadwell (AVX2); c5/m5 are Skylake-SP (AVX-512).
-    _x86("ml_c4", "haswell", "EC2 C4 (Haswell, AVX2)", ("ml.c4.xlarge", "ml.c4.2xlarge", "ml.c4.4xlarge", "ml.c4.8xlarge")),
-    _x86("ml_m4", "haswell", "EC2 M4 (Broadwell, AVX2)", ("ml.m4.xlarge", "ml.m4.2xlarge", "ml.m4.4xlarge", "ml.m4.10xlarge")),
-    _x86("ml_c5", "skylake-avx512", "EC2 C5 (Skylake-SP, AVX-512)", ("ml.c5.xlarge", "ml.c5.2xlarge", "ml.c5.4xlarge", "ml.c5.9xlarge")),
-    _x86("ml_m5", "skylake-avx512", "EC2 M5 (Skylake-SP, AVX-512)", ("ml.m5.large", "ml.m5.xlarge", "ml.m5.2xlarge", "ml.m5.4xlarge")),
+    _x86("ml_c4", "haswell", "EC2 C4 (Haswell, AVX2)", ("ml.c4.xlarge", "ml.c4.2xlarge", "ml.c4.4xlarge", "ml.c4.8xlarge"), Runner.BATCH_C4),
+    _x86("ml_m4", "haswell", "EC2 M4 (Broadwell, AVX2)", ("ml.m4.xlarge", "ml.m4.2xlarge", "ml.m4.4xlarge", "ml.m4.10xlarge"), Runner.BATCH_M4),
+    _x86("ml_c5", "skylake-avx512", "EC2 C5 (Skylake-SP, AVX-512)", ("ml.c5.xlarge", "ml.c5.2xlarge", "ml.c5.4xlarge", "ml.c5.9xlarge"), Runner.BATCH_C5),
+    _x86("ml_m5", "skylake-avx512", "EC2 M5 (Skylake-SP, AVX-512)", ("ml.m5.large", "ml.m5.xlarge", "ml.m5.2xlarge", "ml.m5.4xlarge"), Runner.BATCH_M5),
     # Lambda's x86 fleet guarantees AVX2, not AVX-512.
     _x86("lambda", "haswell", "AWS Lambda (x86_64, AVX2)"),
     _x86("sbe_c", "haswell", "Snowball Edge Compute (x86_64, AVX2)"),
     _x86("deeplens", "x86-64", "AWS DeepLens (Intel Atom, CPU only)"),
     # Graviton2.
-    _arm64("ml_c6g", "neoverse-n1", "EC2 C6g (Graviton2)", ("ml.c6g.large", "ml.c6g.xlarge", "ml.c6g.2xlarge", "ml.c6g.4xlarge")),
-    _arm64("ml_m6g", "neoverse-n1", "EC2 M6g (Graviton2)", ("ml.m6g.large", "ml.m6g.xlarge", "ml.m6g.2xlarge", "ml.m6g.4xlarge")),
+    _arm64("ml_c6g", "neoverse-n1", "EC2 C6g (Graviton2)", ("ml.c6g.large", "ml.c6g.xlarge", "ml.c6g.2xlarge", "ml.c6g.4xlarge"), Runner.BATCH_C6G),
+    _arm64("ml_m6g", "neoverse-n1", "EC2 M6g (Graviton2)", ("ml.m6g.large", "ml.m6g.xlarge", "ml.m6g.2xlarge", "ml.m6g.4xlarge"), Runner.BATCH_M6G),
     # NVIDIA cloud GPUs (x86 hosts) and Jetson modules (aarch64 hosts).
     _cuda("ml_p2", "sm_37", {**_X86_HOST_AVX2, "mcpu": "broadwell"}, _GCC_X86, "EC2 P2 (K80)", ("ml.p2.xlarge", "ml.p2.8xlarge")),
     _cuda("ml_p3", "sm_70", {**_X86_HOST_AVX2, "mcpu": "broadwell"}, _GCC_X86, "EC2 P3 (V100)", ("ml.p3.2xlarge", "ml.p3.8xlarge")),
@@ -295,6 +363,14 @@ class TargetCatalog:
             return self.device(output_config["TargetDevice"])
         p = output_config["TargetPlatform"]
         return self.platform(p["Os"], p["Arch"], p.get("Accelerator"))
+
+    @staticmethod
+    def runner_for(target: Target, mcpu: str | None = None) -> Runner:
+        """Where a job for ``target`` runs: its own runner, or for a TargetPlatform whose CompilerOptions
+        ``mcpu`` is a cloud family's CPU, that family's runner."""
+        if mcpu and not target.is_cloud:
+            return PLATFORM_CPU_RUNNERS.get((target.name, mcpu), target.runner)
+        return target.runner
 
     @staticmethod
     def _platforms() -> dict[str, Target]:

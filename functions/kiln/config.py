@@ -55,6 +55,8 @@ class KilnSettings(BaseSettings):
     security_groups: str = ""
     # Comma-separated runners this deployment has (kiln.catalog.Runner values); others are refused.
     enabled_runners: str = "fargate,batch-gpu"
+    # JSON: Batch runner -> {"JobQueue": ARN, "JobDefinition": ARN} (what the state machine submits to).
+    runner_placements: dict[str, dict[str, str]] = Field(default_factory=dict)
     # Whether the API checks that the caller may iam:PassRole the job's RoleArn.
     check_pass_role: bool = False
     # Registry hook: where registry-started jobs write, with which role and limits.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,9 +39,12 @@ def _environment_of(overrides: list[dict[str, Any]]) -> dict[str, str]:
 class CompilerContainers:
     """Locate and stop compiler containers of a job."""
 
-    def __init__(self, *, ecs: Any, batch: Any, sfn: Any, cluster: str, family: str, gpu_queue: str) -> None:
+    def __init__(self, *, ecs: Any, batch: Any, sfn: Any, cluster: str, family: str, gpu_queue: str,
+                 batch_queues: Iterable[str] = ()) -> None:
         self._ecs, self._batch, self._sfn = ecs, batch, sfn
-        self._cluster, self._family, self._queue = cluster, family, gpu_queue
+        self._cluster, self._family = cluster, family
+        # every Batch queue a runner submits to (the GPU one and one per instance family), each once
+        self._queues = tuple(dict.fromkeys(q for q in (gpu_queue, *batch_queues) if q))
 
     def find(self, job_name: str) -> list[CompilerContainer]:
         found: list[CompilerContainer] = []
@@ -52,9 +56,9 @@ class CompilerContainers:
                     env = _environment_of(task.get("overrides", {}).get("containerOverrides", []))
                     if _job_name(env) == job_name:
                         found.append(CompilerContainer("ecs", task["taskArn"], env.get("KILN_TASK_TOKEN")))
-        if self._queue:
+        for queue in self._queues:
             for status in ("SUBMITTED", "PENDING", "RUNNABLE", "STARTING", "RUNNING"):
-                listed = self._batch.list_jobs(jobQueue=self._queue, jobStatus=status).get("jobSummaryList", [])
+                listed = self._batch.list_jobs(jobQueue=queue, jobStatus=status).get("jobSummaryList", [])
                 for summary in listed:
                     if summary.get("jobName") != job_name:
                         continue

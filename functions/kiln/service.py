@@ -11,7 +11,7 @@ from typing import Any
 from botocore.exceptions import ClientError
 
 from kiln import rules
-from kiln.catalog import TargetCatalog
+from kiln.catalog import Runner, TargetCatalog
 from kiln.contract import parse_timestamp, shape_output, validate_request
 from kiln.errors import AccessDenied, ConflictError, ResourceNotFound, ValidationError
 from kiln.events import JobEvents
@@ -37,12 +37,21 @@ def job_arn(region: str, account: str, name: str) -> str:
     return f"arn:aws:sagemaker:{region}:{account}:compilation-job/{name}"
 
 
+# Kiln's extension of DescribeCompilationJob: one member outside SageMaker's shape, which stock clients
+# (botocore parses only the members its model names) ignore; see docs/adr/0017.
+EXTENSION = "Kiln"
+
+
 def describe_view(record: dict[str, Any]) -> dict[str, Any]:
-    """A DescribeCompilationJob response from a stored record (required members always present)."""
+    """A DescribeCompilationJob response from a stored record (required members always present),
+    plus the ``Kiln`` extension member when the job has one (profile, runner, usage)."""
     view = public_view(record)
     view.setdefault("FailureReason", "")
     view.setdefault("ModelArtifacts", {"S3ModelArtifacts": ""})
-    return shape_output("DescribeCompilationJob", view)
+    shaped = shape_output("DescribeCompilationJob", view)
+    if record.get(EXTENSION):
+        shaped[EXTENSION] = record[EXTENSION]
+    return shaped
 
 
 class CompilationJobService:
@@ -51,7 +60,8 @@ class CompilationJobService:
     def __init__(self, *, store: JobStore, catalog: TargetCatalog, sfn: Any, events: JobEvents,
                  containers: CompilerContainers | None, state_machine_arn: str, region: str, account: str,
                  network: dict[str, Any] | None = None, iam: Any | None = None,
-                 enabled_runners: frozenset[str] | None = None) -> None:
+                 enabled_runners: frozenset[str] | None = None,
+                 placements: dict[str, dict[str, str]] | None = None) -> None:
         self.store = store
         self.catalog = catalog
         self._sfn = sfn
@@ -63,15 +73,21 @@ class CompilationJobService:
         self._network = network or {}
         self._iam = iam
         self._enabled_runners = enabled_runners
+        self._placements = placements or {}
 
     # -- create ------------------------------------------------------------------------------
     def create(self, request: dict[str, Any], *, caller_arn: str | None = None) -> dict[str, Any]:
         validate_request("CreateCompilationJob", request)
         target = rules.check_create(request, self.catalog)
-        if self._enabled_runners is not None and str(target.runner) not in self._enabled_runners:
+        mcpu = rules.parse_compiler_options(request["OutputConfig"].get("CompilerOptions"), target).get("mcpu")
+        runner = self.catalog.runner_for(target, mcpu)
+        enabled = self._enabled_runners
+        if enabled is not None and str(runner) not in enabled and str(runner.spec.fallback) in enabled:
+            runner = runner.spec.fallback or runner
+        if enabled is not None and str(runner) not in enabled:
             raise ValidationError(
-                f"Target '{target.name}' needs the '{target.runner}' compiler runner, which this deployment has "
-                f"not enabled (enabled: {', '.join(sorted(self._enabled_runners)) or 'none'})")
+                f"Target '{target.name}' needs the '{runner}' compiler runner, which this deployment has "
+                f"not enabled (enabled: {', '.join(sorted(enabled)) or 'none'})")
         rules.check_stopping_condition(request.get("StoppingCondition"))
         rules.check_tags(request.get("Tags"))
         if self._iam is not None and caller_arn:
@@ -93,9 +109,9 @@ class CompilationJobService:
         for optional in ("InputConfig", "ModelPackageVersionArn", "VpcConfig"):
             if request.get(optional) is not None:
                 job[optional] = request[optional]
-        self.store.create(job, extra={"Tags": request.get("Tags", []), "Runner": str(target.runner)})
+        self.store.create(job, extra={"Tags": request.get("Tags", []), "Runner": str(runner)})
         self._events.state_changed(describe_view(job))
-        self.start_workflow(job, str(target.runner), runtime, pending)
+        self.start_workflow(job, str(runner), runtime, pending)
         return {"CompilationJobArn": job["CompilationJobArn"]}
 
     def start_workflow(self, job: dict[str, Any], runner: str, runtime: int, pending: int) -> None:
@@ -105,6 +121,7 @@ class CompilationJobService:
             "Job": {k: v for k, v in job.items() if k not in ("CompilationJobStatus", "CreationTime",
                                                                 "LastModifiedTime")},
             "Runner": runner,
+            "Placement": self.placement(runner),
             "Limits": {"MaxRuntimeInSeconds": runtime, "MaxPendingTimeInSeconds": pending,
                        "TotalSeconds": runtime + pending},
             "Network": self._network_for(job.get("VpcConfig")),
@@ -117,6 +134,12 @@ class CompilationJobService:
             log.exception("could not start the workflow of %s", name)
             detail = exc.response["Error"]["Code"] if isinstance(exc, ClientError) else type(exc).__name__
             self.record_failure(name, f"ServerError: the compilation workflow could not be started ({detail})")
+
+    def placement(self, runner: str) -> dict[str, str]:
+        """Where the state machine starts the runner's container: ``{"Platform": "ecs"}`` (the Fargate task
+        definition is the workflow's own) or ``{"Platform": "batch", "JobQueue", "JobDefinition"}``."""
+        platform = Runner(runner).spec.platform
+        return {"Platform": platform, **self._placements.get(runner, {})}
 
     def _network_for(self, vpc_config: dict[str, Any] | None) -> dict[str, Any]:
         if vpc_config:
@@ -264,6 +287,14 @@ class CompilationJobService:
             updates["InferenceImage"] = inference_image
         if result.get("Tuning") is not None:
             updates["Internal"] = {"Tuning": result["Tuning"], "Timings": result.get("Timings", {})}
+        extension: dict[str, Any] = {}
+        if result.get("Profile"):
+            extension["Profile"] = result["Profile"]
+        usage = self._usage(name, result.get("Timings") or {})
+        if usage:
+            extension["Usage"] = usage
+        if extension:
+            updates[EXTENSION] = extension
         try:
             record = self.store.transition(name, "COMPLETED", allowed_from=("INPROGRESS",), updates=updates)
         except ConflictError:
@@ -271,6 +302,22 @@ class CompilationJobService:
             return None
         self._events.state_changed(describe_view(record))
         return record
+
+    def _usage(self, name: str, timings: dict[str, Any]) -> dict[str, Any] | None:
+        """What the job cost: task-seconds of its compiler container on its runner, and where they went
+        (build includes tuning; the container's own start and image pull are not counted)."""
+        if "total" not in timings:
+            return None
+        runner = self.store.get(name).get("Runner", "")
+        usage: dict[str, Any] = {"Runner": runner, "TaskSeconds": timings["total"]}
+        for stage in ("build", "profile"):
+            if stage in timings:
+                usage[f"{stage.capitalize()}Seconds"] = timings[stage]
+        if runner in {str(r) for r in Runner}:
+            spec = Runner(runner).spec
+            usage["InstanceFamily"] = spec.instance_family or "fargate"
+            usage["Architecture"] = spec.architecture
+        return usage
 
     def record_failure(self, name: str, reason: str) -> dict[str, Any] | None:
         try:

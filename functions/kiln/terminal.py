@@ -196,7 +196,20 @@ def summary(job: dict[str, Any], artifact: Path, manifest: dict[str, Any] | None
     ms, why = latency
     table.add_row("latency", f"{ms:.2f} ms (median, batch as compiled, this host)" if ms is not None
                   else f"not measured here: {why}")
+    profile = (job.get("Kiln") or {}).get("Profile")
+    if profile:
+        table.add_row("profile", profile_line(profile))
     return Group(Text.assemble(("COMPLETED", "bold green"), f" in {elapsed:.1f} s"), table)
+
+
+def profile_line(profile: dict[str, Any]) -> str:
+    """The job record's profile (``Kiln.Profile``, taken by the compiler after packaging) in one line."""
+    if not profile.get("measured"):
+        return f"not measured: {profile.get('reason', 'no reason given')}"
+    host = profile.get("host") or {}
+    return (f"{profile['median_ms']:.2f} ms median, {profile['p90_ms']:.2f} ms p90 over {profile['runs']} runs, "
+            f"peak {profile['peak_rss_mib']:.0f} MiB, {profile['threads']} threads "
+            f"(runner {host.get('runner', '?')}, {host.get('cpu') or host.get('machine', '?')})")
 
 
 def _relative(path: Path) -> Path:

@@ -53,7 +53,9 @@ class Kiln:
         config = self.settings
         return CompilerContainers(ecs=self.clients.client("ecs"), batch=self.clients.client("batch"),
                                   sfn=self.clients.client("stepfunctions"), cluster=config.ecs_cluster,
-                                  family=config.compiler_task_family, gpu_queue=config.gpu_job_queue)
+                                  family=config.compiler_task_family, gpu_queue=config.gpu_job_queue,
+                                  batch_queues=[p["JobQueue"] for p in config.runner_placements.values()
+                                                if "JobQueue" in p])
 
     @functools.cached_property
     def service(self) -> CompilationJobService:
@@ -67,7 +69,7 @@ class Kiln:
             containers=self.containers,
             state_machine_arn=config.state_machine_arn, region=config.region, account=config.account_id,
             network=config.network(), iam=clients.client("iam") if config.check_pass_role else None,
-            enabled_runners=config.runners())
+            enabled_runners=config.runners(), placements=config.runner_placements)
 
     def emit_metrics(self, metrics: list[job_metrics.Metric]) -> None:
         """Publish job metrics (CloudWatch EMF), unless the settings turn them off."""

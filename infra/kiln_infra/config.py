@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any, Literal
 
+from kiln.catalog import RUNNERS, Runner
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 TargetFamily = Literal["cpu", "gpu"]
@@ -92,6 +93,16 @@ class KilnConfig(BaseModel):
     gpu_max_vcpus: int = Field(default=32, ge=1)
     gpu_job_vcpus: int = 4
     gpu_job_memory_mib: int = 15000
+    # AWS Batch compute environments for CPU targets whose instance type matters, one per EC2 family of
+    # kiln.catalog.RUNNERS (minimum 0 vCPUs: an idle family costs nothing). Jobs for a family not listed are
+    # refused at create, except Graviton's (c6g, m6g, c7g: opt-in, since they add the arm64 compiler image),
+    # which are then cross-built on Fargate without a measurement.
+    cpu_instance_families: tuple[str, ...] = ("c4", "m4", "c5", "m5", "c6i")
+    cpu_family_max_vcpus: int = Field(default=64, ge=1)
+    cpu_family_job_vcpus: int = Field(default=4, ge=1)
+    cpu_family_job_memory_mib: int = Field(default=7168, ge=512)
+    # Tag of the arm64 compiler image ("asset": built from compiler-container/Dockerfile for linux/arm64).
+    arm64_image_tag: str = "asset"
     # The UID the compiler runs as (must match the USER of compiler-container/Dockerfile*).
     compiler_user: str = "10001"
     # Registry hook (SageMaker Model Package State Change → compilation jobs).
@@ -112,7 +123,12 @@ class KilnConfig(BaseModel):
             raise ValueError("target_families must enable at least one of 'cpu', 'gpu'")
         if self.log_retention_days not in LOG_RETENTION_DAYS:
             raise ValueError(f"log_retention_days must be one of {LOG_RETENTION_DAYS}")
-        prebuilt = [tag for tag in (self.cpu_image_tag, self.gpu_image_tag) if tag != "asset"]
+        families = {spec.instance_family for spec in RUNNERS.values() if spec.platform == "batch" and not spec.gpu}
+        unknown = sorted(set(self.cpu_instance_families) - families)
+        if unknown:
+            raise ValueError(f"cpu_instance_families {unknown} are not runner families of the catalog "
+                             f"(one of {sorted(f for f in families if f)})")
+        prebuilt = [tag for tag in (self.cpu_image_tag, self.gpu_image_tag, self.arm64_image_tag) if tag != "asset"]
         if prebuilt and not self.compiler_repository:
             raise ValueError("image tags other than 'asset' need compiler_repository")
         if any(any(c.isspace() for c in uri) for uri in self.serving_images.values()):
@@ -128,6 +144,20 @@ class KilnConfig(BaseModel):
     @property
     def gpu_enabled(self) -> bool:
         return "gpu" in self.target_families
+
+    @property
+    def batch_cpu_runners(self) -> tuple[Runner, ...]:
+        """The catalog's Batch CPU runners this deployment creates (none without "cpu" in target_families)."""
+        if not self.cpu_enabled:
+            return ()
+        return tuple(r for r, spec in RUNNERS.items()
+                     if spec.platform == "batch" and not spec.gpu and spec.instance_family in self.cpu_instance_families)
+
+    @property
+    def enabled_runners(self) -> tuple[Runner, ...]:
+        """Every runner this deployment has (KILN_ENABLED_RUNNERS): the API refuses targets of others."""
+        fixed = ((Runner.FARGATE, self.cpu_enabled), (Runner.BATCH_GPU, self.gpu_enabled))
+        return (*(r for r, on in fixed if on), *self.batch_cpu_runners)
 
     @classmethod
     def from_context(cls, value: Any) -> KilnConfig:

@@ -98,9 +98,16 @@ SUPPRESSIONS: tuple[Suppression, ...] = (
                 "ecr:GetAuthorizationToken has no resource-level permissions (image pull)"),
     Suppression("CompilerRunners/GpuContainer/ExecutionRole/DefaultPolicy/Resource", _STAR,
                 "ecr:GetAuthorizationToken has no resource-level permissions (image pull)"),
+    Suppression("CompilerRunners/CpuFamilyExecutionRole/DefaultPolicy/Resource", _STAR,
+                "ecr:GetAuthorizationToken has no resource-level permissions (image pull)"),
     Suppression("CompilerRunners/CpuTask/Resource", "AwsSolutions-ECS2",
                 "Only fixed, non-secret settings (work dir, TMPDIR, cache dir, log level); per-job values arrive "
                 "as RunTask overrides and the container gets no secrets"),
+    Suppression("CompilerRunners/CpuInstanceRole/Resource",
+                "AwsSolutions-IAM4[Policy::arn:<AWS::Partition>:iam::aws:policy/service-role/"
+                "AmazonEC2ContainerServiceforEC2Role]",
+                "The ECS container-instance policy AWS Batch documents for its EC2 instances (ECS agent "
+                "registration, image pull, logs); AWS keeps it in step with the agent"),
     Suppression("CompilerRunners/GpuInstanceRole/Resource",
                 "AwsSolutions-IAM4[Policy::arn:<AWS::Partition>:iam::aws:policy/service-role/"
                 "AmazonEC2ContainerServiceforEC2Role]",

@@ -93,8 +93,9 @@ class KilnStack(Stack):
             "KILN_SECURITY_GROUPS": self.network.security_group.security_group_id,
             "KILN_CHECK_PASS_ROLE": "true",
             # The API refuses targets whose runner this deployment did not create.
-            "KILN_ENABLED_RUNNERS": ",".join(
-                runner for runner, on in (("fargate", config.cpu_enabled), ("batch-gpu", config.gpu_enabled)) if on),
+            "KILN_ENABLED_RUNNERS": ",".join(str(runner) for runner in config.enabled_runners),
+            # Batch runner -> its queue and job definition (the execution's Placement, kiln.service)
+            "KILN_RUNNER_PLACEMENTS": self.to_json_string(runners.placements),
             "KILN_REGISTRY_OUTPUT_S3": config.registry_output_s3,
             "KILN_REGISTRY_ROLE_ARN": config.registry_role_arn,
             "KILN_REGISTRY_DEFAULT_TARGETS": config.registry_default_targets,

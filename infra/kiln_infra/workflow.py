@@ -73,9 +73,6 @@ class CompilationWorkflow(Construct):
             "CpuTaskDefinitionArn": (runners.task_definition.task_definition_arn if runners.task_definition
                                      else disabled("ecs", "task-definition")),
             "CompilerContainerName": CONTAINER_NAME,
-            "GpuJobQueueArn": runners.job_queue.job_queue_arn if runners.job_queue else disabled("batch", "job-queue"),
-            "GpuJobDefinitionArn": (runners.job_definition.job_definition_arn if runners.job_definition
-                                    else disabled("batch", "job-definition")),
         }
 
     def _allow(self, sid: str, actions: list[str], resources: list[str],
@@ -95,9 +92,11 @@ class CompilationWorkflow(Construct):
                         [runners.task_arn_pattern()], {"ArnEquals": {"ecs:cluster": runners.cluster.cluster_arn}})
             self._allow("PassCompilerTaskRoles", ["iam:PassRole"], runners.task_role_arns,
                         {"StringEquals": {"iam:PassedToService": "ecs-tasks.amazonaws.com"}})
-        if runners.job_queue is not None and runners.job_definition is not None:
-            self._allow("SubmitGpuJobs", ["batch:SubmitJob"],
-                        [runners.job_queue.job_queue_arn, runners.job_definition.job_definition_arn])
-            self._allow("StopAndDescribeGpuJobs", ["batch:TerminateJob"],
+        if runners.batch_runners:
+            # the execution's Placement names one of these queues and job definitions (kiln.service)
+            self._allow("SubmitBatchJobs", ["batch:SubmitJob"],
+                        [arn for queue, definition in runners.batch_runners.values()
+                         for arn in (queue.job_queue_arn, definition.job_definition_arn)])
+            self._allow("StopBatchJobs", ["batch:TerminateJob"],
                         [stack.format_arn(service="batch", resource="job", resource_name="*")])
-            self._allow("DescribeGpuJobs", ["batch:DescribeJobs"], ["*"])
+            self._allow("DescribeBatchJobs", ["batch:DescribeJobs"], ["*"])

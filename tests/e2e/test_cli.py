@@ -105,6 +105,8 @@ def test_compile_for_this_host_shows_progress_and_a_summary_and_nothing_else(tmp
     assert f"ISA       {target_isa_label(host)}  ({host.isa[0]} " in summary
     assert "1 default schedule" in summary
     assert re.search(r"latency\s+\d+\.\d+ ms", summary)
+    # AND the job record's profile, taken by the compiler on this host (local mode)
+    assert re.search(r"profile\s+\d+\.\d+ ms median, \d+\.\d+ ms p90 over \d+ runs, peak \d+ MiB", summary)
 
 
 def test_an_unexpected_error_is_one_line_without_a_trace_unless_verbose(tmp_path: Path) -> None:

@@ -509,7 +509,7 @@ def test_target_of_a_runner_this_deployment_lacks_is_refused(sagemaker: Any, job
     # GIVEN a deployment with CPU compilers only (CDK context target_families=["cpu"])
     request = job_request(unique("gpu"))
     request["OutputConfig"]["TargetDevice"] = "ml_g4dn"
-    with reconfigured(enabled_runners="fargate"):
+    with reconfigured(enabled_runners="fargate,batch-c4"):
         # WHEN a GPU target is asked for
         with pytest.raises(ClientError) as refused:
             sagemaker.create_compilation_job(**request)

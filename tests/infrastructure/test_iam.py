@@ -30,7 +30,8 @@ STAR_RESOURCE_ALLOWED: dict[tuple[str, frozenset[str]], str] = {
         "xray:PutTraceSegments", "xray:PutTelemetryRecords", "xray:GetSamplingRules", "xray:GetSamplingTargets"})):
         "X-Ray has no resource-level permissions (state machine tracing)",
     **{(role, frozenset({"ecr:GetAuthorizationToken"})): "ecr:GetAuthorizationToken has no resource-level permissions"
-       for role in ("CompilerRunnersCpuTaskExecutionRole", "CompilerRunnersGpuContainerExecutionRole")},
+       for role in ("CompilerRunnersCpuTaskExecutionRole", "CompilerRunnersGpuContainerExecutionRole",
+                    "CompilerRunnersCpuFamilyExecutionRole")},
     # Key policies: "*" is the key itself.
     ("KilnKey", frozenset({"kms:*"})):
         "the default key policy: the account root delegates use of the key to IAM policies (avoids an "

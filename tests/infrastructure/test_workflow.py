@@ -53,14 +53,10 @@ def test_substitutions_name_the_deployed_resources(synth: Synthesized) -> None:
     steps = next(k for k in synth.of_type("AWS::Lambda::Function") if k.startswith("WorkflowFunctionsSteps"))
     cluster, _ = synth.one("AWS::ECS::Cluster")
     task, task_def = synth.one("AWS::ECS::TaskDefinition")
-    queue, _ = synth.one("AWS::Batch::JobQueue")
-    job_definition, _ = synth.one("AWS::Batch::JobDefinition")
-    # THEN each one is the ARN of that resource
+    # THEN each one is the ARN of that resource (Batch queues travel in the execution's Placement instead)
     assert subs["WorkflowFunctionArn"] == {"Fn::GetAtt": [steps, "Arn"]}
     assert subs["ClusterArn"] == {"Fn::GetAtt": [cluster, "Arn"]}
     assert subs["CpuTaskDefinitionArn"] == {"Ref": task}
-    assert resolve(subs["GpuJobQueueArn"]) in (f"<{queue}>", f"<{queue}.JobQueueArn>")
-    assert subs["GpuJobDefinitionArn"] == {"Ref": job_definition}
     # AND the container name is the task definition's (only) container
     (container,) = task_def["Properties"]["ContainerDefinitions"]
     assert subs["CompilerContainerName"] == container["Name"] == CONTAINER_NAME
@@ -84,15 +80,20 @@ def test_state_machine_is_granted_every_integration_explicitly(synth: Synthesize
     stmts = _policy_of_role(synth, role)
     steps = next(k for k in synth.of_type("AWS::Lambda::Function") if k.startswith("WorkflowFunctionsSteps"))
     task, task_def = synth.one("AWS::ECS::TaskDefinition")
-    queue, _ = synth.one("AWS::Batch::JobQueue")
-    job_definition, _ = synth.one("AWS::Batch::JobDefinition")
-    # THEN it may invoke the workflow function, run the task (passing only its roles), submit the GPU job
+    queues = synth.of_type("AWS::Batch::JobQueue")
+    job_definitions = synth.of_type("AWS::Batch::JobDefinition")
+    # THEN it may invoke the workflow function, run the task (passing only its roles), submit to every Batch
+    # runner's queue and job definition (the GPU one and one per instance family)
     assert _allows(stmts, "lambda:InvokeFunction", f"<{steps}.Arn>")
     assert _allows(stmts, "ecs:RunTask", f"<{task}>")
     for role_ref in (task_def["Properties"]["TaskRoleArn"], task_def["Properties"]["ExecutionRoleArn"]):
         assert _allows(stmts, "iam:PassRole", resolve(role_ref))
-    assert _allows(stmts, "batch:SubmitJob", resolve(_machine(synth)["DefinitionSubstitutions"]["GpuJobQueueArn"]))
-    assert _allows(stmts, "batch:SubmitJob", f"<{job_definition}>")
+    assert len(queues) == len(job_definitions) > 1
+    for queue in queues:
+        assert _allows(stmts, "batch:SubmitJob", f"<{queue}>") or _allows(stmts, "batch:SubmitJob",
+                                                                         f"<{queue}.JobQueueArn>"), queue
+    for job_definition in job_definitions:
+        assert _allows(stmts, "batch:SubmitJob", f"<{job_definition}>"), job_definition
     # AND manage the ECS/Batch event rules Step Functions uses, and nothing broader
     for rule in MANAGED_RULES:
         arn = f"arn:<AWS::Partition>:events:<AWS::Region>:<AWS::AccountId>:rule/{rule}"
@@ -101,7 +102,6 @@ def test_state_machine_is_granted_every_integration_explicitly(synth: Synthesize
     pass_role = [s for s in stmts if "iam:PassRole" in as_list(s["Action"])]
     assert all(s["Condition"] == {"StringEquals": {"iam:PassedToService": "ecs-tasks.amazonaws.com"}}
                for s in pass_role)
-    del queue
 
 
 def test_functions_know_the_state_machine_by_its_real_arn(synth: Synthesized) -> None:

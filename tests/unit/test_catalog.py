@@ -45,8 +45,13 @@ def test_supported_device_has_a_complete_build_recipe(device: str) -> None:
     if target.family is Family.CUDA:
         assert target.runner is Runner.BATCH_GPU and target.cuda_arch and target.host is not None
         assert "XGBOOST" not in target.frameworks
+    elif target.is_cloud:
+        # a cloud CPU target is built and measured on a compute environment of its own instance family
+        assert target.runner.spec.platform == "batch" and target.runner.spec.instance_family == target.instance_family
+        assert target.measurable_on(target.runner)
     else:
-        assert target.runner is Runner.FARGATE
+        # cross and edge targets: the generic Fargate runner, which is nobody's hardware
+        assert target.runner is Runner.FARGATE and not target.measurable_on(target.runner)
 
 
 @pytest.mark.parametrize(("device", "family", "detail"), [
@@ -157,3 +162,47 @@ def test_every_cpu_target_has_isa_data() -> None:
         assert target.cpu is not None and target.cpu.vector_lanes in (4, 8, 16), target.name
         if target.cpu.arch.value == "x86_64" and target.tvm_target.get("mcpu") not in ("x86-64",):
             assert "avx2" in target.isa or target.family is Family.CUDA, target.name
+
+
+@pytest.mark.parametrize("device", sorted(set(DEVICE_ENUM) - UNSUPPORTED))
+def test_every_target_has_a_runner_of_a_matching_architecture(device: str) -> None:
+    # GIVEN a supported device  WHEN its runner is looked up
+    target = CATALOG.device(device)
+    runner = CATALOG.runner_for(target)
+    # THEN the runner is in the one runner table, and a runner that measures runs the target's own architecture
+    assert runner.spec is not None
+    if target.measurable_on(runner) and target.family is Family.AARCH64:
+        assert runner.spec.architecture == "arm64"
+    if target.measurable_on(runner) and target.family is Family.X86_64:
+        assert runner.spec.architecture == "x86_64"
+
+
+@pytest.mark.parametrize(("device", "runner"), [
+    ("ml_c6g", Runner.BATCH_C6G), ("ml_m6g", Runner.BATCH_M6G), ("ml_c5", Runner.BATCH_C5),
+    ("ml_m5", Runner.BATCH_M5), ("ml_c4", Runner.BATCH_C4), ("ml_g4dn", Runner.BATCH_GPU),
+    ("rasp4b", Runner.FARGATE), ("deeplens", Runner.FARGATE), ("coreml", Runner.FARGATE),
+])
+def test_graviton_on_arm64_families_and_edge_targets_on_the_generic_runner(device: str, runner: Runner) -> None:
+    # GIVEN a device  WHEN its runner is looked up  THEN Graviton runs on arm64 Batch families, x86 cloud
+    # families on their own, edge and cross targets on the generic Fargate runner
+    assert CATALOG.runner_for(CATALOG.device(device)) is runner
+    if device in ("ml_c6g", "ml_m6g"):
+        assert runner.spec.architecture == "arm64"
+
+
+def test_platform_target_with_a_cloud_cpu_goes_to_that_family() -> None:
+    # GIVEN TargetPlatform LINUX/ARM64 (ml_c7g is no SageMaker TargetDevice: Graviton3 is asked for by mcpu)
+    arm64 = CATALOG.platform("LINUX", "ARM64")
+    # WHEN the runner is decided with and without Graviton3's mcpu
+    # THEN neoverse-v1 runs on the c7g family (arm64, measurable); other CPUs stay on the generic runner
+    assert CATALOG.runner_for(arm64, "neoverse-v1") is Runner.BATCH_C7G
+    assert Runner.BATCH_C7G.spec.architecture == "arm64" and arm64.measurable_on(Runner.BATCH_C7G)
+    assert CATALOG.runner_for(arm64, "cortex-a72") is Runner.FARGATE
+    assert CATALOG.runner_for(arm64) is Runner.FARGATE
+    assert CATALOG.runner_for(CATALOG.platform("LINUX", "X86_64"), "icelake-server") is Runner.BATCH_C6I
+
+
+def test_gpu_runner_measures_only_its_own_gpu_family() -> None:
+    # GIVEN the GPU runner (g4dn instances)  THEN a g4dn job is measurable there and a V100 (p3) job is not
+    assert CATALOG.device("ml_g4dn").measurable_on(Runner.BATCH_GPU)
+    assert not CATALOG.device("ml_p3").measurable_on(Runner.BATCH_GPU)

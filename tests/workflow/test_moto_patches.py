@@ -36,8 +36,7 @@ def test_ecs_parameters_are_normalised_once_patched():
 
 def test_definition_placeholders_must_all_be_filled():
     # GIVEN the workflow file WHEN rendered with every placeholder THEN it is valid JSON with no placeholder
-    names = ["WorkflowFunctionArn", "ClusterArn", "CpuTaskDefinitionArn", "CompilerContainerName",
-             "GpuJobQueueArn", "GpuJobDefinitionArn"]
+    names = ["WorkflowFunctionArn", "ClusterArn", "CpuTaskDefinitionArn", "CompilerContainerName"]
     definition = json.loads(render_definition({n: f"arn:{n}" for n in names}))
     assert definition["States"]["CompileOnFargate"]["Parameters"]["Cluster"] == "arn:ClusterArn"
     # AND a missing one is refused
@@ -47,3 +46,27 @@ def test_definition_placeholders_must_all_be_filled():
         assert "WorkflowFunctionArn" in str(exc)
     else:
         raise AssertionError("a missing placeholder was not reported")
+
+
+def test_batch_job_lives_as_long_as_its_local_process(local_stack):
+    # GIVEN two jobs submitted to a family's Batch queue (no KILN_JOB: the local runner starts no process)
+    from kiln.local import moto_patches
+
+    from tests.workflow.conftest import wait_until
+
+    batch = local_stack.client("batch")
+    queue, definition = "kiln-batch-c5", "kiln-compiler-batch-c5"
+    ended = batch.submit_job(jobName="ends", jobQueue=queue, jobDefinition=definition)
+    killed = batch.submit_job(jobName="killed", jobQueue=queue, jobDefinition=definition)
+
+    def status(job):
+        return batch.describe_jobs(jobs=[job["jobId"]])["jobs"][0]["status"]
+
+    # THEN each stays RUNNING (moto alone would try Docker and fail it at once)
+    assert wait_until(lambda: status(ended) == "RUNNING" and status(killed) == "RUNNING", timeout=10)
+    # WHEN one's process exits and the other is terminated
+    moto_patches.batch_container_exited(ended["jobArn"])
+    batch.terminate_job(jobId=killed["jobId"], reason="test")
+    # THEN the first SUCCEEDED and the second FAILED, as Batch reports them
+    assert wait_until(lambda: status(ended) == "SUCCEEDED", timeout=10)
+    assert wait_until(lambda: status(killed) == "FAILED", timeout=10)

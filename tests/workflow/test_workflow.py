@@ -158,7 +158,7 @@ def test_stop_ends_stopped_in_every_phase(local_stack, service, job_request, upl
     # (a container whose RunTask raced the stop finds its workflow gone and exits within the token grace)
     assert wait_until(lambda: all(p.popen.poll() is not None for p in local_stack.runner.processes.values()
                                   if f'"{name}"' in p.env["KILN_JOB"]), timeout=45)
-    assert wait_until(lambda: _statuses(job_events(name))[-2:] == ["STOPPING", "STOPPED"])
+    assert wait_until(lambda: _statuses(job_events(name))[-2:] == ["STOPPING", "STOPPED"]), _statuses(job_events(name))
     execution = local_stack.client("stepfunctions").describe_execution(
         executionArn=service.store.get(name)["ExecutionArn"])
     assert wait_until(lambda: local_stack.client("stepfunctions").describe_execution(

@@ -22,7 +22,9 @@
    :func:`patch_dynamodb_atomic_writes` serialises moto's write operations.
 8. moto's ECS/Batch never run containers. :func:`patch_container_runner` hands each RunTask /
    SubmitJob to a callback (the local runner starts the real compiler entrypoint as a process),
-   and StopTask / TerminateJob to another.
+   and StopTask / TerminateJob to another. moto's Batch job would try Docker and fail at once
+   (FAILED, so StopCompilationJob could not find it): the patched job stays RUNNING until its local
+   process ends (:func:`batch_container_exited`) or it is terminated, as a Batch job does.
 9. moto's Step Functions interpreter calls the server back at ``MOTO_PORT`` read from the
    process environment (default 5000). :func:`patch_server_port` tells it the embedded server's
    port instead, so local mode never sets environment variables.
@@ -32,10 +34,12 @@
 
 from __future__ import annotations
 
+import datetime
 import importlib
 import inspect
 import json
 import logging
+import threading
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -305,10 +309,20 @@ ContainerStart = Callable[[str, dict[str, str]], None]
 ContainerStop = Callable[[str], None]
 
 
+_batch_done: dict[str, threading.Event] = {}
+
+
+def batch_container_exited(job_arn: str) -> None:
+    """The local process of the Batch job ``job_arn`` ended: its moto job ends too (see
+    :func:`patch_container_runner`)."""
+    _batch_done.setdefault(job_arn, threading.Event()).set()
+
+
 def patch_container_runner(on_start: ContainerStart, on_stop: ContainerStop) -> None:
     """Call ``on_start(task_id, environment)`` for every ECS task / Batch job moto starts and
     ``on_stop(task_id)`` for every one it is asked to stop."""
-    from moto.batch.models import BatchBackend
+    from moto.batch.models import BatchBackend, Job
+    from moto.batch.utils import JobStatus
     from moto.ecs.models import EC2ContainerServiceBackend
 
     original_run_task = EC2ContainerServiceBackend.run_task
@@ -344,6 +358,24 @@ def patch_container_runner(on_start: ContainerStart, on_stop: ContainerStop) -> 
         on_stop(job_id)
         return original_terminate(self, job_id, reason)
 
+    original_job_init = Job.__init__
+
+    def job_init(self: Any, *args: Any, **kwargs: Any) -> None:
+        original_job_init(self, *args, **kwargs)
+        self.daemon = True  # a job thread never keeps the process alive
+
+    def job_run(self: Any) -> None:
+        """The job is the local process: RUNNING until that process exits or the job is terminated."""
+        self.job_started_at = datetime.datetime.now()
+        self._start_attempt()
+        self.status = JobStatus.RUNNING.value
+        done = _batch_done.setdefault(self.arn, threading.Event())
+        while not self.stop and not done.wait(0.2):
+            pass
+        self._mark_stopped(success=not self.stop)
+
+    Job.__init__ = job_init  # type: ignore[method-assign]
+    Job.run = job_run  # type: ignore[method-assign]
     EC2ContainerServiceBackend.run_task = run_task  # type: ignore[method-assign]
     EC2ContainerServiceBackend.stop_task = stop_task  # type: ignore[method-assign]
     BatchBackend.submit_job = submit_job  # type: ignore[method-assign]

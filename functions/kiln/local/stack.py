@@ -45,6 +45,7 @@ from typing import Any
 import boto3
 
 from kiln import wiring
+from kiln.catalog import Runner
 from kiln.config import ENV_PREFIX, KilnSettings
 from kiln.inference_images import LOCAL_IMAGES
 from kiln.local import moto_patches
@@ -167,7 +168,9 @@ class LocalContainerRunner:
         work.mkdir(parents=True, exist_ok=True)
         full_env = {**os.environ, **self.extra_env, **env, "AWS_ENDPOINT_URL": self.endpoint_url,
                     "KILN_WORK_DIR": str(work), "AWS_ACCESS_KEY_ID": "local", "AWS_SECRET_ACCESS_KEY": "local",
-                    "AWS_REGION": REGION, "AWS_DEFAULT_REGION": REGION, "PYTHONUNBUFFERED": "1"}
+                    "AWS_REGION": REGION, "AWS_DEFAULT_REGION": REGION, "PYTHONUNBUFFERED": "1",
+                    # a local process runs on this host, whatever the job's runner: measure what it can run
+                    "KILN_PROFILE": "host", "KILN_RUNNER": "local"}
         full_env.pop("MOTO_PORT", None)
         full_env.pop("KILN_FAULT", None)  # only a test's per-job fault, never an inherited one
         if job_name in self.faults:
@@ -188,6 +191,8 @@ class LocalContainerRunner:
 
     def _wait(self, task_id: str, process: _Process) -> None:
         code = process.popen.wait()
+        if ":batch:" in task_id:  # a Batch job (its ARN): the moto job ends with its process
+            moto_patches.batch_container_exited(task_id)
         self._start_queued()  # a slot is free
         reason = "Task stopped by user" if process.stopped else "Essential container in task exited"
         if self.on_exit is not None:
@@ -453,15 +458,13 @@ class EmbeddedStack:
 
         batch = self.client("batch")
         env_arn = batch.create_compute_environment(
-            computeEnvironmentName="kiln-gpu", type="UNMANAGED", state="ENABLED",
+            computeEnvironmentName="kiln-local", type="UNMANAGED", state="ENABLED",
             serviceRole=role_arn)["computeEnvironmentArn"]
-        queue = batch.create_job_queue(jobQueueName="kiln-gpu", state="ENABLED", priority=1,
-                                       computeEnvironmentOrder=[{"order": 1, "computeEnvironment": env_arn}])
-        job_def = batch.register_job_definition(
-            jobDefinitionName="kiln-compiler-gpu", type="container",
-            containerProperties={"image": "kiln-compiler-gpu:local", "command": COMPILER_COMMAND,
-                                 "resourceRequirements": [{"type": "VCPU", "value": "4"},
-                                                          {"type": "MEMORY", "value": "16384"}]})
+        # One queue and job definition per Batch runner of the catalog, as CDK creates per enabled family;
+        # the local runner runs each as a local process on this host.
+        placements = {str(runner): self._batch_runner(batch, env_arn, str(runner)) for runner in Runner
+                      if runner.spec.platform == "batch"}
+        queue = {"jobQueueArn": placements[str(Runner.BATCH_GPU)]["JobQueue"]}
 
         lam = self.client("lambda")
         code = io.BytesIO()
@@ -473,8 +476,7 @@ class EmbeddedStack:
 
         definition = render_definition({
             "WorkflowFunctionArn": function, "ClusterArn": cluster, "CpuTaskDefinitionArn": task_def,
-            "CompilerContainerName": COMPILER_CONTAINER, "GpuJobQueueArn": queue["jobQueueArn"],
-            "GpuJobDefinitionArn": job_def["jobDefinitionArn"],
+            "CompilerContainerName": COMPILER_CONTAINER,
         })
         machine = self.client("stepfunctions").create_state_machine(
             name="kiln-compilation-job", definition=definition, roleArn=role_arn)["stateMachineArn"]
@@ -497,9 +499,24 @@ class EmbeddedStack:
             region=REGION, account_id=ACCOUNT, table_name=table, state_machine_arn=machine,
             pagination_key=secrets.token_urlsafe(32), ecs_cluster=cluster, compiler_task_family="kiln-compiler",
             gpu_job_queue=queue["jobQueueArn"], subnets=subnet, security_groups=group,
-            max_active_jobs=self.max_active_jobs, emit_metrics=False, **registry_defaults)
+            max_active_jobs=self.max_active_jobs, emit_metrics=False,
+            enabled_runners=",".join(str(runner) for runner in Runner), runner_placements=placements,
+            **registry_defaults)
         self._kiln = wiring.Kiln(settings, self.clients)
         self._replaced = wiring.install(self._kiln)
+
+    @staticmethod
+    def _batch_runner(batch: Any, environment_arn: str, runner: str) -> dict[str, str]:
+        """A Batch runner's queue and job definition (what ``kiln.service`` puts in the execution's Placement)."""
+        queue = batch.create_job_queue(jobQueueName=f"kiln-{runner}", state="ENABLED", priority=1,
+                                       computeEnvironmentOrder=[{"order": 1, "computeEnvironment": environment_arn}])
+        definition = batch.register_job_definition(
+            jobDefinitionName=f"kiln-compiler-{runner}", type="container",
+            containerProperties={"image": f"kiln-compiler-{runner}:local", "command": COMPILER_COMMAND,
+                                 "environment": [{"name": "KILN_RUNNER", "value": runner}],
+                                 "resourceRequirements": [{"type": "VCPU", "value": "4"},
+                                                          {"type": "MEMORY", "value": "16384"}]})
+        return {"JobQueue": queue["jobQueueArn"], "JobDefinition": definition["jobDefinitionArn"]}
 
     def _create_registry_hook(self, lam: Any, role_arn: str, code: bytes) -> dict[str, str]:
         """The registry Lambda and its two rules on the default bus (SQS-delivered; see the module doc)."""
