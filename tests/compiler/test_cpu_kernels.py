@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import kiln.runtime
 import numpy as np
 import pytest
 
@@ -23,11 +24,7 @@ RTOL, ATOL = 1e-4, 1e-4
 
 
 def _has_avx512() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return "avx512f" in f.read()
-    except OSError:
-        return False
+    return "avx512f" in (kiln.runtime.cpu_flags() or set())
 
 
 TARGETS = [AVX2] + ([{"kind": "llvm", "mcpu": "skylake-avx512"}] if _has_avx512() else [])

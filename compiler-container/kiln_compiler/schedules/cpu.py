@@ -181,6 +181,21 @@ def _channel_tiles_outermost(block: Any, weight_reads: list[Any], n_channel_tile
     return channels_outer <= 2 * pixels_outer
 
 
+def inline_epilogues(sch: Schedule, block: Any, write_back: Any) -> None:
+    """Inline the elementwise consumers of ``block`` (bias, batch norm, residual add, relu) into its
+    write-back block, up to the first consumer over another domain: TVM would inline a smaller one
+    (the slice that drops padded channels) over the tile's whole domain, writing past its buffer."""
+    out_shape = [int(d) for d in sch.get(block).writes[0].source.shape]
+    while True:
+        consumers = sch.get_consumers(write_back)
+        if len(consumers) != 1 or iter_extents(sch.get(consumers[0])) != out_shape:
+            break
+        try:
+            sch.reverse_compute_inline(consumers[0])
+        except Exception:
+            break
+
+
 def _schedule_anchor(sch: Schedule, block: Any, vector: VectorUnit, knobs: TileKnobs = DEFAULT_KNOBS) -> bool:
     """Register-tile a reduction block (conv2d, matmul, pooling). Returns False if it does not fit.
 
@@ -248,17 +263,7 @@ def _schedule_anchor(sch: Schedule, block: Any, vector: VectorUnit, knobs: TileK
 
     # epilogues: inline elementwise consumers into the write-back of the tile
     wb_block = sch.cache_write(block, 0, "local")
-    out_shape = [int(d) for d in sch.get(block).writes[0].source.shape]
-    while True:
-        consumers = sch.get_consumers(wb_block)
-        if len(consumers) != 1 or iter_extents(sch.get(consumers[0])) != out_shape:
-            # a consumer over a smaller domain (the slice that drops padded channels) would be
-            # inlined over the tile's whole domain by TVM, writing past the end of its buffer
-            break
-        try:
-            sch.reverse_compute_inline(consumers[0])
-        except Exception:
-            break
+    inline_epilogues(sch, block, wb_block)
 
     loops = sch.get_loops(block)
     vo, vi = sch.split(loops[vec], [None, vec_f])

@@ -18,6 +18,7 @@ import tvm
 from tvm import tirx
 from tvm.s_tir import Schedule
 
+from .cpu import inline_epilogues
 from .tir import COMM_REDUCE, DATA_PAR, has_root, is_scheduled, iter_extents, reduction_blocks, writes_output
 
 log = logging.getLogger(__name__)
@@ -113,15 +114,7 @@ def schedule_vnni_conv(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
 
     # "global": the intrinsic describes its accumulator in the global scope
     write_back = sch.cache_write(block, 0, "global")
-    out_shape = [int(d) for d in sch.get(block).writes[0].source.shape]
-    while True:
-        consumers = sch.get_consumers(write_back)
-        if len(consumers) != 1 or iter_extents(sch.get(consumers[0])) != out_shape:
-            break
-        try:
-            sch.reverse_compute_inline(consumers[0])
-        except Exception:
-            break
+    inline_epilogues(sch, block, write_back)
 
     n, h, w, oc, kh, kw, ic = sch.get_loops(block)
     rw = _pick_divisor(width, _MAX_PIXELS)
