@@ -156,9 +156,17 @@ def aws_error(monkeypatch: pytest.MonkeyPatch) -> Callable[..., AwsError]:
 
 @dataclass
 class Snapshot:
-    """What a fault-injection check compares: every S3 key, before the job ran."""
+    """What a fault-injection check compares: every S3 key, and the active-job counter minus the jobs
+    listed active, before the job ran (0 unless an earlier test of the session left it off)."""
 
     keys: set[str]
+    counter_offset: int = 0
+
+
+def counter_offset(service: Any) -> int:
+    """The active-job counter minus the number of jobs listed STARTING, INPROGRESS or STOPPING."""
+    active = sum(len(all_with_status(service, s)) for s in ("STARTING", "INPROGRESS", "STOPPING"))
+    return int(service.store.active_jobs()) - active
 
 
 def s3_keys(stack: Any) -> set[str]:
@@ -175,8 +183,8 @@ def s3_keys(stack: Any) -> set[str]:
 def contained(local_stack: Any, service: Any) -> Callable[..., dict[str, Any]]:
     """``contained(name, snapshot, status=..., reason_prefix=...)``: wait for the job to end, then check what
     every fault must leave: the expected terminal state and FailureReason class, no compiler process of the
-    job running, no S3 object written outside the job's output prefix, and the active-job counter equal to
-    the number of jobs still active (so this job's slot was released exactly once)."""
+    job running, no S3 object written outside the job's output prefix, and the active-job counter moved
+    exactly as the number of active jobs did (so this job's slot was taken and released exactly once)."""
 
     def check(name: str, before: Snapshot, *, status: str, reason_prefix: str = "",
               timeout: float = 180) -> dict[str, Any]:
@@ -192,8 +200,7 @@ def contained(local_stack: Any, service: Any) -> Callable[..., dict[str, Any]]:
         written = s3_keys(local_stack) - before.keys
         assert all(key.startswith(output) for key in written), sorted(written)
         def counter_matches() -> bool:
-            active = sum(len(_all_with_status(service, s)) for s in ("STARTING", "INPROGRESS", "STOPPING"))
-            return bool(service.store.active_jobs() == active)
+            return counter_offset(service) == before.counter_offset
 
         assert wait_until(counter_matches, timeout=10), "the active-job counter does not match the active jobs"
         return job
@@ -201,7 +208,7 @@ def contained(local_stack: Any, service: Any) -> Callable[..., dict[str, Any]]:
     return check
 
 
-def _all_with_status(service: Any, status: str) -> list[str]:
+def all_with_status(service: Any, status: str) -> list[str]:
     names: list[str] = []
     request: dict[str, Any] = {"StatusEquals": status, "MaxResults": 100}
     while True:
@@ -213,6 +220,6 @@ def _all_with_status(service: Any, status: str) -> list[str]:
 
 
 @pytest.fixture
-def snapshot(local_stack: Any) -> Callable[[], Snapshot]:
+def snapshot(local_stack: Any, service: Any) -> Callable[[], Snapshot]:
     """Take a :class:`Snapshot` (after the test uploaded its model, before the job runs)."""
-    return lambda: Snapshot(s3_keys(local_stack))
+    return lambda: Snapshot(s3_keys(local_stack), counter_offset(service))
