@@ -125,20 +125,22 @@ class JobStore:
 
     # -- create ------------------------------------------------------------------------------
     def create(self, job: dict[str, Any], *, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Insert a new STARTING job; ``ResourceInUse`` if the name exists, ``ResourceLimitExceeded``
-        if the active-job limit is reached. Both checks are one DynamoDB transaction."""
+        """Insert a new job (the API creates STARTING ones); ``ResourceInUse`` if the name exists,
+        ``ResourceLimitExceeded`` if the job is active and the active-job limit is reached. Both
+        checks are one DynamoDB transaction. Only an active job takes a slot, so the counter always
+        equals the number of active records."""
         name = job["CompilationJobName"]
         item = {**job, **(extra or {}), "JobName": name, "Partition": PARTITION,
                 "StatusKey": _status_key(job["CompilationJobStatus"], job["CreationTime"], name)}
+        items: list[dict[str, Any]] = [{"Put": {"TableName": self._table_name, "Item": _to_dynamo(item),
+                                                "ConditionExpression": "attribute_not_exists(JobName)"}}]
+        if job["CompilationJobStatus"] not in TERMINAL:
+            items.append({"Update": {"TableName": self._table_name, "Key": {"JobName": COUNTER_KEY},
+                                     "UpdateExpression": "ADD ActiveJobs :one",
+                                     "ConditionExpression": "attribute_not_exists(ActiveJobs) OR ActiveJobs < :max",
+                                     "ExpressionAttributeValues": {":one": 1, ":max": self._max_active}}})
         try:
-            self._client.transact_write_items(TransactItems=[
-                {"Put": {"TableName": self._table_name, "Item": _to_dynamo(item),
-                         "ConditionExpression": "attribute_not_exists(JobName)"}},
-                {"Update": {"TableName": self._table_name, "Key": {"JobName": COUNTER_KEY},
-                            "UpdateExpression": "ADD ActiveJobs :one",
-                            "ConditionExpression": "attribute_not_exists(ActiveJobs) OR ActiveJobs < :max",
-                            "ExpressionAttributeValues": {":one": 1, ":max": self._max_active}}},
-            ])
+            self._client.transact_write_items(TransactItems=items)
         except ClientError as exc:
             if exc.response["Error"]["Code"] != "TransactionCanceledException":
                 raise

@@ -91,6 +91,17 @@ def reconfigured(local_stack: Any) -> Callable[..., Any]:
     return swap
 
 
+@pytest.fixture
+def own_table(local_stack: Any, unique: Callable[[str], str]) -> str:
+    """A new, empty job table: a test that counts active jobs must not see other tests' workflows
+    finish in the background of the shared stack."""
+    from kiln.store import table_definition
+
+    table = unique("kiln-jobs")
+    local_stack.client("dynamodb").create_table(**table_definition(table))
+    return table
+
+
 @pytest.fixture(scope="session")
 def console(api_server: Any, local_stack: Any) -> Any:
     """The web console over the local API (as `kiln serve` mounts it), driven by werkzeug's test client."""

@@ -14,7 +14,6 @@ import botocore.config
 import botocore.session
 import pytest
 from botocore.exceptions import ClientError
-from kiln.store import table_definition
 
 ACCOUNT = "123456789012"
 STATUSES = ("COMPLETED", "FAILED", "INPROGRESS", "STARTING", "STOPPED", "STOPPING")
@@ -459,14 +458,12 @@ def test_fifty_concurrent_creates_of_one_name(api_server: Any, job_request: Call
             sagemaker.list_compilation_jobs(NameContains=name)["CompilationJobSummaries"]] == [name]
 
 
-def test_resource_limit_exceeded_at_the_configured_limit(local_stack: Any, sagemaker: Any,
+def test_resource_limit_exceeded_at_the_configured_limit(sagemaker: Any, own_table: str,
                                                          reconfigured: Callable[..., Any],
                                                          job_request: Callable[..., Any],
                                                          unique: Callable[[str], str]) -> None:
     # GIVEN a deployment on its own table allowing 3 active jobs, with 3 active
-    table = unique("kiln-jobs-limit")
-    local_stack.client("dynamodb").create_table(**table_definition(table))
-    with reconfigured(table_name=table, max_active_jobs=3) as service:
+    with reconfigured(table_name=own_table, max_active_jobs=3) as service:
         names = [unique("slot") for _ in range(3)]
         for name in names:
             service.store.create(record(name, SEED_BASE, "STARTING"))
@@ -483,13 +480,33 @@ def test_resource_limit_exceeded_at_the_configured_limit(local_stack: Any, sagem
         assert service.store.active_jobs() == 3
 
 
+def test_only_active_records_take_a_slot(own_table: str, reconfigured: Callable[..., Any],
+                                         unique: Callable[[str], str]) -> None:
+    # GIVEN a deployment on its own table
+    with reconfigured(table_name=own_table) as service:
+        # WHEN one record of every finished status and one STARTING record are created through the store
+        finished = [unique(status.lower()) for status in ("COMPLETED", "FAILED", "STOPPED")]
+        for name, status in zip(finished, ("COMPLETED", "FAILED", "STOPPED"), strict=True):
+            service.store.create(record(name, SEED_BASE, status))
+        active = unique("active")
+        service.store.create(record(active, SEED_BASE, "STARTING"))
+        # THEN only the STARTING one holds a slot, and deleting the finished ones leaves the counter alone
+        assert service.store.active_jobs() == 1
+        for name in finished:
+            service.store.delete(name)
+        assert service.store.active_jobs() == 1
+        # AND finishing the active one releases its slot
+        service.store.transition(active, "FAILED", allowed_from=("STARTING",))
+        assert service.store.active_jobs() == 0
+
+
 def test_failed_workflow_start_is_recorded_failed(sagemaker: Any, reconfigured: Callable[..., Any],
-                                                  job_request: Callable[..., Any],
+                                                  own_table: str, job_request: Callable[..., Any],
                                                   unique: Callable[[str], str]) -> None:
-    # GIVEN a deployment whose state machine ARN points nowhere
+    # GIVEN a deployment on its own table whose state machine ARN points nowhere
     bogus = f"arn:aws:states:us-east-1:{ACCOUNT}:stateMachine:kiln-does-not-exist"
-    with reconfigured(state_machine_arn=bogus) as service:
-        before = service.store.active_jobs()
+    with reconfigured(state_machine_arn=bogus, table_name=own_table) as service:
+        assert service.store.active_jobs() == 0
         name = unique("nostart")
         # WHEN a job is created
         response = sagemaker.create_compilation_job(**job_request(name))
@@ -500,7 +517,7 @@ def test_failed_workflow_start_is_recorded_failed(sagemaker: Any, reconfigured: 
         assert job["FailureReason"].startswith("ServerError: the compilation workflow could not be started")
         assert "CompilationEndTime" in job
         # AND its active slot was released
-        assert service.store.active_jobs() == before
+        assert service.store.active_jobs() == 0
 
 
 def test_target_of_a_runner_this_deployment_lacks_is_refused(sagemaker: Any, job_request: Callable[..., Any],

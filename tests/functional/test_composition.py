@@ -80,21 +80,22 @@ def test_add_tags_losing_every_race_is_a_conflict_exception(local_stack: Any, sa
         sagemaker.delete_tags(ResourceArn=arn, TagKeys=["writer"])
 
 
-def test_imported_records_are_listed_without_taking_active_slots(local_stack: Any, sagemaker: Any,
+def test_imported_records_are_listed_without_taking_active_slots(sagemaker: Any, own_table: str,
+                                                                 reconfigured: Callable[..., Any],
                                                                  job_request: Callable[..., dict[str, Any]],
                                                                  unique: Callable[[str], str]) -> None:
-    # GIVEN three finished job records bulk-loaded through the store
-    store = local_stack.kiln.service.store
-    tag = unique("imported")
-    records = [{**job_request(f"{tag}-{i}"), "CompilationJobArn": f"arn:aws:sagemaker:us-east-1:123456789012:"
-                f"compilation-job/{tag}-{i}", "CompilationJobStatus": status, "CreationTime": 1_000.0 + i,
-                "LastModifiedTime": 1_000.0 + i} for i, status in enumerate(("COMPLETED", "FAILED", "STOPPED"))]
-    active = store.active_jobs()
-    assert store.import_records(iter(records)) == 3
-    # WHEN they are listed through the API / THEN all three appear, oldest first, and no slot was taken
-    listed = sagemaker.list_compilation_jobs(NameContains=tag)["CompilationJobSummaries"]
-    assert [s["CompilationJobName"] for s in listed] == [f"{tag}-{i}" for i in range(3)]
-    assert store.active_jobs() == active
-    # AND an active record is refused
-    with pytest.raises(ValueError, match="only finished jobs"):
-        store.import_records([{**records[0], "CompilationJobStatus": "INPROGRESS"}])
+    # GIVEN three finished job records bulk-loaded through the store of a deployment on its own table
+    with reconfigured(table_name=own_table) as service:
+        tag = unique("imported")
+        records = [{**job_request(f"{tag}-{i}"), "CompilationJobArn": f"arn:aws:sagemaker:us-east-1:123456789012:"
+                    f"compilation-job/{tag}-{i}", "CompilationJobStatus": status, "CreationTime": 1_000.0 + i,
+                    "LastModifiedTime": 1_000.0 + i}
+                   for i, status in enumerate(("COMPLETED", "FAILED", "STOPPED"))]
+        assert service.store.import_records(iter(records)) == 3
+        # WHEN they are listed through the API / THEN all three appear, oldest first, and no slot was taken
+        listed = sagemaker.list_compilation_jobs(NameContains=tag)["CompilationJobSummaries"]
+        assert [s["CompilationJobName"] for s in listed] == [f"{tag}-{i}" for i in range(3)]
+        assert service.store.active_jobs() == 0
+        # AND an active record is refused
+        with pytest.raises(ValueError, match="only finished jobs"):
+            service.store.import_records([{**records[0], "CompilationJobStatus": "INPROGRESS"}])
