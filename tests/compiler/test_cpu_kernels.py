@@ -139,6 +139,9 @@ def test_shuffle_unit_runs_one_kernel_per_grouped_conv_in_nhwc() -> None:
     assert "R.concat(" not in text and text.count("R.nn.conv2d(") == 1  # the depthwise conv
     assert text.count("R.permute_dims(") == 3, text
     assert "axes=[0, 1, 2, 4, 3]" in text
+    # AND the shuffle moved above the scale, shift and relu (their constants permuted alike), so it
+    #     reads the grouped conv's output and the constants are not gathered
+    assert text.index("axes=[0, 1, 2, 4, 3]") < text.index("R.multiply(") < text.index("R.nn.relu(")
 
 
 def test_pool_concat_sum_match_unscheduled() -> None:
