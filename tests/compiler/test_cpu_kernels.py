@@ -246,19 +246,25 @@ def _anchor_tile(conv_func: Any, vector: Any) -> tuple[int, int]:
     from kiln_compiler.schedules import default_schedule
 
     sch = default_schedule(conv_func, vector)
+    update = sch.get_sblock("conv2d_nhwc_update")
+    # loops binding the output-channel axis (NHWC: the 4th block iterator) are channels (a
+    # 3-vector tile unrolls one over its vectors), the other unrolled loops are pixels
+    realize = sch.get(sch.get_loops(update)[-1]).body  # the innermost loop's block realize
+    channel_vars = {v.name for v in tvm.tirx.analysis.undefined_vars(realize.iter_values[3], [])}
     pixels, channels = 1, 1
-    for loop in sch.get_loops(sch.get_sblock("conv2d_nhwc_update")):
+    for loop in sch.get_loops(update):
         stmt = sch.get(loop)
-        if stmt.kind == tvm.tirx.ForKind.UNROLLED:
-            pixels *= int(stmt.extent)
-        elif stmt.kind == tvm.tirx.ForKind.VECTORIZED:
+        if stmt.kind == tvm.tirx.ForKind.VECTORIZED or (stmt.kind == tvm.tirx.ForKind.UNROLLED
+                                                        and stmt.loop_var.name in channel_vars):
             channels *= int(stmt.extent)
+        elif stmt.kind == tvm.tirx.ForKind.UNROLLED:
+            pixels *= int(stmt.extent)
     return pixels, -(-channels // vector.lanes)
 
 
 @pytest.mark.parametrize(("lanes", "registers"), [(8, 16), (16, 32), (4, 32)], ids=["avx2", "avx512", "neon"])
 @pytest.mark.parametrize(("cin", "cout", "k", "hw"), [(512, 1000, 1, 13), (64, 256, 3, 13), (512, 512, 3, 7),
-                                                      (64, 64, 1, 56)])
+                                                      (64, 64, 1, 56), (3, 24, 3, 56), (16, 48, 3, 14)])
 def test_register_tile_fills_the_register_file(lanes: int, registers: int, cin: int, cout: int, k: int,
                                                hw: int) -> None:
     # GIVEN a convolution over a map whose side has few divisors (13, 7) or many (56)
