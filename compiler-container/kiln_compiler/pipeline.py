@@ -28,7 +28,7 @@ from tvm import relax, tirx
 from tvm.s_tir import Schedule
 
 from .graph import cpu_graph_passes
-from .graph.quantized import QuantizedConvToInteger
+from .graph.quantized import PerTensorQDQToArithmetic, QuantizedConvToInteger
 from .options import TuningBudget
 from .schedules import DefaultCPUSchedule, has_root, target_cpu, target_lanes, target_vector_unit
 from .schedules.int8 import VNNIConvSchedule
@@ -152,7 +152,8 @@ def compile_relax(
     with tgt:
         if default_schedules:
             # QDQ chains become integer convolutions before the layout rewrites (ADR 0018)
-            mod = tvm.transform.Sequential([QuantizedConvToInteger(), *cpu_graph_passes(target_lanes(tgt))])(mod)
+            mod = tvm.transform.Sequential([QuantizedConvToInteger(), PerTensorQDQToArithmetic(),
+                                           *cpu_graph_passes(target_lanes(tgt))])(mod)
         fused = tvm.transform.Sequential(_fuse_passes())(mod)
         fused = relax.transform.AttachAttrLayoutFreeBuffers()(fused)
         if database is not None:

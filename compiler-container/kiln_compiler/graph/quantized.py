@@ -180,6 +180,64 @@ class _IntegerConv(PyExprMutator):
         return relax.op.astype(y, out_dtype)
 
 
+@mutator
+class _QDQArithmetic(PyExprMutator):
+    def __init__(self, mod: tvm.IRModule) -> None:
+        super().__init__(mod)
+        self.rewritten = 0
+
+    def visit_call_(self, call: relax.Call) -> Any:
+        call = super().visit_call_(call)
+        if call.op not in (_QUANTIZE, _DEQUANTIZE):
+            return call
+        scale, zero_point = _const(call.args[1]), _const(call.args[2])
+        if scale is None or zero_point is None or scale.size != 1 or zero_point.size != 1:
+            return call
+        s, z = np.float32(scale.reshape(())), np.float32(zero_point.reshape(()))
+        x = call.args[0]
+        if call.op == _DEQUANTIZE:
+            if _dtype(x) not in ("uint8", "int8") or str(call.attrs.out_dtype) != "float32":
+                return call
+            # (x - z) * s: exact in float32 for 8-bit x, as the legalized dequantize computes it
+            y = self.builder_.emit(relax.op.astype(x, "float32"))
+            if z:
+                y = self.builder_.emit(relax.op.subtract(y, relax.const(z)))
+            self.rewritten += 1
+            return relax.op.multiply(y, relax.const(s))
+        out_dtype = str(call.attrs.out_dtype)
+        if _dtype(x) != "float32" or out_dtype not in ("uint8", "int8"):
+            return call
+        info = np.iinfo(out_dtype)
+        y = self.builder_.emit(relax.op.round(self.builder_.emit(relax.op.divide(x, relax.const(s)))))
+        if z:
+            y = self.builder_.emit(relax.op.add(y, relax.const(z)))
+        y = self.builder_.emit(relax.op.maximum(y, relax.const(np.float32(info.min))))
+        y = self.builder_.emit(relax.op.minimum(y, relax.const(np.float32(info.max))))
+        self.rewritten += 1
+        return relax.op.astype(y, out_dtype)
+
+
+@tvm.transform.module_pass(opt_level=0, name="KilnPerTensorQDQToArithmetic")
+class PerTensorQDQToArithmetic:
+    """Per-tensor ``quantize``/``dequantize`` of 8-bit tensors -> elementwise arithmetic.
+
+    Runs after ``QuantizedConvToInteger`` on what it left (the Q/DQ around batch norms, residual
+    adds, pools): ConvertLayout has no layout rule for quantize/dequantize and transposed around
+    each of them, and FuseOps kept them out of the convolutions' kernels. As plain arithmetic
+    (``(float(x) - z) * s``; ``saturate(round(y / s) + z)``, the legalized ops' formulas) they
+    stay NHWC and fuse into the producing convolution's epilogue.
+    """
+
+    def __init__(self) -> None:
+        self.rewritten = 0
+
+    def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        rewriter = _QDQArithmetic(mod)
+        out = rewrite_functions(mod, rewriter)
+        self.rewritten = rewriter.rewritten
+        return out
+
+
 @tvm.transform.module_pass(opt_level=0, name="KilnQuantizedConvToInteger")
 class QuantizedConvToInteger:
     """``dequantize -> conv2d -> (bias) (-> relu) -> quantize`` -> u8 x s8 -> s32 conv2d + requantize."""
