@@ -28,7 +28,7 @@ from tvm import relax, tirx
 from tvm.s_tir import Schedule
 
 from .graph import cpu_graph_passes
-from .graph.quantized import PerTensorQDQToArithmetic, QuantizedConvToInteger
+from .graph.quantized import PerTensorQDQToArithmetic, QuantizedConvToInteger, SimplifyRequantization
 from .options import TuningBudget
 from .schedules import DefaultCPUSchedule, has_root, target_cpu, target_lanes, target_vector_unit
 from .schedules.int8 import VNNIConvSchedule
@@ -153,7 +153,7 @@ def compile_relax(
         if default_schedules:
             # QDQ chains become integer convolutions before the layout rewrites (ADR 0018)
             mod = tvm.transform.Sequential([QuantizedConvToInteger(), PerTensorQDQToArithmetic(),
-                                           *cpu_graph_passes(target_lanes(tgt))])(mod)
+                                           *cpu_graph_passes(target_lanes(tgt)), SimplifyRequantization()])(mod)
         fused = tvm.transform.Sequential(_fuse_passes())(mod)
         fused = relax.transform.AttachAttrLayoutFreeBuffers()(fused)
         if database is not None:

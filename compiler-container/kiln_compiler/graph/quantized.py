@@ -42,6 +42,13 @@ _CONV2D = tvm.ir.Op.get("relax.nn.conv2d")
 _ADD = tvm.ir.Op.get("relax.add")
 _RELU = tvm.ir.Op.get("relax.nn.relu")
 _RESHAPE = tvm.ir.Op.get("relax.reshape")
+_ASTYPE = tvm.ir.Op.get("relax.astype")
+_ROUND = tvm.ir.Op.get("relax.round")
+_SUBTRACT = tvm.ir.Op.get("relax.subtract")
+_MULTIPLY = tvm.ir.Op.get("relax.multiply")
+_DIVIDE = tvm.ir.Op.get("relax.divide")
+_MAXIMUM = tvm.ir.Op.get("relax.maximum")
+_MINIMUM = tvm.ir.Op.get("relax.minimum")
 # a bias scale this close to s_x * s_w is taken as exactly it (onnxruntime computes it in float32)
 _BIAS_SCALE_RTOL = 1e-6
 
@@ -236,6 +243,146 @@ class PerTensorQDQToArithmetic:
         out = rewrite_functions(mod, rewriter)
         self.rewritten = rewriter.rewritten
         return out
+
+
+def _static_shape(expr: Any) -> tuple[int, ...] | None:
+    ty = getattr(expr, "ty", None)
+    if not isinstance(ty, relax.TensorType) or ty.shape is None:
+        return None
+    try:
+        return tuple(int(d) for d in ty.shape.values)
+    except (AttributeError, TypeError):
+        return None
+
+
+def _shared_vars(mod: tvm.IRModule) -> set[Any]:
+    """Variables of ``mod``'s Relax functions read more than once."""
+    seen: set[Any] = set()
+    shared: set[Any] = set()
+
+    def visit(expr: Any) -> None:
+        if isinstance(expr, relax.Call):
+            for arg in expr.args:
+                if isinstance(arg, relax.Var):
+                    (shared if arg in seen else seen).add(arg)
+
+    for _, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(func, visit)
+    return shared
+
+
+@mutator
+class _RequantizeEpilogue(PyExprMutator):
+    def __init__(self, mod: tvm.IRModule) -> None:
+        super().__init__(mod)
+        self.rewritten = 0
+        # a u8 value read by other layers too stays the kernel's (8-bit) output
+        self.shared = _shared_vars(mod)
+
+    def visit_call_(self, call: relax.Call) -> Any:
+        call = super().visit_call_(call)
+        return self._fold_affine(call) if call.op == _ROUND else call
+
+    def _round_trip_source(self, expr: Any) -> Any | None:
+        """``v`` when ``expr`` is ``float(u8(v))``, ``v`` integral and saturated to the integer type's range,
+        and nothing else reads the 8-bit value or its float (which would then cross kernels in float32)."""
+        if not isinstance(expr, relax.Var) or expr in self.shared:
+            return None
+        outer = bound_value(self, expr)
+        if not isinstance(outer, relax.Call) or outer.op != _ASTYPE or str(outer.attrs.dtype) != "float32" \
+                or outer.args[0] in self.shared:
+            return None
+        inner = bound_value(self, outer.args[0])
+        if not isinstance(inner, relax.Call) or inner.op != _ASTYPE or str(inner.attrs.dtype) not in ("uint8", "int8"):
+            return None
+        info = np.iinfo(str(inner.attrs.dtype))
+        value = bound_value(self, inner.args[0])
+        bounds = []
+        while isinstance(value, relax.Call) and value.op in (_MAXIMUM, _MINIMUM) and _const(value.args[1]) is not None:
+            bounds.append((value.op, _const(value.args[1])))
+            value = bound_value(self, value.args[0])
+        lows = [b for op, b in bounds if op == _MAXIMUM]
+        highs = [b for op, b in bounds if op == _MINIMUM]
+        if not lows or not highs or any(b.size != 1 for b in lows + highs):
+            return None
+        if max(float(b) for b in lows) < info.min or min(float(b) for b in highs) > info.max:
+            return None
+        if isinstance(value, relax.Call) and value.op == _ADD and _const(value.args[1]) is not None \
+                and np.all(np.mod(_const(value.args[1]), 1) == 0):
+            value = bound_value(self, value.args[0])
+        if not isinstance(value, relax.Call) or value.op != _ROUND:
+            return None
+        return inner.args[0]
+
+    def _fold_affine(self, call: relax.Call) -> Any:
+        """``round(((x - a) * b ... + c) / d)`` -> ``round(x * A + B)``: one multiply-add per element."""
+        out_shape = _static_shape(call)
+        if out_shape is None:
+            return call
+        ops: list[tuple[Any, np.ndarray, bool]] = []  # (op, constant, constant on the left) from the outside in
+        x = call.args[0]
+        while True:
+            value = bound_value(self, x)
+            if not isinstance(value, relax.Call) or value.op not in (_ADD, _SUBTRACT, _MULTIPLY, _DIVIDE):
+                break
+            left, right = _const(value.args[0]), _const(value.args[1])
+            if right is not None and right.dtype == np.float32:
+                ops.append((value.op, right.astype("float64"), False))
+                x = value.args[0]
+            elif left is not None and left.dtype == np.float32 and value.op != _DIVIDE:
+                ops.append((value.op, left.astype("float64"), True))
+                x = value.args[1]
+            else:
+                break
+        source = self._round_trip_source(x) if ops else None
+        if source is not None:
+            x = source
+        if len(ops) < (1 if source is not None else 2) or _dtype(x) != "float32" or _static_shape(x) != out_shape:
+            return call
+        scale, shift = np.ones(()), np.zeros(())
+        for op, c, on_left in reversed(ops):
+            if op == _MULTIPLY:
+                scale, shift = scale * c, shift * c
+            elif op == _DIVIDE:
+                scale, shift = scale / c, shift / c
+            elif op == _ADD:
+                shift = shift + c
+            elif on_left:  # c - y
+                scale, shift = -scale, c - shift
+            else:
+                shift = shift - c
+        if np.broadcast_shapes(out_shape, scale.shape, shift.shape) != out_shape:
+            return call
+        y = self.builder_.emit(relax.op.multiply(x, relax.const(scale.astype("float32"))))
+        if np.any(shift != 0):
+            y = self.builder_.emit(relax.op.add(y, relax.const(shift.astype("float32"))))
+        self.rewritten += 1
+        return relax.op.round(y)
+
+
+@tvm.transform.module_pass(opt_level=0, name="KilnSimplifyRequantization")
+class SimplifyRequantization:
+    """Shorter requantizing epilogues between integer layers (after ConvertLayout and constant folding).
+
+    * a chain of constant multiplies, divides, adds and subtracts before a ``round`` (dequantize,
+      batch norm, quantize: seven operations) becomes one multiply and one add;
+    * at the head of such a chain, ``float(u8(v))`` where ``v`` is already rounded and saturated
+      to u8's range is ``v`` (the value a dequantize reads back is the one just computed), where
+      nothing else reads the u8 value (it would cross kernels as float32 instead of 8 bits). The constants are
+      composed in float64, so the result differs from the step-by-step float32 chain by float32
+      rounding only; it matters only within that distance of a .5 tie (1 quantized unit).
+    Only chains that end in ``round`` are touched: fp32 models have none.
+    """
+
+    def __init__(self) -> None:
+        self.rewritten = 0
+
+    def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        rewriter = _RequantizeEpilogue(mod)
+        out = rewrite_functions(mod, rewriter)
+        self.rewritten = rewriter.rewritten
+        return relax.transform.DeadCodeElimination()(out) if self.rewritten else out
 
 
 @tvm.transform.module_pass(opt_level=0, name="KilnQuantizedConvToInteger")
