@@ -152,7 +152,8 @@ def compile_relax(
     with tgt:
         if default_schedules:
             # QDQ chains become integer convolutions before the layout rewrites (ADR 0018)
-            mod = tvm.transform.Sequential([QuantizedConvToInteger(), PerTensorQDQToArithmetic(),
+            integer = "avx512_vnni" in target_cpu(tgt).features  # no integer kernel elsewhere: fp32 convs (ADR 0021)
+            mod = tvm.transform.Sequential([QuantizedConvToInteger(integer), PerTensorQDQToArithmetic(),
                                            *cpu_graph_passes(target_lanes(tgt)), SimplifyRequantization()])(mod)
         fused = tvm.transform.Sequential(_fuse_passes())(mod)
         fused = relax.transform.AttachAttrLayoutFreeBuffers()(fused)

@@ -73,9 +73,10 @@ class _Operand:
 
 @mutator
 class _IntegerConv(PyExprMutator):
-    def __init__(self, mod: tvm.IRModule) -> None:
+    def __init__(self, mod: tvm.IRModule, integer_kernels: bool = True) -> None:
         super().__init__(mod)
         self.rewritten = 0
+        self.integer_kernels = integer_kernels
 
     def _dequantized(self, expr: Any) -> _Operand | None:
         call = bound_value(self, expr)
@@ -157,19 +158,34 @@ class _IntegerConv(PyExprMutator):
         if np.abs(correction).max(initial=0) >= 2**31:
             return None
 
-        data = x.value
-        padding = [int(p) for p in attrs.padding]
-        if x_zp != 0 and any(padding):
-            top, left, bottom, right = padding
-            data = self.builder_.emit(relax.op.nn.pad(data, [0, 0, 0, 0, top, bottom, left, right],
-                                                      pad_value=float(x_zp)))
-            padding = [0, 0, 0, 0]
-        acc = self.builder_.emit(relax.op.nn.conv2d(
-            data, relax.const(w_q, "int8"), strides=attrs.strides, padding=padding, dilation=attrs.dilation,
-            groups=int(attrs.groups), data_layout="NCHW", kernel_layout="OIHW", out_dtype="int32"))
-        per_channel = (1, channels, 1, 1)
-        if np.any(correction != 0):
-            acc = self.builder_.emit(relax.op.add(acc, relax.const(correction.astype("int32").reshape(per_channel))))
+        if self.integer_kernels:
+            data = x.value
+            padding = [int(p) for p in attrs.padding]
+            if x_zp != 0 and any(padding):
+                top, left, bottom, right = padding
+                data = self.builder_.emit(relax.op.nn.pad(data, [0, 0, 0, 0, top, bottom, left, right],
+                                                          pad_value=float(x_zp)))
+                padding = [0, 0, 0, 0]
+            acc = self.builder_.emit(relax.op.nn.conv2d(
+                data, relax.const(w_q, "int8"), strides=attrs.strides, padding=padding, dilation=attrs.dilation,
+                groups=int(attrs.groups), data_layout="NCHW", kernel_layout="OIHW", out_dtype="int32"))
+            per_channel = (1, channels, 1, 1)
+            if np.any(correction != 0):
+                acc = self.builder_.emit(relax.op.add(acc, relax.const(correction.astype("int32").reshape(per_channel))))
+        else:
+            # fp32 arithmetic on the integer values (x_q - z_x) and W_q: every product is exact, sums are
+            # exact below 2^24; the fp32 kernels run it at fp32 speed, activations stay 8-bit in memory
+            data = self.builder_.emit(relax.op.astype(x.value, "float32"))
+            if x_zp:
+                data = self.builder_.emit(relax.op.subtract(data, relax.const(np.float32(x_zp))))
+            acc = self.builder_.emit(relax.op.nn.conv2d(
+                data, relax.const(w_q.astype("float32")), strides=attrs.strides, padding=attrs.padding,
+                dilation=attrs.dilation, groups=int(attrs.groups), data_layout="NCHW", kernel_layout="OIHW",
+                out_dtype="float32"))
+            per_channel = (1, channels, 1, 1)
+            bias_int = correction + x_zp * w_q.astype("int64").sum(axis=(1, 2, 3))  # B_q alone
+            if np.any(bias_int != 0):
+                acc = self.builder_.emit(relax.op.add(acc, relax.const(bias_int.astype("float32").reshape(per_channel))))
         y = self.builder_.emit(relax.op.astype(acc, "float32"))
         multiplier = (acc_scale / np.float32(out_scale)).astype("float32")
         y = self.builder_.emit(relax.op.multiply(y, relax.const(multiplier.reshape(per_channel))))
@@ -387,13 +403,17 @@ class SimplifyRequantization:
 
 @tvm.transform.module_pass(opt_level=0, name="KilnQuantizedConvToInteger")
 class QuantizedConvToInteger:
-    """``dequantize -> conv2d -> (bias) (-> relu) -> quantize`` -> u8 x s8 -> s32 conv2d + requantize."""
+    """``dequantize -> conv2d -> (bias) (-> relu) -> quantize`` -> u8 x s8 -> s32 conv2d + requantize.
 
-    def __init__(self) -> None:
+    ``integer_kernels=False`` (targets without an integer dot-product kernel, ADR 0021): the same
+    chain with the convolution in fp32 on the exact integer values ``x_q - z_x`` and ``W_q``."""
+
+    def __init__(self, integer_kernels: bool = True) -> None:
         self.rewritten = 0
+        self.integer_kernels = integer_kernels
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        rewriter = _IntegerConv(mod)
+        rewriter = _IntegerConv(mod, self.integer_kernels)
         out = rewrite_functions(mod, rewriter)
         self.rewritten = rewriter.rewritten
         # the replaced fp32 chains are dead now
