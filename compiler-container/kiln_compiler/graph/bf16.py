@@ -45,7 +45,7 @@ def _dtype(expr: Any) -> str:
 
 
 @mutator
-class _ToBF16(PyExprMutator):  # type: ignore[misc]
+class _ToBF16(PyExprMutator):
     def __init__(self, mod: tvm.IRModule) -> None:
         super().__init__(mod)
         self.converted = 0
@@ -65,7 +65,7 @@ class _ToBF16(PyExprMutator):  # type: ignore[misc]
         weight = _static_shape(call.args[1])
         return weight is not None and len(weight) == 2 and self._constant(call.args[1])
 
-    def visit_call_(self, call: relax.Call) -> relax.Expr:  # noqa: N802 (the visitor's name)
+    def visit_call_(self, call: relax.Call) -> relax.Expr:
         call = super().visit_call_(call)
         if call.op not in (_CONV2D, _MATMUL) or len(call.args) != 2:
             return call

@@ -59,7 +59,7 @@ def _register_bf16_intrin() -> None:
     # TVMScript: the annotations are buffer declarations, not types (hence the type: ignores)
     @T.prim_func(s_tir=True)
     def desc(a: T.Buffer((2,), "bfloat16", offset_factor=2), b: T.Buffer((16, 2), "bfloat16", offset_factor=2),  # type: ignore[valid-type]
-             c: T.Buffer((16,), "float32", offset_factor=1)) -> None:  # type: ignore[valid-type]
+             c: T.Buffer((16,), "float32", offset_factor=1, scope="local")) -> None:  # type: ignore[valid-type]
         with T.sblock("root"):
             T.reads(c[0:16], a[0:2], b[0:16, 0:2])
             T.writes(c[0:16])
@@ -71,7 +71,7 @@ def _register_bf16_intrin() -> None:
 
     @T.prim_func(s_tir=True)
     def impl(a: T.Buffer((2,), "bfloat16", offset_factor=2), b: T.Buffer((16, 2), "bfloat16", offset_factor=2),  # type: ignore[valid-type]
-             c: T.Buffer((16,), "float32", offset_factor=1)) -> None:  # type: ignore[valid-type]
+             c: T.Buffer((16,), "float32", offset_factor=1, scope="local")) -> None:  # type: ignore[valid-type]
         with T.sblock("root"):
             T.reads(c[0:16], a[0:2], b[0:16, 0:2])
             T.writes(c[0:16])
@@ -142,7 +142,7 @@ def schedule_bf16_conv(func: tirx.PrimFunc, vector: VectorUnit) -> tirx.PrimFunc
     sch.annotate(cached, "meta_schedule.layout_rewrite_preproc", True)
 
     # "global": the intrinsic describes its accumulator in the global scope
-    write_back = sch.cache_write(block, 0, "global")
+    write_back = sch.cache_write(block, 0, "local")
     inline_epilogues(sch, block, write_back)
 
     n, h, w, oc, kh, kw, ic = sch.get_loops(block)
