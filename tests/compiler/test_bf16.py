@@ -3,10 +3,10 @@
 Tolerance: bf16 keeps fp32's exponent and 8 of its 24 significand bits, so rounding an operand
 (round to nearest even) moves it by at most 2^-9 of its value; the products and sums are exact /
 fp32. A dot product's error is then at most ~2^-8 of the sum of its terms' magnitudes, and each
-bf16 layer adds that much again relative to its output. The small CNN has two bf16 layers (its
-3-channel first layer stays fp32), so its outputs may be off by a few 2^-8 of their scale:
-asserted at 4 x 2 x 2^-8 (3%) of the largest output, where a wrong kernel (a dropped pair, a
-misplaced weight) is off by the order of the output itself. SqueezeNet's eight bf16 layers: the
+bf16 layer adds that much again relative to its output. The small CNN has three bf16 layers (the
+3-channel stem padded to 4), so its outputs may be off by a few 2^-8 of their scale: asserted at
+4 x 3 x 2^-8 (5%) of the largest output, where a wrong kernel (a dropped pair, a
+misplaced weight) is off by the order of the output itself. SqueezeNet's 26 bf16 layers: the
 top class must stay the same and the error within 5% of the largest logit.
 """
 
@@ -64,7 +64,7 @@ def _relax_small_cnn() -> object:
     return from_onnx(small_cnn(), shape_dict={"input": [1, 3, 32, 32]}, keep_params_in_input=False)
 
 
-def test_only_convolutions_that_fit_the_bf16_kernel_are_converted() -> None:
+def test_every_dense_convolution_is_converted_the_rgb_stem_padded_to_4_channels() -> None:
     # GIVEN the small CNN in the CPU graph layout (NHWC/HWIO): convolutions 3->16, 16->32, 32->32
     import tvm
 
@@ -73,12 +73,31 @@ def test_only_convolutions_that_fit_the_bf16_kernel_are_converted() -> None:
         # WHEN ConvToBF16 runs
         rewrite = ConvToBF16()
         out = rewrite(mod)
-    # THEN the two convolutions with even input channels take bf16 operands, the 3-channel one stays fp32
-    assert rewrite.converted == 2
+    # THEN all three take bf16 operands with fp32 results; the 3-channel stem gets one zero channel
+    assert rewrite.converted == 3
     text = out.script()
-    assert text.count('out_dtype="float32"') >= 2 and '"bfloat16"' in text
+    assert text.count('out_dtype="float32"') == 3 and "R.nn.pad" in text
+    assert 'R.Tensor((1, 32, 32, 4), dtype="bfloat16") = R.nn.pad' in text
     # and the weights were converted at compile time: no cast of a constant is left in the graph
     assert "R.astype(metadata" not in text
+
+
+def test_depthwise_convolutions_stay_fp32() -> None:
+    # GIVEN a depthwise (16 groups of 1 channel) NHWC convolution with constant weights
+    from tvm import relax
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 8, 8, 16), "float32"))
+    w = relax.const(np.ones((3, 3, 1, 16), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit_output(relax.op.nn.conv2d(x, w, padding=1, groups=16, data_layout="NHWC",
+                                                  kernel_layout="HWIO"))
+        bb.emit_func_output(y)
+    # WHEN ConvToBF16 runs  THEN nothing is converted (the 16x2 kernel blocks dense channels only)
+    rewrite = ConvToBF16()
+    out = rewrite(bb.get())
+    assert rewrite.converted == 0 and "bfloat16" not in out.script()
 
 
 def _disassembly(precision: str, mcpu: str, tmp_path: Path) -> str:
@@ -109,9 +128,9 @@ def test_bf16_small_cnn_agrees_with_fp32_within_the_bf16_tolerance(small_cnn_dir
     (out,) = kiln.runtime.load(small_cnn_bf16).run({"input": x})
     (ref,) = ort.InferenceSession(small_cnn().SerializeToString(), providers=["CPUExecutionProvider"]).run(
         None, {"input": x})
-    # WHEN compared  THEN within two bf16 layers' error of the output's scale (see the module docstring)
+    # WHEN compared  THEN within three bf16 layers' error of the output's scale (see the module docstring)
     error = float(np.abs(out - ref).max())
-    assert error <= 4 * 2 * BF16_LAYER_ERROR * float(np.abs(ref).max())
+    assert error <= 4 * 3 * BF16_LAYER_ERROR * float(np.abs(ref).max())
     # and not bit-identical: the convolutions really ran on bf16 operands
     assert error > 0
 
@@ -124,7 +143,7 @@ def test_manifest_records_the_deviation_from_the_fp32_build(small_cnn_bf16: Path
     assert isinstance(precision, dict)
     assert precision["dtype"] == "bf16" and precision["measured"] is True and precision["samples"] == 4
     assert 0 < precision["mean_abs_error"] <= precision["max_abs_error"]
-    assert precision["max_abs_error"] <= 4 * 2 * BF16_LAYER_ERROR * precision["max_abs_reference"]
+    assert precision["max_abs_error"] <= 4 * 3 * BF16_LAYER_ERROR * precision["max_abs_reference"]
     # the small CNN's [1, 32] output is class scores: top-1 agreement is reported
     assert 0.0 <= precision["top1_agreement"] <= 1.0
 
@@ -147,3 +166,17 @@ def test_bf16_squeezenet_keeps_the_top_class(squeezenet_dir: Path, squeezenet: o
     assert float(np.abs(out - ref).max()) <= 0.05 * float(np.abs(ref).max())
     precision = _manifest(artifact)["precision"]
     assert isinstance(precision, dict) and precision["top1_agreement"] == 1.0
+
+
+def test_bf16_for_graviton3_builds_and_says_why_its_deviation_was_not_measured(small_cnn_dir: Path,
+                                                                                tmp_path: Path) -> None:
+    # GIVEN a bf16 job for Graviton3 (LINUX_ARM64, neoverse-v1: ARMv8.6 BF16; no vdpbf16ps kernel, so the
+    # default schedules run over the bf16 operands)
+    # WHEN it is compiled on this x86 host
+    artifact = compile_artifact(small_cnn_dir, "ONNX", "LINUX:ARM64", tmp_path,
+                                options='{"precision": "bf16", "mcpu": "neoverse-v1"}')
+    # THEN the artifact is built, and its record says the deviation could not be measured here, and why
+    precision = _manifest(artifact)["precision"]
+    assert isinstance(precision, dict)
+    assert precision["dtype"] == "bf16" and precision["measured"] is False
+    assert "cannot run code for mcpu 'neoverse-v1'" in str(precision["reason"])
