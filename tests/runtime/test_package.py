@@ -173,3 +173,24 @@ def test_compiler_images_build_context_holds_what_the_dockerfiles_copy() -> None
         for source in sources:
             assert any(source == a or source.startswith(a + "/") for a in allowed), (dockerfile, source)
     assert {"runtime", "scripts/kiln_assets.py"} <= allowed
+
+
+def test_gpu_images_use_the_cuda_major_that_the_pinned_tvm_links() -> None:
+    # GIVEN the CUDA runtime apache-tvm 0.27's libtvm_runtime_cuda.so links (libcudart.so.13) and its pin
+    pins = (REPO / "requirements" / "runtime-cuda.txt").read_text()
+    cudart_major = re.search(r"^nvidia-cuda-runtime==(\d+)\.", pins, re.M).group(1)  # type: ignore[union-attr]
+    from kiln_runtime import tvm_lib
+
+    cuda_lib = next(d / "libtvm_runtime_cuda.so" for d in tvm_lib.library_dirs() if (d / "libtvm_runtime_cuda.so").is_file())
+    needed = subprocess.run(["readelf", "-d", str(cuda_lib)], capture_output=True, text=True, check=True).stdout
+    assert f"libcudart.so.{cudart_major}]" in needed
+    for dockerfile in ("compiler-container/Dockerfile.gpu", "serving-container/Dockerfile.gpu"):
+        text = (REPO / dockerfile).read_text()
+        # WHEN the image's CUDA base is read
+        base = re.search(r"^FROM nvidia/cuda:(\d+)\.\d+\.\d+-", text, re.M)
+        # THEN it is that CUDA major
+        assert base is not None and base.group(1) == cudart_major, dockerfile
+    # AND the compiler's GPU image installs the same pinned CUDA wheels as make install (dev.txt includes them)
+    compiler_gpu = (REPO / "compiler-container" / "Dockerfile.gpu").read_text()
+    assert "-r /tmp/req/runtime-cuda.txt" in compiler_gpu and "requirements/runtime-cuda.txt" in compiler_gpu
+    assert "-r runtime-cuda.txt" in (REPO / "requirements" / "dev.txt").read_text()
