@@ -50,7 +50,8 @@ def execution(target: Target) -> tuple[Execution, str]:
     if target.family == Family.ARMV7:
         trees = ("tree models run under qemu-arm through a C harness" if target.name == "rasp3b"
                  else "tree models are built as for rasp3b")
-        return Execution.NONE, f"networks: no armv7 TVM runtime library exists (apache-tvm has no armv7 wheel); {trees}"
+        return Execution.NONE, ("networks: no armv7 TVM runtime library exists (apache-tvm has no armv7 wheel and no "
+                                f"sdist; its wheels' runtime sources lack TVM's support headers: ADR 0024); {trees}")
     if target.family == Family.CUDA:
         if target.name in GPU_CHECKED:
             return Execution.GPU_CHECK, f"{GPU_CHECKED[target.name]}; prepared, not yet run on a GPU"
