@@ -194,3 +194,22 @@ def test_gpu_images_use_the_cuda_major_that_the_pinned_tvm_links() -> None:
     compiler_gpu = (REPO / "compiler-container" / "Dockerfile.gpu").read_text()
     assert "-r /tmp/req/runtime-cuda.txt" in compiler_gpu and "requirements/runtime-cuda.txt" in compiler_gpu
     assert "-r runtime-cuda.txt" in (REPO / "requirements" / "dev.txt").read_text()
+
+
+def test_the_pinned_tvm_wheel_lacks_what_an_armv7_runtime_build_needs() -> None:
+    # GIVEN the pinned apache-tvm (found without importing it): it ships TVM's runtime sources, which is
+    # what an armv7 libtvm_runtime would be built from (apache-tvm has no armv7 wheel and no sdist)
+    import importlib.util
+
+    spec = importlib.util.find_spec("tvm")
+    assert spec is not None and spec.submodule_search_locations
+    tvm_dir = Path(spec.submodule_search_locations[0])
+    assert (tvm_dir / "src" / "runtime" / "vm" / "executable.cc").is_file()
+    # WHEN the headers those sources include are looked for
+    includes = (tvm_dir / "include" / "tvm" / "runtime" / "vm" / "executable.h").read_text()
+    assert "#include <tvm/support/serializer.h>" in includes
+    # THEN TVM's support headers are missing, which is why kiln run --emulate refuses armv7 (ADR 0024):
+    # when a wheel ships them, the armv7 runtime can be built from it and this test says so
+    missing = [h for h in ("include/tvm/support/io.h", "include/tvm/support/serializer.h", "src/support/bytes_io.h")
+               if not (tvm_dir / h).is_file()]
+    assert missing, "apache-tvm now ships TVM's support headers: build the armv7 runtime from it (ADR 0024)"
