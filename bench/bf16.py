@@ -77,7 +77,8 @@ def main() -> None:
             subjects["kiln bf16"] = lambda run=kiln_bf16.run, x=x: run(x)
             compiled = core.compile_model(core.read_model(str(work / "model" / "model.onnx")), "CPU",
                                           {"INFERENCE_NUM_THREADS": args.threads})
-            ov_precision = compiled.get_property("INFERENCE_PRECISION_HINT")
+            hint = compiled.get_property("INFERENCE_PRECISION_HINT")
+            ov_precision = hint.get_type_name() if hasattr(hint, "get_type_name") else str(hint)
             request = compiled.create_infer_request()
             subjects[f"openvino default ({ov_precision})"] = lambda r=request, x=x: r.infer(x)
             opts = ort.SessionOptions()
