@@ -185,4 +185,5 @@ def run_job(spec: JobSpec, work_dir: Path, *, settings: CompilerSettings = Compi
         "Tuning": result.tuning,
         "Profile": artifact.manifest.get("profile"),
         "Accuracy": artifact.manifest.get("accuracy"),
+        "Precision": artifact.manifest.get("precision"),
     }

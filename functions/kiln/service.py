@@ -292,6 +292,8 @@ class CompilationJobService:
             extension["Profile"] = result["Profile"]
         if result.get("Accuracy"):
             extension["Accuracy"] = result["Accuracy"]
+        if result.get("Precision"):
+            extension["Precision"] = result["Precision"]  # a bf16 build's deviation from fp32 (ADR 0022)
         usage = self._usage(name, result.get("Timings") or {})
         if usage:
             extension["Usage"] = usage
