@@ -314,9 +314,12 @@ class _RequantizeEpilogue(PyExprMutator):
             return None
         info = np.iinfo(str(inner.attrs.dtype))
         value = bound_value(self, inner.args[0])
-        bounds = []
-        while isinstance(value, relax.Call) and value.op in (_MAXIMUM, _MINIMUM) and _const(value.args[1]) is not None:
-            bounds.append((value.op, _const(value.args[1])))
+        bounds: list[tuple[Any, np.ndarray]] = []
+        while isinstance(value, relax.Call) and value.op in (_MAXIMUM, _MINIMUM):
+            bound = _const(value.args[1])
+            if bound is None:
+                break
+            bounds.append((value.op, bound))
             value = bound_value(self, value.args[0])
         lows = [b for op, b in bounds if op == _MAXIMUM]
         highs = [b for op, b in bounds if op == _MINIMUM]
@@ -324,8 +327,8 @@ class _RequantizeEpilogue(PyExprMutator):
             return None
         if max(float(b) for b in lows) < info.min or min(float(b) for b in highs) > info.max:
             return None
-        if isinstance(value, relax.Call) and value.op == _ADD and _const(value.args[1]) is not None \
-                and np.all(np.mod(_const(value.args[1]), 1) == 0):
+        offset = _const(value.args[1]) if isinstance(value, relax.Call) and value.op == _ADD else None
+        if offset is not None and np.all(np.mod(offset, 1) == 0):
             value = bound_value(self, value.args[0])
         if not isinstance(value, relax.Call) or value.op != _ROUND:
             return None
