@@ -218,3 +218,15 @@ def all_with_status(service: Any, status: str) -> list[str]:
 def snapshot(local_stack: Any, service: Any) -> Callable[[], Snapshot]:
     """Take a :class:`Snapshot` (after the test uploaded its model, before the job runs)."""
     return lambda: Snapshot(s3_keys(local_stack))
+
+
+@pytest.fixture(scope="session")
+def qdq_small_cnn_archive(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    """An archive holding the QDQ-quantized small CNN (onnxruntime's quantize_static) as model.onnx."""
+    from kiln_compiler.samples import quantize_qdq
+
+    from tests.compiler.conftest import small_cnn
+    from tests.conftest import tar_gz
+
+    model = quantize_qdq(small_cnn(), tmp_path_factory.mktemp("qdq_archive"))
+    return tar_gz({"model.onnx": model.SerializeToString()})
