@@ -14,7 +14,8 @@ from pathlib import Path
 from . import faults
 from .aws import Reporter
 from .errors import ABORTED_EXIT_CODE, CompilationError, scrub_paths
-from .job import CompilerSettings, JobSpec, run_job
+from .job import SHARD_ENV, CompilerSettings, JobSpec, run_job
+from .options import Shard
 
 log = logging.getLogger("kiln_compiler")
 
@@ -59,7 +60,7 @@ def main() -> int:
     logging.basicConfig(level=os.environ.get("KILN_LOG_LEVEL", "INFO"), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))
-    faults.install(os.environ.get(faults.ENV))  # TEST-ONLY: never set in a deployment
+    faults.install(os.environ.get(faults.ENV), os.environ.get(SHARD_ENV))  # TEST-ONLY: never set in a deployment
     reporter = Reporter(os.environ.get("KILN_TASK_TOKEN") or None,
                         float(os.environ.get("KILN_HEARTBEAT_SECONDS", "10")), _abort)
     reporter.start()
@@ -68,8 +69,10 @@ def main() -> int:
     work: str | None = None
     try:
         spec = JobSpec.parse(os.environ.get("KILN_JOB", ""))
+        # a tuning worker of a fanned-out job (the workflow's Map state sets it, ADR 0023)
+        shard = Shard.parse(os.environ[SHARD_ENV]) if os.environ.get(SHARD_ENV) else None
         with tempfile.TemporaryDirectory(prefix="kiln-", dir=base) as work:
-            output = run_job(spec, Path(work), settings=CompilerSettings.from_env(os.environ))
+            output = run_job(spec, Path(work), settings=CompilerSettings.from_env(os.environ), shard=shard)
     except CompilationError as exc:
         log.error("job failed: %s", exc.reason)
         if exc.__cause__ or exc.__context__:
