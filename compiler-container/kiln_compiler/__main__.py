@@ -18,6 +18,7 @@ from .job import SHARD_ENV, CompilerSettings, JobSpec, run_job
 from .options import Shard
 
 log = logging.getLogger("kiln_compiler")
+RUNTIME_EXCEEDED_ERROR = "Kiln.MaxRuntimeExceeded"  # kiln.workflow reads it; the cause is the FailureReason
 
 
 def _abort(code: str) -> None:
@@ -39,7 +40,8 @@ def _start_runtime_watchdog(reporter: Reporter, raw_job: str) -> None:
     def expire() -> None:
         reason = f"ClientError: the compilation exceeded MaxRuntimeInSeconds ({seconds} s)"
         log.error(reason)
-        reporter.failure("ClientError", reason)
+        # its own error name: a tuning worker past the limit ends the whole job (the workflow's Map state)
+        reporter.failure(RUNTIME_EXCEEDED_ERROR, reason)
         sys.stderr.flush()
         os._exit(1)
 

@@ -17,6 +17,9 @@ from kiln.service import CompilationJobService
 log = logging.getLogger(__name__)
 # SIGKILL: 137 as ECS and Batch report it (128 + 9), -9 as a local process reports it.
 KILLED_EXIT_CODES = (137, -9)
+# A compiler container's own MaxRuntimeInSeconds watchdog fired (kiln_compiler.__main__); its cause is the reason.
+RUNTIME_EXCEEDED_ERROR = "Kiln.MaxRuntimeExceeded"
+LIMIT_ERRORS = ("States.Timeout", "States.HeartbeatTimeout", RUNTIME_EXCEEDED_ERROR)
 
 
 class TransientError(Exception):
@@ -42,6 +45,8 @@ def failure_reason(error: dict[str, Any] | None, limits: dict[str, Any] | None) 
                 f"MaxPendingTimeInSeconds ({limits.get('MaxPendingTimeInSeconds')} s)")
     if name == "States.Timeout":
         return f"ClientError: the compilation exceeded MaxRuntimeInSeconds ({limits.get('MaxRuntimeInSeconds')} s)"
+    if name == RUNTIME_EXCEEDED_ERROR and cause.startswith("ClientError:"):
+        return cause
     if name in ("ClientError", "ServerError"):
         return cause if cause.startswith(f"{name}:") else f"{name}: {cause}"
     message = cause
@@ -145,8 +150,8 @@ class WorkflowSteps:
 
     def record_failure(self, job: dict[str, Any], error: dict[str, Any], limits: dict[str, Any]) -> dict[str, Any]:
         name = job["CompilationJobName"]
-        if error.get("Error") in ("States.Timeout", "States.HeartbeatTimeout") and self._containers is not None:
-            # A limit was hit: the container must not run on.
+        if error.get("Error") in LIMIT_ERRORS and self._containers is not None:
+            # A limit was hit: the container (and a fanned-out job's other tuning workers) must not run on.
             self._containers.stop(name, failure_reason(error, limits))
         if error.get("Error") == STOPPED_ERROR:
             record = self._service.record_failure(name, "ClientError: the job was stopped")

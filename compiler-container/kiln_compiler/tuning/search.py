@@ -189,6 +189,16 @@ def _tune_worker(funcs: dict[str, str], target_json: str, db_dir: str, budget: i
             builder.pool.shutdown(wait=False)
 
 
+def kernel_shares(mod: Any, count: int) -> list[list[str]]:
+    """The tunable kernels of ``mod`` (fused, before tuning) split into ``count`` disjoint shares (ADR 0023).
+
+    The split is over every tunable kernel, not over what a worker's database lacks, so every worker
+    computes the same split whatever records it finds; kernels of one workload share a worker."""
+    by_name = {gv.name_hint: f for gv, f in _prim_funcs(mod).items()}
+    keyed = [(name, tvm_ffi.structural_hash(_task_module(by_name[name]))) for name in _tuning_order(list(by_name))]
+    return partition(keyed, count)
+
+
 def tune_and_apply(
     mod: Any,
     target: Any,
@@ -216,13 +226,7 @@ def tune_and_apply(
     todo = {}
     share: set[str] | None = None
     if shard is not None:
-        # the split is over every tunable kernel, not over what this worker's database lacks: each
-        # worker computes the same split whatever records it finds
-        funcs = _prim_funcs(original)
-        by_name = {gv.name_hint: f for gv, f in funcs.items()}
-        ordered = _tuning_order(list(by_name))
-        keyed = [(name, tvm_ffi.structural_hash(_task_module(by_name[name]))) for name in ordered]
-        share = set(partition(keyed, shard.count)[shard.index - 1])
+        share = set(kernel_shares(original, shard.count)[shard.index - 1])
     if tuning is not None:
         search_db, kiln_db = database.open_search(), database.open_kiln()
         tunable = set(_tuning_order([gv.name_hint for gv in _prim_funcs(original)]))
