@@ -79,3 +79,15 @@ def test_shard_parses_what_the_workflow_sets(text: str, shard: Shard) -> None:
 def test_shard_refuses_anything_else(text: str) -> None:
     with pytest.raises(ValueError, match="KILN_TUNING_SHARD"):
         Shard.parse(text)
+
+
+def test_a_fault_can_target_one_tuning_worker() -> None:
+    # GIVEN the TEST-ONLY fault grammar (kiln_compiler.faults)
+    from kiln_compiler.faults import Fault
+
+    # WHEN / THEN `tune.I` names worker I's tune stage; other stages take no worker, and worker numbers start at 1
+    assert Fault.parse("crash@tune.2") == Fault(kind="crash", stage="tune.2")
+    assert Fault.parse("hang@tune").stage == "tune" and Fault.parse("exit=3@gather").stage == "gather"
+    for bad in ("crash@build.2", "crash@tune.0", "crash@tune.x"):
+        with pytest.raises(ValueError, match="tune.I"):
+            Fault.parse(bad)
