@@ -16,6 +16,8 @@ from typing import Any
 
 from kiln import isa
 from kiln.catalog import (
+    CUDA_ARCHS,
+    CUDA_VERSION,
     TREE_FRAMEWORKS,
     UNAVAILABLE_FRAMEWORKS,
     Family,
@@ -174,6 +176,8 @@ def _check_tuning(tuning: Any, member: str) -> None:
 def _check_options_for_target(options: dict[str, Any], target: Target, member: str) -> None:
     if target.family is Family.CUDA and not target.cuda_arch and "gpu-code" not in options:
         raise RuleError(member, f"Target '{target.name}' needs 'gpu-code' (e.g. 'sm_75') in '{member}'")
+    if target.family is Family.CUDA:
+        check_cuda_arch(target, options.get("gpu-code"), member)
     if target.family is Family.COREML:
         extra = set(options) - {"class_labels"}
         if extra:
@@ -190,6 +194,27 @@ def _check_options_for_target(options: dict[str, Any], target: Target, member: s
         if gpu:
             raise RuleError(member, f"Option(s) {', '.join(gpu)} at '{member}' apply only to NVIDIA targets, "
                                     f"not '{target.name}'")
+
+
+def cuda_arch_supported(arch: str) -> bool:
+    """Whether CUDA 13 (TVM 0.27's CUDA runtime) compiles for ``arch`` (``sm_90a`` -> 90)."""
+    match = re.fullmatch(r"sm_(\d{2,3})[a-z]?", arch)
+    return match is not None and int(match.group(1)) in CUDA_ARCHS
+
+
+def check_cuda_arch(target: Target, gpu_code: str | None, options_member: str) -> None:
+    """Refuse a GPU that TVM 0.27's CUDA runtime cannot build kernels for: the device's own
+    (``outputConfig.targetDevice``) or CompilerOptions' ``gpu-code``."""
+    supported = ", ".join(f"sm_{a}" for a in CUDA_ARCHS)
+    why = (f"TVM 0.27 compiles CUDA kernels when the artifact loads, with CUDA {CUDA_VERSION}'s NVRTC, which "
+           f"targets {supported} only (CUDA 13 dropped sm_50 to sm_72, CUDA 12 sm_37)")
+    if target.cuda_arch and not cuda_arch_supported(target.cuda_arch):
+        member = "outputConfig.targetDevice"
+        raise RuleError(member, f"Value '{target.name}' at '{member}' failed to satisfy constraint: Target "
+                                f"'{target.name}' has a {target.cuda_arch} GPU and its artifacts could not run: {why}")
+    if gpu_code and not cuda_arch_supported(gpu_code):
+        raise RuleError(options_member, f"Value '{gpu_code}' of 'gpu-code' at '{options_member}' failed to satisfy "
+                                        f"constraint: artifacts for {gpu_code} could not run: {why}")
 
 
 def input_bytes(shape: tuple[int, ...], dtype: str) -> int:
