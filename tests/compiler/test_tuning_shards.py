@@ -89,5 +89,5 @@ def test_a_fault_can_target_one_tuning_worker() -> None:
     assert Fault.parse("crash@tune.2") == Fault(kind="crash", stage="tune.2")
     assert Fault.parse("hang@tune").stage == "tune" and Fault.parse("exit=3@gather").stage == "gather"
     for bad in ("crash@build.2", "crash@tune.0", "crash@tune.x"):
-        with pytest.raises(ValueError, match="tune.I"):
+        with pytest.raises(ValueError, match=r"tune\.I"):
             Fault.parse(bad)
