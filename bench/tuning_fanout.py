@@ -15,6 +15,8 @@ import io
 import json
 import os
 import statistics
+import subprocess
+import sys
 import tarfile
 import tempfile
 import time
@@ -98,9 +100,20 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=2.0)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--target", default="ml_c4")
+    parser.add_argument("--one", type=Path, help=argparse.SUPPRESS)  # internal: run one job, write its summary
     args = parser.parse_args()
+    if args.one:  # one embedded stack per process (moto's backends are per process)
+        run = run_job(args.model, args.minutes, args.workers[0], args.target, args.one.parent)
+        args.one.write_text(json.dumps({**run, "path": str(run["path"])}))
+        return
     with tempfile.TemporaryDirectory(prefix="kiln-fanout-") as tmp:
-        runs = [run_job(args.model, args.minutes, w, args.target, Path(tmp)) for w in args.workers]
+        runs = []
+        for workers in args.workers:
+            summary = Path(tmp) / f"w{workers}.json"
+            subprocess.run([sys.executable, __file__, "--model", args.model, "--minutes", str(args.minutes),
+                            "--workers", str(workers), "--target", args.target, "--one", str(summary)], check=True)
+            runs.append({**json.loads(summary.read_text()), "path": None})
+            runs[-1]["path"] = Path(json.loads(summary.read_text())["path"])
         medians = time_side_by_side(runs)
     print(f"{args.model} for {args.target}, {args.minutes} min tuning budget, host: {os.cpu_count()} CPUs, "
           f"load average {os.getloadavg()[0]:.1f}")
