@@ -78,6 +78,7 @@ class CompilerOptions:
     output_names: tuple[str, ...] = ()
     signature_def_key: str | None = None  # TensorFlow SavedModel signature (default serving_default)
     tuning: TuningBudget | None = None
+    precision: str = "fp32"  # "bf16": convolutions in bf16 with fp32 accumulation (native-bf16 CPUs only)
 
     @classmethod
     def parse(cls, raw: str | dict[str, Any] | None, target: Target | None = None) -> CompilerOptions:
@@ -101,6 +102,7 @@ class CompilerOptions:
                 trials=tuning.get("trials"),
                 seconds=None if tuning.get("minutes") is None else float(tuning["minutes"]) * 60.0,
                 workers=rules.tuning_workers(data)),
+            precision=str(data.get("precision", "fp32")),
         )
 
 

@@ -28,9 +28,11 @@ from tvm import relax, tirx
 from tvm.s_tir import Schedule
 
 from .graph import cpu_graph_passes
+from .graph.bf16 import ConvToBF16
 from .graph.quantized import QuantizedConvToInteger
 from .options import TuningBudget
 from .schedules import DefaultCPUSchedule, has_root, target_cpu, target_lanes, target_vector_unit
+from .schedules.bf16 import BF16ConvSchedule
 from .schedules.int8 import VNNIConvSchedule
 from .tuning import Shard, TuningDatabase, tune_and_apply
 
@@ -128,18 +130,21 @@ def _with_num_cores(target: dict[str, Any]) -> dict[str, Any]:
     return target
 
 
-def _cpu_kernels(mod: tvm.IRModule, tgt: tvm.target.Target, default_schedules: bool) -> tvm.IRModule:
+def _cpu_kernels(mod: tvm.IRModule, tgt: tvm.target.Target, default_schedules: bool,
+                 precision: str = "fp32") -> tvm.IRModule:
     """The graph rewrites and fusion that make ``mod``'s kernels (inside ``with tgt``): what is tuned and scheduled."""
     if default_schedules:
         # QDQ chains become integer convolutions before the layout rewrites (ADR 0018)
         mod = tvm.transform.Sequential([QuantizedConvToInteger(), *cpu_graph_passes(target_lanes(tgt))])(mod)
+    if precision == "bf16":
+        mod = ConvToBF16()(mod)  # type: ignore[operator]
     fused = tvm.transform.Sequential(_fuse_passes())(mod)
     return relax.transform.AttachAttrLayoutFreeBuffers()(fused)
 
 
 def tune_relax(mod: tvm.IRModule, target: dict[str, Any], *, shard: Shard, tuning: TuningBudget | None,
                database: TuningDatabase, host: dict[str, Any] | None = None,
-               deadline: float | None = None) -> dict[str, int]:
+               deadline: float | None = None, precision: str = "fp32") -> dict[str, int]:
     """One tuning worker (ADR 0023): tune ``shard``'s share of the kernels ``compile_relax`` would tune into
     ``database``, keeping time before ``deadline`` for the build that follows; builds nothing.
 
@@ -150,7 +155,7 @@ def tune_relax(mod: tvm.IRModule, target: dict[str, Any], *, shard: Shard, tunin
     if tgt.kind.name != "llvm":
         return {"kernels": 0, "tuned": 0, "reused": 0}
     with tgt:
-        fused = _cpu_kernels(mod, tgt, True)
+        fused = _cpu_kernels(mod, tgt, True, precision)
         # the build redoes these passes and then generates code: keep time for both
         reserve = _compile_reserve(fused) + 2 * (time.time() - started)
         _, counts = tune_and_apply(fused, tgt, database=database, tuning=tuning, deadline=deadline,
@@ -167,12 +172,14 @@ def compile_relax(
     database: TuningDatabase | None = None,
     deadline: float | None = None,
     default_schedules: bool = True,
+    precision: str = "fp32",
 ) -> CompiledRelax:
     """Compile ``mod`` (weights bound as constants) for ``target``, finishing before ``deadline``.
 
     Kernels found in ``database`` are applied ("reused"); with a ``tuning`` budget, the rest
     are tuned first (only for a target that matches this machine, see kiln_compiler.tuning) and
-    recorded ("tuned"); every other kernel gets the default schedule ("default").
+    recorded ("tuned"); every other kernel gets the default schedule ("default"). ``precision``
+    "bf16" computes convolutions and matrix products in bf16 with fp32 accumulation (ADR 0022).
     """
     target = _with_num_cores(target)
     tgt = make_target(target, host)
@@ -185,7 +192,7 @@ def compile_relax(
         return CompiledRelax(executable=tvm.compile(lowered, target=tgt, relax_pipeline=None), summary=summary)
 
     with tgt:
-        fused = _cpu_kernels(mod, tgt, default_schedules)
+        fused = _cpu_kernels(mod, tgt, default_schedules, precision)
         if database is not None:
             fused, counts = tune_and_apply(fused, tgt, database=database, tuning=tuning, deadline=deadline,
                                            reserve_seconds=_compile_reserve(fused))
@@ -194,9 +201,12 @@ def compile_relax(
             vnni = VNNIConvSchedule()
             if "avx512_vnni" in target_cpu(tgt).features:
                 fused = vnni(fused)  # type: ignore[operator]
+            bf16 = BF16ConvSchedule(target_vector_unit(tgt))
+            if "avx512_bf16" in target_cpu(tgt).features:
+                fused = bf16(fused)  # type: ignore[operator]
             pass_ = DefaultCPUSchedule(target_vector_unit(tgt))
             fused = pass_(fused)  # type: ignore[operator]
-            summary["default"] = pass_.scheduled + len(vnni.scheduled)
+            summary["default"] = pass_.scheduled + len(vnni.scheduled) + len(bf16.scheduled)
             unscheduled = pass_.failed
             if unscheduled:
                 log.warning("%d kernels kept TVM's unscheduled loops: %s", len(unscheduled), ", ".join(unscheduled))

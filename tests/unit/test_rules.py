@@ -210,6 +210,15 @@ def test_data_input_config_accepts_python_literal_form() -> None:
     ('{"tuning": {"trials": 64, "minutes": 5}}', "ml_c4", None, {"tuning": {"trials": 64, "minutes": 5}}),
     ('{"tuning": {"minutes": 2, "workers": 8}}', "ml_c5", None, {"tuning": {"minutes": 2, "workers": 8}}),
     ('{"tuning": {"trials": 8, "workers": 1}}', "rasp4b", None, {"tuning": {"trials": 8, "workers": 1}}),
+    # bf16 where the CPU has native bf16 dot products: Zen 4, Sapphire Rapids (AMX too), Graviton3
+    ('{"precision": "bf16", "mcpu": "znver4"}', "ml_c5", None, {"precision": "bf16", "mcpu": "znver4"}),
+    ('{"precision": "bf16", "mcpu": "sapphirerapids"}', None, {"Os": "LINUX", "Arch": "X86_64"},
+     {"precision": "bf16", "mcpu": "sapphirerapids"}),
+    ('{"precision": "bf16", "mcpu": "neoverse-v1"}', None, {"Os": "LINUX", "Arch": "ARM64"},
+     {"precision": "bf16", "mcpu": "neoverse-v1"}),
+    ('{"precision": "bf16", "mattr": ["+avx512bf16"]}', "ml_c5", None,
+     {"precision": "bf16", "mattr": ["+avx512bf16"]}),
+    ('{"precision": "fp32"}', "ml_c4", None, {"precision": "fp32"}),
 ])
 def test_compiler_options_examples_are_accepted(options: str, device: str | None, platform: dict[str, str] | None,
                                                  expected: dict[str, Any]) -> None:
@@ -251,6 +260,12 @@ def test_compiler_options_examples_are_accepted(options: str, device: str | None
     ('{"tuning": {"minutes": 2, "workers": 2}, "gpu-code": "sm_75"}', "ml_g4dn", None,
      "applies only to neural networks built for CPU targets"),
     ('{"gpu-code": "sm_75"}', "ml_c4", None, "apply only to NVIDIA targets"),
+    ('{"precision": "fp16"}', "ml_c5", None, "'precision' at 'outputConfig.compilerOptions' must be one of fp32, bf16"),
+    ('{"precision": "bf16"}', "ml_c5", None, "target 'ml_c5' (mcpu 'skylake-avx512') has no native bf16"),
+    ('{"precision": "bf16"}', "ml_c4", None, "has no native bf16"),
+    ('{"precision": "bf16", "mcpu": "neoverse-n1"}', None, {"Os": "LINUX", "Arch": "ARM64"}, "has no native bf16"),
+    ('{"precision": "bf16", "mcpu": "znver4", "mattr": ["-avx512bf16"]}', "ml_c5", None, "has no native bf16"),
+    ('{"precision": "bf16", "gpu-code": "sm_75"}', "ml_g4dn", None, "applies only to CPU targets"),
     ('{"cuda-ver": "10.1"}', "rasp4b", None, "apply only to NVIDIA targets"),
     ('{"trt-ver": "6.0.1"}', None, {"Os": "LINUX", "Arch": "ARM64", "Accelerator": "NVIDIA"}, "needs 'gpu-code'"),
     # The reference's "EC2 m5.2xlarge" example names the NVIDIA accelerator but only 'mcpu': NVIDIA needs gpu-code.
@@ -342,6 +357,14 @@ def test_allow_pickle_is_accepted_for_tree_frameworks() -> None:
     request = request_for("SKLEARN", None, device="ml_c4", options='{"allow_pickle": true}')
     # WHEN / THEN it is accepted
     assert rules.check_create(request, CATALOG).name == "ml_c4"
+
+
+def test_bf16_is_refused_for_tree_models() -> None:
+    # GIVEN an XGBOOST job asking for bf16 on a CPU that has it
+    request = request_for("XGBOOST", None, device="ml_c5", options='{"precision": "bf16", "mcpu": "znver4"}')
+    # WHEN the rules run  THEN it is refused naming the member: trees have no convolutions to run in bf16
+    message = refused(request)
+    assert "outputConfig.compilerOptions" in message and "not XGBOOST tree models" in message
 
 
 # -- TargetPlatform examples of the reference -------------------------------------------------------------
