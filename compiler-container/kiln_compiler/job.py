@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from kiln.catalog import TargetCatalog, UnsupportedTargetError
 
-from . import aws, faults, profile
+from . import accuracy, aws, faults, profile
 from .archive import safe_extract
 from .compile import compile_model, tune_model
 from .errors import ClientError
@@ -230,9 +230,23 @@ def run_job(spec: JobSpec, work_dir: Path, *, settings: CompilerSettings = Compi
         with timer.stage("profile"):
             return profile.profile_artifact(root, settings.profile, runner=settings.runner, seconds_left=left)
 
+    qdq_file = accuracy.qdq_model_file(model_dir, result.model.framework, result.model.model_files)
+
+    def compare(root: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+        from kiln import runtime
+
+        try:
+            runtime.check_host(manifest)
+        except runtime.IncompatibleHostError as exc:
+            return accuracy.not_measured(f"this runner cannot run the artifact: {exc}")
+        assert qdq_file is not None
+        with timer.stage("accuracy"):
+            return accuracy.agreement(root, qdq_file)
+
     with timer.stage("package"):
         artifact = package(result, target, work_dir / "out" / name, model_dir=model_dir,
-                           job_name=spec.name, labels_name=options.class_labels, profiler=measure)
+                           job_name=spec.name, labels_name=options.class_labels, profiler=measure,
+                           accuracy=compare if qdq_file is not None else None)
     out_uri = f"{spec.output_location}/{name}"
     with timer.stage("upload"):
         aws.upload(session, artifact.path, out_uri, spec.kms_key_id)
@@ -245,5 +259,6 @@ def run_job(spec: JobSpec, work_dir: Path, *, settings: CompilerSettings = Compi
         "Timings": timer.timings,
         "Tuning": result.tuning,
         "Profile": artifact.manifest.get("profile"),
+        "Accuracy": artifact.manifest.get("accuracy"),
         "Precision": artifact.manifest.get("precision"),
     }

@@ -29,7 +29,7 @@ from tvm.s_tir import Schedule
 
 from .graph import cpu_graph_passes
 from .graph.bf16 import ConvToBF16
-from .graph.quantized import QuantizedConvToInteger
+from .graph.quantized import PerTensorQDQToArithmetic, QuantizedConvToInteger, SimplifyRequantization
 from .options import TuningBudget
 from .schedules import DefaultCPUSchedule, has_root, target_cpu, target_lanes, target_vector_unit
 from .schedules.bf16 import BF16ConvSchedule
@@ -135,7 +135,9 @@ def _cpu_kernels(mod: tvm.IRModule, tgt: tvm.target.Target, default_schedules: b
     """The graph rewrites and fusion that make ``mod``'s kernels (inside ``with tgt``): what is tuned and scheduled."""
     if default_schedules:
         # QDQ chains become integer convolutions before the layout rewrites (ADR 0018)
-        mod = tvm.transform.Sequential([QuantizedConvToInteger(), *cpu_graph_passes(target_lanes(tgt))])(mod)
+        integer = "avx512_vnni" in target_cpu(tgt).features  # no integer kernel elsewhere: fp32 convs (ADR 0021)
+        mod = tvm.transform.Sequential([QuantizedConvToInteger(integer), PerTensorQDQToArithmetic(),
+                                       *cpu_graph_passes(target_lanes(tgt)), SimplifyRequantization()])(mod)
     if precision == "bf16":
         mod = ConvToBF16()(mod)  # type: ignore[operator]
     fused = tvm.transform.Sequential(_fuse_passes())(mod)

@@ -45,7 +45,7 @@ EXTENSION = "Kiln"
 
 def describe_view(record: dict[str, Any]) -> dict[str, Any]:
     """A DescribeCompilationJob response from a stored record (required members always present),
-    plus the ``Kiln`` extension member when the job has one (profile, runner, usage)."""
+    plus the ``Kiln`` extension member when the job has one (profile, accuracy, runner, usage)."""
     view = public_view(record)
     view.setdefault("FailureReason", "")
     view.setdefault("ModelArtifacts", {"S3ModelArtifacts": ""})
@@ -318,6 +318,8 @@ class CompilationJobService:
         extension: dict[str, Any] = {}
         if result.get("Profile"):
             extension["Profile"] = result["Profile"]
+        if result.get("Accuracy"):
+            extension["Accuracy"] = result["Accuracy"]
         if result.get("Precision"):
             extension["Precision"] = result["Precision"]  # a bf16 build's deviation from fp32 (ADR 0022)
         usage = self._usage(name, result.get("Timings") or {}, tuning_workers)

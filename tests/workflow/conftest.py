@@ -251,3 +251,14 @@ def compiler_slots(local_stack: Any) -> Iterator[Callable[[int], None]]:
     before = runner.max_running
     yield runner.set_capacity
     runner.set_capacity(before)
+
+
+@pytest.fixture(scope="session")
+def qdq_small_cnn_archive(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    """An archive holding the QDQ-quantized small CNN (onnxruntime's quantize_static) as model.onnx."""
+    from kiln_compiler.samples import quantize_qdq
+
+    from tests.compiler.conftest import small_cnn
+
+    model = quantize_qdq(small_cnn(), tmp_path_factory.mktemp("qdq_archive"))
+    return tar_gz({"model.onnx": model.SerializeToString()})

@@ -2,9 +2,9 @@
 
 from .grouped_conv import PadConvChannels, SplitGroupedConv
 from .layout import cpu_graph_passes
-from .quantized import QuantizedConvToInteger
+from .quantized import PerTensorQDQToArithmetic, QuantizedConvToInteger, SimplifyRequantization
 from .simplify import ConstantsToFullRank, DivideByConstantToMultiply, RemoveInferenceDropout, SumOfStackToAdd
 
-__all__ = ["ConstantsToFullRank", "DivideByConstantToMultiply", "PadConvChannels", "QuantizedConvToInteger",
-           "RemoveInferenceDropout",
-           "SplitGroupedConv", "SumOfStackToAdd", "cpu_graph_passes"]
+__all__ = ["ConstantsToFullRank", "DivideByConstantToMultiply", "PadConvChannels", "PerTensorQDQToArithmetic",
+           "QuantizedConvToInteger", "RemoveInferenceDropout", "SimplifyRequantization", "SplitGroupedConv",
+           "SumOfStackToAdd", "cpu_graph_passes"]
