@@ -370,14 +370,15 @@ def _narrow_layout_free(func: tirx.PrimFunc) -> tirx.PrimFunc:
 
 def _inline_copies(sch: Schedule, blocks: list[Any], anchor: Any) -> None:
     """Inline pure copies feeding the anchor (a zero-width pad) instead of materialising them."""
+    anchor_block = sch.get(anchor)  # BlockRVs compare by handle: compare the blocks they refer to
     for blk in blocks:
-        if blk.same_as(anchor):
+        if sch.get(blk).same_as(anchor_block):
             continue
         stmt = sch.get(blk)
         value = getattr(stmt.body, "value", None)
-        if type(value).__name__ != "BufferLoad":
+        if type(value).__name__ not in ("BufferLoad", "TensorLoad"):
             continue
-        if not any(c.same_as(anchor) for c in sch.get_consumers(blk)):
+        if not any(sch.get(c).same_as(anchor_block) for c in sch.get_consumers(blk)):
             continue
         try:
             sch.compute_inline(blk)
