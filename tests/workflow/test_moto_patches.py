@@ -70,3 +70,42 @@ def test_batch_job_lives_as_long_as_its_local_process(local_stack):
     # THEN the first SUCCEEDED and the second FAILED, as Batch reports them
     assert wait_until(lambda: status(ended) == "SUCCEEDED", timeout=10)
     assert wait_until(lambda: status(killed) == "FAILED", timeout=10)
+
+
+def test_fast_dynamodb_reads_write_the_bytes_moto_would(local_stack):
+    # GIVEN an item holding every DynamoDB type, read back through the embedded endpoint
+    import base64
+
+    from moto.core.responses import ActionContext, BaseResponse
+    from moto.core.serialize import get_serializer_class
+    from moto.core.utils import get_service_model
+    from moto.dynamodb.models.dynamo_type import DynamoType
+    from moto.dynamodb.responses import DynamoResult
+
+    item = {"JobName": {"S": "every-type"}, "n": {"N": "1.5"}, "b": {"B": base64.b64encode(b"\x00\xff").decode()},
+            "t": {"BOOL": True}, "z": {"NULL": True}, "m": {"M": {"s": {"S": "é"}, "l": {"L": [{"N": "2"}]}}},
+            "ss": {"SS": ["a", "b"]}, "ns": {"NS": ["1", "2"]}, "bs": {"BS": [base64.b64encode(b"x").decode()]}}
+    model = get_service_model("dynamodb")
+    results = {"GetItem": {"Item": {k: DynamoType(v) for k, v in item.items()}},
+               "Query": {"Count": 1, "ScannedCount": 3, "Items": [{k: DynamoType(v) for k, v in item.items()}],
+                         "LastEvaluatedKey": {"JobName": DynamoType({"S": "every-type"})}},
+               "Scan": {"Count": 0, "ScannedCount": 0, "Items": []}}
+    for operation, result in results.items():
+        context = ActionContext(model, model.operation_model(operation), get_serializer_class("dynamodb", "json"),
+                                BaseResponse("dynamodb"))  # the serialiser reads no request state
+        # WHEN the patched and moto's own serialiser write the same result
+        patched = DynamoResult(result).execute_result(context)
+        original = moto_patches._originals["dynamodb_execute_result"](DynamoResult(result), context)
+        # THEN status, content type and the JSON document are the same
+        assert patched[0] == original[0] == 200
+        assert patched[1]["Content-Type"] == original[1]["Content-Type"]
+        assert json.loads(patched[2]) == json.loads(original[2]), operation
+
+
+def test_moto_lists_its_modules_once_patched(local_stack):
+    # GIVEN the embedded stack (patch applied) WHEN moto's server asks for its service modules
+    from moto import backends
+
+    # THEN it gets the same list as moto's own, without listing the package folder again
+    assert list(backends.list_of_moto_modules()) == list(moto_patches._originals["list_of_moto_modules"]())
+    assert "dynamodb" in backends.list_of_moto_modules()

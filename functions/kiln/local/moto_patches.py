@@ -28,12 +28,19 @@
 9. moto's Step Functions interpreter calls the server back at ``MOTO_PORT`` read from the
    process environment (default 5000). :func:`patch_server_port` tells it the embedded server's
    port instead, so local mode never sets environment variables.
+10. Speed, measured under ``make load`` (bench/results/2026-12-01-load-latency.md): moto's server
+   lists and ``stat``s its ~150 package folders on every request, under its dispatch lock
+   (:func:`patch_server_module_list` lists them once), and serialises every DynamoDB response by
+   walking botocore's shapes item by item (a 40-item Query: ~25 ms of CPU).
+   :func:`patch_dynamodb_fast_reads` writes the JSON of GetItem/Query/Scan/BatchGetItem results
+   directly: they are already DynamoDB JSON, so the bytes are the same.
 
 ``tests/workflow/test_moto_patches.py`` notices when upstream fixes (1), (3) or (4).
 """
 
 from __future__ import annotations
 
+import base64
 import datetime
 import importlib
 import inspect
@@ -41,7 +48,7 @@ import json
 import logging
 import threading
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import boto3
@@ -194,6 +201,69 @@ def patch_dynamodb_atomic_writes() -> None:
 
         setattr(DynamoDBBackend, name, functools.wraps(original)(locked))
     _applied.add("dynamodb_lock")
+
+
+def patch_server_module_list() -> None:
+    """List moto's service modules once (moto's server re-lists its package folder per request)."""
+    if "module_list" in _applied:
+        return
+    import functools
+
+    from moto import backends
+
+    original = backends.list_of_moto_modules
+    _originals["list_of_moto_modules"] = original
+    modules = tuple(original())
+
+    @functools.wraps(original)
+    def list_of_moto_modules() -> Iterator[str]:
+        return iter(modules)
+
+    backends.list_of_moto_modules = list_of_moto_modules  # type: ignore[assignment]
+    _applied.add("module_list")
+
+
+# Operations whose results hold only item attribute maps, keys, counts and consumed capacity:
+# their moto result is DynamoDB JSON already (binary values as bytes).
+FAST_DYNAMODB_READS = frozenset({"GetItem", "Query", "Scan", "BatchGetItem"})
+
+
+def _dynamodb_json_default(value: Any) -> Any:
+    if isinstance(value, bytes | bytearray):
+        return base64.b64encode(value).decode()
+    if isinstance(value, set | frozenset):
+        return list(value)
+    raise TypeError(f"{type(value).__name__} is not DynamoDB JSON")
+
+
+def _drop_none(value: Any) -> Any:
+    """The shape walker leaves members that are None out; so does this."""
+    if isinstance(value, dict):
+        return {k: _drop_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_drop_none(v) for v in value]
+    return value
+
+
+def patch_dynamodb_fast_reads() -> None:
+    """Serialise DynamoDB read results with ``json.dumps`` instead of moto's shape walker."""
+    if "dynamodb_fast_reads" in _applied:
+        return
+    from moto.dynamodb.responses import DynamoResult
+
+    original = DynamoResult.execute_result
+    _originals["dynamodb_execute_result"] = original
+
+    def execute_result(self: Any, context: Any) -> Any:
+        operation = context.operation_model
+        if operation.name not in FAST_DYNAMODB_READS or isinstance(self.result, Exception):
+            return original(self, context)
+        body = json.dumps(_drop_none(self.result), default=_dynamodb_json_default, separators=(",", ":"))
+        version = operation.service_model.metadata.get("jsonVersion", "1.0")
+        return 200, {"Content-Type": f"application/x-amz-json-{version}"}, body
+
+    DynamoResult.execute_result = execute_result  # type: ignore[method-assign]
+    _applied.add("dynamodb_fast_reads")
 
 
 def upstream_still_needs_patches() -> dict[str, bool]:

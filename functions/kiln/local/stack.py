@@ -356,6 +356,8 @@ class EmbeddedStack:
         moto_patches.patch_dynamodb_atomic_writes()
         moto_patches.patch_container_runner(self.runner.start, self.runner.stop)
         moto_patches.patch_update_model_package_keeps_fields()
+        moto_patches.patch_server_module_list()
+        moto_patches.patch_dynamodb_fast_reads()
         logging.getLogger("werkzeug").setLevel(logging.WARNING)
         self._server = ThreadedMotoServer(ip_address=self.host, port=self.aws_port, verbose=False)
         self._server.start()
