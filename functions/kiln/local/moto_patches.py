@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import base64
 import datetime
+import functools
 import importlib
 import inspect
 import json
@@ -59,7 +60,10 @@ _applied: set[str] = set()
 _originals: dict[str, Any] = {}
 
 
+@functools.cache
 def _operation_model(service: str, action: str) -> Any:
+    """botocore's model of ``action`` (cached: building a client loads the service's JSON model,
+    ~100 ms of CPU, and Step Functions asks twice per ECS/Batch task)."""
     client = boto3.session.Session(region_name="us-east-1").client(
         service, aws_access_key_id="x", aws_secret_access_key="x")
     api_name = {v: k for k, v in client.meta.method_to_api_mapping.items()}.get(action, action)
@@ -185,7 +189,6 @@ def patch_dynamodb_atomic_writes() -> None:
     """Make moto's conditional DynamoDB writes atomic (one writer at a time), as DynamoDB's are."""
     if "dynamodb_lock" in _applied:
         return
-    import functools
     import threading
 
     from moto.dynamodb.models import DynamoDBBackend
@@ -207,7 +210,6 @@ def patch_server_module_list() -> None:
     """List moto's service modules once (moto's server re-lists its package folder per request)."""
     if "module_list" in _applied:
         return
-    import functools
 
     from moto import backends
 
