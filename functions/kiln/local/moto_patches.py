@@ -33,7 +33,9 @@
    (:func:`patch_server_module_list` lists them once), and serialises every DynamoDB response by
    walking botocore's shapes item by item (a 40-item Query: ~25 ms of CPU).
    :func:`patch_dynamodb_fast_reads` writes the JSON of GetItem/Query/Scan/BatchGetItem results
-   directly: they are already DynamoDB JSON, so the bytes are the same.
+   directly: they are already DynamoDB JSON, so the bytes are the same. moto's Step Functions
+   builds a new boto3 client (the service model loaded again, ~50 ms) for every task it runs:
+   :func:`patch_step_functions_clients_reused` keeps one per service.
 
 ``tests/workflow/test_moto_patches.py`` notices when upstream fixes (1), (3) or (4).
 """
@@ -268,6 +270,41 @@ def patch_dynamodb_fast_reads() -> None:
     _applied.add("dynamodb_fast_reads")
 
 
+def patch_step_functions_clients_reused() -> None:
+    """One boto3 client per (region, service) for moto's Step Functions tasks: moto builds a fresh
+    client (botocore's service model loaded again) for every Lambda/ECS/Batch call of every state."""
+    if "sfn_clients" in _applied:
+        return
+    import sys
+
+    # The task modules import ``boto_client_for`` by name: load them first, then rebind each.
+    from moto.stepfunctions.parser.asl.component.state.exec.state_task import lambda_eval_utils  # noqa: F401
+    from moto.stepfunctions.parser.asl.component.state.exec.state_task.service import (  # noqa: F401
+        state_task_service_batch,
+        state_task_service_callback,
+        state_task_service_ecs,
+    )
+    from moto.stepfunctions.parser.asl.utils import boto_client
+
+    original = boto_client.boto_client_for
+    _originals["boto_client_for"] = original
+    lock = threading.Lock()
+    clients: dict[tuple[str, str, str], Any] = {}
+
+    def boto_client_for(region: str, service: str, state_credentials: Any = None) -> Any:
+        with lock:  # building a client is not thread-safe; using one is
+            key = (region, service, boto_client.moto_server_port())  # a later stack has another port
+            if key not in clients:
+                clients[key] = original(region, service, state_credentials)
+            return clients[key]
+
+    for module in list(sys.modules.values()):
+        if (getattr(module, "__name__", "").startswith("moto.stepfunctions")
+                and getattr(module, "boto_client_for", None) is original):
+            module.boto_client_for = boto_client_for  # type: ignore[attr-defined]
+    _applied.add("sfn_clients")
+
+
 def upstream_still_needs_patches() -> dict[str, bool]:
     """For each moto workaround, whether moto's own (unpatched) code still has the defect.
 
@@ -428,7 +465,11 @@ def patch_container_runner(on_start: ContainerStart, on_stop: ContainerStop) -> 
 
     def terminate_job(self: Any, job_id: str, reason: str) -> Any:
         on_stop(job_id)
-        return original_terminate(self, job_id, reason)
+        result = original_terminate(self, job_id, reason)
+        job = self.get_job_by_id(job_id)
+        if job is not None:  # wake its thread (it waits for this or its process's exit)
+            _batch_done.setdefault(job.arn, threading.Event()).set()
+        return result
 
     original_job_init = Job.__init__
 
@@ -442,8 +483,10 @@ def patch_container_runner(on_start: ContainerStart, on_stop: ContainerStop) -> 
         self._start_attempt()
         self.status = JobStatus.RUNNING.value
         done = _batch_done.setdefault(self.arn, threading.Event())
-        while not self.stop and not done.wait(0.2):
+        # Set when the process exits or the job is terminated; the timeout only bounds a missed wake-up.
+        while not self.stop and not done.wait(30):
             pass
+        _batch_done.pop(self.arn, None)
         self._mark_stopped(success=not self.stop)
 
     Job.__init__ = job_init  # type: ignore[method-assign]

@@ -358,6 +358,7 @@ class EmbeddedStack:
         moto_patches.patch_update_model_package_keeps_fields()
         moto_patches.patch_server_module_list()
         moto_patches.patch_dynamodb_fast_reads()
+        moto_patches.patch_step_functions_clients_reused()
         logging.getLogger("werkzeug").setLevel(logging.WARNING)
         self._server = ThreadedMotoServer(ip_address=self.host, port=self.aws_port, verbose=False)
         self._server.start()
