@@ -96,12 +96,14 @@ def _application(environ: dict[str, Any], start_response: Any) -> Any:
 
 
 class ApiServer:
-    """The API on host:port in a background thread."""
+    """The API on host:port (or on the listening socket ``fd``) in a background thread."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 8080) -> None:
+    def __init__(self, host: str = "127.0.0.1", port: int = 8080, *, fd: int | None = None) -> None:
         self._mounts: dict[str, Any] = {}
-        self._server: BaseWSGIServer = make_server(host, port, self._dispatch, threaded=True)
-        self.port = self._server.server_port
+        self._server: BaseWSGIServer = make_server(host, port, self._dispatch, threaded=True, fd=fd)
+        self.port = self._server.port
+        if fd is not None:
+            host = str(self._server.server_address[0])
         self.url = f"http://{host}:{self.port}"
         self._thread = threading.Thread(target=self._server.serve_forever, name="kiln-api", daemon=True)
 
