@@ -109,3 +109,41 @@ def test_moto_lists_its_modules_once_patched(local_stack):
     # THEN it gets the same list as moto's own, without listing the package folder again
     assert list(backends.list_of_moto_modules()) == list(moto_patches._originals["list_of_moto_modules"]())
     assert "dynamodb" in backends.list_of_moto_modules()
+
+
+def test_cancelled_transaction_rolls_back_only_its_items(local_stack):
+    # GIVEN a table of its own holding two items
+    from botocore.exceptions import ClientError
+
+    dynamodb = local_stack.client("dynamodb")
+    table = "kiln-transaction-rollback"
+    dynamodb.create_table(TableName=table, BillingMode="PAY_PER_REQUEST",
+                          AttributeDefinitions=[{"AttributeName": "k", "AttributeType": "S"}],
+                          KeySchema=[{"AttributeName": "k", "KeyType": "HASH"}])
+    dynamodb.put_item(TableName=table, Item={"k": {"S": "changed"}, "v": {"N": "1"}, "m": {"M": {"x": {"S": "a"}}}})
+    dynamodb.put_item(TableName=table, Item={"k": {"S": "other"}, "v": {"N": "7"}})
+    # WHEN a transaction puts a new item, updates one in place, then fails its last condition
+    try:
+        dynamodb.transact_write_items(TransactItems=[
+            {"Put": {"TableName": table, "Item": {"k": {"S": "new"}}}},
+            {"Update": {"TableName": table, "Key": {"k": {"S": "changed"}}, "UpdateExpression": "SET v = :v, m.x = :x",
+                        "ExpressionAttributeValues": {":v": {"N": "2"}, ":x": {"S": "b"}}}},
+            {"ConditionCheck": {"TableName": table, "Key": {"k": {"S": "other"}},
+                                "ConditionExpression": "attribute_not_exists(k)"}}])
+    except ClientError as exc:
+        assert exc.response["Error"]["Code"] == "TransactionCanceledException"
+    else:
+        raise AssertionError("the transaction's failed condition did not cancel it")
+    # THEN none of its writes remain and the untouched item is as it was
+    items = {i["k"]["S"]: i for i in dynamodb.scan(TableName=table, ConsistentRead=True)["Items"]}
+    assert set(items) == {"changed", "other"}
+    assert items["changed"]["v"] == {"N": "1"} and items["changed"]["m"] == {"M": {"x": {"S": "a"}}}
+    assert items["other"]["v"] == {"N": "7"}
+    # AND a transaction that succeeds keeps all its writes
+    dynamodb.transact_write_items(TransactItems=[
+        {"Put": {"TableName": table, "Item": {"k": {"S": "new"}}}},
+        {"Update": {"TableName": table, "Key": {"k": {"S": "changed"}}, "UpdateExpression": "SET v = :v",
+                    "ExpressionAttributeValues": {":v": {"N": "3"}}}}])
+    items = {i["k"]["S"]: i for i in dynamodb.scan(TableName=table, ConsistentRead=True)["Items"]}
+    assert set(items) == {"changed", "other", "new"} and items["changed"]["v"] == {"N": "3"}
+    dynamodb.delete_table(TableName=table)

@@ -354,6 +354,7 @@ class EmbeddedStack:
         moto_patches.patch_heartbeat_timeout_name()
         moto_patches.patch_first_token_answer_wins()
         moto_patches.patch_dynamodb_atomic_writes()
+        moto_patches.patch_dynamodb_transaction_snapshots()
         moto_patches.patch_container_runner(self.runner.start, self.runner.stop)
         moto_patches.patch_update_model_package_keeps_fields()
         moto_patches.patch_server_module_list()
