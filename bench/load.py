@@ -103,6 +103,7 @@ class Recorder:
         self.lock = threading.Lock()
         self.latency: dict[str, list[float]] = defaultdict(list)
         self.outcomes: Counter[str] = Counter()
+        self.messages: dict[str, str] = {}
 
     def call(self, operation: str, fn: Any, **kwargs: Any) -> Any:
         started = time.perf_counter()
@@ -111,6 +112,8 @@ class Recorder:
             outcome = "ok"
         except ClientError as exc:
             result, outcome = None, exc.response["Error"]["Code"]
+            with self.lock:  # the first message of each kind of error, to say what it was
+                self.messages.setdefault(f"{operation}:{outcome}", exc.response["Error"].get("Message", ""))
         except Exception as exc:  # a transport error is an error too
             result, outcome = None, type(exc).__name__
         elapsed = (time.perf_counter() - started) * 1000
@@ -128,6 +131,7 @@ class Recorder:
                                   "p99_ms": round(percentile(v, 99), 1), "max_ms": round(max(v), 1)}
                              for op, v in sorted(self.latency.items())},
             "outcomes": dict(sorted(self.outcomes.items())),
+            "first_messages": dict(sorted(self.messages.items())),
         }
 
 
@@ -228,11 +232,12 @@ def load_phase(url: str, aws_url: str, clients: int, creates: int, think: float,
     api = client(url)
     final = Counter(api.describe_compilation_job(CompilationJobName=n)["CompilationJobStatus"] for n in accepted)
     summary = recorder.summary()
-    errors = {k: v for k, v in summary["outcomes"].items()
+    errors = {k: {"count": v, "first_message": summary["first_messages"].get(k, "")}
+              for k, v in summary["outcomes"].items()
               if not k.endswith(":ok") and k != "CreateCompilationJob:ResourceLimitExceeded"}
     return {"clients": clients, "create_attempts": creates, "think_s": think, "accepted": len(accepted),
             "refused_resource_limit": summary["outcomes"].get("CreateCompilationJob:ResourceLimitExceeded", 0),
-            "errors_other_than_resource_limit": sum(errors.values()), "error_detail": errors,
+            "errors_other_than_resource_limit": sum(e["count"] for e in errors.values()), "error_detail": errors,
             "final_statuses": dict(final), "every_job_terminal": sum(final.values()) == len(accepted)
             and all(s in TERMINAL for s in final), "wall_s": round(time.time() - started, 1), "api": summary}
 

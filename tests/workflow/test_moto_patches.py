@@ -147,3 +147,24 @@ def test_cancelled_transaction_rolls_back_only_its_items(local_stack):
     items = {i["k"]["S"]: i for i in dynamodb.scan(TableName=table, ConsistentRead=True)["Items"]}
     assert set(items) == {"changed", "other", "new"} and items["changed"]["v"] == {"N": "3"}
     dynamodb.delete_table(TableName=table)
+
+
+def test_projection_on_top_level_names_reads_what_moto_would(local_stack):
+    # GIVEN an item with nested and missing attributes
+    from moto.dynamodb.models.dynamo_type import DynamoType, Item
+
+    item = Item(hash_key=DynamoType({"S": "job"}), range_key=None,
+                attrs={"JobName": {"S": "job"}, "OutputConfig": {"M": {"TargetDevice": {"S": "ml_c5"},
+                                                                      "Tags": {"L": [{"N": "1"}, {"S": "x"}]}}},
+                       "CreationTime": {"N": "1796130066.25"}, "Internal": {"M": {"big": {"S": "x" * 1000}}},
+                       "Flags": {"SS": ["a", "b"]}})
+    for paths in ([["JobName"], ["OutputConfig"], ["CreationTime"], ["Flags"], ["Missing"]],
+                  [["OutputConfig", "TargetDevice"], ["JobName"]]):
+        # WHEN it is projected by the patched and moto's own method
+        patched = item.project(paths)
+        original = moto_patches._originals["dynamodb_project"](item, paths)
+        # THEN both hold the same attributes and values (sets compared as sets; nested paths are
+        # moto's own way)
+        assert patched.to_regular_json() == original.to_regular_json(), paths
+        assert set(patched.attrs) == set(original.attrs)
+        assert "Internal" not in patched.attrs
