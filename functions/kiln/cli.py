@@ -19,8 +19,9 @@ console = Console(stderr=True)
 # The command's result (JSON) goes to the real stdout; everything else, Powertools' JSON logs of the
 # in-process handlers included (they write to sys.stdout), goes to stderr.
 _result = sys.stdout
-# `kiln serve` answers the API from this many processes of their own (kiln.local.api_workers).
-DEFAULT_API_WORKERS = 2
+# `kiln serve` answers the API from this many processes of their own (kiln.local.api_workers), each
+# one request at a time, as a Lambda execution environment.
+DEFAULT_API_WORKERS = 4
 
 
 def _emit(document: Any) -> None:
@@ -65,8 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-compilers", type=_positive, default=None,
                        help="compiler processes at once; the rest wait as pending (default: CPU count)")
     serve.add_argument("--api-workers", type=_non_negative, default=None,
-                       help="processes serving the API beside the embedded stack's (default 2; 0: serve it in "
-                            "the stack's process)")
+                       help="processes serving the API beside the embedded stack's, one request at a time "
+                            "each (default 4; 0: serve it in the stack's process)")
 
     compile_ = sub.add_parser("compile", help="compile one model through the full job path, locally")
     compile_.add_argument("model", type=Path, help="the model archive (.tar.gz)")
