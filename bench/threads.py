@@ -28,6 +28,7 @@ def _child(model: str, path: str, repeat: int, threads: int) -> None:
     import numpy as np
     import onnxruntime as ort
     import tvm
+    from kiln.benchmark import median_ms
     from kiln_compiler.samples import input_shapes, load_light_model
     from tvm import relax
 
@@ -39,18 +40,9 @@ def _child(model: str, path: str, repeat: int, threads: int) -> None:
     vm = relax.VirtualMachine(tvm.runtime.load_module(path), tvm.cpu())
     args = [tvm.runtime.tensor(v) for v in feed.values()]
 
-    def median(fn) -> float:  # type: ignore[no-untyped-def]
-        fn()
-        ts = []
-        for _ in range(repeat):
-            t = time.perf_counter()
-            fn()
-            ts.append((time.perf_counter() - t) * 1000)
-        return statistics.median(ts)
-
-    ort_ms = median(lambda: sess.run(None, feed))
+    ort_ms = median_ms(lambda: sess.run(None, feed), repeat)
     time.sleep(0.2)
-    kiln_ms = median(lambda: vm["main"](*args))
+    kiln_ms = median_ms(lambda: vm["main"](*args), repeat)
     print(json.dumps({"kiln_ms": kiln_ms, "ort_ms": ort_ms}))
 
 

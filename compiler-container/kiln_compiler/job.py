@@ -170,4 +170,5 @@ def run_job(spec: JobSpec, work_dir: Path, *, settings: CompilerSettings = Compi
         "Timings": timer.timings,
         "Tuning": result.tuning,
         "Profile": artifact.manifest.get("profile"),
+        "Precision": artifact.manifest.get("precision"),
     }

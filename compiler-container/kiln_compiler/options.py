@@ -49,6 +49,7 @@ class CompilerOptions:
     output_names: tuple[str, ...] = ()
     signature_def_key: str | None = None  # TensorFlow SavedModel signature (default serving_default)
     tuning: TuningBudget | None = None
+    precision: str = "fp32"  # "bf16": convolutions in bf16 with fp32 accumulation (native-bf16 CPUs only)
 
     @classmethod
     def parse(cls, raw: str | dict[str, Any] | None, target: Target | None = None) -> CompilerOptions:
@@ -71,6 +72,7 @@ class CompilerOptions:
             tuning=None if tuning is None else TuningBudget(
                 trials=tuning.get("trials"),
                 seconds=None if tuning.get("minutes") is None else float(tuning["minutes"]) * 60.0),
+            precision=str(data.get("precision", "fp32")),
         )
 
 

@@ -110,6 +110,8 @@ def build_manifest(result: BuildResult, target: Target, files: dict[str, Path],
             "python": platform.python_version(),
         },
     }
+    if result.precision is not None:
+        manifest["precision"] = result.precision  # deviation of a reduced-precision build from fp32
     if model.extra.get("coreml"):
         manifest["coreml"] = model.extra["coreml"]  # the converted spec's inputs/outputs, flexibility, classifier
     return manifest

@@ -28,9 +28,11 @@ from tvm import relax, tirx
 from tvm.s_tir import Schedule
 
 from .graph import cpu_graph_passes
+from .graph.bf16 import ConvToBF16
 from .graph.quantized import QuantizedConvToInteger
 from .options import TuningBudget
 from .schedules import DefaultCPUSchedule, has_root, target_cpu, target_lanes, target_vector_unit
+from .schedules.bf16 import BF16ConvSchedule
 from .schedules.int8 import VNNIConvSchedule
 from .tuning import TuningDatabase, tune_and_apply
 
@@ -130,12 +132,14 @@ def compile_relax(
     database: TuningDatabase | None = None,
     deadline: float | None = None,
     default_schedules: bool = True,
+    precision: str = "fp32",
 ) -> CompiledRelax:
     """Compile ``mod`` (weights bound as constants) for ``target``, finishing before ``deadline``.
 
     Kernels found in ``database`` are applied ("reused"); with a ``tuning`` budget, the rest
     are tuned first (only for a target that matches this machine, see kiln_compiler.tuning) and
-    recorded ("tuned"); every other kernel gets the default schedule ("default").
+    recorded ("tuned"); every other kernel gets the default schedule ("default"). ``precision``
+    "bf16" computes convolutions and matrix products in bf16 with fp32 accumulation (ADR 0022).
     """
     if target.get("kind") == "llvm" and "num-cores" not in target:
         # MetaSchedule needs it; it is part of the tuning-record key (records are per core count)
@@ -153,6 +157,8 @@ def compile_relax(
         if default_schedules:
             # QDQ chains become integer convolutions before the layout rewrites (ADR 0018)
             mod = tvm.transform.Sequential([QuantizedConvToInteger(), *cpu_graph_passes(target_lanes(tgt))])(mod)
+        if precision == "bf16":
+            mod = ConvToBF16()(mod)  # type: ignore[operator]
         fused = tvm.transform.Sequential(_fuse_passes())(mod)
         fused = relax.transform.AttachAttrLayoutFreeBuffers()(fused)
         if database is not None:
@@ -163,9 +169,12 @@ def compile_relax(
             vnni = VNNIConvSchedule()
             if "avx512_vnni" in target_cpu(tgt).features:
                 fused = vnni(fused)  # type: ignore[operator]
+            bf16 = BF16ConvSchedule(target_vector_unit(tgt))
+            if "avx512_bf16" in target_cpu(tgt).features:
+                fused = bf16(fused)  # type: ignore[operator]
             pass_ = DefaultCPUSchedule(target_vector_unit(tgt))
             fused = pass_(fused)  # type: ignore[operator]
-            summary["default"] = pass_.scheduled + len(vnni.scheduled)
+            summary["default"] = pass_.scheduled + len(vnni.scheduled) + len(bf16.scheduled)
             unscheduled = pass_.failed
             if unscheduled:
                 log.warning("%d kernels kept TVM's unscheduled loops: %s", len(unscheduled), ", ".join(unscheduled))

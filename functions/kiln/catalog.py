@@ -87,6 +87,13 @@ class Family(StrEnum):
     COREML = "coreml"
 
 
+# The CUDA architectures (sm_XX) TVM 0.27's CUDA runtime can build kernels for: it compiles them at load
+# with NVRTC 13.0 (nvidia-cuda-nvrtc 13.0.88, the CUDA of the apache-tvm 0.27 wheels), and this is what
+# that library's nvrtcGetSupportedArchs reports (tests/unit/test_catalog.py asks it). CUDA 13 dropped
+# Maxwell, Pascal and Volta (sm_50-sm_72), CUDA 12 Kepler (sm_37): ml_p2, ml_p3, the Jetson TX1/TX2/Nano/Xavier.
+CUDA_ARCHS: tuple[int, ...] = (75, 80, 86, 87, 88, 89, 90, 100, 103, 110, 120, 121)
+CUDA_VERSION = "13.0"
+
 # Frameworks whose models go through TVM (neural networks) or TL2cgen (tree ensembles).
 NEURAL_FRAMEWORKS = ("TENSORFLOW", "KERAS", "MXNET", "ONNX", "PYTORCH", "TFLITE", "DARKNET")
 TREE_FRAMEWORKS = ("XGBOOST", "SKLEARN")

@@ -71,8 +71,10 @@ def emulator(machine: str, roots: Path = DEFAULT_ROOTS) -> Emulator:
     if not emu.python.is_file():
         raise EmulationError(
             f"no emulation root for {machine} in {roots}: `make install` builds the aarch64 one "
-            "(scripts/kiln_assets.py emulation-root aarch64); armv7 has none, because apache-tvm publishes "
-            "no armv7 TVM runtime library")
+            "(scripts/kiln_assets.py emulation-root aarch64); armv7 has none: there is no armv7 TVM runtime "
+            "library, and the pinned TVM 0.27 cannot be built for armv7 from what its registries publish (no "
+            "armv7 wheel, no source distribution, and the runtime sources in its wheels lack TVM's support "
+            "headers such as tvm/support/serializer.h; docs/adr/0024-cuda-13-architectures-and-armv7.md)")
     return emu
 
 

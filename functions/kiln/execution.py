@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
-from kiln.catalog import Family, Target, TargetCatalog
+from kiln.catalog import CUDA_VERSION, Family, Target, TargetCatalog
+from kiln.rules import cuda_arch_supported
 
 
 class Execution(StrEnum):
@@ -25,8 +26,6 @@ class Execution(StrEnum):
 # CUDA architectures the gpu-check bundle carries (scripts/gpu_check_bundle.py); the TargetPlatform
 # LINUX_X86_64_NVIDIA is bundled for sm_80, sm_86 and sm_90 through CompilerOptions gpu-code.
 GPU_CHECKED = {"ml_g4dn": "sm_75", "LINUX_X86_64_NVIDIA": "gpu-code sm_80, sm_86, sm_90"}
-# CUDA 13 (the CUDA of apache-tvm 0.27's CUDA runtime module and of NVRTC 13) no longer targets these.
-CUDA13_DROPPED = ("sm_37", "sm_53", "sm_62", "sm_70", "sm_72")
 
 
 @dataclass(frozen=True)
@@ -51,12 +50,14 @@ def execution(target: Target) -> tuple[Execution, str]:
     if target.family == Family.ARMV7:
         trees = ("tree models run under qemu-arm through a C harness" if target.name == "rasp3b"
                  else "tree models are built as for rasp3b")
-        return Execution.NONE, f"networks: no armv7 TVM runtime library exists (apache-tvm has no armv7 wheel); {trees}"
+        return Execution.NONE, ("networks: no armv7 TVM runtime library exists (apache-tvm has no armv7 wheel and no "
+                                f"sdist; its wheels' runtime sources lack TVM's support headers: ADR 0024); {trees}")
     if target.family == Family.CUDA:
         if target.name in GPU_CHECKED:
             return Execution.GPU_CHECK, f"{GPU_CHECKED[target.name]}; prepared, not yet run on a GPU"
-        if target.cuda_arch in CUDA13_DROPPED:
-            return Execution.NONE, f"{target.cuda_arch}: CUDA 13 (TVM 0.27's CUDA runtime, NVRTC 13) dropped it"
+        if target.cuda_arch and not cuda_arch_supported(target.cuda_arch):
+            return Execution.NONE, (f"refused at create: {target.cuda_arch} is not among the architectures "
+                                    f"CUDA {CUDA_VERSION}'s NVRTC (TVM 0.27's CUDA runtime) compiles for")
         return Execution.NONE, "no aarch64 GPU machine"
     if target.family == Family.WINDOWS:
         if target.name == "x86_win64":

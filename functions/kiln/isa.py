@@ -71,6 +71,9 @@ _MATTR: Mapping[str, str] = {
     "sse4.1": "sse4_1", "sse4.2": "sse4_2", "bmi": "bmi1",
     "neon": "asimd", "dotprod": "asimddp", "fullfp16": "asimdhp", "fp16fml": "asimdfhm",
 }
+# Features that give native bf16 arithmetic with fp32 accumulation (CompilerOptions "precision": "bf16"):
+# AVX512-BF16 vdpbf16ps (Cooper Lake, Zen 4, Sapphire Rapids), AMX-BF16 tiles, ARMv8.6 BF16 (Graviton3).
+BF16_FEATURES = ("avx512_bf16", "amx_bf16", "bf16")
 # Features that widen the fp32 vector: the widest present sets the lanes.
 _LANES = (("avx512f", 16), ("avx2", 8), ("avx", 8))
 # Architectural vector registers: x86-64 16 ymm/xmm (AVX-512 doubles them to 32 zmm), 32-bit x86
@@ -116,6 +119,11 @@ class CpuFeatures:
         if self.arch is Arch.X86_64 and "avx512f" in self.features:
             registers = 32
         return VectorUnit(self.vector_lanes, registers)
+
+    @property
+    def native_bf16(self) -> bool:
+        """Whether the code may use bf16 dot products with fp32 accumulation (:data:`BF16_FEATURES`)."""
+        return any(f in self.features for f in BF16_FEATURES)
 
     @property
     def runtime_check(self) -> tuple[str, ...]:

@@ -15,7 +15,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kiln import isa
-from kiln.catalog import UNAVAILABLE_FRAMEWORKS, Family, Target, TargetCatalog, UnsupportedTargetError
+from kiln.catalog import (
+    CUDA_ARCHS,
+    CUDA_VERSION,
+    UNAVAILABLE_FRAMEWORKS,
+    Family,
+    Target,
+    TargetCatalog,
+    UnsupportedTargetError,
+)
 from kiln.contract import raise_validation
 from kiln.errors import ValidationError
 
@@ -42,6 +50,8 @@ DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "int64":
 
 _DTYPES = {"float": "float32", "float32": "float32", "float16": "float16", "int64": "int64",
            "long": "int64", "int32": "int32", "int8": "int8", "uint8": "uint8"}
+# CompilerOptions "precision": the arithmetic of convolutions and matrix products (fp32 by default).
+PRECISIONS = ("fp32", "bf16")
 _GPU_CODE = re.compile(r"sm_\d{2,3}[a-z]?")
 _VERSION = re.compile(r"\d+(\.\d+){0,3}")
 _COREML_KEYS = {"shape", "default_shape", "type", "bias", "scale"}
@@ -90,7 +100,7 @@ def parse_compiler_options(text: str | None, target: Target | None = None) -> di
         options = {("gpu-code" if k == "gpu_code" else "dtype" if k == "DTYPE" else k): v
                    for k, v in parsed.items()}
     known = {"mcpu", "mattr", "gpu-code", "cuda-ver", "trt-ver", "dtype", "ANDROID_PLATFORM",
-             "class_labels", "signature_def_key", "output_names", "tuning", "allow_pickle"}
+             "class_labels", "signature_def_key", "output_names", "tuning", "allow_pickle", "precision"}
     unknown = sorted(set(options) - known)
     if unknown:
         raise RuleError(member, f"Unknown compiler option(s) {', '.join(unknown)} at '{member}'; "
@@ -138,6 +148,8 @@ def _check_option_types(options: dict[str, Any], member: str) -> None:
         raise RuleError(member, f"'allow_pickle' at '{member}' must be true or false")
     if "tuning" in options:
         _check_tuning(options["tuning"], member)
+    if "precision" in options and options["precision"] not in PRECISIONS:
+        raise RuleError(member, f"'precision' at '{member}' must be one of {', '.join(PRECISIONS)}")
 
 
 def _check_tuning(tuning: Any, member: str) -> None:
@@ -153,6 +165,8 @@ def _check_tuning(tuning: Any, member: str) -> None:
 def _check_options_for_target(options: dict[str, Any], target: Target, member: str) -> None:
     if target.family is Family.CUDA and not target.cuda_arch and "gpu-code" not in options:
         raise RuleError(member, f"Target '{target.name}' needs 'gpu-code' (e.g. 'sm_75') in '{member}'")
+    if target.family is Family.CUDA:
+        check_cuda_arch(target, options.get("gpu-code"), member)
     if target.family is Family.COREML:
         extra = set(options) - {"class_labels"}
         if extra:
@@ -164,11 +178,51 @@ def _check_options_for_target(options: dict[str, Any], target: Target, member: s
             isa.cpu_features(str(cpu.get("mtriple", "")), options["mcpu"], options.get("mattr", []))
         except isa.UnknownCpuError as exc:
             raise RuleError(member, f"'mcpu' at '{member}': {exc}") from None
+    if options.get("precision") == "bf16":
+        _check_bf16_target(options, target, member)
     if target.family is not Family.CUDA:
         gpu = sorted(set(options) & {"gpu-code", "cuda-ver", "trt-ver"})
         if gpu:
             raise RuleError(member, f"Option(s) {', '.join(gpu)} at '{member}' apply only to NVIDIA targets, "
                                     f"not '{target.name}'")
+
+
+def _check_bf16_target(options: dict[str, Any], target: Target, member: str) -> None:
+    """bf16 compiles need a CPU target with native bf16 dot products (``kiln.isa.BF16_FEATURES``)."""
+    cpu = target.tvm_target if target.family is not Family.CUDA else None
+    if not cpu or cpu.get("kind") != "llvm":
+        raise RuleError(member, f"'precision' 'bf16' at '{member}' applies only to CPU targets, not '{target.name}'")
+    try:
+        features = isa.cpu_features(str(cpu.get("mtriple", "")), options.get("mcpu") or cpu.get("mcpu"),
+                                    [*cpu.get("mattr", []), *options.get("mattr", [])])
+    except (isa.UnknownCpuError, ValueError):
+        return  # the mcpu check above names the problem
+    if not features.native_bf16:
+        mcpu = options.get("mcpu") or cpu.get("mcpu") or "generic"
+        raise RuleError(member, f"'precision' 'bf16' at '{member}': target '{target.name}' (mcpu '{mcpu}') has no "
+                                f"native bf16 arithmetic ({' / '.join(isa.BF16_FEATURES)}); choose a CPU that has "
+                                "it, e.g. mcpu 'znver4' or 'sapphirerapids' (x86) or 'neoverse-v1' (Graviton3)")
+
+
+def cuda_arch_supported(arch: str) -> bool:
+    """Whether CUDA 13 (TVM 0.27's CUDA runtime) compiles for ``arch`` (``sm_90a`` -> 90)."""
+    match = re.fullmatch(r"sm_(\d{2,3})[a-z]?", arch)
+    return match is not None and int(match.group(1)) in CUDA_ARCHS
+
+
+def check_cuda_arch(target: Target, gpu_code: str | None, options_member: str) -> None:
+    """Refuse a GPU that TVM 0.27's CUDA runtime cannot build kernels for: the device's own
+    (``outputConfig.targetDevice``) or CompilerOptions' ``gpu-code``."""
+    supported = ", ".join(f"sm_{a}" for a in CUDA_ARCHS)
+    why = (f"TVM 0.27 compiles CUDA kernels when the artifact loads, with CUDA {CUDA_VERSION}'s NVRTC, which "
+           f"targets {supported} only (CUDA 13 dropped sm_50 to sm_72, CUDA 12 sm_37)")
+    if target.cuda_arch and not cuda_arch_supported(target.cuda_arch):
+        member = "outputConfig.targetDevice"
+        raise RuleError(member, f"Value '{target.name}' at '{member}' failed to satisfy constraint: Target "
+                                f"'{target.name}' has a {target.cuda_arch} GPU and its artifacts could not run: {why}")
+    if gpu_code and not cuda_arch_supported(gpu_code):
+        raise RuleError(options_member, f"Value '{gpu_code}' of 'gpu-code' at '{options_member}' failed to satisfy "
+                                        f"constraint: artifacts for {gpu_code} could not run: {why}")
 
 
 def input_bytes(shape: tuple[int, ...], dtype: str) -> int:
@@ -334,6 +388,10 @@ def _check_input_config(config: dict[str, Any], target: Target, options: dict[st
                         f"Value null at 'inputConfig.dataInputConfig' failed to satisfy constraint: {framework} models "
                         "do not carry their input shapes; give them, e.g. {\"data\": [1, 3, 224, 224]}")
     parse_data_input_config(config.get("DataInputConfig"), framework, target, options.get("dtype", "float32"))
+    if options.get("precision") == "bf16" and framework in NO_INPUT_CONFIG_FRAMEWORKS:
+        raise RuleError("outputConfig.compilerOptions",
+                        "'precision' 'bf16' at 'outputConfig.compilerOptions' applies to neural networks, not "
+                        f"{framework} tree models")
     if "allow_pickle" in options and framework not in PICKLE_FRAMEWORKS:
         raise RuleError("outputConfig.compilerOptions",
                         "'allow_pickle' at 'outputConfig.compilerOptions' applies only to "

@@ -290,6 +290,8 @@ class CompilationJobService:
         extension: dict[str, Any] = {}
         if result.get("Profile"):
             extension["Profile"] = result["Profile"]
+        if result.get("Precision"):
+            extension["Precision"] = result["Precision"]  # a bf16 build's deviation from fp32 (ADR 0022)
         usage = self._usage(name, result.get("Timings") or {})
         if usage:
             extension["Usage"] = usage

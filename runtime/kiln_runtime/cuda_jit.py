@@ -81,6 +81,17 @@ def _check(nvrtc: Any, result: int, what: str, program: ctypes.c_void_p | None =
     raise CudaCompileError(f"NVRTC {what} failed: {message}")
 
 
+def supported_archs() -> tuple[tuple[int, int], list[int]]:
+    """NVRTC's version and the compute capabilities it compiles for (``[75, 80, ...]``); needs no GPU."""
+    nvrtc = _nvrtc()
+    major, minor, count = ctypes.c_int(), ctypes.c_int(), ctypes.c_int()
+    _check(nvrtc, nvrtc.nvrtcVersion(ctypes.byref(major), ctypes.byref(minor)), "version")
+    _check(nvrtc, nvrtc.nvrtcGetNumSupportedArchs(ctypes.byref(count)), "architecture count")
+    archs = (ctypes.c_int * count.value)()
+    _check(nvrtc, nvrtc.nvrtcGetSupportedArchs(archs), "architectures")
+    return (major.value, minor.value), list(archs)
+
+
 def compile_cuda(source: str, arch: str) -> bytes:
     """CUDA C source -> a cubin for ``arch`` (``sm_86``)."""
     nvrtc = _nvrtc()

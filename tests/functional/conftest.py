@@ -16,6 +16,18 @@ import botocore.config
 import pytest
 
 TERMINAL = ("COMPLETED", "FAILED", "STOPPED")
+ACCOUNT = "123456789012"
+
+
+def record(name: str, created: float, status: str, bucket: str = "kiln-local-models") -> dict[str, Any]:
+    """A stored job as the service writes it (for seeding the store directly)."""
+    return {"CompilationJobName": name,
+            "CompilationJobArn": f"arn:aws:sagemaker:us-east-1:{ACCOUNT}:compilation-job/{name}",
+            "CompilationJobStatus": status, "RoleArn": f"arn:aws:iam::{ACCOUNT}:role/kiln-compilation-job",
+            "InputConfig": {"S3Uri": f"s3://{bucket}/{name}.tar.gz", "Framework": "ONNX"},
+            "OutputConfig": {"S3OutputLocation": "s3://kiln-local-artifacts/seeded", "TargetDevice": "ml_c4"},
+            "StoppingCondition": {"MaxRuntimeInSeconds": 900, "MaxPendingTimeInSeconds": 3600},
+            "CreationTime": created, "LastModifiedTime": created + 5}
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,8 @@ import botocore.session
 import pytest
 from botocore.exceptions import ClientError
 
-ACCOUNT = "123456789012"
+from tests.functional.conftest import ACCOUNT, record
+
 STATUSES = ("COMPLETED", "FAILED", "INPROGRESS", "STARTING", "STOPPED", "STOPPING")
 DESCRIBE_REQUIRED = botocore.session.get_session().get_service_model("sagemaker").operation_model(
     "DescribeCompilationJob").output_shape.required_members
@@ -26,17 +27,6 @@ def error_of(call: Callable[[], Any]) -> dict[str, str]:
         call()
     assert info.value.response["ResponseMetadata"]["HTTPStatusCode"] == 400
     return dict(info.value.response["Error"])
-
-
-def record(name: str, created: float, status: str, bucket: str = "kiln-local-models") -> dict[str, Any]:
-    """A stored job as the service writes it (for seeding the store directly)."""
-    return {"CompilationJobName": name,
-            "CompilationJobArn": f"arn:aws:sagemaker:us-east-1:{ACCOUNT}:compilation-job/{name}",
-            "CompilationJobStatus": status, "RoleArn": f"arn:aws:iam::{ACCOUNT}:role/kiln-compilation-job",
-            "InputConfig": {"S3Uri": f"s3://{bucket}/{name}.tar.gz", "Framework": "ONNX"},
-            "OutputConfig": {"S3OutputLocation": "s3://kiln-local-artifacts/seeded", "TargetDevice": "ml_c4"},
-            "StoppingCondition": {"MaxRuntimeInSeconds": 900, "MaxPendingTimeInSeconds": 3600},
-            "CreationTime": created, "LastModifiedTime": created + 5}
 
 
 # -- create / describe / list / stop / delete ----------------------------------------------------------

@@ -101,6 +101,9 @@ CREATE_CASES: list[tuple[str, dict[str, Any], str, str]] = [
      "outputConfig.s3OutputLocation", "S3 URI"),
     ("options-not-json", {"OutputConfig": _output(CompilerOptions="mcpu=haswell")}, "outputConfig.compilerOptions",
      "JSON object"),
+    ("options-bf16-without-native-bf16", {"OutputConfig": _output(TargetDevice="ml_c5",
+                                                                 CompilerOptions='{"precision": "bf16"}')},
+     "outputConfig.compilerOptions", "no native bf16 arithmetic"),
     ("options-unknown", {"OutputConfig": _output(CompilerOptions='{"opt_level": 3}')},
      "outputConfig.compilerOptions", "opt_level"),
     ("options-gpu-on-cpu", {"OutputConfig": _output(CompilerOptions="{'gpu-code': 'sm_72'}")},
@@ -108,6 +111,11 @@ CREATE_CASES: list[tuple[str, dict[str, Any], str, str]] = [
     ("options-nvidia-needs-gpu-code", {"OutputConfig": _output(
         TargetDevice=None, TargetPlatform={"Os": "LINUX", "Arch": "X86_64", "Accelerator": "NVIDIA"},
         CompilerOptions="{'mcpu': 'skylake-avx512'}")}, "outputConfig.compilerOptions", "gpu-code"),
+    ("device-gpu-cuda13-dropped", {"OutputConfig": _output(TargetDevice="ml_p3")}, "outputConfig.targetDevice",
+     "has a sm_70 GPU"),
+    ("options-gpu-code-cuda13-dropped", {"OutputConfig": _output(
+        TargetDevice=None, TargetPlatform={"Os": "LINUX", "Arch": "ARM64", "Accelerator": "NVIDIA"},
+        CompilerOptions='{"gpu-code": "sm_72"}')}, "outputConfig.compilerOptions", "CUDA 13.0's NVRTC"),
     ("options-too-short", {"OutputConfig": _output(CompilerOptions="{}")}, "outputConfig.compilerOptions",
      "greater than or equal to 3"),
     ("kms-pattern", {"OutputConfig": _output(KmsKeyId="not a key!")}, "outputConfig.kmsKeyId", "regular expression"),

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import html
+import re
 from collections.abc import Callable
 from typing import Any
+
+from tests.functional.conftest import record
 
 
 def test_unknown_job_page_says_what_the_api_said(console: Any) -> None:
@@ -54,3 +58,28 @@ def test_stop_of_an_ended_job_is_refused_with_the_api_message(console: Any, sage
     assert page.status_code == 200 and f"Compilation job {name} is FAILED and cannot be stopped" in page.text
     assert 'id="status">FAILED' in page.text
 
+
+
+def test_job_list_pages_forward_and_back(console: Any, local_stack: Any, unique: Callable[[str], str]) -> None:
+    # GIVEN five finished jobs sharing a name prefix
+    tag = unique("pages")
+    for i in range(5):
+        local_stack.kiln.service.store.create(record(f"{tag}-{i}", 1_300_000_000.0 + i, "COMPLETED"))
+
+    def names_and_links(url: str) -> tuple[list[str], dict[str, str]]:
+        page = console.get(url)
+        assert page.status_code == 200
+        names = re.findall(rf'href="/console/jobs/({tag}-\d)"', page.text)
+        links = {rel: html.unescape(href) for href, rel in re.findall(r'<a href="([^"]+)" rel="(next|prev)"', page.text)}
+        return list(dict.fromkeys(names)), links
+
+    # WHEN the list is paged two at a time, oldest first, to the end and back
+    first, links = names_and_links(f"/console?name={tag}&max=2&order=Ascending")
+    second, links2 = names_and_links(links["next"])
+    third, links3 = names_and_links(links2["next"])
+    back, _ = names_and_links(links3["prev"])
+    start, links_start = names_and_links(links2["prev"])
+    # THEN each page holds the next jobs, the last has no Next page, and Previous returns to the same pages
+    assert first == [f"{tag}-0", f"{tag}-1"] and second == [f"{tag}-2", f"{tag}-3"] and third == [f"{tag}-4"]
+    assert "next" not in links3 and "prev" not in links
+    assert back == second and start == first and "prev" not in links_start

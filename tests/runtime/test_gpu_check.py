@@ -13,6 +13,7 @@ from typing import Any
 import kiln_runtime
 import numpy as np
 import pytest
+from kiln import rules
 from kiln.catalog import TargetCatalog
 from kiln_compiler.loaders import load_model
 from kiln_compiler.options import CompilerOptions, DataInputConfig
@@ -111,3 +112,16 @@ def test_bundle_installs_offline_and_refuses_without_a_gpu(bundler: ModuleType, 
     installed = subprocess.run([str(tmp_path / "venv/bin/python"), "-m", "pip", "list", "--format=freeze"], env=env,
                                capture_output=True, text=True, check=True).stdout
     assert "kiln-runtime==0.1.0" in installed and "nvidia-cuda-nvrtc==13.0.88" in installed
+
+
+def test_every_bundled_gpu_target_is_one_create_accepts(bundler: ModuleType) -> None:
+    # GIVEN the targets the GPU check bundle compiles (TargetDevice or OS:ARCH:ACCELERATOR, CompilerOptions)
+    catalog = TargetCatalog()
+    for label, (target, options) in bundler.TARGETS.items():
+        os_arch = target.split(":")
+        resolved = catalog.device(target) if len(os_arch) == 1 else catalog.platform(*os_arch)
+        # WHEN the create rules check it (the CUDA architecture rule included)
+        parsed = rules.parse_compiler_options(options, resolved)
+        # THEN it is accepted, for an architecture CUDA 13's NVRTC compiles for
+        arch = parsed.get("gpu-code") or resolved.cuda_arch
+        assert arch and rules.cuda_arch_supported(arch), label

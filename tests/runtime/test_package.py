@@ -173,3 +173,43 @@ def test_compiler_images_build_context_holds_what_the_dockerfiles_copy() -> None
         for source in sources:
             assert any(source == a or source.startswith(a + "/") for a in allowed), (dockerfile, source)
     assert {"runtime", "scripts/kiln_assets.py"} <= allowed
+
+
+def test_gpu_images_use_the_cuda_major_that_the_pinned_tvm_links() -> None:
+    # GIVEN the CUDA runtime apache-tvm 0.27's libtvm_runtime_cuda.so links (libcudart.so.13) and its pin
+    pins = (REPO / "requirements" / "runtime-cuda.txt").read_text()
+    cudart_major = re.search(r"^nvidia-cuda-runtime==(\d+)\.", pins, re.M).group(1)  # type: ignore[union-attr]
+    from kiln_runtime import tvm_lib
+
+    cuda_lib = next(d / "libtvm_runtime_cuda.so" for d in tvm_lib.library_dirs() if (d / "libtvm_runtime_cuda.so").is_file())
+    needed = subprocess.run(["readelf", "-d", str(cuda_lib)], capture_output=True, text=True, check=True).stdout
+    assert f"libcudart.so.{cudart_major}]" in needed
+    for dockerfile in ("compiler-container/Dockerfile.gpu", "serving-container/Dockerfile.gpu"):
+        text = (REPO / dockerfile).read_text()
+        # WHEN the image's CUDA base is read
+        base = re.search(r"^FROM nvidia/cuda:(\d+)\.\d+\.\d+-", text, re.M)
+        # THEN it is that CUDA major
+        assert base is not None and base.group(1) == cudart_major, dockerfile
+    # AND the compiler's GPU image installs the same pinned CUDA wheels as make install (dev.txt includes them)
+    compiler_gpu = (REPO / "compiler-container" / "Dockerfile.gpu").read_text()
+    assert "-r /tmp/req/runtime-cuda.txt" in compiler_gpu and "requirements/runtime-cuda.txt" in compiler_gpu
+    assert "-r runtime-cuda.txt" in (REPO / "requirements" / "dev.txt").read_text()
+
+
+def test_the_pinned_tvm_wheel_lacks_what_an_armv7_runtime_build_needs() -> None:
+    # GIVEN the pinned apache-tvm (found without importing it): it ships TVM's runtime sources, which is
+    # what an armv7 libtvm_runtime would be built from (apache-tvm has no armv7 wheel and no sdist)
+    import importlib.util
+
+    spec = importlib.util.find_spec("tvm")
+    assert spec is not None and spec.submodule_search_locations
+    tvm_dir = Path(spec.submodule_search_locations[0])
+    assert (tvm_dir / "src" / "runtime" / "vm" / "executable.cc").is_file()
+    # WHEN the headers those sources include are looked for
+    includes = (tvm_dir / "include" / "tvm" / "runtime" / "vm" / "executable.h").read_text()
+    assert "#include <tvm/support/serializer.h>" in includes
+    # THEN TVM's support headers are missing, which is why kiln run --emulate refuses armv7 (ADR 0024):
+    # when a wheel ships them, the armv7 runtime can be built from it and this test says so
+    missing = [h for h in ("include/tvm/support/io.h", "include/tvm/support/serializer.h", "src/support/bytes_io.h")
+               if not (tvm_dir / h).is_file()]
+    assert missing, "apache-tvm now ships TVM's support headers: build the armv7 runtime from it (ADR 0024)"

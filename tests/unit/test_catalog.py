@@ -6,7 +6,15 @@ from pathlib import Path
 
 import botocore.session
 import pytest
-from kiln.catalog import Family, Runner, Target, TargetCatalog, UnsupportedTargetError
+from kiln.catalog import (
+    CUDA_ARCHS,
+    CUDA_VERSION,
+    Family,
+    Runner,
+    Target,
+    TargetCatalog,
+    UnsupportedTargetError,
+)
 
 CATALOG = TargetCatalog()
 MODEL = botocore.session.get_session().get_service_model("sagemaker")
@@ -206,3 +214,18 @@ def test_gpu_runner_measures_only_its_own_gpu_family() -> None:
     # GIVEN the GPU runner (g4dn instances)  THEN a g4dn job is measurable there and a V100 (p3) job is not
     assert CATALOG.device("ml_g4dn").measurable_on(Runner.BATCH_GPU)
     assert not CATALOG.device("ml_p3").measurable_on(Runner.BATCH_GPU)
+
+
+def test_cuda_architectures_are_those_the_pinned_nvrtc_compiles_for() -> None:
+    # GIVEN the pinned NVRTC (nvidia-cuda-nvrtc, requirements/runtime-cuda.txt), which TVM 0.27's CUDA runtime
+    # compiles kernels with when an artifact loads; asking it needs no GPU
+    from kiln_runtime import cuda_jit
+
+    # WHEN it is asked which compute capabilities it targets
+    version, archs = cuda_jit.supported_archs()
+    # THEN the catalog's fact is exactly its answer, and the GPUs the catalog names follow from it
+    assert f"{version[0]}.{version[1]}" == CUDA_VERSION
+    assert tuple(archs) == CUDA_ARCHS
+    unrunnable = sorted(d for d in CATALOG.supported_devices
+                        if CATALOG.device(d).cuda_arch and int(CATALOG.device(d).cuda_arch[3:]) not in archs)
+    assert unrunnable == ["jetson_nano", "jetson_tx1", "jetson_tx2", "jetson_xavier", "ml_p2", "ml_p3"]

@@ -191,11 +191,13 @@ def test_data_input_config_accepts_python_literal_form() -> None:
     ("{'mattr': ['+neon']}", None, {"Os": "LINUX", "Arch": "ARM_EABIHF"}, {"mattr": ["+neon"]}),
     ("{'mattr': ['+neon', '+vfpv4']}", "rasp3b", None, {"mattr": ["+neon", "+vfpv4"]}),
     ("{'mcpu': 'skylake-avx512'}", "ml_c5", None, {"mcpu": "skylake-avx512"}),
-    ("{'gpu-code': 'sm_72', 'trt-ver': '6.0.1', 'cuda-ver': '10.1'}", "jetson_xavier", None,
-     {"gpu-code": "sm_72", "trt-ver": "6.0.1", "cuda-ver": "10.1"}),
-    ("{'gpu-code': 'sm_62', 'trt-ver': '6.0.1', 'cuda-ver': '10.0'}", None,
+    ("{'gpu-code': 'sm_75', 'trt-ver': '8.6.1', 'cuda-ver': '13.0'}", "ml_g4dn", None,
+     {"gpu-code": "sm_75", "trt-ver": "8.6.1", "cuda-ver": "13.0"}),
+    ("{'gpu-code': 'sm_87', 'trt-ver': '10.3', 'cuda-ver': '13.0'}", None,
      {"Os": "LINUX", "Arch": "ARM64", "Accelerator": "NVIDIA"},
-     {"gpu-code": "sm_62", "trt-ver": "6.0.1", "cuda-ver": "10.0"}),
+     {"gpu-code": "sm_87", "trt-ver": "10.3", "cuda-ver": "13.0"}),
+    ('{"gpu-code": "sm_90a"}', None, {"Os": "LINUX", "Arch": "X86_64", "Accelerator": "NVIDIA"},
+     {"gpu-code": "sm_90a"}),
     ('{"gpu_code": "sm_75"}', None, {"Os": "LINUX", "Arch": "X86_64", "Accelerator": "NVIDIA"},
      {"gpu-code": "sm_75"}),
     ('{"dtype" : "float32"}', "ml_c4", None, {"dtype": "float32"}),
@@ -206,6 +208,15 @@ def test_data_input_config_accepts_python_literal_form() -> None:
     ('{"output_names": ["output_tensor:0"]}', "ml_c4", None, {"output_names": ["output_tensor:0"]}),
     ('{"mattr": "+neon,+vfpv4"}', "rasp3b", None, {"mattr": ["+neon", "+vfpv4"]}),
     ('{"tuning": {"trials": 64, "minutes": 5}}', "ml_c4", None, {"tuning": {"trials": 64, "minutes": 5}}),
+    # bf16 where the CPU has native bf16 dot products: Zen 4, Sapphire Rapids (AMX too), Graviton3
+    ('{"precision": "bf16", "mcpu": "znver4"}', "ml_c5", None, {"precision": "bf16", "mcpu": "znver4"}),
+    ('{"precision": "bf16", "mcpu": "sapphirerapids"}', None, {"Os": "LINUX", "Arch": "X86_64"},
+     {"precision": "bf16", "mcpu": "sapphirerapids"}),
+    ('{"precision": "bf16", "mcpu": "neoverse-v1"}', None, {"Os": "LINUX", "Arch": "ARM64"},
+     {"precision": "bf16", "mcpu": "neoverse-v1"}),
+    ('{"precision": "bf16", "mattr": ["+avx512bf16"]}', "ml_c5", None,
+     {"precision": "bf16", "mattr": ["+avx512bf16"]}),
+    ('{"precision": "fp32"}', "ml_c4", None, {"precision": "fp32"}),
 ])
 def test_compiler_options_examples_are_accepted(options: str, device: str | None, platform: dict[str, str] | None,
                                                  expected: dict[str, Any]) -> None:
@@ -227,9 +238,9 @@ def test_compiler_options_examples_are_accepted(options: str, device: str | None
     ('{"mcpu": "skylake avx512; rm -rf /"}', "ml_c4", None, "'mcpu'"),
     ('{"mattr": ["neon"]}', "rasp3b", None, "'mattr'"),
     ('{"mattr": 7}', "rasp3b", None, "'mattr'"),
-    ('{"gpu-code": "sm_7x"}', "ml_p3", None, "'gpu-code'"),
-    ('{"cuda-ver": "ten"}', "ml_p3", None, "'cuda-ver'"),
-    ('{"trt-ver": "6.0.1.2.3"}', "ml_p3", None, "'trt-ver'"),
+    ('{"gpu-code": "sm_7x"}', "ml_g4dn", None, "'gpu-code'"),
+    ('{"cuda-ver": "ten"}', "ml_g4dn", None, "'cuda-ver'"),
+    ('{"trt-ver": "6.0.1.2.3"}', "ml_g4dn", None, "'trt-ver'"),
     ('{"dtype": "complex128"}', "ml_c4", None, "'dtype'"),
     ('{"ANDROID_PLATFORM": 30}', "ml_c4", None, "'ANDROID_PLATFORM'"),
     ('{"class_labels": "../../etc/passwd"}', "coreml", None, "'class_labels'"),
@@ -239,6 +250,12 @@ def test_compiler_options_examples_are_accepted(options: str, device: str | None
     ('{"tuning": {"trials": 0}}', "ml_c4", None, "'tuning.trials'"),
     ('{"tuning": {"hours": 2}}', "ml_c4", None, "'tuning'"),
     ('{"gpu-code": "sm_75"}', "ml_c4", None, "apply only to NVIDIA targets"),
+    ('{"precision": "fp16"}', "ml_c5", None, "'precision' at 'outputConfig.compilerOptions' must be one of fp32, bf16"),
+    ('{"precision": "bf16"}', "ml_c5", None, "target 'ml_c5' (mcpu 'skylake-avx512') has no native bf16"),
+    ('{"precision": "bf16"}', "ml_c4", None, "has no native bf16"),
+    ('{"precision": "bf16", "mcpu": "neoverse-n1"}', None, {"Os": "LINUX", "Arch": "ARM64"}, "has no native bf16"),
+    ('{"precision": "bf16", "mcpu": "znver4", "mattr": ["-avx512bf16"]}', "ml_c5", None, "has no native bf16"),
+    ('{"precision": "bf16", "gpu-code": "sm_75"}', "ml_g4dn", None, "applies only to CPU targets"),
     ('{"cuda-ver": "10.1"}', "rasp4b", None, "apply only to NVIDIA targets"),
     ('{"trt-ver": "6.0.1"}', None, {"Os": "LINUX", "Arch": "ARM64", "Accelerator": "NVIDIA"}, "needs 'gpu-code'"),
     # The reference's "EC2 m5.2xlarge" example names the NVIDIA accelerator but only 'mcpu': NVIDIA needs gpu-code.
@@ -254,6 +271,54 @@ def test_compiler_options_errors_name_the_member(options: str, device: str | Non
     # THEN the error names outputConfig.compilerOptions and the offending option
     assert "outputConfig.compilerOptions" in message
     assert expected in message
+
+
+# -- CUDA architectures TVM 0.27's CUDA runtime cannot build kernels for ----------------------------------
+@pytest.mark.parametrize(("device", "arch"), [
+    ("ml_p2", "sm_37"), ("ml_p3", "sm_70"), ("jetson_tx1", "sm_53"), ("jetson_tx2", "sm_62"),
+    ("jetson_nano", "sm_53"), ("jetson_xavier", "sm_72"),
+])
+def test_gpu_devices_cuda_13_cannot_target_are_refused(device: str, arch: str) -> None:
+    # GIVEN an ONNX job for a GPU device whose architecture CUDA 13's NVRTC dropped (even with a gpu-code of a
+    # newer GPU: the device's own GPU would still be the one running the artifact)
+    for options in (None, '{"gpu-code": "sm_75"}'):
+        request = request_for("ONNX", '{"data": [1, 3, 224, 224]}', device=device, options=options)
+        # WHEN the rules run
+        message = refused(request)
+        # THEN the error names outputConfig.targetDevice, the device, its GPU and why
+        assert f"Value '{device}' at 'outputConfig.targetDevice' failed to satisfy constraint" in message
+        assert f"has a {arch} GPU" in message
+        assert "CUDA 13.0's NVRTC" in message and "sm_75" in message
+
+
+@pytest.mark.parametrize("gpu_code", ["sm_37", "sm_50", "sm_61", "sm_70", "sm_72", "sm_76", "sm_999"])
+def test_gpu_code_cuda_13_cannot_target_is_refused(gpu_code: str) -> None:
+    # GIVEN a TargetPlatform LINUX/X86_64/NVIDIA job whose gpu-code CUDA 13 cannot compile for
+    request = request_for("ONNX", '{"data": [1, 3, 224, 224]}', platform={
+        "Os": "LINUX", "Arch": "X86_64", "Accelerator": "NVIDIA"}, options=f'{{"gpu-code": "{gpu_code}"}}')
+    # WHEN the rules run
+    message = refused(request)
+    # THEN the error names the option, its member and the architectures that remain
+    assert f"Value '{gpu_code}' of 'gpu-code' at 'outputConfig.compilerOptions'" in message
+    assert "sm_75, sm_80, sm_86" in message
+
+
+def test_the_reference_jetson_tx2_platform_example_is_refused() -> None:
+    # GIVEN the reference's Jetson TX2 TargetPlatform example (LINUX/ARM64/NVIDIA, gpu-code sm_62, CUDA 10.0)
+    request = request_for("ONNX", '{"data": [1, 3, 224, 224]}', platform={
+        "Os": "LINUX", "Arch": "ARM64", "Accelerator": "NVIDIA"},
+        options="{'gpu-code': 'sm_62', 'trt-ver': '6.0.1', 'cuda-ver': '10.0'}")
+    # WHEN the rules run / THEN it is refused: TVM 0.27's CUDA 13 cannot build kernels for a Pascal GPU
+    assert "Value 'sm_62' of 'gpu-code' at 'outputConfig.compilerOptions'" in refused(request)
+
+
+def test_the_compiler_refuses_an_unrunnable_gpu_code_as_the_api_does() -> None:
+    # GIVEN the CompilerOptions string of an sm_70 job, as the compiler reads it
+    target = CATALOG.platform("LINUX", "X86_64", "NVIDIA")
+    # WHEN the compiler parses it / THEN the same rule refuses it (a ClientError there, not a late NVRTC failure)
+    with pytest.raises(rules.RuleError, match="sm_70") as info:
+        rules.parse_compiler_options('{"gpu-code": "sm_70"}', target)
+    assert info.value.member == "outputConfig.compilerOptions"
 
 
 def test_coreml_accepts_only_class_labels() -> None:
@@ -272,11 +337,19 @@ def test_allow_pickle_is_accepted_for_tree_frameworks() -> None:
     assert rules.check_create(request, CATALOG).name == "ml_c4"
 
 
+def test_bf16_is_refused_for_tree_models() -> None:
+    # GIVEN an XGBOOST job asking for bf16 on a CPU that has it
+    request = request_for("XGBOOST", None, device="ml_c5", options='{"precision": "bf16", "mcpu": "znver4"}')
+    # WHEN the rules run  THEN it is refused naming the member: trees have no convolutions to run in bf16
+    message = refused(request)
+    assert "outputConfig.compilerOptions" in message and "not XGBOOST tree models" in message
+
+
 # -- TargetPlatform examples of the reference -------------------------------------------------------------
 @pytest.mark.parametrize(("platform", "options", "target"), [
     ({"Os": "LINUX", "Arch": "ARM_EABIHF"}, "{'mattr': ['+neon']}", "LINUX_ARM_EABIHF"),
     ({"Os": "LINUX", "Arch": "ARM64", "Accelerator": "NVIDIA"},
-     "{'gpu-code': 'sm_62', 'trt-ver': '6.0.1', 'cuda-ver': '10.0'}", "LINUX_ARM64_NVIDIA"),
+     "{'gpu-code': 'sm_87', 'trt-ver': '10.3', 'cuda-ver': '13.0'}", "LINUX_ARM64_NVIDIA"),
     ({"Os": "LINUX", "Arch": "X86_64"}, "{'mcpu': 'skylake-avx512'}", "LINUX_X86_64"),
     ({"Os": "LINUX", "Arch": "ARM64"}, None, "LINUX_ARM64"),
 ])
@@ -324,7 +397,7 @@ def test_unsupported_devices_are_refused_naming_target_and_supported(device: str
 
 @pytest.mark.parametrize(("framework", "device"), [
     ("ONNX", "coreml"), ("TFLITE", "coreml"), ("XGBOOST", "coreml"),
-    ("XGBOOST", "ml_p3"), ("SKLEARN", "jetson_nano"),
+    ("XGBOOST", "ml_g4dn"), ("SKLEARN", "ml_g4dn"),
 ])
 def test_framework_target_pairs_that_cannot_compile_are_refused(framework: str, device: str) -> None:
     # GIVEN a framework the target cannot compile (CoreML converts TF/Keras/PyTorch; GPUs run neural nets)

@@ -70,7 +70,9 @@ def compile(request: CompileRequest) -> BuildResult:
     with request.stage("build"):
         try:
             compiled = compile_relax(model.mod, tvm_target, host=host, tuning=options.tuning,
-                                     database=request.tuning_database, deadline=request.deadline)
+                                     database=request.tuning_database, deadline=request.deadline,
+                                     precision=options.precision)
+            precision = _deviation(model, compiled.executable, tvm_target) if options.precision != "fp32" else None
         except ClientError:
             raise
         except Exception as exc:
@@ -89,4 +91,17 @@ def compile(request: CompileRequest) -> BuildResult:
             log.exception("export_library failed")
             raise ServerError(f"linking the compiled model for {target.name} failed: {first_line(exc)}") from None
     return BuildResult(model=model, files=[lib], library=lib.name, runtime="tvm-relax-vm", tvm_target=tvm_target,
-                       isa=needs, tuning=dict(compiled.summary), unscheduled=list(compiled.unscheduled))
+                       isa=needs, tuning=dict(compiled.summary), unscheduled=list(compiled.unscheduled),
+                       precision=precision)
+
+
+def _deviation(model: Any, executable: Any, tvm_target: dict[str, Any]) -> dict[str, Any]:
+    """The reduced-precision build's deviation from an fp32 build of the same model (ADR 0022)."""
+    from ..pipeline import compile_relax
+    from . import deviation
+
+    reason = deviation.why_not_here(tvm_target)
+    if reason:
+        return deviation.not_measured("bf16", reason)
+    reference = compile_relax(model.mod, tvm_target)
+    return deviation.measure(model, executable, reference.executable, "bf16")

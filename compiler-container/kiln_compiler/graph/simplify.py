@@ -102,33 +102,24 @@ class _DivideByConstant(PyExprMutator):
         return relax.op.multiply(call.args[0], relax.const((1.0 / value).astype(value.dtype)))
 
 
-@tvm.transform.module_pass(opt_level=0, name="KilnSumOfStackToAdd")
-class SumOfStackToAdd:
-    """``sum(stack([a, b, ...]), axis=0)`` -> ``a + b + ...`` (broadcasts to the same shape dropped)."""
+def _rewrite_pass(rewriter: type[PyExprMutator], name: str, doc: str) -> Any:
+    """A module pass class (instantiate it to get the pass) that runs ``rewriter`` over every function."""
 
-    def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        return rewrite_functions(mod, _SumOfStack(mod))
+    class _Pass:
+        def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+            return rewrite_functions(mod, rewriter(mod))
 
-
-@tvm.transform.module_pass(opt_level=0, name="KilnRemoveInferenceDropout")
-class RemoveInferenceDropout:
-    """``dropout(x)[0]`` -> ``x``."""
-
-    def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        return rewrite_functions(mod, _InferenceDropout(mod))
+    _Pass.__doc__ = doc
+    return tvm.transform.module_pass(opt_level=0, name=name)(_Pass)
 
 
-@tvm.transform.module_pass(opt_level=0, name="KilnConstantsToFullRank")
-class ConstantsToFullRank:
-    """Lower-rank constant operands of binary elementwise ops reshaped to the result's rank."""
-
-    def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        return rewrite_functions(mod, _FullRankConstants(mod))
-
-
-@tvm.transform.module_pass(opt_level=0, name="KilnDivideByConstantToMultiply")
-class DivideByConstantToMultiply:
-    """``x / c`` -> ``x * (1/c)`` for a floating-point constant ``c`` with no zeros."""
-
-    def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        return rewrite_functions(mod, _DivideByConstant(mod))
+SumOfStackToAdd = _rewrite_pass(
+    _SumOfStack, "KilnSumOfStackToAdd",
+    "``sum(stack([a, b, ...]), axis=0)`` -> ``a + b + ...`` (broadcasts to the same shape dropped).")
+RemoveInferenceDropout = _rewrite_pass(_InferenceDropout, "KilnRemoveInferenceDropout", "``dropout(x)[0]`` -> ``x``.")
+ConstantsToFullRank = _rewrite_pass(
+    _FullRankConstants, "KilnConstantsToFullRank",
+    "Lower-rank constant operands of binary elementwise ops reshaped to the result's rank.")
+DivideByConstantToMultiply = _rewrite_pass(
+    _DivideByConstant, "KilnDivideByConstantToMultiply",
+    "``x / c`` -> ``x * (1/c)`` for a floating-point constant ``c`` with no zeros.")

@@ -18,6 +18,7 @@ import logging
 import tarfile
 import threading
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -172,6 +173,8 @@ class ConsoleApp:
         order = args.get("order", "Descending")
         size = args.get("max", "20")
         token = args.get("token", "")
+        # NextToken only goes forward: the tokens of the pages before this one travel in the URL
+        trail = args.getlist("back")
         query: dict[str, Any] = {"SortBy": sort, "SortOrder": order, "MaxResults": _int_or_text(size)}
         if status:
             query["StatusEquals"] = status
@@ -184,13 +187,22 @@ class ConsoleApp:
         try:
             listed = self.api.list_compilation_jobs(**query)
             next_token = listed.get("NextToken")
-            rows = [self._row(summary) for summary in listed.get("CompilationJobSummaries", [])]
+            summaries = listed.get("CompilationJobSummaries", [])
+            # one DescribeCompilationJob per row (a summary has no framework), made concurrently
+            with ThreadPoolExecutor(max_workers=min(8, max(1, len(summaries)))) as pool:
+                rows = list(pool.map(self._row, summaries))
         except (ClientError, BotoCoreError) as exc:
             error = _message(exc)
-        next_url = f"{PREFIX}?{urlencode({**filters, 'token': next_token})}" if next_token else None
-        first_url = f"{PREFIX}?{urlencode(filters)}" if token else None
+
+        def page_url(page_token: str, back: list[str]) -> str:
+            params = list(filters.items()) + [("back", t) for t in back]
+            return f"{PREFIX}?{urlencode(params + ([('token', page_token)] if page_token else []))}"
+
+        next_url = page_url(next_token, [*trail, token]) if next_token else None
+        previous_url = page_url(trail[-1], trail[:-1]) if token else None
+        first_url = f"{PREFIX}?{urlencode(filters)}" if token and trail else None
         return self._render("jobs.html", rows=rows, filters=filters, error=error, next_url=next_url,
-                            first_url=first_url, sort_keys=SORT_KEYS, page_sizes=PAGE_SIZES,
+                            previous_url=previous_url, first_url=first_url, sort_keys=SORT_KEYS, page_sizes=PAGE_SIZES,
                             flash=args.get("flash"), title="Compilation jobs")
 
     def _row(self, summary: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,203 @@
+"""bf16 x bf16 -> fp32 convolutions on AVX512-BF16: ``vdpbf16ps`` by tensorization (16 x 2 dot products).
+
+The NHWC/HWIO convolution with bf16 data and weights and an fp32 result (``kiln_compiler.graph.bf16``)
+is blocked as 16 output channels x 2 input channels: the weights are re-packed at compile time to
+``[oc/16, kh, kw, ic/2, 16, 2]`` (a layout rewrite folded like the fp32 kernels' weights), and each
+step of the reduction is one ``vdpbf16ps``: a pair of input values broadcast to 16 lanes against a
+64-byte weight block, 32 products summed pairwise into 16 fp32 accumulators, twice the work of an
+fp32 FMA. The register tile (rh x rw output pixels x 1-2 vectors of channels) and the loop order
+come from the fp32 schedule's throughput model (``schedules.cpu``): a reduction step issues the same
+loads per accumulator update. The fp32 epilogue (bias, batch norm, residual add, relu, and the cast
+of the result to bf16 for the next convolution) is inlined into the tile's write-back. Kernels that
+do not fit keep Kiln's default schedule.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import tvm
+from kiln.isa import VectorUnit
+from tvm import tirx
+from tvm.s_tir import Schedule
+
+from ..graph.bf16 import BF16_BLOCK_IC, BF16_BLOCK_OC
+from .cpu import _channel_tiles_outermost, _pick_factor, _register_budget, _tile_rate, inline_epilogues
+from .tir import COMM_REDUCE, DATA_PAR, has_root, is_scheduled, iter_extents, reduction_blocks, writes_output
+
+log = logging.getLogger(__name__)
+
+BF16_INTRIN = "kiln_dot_16x2_bf16"
+
+
+# vdpbf16ps as an LLVM function the tensorized kernels call (linked into each kernel's module by
+# "pragma_import_llvm" and always inlined). Why not ``call_llvm_pure_intrin``: the intrinsic takes
+# <32 x bfloat> operands, and TVM 0.27 has no LLVM bfloat values (BF16ComputeLegalize widens every
+# bf16 expression to fp32, BF16StorageLegalize stores bf16 as uint16, and its LLVM codegen crashes on
+# a bfloat16 vector); the kernel passes the bf16 pairs as <16 x i32> and the bitcast happens here.
+DPBF16PS = "kiln_dpbf16ps"
+_DPBF16PS_LLVM = f"""
+declare <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float>, <32 x bfloat>, <32 x bfloat>)
+define linkonce_odr <16 x float> @{DPBF16PS}(<16 x float> %acc, <16 x i32> %pairs, <16 x i32> %weights) alwaysinline {{
+  %a = bitcast <16 x i32> %pairs to <32 x bfloat>
+  %b = bitcast <16 x i32> %weights to <32 x bfloat>
+  %r = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %acc, <32 x bfloat> %a, <32 x bfloat> %b)
+  ret <16 x float> %r
+}}
+"""
+
+
+def _register_bf16_intrin() -> None:
+    """Register Kiln's ``vdpbf16ps`` intrinsic once (TVM 0.27 ships none for AVX512-BF16)."""
+    from tvm.s_tir import TensorIntrin
+    from tvm.script import tirx as T
+
+    if TensorIntrin.get(BF16_INTRIN, allow_missing=True) is not None:
+        return
+
+    # TVMScript: the annotations are buffer declarations, not types (hence the type: ignores)
+    @T.prim_func(s_tir=True)
+    def desc(a: T.Buffer((2,), "bfloat16", offset_factor=2), b: T.Buffer((16, 2), "bfloat16", offset_factor=2),  # type: ignore[valid-type]
+             c: T.Buffer((16,), "float32", offset_factor=1, scope="local")) -> None:  # type: ignore[valid-type]
+        with T.sblock("root"):
+            T.reads(c[0:16], a[0:2], b[0:16, 0:2])
+            T.writes(c[0:16])
+            for i in T.serial(0, 16):
+                for k in T.serial(0, 2):
+                    with T.sblock("update"):
+                        vi, vk = T.axis.remap("SR", [i, k])
+                        c[vi] = c[vi] + T.cast(a[vk], "float32") * T.cast(b[vi, vk], "float32")
+
+    @T.prim_func(s_tir=True)
+    def impl(a: T.Buffer((2,), "bfloat16", offset_factor=2), b: T.Buffer((16, 2), "bfloat16", offset_factor=2),  # type: ignore[valid-type]
+             c: T.Buffer((16,), "float32", offset_factor=1, scope="local")) -> None:  # type: ignore[valid-type]
+        with T.sblock("root"):
+            T.reads(c[0:16], a[0:2], b[0:16, 0:2])
+            T.writes(c[0:16])
+            # the bf16 pairs read as int32 words: no bf16 expression for the legalizers to widen
+            pair = T.decl_buffer((1,), "int32", data=a.data, elem_offset=a.elem_offset // 2)
+            pairs = T.decl_buffer((16,), "int32", data=b.data, elem_offset=b.elem_offset // 2)
+            c[T.ramp(T.int32(0), 1, 16)] = T.call_extern(
+                "float32x16", DPBF16PS, c.vload([0], dtype="float32x16"), T.broadcast(pair[0], 16),
+                pairs.vload([0], dtype="int32x16"))
+
+    TensorIntrin.register(BF16_INTRIN, desc, impl)
+
+
+def _tile(height: int, width: int, channels: int, vector: VectorUnit) -> tuple[int, int, int]:
+    """(vectors of 16 channels, rh, rw): the register tile the fp32 throughput model scores best."""
+    best: tuple[float, int, int, int] | None = None
+    for n_vectors in (2, 1):
+        if channels % (n_vectors * BF16_BLOCK_OC):
+            continue
+        limit = max(1, _register_budget(vector, n_vectors) // n_vectors)
+        rw = _pick_factor(width, limit)
+        rh = _pick_factor(height, max(1, limit // rw))
+        score = _tile_rate(rh * rw, n_vectors, n_vectors * BF16_BLOCK_OC)
+        if best is None or score > best[0]:
+            best = (score, n_vectors, rh, rw)
+    assert best is not None  # channels are a multiple of the block (checked by the caller)
+    return best[1], best[2], best[3]
+
+
+def schedule_bf16_conv(func: tirx.PrimFunc, vector: VectorUnit) -> tirx.PrimFunc | None:
+    """The ``vdpbf16ps`` schedule of a fused bf16 x bf16 -> fp32 NHWC convolution kernel, or None."""
+    # the intrinsic's description indexes with int32: Relax legalizes with int64 shapes
+    func = tirx.transform.ForceNarrowIndexToInt32()(tvm.IRModule({"main": func}))["main"]
+    sch = Schedule(func)
+    if not has_root(sch):
+        return None
+    root = sch.get_sblock("root")
+    blocks = sch.get_child_blocks(root)
+    reductions = reduction_blocks(sch, blocks)
+    if len(reductions) != 1:
+        return None
+    block = reductions[0]
+    stmt = sch.get(block)
+    extents = iter_extents(stmt)
+    kinds = [iv.iter_type for iv in stmt.iter_vars]
+    if extents is None or kinds != [DATA_PAR] * 4 + [COMM_REDUCE] * 3 or len(stmt.reads) != 2:
+        return None
+    data, weight = stmt.reads[0].source, stmt.reads[1].source
+    if (str(data.dtype), str(weight.dtype), str(stmt.writes[0].source.dtype)) != ("bfloat16", "bfloat16", "float32"):
+        return None
+    _, height, width, channels, _, _, in_channels = extents
+    if channels % BF16_BLOCK_OC or in_channels % BF16_BLOCK_IC or len(weight.shape) != 4:
+        return None
+    _register_bf16_intrin()
+    n_vectors, rh, rw = _tile(height, width, channels, vector)
+
+    # the padded bf16 input stays materialised (vdpbf16ps broadcasts 4 bytes of it), in parallel
+    for blk in blocks:
+        if not blk.same_as(block) and not writes_output(sch, blk) and \
+                any(c.same_as(block) for c in sch.get_consumers(blk)):
+            loops = sch.get_loops(blk)
+            sch.parallel(sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0])
+    # weights [kh, kw, ic, oc] -> [oc/16, kh, kw, ic/2, 16, 2], re-packed once at compile time
+    cached = sch.cache_read(block, 1, "global")
+    sch.transform_layout(block, ("read", 1),
+                         lambda kh, kw, ic, oc: (oc // BF16_BLOCK_OC, kh, kw, ic // BF16_BLOCK_IC,
+                                                 oc % BF16_BLOCK_OC, ic % BF16_BLOCK_IC))
+    sch.annotate(cached, "meta_schedule.layout_rewrite_preproc", True)
+
+    # "global": the intrinsic describes its accumulator in the global scope
+    write_back = sch.cache_write(block, 0, "local")
+    inline_epilogues(sch, block, write_back)
+
+    n, h, w, oc, kh, kw, ic = sch.get_loops(block)
+    ho, hi = sch.split(h, [None, rh])
+    wo, wi = sch.split(w, [None, rw])
+    oco, ocv, oci = sch.split(oc, [None, n_vectors, BF16_BLOCK_OC])
+    ico, ici = sch.split(ic, [None, BF16_BLOCK_IC])
+    reads_with_channels = [stmt.reads[1]]
+    if _channel_tiles_outermost(stmt, reads_with_channels, channels // (n_vectors * BF16_BLOCK_OC),
+                                (height // rh) * (width // rw)):
+        outer = [n, oco, ho, wo]
+    else:
+        outer = [n, ho, wo, oco]
+    sch.reorder(*outer, kh, kw, ico, hi, wi, ocv, oci, ici)
+    fused = sch.fuse(*outer)
+    sch.reverse_compute_at(write_back, fused)
+    wb_loops = sch.get_loops(write_back)[1:]
+    if wb_loops:
+        sch.vectorize(wb_loops[-1])
+    sch.parallel(fused)
+    sch.annotate(fused, "pragma_import_llvm", _DPBF16PS_LLVM)
+    sch.decompose_reduction(block, kh)
+    for loop in (hi, wi, ocv):
+        sch.unroll(loop)
+    sch.tensorize(oci, BF16_INTRIN)
+    # what is left at the root (elementwise consumers that could not be inlined) runs in parallel
+    for blk in sch.get_child_blocks(root):
+        loops = sch.get_loops(blk)
+        if loops and all(sch.get(lp).kind == tirx.ForKind.SERIAL for lp in loops):
+            sch.parallel(loops[0])
+    result: tirx.PrimFunc = sch.mod["main"]
+    return result
+
+
+@tvm.transform.module_pass(opt_level=0, name="KilnBF16ConvSchedule")
+class BF16ConvSchedule:
+    """Schedule every unscheduled bf16 x bf16 -> fp32 convolution kernel with ``vdpbf16ps`` (AVX512-BF16)."""
+
+    def __init__(self, vector: VectorUnit) -> None:
+        self.vector = vector
+        self.scheduled: list[str] = []
+
+    def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        updates: dict[Any, tirx.PrimFunc] = {}
+        for gv, func in mod.functions_items():
+            if not isinstance(func, tirx.PrimFunc) or is_scheduled(func):
+                continue
+            try:
+                new = schedule_bf16_conv(func, self.vector)
+            except Exception as exc:  # a kernel the blocking does not fit keeps the default schedule
+                log.debug("bf16 schedule failed for %s: %s", gv.name_hint, exc)
+                continue
+            if new is not None:
+                updates[gv] = new.with_attr("tirx.is_scheduled", True)
+                self.scheduled.append(gv.name_hint)
+        for gv, func in updates.items():
+            mod[gv] = func
+        return mod
