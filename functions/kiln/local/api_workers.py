@@ -114,8 +114,12 @@ def serve(spec: WorkerSpec, ready: Any) -> None:
         output_prefix=f"s3://{outputs['ArtifactBucket']}/")))
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
-    threading.Thread(target=lambda: (sys.stdin.buffer.read(), done.set()), name="kiln-api-parent",
-                     daemon=True).start()
+
+    def until_parent_closes_stdin() -> None:
+        sys.stdin.buffer.read()
+        done.set()
+
+    threading.Thread(target=until_parent_closes_stdin, name="kiln-api-parent", daemon=True).start()
     server.start()
     ready.write(READY + b"\n")
     ready.flush()

@@ -227,7 +227,7 @@ def patch_server_module_list() -> None:
     def list_of_moto_modules() -> Iterator[str]:
         return iter(modules)
 
-    backends.list_of_moto_modules = list_of_moto_modules  # type: ignore[assignment]
+    backends.list_of_moto_modules = list_of_moto_modules
     _applied.add("module_list")
 
 
@@ -369,7 +369,7 @@ def patch_dynamodb_transaction_snapshots() -> None:
         return copy.deepcopy(value, memo)
 
     # moto.dynamodb.models calls copy.deepcopy through its module global ``copy``: only it sees this.
-    dynamodb_models.copy = types.SimpleNamespace(**{**vars(copy), "deepcopy": deepcopy})  # type: ignore[attr-defined]
+    dynamodb_models.copy = types.SimpleNamespace(**{**vars(copy), "deepcopy": deepcopy})  # type: ignore[assignment]
     original = DynamoDBBackend.transact_write_items
     _originals["dynamodb_transact_snapshots"] = original
 
@@ -378,7 +378,9 @@ def patch_dynamodb_transaction_snapshots() -> None:
         for entry in transact_items:
             for op_type, op in entry.items():
                 table = self.tables.get(op.get("TableName")) if isinstance(op, dict) else None
-                key = (op.get("Item") if op_type == "Put" else op.get("Key")) if table is not None else None
+                if table is None:
+                    continue
+                key = op.get("Item") if op_type == "Put" else op.get("Key")
                 if not key or table.hash_key_attr not in key:
                     continue  # moto reports the malformed item itself
                 range_raw = key.get(table.range_key_attr) if table.range_key_attr else None
@@ -386,7 +388,7 @@ def patch_dynamodb_transaction_snapshots() -> None:
                     (DynamoType(key[table.hash_key_attr]), DynamoType(range_raw) if range_raw else None))
         named.keys = keys
         try:
-            return original(self, transact_items)  # type: ignore[no-any-return]
+            original(self, transact_items)
         finally:
             del named.keys
 
