@@ -1,11 +1,14 @@
-"""Reduced-precision bench: Kiln int8 vs Kiln fp32 vs ONNX Runtime fp32 and int8 (the same QDQ model).
+"""Reduced-precision bench: Kiln int8 vs Kiln fp32 vs ONNX Runtime fp32 and int8 (the same QDQ model) vs OpenVINO.
 
 Usage: .venv/bin/python bench/int8.py [--models squeezenet,...] [--threads 2] [--rounds 3] [--runs 20]
        [--target ml_c5] [--options '{"mcpu": "znver4"}']
 The QDQ model is onnxruntime's ``quantize_static`` of the light model (per-channel s8 weights, u8
 activations, kiln_compiler.samples.quantize_qdq). Subjects run interleaved, round after round
 (median of ``runs`` calls each), so load on a shared machine hits them alike; prints each subject's
-median per round and the range over rounds.
+median per round and the range over rounds. OpenVINO runs the fp32 model with its default precision
+(bf16 on CPUs that have it), ``INFERENCE_NUM_THREADS`` = ``threads``. ``--cpu-time`` (with
+``--threads 1``) times the calling thread's CPU time instead of wall time: on a shared host it leaves
+out the time the thread waited for a core.
 """
 
 from __future__ import annotations
@@ -19,14 +22,16 @@ from pathlib import Path
 
 import numpy as np
 
+_CLOCK = [time.perf_counter]
+
 
 def _median_ms(fn: Callable[[], object], runs: int) -> float:
     fn()
     times = []
     for _ in range(runs):
-        t = time.perf_counter()
+        t = _CLOCK[0]()
         fn()
-        times.append(time.perf_counter() - t)
+        times.append(_CLOCK[0]() - t)
     return float(np.median(times) * 1e3)
 
 
@@ -50,7 +55,11 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--target", default="ml_c5", help="catalog target the Kiln artifacts are built for")
     parser.add_argument("--options", default=None, help='CompilerOptions, e.g. \'{"mcpu": "znver4"}\' for VNNI')
+    parser.add_argument("--cpu-time", action="store_true", help="thread CPU time (use with --threads 1)")
+    parser.add_argument("--no-openvino", action="store_true")
     args = parser.parse_args()
+    if args.cpu_time:
+        _CLOCK[0] = time.thread_time
     os.environ["TVM_NUM_THREADS"] = str(args.threads)  # read by the TVM runtime at its first parallel call
     import onnx
     import onnxruntime as ort
@@ -74,6 +83,13 @@ def main() -> None:
                 opts.intra_op_num_threads, opts.inter_op_num_threads = args.threads, 1
                 sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
                 subjects[f"ort {label}"] = lambda sess=sess, x=x: sess.run(None, x)
+            if not args.no_openvino:
+                import openvino as ov
+
+                compiled = ov.Core().compile_model(str(work / "fp32" / "model.onnx"), "CPU",
+                                                   {"INFERENCE_NUM_THREADS": args.threads})
+                request = compiled.create_infer_request()
+                subjects["openvino default"] = lambda request=request, x=x: request.infer(x)
             rounds: dict[str, list[float]] = {k: [] for k in subjects}
             for _ in range(args.rounds):
                 for label, fn in subjects.items():

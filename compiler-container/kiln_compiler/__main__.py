@@ -14,9 +14,11 @@ from pathlib import Path
 from . import faults
 from .aws import Reporter
 from .errors import ABORTED_EXIT_CODE, CompilationError, scrub_paths
-from .job import CompilerSettings, JobSpec, run_job
+from .job import SHARD_ENV, CompilerSettings, JobSpec, run_job
+from .options import Shard
 
 log = logging.getLogger("kiln_compiler")
+RUNTIME_EXCEEDED_ERROR = "Kiln.MaxRuntimeExceeded"  # kiln.workflow reads it; the cause is the FailureReason
 
 
 def _abort(code: str) -> None:
@@ -38,7 +40,8 @@ def _start_runtime_watchdog(reporter: Reporter, raw_job: str) -> None:
     def expire() -> None:
         reason = f"ClientError: the compilation exceeded MaxRuntimeInSeconds ({seconds} s)"
         log.error(reason)
-        reporter.failure("ClientError", reason)
+        # its own error name: a tuning worker past the limit ends the whole job (the workflow's Map state)
+        reporter.failure(RUNTIME_EXCEEDED_ERROR, reason)
         sys.stderr.flush()
         os._exit(1)
 
@@ -59,7 +62,7 @@ def main() -> int:
     logging.basicConfig(level=os.environ.get("KILN_LOG_LEVEL", "INFO"), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))
-    faults.install(os.environ.get(faults.ENV))  # TEST-ONLY: never set in a deployment
+    faults.install(os.environ.get(faults.ENV), os.environ.get(SHARD_ENV))  # TEST-ONLY: never set in a deployment
     reporter = Reporter(os.environ.get("KILN_TASK_TOKEN") or None,
                         float(os.environ.get("KILN_HEARTBEAT_SECONDS", "10")), _abort)
     reporter.start()
@@ -68,8 +71,10 @@ def main() -> int:
     work: str | None = None
     try:
         spec = JobSpec.parse(os.environ.get("KILN_JOB", ""))
+        # a tuning worker of a fanned-out job (the workflow's Map state sets it, ADR 0023)
+        shard = Shard.parse(os.environ[SHARD_ENV]) if os.environ.get(SHARD_ENV) else None
         with tempfile.TemporaryDirectory(prefix="kiln-", dir=base) as work:
-            output = run_job(spec, Path(work), settings=CompilerSettings.from_env(os.environ))
+            output = run_job(spec, Path(work), settings=CompilerSettings.from_env(os.environ), shard=shard)
     except CompilationError as exc:
         log.error("job failed: %s", exc.reason)
         if exc.__cause__ or exc.__context__:

@@ -74,10 +74,22 @@ def download(session: boto3.Session, uri: str, dest: Path) -> Path:
     return dest
 
 
-def upload(session: boto3.Session, path: Path, uri: str, kms_key_id: str | None) -> None:
+def download_if_present(session: boto3.Session, uri: str, dest: Path) -> bool:
+    """Download ``uri`` to ``dest`` if it exists and may be read; False otherwise (the reason is logged)."""
+    bucket, key = split_s3_uri(uri)
+    try:
+        session.client("s3").download_file(bucket, key, str(dest))
+    except (BotoClientError, BotoCoreError, RetriesExceededError) as exc:
+        log.info("not downloaded: %s (%s)", uri, exc)
+        return False
+    return True
+
+
+def upload(session: boto3.Session, path: Path, uri: str, kms_key_id: str | None,
+           content_type: str = "application/gzip") -> None:
     """Upload the artifact; SSE-KMS with ``kms_key_id`` when given."""
     bucket, key = split_s3_uri(uri)
-    extra: dict[str, str] = {"ContentType": "application/gzip"}
+    extra: dict[str, str] = {"ContentType": content_type}
     if kms_key_id:
         extra.update(ServerSideEncryption="aws:kms", SSEKMSKeyId=kms_key_id)
     try:

@@ -20,9 +20,9 @@ from .errors import ClientError
 from .options import CompilerOptions
 
 if TYPE_CHECKING:
-    from .tuning import TuningDatabase
+    from .tuning import Shard, TuningDatabase
 
-__all__ = ["BuildResult", "compile_model"]
+__all__ = ["BuildResult", "compile_model", "tune_model"]
 
 
 def compile_model(model_dir: Path, framework: str, target: Target, options: CompilerOptions, *,
@@ -47,3 +47,22 @@ def compile_model(model_dir: Path, framework: str, target: Target, options: Comp
                                           out_dir=out_dir, data_input_config=data_input_config,
                                           tuning_database=tuning_database, deadline=deadline,
                                           stage=stage or (lambda _name: contextlib.nullcontext())))
+
+
+def tune_model(model_dir: Path, framework: str, target: Target, options: CompilerOptions, *, shard: Shard,
+               tuning_database: TuningDatabase, data_input_config: str | None = None, deadline: float | None = None,
+               stage: Callable[[str], AbstractContextManager[object]] | None = None) -> dict[str, int]:
+    """Tuning worker ``shard`` of a fanned-out job (ADR 0023): its share of the kernels tuned into
+    ``tuning_database`` within ``options.tuning``, nothing built. Only TVM CPU builds are tuned (``kiln.rules``
+    refuses workers for the rest); returns ``{"kernels", "tuned", "reused"}``."""
+    from .backends import tvm as tvm_backend
+
+    framework = framework.upper()
+    try:
+        rules.check_framework_target(framework, target)
+    except rules.RuleError as exc:
+        raise ClientError(exc.message) from None
+    return tvm_backend.tune(CompileRequest(model_dir=model_dir, framework=framework, target=target, options=options,
+                                           out_dir=model_dir.parent / "build", data_input_config=data_input_config,
+                                           tuning_database=tuning_database, deadline=deadline,
+                                           stage=stage or (lambda _name: contextlib.nullcontext())), shard)

@@ -6,8 +6,9 @@ fault-injection test asks (``LocalContainerRunner.faults``, tests/workflow/test_
 Unset, :func:`install` does nothing and :func:`enter_stage` returns at once.
 
 ``KILN_FAULT`` holds faults separated by ``,``, each ``KIND[=ARG]@STAGE[*COUNT]``; STAGE is one
-of the job's stages (credentials, download, unpack, load, build, package, upload) and the fault
-fires when that stage starts:
+of the job's stages (credentials, download, unpack, load, build, package, upload; a tuning worker's
+tune, a fanned-out build's gather) and the fault fires when that stage starts. ``tune.I`` fires only
+in tuning worker I of the job (``KILN_TUNING_SHARD=I/N``; ``crash@tune.2`` kills worker 2 alone):
 
 - ``crash@build``: SIGKILL the process (what the out-of-memory killer does; ECS reports exit 137)
 - ``exit=137@build``: exit with that code without reporting (``exit=0``: a silent clean exit)
@@ -36,7 +37,7 @@ log = logging.getLogger(__name__)
 
 Kind = Literal["crash", "exit", "hang", "oom", "garbage", "s3"]
 KINDS: tuple[str, ...] = ("crash", "exit", "hang", "oom", "garbage", "s3")
-STAGES = ("credentials", "download", "unpack", "load", "build", "package", "upload")
+STAGES = ("credentials", "download", "unpack", "load", "tune", "gather", "build", "package", "upload")
 ENV = "KILN_FAULT"
 
 
@@ -57,7 +58,10 @@ class Fault:
         kind, _, arg = head.partition("=")
         if kind not in KINDS:
             raise ValueError(f"{ENV}: unknown fault kind {kind!r} (one of {', '.join(KINDS)})")
-        if stage not in STAGES:
+        base, dot, worker = stage.partition(".")
+        if dot and not (base == "tune" and worker.isdigit() and int(worker) >= 1):
+            raise ValueError(f"{ENV}: a worker's stage is tune.I with I a worker number from 1, not {stage!r}")
+        if base not in STAGES:
             raise ValueError(f"{ENV}: unknown stage {stage!r} (one of {', '.join(STAGES)})")
         if kind == "s3" and ":" not in arg:
             raise ValueError(f"{ENV}: s3 faults need =CODE:STATUS, e.g. s3=SlowDown:503@download")
@@ -67,8 +71,9 @@ class Fault:
 class _Plan:
     """The faults of this process and the stage it is in."""
 
-    def __init__(self, faults: list[Fault]) -> None:
+    def __init__(self, faults: list[Fault], worker: str = "") -> None:
         self.faults = faults
+        self.worker = worker  # this process's tuning worker number ("" when it is no tuning worker)
         self.stage = ""
         self._lock = threading.Lock()
 
@@ -86,13 +91,14 @@ class _Plan:
 _plan: _Plan | None = None
 
 
-def install(spec: str | None) -> None:
-    """Read ``KILN_FAULT`` (test-only); hook botocore for S3 faults. A no-op when unset."""
+def install(spec: str | None, shard: str | None = None) -> None:
+    """Read ``KILN_FAULT`` (test-only; ``shard``: this process's ``KILN_TUNING_SHARD``); hook botocore for
+    S3 faults. A no-op when unset."""
     global _plan
     if not spec:
         return
     faults = [Fault.parse(part) for part in spec.split(",") if part.strip()]
-    _plan = _Plan(faults)
+    _plan = _Plan(faults, worker=(shard or "").partition("/")[0])
     log.warning("TEST-ONLY fault injection active: %s", spec)
     if any(f.kind == "s3" for f in faults):
         _hook_botocore()
@@ -104,7 +110,8 @@ def enter_stage(stage: str) -> None:
         return
     _plan.stage = stage
     for fault in _plan.faults:
-        if fault.stage == stage and fault.kind != "s3" and _plan.take(fault):
+        here = fault.stage == stage or (_plan.worker and fault.stage == f"{stage}.{_plan.worker}")
+        if here and fault.kind != "s3" and _plan.take(fault):
             log.warning("fault %s@%s fires", fault.kind, stage)
             _fire(fault)
 

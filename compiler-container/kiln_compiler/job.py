@@ -4,20 +4,21 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kiln.catalog import TargetCatalog, UnsupportedTargetError
 
-from . import aws, faults, profile
+from . import accuracy, aws, faults, profile
 from .archive import safe_extract
-from .compile import compile_model
+from .compile import compile_model, tune_model
 from .errors import ClientError
-from .options import CompilerOptions
+from .options import CompilerOptions, Shard
 from .package import artifact_name, package
 from .profile import ProfileSettings
 
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 UPLOAD_MARGIN_S = 60.0  # time kept back from MaxRuntimeInSeconds for packaging and upload
+SHARD_ENV = "KILN_TUNING_SHARD"  # "i/N": this container is tuning worker i of N (set by the workflow's Map state)
 
 
 @dataclass
@@ -113,12 +115,67 @@ def open_tuning_database(location: str | None, work_dir: Path) -> TuningDatabase
         return None
 
 
+def tuning_prefix(spec: JobSpec) -> str:
+    """Where a fanned-out job's tuning workers put their records: under the job's output location, which the
+    job's role may write (Kiln's own role reads no user data); one folder per worker (ADR 0023)."""
+    return f"{spec.output_location}/kiln-tuning/{spec.name}"
+
+
+def _tune_shard(spec: JobSpec, work_dir: Path, shard: Shard, session: Any, target: Any, options: CompilerOptions,
+                settings: CompilerSettings, timer: Timer, deadline: float | None) -> dict[str, Any]:
+    """Tuning worker ``shard``: tune its share of the kernels into a database of its own, seeded with the shared
+    records (so what is known is skipped), and upload it under :func:`tuning_prefix`."""
+    from .tuning import TuningDatabase, shard_prefix
+    from .tuning.database import RECORD_FILES
+
+    own = TuningDatabase(work_dir / "shard-db")
+    shared = open_tuning_database(settings.tuning_database, work_dir)
+    if shared is not None:
+        shared.download()
+        for name in RECORD_FILES:
+            if (shared.local_dir / name).exists():
+                shutil.copyfile(shared.local_dir / name, own.local_dir / name)
+    counts = tune_model(work_dir / "model", spec.framework, target, options, shard=shard, tuning_database=own,
+                        data_input_config=spec.data_input_config, deadline=deadline, stage=timer.stage)
+    own.repair()
+    prefix = shard_prefix(tuning_prefix(spec), shard)
+    with timer.stage("upload"):
+        for name in RECORD_FILES:
+            if (own.local_dir / name).exists():
+                aws.upload(session, own.local_dir / name, f"{prefix}/{name}", spec.kms_key_id,
+                           content_type="application/json")
+    return {"Shard": str(shard), "Status": "COMPLETED", "Kernels": counts.get("kernels", 0),
+            "Tuned": counts.get("tuned", 0), "Records": f"{prefix}/", "Timings": timer.timings}
+
+
+def _gather_shards(spec: JobSpec, work_dir: Path, workers: int, session: Any, database: TuningDatabase) -> None:
+    """The build of a fanned-out job: merge every worker's records into ``database`` (a worker that failed left
+    none: its kernels keep their default schedules)."""
+    from .tuning import TuningDatabase, merge_records, shard_prefix
+    from .tuning.database import RECORD_FILES
+
+    database.download()
+    for index in range(1, workers + 1):
+        shard = Shard(index, workers)
+        local = work_dir / "workers" / shard.name
+        local.mkdir(parents=True, exist_ok=True)
+        prefix = shard_prefix(tuning_prefix(spec), shard)
+        found = [aws.download_if_present(session, f"{prefix}/{name}", local / name) for name in RECORD_FILES]
+        if not any(found):
+            log.warning("tuning worker %s left no records; its kernels build with default schedules", shard)
+            continue
+        worker_db = TuningDatabase(local)
+        worker_db.repair()
+        database.recorded_by_workers |= merge_records(worker_db, database)
+
+
 def run_job(spec: JobSpec, work_dir: Path, *, settings: CompilerSettings = CompilerSettings(),
             session_factory: Callable[[str, str], Any] = aws.assume_job_role,
-            catalog: TargetCatalog | None = None) -> dict[str, Any]:
+            catalog: TargetCatalog | None = None, shard: Shard | None = None) -> dict[str, Any]:
     """Run the job: credentials -> download -> unpack -> compile_model -> package -> upload.
 
-    Returns the success output; raises CompilationError subclasses on failure."""
+    As tuning worker ``shard`` of a fanned-out job: credentials -> download -> unpack -> load -> tune ->
+    upload of its records (ADR 0023). Returns the success output; raises CompilationError subclasses on failure."""
     started = time.monotonic()
     deadline = time.time() + spec.max_runtime_s - UPLOAD_MARGIN_S if spec.max_runtime_s else None
     timer = Timer()
@@ -138,9 +195,27 @@ def run_job(spec: JobSpec, work_dir: Path, *, settings: CompilerSettings = Compi
         archive = aws.download(session, spec.s3_uri, work_dir / "input.tar.gz")
     with timer.stage("unpack"):
         safe_extract(archive, model_dir)
+    if shard is not None:
+        output = _tune_shard(spec, work_dir, shard, session, target, options, settings, timer, deadline)
+        timer.timings["total"] = round(time.monotonic() - started, 3)
+        return output
+    database = open_tuning_database(settings.tuning_database, work_dir)
+    if database is None and options.tuning is not None:  # no shared database: this job's own records
+        from .tuning import TuningDatabase
+
+        database = TuningDatabase(work_dir / "tuning-db")
+    if database is not None and options.tuning is not None and options.tuning.workers > 1:
+        with timer.stage("gather"):
+            _gather_shards(spec, work_dir, options.tuning.workers, session, database)
+        options = replace(options, tuning=None)  # the workers tuned; the build applies what they recorded
     result = compile_model(model_dir, spec.framework, target, options, out_dir=work_dir / "build",
                            data_input_config=spec.data_input_config, deadline=deadline, stage=timer.stage,
-                           tuning_database=open_tuning_database(settings.tuning_database, work_dir))
+                           tuning_database=database)
+    if database is not None and database.recorded_by_workers:
+        try:
+            database.upload()  # the shared database (S3) learns what the workers measured
+        except Exception:
+            log.exception("the merged tuning records could not be shared; the artifact is unaffected")
     if result.unscheduled:
         log.warning("%d kernels kept TVM's unscheduled loops: %s", len(result.unscheduled),
                     ", ".join(result.unscheduled))
@@ -155,9 +230,23 @@ def run_job(spec: JobSpec, work_dir: Path, *, settings: CompilerSettings = Compi
         with timer.stage("profile"):
             return profile.profile_artifact(root, settings.profile, runner=settings.runner, seconds_left=left)
 
+    qdq_file = accuracy.qdq_model_file(model_dir, result.model.framework, result.model.model_files)
+
+    def compare(root: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+        from kiln import runtime
+
+        try:
+            runtime.check_host(manifest)
+        except runtime.IncompatibleHostError as exc:
+            return accuracy.not_measured(f"this runner cannot run the artifact: {exc}")
+        assert qdq_file is not None
+        with timer.stage("accuracy"):
+            return accuracy.agreement(root, qdq_file)
+
     with timer.stage("package"):
         artifact = package(result, target, work_dir / "out" / name, model_dir=model_dir,
-                           job_name=spec.name, labels_name=options.class_labels, profiler=measure)
+                           job_name=spec.name, labels_name=options.class_labels, profiler=measure,
+                           accuracy=compare if qdq_file is not None else None)
     out_uri = f"{spec.output_location}/{name}"
     with timer.stage("upload"):
         aws.upload(session, artifact.path, out_uri, spec.kms_key_id)
@@ -170,5 +259,6 @@ def run_job(spec: JobSpec, work_dir: Path, *, settings: CompilerSettings = Compi
         "Timings": timer.timings,
         "Tuning": result.tuning,
         "Profile": artifact.manifest.get("profile"),
+        "Accuracy": artifact.manifest.get("accuracy"),
         "Precision": artifact.manifest.get("precision"),
     }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +22,33 @@ def _rule(parse: Any, *args: Any) -> Any:
         raise ClientError(exc.message, section=section) from None
 
 
+_SHARD = re.compile(r"([1-9]\d*)/([1-9]\d*)")
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Tuning worker ``index`` of ``count`` (1-based, as the workflow names it: ``"2/3"``)."""
+
+    index: int
+    count: int
+
+    @classmethod
+    def parse(cls, text: str) -> Shard:
+        """``"i/N"`` with 1 <= i <= N; ValueError otherwise (the workflow sets it, so a bad one is Kiln's bug)."""
+        match = _SHARD.fullmatch(text.strip())
+        if not match or int(match.group(1)) > int(match.group(2)):
+            raise ValueError(f"KILN_TUNING_SHARD must be 'i/N' with 1 <= i <= N, got {text!r}")
+        return cls(int(match.group(1)), int(match.group(2)))
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
+    @property
+    def name(self) -> str:
+        """The name of this worker's record folder under the job's tuning prefix."""
+        return f"shard-{self.index}-of-{self.count}"
+
+
 @dataclass(frozen=True)
 class TuningBudget:
     """A tuning budget: a number of trials, a time budget in seconds, or both (``CompilerOptions["tuning"]``)."""
@@ -28,6 +56,7 @@ class TuningBudget:
     trials: int | None = None
     seconds: float | None = None
     trials_per_task: int = 64
+    workers: int = 1  # tuning workers the job fans out to (ADR 0023); each tunes its share within this budget
 
     def max_trials(self, n_tasks: int) -> int:
         """Trial budget for ``n_tasks`` kernels (time-only budgets get a generous cap)."""
@@ -71,7 +100,8 @@ class CompilerOptions:
             signature_def_key=data.get("signature_def_key"),
             tuning=None if tuning is None else TuningBudget(
                 trials=tuning.get("trials"),
-                seconds=None if tuning.get("minutes") is None else float(tuning["minutes"]) * 60.0),
+                seconds=None if tuning.get("minutes") is None else float(tuning["minutes"]) * 60.0,
+                workers=rules.tuning_workers(data)),
             precision=str(data.get("precision", "fp32")),
         )
 

@@ -156,19 +156,24 @@ Profiler = Callable[[Path, dict[str, Any]], dict[str, Any]]
 
 def package(result: BuildResult, target: Target, out_path: Path, *,
             model_dir: Path, job_name: str | None = None, labels_name: str | None = None,
-            profiler: Profiler | None = None) -> Artifact:
+            profiler: Profiler | None = None, accuracy: Profiler | None = None) -> Artifact:
     """Write the tarball (reproducible: fixed mtimes/owners, sorted) and return it with its digest.
 
     With a ``profiler``, the artifact is first staged and measured, and the manifest carries the profile
-    (once, without writing the tarball twice)."""
+    (once, without writing the tarball twice); with ``accuracy``, its agreement with a reference too
+    (``kiln_compiler.accuracy``)."""
     labels = class_labels(model_dir, labels_name)
     files = _expand(result.files)
     if labels:
         files[LABELS] = labels
     manifest = build_manifest(result, target, files, job_name, labels)
-    if profiler is not None:
+    if profiler is not None or accuracy is not None:
         with tempfile.TemporaryDirectory(prefix="kiln-stage-") as staged:
-            manifest["profile"] = profiler(stage(files, manifest, Path(staged) / "artifact"), manifest)
+            root = stage(files, manifest, Path(staged) / "artifact")
+            if accuracy is not None:
+                manifest["accuracy"] = accuracy(root, manifest)
+            if profiler is not None:
+                manifest["profile"] = profiler(root, manifest)
     blob = json.dumps(manifest, indent=2, sort_keys=True).encode()
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with out_path.open("wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as gz, \

@@ -29,12 +29,12 @@ from tvm.s_tir import Schedule
 
 from .graph import cpu_graph_passes
 from .graph.bf16 import ConvToBF16
-from .graph.quantized import QuantizedConvToInteger
+from .graph.quantized import PerTensorQDQToArithmetic, QuantizedConvToInteger, SimplifyRequantization
 from .options import TuningBudget
 from .schedules import DefaultCPUSchedule, has_root, target_cpu, target_lanes, target_vector_unit
 from .schedules.bf16 import BF16ConvSchedule
 from .schedules.int8 import VNNIConvSchedule
-from .tuning import TuningDatabase, tune_and_apply
+from .tuning import Shard, TuningDatabase, tune_and_apply
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +123,48 @@ def count_kernels(mod: tvm.IRModule) -> int:
     return sum(1 for _, f in mod.functions_items() if isinstance(f, tirx.PrimFunc))
 
 
+def _with_num_cores(target: dict[str, Any]) -> dict[str, Any]:
+    if target.get("kind") == "llvm" and "num-cores" not in target:
+        # MetaSchedule needs it; it is part of the tuning-record key (records are per core count)
+        return {**target, "num-cores": os.cpu_count() or 1}
+    return target
+
+
+def _cpu_kernels(mod: tvm.IRModule, tgt: tvm.target.Target, default_schedules: bool,
+                 precision: str = "fp32") -> tvm.IRModule:
+    """The graph rewrites and fusion that make ``mod``'s kernels (inside ``with tgt``): what is tuned and scheduled."""
+    if default_schedules:
+        # QDQ chains become integer convolutions before the layout rewrites (ADR 0018)
+        integer = "avx512_vnni" in target_cpu(tgt).features  # no integer kernel elsewhere: fp32 convs (ADR 0021)
+        mod = tvm.transform.Sequential([QuantizedConvToInteger(integer), PerTensorQDQToArithmetic(),
+                                       *cpu_graph_passes(target_lanes(tgt)), SimplifyRequantization()])(mod)
+    if precision == "bf16":
+        mod = ConvToBF16()(mod)  # type: ignore[operator]
+    fused = tvm.transform.Sequential(_fuse_passes())(mod)
+    return relax.transform.AttachAttrLayoutFreeBuffers()(fused)
+
+
+def tune_relax(mod: tvm.IRModule, target: dict[str, Any], *, shard: Shard, tuning: TuningBudget | None,
+               database: TuningDatabase, host: dict[str, Any] | None = None,
+               deadline: float | None = None, precision: str = "fp32") -> dict[str, int]:
+    """One tuning worker (ADR 0023): tune ``shard``'s share of the kernels ``compile_relax`` would tune into
+    ``database``, keeping time before ``deadline`` for the build that follows; builds nothing.
+
+    Returns ``{"kernels": share size, "tuned": n, "reused": n}`` (nothing to tune for a non-CPU target)."""
+    started = time.time()
+    target = _with_num_cores(target)
+    tgt = make_target(target, host)
+    if tgt.kind.name != "llvm":
+        return {"kernels": 0, "tuned": 0, "reused": 0}
+    with tgt:
+        fused = _cpu_kernels(mod, tgt, True, precision)
+        # the build redoes these passes and then generates code: keep time for both
+        reserve = _compile_reserve(fused) + 2 * (time.time() - started)
+        _, counts = tune_and_apply(fused, tgt, database=database, tuning=tuning, deadline=deadline,
+                                   reserve_seconds=reserve, shard=shard)
+    return counts
+
+
 def compile_relax(
     mod: tvm.IRModule,
     target: dict[str, Any],
@@ -141,9 +183,7 @@ def compile_relax(
     recorded ("tuned"); every other kernel gets the default schedule ("default"). ``precision``
     "bf16" computes convolutions and matrix products in bf16 with fp32 accumulation (ADR 0022).
     """
-    if target.get("kind") == "llvm" and "num-cores" not in target:
-        # MetaSchedule needs it; it is part of the tuning-record key (records are per core count)
-        target = {**target, "num-cores": os.cpu_count() or 1}
+    target = _with_num_cores(target)
     tgt = make_target(target, host)
     summary = {"tuned": 0, "reused": 0, "default": 0}
     unscheduled: list[str] = []
@@ -154,13 +194,7 @@ def compile_relax(
         return CompiledRelax(executable=tvm.compile(lowered, target=tgt, relax_pipeline=None), summary=summary)
 
     with tgt:
-        if default_schedules:
-            # QDQ chains become integer convolutions before the layout rewrites (ADR 0018)
-            mod = tvm.transform.Sequential([QuantizedConvToInteger(), *cpu_graph_passes(target_lanes(tgt))])(mod)
-        if precision == "bf16":
-            mod = ConvToBF16()(mod)  # type: ignore[operator]
-        fused = tvm.transform.Sequential(_fuse_passes())(mod)
-        fused = relax.transform.AttachAttrLayoutFreeBuffers()(fused)
+        fused = _cpu_kernels(mod, tgt, default_schedules, precision)
         if database is not None:
             fused, counts = tune_and_apply(fused, tgt, database=database, tuning=tuning, deadline=deadline,
                                            reserve_seconds=_compile_reserve(fused))

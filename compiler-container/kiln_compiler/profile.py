@@ -169,10 +169,11 @@ def _worker_threads(model: Any) -> int:
     return int(os.environ.get("TVM_NUM_THREADS") or 0) or os.cpu_count() or 1
 
 
-def _random_feeds(model: Any) -> dict[str, Any]:
+def random_feeds(model: Any, seed: int = 0) -> dict[str, Any]:
+    """Seeded random inputs for a loaded artifact's input specs (a dynamic dimension at 1)."""
     import numpy as np
 
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     feeds = {}
     for spec in model.inputs:
         shape = tuple(d if d >= 0 else 1 for d in spec.shape)  # a dynamic dimension runs at 1
@@ -189,7 +190,7 @@ def measure(root: Path, *, warmup: int, runs: int, budget_s: float) -> dict[str,
 
     rss_before = _peak_rss_mib()
     model = runtime.load(root)
-    feeds = _random_feeds(model)
+    feeds = random_feeds(model)
     for _ in range(warmup):
         model.run(feeds)
     times: list[float] = []

@@ -18,6 +18,7 @@ from kiln import isa
 from kiln.catalog import (
     CUDA_ARCHS,
     CUDA_VERSION,
+    TREE_FRAMEWORKS,
     UNAVAILABLE_FRAMEWORKS,
     Family,
     Target,
@@ -152,10 +153,24 @@ def _check_option_types(options: dict[str, Any], member: str) -> None:
         raise RuleError(member, f"'precision' at '{member}' must be one of {', '.join(PRECISIONS)}")
 
 
+# Tuning workers a job may fan out to (CompilerOptions {"tuning": {"workers": N}}, ADR 0023).
+MAX_TUNING_WORKERS = 8
+
+
 def _check_tuning(tuning: Any, member: str) -> None:
-    if not isinstance(tuning, dict) or not set(tuning) <= {"trials", "minutes"} or not tuning:
-        raise RuleError(member, f"'tuning' at '{member}' must be {{\"trials\": N}} and/or {{\"minutes\": M}}")
+    if not isinstance(tuning, dict) or not set(tuning) <= {"trials", "minutes", "workers"} or not tuning:
+        raise RuleError(member, f"'tuning' at '{member}' must be {{\"trials\": N}} and/or {{\"minutes\": M}}, "
+                                f"optionally with {{\"workers\": W}}")
+    if "workers" in tuning:
+        workers = tuning["workers"]
+        if isinstance(workers, bool) or not isinstance(workers, int) or not 1 <= workers <= MAX_TUNING_WORKERS:
+            raise RuleError(member, f"'tuning.workers' at '{member}' must be an integer from 1 to "
+                                    f"{MAX_TUNING_WORKERS}; got {json.dumps(workers)}")
+        if not set(tuning) & {"trials", "minutes"}:
+            raise RuleError(member, f"'tuning.workers' at '{member}' needs a budget: 'minutes' and/or 'trials'")
     for key, value in tuning.items():
+        if key == "workers":
+            continue
         kinds = int if key == "trials" else int | float
         if isinstance(value, bool) or not isinstance(value, kinds) or value <= 0:
             noun = "a positive integer" if key == "trials" else "a positive number"
@@ -361,6 +376,19 @@ def check_framework_target(framework: str, target: Target, options: dict[str, An
                         f"Value '{framework}' at 'inputConfig.framework' failed to satisfy constraint: "
                         f"Framework {framework} cannot be compiled for target '{target.name}'; "
                         f"'{target.name}' supports {', '.join(target.frameworks)}")
+    untuned = framework in TREE_FRAMEWORKS or target.family in (Family.CUDA, Family.COREML)
+    if untuned and tuning_workers(options) > 1:
+        raise RuleError("outputConfig.compilerOptions",
+                        "'tuning.workers' at 'outputConfig.compilerOptions' applies only to neural networks built "
+                        f"for CPU targets; {framework} for '{target.name}' is not tuned")
+
+
+def tuning_workers(options: dict[str, Any] | None) -> int:
+    """How many tuning workers the job's (checked) CompilerOptions ask for: 1 unless ``tuning.workers`` says more.
+
+    The service fans a job out when this is above 1, and the compiler gathers the workers' records then."""
+    tuning = (options or {}).get("tuning")
+    return int(tuning.get("workers", 1)) if isinstance(tuning, dict) else 1
 
 
 def _check_input_config(config: dict[str, Any], target: Target, options: dict[str, Any]) -> None:

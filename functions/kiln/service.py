@@ -6,6 +6,7 @@ import json
 import logging
 import re
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from botocore.exceptions import ClientError
@@ -44,7 +45,7 @@ EXTENSION = "Kiln"
 
 def describe_view(record: dict[str, Any]) -> dict[str, Any]:
     """A DescribeCompilationJob response from a stored record (required members always present),
-    plus the ``Kiln`` extension member when the job has one (profile, runner, usage)."""
+    plus the ``Kiln`` extension member when the job has one (profile, accuracy, runner, usage)."""
     view = public_view(record)
     view.setdefault("FailureReason", "")
     view.setdefault("ModelArtifacts", {"S3ModelArtifacts": ""})
@@ -52,6 +53,31 @@ def describe_view(record: dict[str, Any]) -> dict[str, Any]:
     if record.get(EXTENSION):
         shaped[EXTENSION] = record[EXTENSION]
     return shaped
+
+
+def worker_usage(result: dict[str, Any]) -> dict[str, Any]:
+    """One tuning worker on the record, from what the Map state collected (its result, or its failure)."""
+    usage: dict[str, Any] = {"Shard": str(result.get("Shard", "")), "Status": str(result.get("Status", "FAILED"))}
+    if usage["Status"] == "COMPLETED":
+        usage.update(Kernels=int(result.get("Kernels", 0)), Tuned=int(result.get("Tuned", 0)),
+                     TaskSeconds=float((result.get("Timings") or {}).get("total", 0.0)))
+    else:
+        error = result.get("Error") or {}
+        cause = str(error.get("Cause") or error.get("Error") or "no details")
+        usage["Reason"] = cause.splitlines()[0][:300] if cause else "no details"
+    return usage
+
+
+def tuning_fan_out(job: dict[str, Any]) -> dict[str, Any]:
+    """The execution input's ``Tuning`` (how many workers, one shard ``"i/N"`` each) and ``TuningWorkers``
+    (their results, filled by the workflow's Map state; ADR 0023). One worker: no fan-out."""
+    text = (job.get("OutputConfig") or {}).get("CompilerOptions")
+    try:
+        workers = rules.tuning_workers(rules.parse_compiler_options(text))
+    except rules.RuleError:  # checked at create; a job that got here with bad options compiles and fails there
+        workers = 1
+    shards = [f"{i}/{workers}" for i in range(1, workers + 1)] if workers > 1 else []
+    return {"Tuning": {"Workers": workers, "Shards": shards}, "TuningWorkers": []}
 
 
 class CompilationJobService:
@@ -125,6 +151,7 @@ class CompilationJobService:
             "Limits": {"MaxRuntimeInSeconds": runtime, "MaxPendingTimeInSeconds": pending,
                        "TotalSeconds": runtime + pending},
             "Network": self._network_for(job.get("VpcConfig")),
+            **tuning_fan_out(job),
         }
         try:
             started = self._sfn.start_execution(stateMachineArn=self._state_machine_arn, name=name,
@@ -274,7 +301,8 @@ class CompilationJobService:
         self._events.state_changed(describe_view(record))
         return record
 
-    def record_success(self, name: str, result: dict[str, Any], inference_image: str = "") -> dict[str, Any] | None:
+    def record_success(self, name: str, result: dict[str, Any], inference_image: str = "",
+                       tuning_workers: Sequence[dict[str, Any]] = ()) -> dict[str, Any] | None:
         updates: dict[str, Any] = {
             "ModelArtifacts": {"S3ModelArtifacts": result["S3ModelArtifacts"]},
             "ModelDigests": {"ArtifactDigest": result["ArtifactDigest"]},
@@ -290,9 +318,11 @@ class CompilationJobService:
         extension: dict[str, Any] = {}
         if result.get("Profile"):
             extension["Profile"] = result["Profile"]
+        if result.get("Accuracy"):
+            extension["Accuracy"] = result["Accuracy"]
         if result.get("Precision"):
             extension["Precision"] = result["Precision"]  # a bf16 build's deviation from fp32 (ADR 0022)
-        usage = self._usage(name, result.get("Timings") or {})
+        usage = self._usage(name, result.get("Timings") or {}, tuning_workers)
         if usage:
             extension["Usage"] = usage
         if extension:
@@ -305,9 +335,12 @@ class CompilationJobService:
         self._events.state_changed(describe_view(record))
         return record
 
-    def _usage(self, name: str, timings: dict[str, Any]) -> dict[str, Any] | None:
-        """What the job cost: task-seconds of its compiler container on its runner, and where they went
-        (build includes tuning; the container's own start and image pull are not counted)."""
+    def _usage(self, name: str, timings: dict[str, Any],
+               tuning_workers: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+        """What the job cost: task-seconds of its compiler containers on its runner, and where they went
+        (build includes tuning; the containers' own start and image pull are not counted). A fanned-out job
+        adds its tuning workers (ADR 0023): each one's shard, status and task-seconds (none for a worker
+        that failed: it reported nothing), and ``TaskSecondsByRunner`` sums build and workers."""
         if "total" not in timings:
             return None
         runner = self.store.get(name).get("Runner", "")
@@ -315,6 +348,11 @@ class CompilationJobService:
         for stage in ("build", "profile"):
             if stage in timings:
                 usage[f"{stage.capitalize()}Seconds"] = timings[stage]
+        if tuning_workers:
+            workers = [worker_usage(w) for w in tuning_workers]
+            usage["TuningWorkers"] = workers
+            total = timings["total"] + sum(w.get("TaskSeconds", 0) for w in workers)
+            usage["TaskSecondsByRunner"] = {runner: round(total, 3)}
         if runner in {str(r) for r in Runner}:
             spec = Runner(runner).spec
             usage["InstanceFamily"] = spec.instance_family or "fargate"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from typing import Any
 
 from kiln import rules
@@ -16,6 +17,9 @@ from kiln.service import CompilationJobService
 log = logging.getLogger(__name__)
 # SIGKILL: 137 as ECS and Batch report it (128 + 9), -9 as a local process reports it.
 KILLED_EXIT_CODES = (137, -9)
+# A compiler container's own MaxRuntimeInSeconds watchdog fired (kiln_compiler.__main__); its cause is the reason.
+RUNTIME_EXCEEDED_ERROR = "Kiln.MaxRuntimeExceeded"
+LIMIT_ERRORS = ("States.Timeout", "States.HeartbeatTimeout", RUNTIME_EXCEEDED_ERROR)
 
 
 class TransientError(Exception):
@@ -41,6 +45,8 @@ def failure_reason(error: dict[str, Any] | None, limits: dict[str, Any] | None) 
                 f"MaxPendingTimeInSeconds ({limits.get('MaxPendingTimeInSeconds')} s)")
     if name == "States.Timeout":
         return f"ClientError: the compilation exceeded MaxRuntimeInSeconds ({limits.get('MaxRuntimeInSeconds')} s)"
+    if name == RUNTIME_EXCEEDED_ERROR and cause.startswith("ClientError:"):
+        return cause
     if name in ("ClientError", "ServerError"):
         return cause if cause.startswith(f"{name}:") else f"{name}: {cause}"
     message = cause
@@ -121,19 +127,31 @@ class WorkflowSteps:
         self._service.store.set_fields(job["CompilationJobName"], {"InputConfig": input_config})
         return {"Job": {**job, "InputConfig": input_config}}
 
-    def record_success(self, job: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
+    def plan_build(self, job: dict[str, Any], limits: dict[str, Any]) -> dict[str, Any]:
+        """After a fanned-out job's tuning workers: the limits for its build, whose state timeout
+        (``TotalSeconds``) becomes what is left of MaxPendingTimeInSeconds + MaxRuntimeInSeconds since the
+        job started, so the limits hold for the whole job (ADR 0023). At least 1 s: a job already past
+        them times out at once and is recorded as exceeding MaxRuntimeInSeconds."""
+        record = self._service.store.get(job["CompilationJobName"])
+        started = float(record.get("CompilationStartTime") or time.time())
+        total = int(limits.get("TotalSeconds") or 0)
+        left = max(1, int(total - (time.time() - started)))
+        return {**limits, "TotalSeconds": min(total, left)}
+
+    def record_success(self, job: dict[str, Any], result: dict[str, Any],
+                       tuning_workers: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         if not result.get("S3ModelArtifacts") or not result.get("ArtifactDigest"):
             # The compiler's output is Kiln's contract, not the user's input.
             raise JobServerError("the compiler reported success without an artifact")
         target = self._service.catalog.for_output_config(job["OutputConfig"])
         image = inference_image(target, self._inference_images, self._inference_image)
-        record = self._service.record_success(job["CompilationJobName"], result, image)
+        record = self._service.record_success(job["CompilationJobName"], result, image, tuning_workers or [])
         return {"Recorded": record is not None}
 
     def record_failure(self, job: dict[str, Any], error: dict[str, Any], limits: dict[str, Any]) -> dict[str, Any]:
         name = job["CompilationJobName"]
-        if error.get("Error") in ("States.Timeout", "States.HeartbeatTimeout") and self._containers is not None:
-            # A limit was hit: the container must not run on.
+        if error.get("Error") in LIMIT_ERRORS and self._containers is not None:
+            # A limit was hit: the container (and a fanned-out job's other tuning workers) must not run on.
             self._containers.stop(name, failure_reason(error, limits))
         if error.get("Error") == STOPPED_ERROR:
             record = self._service.record_failure(name, "ClientError: the job was stopped")

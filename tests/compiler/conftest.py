@@ -172,6 +172,56 @@ def small_cnn(seed: int = 0) -> onnx.ModelProto:
     return model
 
 
+def residual_bn_block(seed: int = 0) -> onnx.ModelProto:
+    """A ResNet bottleneck as the light ResNet-50 writes it: convolutions without bias, each followed by
+    BatchNormalization (+ Relu), a 1x1 projection shortcut, Sum, Relu, global average pool, flatten;
+    input ``input`` [1,16,16,16], opset 13, 16-64 channels."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    nodes, inits = [], []
+
+    def conv_bn(name: str, x: str, cin: int, cout: int, k: int, relu: bool) -> str:
+        w = (rng.standard_normal((cout, cin, k, k)) / np.sqrt(cin * k * k)).astype("float32")
+        inits.extend([numpy_helper.from_array(w, f"{name}_w"),
+                      numpy_helper.from_array((1 + 0.1 * rng.standard_normal(cout)).astype("float32"), f"{name}_s"),
+                      numpy_helper.from_array((0.1 * rng.standard_normal(cout)).astype("float32"), f"{name}_b"),
+                      numpy_helper.from_array((0.1 * rng.standard_normal(cout)).astype("float32"), f"{name}_m"),
+                      numpy_helper.from_array((1 + 0.1 * rng.random(cout)).astype("float32"), f"{name}_v")])
+        nodes.extend([helper.make_node("Conv", [x, f"{name}_w"], [f"{name}_c"], kernel_shape=[k, k],
+                                       pads=[k // 2] * 4),
+                      helper.make_node("BatchNormalization", [f"{name}_c", f"{name}_s", f"{name}_b", f"{name}_m",
+                                                              f"{name}_v"], [f"{name}_bn"])])
+        if not relu:
+            return f"{name}_bn"
+        nodes.append(helper.make_node("Relu", [f"{name}_bn"], [f"{name}_r"]))
+        return f"{name}_r"
+
+    a = conv_bn("a", "input", 16, 16, 1, True)
+    b = conv_bn("b", a, 16, 16, 3, True)
+    c = conv_bn("c", b, 16, 64, 1, False)
+    shortcut = conv_bn("s", "input", 16, 64, 1, False)
+    nodes += [helper.make_node("Sum", [c, shortcut], ["sum"]), helper.make_node("Relu", ["sum"], ["out"]),
+              helper.make_node("GlobalAveragePool", ["out"], ["gap"]), helper.make_node("Flatten", ["gap"], ["output"])]
+    graph = helper.make_graph(nodes, "residual_bn_block",
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 16, 16, 16])],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 64])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    return model
+
+
+@pytest.fixture(scope="session")
+def qdq_residual_block_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An unpacked archive holding the QDQ-quantized ``residual_bn_block`` (batch norms not folded, as
+    quantize_static leaves them without pre-processing: Q/DQ around each) as model.onnx."""
+    work = tmp_path_factory.mktemp("qdq_residual")
+    d = work / "archive"
+    d.mkdir()
+    onnx.save(quantize_qdq(residual_bn_block(), work / "quantize"), str(d / "model.onnx"))
+    return d
+
+
 @pytest.fixture(scope="session")
 def qdq_small_cnn_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An unpacked archive holding the QDQ-quantized ``small_cnn`` as model.onnx."""

@@ -70,6 +70,8 @@ CONVS = {
     "grouped_width_not_vector_multiple": (272, 272, 1, 1, 0, 14, 4),  # ShuffleNet: 4 x 68
     "grouped_3x3_s2": (96, 96, 3, 2, 1, 15, 2),
     "channels_60": (32, 60, 3, 1, 1, 14, 1),  # padded to 64 on both ISAs
+    "channels_48": (16, 48, 3, 1, 1, 14, 1),  # three vectors on AVX-512 (24 channels: on AVX2)
+    "grouped_4x136_at_7x7": (544, 544, 1, 1, 0, 7, 4),  # 136 -> 144 per group: 3 AVX-512 vectors
     "depthwise_3x3": (60, 60, 3, 1, 1, 14, 60),
     "depthwise_3x3_s2": (60, 60, 3, 2, 1, 15, 60),
 }
@@ -86,6 +88,60 @@ def test_conv_kernel_matches_unscheduled(name: str, target: dict[str, Any]) -> N
     got, want = _run(mod, x, target, True), _run(mod, x, target, False)
     # THEN the outputs agree
     np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
+
+
+def _shuffle_unit(channels: int, groups: int, hw: int) -> Any:
+    """ShuffleNet's unit as ONNX spells it: grouped 1x1 conv, batch-norm-like scale and shift,
+    relu, the NCHW channel shuffle (reshape, swap, reshape), depthwise 3x3, grouped 1x1 conv."""
+    rng = np.random.default_rng(channels)
+
+    def const(*shape: int) -> Any:
+        return relax.const(rng.standard_normal(shape).astype("float32") / np.sqrt(shape[1] if len(shape) == 4 else 1))
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", R.Tensor((1, channels, hw, hw), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.nn.conv2d(x, const(channels, channels // groups, 1, 1), groups=groups))
+            y = bb.emit(relax.op.nn.relu(relax.op.add(relax.op.multiply(y, const(1, channels, 1, 1)),
+                                                      const(1, channels, 1, 1))))
+            y = bb.emit(relax.op.reshape(y, (1, groups, channels // groups, hw, hw)))
+            y = bb.emit(relax.op.reshape(relax.op.permute_dims(y, [0, 2, 1, 3, 4]), (1, channels, hw, hw)))
+            y = bb.emit(relax.op.nn.conv2d(y, const(channels, 1, 3, 3), padding=1, groups=channels))
+            y = bb.emit(relax.op.nn.conv2d(y, const(channels, channels // groups, 1, 1), groups=groups))
+            out = bb.emit_output(y)
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+@pytest.mark.parametrize("target", TARGETS, ids=lambda t: t["mcpu"])
+@pytest.mark.parametrize(("channels", "hw"), [(136, 14), (272, 7)])
+def test_shuffle_unit_matches_unscheduled(channels: int, hw: int, target: dict[str, Any]) -> None:
+    # GIVEN a ShuffleNet unit (4 groups of 34 or 68 channels, neither a whole number of vectors)
+    mod = _shuffle_unit(channels, 4, hw)
+    x = np.random.default_rng(1).standard_normal((1, channels, hw, hw)).astype("float32")
+    # WHEN built with Kiln's kernels and without any schedule  THEN the outputs agree
+    np.testing.assert_allclose(_run(mod, x, target, True), _run(mod, x, target, False), rtol=RTOL, atol=ATOL)
+
+
+def test_shuffle_unit_runs_one_kernel_per_grouped_conv_in_nhwc() -> None:
+    # GIVEN a ShuffleNet unit
+    from kiln_compiler.graph import cpu_graph_passes
+
+    mod = _shuffle_unit(136, 4, 14)
+    # WHEN converted for an AVX2 target
+    with tvm.target.Target(AVX2):
+        text = tvm.transform.Sequential(cpu_graph_passes(8))(mod)["main"].script()
+    # THEN each grouped 1x1 conv is one batched matmul over the group axis (no per-group
+    #      convolutions and no concat), and the shuffle swaps the group axes in NHWC: the only
+    #      transposes to NCHW and back are at the graph's edges
+    assert text.count("R.matmul(") == 2
+    assert "R.concat(" not in text and text.count("R.nn.conv2d(") == 1  # the depthwise conv
+    assert text.count("R.permute_dims(") == 3, text
+    assert "axes=[0, 1, 2, 4, 3]" in text
+    # AND the shuffle moved above the scale, shift and relu (their constants permuted alike), so it
+    #     reads the grouped conv's output and the constants are not gathered
+    assert text.index("axes=[0, 1, 2, 4, 3]") < text.index("R.multiply(") < text.index("R.nn.relu(")
 
 
 def test_pool_concat_sum_match_unscheduled() -> None:
@@ -190,19 +246,25 @@ def _anchor_tile(conv_func: Any, vector: Any) -> tuple[int, int]:
     from kiln_compiler.schedules import default_schedule
 
     sch = default_schedule(conv_func, vector)
+    update = sch.get_sblock("conv2d_nhwc_update")
+    # loops binding the output-channel axis (NHWC: the 4th block iterator) are channels (a
+    # 3-vector tile unrolls one over its vectors), the other unrolled loops are pixels
+    realize = sch.get(sch.get_loops(update)[-1]).body  # the innermost loop's block realize
+    channel_vars = {v.name for v in tvm.tirx.analysis.undefined_vars(realize.iter_values[3], [])}
     pixels, channels = 1, 1
-    for loop in sch.get_loops(sch.get_sblock("conv2d_nhwc_update")):
+    for loop in sch.get_loops(update):
         stmt = sch.get(loop)
-        if stmt.kind == tvm.tirx.ForKind.UNROLLED:
-            pixels *= int(stmt.extent)
-        elif stmt.kind == tvm.tirx.ForKind.VECTORIZED:
+        if stmt.kind == tvm.tirx.ForKind.VECTORIZED or (stmt.kind == tvm.tirx.ForKind.UNROLLED
+                                                        and stmt.loop_var.name in channel_vars):
             channels *= int(stmt.extent)
+        elif stmt.kind == tvm.tirx.ForKind.UNROLLED:
+            pixels *= int(stmt.extent)
     return pixels, -(-channels // vector.lanes)
 
 
 @pytest.mark.parametrize(("lanes", "registers"), [(8, 16), (16, 32), (4, 32)], ids=["avx2", "avx512", "neon"])
 @pytest.mark.parametrize(("cin", "cout", "k", "hw"), [(512, 1000, 1, 13), (64, 256, 3, 13), (512, 512, 3, 7),
-                                                      (64, 64, 1, 56)])
+                                                      (64, 64, 1, 56), (3, 24, 3, 56), (16, 48, 3, 14)])
 def test_register_tile_fills_the_register_file(lanes: int, registers: int, cin: int, cout: int, k: int,
                                                hw: int) -> None:
     # GIVEN a convolution over a map whose side has few divisors (13, 7) or many (56)

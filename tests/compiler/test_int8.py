@@ -96,14 +96,14 @@ def _has_vnni() -> bool:
     return "avx512_vnni" in (kiln.runtime.cpu_flags() or set())
 
 
-def _build(model_dir: Path, mcpu: str, tmp_path: Path) -> tuple[object, str]:
+def _build(model_dir: Path, mcpu: str, tmp_path: Path, shape: tuple[int, ...] = (1, 3, 32, 32)) -> tuple[object, str]:
     """(VM executable, disassembly) of the QDQ model compiled by Kiln's CPU pipeline for ``mcpu``."""
     import shutil
     import subprocess
 
     from kiln_compiler.pipeline import compile_relax
 
-    mod = from_onnx(onnx.load(str(model_dir / "model.onnx")), shape_dict={"input": [1, 3, 32, 32]},
+    mod = from_onnx(onnx.load(str(model_dir / "model.onnx")), shape_dict={"input": list(shape)},
                     keep_params_in_input=False)
     compiled = compile_relax(mod, {"kind": "llvm", "mcpu": mcpu})
     assert compiled.unscheduled == []
@@ -140,3 +140,59 @@ def test_vnni_kernels_match_onnxruntime(qdq_small_cnn_dir: Path, tmp_path: Path)
         None, {"input": x})
     # THEN at most 1 quantized unit apart
     assert np.rint(np.abs(out - ref) / _output_scale(qdq)).max() <= 1
+
+
+def test_batch_norms_and_residual_add_fuse_into_the_integer_convs(qdq_residual_block_dir: Path) -> None:
+    # GIVEN a QDQ ResNet bottleneck whose batch norms quantize_static left unfolded
+    # (conv -> Q -> DQ -> batch norm -> Q -> DQ -> ..., a projection shortcut, Sum, Relu)
+    import tvm
+    from kiln_compiler.graph import PerTensorQDQToArithmetic, SimplifyRequantization, cpu_graph_passes
+    from kiln_compiler.pipeline import _fuse_passes
+
+    mod = from_onnx(onnx.load(str(qdq_residual_block_dir / "model.onnx")), shape_dict={"input": [1, 16, 16, 16]},
+                    keep_params_in_input=False)
+    # WHEN the CPU graph passes run and FuseOps groups the kernels
+    qdq = PerTensorQDQToArithmetic()
+    with tvm.target.Target({"kind": "llvm", "mcpu": "znver4"}):
+        mod = tvm.transform.Sequential([QuantizedConvToInteger(), qdq, *cpu_graph_passes(16),
+                                        SimplifyRequantization()])(mod)
+        fused = tvm.transform.Sequential(_fuse_passes())(mod)
+    kernels = [gv.name_hint for gv, f in fused.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+    # THEN the Q/DQ around the batch norms and the Sum became arithmetic, and every batch norm,
+    # requantization and the residual add run in the epilogues of the four integer convolutions:
+    # besides them only the input's quantize, the pool and the output's flatten remain
+    assert qdq.rewritten >= 8
+    assert sum("conv2d" in k for k in kernels) == 4
+    others = sorted(k for k in kernels if "conv2d" not in k)
+    assert len(others) == 3 and not any("quantize" in k for k in kernels), others
+    # the pool reads the NHWC activations as they are (no transpose before the graph's output edge)
+    assert [k for k in others if "mean" in k and "transpose" not in k], others
+
+
+def test_qdq_residual_block_matches_onnxruntime(qdq_residual_block_dir: Path, tmp_path: Path) -> None:
+    # GIVEN the QDQ bottleneck (unfolded batch norms, projection shortcut)
+    # WHEN compiled for ml_c4 (AVX2) and run beside ONNX Runtime on the same QDQ model
+    worst, exact = _agreement(qdq_residual_block_dir, tmp_path, "input", (1, 16, 16, 16))
+    # THEN at most 1 quantized unit apart, almost all identical
+    assert worst <= 1
+    assert exact >= MIN_EXACT
+
+
+@pytest.mark.skipif(not _has_vnni(), reason="the host has no AVX512-VNNI")
+def test_vnni_residual_block_matches_onnxruntime(qdq_residual_block_dir: Path, tmp_path: Path) -> None:
+    # GIVEN the QDQ bottleneck compiled with vpdpbusd kernels (fused batch norm / residual epilogues)
+    import tvm
+    from tvm import relax
+
+    executable, asm = _build(qdq_residual_block_dir, "cascadelake", tmp_path, (1, 16, 16, 16))
+    assert "vpdpbusd" in asm
+    x = np.random.default_rng(7).standard_normal((1, 16, 16, 16)).astype("float32")
+    # WHEN it and ONNX Runtime run the same input
+    out = relax.VirtualMachine(executable, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+    qdq = onnx.load(str(qdq_residual_block_dir / "model.onnx"))
+    (ref,) = ort.InferenceSession(qdq.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"input": x})
+    # THEN at most 1 quantized unit apart, almost all identical
+    units = np.rint(np.abs(out - ref) / _output_scale(qdq))
+    assert units.max() <= 1
+    assert np.mean(units == 0) >= MIN_EXACT

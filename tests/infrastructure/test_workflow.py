@@ -111,3 +111,56 @@ def test_functions_know_the_state_machine_by_its_real_arn(synth: Synthesized) ->
         arn = resolve(fn["Properties"]["Environment"]["Variables"]["KILN_STATE_MACHINE_ARN"])
         # THEN it is that state machine's ARN (built from the name to avoid a dependency cycle)
         assert arn == f"arn:<AWS::Partition>:states:<AWS::Region>:<AWS::AccountId>:stateMachine:{name}", fn_id
+
+
+def test_tuning_workers_fan_out_in_a_map_over_the_same_runner_states(synth: Synthesized) -> None:
+    # GIVEN the deployed definition (ADR 0023: CompilerOptions tuning.workers > 1)
+    states = json.loads(_machine(synth)["DefinitionString"])["States"]
+    fan_out, tune = states["FanOutTuning"], states["TuneInParallel"]
+    # THEN a job with more than one worker goes through a Map over its shards before the build, others straight on
+    assert fan_out["Choices"] == [{"Variable": "$.Tuning.Workers", "NumericGreaterThan": 1, "Next": "TuneInParallel"}]
+    assert fan_out["Default"] == "ChooseRunner"
+    assert states["HasModelPackage"]["Default"] == states["UseResolvedJob"]["Next"] == "FanOutTuning"
+    assert tune["Type"] == "Map" and tune["ItemsPath"] == "$.Tuning.Shards"
+    assert tune["ItemSelector"]["Shard.$"] == "$$.Map.Item.Value" and tune["MaxConcurrency"] == 0
+    assert tune["ResultPath"] == "$.TuningWorkers" and tune["Next"] == "PlanBuild"
+    assert tune["Catch"] == [{"ErrorEquals": ["States.ALL"], "ResultPath": "$.Error", "Next": "RecordFailure"}]
+    # AND each worker runs on the job's runner with the build's own integration, container and limits,
+    # told its shard through KILN_TUNING_SHARD
+    inner = tune["ItemProcessor"]["States"]
+    for worker, build in (("TuneOnFargate", "CompileOnFargate"), ("TuneOnBatch", "CompileOnBatch")):
+        w, b = inner[worker], states[build]
+        assert w["Resource"] == b["Resource"] and w["Resource"].endswith(".waitForTaskToken")
+        assert w["HeartbeatSecondsPath"] == b["HeartbeatSecondsPath"]
+        assert w["TimeoutSecondsPath"] == b["TimeoutSecondsPath"] == "$.Limits.TotalSeconds"
+        params = dict(w["Parameters"])
+        overrides = params.pop("Overrides", None) or params.pop("ContainerOverrides")
+        env = (overrides["ContainerOverrides"][0] if "ContainerOverrides" in overrides else overrides)["Environment"]
+        assert {"Name": "KILN_TUNING_SHARD", "Value.$": "$.Shard"} in env
+        build_params = {k: v for k, v in b["Parameters"].items() if k not in ("Overrides", "ContainerOverrides")}
+        assert params == build_params
+        # a stop or a limit ends the job; any other failure loses only that worker's records
+        limit, other = w["Catch"]
+        assert set(limit["ErrorEquals"]) == {"Kiln.Stopped", "Kiln.MaxRuntimeExceeded", "States.Timeout",
+                                             "States.HeartbeatTimeout"}
+        assert inner[limit["Next"]]["Type"] == "Fail" and inner[limit["Next"]]["ErrorPath"] == "$.Error.Error"
+        assert other["ErrorEquals"] == ["States.ALL"] and inner[other["Next"]]["Type"] == "Pass"
+    # AND the build's state timeout is what is left of the job's limits (PlanBuild, a workflow step)
+    plan = states["PlanBuild"]
+    assert plan["Parameters"]["FunctionName"] == "${WorkflowFunctionArn}" and plan["ResultPath"] == "$.Limits"
+    assert plan["Next"] == "ChooseRunner"
+    assert states["RecordSuccess"]["Parameters"]["Payload"]["TuningWorkers.$"] == "$.TuningWorkers"
+
+
+def test_tuning_workers_need_no_permission_beyond_the_build(synth: Synthesized) -> None:
+    # GIVEN the state machine role and the compiler role
+    role = _machine(synth)["RoleArn"]["Fn::GetAtt"][0]
+    machine_actions = {a for s in _policy_of_role(synth, role) for a in as_list(s["Action"])}
+    compiler_role = next(k for k in synth.of_type("AWS::IAM::Role") if k.startswith("CompilerRunnersCompilerRole"))
+    compiler_actions = {a for s in _policy_of_role(synth, compiler_role) for a in as_list(s["Action"])}
+    # THEN the Map adds no grant: the workers run what the build runs (no Step Functions distributed map, no S3)
+    assert not any(a.startswith(("s3:", "states:StartExecution")) for a in machine_actions), machine_actions
+    # AND the compiler's own role reads and writes no S3: workers put their records under the job's output
+    # location with the job's role, as the build puts the artifact
+    assert not any(a.startswith("s3:") for a in compiler_actions), compiler_actions
+    assert "sts:AssumeRole" in compiler_actions

@@ -111,7 +111,7 @@ LAYERS = [
     {"kiln_compiler.schedules"},
     {"kiln_compiler.tuning"},
     {"kiln_compiler.pipeline"},
-    {"kiln_compiler.backends", "kiln_compiler.package", "kiln_compiler.profile"},
+    {"kiln_compiler.backends", "kiln_compiler.package", "kiln_compiler.profile", "kiln_compiler.accuracy"},
     {"kiln_compiler.compile"},
     {"kiln_compiler.job"},
     {"kiln_compiler.__main__", "kiln_compiler"},

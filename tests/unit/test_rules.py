@@ -208,6 +208,8 @@ def test_data_input_config_accepts_python_literal_form() -> None:
     ('{"output_names": ["output_tensor:0"]}', "ml_c4", None, {"output_names": ["output_tensor:0"]}),
     ('{"mattr": "+neon,+vfpv4"}', "rasp3b", None, {"mattr": ["+neon", "+vfpv4"]}),
     ('{"tuning": {"trials": 64, "minutes": 5}}', "ml_c4", None, {"tuning": {"trials": 64, "minutes": 5}}),
+    ('{"tuning": {"minutes": 2, "workers": 8}}', "ml_c5", None, {"tuning": {"minutes": 2, "workers": 8}}),
+    ('{"tuning": {"trials": 8, "workers": 1}}', "rasp4b", None, {"tuning": {"trials": 8, "workers": 1}}),
     # bf16 where the CPU has native bf16 dot products: Zen 4, Sapphire Rapids (AMX too), Graviton3
     ('{"precision": "bf16", "mcpu": "znver4"}', "ml_c5", None, {"precision": "bf16", "mcpu": "znver4"}),
     ('{"precision": "bf16", "mcpu": "sapphirerapids"}', None, {"Os": "LINUX", "Arch": "X86_64"},
@@ -249,6 +251,14 @@ def test_compiler_options_examples_are_accepted(options: str, device: str | None
     ('{"allow_pickle": true}', "ml_c4", None, "applies only to SKLEARN, XGBOOST, PYTORCH"),
     ('{"tuning": {"trials": 0}}', "ml_c4", None, "'tuning.trials'"),
     ('{"tuning": {"hours": 2}}', "ml_c4", None, "'tuning'"),
+    ('{"tuning": {"minutes": 2, "workers": 0}}', "ml_c4", None, "'tuning.workers'"),
+    ('{"tuning": {"minutes": 2, "workers": 9}}', "ml_c4", None, "must be an integer from 1 to 8; got 9"),
+    ('{"tuning": {"minutes": 2, "workers": "2"}}', "ml_c4", None, "'tuning.workers'"),
+    ('{"tuning": {"minutes": 2, "workers": true}}', "ml_c4", None, "'tuning.workers'"),
+    ('{"tuning": {"minutes": 2, "workers": 2.5}}', "ml_c4", None, "'tuning.workers'"),
+    ('{"tuning": {"workers": 4}}', "ml_c4", None, "needs a budget: 'minutes' and/or 'trials'"),
+    ('{"tuning": {"minutes": 2, "workers": 2}, "gpu-code": "sm_75"}', "ml_g4dn", None,
+     "applies only to neural networks built for CPU targets"),
     ('{"gpu-code": "sm_75"}', "ml_c4", None, "apply only to NVIDIA targets"),
     ('{"precision": "fp16"}', "ml_c5", None, "'precision' at 'outputConfig.compilerOptions' must be one of fp32, bf16"),
     ('{"precision": "bf16"}', "ml_c5", None, "target 'ml_c5' (mcpu 'skylake-avx512') has no native bf16"),
@@ -328,6 +338,18 @@ def test_coreml_accepts_only_class_labels() -> None:
     # WHEN / THEN it is refused naming the member and the only accepted option
     message = refused(request)
     assert "outputConfig.compilerOptions" in message and "class_labels" in message
+
+
+def test_tuning_workers_are_refused_for_tree_ensembles() -> None:
+    # GIVEN an XGBoost job (TL2cgen builds it: nothing to tune) asking for tuning workers
+    request = request_for("XGBOOST", None, device="ml_c5", options='{"tuning": {"minutes": 2, "workers": 2}}')
+    # WHEN / THEN it is refused naming the member and why
+    message = refused(request)
+    assert "outputConfig.compilerOptions" in message and "'tuning.workers'" in message and "XGBOOST" in message
+    # AND one worker (no fan-out) is what any other job asks for
+    assert rules.tuning_workers(rules.parse_compiler_options('{"tuning": {"minutes": 2, "workers": 3}}')) == 3
+    assert rules.tuning_workers(rules.parse_compiler_options('{"tuning": {"minutes": 2}}')) == 1
+    assert rules.tuning_workers(rules.parse_compiler_options(None)) == 1
 
 
 def test_allow_pickle_is_accepted_for_tree_frameworks() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -10,6 +11,8 @@ from typing import Any
 
 import pytest
 from kiln.service import job_arn
+
+from tests.conftest import tar_gz
 
 
 @pytest.fixture(scope="session")
@@ -218,3 +221,44 @@ def all_with_status(service: Any, status: str) -> list[str]:
 def snapshot(local_stack: Any, service: Any) -> Callable[[], Snapshot]:
     """Take a :class:`Snapshot` (after the test uploaded its model, before the job runs)."""
     return lambda: Snapshot(s3_keys(local_stack))
+
+
+def dense_chain_onnx(dims: tuple[int, ...], seed: int = 0) -> bytes:
+    """A real ONNX network of MatMul -> Add -> Relu layers ``dims[0] -> dims[1] -> ...``: one tunable kernel per
+    layer (distinct shapes are distinct workloads, so a test's kernels have no records from earlier tests)."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    nodes, weights, last = [], [], "x"
+    for i, (a, b) in enumerate(itertools.pairwise(dims)):
+        weights += [numpy_helper.from_array(rng.standard_normal((a, b)).astype(np.float32), f"W{i}"),
+                    numpy_helper.from_array(rng.standard_normal(b).astype(np.float32), f"b{i}")]
+        nodes += [helper.make_node("MatMul", [last, f"W{i}"], [f"h{i}"]),
+                  helper.make_node("Add", [f"h{i}", f"b{i}"], [f"z{i}"]),
+                  helper.make_node("Relu", [f"z{i}"], [f"y{i}"])]
+        last = f"y{i}"
+    graph = helper.make_graph(nodes, "dense_chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, dims[0]])],
+                              [helper.make_tensor_value_info(last, TensorProto.FLOAT, [1, dims[-1]])], weights)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return tar_gz({"model.onnx": model.SerializeToString()})
+
+
+@pytest.fixture
+def compiler_slots(local_stack: Any) -> Iterator[Callable[[int], None]]:
+    """``compiler_slots(n)``: local mode runs up to n compiler processes at once (restored afterwards)."""
+    runner = local_stack.runner
+    before = runner.max_running
+    yield runner.set_capacity
+    runner.set_capacity(before)
+
+
+@pytest.fixture(scope="session")
+def qdq_small_cnn_archive(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    """An archive holding the QDQ-quantized small CNN (onnxruntime's quantize_static) as model.onnx."""
+    from kiln_compiler.samples import quantize_qdq
+
+    from tests.compiler.conftest import small_cnn
+
+    model = quantize_qdq(small_cnn(), tmp_path_factory.mktemp("qdq_archive"))
+    return tar_gz({"model.onnx": model.SerializeToString()})

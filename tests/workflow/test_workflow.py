@@ -234,7 +234,7 @@ def test_transient_step_error_is_retried(local_stack, service, job_request, uplo
 def test_failed_success_record_does_not_lose_the_job(local_stack, service, job_request, upload_model,
                                                      tiny_onnx_archive, monkeypatch):
     # GIVEN recording success keeps failing (e.g. a bug or a permissions error)
-    def broken(self: WorkflowSteps, job: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
+    def broken(self: WorkflowSteps, job: dict[str, Any], *results: Any) -> dict[str, Any]:
         raise RuntimeError("AccessDenied on the job table")
 
     monkeypatch.setattr(WorkflowSteps, "record_success", broken)

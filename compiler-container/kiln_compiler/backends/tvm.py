@@ -12,7 +12,7 @@ from kiln.catalog import Family, Target
 
 from ..errors import ClientError, ServerError
 from ..loaders import load_model
-from ..options import DataInputConfig
+from ..options import DataInputConfig, Shard
 from .base import LIB_NAMES, BuildResult, CompileRequest, effective_target, first_line
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,28 @@ def windows_ffi_library(target: Target) -> Path:
         raise ServerError("the Windows TVM runtime library (tvm_ffi.dll) is missing from this compiler installation; "
                           "`make install` or scripts/kiln_assets.py windows-ffi provides it")
     return dll
+
+
+def tune(request: CompileRequest, shard: Shard) -> dict[str, int]:
+    """One tuning worker's share of the model's kernels (ADR 0023) into ``request.tuning_database``; no build."""
+    from ..pipeline import tune_relax
+
+    target, options = request.target, request.options
+    if request.tuning_database is None:
+        raise ServerError("a tuning worker needs a tuning database")
+    config = DataInputConfig.parse(request.data_input_config, request.framework, target)
+    with request.stage("load"):
+        model = load_model(request.framework, request.model_dir, config, options)
+    tvm_target, _ = effective_target(target, options)
+    _check_llvm_target(tvm_target)
+    with request.stage("tune"):
+        try:
+            return tune_relax(model.mod, tvm_target, shard=shard, tuning=options.tuning,
+                              database=request.tuning_database, host=dict(target.host) if target.host else None,
+                              deadline=request.deadline, precision=options.precision)
+        except Exception as exc:
+            log.exception("tuning worker %s failed", shard)
+            raise ServerError(f"tuning worker {shard} failed: {first_line(exc)}") from None
 
 
 def compile(request: CompileRequest) -> BuildResult:

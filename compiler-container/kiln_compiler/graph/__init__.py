@@ -2,9 +2,10 @@
 
 from .grouped_conv import PadConvChannels, SplitGroupedConv
 from .layout import cpu_graph_passes
-from .quantized import QuantizedConvToInteger
+from .quantized import PerTensorQDQToArithmetic, QuantizedConvToInteger, SimplifyRequantization
+from .shuffle import ChannelShuffleNHWC
 from .simplify import ConstantsToFullRank, DivideByConstantToMultiply, RemoveInferenceDropout, SumOfStackToAdd
 
-__all__ = ["ConstantsToFullRank", "DivideByConstantToMultiply", "PadConvChannels", "QuantizedConvToInteger",
-           "RemoveInferenceDropout",
+__all__ = ["ChannelShuffleNHWC", "ConstantsToFullRank", "DivideByConstantToMultiply", "PadConvChannels",
+           "PerTensorQDQToArithmetic", "QuantizedConvToInteger", "RemoveInferenceDropout", "SimplifyRequantization",
            "SplitGroupedConv", "SumOfStackToAdd", "cpu_graph_passes"]

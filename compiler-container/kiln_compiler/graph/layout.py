@@ -13,6 +13,7 @@ import tvm
 from tvm import relax
 
 from .grouped_conv import PadConvChannels, SplitGroupedConv
+from .shuffle import ChannelShuffleNHWC
 from .simplify import ConstantsToFullRank, DivideByConstantToMultiply, RemoveInferenceDropout, SumOfStackToAdd
 
 
@@ -34,5 +35,7 @@ def cpu_graph_passes(lanes: int = 16) -> list[tvm.transform.Pass]:
         *_simplify(),  # again, now that batch norm's 1/sqrt(var + eps) is a constant
         SplitGroupedConv(lanes),
         PadConvChannels(lanes),
+        ChannelShuffleNHWC(),
+        relax.transform.DeadCodeElimination(),  # the NCHW shuffle chains
         relax.transform.EliminateCommonSubexpr(),  # one input transpose per graph input
     ]

@@ -42,6 +42,13 @@ _CONV2D = tvm.ir.Op.get("relax.nn.conv2d")
 _ADD = tvm.ir.Op.get("relax.add")
 _RELU = tvm.ir.Op.get("relax.nn.relu")
 _RESHAPE = tvm.ir.Op.get("relax.reshape")
+_ASTYPE = tvm.ir.Op.get("relax.astype")
+_ROUND = tvm.ir.Op.get("relax.round")
+_SUBTRACT = tvm.ir.Op.get("relax.subtract")
+_MULTIPLY = tvm.ir.Op.get("relax.multiply")
+_DIVIDE = tvm.ir.Op.get("relax.divide")
+_MAXIMUM = tvm.ir.Op.get("relax.maximum")
+_MINIMUM = tvm.ir.Op.get("relax.minimum")
 # a bias scale this close to s_x * s_w is taken as exactly it (onnxruntime computes it in float32)
 _BIAS_SCALE_RTOL = 1e-6
 
@@ -66,9 +73,10 @@ class _Operand:
 
 @mutator
 class _IntegerConv(PyExprMutator):
-    def __init__(self, mod: tvm.IRModule) -> None:
+    def __init__(self, mod: tvm.IRModule, integer_kernels: bool = True) -> None:
         super().__init__(mod)
         self.rewritten = 0
+        self.integer_kernels = integer_kernels
 
     def _dequantized(self, expr: Any) -> _Operand | None:
         call = bound_value(self, expr)
@@ -150,19 +158,34 @@ class _IntegerConv(PyExprMutator):
         if np.abs(correction).max(initial=0) >= 2**31:
             return None
 
-        data = x.value
-        padding = [int(p) for p in attrs.padding]
-        if x_zp != 0 and any(padding):
-            top, left, bottom, right = padding
-            data = self.builder_.emit(relax.op.nn.pad(data, [0, 0, 0, 0, top, bottom, left, right],
-                                                      pad_value=float(x_zp)))
-            padding = [0, 0, 0, 0]
-        acc = self.builder_.emit(relax.op.nn.conv2d(
-            data, relax.const(w_q, "int8"), strides=attrs.strides, padding=padding, dilation=attrs.dilation,
-            groups=int(attrs.groups), data_layout="NCHW", kernel_layout="OIHW", out_dtype="int32"))
-        per_channel = (1, channels, 1, 1)
-        if np.any(correction != 0):
-            acc = self.builder_.emit(relax.op.add(acc, relax.const(correction.astype("int32").reshape(per_channel))))
+        if self.integer_kernels:
+            data = x.value
+            padding = [int(p) for p in attrs.padding]
+            if x_zp != 0 and any(padding):
+                top, left, bottom, right = padding
+                data = self.builder_.emit(relax.op.nn.pad(data, [0, 0, 0, 0, top, bottom, left, right],
+                                                          pad_value=float(x_zp)))
+                padding = [0, 0, 0, 0]
+            acc = self.builder_.emit(relax.op.nn.conv2d(
+                data, relax.const(w_q, "int8"), strides=attrs.strides, padding=padding, dilation=attrs.dilation,
+                groups=int(attrs.groups), data_layout="NCHW", kernel_layout="OIHW", out_dtype="int32"))
+            per_channel = (1, channels, 1, 1)
+            if np.any(correction != 0):
+                acc = self.builder_.emit(relax.op.add(acc, relax.const(correction.astype("int32").reshape(per_channel))))
+        else:
+            # fp32 arithmetic on the integer values (x_q - z_x) and W_q: every product is exact, sums are
+            # exact below 2^24; the fp32 kernels run it at fp32 speed, activations stay 8-bit in memory
+            data = self.builder_.emit(relax.op.astype(x.value, "float32"))
+            if x_zp:
+                data = self.builder_.emit(relax.op.subtract(data, relax.const(np.float32(x_zp))))
+            acc = self.builder_.emit(relax.op.nn.conv2d(
+                data, relax.const(w_q.astype("float32")), strides=attrs.strides, padding=attrs.padding,
+                dilation=attrs.dilation, groups=int(attrs.groups), data_layout="NCHW", kernel_layout="OIHW",
+                out_dtype="float32"))
+            per_channel = (1, channels, 1, 1)
+            bias_int = correction + x_zp * w_q.astype("int64").sum(axis=(1, 2, 3))  # B_q alone
+            if np.any(bias_int != 0):
+                acc = self.builder_.emit(relax.op.add(acc, relax.const(bias_int.astype("float32").reshape(per_channel))))
         y = self.builder_.emit(relax.op.astype(acc, "float32"))
         multiplier = (acc_scale / np.float32(out_scale)).astype("float32")
         y = self.builder_.emit(relax.op.multiply(y, relax.const(multiplier.reshape(per_channel))))
@@ -180,15 +203,220 @@ class _IntegerConv(PyExprMutator):
         return relax.op.astype(y, out_dtype)
 
 
-@tvm.transform.module_pass(opt_level=0, name="KilnQuantizedConvToInteger")
-class QuantizedConvToInteger:
-    """``dequantize -> conv2d -> (bias) (-> relu) -> quantize`` -> u8 x s8 -> s32 conv2d + requantize."""
+@mutator
+class _QDQArithmetic(PyExprMutator):
+    def __init__(self, mod: tvm.IRModule) -> None:
+        super().__init__(mod)
+        self.rewritten = 0
+
+    def visit_call_(self, call: relax.Call) -> Any:
+        call = super().visit_call_(call)
+        if call.op not in (_QUANTIZE, _DEQUANTIZE):
+            return call
+        scale, zero_point = _const(call.args[1]), _const(call.args[2])
+        if scale is None or zero_point is None or scale.size != 1 or zero_point.size != 1:
+            return call
+        s, z = np.float32(scale.reshape(())), np.float32(zero_point.reshape(()))
+        x = call.args[0]
+        if call.op == _DEQUANTIZE:
+            if _dtype(x) not in ("uint8", "int8") or str(call.attrs.out_dtype) != "float32":
+                return call
+            # (x - z) * s: exact in float32 for 8-bit x, as the legalized dequantize computes it
+            y = self.builder_.emit(relax.op.astype(x, "float32"))
+            if z:
+                y = self.builder_.emit(relax.op.subtract(y, relax.const(z)))
+            self.rewritten += 1
+            return relax.op.multiply(y, relax.const(s))
+        out_dtype = str(call.attrs.out_dtype)
+        if _dtype(x) != "float32" or out_dtype not in ("uint8", "int8"):
+            return call
+        info = np.iinfo(out_dtype)
+        y = self.builder_.emit(relax.op.round(self.builder_.emit(relax.op.divide(x, relax.const(s)))))
+        if z:
+            y = self.builder_.emit(relax.op.add(y, relax.const(z)))
+        y = self.builder_.emit(relax.op.maximum(y, relax.const(np.float32(info.min))))
+        y = self.builder_.emit(relax.op.minimum(y, relax.const(np.float32(info.max))))
+        self.rewritten += 1
+        return relax.op.astype(y, out_dtype)
+
+
+@tvm.transform.module_pass(opt_level=0, name="KilnPerTensorQDQToArithmetic")
+class PerTensorQDQToArithmetic:
+    """Per-tensor ``quantize``/``dequantize`` of 8-bit tensors -> elementwise arithmetic.
+
+    Runs after ``QuantizedConvToInteger`` on what it left (the Q/DQ around batch norms, residual
+    adds, pools): ConvertLayout has no layout rule for quantize/dequantize and transposed around
+    each of them, and FuseOps kept them out of the convolutions' kernels. As plain arithmetic
+    (``(float(x) - z) * s``; ``saturate(round(y / s) + z)``, the legalized ops' formulas) they
+    stay NHWC and fuse into the producing convolution's epilogue.
+    """
 
     def __init__(self) -> None:
         self.rewritten = 0
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        rewriter = _IntegerConv(mod)
+        rewriter = _QDQArithmetic(mod)
+        out = rewrite_functions(mod, rewriter)
+        self.rewritten = rewriter.rewritten
+        return out
+
+
+def _static_shape(expr: Any) -> tuple[int, ...] | None:
+    ty = getattr(expr, "ty", None)
+    if not isinstance(ty, relax.TensorType) or ty.shape is None:
+        return None
+    try:
+        return tuple(int(d) for d in ty.shape.values)
+    except (AttributeError, TypeError):
+        return None
+
+
+def _shared_vars(mod: tvm.IRModule) -> set[Any]:
+    """Variables of ``mod``'s Relax functions read more than once."""
+    seen: set[Any] = set()
+    shared: set[Any] = set()
+
+    def visit(expr: Any) -> None:
+        if isinstance(expr, relax.Call):
+            for arg in expr.args:
+                if isinstance(arg, relax.Var):
+                    (shared if arg in seen else seen).add(arg)
+
+    for _, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(func, visit)
+    return shared
+
+
+@mutator
+class _RequantizeEpilogue(PyExprMutator):
+    def __init__(self, mod: tvm.IRModule) -> None:
+        super().__init__(mod)
+        self.rewritten = 0
+        # a u8 value read by other layers too stays the kernel's (8-bit) output
+        self.shared = _shared_vars(mod)
+
+    def visit_call_(self, call: relax.Call) -> Any:
+        call = super().visit_call_(call)
+        return self._fold_affine(call) if call.op == _ROUND else call
+
+    def _round_trip_source(self, expr: Any) -> Any | None:
+        """``v`` when ``expr`` is ``float(u8(v))``, ``v`` integral and saturated to the integer type's range,
+        and nothing else reads the 8-bit value or its float (which would then cross kernels in float32)."""
+        if not isinstance(expr, relax.Var) or expr in self.shared:
+            return None
+        outer = bound_value(self, expr)
+        if not isinstance(outer, relax.Call) or outer.op != _ASTYPE or str(outer.attrs.dtype) != "float32" \
+                or outer.args[0] in self.shared:
+            return None
+        inner = bound_value(self, outer.args[0])
+        if not isinstance(inner, relax.Call) or inner.op != _ASTYPE or str(inner.attrs.dtype) not in ("uint8", "int8"):
+            return None
+        info = np.iinfo(str(inner.attrs.dtype))
+        value = bound_value(self, inner.args[0])
+        bounds: list[tuple[Any, np.ndarray]] = []
+        while isinstance(value, relax.Call) and value.op in (_MAXIMUM, _MINIMUM):
+            bound = _const(value.args[1])
+            if bound is None:
+                break
+            bounds.append((value.op, bound))
+            value = bound_value(self, value.args[0])
+        lows = [b for op, b in bounds if op == _MAXIMUM]
+        highs = [b for op, b in bounds if op == _MINIMUM]
+        if not lows or not highs or any(b.size != 1 for b in lows + highs):
+            return None
+        if max(float(b) for b in lows) < info.min or min(float(b) for b in highs) > info.max:
+            return None
+        offset = _const(value.args[1]) if isinstance(value, relax.Call) and value.op == _ADD else None
+        if offset is not None and np.all(np.mod(offset, 1) == 0):
+            value = bound_value(self, value.args[0])
+        if not isinstance(value, relax.Call) or value.op != _ROUND:
+            return None
+        return inner.args[0]
+
+    def _fold_affine(self, call: relax.Call) -> Any:
+        """``round(((x - a) * b ... + c) / d)`` -> ``round(x * A + B)``: one multiply-add per element."""
+        out_shape = _static_shape(call)
+        if out_shape is None:
+            return call
+        ops: list[tuple[Any, np.ndarray, bool]] = []  # (op, constant, constant on the left) from the outside in
+        x = call.args[0]
+        while True:
+            value = bound_value(self, x)
+            if not isinstance(value, relax.Call) or value.op not in (_ADD, _SUBTRACT, _MULTIPLY, _DIVIDE):
+                break
+            left, right = _const(value.args[0]), _const(value.args[1])
+            if right is not None and right.dtype == np.float32:
+                ops.append((value.op, right.astype("float64"), False))
+                x = value.args[0]
+            elif left is not None and left.dtype == np.float32 and value.op != _DIVIDE:
+                ops.append((value.op, left.astype("float64"), True))
+                x = value.args[1]
+            else:
+                break
+        source = self._round_trip_source(x) if ops else None
+        if source is not None:
+            x = source
+        if len(ops) < (1 if source is not None else 2) or _dtype(x) != "float32" or _static_shape(x) != out_shape:
+            return call
+        scale, shift = np.ones(()), np.zeros(())
+        for op, c, on_left in reversed(ops):
+            if op == _MULTIPLY:
+                scale, shift = scale * c, shift * c
+            elif op == _DIVIDE:
+                scale, shift = scale / c, shift / c
+            elif op == _ADD:
+                shift = shift + c
+            elif on_left:  # c - y
+                scale, shift = -scale, c - shift
+            else:
+                shift = shift - c
+        if np.broadcast_shapes(out_shape, scale.shape, shift.shape) != out_shape:
+            return call
+        y = self.builder_.emit(relax.op.multiply(x, relax.const(scale.astype("float32"))))
+        if np.any(shift != 0):
+            y = self.builder_.emit(relax.op.add(y, relax.const(shift.astype("float32"))))
+        self.rewritten += 1
+        return relax.op.round(y)
+
+
+@tvm.transform.module_pass(opt_level=0, name="KilnSimplifyRequantization")
+class SimplifyRequantization:
+    """Shorter requantizing epilogues between integer layers (after ConvertLayout and constant folding).
+
+    * a chain of constant multiplies, divides, adds and subtracts before a ``round`` (dequantize,
+      batch norm, quantize: seven operations) becomes one multiply and one add;
+    * at the head of such a chain, ``float(u8(v))`` where ``v`` is already rounded and saturated
+      to u8's range is ``v`` (the value a dequantize reads back is the one just computed), where
+      nothing else reads the u8 value (it would cross kernels as float32 instead of 8 bits). The constants are
+      composed in float64, so the result differs from the step-by-step float32 chain by float32
+      rounding only; it matters only within that distance of a .5 tie (1 quantized unit).
+    Only chains that end in ``round`` are touched: fp32 models have none.
+    """
+
+    def __init__(self) -> None:
+        self.rewritten = 0
+
+    def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        rewriter = _RequantizeEpilogue(mod)
+        out = rewrite_functions(mod, rewriter)
+        self.rewritten = rewriter.rewritten
+        return relax.transform.DeadCodeElimination()(out) if self.rewritten else out
+
+
+@tvm.transform.module_pass(opt_level=0, name="KilnQuantizedConvToInteger")
+class QuantizedConvToInteger:
+    """``dequantize -> conv2d -> (bias) (-> relu) -> quantize`` -> u8 x s8 -> s32 conv2d + requantize.
+
+    ``integer_kernels=False`` (targets without an integer dot-product kernel, ADR 0021): the same
+    chain with the convolution in fp32 on the exact integer values ``x_q - z_x`` and ``W_q``."""
+
+    def __init__(self, integer_kernels: bool = True) -> None:
+        self.rewritten = 0
+        self.integer_kernels = integer_kernels
+
+    def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        rewriter = _IntegerConv(mod, self.integer_kernels)
         out = rewrite_functions(mod, rewriter)
         self.rewritten = rewriter.rewritten
         # the replaced fp32 chains are dead now

@@ -100,10 +100,32 @@ def schedule_vnni_conv(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
         return None
     _register_vnni_intrin()
 
+    # elementwise producers of the epilogue only (a residual operand's dequantize) are inlined:
+    # left at the root, they stop the epilogue's inlining at the residual add
+    def is_anchor(blk: Any) -> bool:  # BlockRVs compare by handle: compare the blocks they refer to now
+        return bool(sch.get(blk).same_as(sch.get(block)))
+
+    for blk in blocks:
+        if is_anchor(blk) or writes_output(sch, blk):
+            continue
+        if any(is_anchor(c) for c in sch.get_consumers(blk)):
+            # a zero-width pad (a 1x1 convolution's input copy) is read in place; a real pad stays
+            if type(getattr(sch.get(blk).body, "value", None)).__name__ in ("BufferLoad", "TensorLoad"):
+                try:
+                    sch.compute_inline(blk)
+                except Exception:  # the copy then stays materialised
+                    continue
+            continue
+        if any(is_anchor(p) for p in sch.get_producers(blk)):
+            continue  # the epilogue itself: inlined into the tile's write-back below
+        try:
+            sch.compute_inline(blk)
+        except Exception:  # a reduction or non-injective block stays where it is
+            continue
+    blocks = sch.get_child_blocks(root)
     # the padded input stays materialised (vpdpbusd loads 4 bytes of it), in parallel
     for blk in blocks:
-        if not blk.same_as(block) and not writes_output(sch, blk) and \
-                any(c.same_as(block) for c in sch.get_consumers(blk)):
+        if not is_anchor(blk) and not writes_output(sch, blk) and any(is_anchor(c) for c in sch.get_consumers(blk)):
             loops = sch.get_loops(blk)
             sch.parallel(sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0])
     # weights [kh, kw, ic, oc] -> [oc/16, kh, kw, ic/4, 16, 4], re-packed once at compile time

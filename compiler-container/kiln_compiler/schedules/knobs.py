@@ -9,7 +9,7 @@ from dataclasses import dataclass
 class TileKnobs:
     """Overrides of the anchor tile's heuristic choices: what tuning measures (see kiln_compiler.tuning)."""
 
-    max_vectors: int | None = None  # vectors of output channels per tile (None: best of 2 and 1)
+    max_vectors: int | None = None  # output-channel vectors per tile (None: 2 or 1, or 3 or 1 for an odd multiple of 3)
     max_pixels: int = 14  # output pixels per tile
     channels_outer: bool | None = None  # loop order of the tile grid (None: by bytes moved)
 
@@ -17,7 +17,7 @@ class TileKnobs:
 def tile_variants() -> list[TileKnobs]:
     """The default tile and the alternatives tuning measures next to it."""
     out = [DEFAULT_KNOBS]
-    for max_vectors in (1, 2):
+    for max_vectors in (1, 2, 3):  # variants that give the same schedule are measured once
         for max_pixels in (14, 8, 4):
             for channels_outer in (True, False):
                 out.append(TileKnobs(max_vectors, max_pixels, channels_outer))

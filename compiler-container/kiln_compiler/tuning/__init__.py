@@ -2,5 +2,7 @@
 
 from .database import TuningDatabase
 from .search import apply_database, can_measure, tune_and_apply
+from .shards import Shard, merge_records, partition, shard_prefix
 
-__all__ = ["TuningDatabase", "apply_database", "can_measure", "tune_and_apply"]
+__all__ = ["Shard", "TuningDatabase", "apply_database", "can_measure", "merge_records", "partition", "shard_prefix",
+           "tune_and_apply"]

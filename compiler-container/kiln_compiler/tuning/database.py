@@ -39,6 +39,9 @@ class TuningDatabase:
         else:
             self.local_dir = Path(cache_dir or location)
         self.local_dir.mkdir(parents=True, exist_ok=True)
+        # workloads whose records this job's tuning workers made (merged in by the build, ADR 0023)
+        self.recorded_by_workers: set[int] = set()
+        self._downloaded = False
 
     @property
     def is_s3(self) -> bool:
@@ -68,9 +71,11 @@ class TuningDatabase:
         return self._s3
 
     def download(self) -> None:
-        """Fetch the records from S3 (a missing prefix is an empty database)."""
-        if not self.is_s3:
+        """Fetch the records from S3 once (a missing prefix is an empty database); later calls keep the local
+        copy, which may hold records merged in since (a fanned-out job's build, ADR 0023)."""
+        if not self.is_s3 or self._downloaded:
             return
+        self._downloaded = True
         bucket, prefix = self._bucket_prefix()
         for name in RECORD_FILES:
             key = f"{prefix}/{name}" if prefix else name

@@ -26,6 +26,7 @@ from ..options import TuningBudget
 from ..schedules import default_schedule, is_scheduled, target_cpu, target_vector_unit, tile_variants
 from .builder import KilnBuilder, target_dict
 from .database import TuningDatabase
+from .shards import Shard, partition
 
 log = logging.getLogger(__name__)
 
@@ -188,6 +189,16 @@ def _tune_worker(funcs: dict[str, str], target_json: str, db_dir: str, budget: i
             builder.pool.shutdown(wait=False)
 
 
+def kernel_shares(mod: Any, count: int) -> list[list[str]]:
+    """The tunable kernels of ``mod`` (fused, before tuning) split into ``count`` disjoint shares (ADR 0023).
+
+    The split is over every tunable kernel, not over what a worker's database lacks, so every worker
+    computes the same split whatever records it finds; kernels of one workload share a worker."""
+    by_name = {gv.name_hint: f for gv, f in _prim_funcs(mod).items()}
+    keyed = [(name, tvm_ffi.structural_hash(_task_module(by_name[name]))) for name in _tuning_order(list(by_name))]
+    return partition(keyed, count)
+
+
 def tune_and_apply(
     mod: Any,
     target: Any,
@@ -196,11 +207,15 @@ def tune_and_apply(
     tuning: TuningBudget | None,
     deadline: float | None,
     reserve_seconds: float = 0.0,
+    shard: Shard | None = None,
 ) -> tuple[Any, dict[str, int]]:
     """Reuse records, tune what is left within budget and deadline, apply the results.
 
     Returns the module (tuned/reused kernels marked scheduled) and counts of kernels
-    ``{"tuned": n, "reused": n}``. Tuning runs only when the target can run here.
+    ``{"tuned": n, "reused": n}``. Tuning runs only when the target can run here. With ``shard``
+    (a tuning worker, ADR 0023) only that worker's share of the tunable kernels is tuned, and the
+    counts add ``"kernels"`` (the share's size). Kernels applied from records that this job's
+    workers made (``database.recorded_by_workers``) count as tuned, not reused.
     """
 
     database.download()
@@ -209,9 +224,14 @@ def tune_and_apply(
     # with a budget: every compute-bound kernel that lacks Kiln's measured tiles or a search
     # (a kernel with only one of them is reused now and still improved by a bigger budget)
     todo = {}
+    share: set[str] | None = None
+    if shard is not None:
+        share = set(kernel_shares(original, shard.count)[shard.index - 1])
     if tuning is not None:
         search_db, kiln_db = database.open_search(), database.open_kiln()
         tunable = set(_tuning_order([gv.name_hint for gv in _prim_funcs(original)]))
+        if share is not None:
+            tunable &= share
         for gv, f in _prim_funcs(original).items():
             if gv.name_hint in tunable and not is_scheduled(f):
                 task = _task_module(f)
@@ -250,4 +270,14 @@ def tune_and_apply(
         scheduled = {gv.name_hint for gv, f in _prim_funcs(mod).items() if is_scheduled(f)}
         tuned = len(scheduled & {gv.name_hint for gv in todo})
         reused = applied - tuned
-    return mod, {"tuned": tuned, "reused": reused}
+    elif database.recorded_by_workers:
+        # the build of a fanned-out job: the workers' records were merged in before this compile
+        fresh = {gv.name_hint for gv, f in _prim_funcs(original).items() if not is_scheduled(f)
+                 and tvm_ffi.structural_hash(_task_module(f)) in database.recorded_by_workers}
+        scheduled = {gv.name_hint for gv, f in _prim_funcs(mod).items() if is_scheduled(f)}
+        tuned = len(scheduled & fresh)
+        reused -= tuned
+    counts = {"tuned": tuned, "reused": reused}
+    if share is not None:
+        counts["kernels"] = len(share)
+    return mod, counts

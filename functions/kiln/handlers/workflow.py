@@ -19,7 +19,8 @@ wiring.start_in_lambda()
 
 @logger.inject_lambda_context
 def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
-    """Run one step: ``{"Step": "MarkInProgress" | "ResolveModelPackage" | "RecordSuccess" | "RecordFailure", ...}``,
+    """Run one step: ``{"Step": "MarkInProgress" | "ResolveModelPackage" | "PlanBuild" | "RecordSuccess" |
+    "RecordFailure", ...}``,
     or the scheduled ``{"Step": "Census"}`` (active-job gauges for the dashboard and the overdue alarm)."""
     steps = wiring.current().workflow_steps
     step = event.get("Step")
@@ -34,8 +35,10 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
             return steps.mark_in_progress(job)
         if step == "ResolveModelPackage":
             return steps.resolve_model_package(job)
+        if step == "PlanBuild":
+            return steps.plan_build(job, event.get("Limits") or {})
         if step == "RecordSuccess":
-            return steps.record_success(job, event["Result"])
+            return steps.record_success(job, event["Result"], event.get("TuningWorkers"))
         if step == "RecordFailure":
             return steps.record_failure(job, event.get("Error") or {}, event.get("Limits") or {})
     except ClientError as exc:
