@@ -57,6 +57,45 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
+def cpu_model() -> str:
+    """The host CPU's model name (Linux), for the results file."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+class LoadAverage:
+    """The host's 1-minute load average, sampled every ``interval`` s while running (other processes
+    share the host: the figure says how busy it was)."""
+
+    def __init__(self, interval: float = 5) -> None:
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(interval,), daemon=True)
+
+    def _run(self, interval: float) -> None:
+        while not self._stop.is_set():
+            self.samples.append(os.getloadavg()[0])
+            self._stop.wait(interval)
+
+    def __enter__(self) -> LoadAverage:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def summary(self) -> dict[str, float]:
+        values = self.samples or [os.getloadavg()[0]]
+        return {"min": round(min(values), 1), "mean": round(sum(values) / len(values), 1),
+                "max": round(max(values), 1)}
+
+
 class Recorder:
     """Latency and outcome of every API call, by operation (thread-safe)."""
 
@@ -64,6 +103,7 @@ class Recorder:
         self.lock = threading.Lock()
         self.latency: dict[str, list[float]] = defaultdict(list)
         self.outcomes: Counter[str] = Counter()
+        self.messages: dict[str, str] = {}
 
     def call(self, operation: str, fn: Any, **kwargs: Any) -> Any:
         started = time.perf_counter()
@@ -72,6 +112,8 @@ class Recorder:
             outcome = "ok"
         except ClientError as exc:
             result, outcome = None, exc.response["Error"]["Code"]
+            with self.lock:  # the first message of each kind of error, to say what it was
+                self.messages.setdefault(f"{operation}:{outcome}", exc.response["Error"].get("Message", ""))
         except Exception as exc:  # a transport error is an error too
             result, outcome = None, type(exc).__name__
         elapsed = (time.perf_counter() - started) * 1000
@@ -89,14 +131,18 @@ class Recorder:
                                   "p99_ms": round(percentile(v, 99), 1), "max_ms": round(max(v), 1)}
                              for op, v in sorted(self.latency.items())},
             "outcomes": dict(sorted(self.outcomes.items())),
+            "first_messages": dict(sorted(self.messages.items())),
         }
 
 
-def start_server(work: Path, port: int, aws_port: int, max_compilers: int | None) -> subprocess.Popen[bytes]:
+def start_server(work: Path, port: int, aws_port: int, max_compilers: int | None,
+                 api_workers: int | None) -> subprocess.Popen[bytes]:
     command = [sys.executable, "-m", "kiln.cli", "serve", "--port", str(port), "--aws-port", str(aws_port),
                "--work-dir", str(work)]
     if max_compilers:
         command += ["--max-compilers", str(max_compilers)]
+    if api_workers is not None:
+        command += ["--api-workers", str(api_workers)]
     log = open(work / "serve.log", "wb")  # noqa: SIM115  (closed with the process)
     return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
 
@@ -186,11 +232,12 @@ def load_phase(url: str, aws_url: str, clients: int, creates: int, think: float,
     api = client(url)
     final = Counter(api.describe_compilation_job(CompilationJobName=n)["CompilationJobStatus"] for n in accepted)
     summary = recorder.summary()
-    errors = {k: v for k, v in summary["outcomes"].items()
+    errors = {k: {"count": v, "first_message": summary["first_messages"].get(k, "")}
+              for k, v in summary["outcomes"].items()
               if not k.endswith(":ok") and k != "CreateCompilationJob:ResourceLimitExceeded"}
     return {"clients": clients, "create_attempts": creates, "think_s": think, "accepted": len(accepted),
             "refused_resource_limit": summary["outcomes"].get("CreateCompilationJob:ResourceLimitExceeded", 0),
-            "errors_other_than_resource_limit": sum(errors.values()), "error_detail": errors,
+            "errors_other_than_resource_limit": sum(e["count"] for e in errors.values()), "error_detail": errors,
             "final_statuses": dict(final), "every_job_terminal": sum(final.values()) == len(accepted)
             and all(s in TERMINAL for s in final), "wall_s": round(time.time() - started, 1), "api": summary}
 
@@ -248,19 +295,23 @@ def main() -> int:
     parser.add_argument("--sizes", default="100,1000,10000")
     parser.add_argument("--list-calls", type=int, default=50)
     parser.add_argument("--max-compilers", type=int, default=None, help="kiln serve --max-compilers")
+    parser.add_argument("--api-workers", type=int, default=None, help="kiln serve --api-workers")
+    parser.add_argument("--label", default="", help="names the results files (e.g. before/after a change)")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     parser.add_argument("--skip-load", action="store_true", help="only the ListCompilationJobs phase")
     args = parser.parse_args()
     port, aws_port = free_port(), free_port()
     url, aws_url = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{aws_port}"
     with tempfile.TemporaryDirectory(prefix="kiln-load-") as tmp:
-        server = start_server(Path(tmp), port, aws_port, args.max_compilers)
+        server = start_server(Path(tmp), port, aws_port, args.max_compilers, args.api_workers)
         try:
             wait_ready(url)
             load: dict[str, Any] = {}
             if not args.skip_load:
                 print(f"phase 1: {args.clients} clients, {args.creates} creates against {url}", flush=True)
-                load = load_phase(url, aws_url, args.clients, args.creates, args.think, args.deadline)
+                with LoadAverage() as busy:
+                    load = load_phase(url, aws_url, args.clients, args.creates, args.think, args.deadline)
+                load["host_load_average"] = busy.summary()
                 print(json.dumps({k: v for k, v in load.items() if k != "api"}, indent=2), flush=True)
                 print(f"  API p50 {load['api']['p50_ms']} ms, p99 {load['api']['p99_ms']} ms "
                       f"over {load['api']['calls']} calls", flush=True)
@@ -273,9 +324,11 @@ def main() -> int:
             except subprocess.TimeoutExpired:
                 server.kill()
     report = {"date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "host": socket.gethostname(),
-              "cpus": len(os.sched_getaffinity(0)), "load": load, "list_latency_by_table_size": listing}
+              "cpus": len(os.sched_getaffinity(0)), "cpu_model": cpu_model(), "api_workers": args.api_workers,
+              "load": load, "list_latency_by_table_size": listing}
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"{dt.date.today().isoformat()}-{'list' if args.skip_load else 'load'}"
+    label = f"-{args.label}" if args.label else ""
+    stem = args.out / f"{dt.date.today().isoformat()}-{'list' if args.skip_load else 'load'}{label}"
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     stem.with_suffix(".md").write_text(markdown(report) if load else json.dumps(report, indent=2) + "\n")
     print(f"wrote {stem}.json and {stem}.md")
@@ -284,7 +337,10 @@ def main() -> int:
 
 def markdown(report: dict[str, Any]) -> str:
     load, api = report["load"], report["load"]["api"]
-    lines = [f"# `make load` — {report['date']} on {report['host']} ({report['cpus']} CPUs)", "",
+    busy = load.get("host_load_average", {})
+    lines = [f"# `make load` — {report['date']} on {report['host']} ({report['cpus']} CPUs, {report['cpu_model']})", "",
+             f"Host load average (1 min) during phase 1: min {busy.get('min')}, mean {busy.get('mean')}, "
+             f"max {busy.get('max')}; kiln serve --api-workers {report['api_workers']} (None: its default).", "",
              f"{load['clients']} clients, {load['create_attempts']} CreateCompilationJob attempts "
              f"(think time {load['think_s']} s), then Describe/List until every accepted job was terminal "
              f"({load['wall_s']} s).", "",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -18,6 +19,9 @@ console = Console(stderr=True)
 # The command's result (JSON) goes to the real stdout; everything else, Powertools' JSON logs of the
 # in-process handlers included (they write to sys.stdout), goes to stderr.
 _result = sys.stdout
+# `kiln serve` answers the API from this many processes of their own (kiln.local.api_workers), each
+# one request at a time, as a Lambda execution environment.
+DEFAULT_API_WORKERS = 4
 
 
 def _emit(document: Any) -> None:
@@ -42,6 +46,12 @@ def _positive(text: str) -> int:
     return int(text)
 
 
+def _non_negative(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 0, got {text!r}")
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kiln", description="Kiln: SageMaker-compatible model compilation")
     parser.add_argument("-v", "--verbose", action="store_true",
@@ -55,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--work-dir", type=Path, default=None, help="where compiler processes work")
     serve.add_argument("--max-compilers", type=_positive, default=None,
                        help="compiler processes at once; the rest wait as pending (default: CPU count)")
+    serve.add_argument("--api-workers", type=_non_negative, default=None,
+                       help="processes serving the API beside the embedded stack's, one request at a time "
+                            "each (default 4; 0: serve it in the stack's process)")
 
     compile_ = sub.add_parser("compile", help="compile one model through the full job path, locally")
     compile_.add_argument("model", type=Path, help="the model archive (.tar.gz)")
@@ -143,15 +156,21 @@ def _configure_logging(verbose: bool, *, serving: bool) -> None:
 
 def _serve(args: argparse.Namespace) -> int:
     from kiln.console.app import PREFIX, Artifacts, ConsoleApp, FormDefaults, local_api
+    from kiln.local.api_workers import ApiWorkers
     from kiln.local.server import ApiServer
     from kiln.local.stack import EmbeddedStack
 
     stack = EmbeddedStack(host=args.host, aws_port=args.aws_port or args.port + 1, work_dir=args.work_dir,
                           max_compilers=args.max_compilers).start()
-    server = ApiServer(args.host, args.port)
-    server.mount(PREFIX, ConsoleApp(local_api(server.url), Artifacts(stack.client("s3")), FormDefaults(
-        role_arn=stack.outputs["JobRoleArn"], input_prefix=f"s3://{stack.outputs['ModelBucket']}/",
-        output_prefix=f"s3://{stack.outputs['ArtifactBucket']}/"))).start()
+    workers = args.api_workers if args.api_workers is not None else DEFAULT_API_WORKERS
+    server: ApiServer | ApiWorkers
+    if workers and os.name == "posix":  # workers inherit the listening socket (POSIX only)
+        server = ApiWorkers(stack, args.host, args.port, workers).start()
+    else:
+        server = ApiServer(args.host, args.port)
+        server.mount(PREFIX, ConsoleApp(local_api(server.url), Artifacts(stack.client("s3")), FormDefaults(
+            role_arn=stack.outputs["JobRoleArn"], input_prefix=f"s3://{stack.outputs['ModelBucket']}/",
+            output_prefix=f"s3://{stack.outputs['ArtifactBucket']}/"))).start()
     console.print(f"[bold]Kiln[/] API on {server.url}  (embedded AWS on {stack.endpoint_url})")
     console.print(f"  boto3.client('sagemaker', endpoint_url='{server.url}')")
     console.print(f"  job role: {stack.outputs['JobRoleArn']}  buckets: s3://{stack.outputs['ModelBucket']}, "

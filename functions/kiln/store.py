@@ -50,6 +50,11 @@ INDEXES = {
 }
 _SORT_INDEX = {"CreationTime": "ByCreationTime", "Name": "ByName", "Status": "ByStatus"}
 _INTERNAL = ("Partition", "StatusKey", "Tags", "ExecutionArn", "Runner", "Internal")
+# What a listing reads of each record (ListCompilationJobs' summaries, the census's limits) and the
+# index keys a NextToken holds: a page moves these, not whole records.
+LISTED_ATTRIBUTES = ("JobName", "Partition", "StatusKey", "CompilationJobName", "CompilationJobArn",
+                     "CompilationJobStatus", "CreationTime", "LastModifiedTime", "CompilationStartTime",
+                     "CompilationEndTime", "OutputConfig", "StoppingCondition")
 
 
 def table_definition(name: str) -> dict[str, Any]:
@@ -293,11 +298,15 @@ class JobStore:
         if index == "ByStatus" and query.status_equals:
             key_condition = key_condition & Key("StatusKey").begins_with(query.status_equals + "#")
         filters = self._filters(query)
+        # Unfiltered, one item past the page tells whether more follow; a filter may drop items.
+        limit = query.max_results + 1 if filters is None else max(query.max_results * 2, 25)
+        projection = {"ProjectionExpression": ", ".join(f"#p{i}" for i in range(len(LISTED_ATTRIBUTES))),
+                      "ExpressionAttributeNames": {f"#p{i}": name for i, name in enumerate(LISTED_ATTRIBUTES)}}
         results: list[dict[str, Any]] = []
         while True:
             kwargs: dict[str, Any] = {"IndexName": index, "KeyConditionExpression": key_condition,
-                                      "ScanIndexForward": query.sort_order == "Ascending",
-                                      "Limit": max(query.max_results * 2, 25)}
+                                      "ScanIndexForward": query.sort_order == "Ascending", "Limit": limit,
+                                      **projection}
             if filters is not None:
                 kwargs["FilterExpression"] = filters
             if start_key:

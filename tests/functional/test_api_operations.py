@@ -315,6 +315,19 @@ def test_boto3_paginator_and_default_sort(sagemaker: Any, seeded: dict[str, Any]
     assert "The default is <code>CreationTime</code>" in documentation["SortBy"]
 
 
+def test_unfiltered_pages_walk_every_job_once(sagemaker: Any, seeded: dict[str, Any]) -> None:
+    # GIVEN the whole table (the seeded jobs and every other test's), listed without any filter, so
+    # each page is one index Query of MaxResults + 1 items
+    paginator = sagemaker.get_paginator("list_compilation_jobs")
+    # WHEN every page of 7 is fetched, newest first
+    names = [s["CompilationJobName"] for page in paginator.paginate(SortOrder="Descending",
+                                                                     PaginationConfig={"PageSize": 7})
+             for s in page["CompilationJobSummaries"]]
+    # THEN no job comes twice and the seeded ones all come, in their order
+    assert len(names) == len(set(names))
+    assert [n for n in names if seeded["tag"] in n] == expected_order(seeded["jobs"], "CreationTime", "Descending")
+
+
 def test_default_sort_is_oldest_first_on_one_page(sagemaker: Any, seeded: dict[str, Any]) -> None:
     # GIVEN the seeded jobs  WHEN one page is listed without SortBy/SortOrder
     page = sagemaker.list_compilation_jobs(NameContains=seeded["tag"], MaxResults=5)["CompilationJobSummaries"]

@@ -70,3 +70,101 @@ def test_batch_job_lives_as_long_as_its_local_process(local_stack):
     # THEN the first SUCCEEDED and the second FAILED, as Batch reports them
     assert wait_until(lambda: status(ended) == "SUCCEEDED", timeout=10)
     assert wait_until(lambda: status(killed) == "FAILED", timeout=10)
+
+
+def test_fast_dynamodb_reads_write_the_bytes_moto_would(local_stack):
+    # GIVEN an item holding every DynamoDB type, read back through the embedded endpoint
+    import base64
+
+    from moto.core.responses import ActionContext, BaseResponse
+    from moto.core.serialize import get_serializer_class
+    from moto.core.utils import get_service_model
+    from moto.dynamodb.models.dynamo_type import DynamoType
+    from moto.dynamodb.responses import DynamoResult
+
+    item = {"JobName": {"S": "every-type"}, "n": {"N": "1.5"}, "b": {"B": base64.b64encode(b"\x00\xff").decode()},
+            "t": {"BOOL": True}, "z": {"NULL": True}, "m": {"M": {"s": {"S": "é"}, "l": {"L": [{"N": "2"}]}}},
+            "ss": {"SS": ["a", "b"]}, "ns": {"NS": ["1", "2"]}, "bs": {"BS": [base64.b64encode(b"x").decode()]}}
+    model = get_service_model("dynamodb")
+    results = {"GetItem": {"Item": {k: DynamoType(v) for k, v in item.items()}},
+               "Query": {"Count": 1, "ScannedCount": 3, "Items": [{k: DynamoType(v) for k, v in item.items()}],
+                         "LastEvaluatedKey": {"JobName": DynamoType({"S": "every-type"})}},
+               "Scan": {"Count": 0, "ScannedCount": 0, "Items": []}}
+    for operation, result in results.items():
+        context = ActionContext(model, model.operation_model(operation), get_serializer_class("dynamodb", "json"),
+                                BaseResponse("dynamodb"))  # the serialiser reads no request state
+        # WHEN the patched and moto's own serialiser write the same result
+        patched = DynamoResult(result).execute_result(context)
+        original = moto_patches._originals["dynamodb_execute_result"](DynamoResult(result), context)
+        # THEN status, content type and the JSON document are the same
+        assert patched[0] == original[0] == 200
+        assert patched[1]["Content-Type"] == original[1]["Content-Type"]
+        assert json.loads(patched[2]) == json.loads(original[2]), operation
+
+
+def test_moto_lists_its_modules_once_patched(local_stack):
+    # GIVEN the embedded stack (patch applied) WHEN moto's server asks for its service modules
+    from moto import backends
+
+    # THEN it gets the same list as moto's own, without listing the package folder again
+    assert list(backends.list_of_moto_modules()) == list(moto_patches._originals["list_of_moto_modules"]())
+    assert "dynamodb" in backends.list_of_moto_modules()
+
+
+def test_cancelled_transaction_rolls_back_only_its_items(local_stack):
+    # GIVEN a table of its own holding two items
+    from botocore.exceptions import ClientError
+
+    dynamodb = local_stack.client("dynamodb")
+    table = "kiln-transaction-rollback"
+    dynamodb.create_table(TableName=table, BillingMode="PAY_PER_REQUEST",
+                          AttributeDefinitions=[{"AttributeName": "k", "AttributeType": "S"}],
+                          KeySchema=[{"AttributeName": "k", "KeyType": "HASH"}])
+    dynamodb.put_item(TableName=table, Item={"k": {"S": "changed"}, "v": {"N": "1"}, "m": {"M": {"x": {"S": "a"}}}})
+    dynamodb.put_item(TableName=table, Item={"k": {"S": "other"}, "v": {"N": "7"}})
+    # WHEN a transaction puts a new item, updates one in place, then fails its last condition
+    try:
+        dynamodb.transact_write_items(TransactItems=[
+            {"Put": {"TableName": table, "Item": {"k": {"S": "new"}}}},
+            {"Update": {"TableName": table, "Key": {"k": {"S": "changed"}}, "UpdateExpression": "SET v = :v, m.x = :x",
+                        "ExpressionAttributeValues": {":v": {"N": "2"}, ":x": {"S": "b"}}}},
+            {"ConditionCheck": {"TableName": table, "Key": {"k": {"S": "other"}},
+                                "ConditionExpression": "attribute_not_exists(k)"}}])
+    except ClientError as exc:
+        assert exc.response["Error"]["Code"] == "TransactionCanceledException"
+    else:
+        raise AssertionError("the transaction's failed condition did not cancel it")
+    # THEN none of its writes remain and the untouched item is as it was
+    items = {i["k"]["S"]: i for i in dynamodb.scan(TableName=table, ConsistentRead=True)["Items"]}
+    assert set(items) == {"changed", "other"}
+    assert items["changed"]["v"] == {"N": "1"} and items["changed"]["m"] == {"M": {"x": {"S": "a"}}}
+    assert items["other"]["v"] == {"N": "7"}
+    # AND a transaction that succeeds keeps all its writes
+    dynamodb.transact_write_items(TransactItems=[
+        {"Put": {"TableName": table, "Item": {"k": {"S": "new"}}}},
+        {"Update": {"TableName": table, "Key": {"k": {"S": "changed"}}, "UpdateExpression": "SET v = :v",
+                    "ExpressionAttributeValues": {":v": {"N": "3"}}}}])
+    items = {i["k"]["S"]: i for i in dynamodb.scan(TableName=table, ConsistentRead=True)["Items"]}
+    assert set(items) == {"changed", "other", "new"} and items["changed"]["v"] == {"N": "3"}
+    dynamodb.delete_table(TableName=table)
+
+
+def test_projection_on_top_level_names_reads_what_moto_would(local_stack):
+    # GIVEN an item with nested and missing attributes
+    from moto.dynamodb.models.dynamo_type import DynamoType, Item
+
+    item = Item(hash_key=DynamoType({"S": "job"}), range_key=None,
+                attrs={"JobName": {"S": "job"}, "OutputConfig": {"M": {"TargetDevice": {"S": "ml_c5"},
+                                                                      "Tags": {"L": [{"N": "1"}, {"S": "x"}]}}},
+                       "CreationTime": {"N": "1796130066.25"}, "Internal": {"M": {"big": {"S": "x" * 1000}}},
+                       "Flags": {"SS": ["a", "b"]}})
+    for paths in ([["JobName"], ["OutputConfig"], ["CreationTime"], ["Flags"], ["Missing"]],
+                  [["OutputConfig", "TargetDevice"], ["JobName"]]):
+        # WHEN it is projected by the patched and moto's own method
+        patched = item.project(paths)
+        original = moto_patches._originals["dynamodb_project"](item, paths)
+        # THEN both hold the same attributes and values (sets compared as sets; nested paths are
+        # moto's own way)
+        assert patched.to_regular_json() == original.to_regular_json(), paths
+        assert set(patched.attrs) == set(original.attrs)
+        assert "Internal" not in patched.attrs

@@ -15,6 +15,11 @@ from werkzeug.wrappers import Request, Response
 from kiln.local.stack import ACCOUNT
 
 log = logging.getLogger("kiln.serve")
+# The handler is a Lambda handler: Powertools' resolver keeps the request being resolved on itself
+# (``app.current_event``), so a process runs one at a time, as a Lambda execution environment does
+# (seen without this: a DescribeCompilationJob resolved with a concurrent List's body). More
+# requests at once take more processes (``kiln serve --api-workers``).
+_ONE_REQUEST_AT_A_TIME = threading.Lock()
 
 
 class _Context:
@@ -83,7 +88,9 @@ def _application(environ: dict[str, Any], start_response: Any) -> Any:
 
     request = Request(environ)
     started = time.perf_counter()
-    result = handler(proxy_event(request), _Context())
+    event = proxy_event(request)
+    with _ONE_REQUEST_AT_A_TIME:
+        result = handler(event, _Context())
     headers: dict[str, str] = {}
     for key, values in (result.get("multiValueHeaders") or {}).items():
         headers[key] = ", ".join(values)
@@ -96,12 +103,14 @@ def _application(environ: dict[str, Any], start_response: Any) -> Any:
 
 
 class ApiServer:
-    """The API on host:port in a background thread."""
+    """The API on host:port (or on the listening socket ``fd``) in a background thread."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 8080) -> None:
+    def __init__(self, host: str = "127.0.0.1", port: int = 8080, *, fd: int | None = None) -> None:
         self._mounts: dict[str, Any] = {}
-        self._server: BaseWSGIServer = make_server(host, port, self._dispatch, threaded=True)
-        self.port = self._server.server_port
+        self._server: BaseWSGIServer = make_server(host, port, self._dispatch, threaded=True, fd=fd)
+        self.port = self._server.port
+        if fd is not None:
+            host = str(self._server.server_address[0])
         self.url = f"http://{host}:{self.port}"
         self._thread = threading.Thread(target=self._server.serve_forever, name="kiln-api", daemon=True)
 

@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import boto3
+import botocore.config
 
 from kiln import wiring
 from kiln.catalog import Runner
@@ -99,19 +100,24 @@ class _Process:
 class LocalClients:
     """boto3 clients and resources bound to the embedded stack's endpoint (local credentials)."""
 
+    # Every API thread, workflow step and pump may call at once: more pooled connections than
+    # botocore's 10, so a busy server does not open (and drop) a new connection per call.
+    MAX_POOL_CONNECTIONS = 64
+
     def __init__(self, endpoint_url: str) -> None:
         self.endpoint_url = endpoint_url
+        self._config = botocore.config.Config(max_pool_connections=self.MAX_POOL_CONNECTIONS)
         self._session = boto3.session.Session(aws_access_key_id="local", aws_secret_access_key="local",
                                               region_name=REGION)
         self._lock = threading.Lock()  # boto3 sessions are not thread-safe; their clients are
 
     def client(self, service_name: str) -> Any:
         with self._lock:
-            return self._session.client(service_name, endpoint_url=self.endpoint_url)
+            return self._session.client(service_name, endpoint_url=self.endpoint_url, config=self._config)
 
     def resource(self, service_name: str) -> Any:
         with self._lock:
-            return self._session.resource(service_name, endpoint_url=self.endpoint_url)
+            return self._session.resource(service_name, endpoint_url=self.endpoint_url, config=self._config)
 
 
 @dataclass
@@ -354,8 +360,13 @@ class EmbeddedStack:
         moto_patches.patch_heartbeat_timeout_name()
         moto_patches.patch_first_token_answer_wins()
         moto_patches.patch_dynamodb_atomic_writes()
+        moto_patches.patch_dynamodb_transaction_snapshots()
         moto_patches.patch_container_runner(self.runner.start, self.runner.stop)
         moto_patches.patch_update_model_package_keeps_fields()
+        moto_patches.patch_server_module_list()
+        moto_patches.patch_dynamodb_fast_reads()
+        moto_patches.patch_dynamodb_projection()
+        moto_patches.patch_step_functions_clients_reused()
         logging.getLogger("werkzeug").setLevel(logging.WARNING)
         self._server = ThreadedMotoServer(ip_address=self.host, port=self.aws_port, verbose=False)
         self._server.start()
