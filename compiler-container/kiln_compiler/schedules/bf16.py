@@ -20,11 +20,10 @@ from typing import Any
 import tvm
 from kiln.isa import VectorUnit
 from tvm import tirx
-from tvm.s_tir import Schedule
 
 from ..graph.bf16 import BF16_BLOCK_IC, BF16_BLOCK_OC
 from .cpu import _channel_tiles_outermost, _pick_factor, _register_budget, _tile_rate, inline_epilogues
-from .tir import COMM_REDUCE, DATA_PAR, has_root, is_scheduled, iter_extents, reduction_blocks, writes_output
+from .tir import is_scheduled, match_nhwc_conv, parallelize_anchor_inputs, parallelize_serial_root_blocks
 
 log = logging.getLogger(__name__)
 
@@ -103,37 +102,19 @@ def _tile(height: int, width: int, channels: int, vector: VectorUnit) -> tuple[i
 
 def schedule_bf16_conv(func: tirx.PrimFunc, vector: VectorUnit) -> tirx.PrimFunc | None:
     """The ``vdpbf16ps`` schedule of a fused bf16 x bf16 -> fp32 NHWC convolution kernel, or None."""
-    # the intrinsic's description indexes with int32: Relax legalizes with int64 shapes
-    func = tirx.transform.ForceNarrowIndexToInt32()(tvm.IRModule({"main": func}))["main"]
-    sch = Schedule(func)
-    if not has_root(sch):
+    matched = match_nhwc_conv(func, ("bfloat16", "bfloat16", "float32"))
+    if matched is None:
         return None
-    root = sch.get_sblock("root")
-    blocks = sch.get_child_blocks(root)
-    reductions = reduction_blocks(sch, blocks)
-    if len(reductions) != 1:
-        return None
-    block = reductions[0]
+    sch, block, extents = matched
     stmt = sch.get(block)
-    extents = iter_extents(stmt)
-    kinds = [iv.iter_type for iv in stmt.iter_vars]
-    if extents is None or kinds != [DATA_PAR] * 4 + [COMM_REDUCE] * 3 or len(stmt.reads) != 2:
-        return None
-    data, weight = stmt.reads[0].source, stmt.reads[1].source
-    if (str(data.dtype), str(weight.dtype), str(stmt.writes[0].source.dtype)) != ("bfloat16", "bfloat16", "float32"):
-        return None
     _, height, width, channels, _, _, in_channels = extents
-    if channels % BF16_BLOCK_OC or in_channels % BF16_BLOCK_IC or len(weight.shape) != 4:
+    if channels % BF16_BLOCK_OC or in_channels % BF16_BLOCK_IC:
         return None
     _register_bf16_intrin()
     n_vectors, rh, rw = _tile(height, width, channels, vector)
 
     # the padded bf16 input stays materialised (vdpbf16ps broadcasts 4 bytes of it), in parallel
-    for blk in blocks:
-        if not blk.same_as(block) and not writes_output(sch, blk) and \
-                any(c.same_as(block) for c in sch.get_consumers(blk)):
-            loops = sch.get_loops(blk)
-            sch.parallel(sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0])
+    parallelize_anchor_inputs(sch, block)
     # weights [kh, kw, ic, oc] -> [oc/16, kh, kw, ic/2, 16, 2], re-packed once at compile time
     cached = sch.cache_read(block, 1, "global")
     sch.transform_layout(block, ("read", 1),
@@ -168,11 +149,7 @@ def schedule_bf16_conv(func: tirx.PrimFunc, vector: VectorUnit) -> tirx.PrimFunc
     for loop in (hi, wi, ocv):
         sch.unroll(loop)
     sch.tensorize(oci, BF16_INTRIN)
-    # what is left at the root (elementwise consumers that could not be inlined) runs in parallel
-    for blk in sch.get_child_blocks(root):
-        loops = sch.get_loops(blk)
-        if loops and all(sch.get(lp).kind == tirx.ForKind.SERIAL for lp in loops):
-            sch.parallel(loops[0])
+    parallelize_serial_root_blocks(sch)
     result: tirx.PrimFunc = sch.mod["main"]
     return result
 

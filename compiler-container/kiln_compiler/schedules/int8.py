@@ -16,10 +16,16 @@ from typing import Any
 
 import tvm
 from tvm import tirx
-from tvm.s_tir import Schedule
 
 from .cpu import inline_epilogues
-from .tir import COMM_REDUCE, DATA_PAR, has_root, is_scheduled, iter_extents, reduction_blocks, writes_output
+from .tir import (
+    is_scheduled,
+    match_nhwc_conv,
+    parallelize_anchor_inputs,
+    parallelize_serial_root_blocks,
+    same_block,
+    writes_output,
+)
 
 log = logging.getLogger(__name__)
 
@@ -76,39 +82,21 @@ def _pick_divisor(extent: int, limit: int) -> int:
 
 def schedule_vnni_conv(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
     """The VNNI schedule of a fused u8 x s8 -> s32 NHWC convolution kernel, or None when it does not fit."""
-    # the intrinsic's description indexes with int32: Relax legalizes with int64 shapes
-    func = tirx.transform.ForceNarrowIndexToInt32()(tvm.IRModule({"main": func}))["main"]
-    sch = Schedule(func)
-    if not has_root(sch):
+    matched = match_nhwc_conv(func, ("uint8", "int8", "int32"))
+    if matched is None:
         return None
-    root = sch.get_sblock("root")
-    blocks = sch.get_child_blocks(root)
-    reductions = reduction_blocks(sch, blocks)
-    if len(reductions) != 1:
-        return None
-    block = reductions[0]
-    stmt = sch.get(block)
-    extents = iter_extents(stmt)
-    kinds = [iv.iter_type for iv in stmt.iter_vars]
-    if extents is None or kinds != [DATA_PAR] * 4 + [COMM_REDUCE] * 3 or len(stmt.reads) != 2:
-        return None
-    data, weight = stmt.reads[0].source, stmt.reads[1].source
-    if (str(data.dtype), str(weight.dtype), str(stmt.writes[0].source.dtype)) != ("uint8", "int8", "int32"):
-        return None
+    sch, block, extents = matched
     _, _, width, channels, _, _, in_channels = extents
-    if channels % 16 or in_channels % 4 or len(weight.shape) != 4:
+    if channels % 16 or in_channels % 4:
         return None
     _register_vnni_intrin()
 
     # elementwise producers of the epilogue only (a residual operand's dequantize) are inlined:
     # left at the root, they stop the epilogue's inlining at the residual add
-    def is_anchor(blk: Any) -> bool:  # BlockRVs compare by handle: compare the blocks they refer to now
-        return bool(sch.get(blk).same_as(sch.get(block)))
-
-    for blk in blocks:
-        if is_anchor(blk) or writes_output(sch, blk):
+    for blk in sch.get_child_blocks(sch.get_sblock("root")):
+        if same_block(sch, blk, block) or writes_output(sch, blk):
             continue
-        if any(is_anchor(c) for c in sch.get_consumers(blk)):
+        if any(same_block(sch, c, block) for c in sch.get_consumers(blk)):
             # a zero-width pad (a 1x1 convolution's input copy) is read in place; a real pad stays
             if type(getattr(sch.get(blk).body, "value", None)).__name__ in ("BufferLoad", "TensorLoad"):
                 try:
@@ -116,18 +104,14 @@ def schedule_vnni_conv(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
                 except Exception:  # the copy then stays materialised
                     continue
             continue
-        if any(is_anchor(p) for p in sch.get_producers(blk)):
+        if any(same_block(sch, p, block) for p in sch.get_producers(blk)):
             continue  # the epilogue itself: inlined into the tile's write-back below
         try:
             sch.compute_inline(blk)
         except Exception:  # a reduction or non-injective block stays where it is
             continue
-    blocks = sch.get_child_blocks(root)
     # the padded input stays materialised (vpdpbusd loads 4 bytes of it), in parallel
-    for blk in blocks:
-        if not is_anchor(blk) and not writes_output(sch, blk) and any(is_anchor(c) for c in sch.get_consumers(blk)):
-            loops = sch.get_loops(blk)
-            sch.parallel(sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0])
+    parallelize_anchor_inputs(sch, block)
     # weights [kh, kw, ic, oc] -> [oc/16, kh, kw, ic/4, 16, 4], re-packed once at compile time
     cached = sch.cache_read(block, 1, "global")
     sch.transform_layout(block, ("read", 1),
@@ -153,11 +137,7 @@ def schedule_vnni_conv(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
     sch.decompose_reduction(block, kh)
     sch.unroll(wi)
     sch.tensorize(oci, VNNI_INTRIN)
-    # what is left at the root (elementwise consumers that could not be inlined) runs in parallel
-    for blk in sch.get_child_blocks(root):
-        loops = sch.get_loops(blk)
-        if loops and all(sch.get(lp).kind == tirx.ForKind.SERIAL for lp in loops):
-            sch.parallel(loops[0])
+    parallelize_serial_root_blocks(sch)
     result: tirx.PrimFunc = sch.mod["main"]
     return result
 

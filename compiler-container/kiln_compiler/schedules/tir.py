@@ -73,3 +73,50 @@ def reduction_blocks(sch: Schedule, blocks: list[Any]) -> list[Any]:
 def is_scheduled(func: tirx.PrimFunc) -> bool:
     """Whether a kernel already carries a schedule (from tuning records or a default schedule)."""
     return bool(func.attrs is not None and "tirx.is_scheduled" in func.attrs and func.attrs["tirx.is_scheduled"])
+
+
+def same_block(sch: Schedule, a: Any, b: Any) -> bool:
+    """Whether two BlockRVs refer to the same block now (BlockRVs themselves compare by handle)."""
+    return bool(sch.get(a).same_as(sch.get(b)))
+
+
+def match_nhwc_conv(func: tirx.PrimFunc, dtypes: tuple[str, str, str]) -> tuple[Schedule, Any, list[int]] | None:
+    """A schedule of ``func``, its one reduction block and that block's extents ``[n, h, w, oc, kh, kw, ic]``
+    when ``func`` is a fused NHWC convolution reading (data, weight) and writing the accumulator in
+    ``dtypes``; None otherwise. Indices are narrowed to int32 first (dot-product intrinsics' descriptions
+    index with int32; Relax legalizes with int64 shapes)."""
+    func = tirx.transform.ForceNarrowIndexToInt32()(tvm.IRModule({"main": func}))["main"]
+    sch = Schedule(func)
+    if not has_root(sch):
+        return None
+    reductions = reduction_blocks(sch, sch.get_child_blocks(sch.get_sblock("root")))
+    if len(reductions) != 1:
+        return None
+    block = reductions[0]
+    stmt = sch.get(block)
+    extents = iter_extents(stmt)
+    kinds = [iv.iter_type for iv in stmt.iter_vars]
+    if extents is None or kinds != [DATA_PAR] * 4 + [COMM_REDUCE] * 3 or len(stmt.reads) != 2:
+        return None
+    data, weight = stmt.reads[0].source, stmt.reads[1].source
+    if (str(data.dtype), str(weight.dtype), str(stmt.writes[0].source.dtype)) != dtypes or len(weight.shape) != 4:
+        return None
+    return sch, block, extents
+
+
+def parallelize_anchor_inputs(sch: Schedule, anchor: Any) -> None:
+    """Run the root blocks that feed ``anchor`` (a materialised padded input) in parallel."""
+    for blk in sch.get_child_blocks(sch.get_sblock("root")):
+        if not same_block(sch, blk, anchor) and not writes_output(sch, blk) and \
+                any(same_block(sch, c, anchor) for c in sch.get_consumers(blk)):
+            loops = sch.get_loops(blk)
+            sch.parallel(sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0])
+
+
+def parallelize_serial_root_blocks(sch: Schedule) -> None:
+    """Run the outer loop of every root block that is still all serial in parallel (what was left at
+    the root: elementwise consumers that could not be inlined)."""
+    for blk in sch.get_child_blocks(sch.get_sblock("root")):
+        loops = sch.get_loops(blk)
+        if loops and all(sch.get(lp).kind == tirx.ForKind.SERIAL for lp in loops):
+            sch.parallel(loops[0])
