@@ -15,7 +15,6 @@ reason, where this host cannot run the artifact.
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -113,16 +112,14 @@ def agreement(root: Path, model_file: Path, timeout_s: float = TIMEOUT_S) -> dic
     """The accuracy member for the artifact at ``root`` vs ONNX Runtime on ``model_file``, from a child process.
 
     A failing or overrunning child gives ``measured: false`` with the reason: it never fails a job."""
-    command = [sys.executable, "-m", "kiln_compiler.accuracy", str(root), str(model_file)]
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, check=False)
-    except subprocess.TimeoutExpired:
+    from .profile import run_measuring_child
+
+    measured = run_measuring_child(["kiln_compiler.accuracy", str(root), str(model_file)], timeout_s)
+    if measured == "timeout":
         return not_measured(f"the comparison with ONNX Runtime did not finish within {timeout_s:.0f} s")
-    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
-    if done.returncode != 0 or not lines:
-        detail = (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1][:200]
-        return not_measured(f"the artifact or the reference could not be run: {detail}")
-    return {"version": ACCURACY_VERSION, "measured": True, **json.loads(lines[-1])}
+    if isinstance(measured, str):
+        return not_measured(f"the artifact or the reference could not be run: {measured}")
+    return {"version": ACCURACY_VERSION, "measured": True, **measured}
 
 
 def main(argv: list[str]) -> None:

@@ -70,6 +70,21 @@ def not_measured(reason: str) -> dict[str, Any]:
     return {"version": PROFILE_VERSION, "measured": False, "reason": reason}
 
 
+def run_measuring_child(args: list[str], timeout: float) -> dict[str, Any] | str:
+    """The last JSON object ``python -m <args>`` printed, or why there is none ("timeout", or the last
+    line of its stderr / its exit code): measurements run in a child so a crashing artifact never fails a job."""
+    try:
+        done = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=timeout,
+                              check=False)
+    except subprocess.TimeoutExpired:
+        return "timeout"
+    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
+    if done.returncode != 0 or not lines:
+        return (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1][:200]
+    result: dict[str, Any] = json.loads(lines[-1])
+    return result
+
+
 def why_not(target: Target, manifest: dict[str, Any], settings: ProfileSettings, runner: str | None,
             seconds_left: float | None) -> str | None:
     """Why this job's artifact cannot be profiled here, or None when it can."""
@@ -131,16 +146,11 @@ def profile_artifact(root: Path, settings: ProfileSettings, *, runner: str | Non
         budget = max(min(budget, seconds_left / 4), 0.5)
         timeout = max(min(timeout, seconds_left / 2), MIN_BUDGET_S)
     spec = {"warmup": settings.warmup, "runs": settings.runs, "budget_s": budget}
-    command = [sys.executable, "-m", "kiln_compiler.profile", str(root), json.dumps(spec)]
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
-    except subprocess.TimeoutExpired:
+    measured = run_measuring_child(["kiln_compiler.profile", str(root), json.dumps(spec)], timeout)
+    if measured == "timeout":
         return not_measured(f"the profile did not finish within {timeout:.0f} s (load, warm-up and runs)")
-    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
-    if done.returncode != 0 or not lines:
-        detail = (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1][:200]
-        return not_measured(f"the artifact could not be run for its profile: {detail}")
-    measured: dict[str, Any] = json.loads(lines[-1])
+    if isinstance(measured, str):
+        return not_measured(f"the artifact could not be run for its profile: {measured}")
     return {"version": PROFILE_VERSION, "measured": True, **measured, "host": host_description(runner)}
 
 

@@ -57,3 +57,20 @@ def test_profile_settings_from_the_environment() -> None:
     assert ProfileSettings.from_env({"KILN_PROFILE": "host", "KILN_PROFILE_RUNS": "5"}).runs == 5
     with pytest.raises(ValueError, match="KILN_PROFILE"):
         ProfileSettings.from_env({"KILN_PROFILE": "sometimes"})
+
+
+@pytest.mark.parametrize(("body", "timeout", "expected"), [
+    ('print("warming up"); print(\'{"median_ms": 1.5}\')', 30, {"median_ms": 1.5}),
+    ('import sys; sys.exit("the artifact needs avx512f")', 30, "the artifact needs avx512f"),
+    ("import time; time.sleep(30)", 1, "timeout"),
+])
+def test_measuring_child_gives_its_last_json_line_or_why_not(tmp_path: Any, monkeypatch: pytest.MonkeyPatch,
+                                                             body: str, timeout: float, expected: Any) -> None:
+    # GIVEN a measuring module that reports, crashes or hangs
+    from kiln_compiler.profile import run_measuring_child
+
+    (tmp_path / "kiln_probe.py").write_text(body + "\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    # WHEN it runs as a child  THEN its JSON result, the reason it gave, or "timeout"
+    assert run_measuring_child(["kiln_probe"], timeout) == expected
