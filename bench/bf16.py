@@ -22,16 +22,6 @@ from typing import Any
 import numpy as np
 
 
-def _median_ms(fn: Callable[[], object], runs: int) -> float:
-    fn()
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return float(np.median(times) * 1e3)
-
-
 def _kiln(model_dir: Path, out: Path, target: str, options: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     import kiln.runtime
     from kiln.catalog import TargetCatalog
@@ -58,6 +48,7 @@ def main() -> None:
     import onnx
     import onnxruntime as ort
     import openvino as ov
+    from kiln.benchmark import median_ms
     from kiln_compiler.samples import input_shapes, load_light_model
 
     core = ov.Core()
@@ -88,7 +79,7 @@ def main() -> None:
             rounds: dict[str, list[float]] = {k: [] for k in subjects}
             for _ in range(args.rounds):
                 for label, fn in subjects.items():
-                    rounds[label].append(_median_ms(fn, args.runs))
+                    rounds[label].append(median_ms(fn, args.runs))
                     time.sleep(0.2)  # worker threads of the previous subject stop spinning
             for label, values in rounds.items():
                 print(f"{name:12s} {label:28s} median {np.median(values):7.2f} ms  range "
