@@ -74,7 +74,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", default=os.environ.get("KILN_BENCH_QUICK") == "1")
     ap.add_argument("--tune-minutes", type=float, default=None)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeat", type=int, default=20)
+    ap.add_argument("--repeat", type=int, default=10, help="interleaved rounds")
+    ap.add_argument("--per-round", type=int, default=5, help="timed calls per runner per round")
     ap.add_argument("--models", help="comma-separated models to measure untuned (default: all five)")
     ap.add_argument("--tune-models", help="comma-separated models to measure after tuning (default: all)")
     ap.add_argument("--curve-model", help="the model of the ratio-vs-tuning-minutes curve")
@@ -83,13 +84,14 @@ def main() -> None:
                     help="comma-separated catalog targets of the untuned rows ('host': the one matching this CPU)")
     ap.add_argument("--out", default=str(HERE / "results"), help="results directory")
     args = ap.parse_args()
+    # Tuning measures candidates in this process, at the thread count the runners get (as the compiler's
+    # entrypoint does for a job); each timed runner gets it in its own process's environment.
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
     revision = git_revision()  # the code measured: read before anything else can change it
 
-    import kiln.runtime
     import numpy as np
     import onnx
-    from kiln.benchmark import faster_peer, interleaved_medians, peers
+    from kiln.benchmark import faster_peer, kiln_runner, peer_runners, runner_pool
     from kiln.catalog import Target, TargetCatalog
     from kiln.host import HOST, host_target, target_isa_label
     from kiln_compiler import CompilerOptions, compile_model
@@ -121,7 +123,6 @@ def main() -> None:
         shapes = input_shapes(model)
         x = np.random.default_rng(0).random(next(iter(shapes.values()))).astype("float32")
         feed = {next(iter(shapes)): x}
-        rivals = peers(model.SerializeToString(), args.threads)
         tuned = tuning_minutes > 0 and db_dir is not None
         options = CompilerOptions.parse(f'{{"tuning": {{"minutes": {tuning_minutes}}}}}' if tuned else None, target)
         with tempfile.TemporaryDirectory() as work:
@@ -133,9 +134,10 @@ def main() -> None:
                                    tuning_database=TuningDatabase(db_dir) if tuned else None,
                                    deadline=time.time() + tuning_minutes * 60 + 120 if tuned else None)
             compile_s = time.time() - t0
-            compiled = kiln.runtime.load(package(result, target, Path(work) / "model.tar.gz", model_dir=model_dir).path)
-            runners = {"Kiln": lambda: compiled.run(feed), **{p.name: (lambda p=p: p.run(feed)) for p in rivals}}
-            medians = interleaved_medians(runners, rounds=args.repeat)
+            artifact = package(result, target, Path(work) / "model.tar.gz", model_dir=model_dir).path
+            rivals = peer_runners(model_dir / "model.onnx", args.threads)
+            with runner_pool([kiln_runner(artifact, args.threads), *rivals], feed) as pool:
+                medians = pool.interleaved_medians(rounds=args.repeat, per_round=args.per_round)
         peer, peer_ms = faster_peer(medians, [p.name for p in rivals])
         kiln_ms = medians["Kiln"]
         row = {"model": name, "target": target.name, "isa": target_isa_label(target),
@@ -199,7 +201,8 @@ def main() -> None:
              f"INFERENCE_NUM_THREADS={args.threads} (CPU plugin, INFERENCE_PRECISION_HINT=f32, "
              f"PERFORMANCE_HINT=LATENCY); versions: {peer_versions()}",
              f"- targets: {described_targets} untuned; tuned rows and curve on {host.name} (this host's widest ISA); "
-             f"batch 1 fp32; Kiln and peers timed in {args.repeat} interleaved rounds, medians; quick={args.quick}",
+             f"batch 1 fp32; Kiln and each peer in its own process, timed in {args.repeat} interleaved rounds of "
+             f"{args.per_round} calls each (every runner idle before a block), medians; quick={args.quick}",
              "",
              "| model | target | tuning (min) | compile (s) | Kiln (ms) | ORT (ms) | OpenVINO (ms) | Kiln/ORT | "
              "Kiln/OpenVINO | Kiln / faster peer | tuned | reused | default |",
