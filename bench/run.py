@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime as dt
+import json
 import math
 import os
 import platform
@@ -69,6 +70,25 @@ def git_revision() -> str:
     return rev + ("+changes" if dirty else "")
 
 
+def plot_curve(path: Path, model: str, untuned: dict[str, object], curve: list[dict[str, object]]) -> None:
+    """The ratio-vs-tuning-minutes curve as a PNG, when matplotlib is installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: curve written as CSV only")
+        return
+    minutes = [0.0] + [float(str(c["tuning_min_total"])) for c in curve]
+    ratios = [float(str(untuned["ratio_faster_peer"]))] + [float(str(c["ratio_faster_peer"])) for c in curve]
+    plt.plot(minutes, ratios, marker="o")
+    plt.axhline(1.0, linestyle="--")
+    plt.xlabel("tuning minutes")
+    plt.ylabel(f"{model}: Kiln / faster peer latency")
+    plt.savefig(path, dpi=100)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", default=os.environ.get("KILN_BENCH_QUICK") == "1")
@@ -78,6 +98,7 @@ def main() -> None:
     ap.add_argument("--per-round", type=int, default=5, help="timed calls per runner per round")
     ap.add_argument("--models", help="comma-separated models to measure untuned (default: all five)")
     ap.add_argument("--tune-models", help="comma-separated models to measure after tuning (default: all)")
+    ap.add_argument("--reduced-models", help="comma-separated models of the int8/bf16 rows (default: all; '' for none)")
     ap.add_argument("--curve-model", help="the model of the ratio-vs-tuning-minutes curve")
     ap.add_argument("--curve-points", help="comma-separated cumulative tuning minutes for the curve")
     ap.add_argument("--targets", default="host,ml_c4",
@@ -91,12 +112,19 @@ def main() -> None:
 
     import numpy as np
     import onnx
-    from kiln.benchmark import faster_peer, kiln_runner, peer_runners, runner_pool
+    from kiln.benchmark import (
+        RunnerSpec,
+        faster_peer,
+        kiln_runner,
+        openvino_default_runner,
+        peer_runners,
+        runner_pool,
+    )
     from kiln.catalog import Target, TargetCatalog
     from kiln.host import HOST, host_target, target_isa_label
     from kiln_compiler import CompilerOptions, compile_model
     from kiln_compiler.package import package
-    from kiln_compiler.samples import MODELS, input_shapes, load_light_model
+    from kiln_compiler.samples import MODELS, input_shapes, load_light_model, quantize_qdq
     from kiln_compiler.tuning import TuningDatabase
 
     names = ["squeezenet", "resnet50"] if args.quick else list(MODELS)
@@ -109,8 +137,9 @@ def main() -> None:
     curve_model = args.curve_model or ("squeezenet" if args.quick else "resnet50")
     curve_points = [0.5, 1.0, 2.0] if args.quick else [1.0, 3.0, 7.0, 15.0]
     if args.curve_points:
-        curve_points = [float(p) for p in args.curve_points.split(",")]
-    if curve_model not in names:
+        curve_points = [float(p) for p in args.curve_points.split(",") if p.strip()]
+    reduced_models = names if args.reduced_models is None else [m for m in args.reduced_models.split(",") if m]
+    if curve_points and curve_model not in names:
         names.append(curve_model)
     catalog = TargetCatalog()
     host = host_target(catalog)
@@ -150,9 +179,52 @@ def main() -> None:
         print(row, flush=True)
         return row
 
+    def measure_reduced(name: str) -> dict[str, object]:
+        """Kiln int8 (the QDQ model) and bf16 against ORT and OpenVINO on the same QDQ model and OpenVINO's
+        default precision, on this host's target with this CPU's mcpu (VNNI / AVX512-BF16 where it has them)."""
+        import tvm
+
+        mcpu = tvm.target.codegen.llvm_get_system_cpu()
+        model = load_light_model(name)
+        shapes = input_shapes(model)
+        x = np.random.default_rng(0).random(next(iter(shapes.values()))).astype("float32")
+        feed = {next(iter(shapes)): x}
+        with tempfile.TemporaryDirectory() as work_dir:
+            work = Path(work_dir)
+            qdq = quantize_qdq(model, work / "quantize")
+            specs, skipped = [], []
+            for label, graph, extra in (("int8", qdq, {}), ("bf16", model, {"precision": "bf16"})):
+                model_dir = work / label
+                model_dir.mkdir()
+                onnx.save(graph, str(model_dir / "model.onnx"))
+                try:
+                    options = CompilerOptions.parse(json.dumps({"mcpu": mcpu, **extra}), host)
+                    result = compile_model(model_dir, "ONNX", host, options, out_dir=work / f"build-{label}")
+                except Exception as exc:  # e.g. bf16 refused on a CPU without it: the row says so
+                    skipped.append(f"{label}: {str(exc).splitlines()[0][:120]}")
+                    continue
+                artifact = package(result, host, work / f"{label}.tar.gz", model_dir=model_dir).path
+                specs.append(kiln_runner(artifact, args.threads, f"Kiln {label}"))
+            qdq_path, fp32_path = str(work / "int8" / "model.onnx"), work / "bf16" / "model.onnx"
+            rivals = [RunnerSpec("ONNX Runtime int8", "onnxruntime", qdq_path, args.threads),
+                      RunnerSpec("OpenVINO int8", "openvino", qdq_path, args.threads, precision="default"),
+                      openvino_default_runner(fp32_path, args.threads)]
+            with runner_pool([*specs, *rivals], feed) as pool:
+                medians = pool.interleaved_medians(rounds=args.repeat, per_round=args.per_round)
+        ours = {s.name: medians[s.name] for s in specs}
+        peer, peer_ms = faster_peer(medians, [r.name for r in rivals])
+        best = min(ours, key=lambda k: ours[k]) if ours else None
+        row = {"model": name, "target": host.name, "mcpu": mcpu,
+               **{f"{k.lower().replace(' ', '_')}_ms": round(v, 2) for k, v in medians.items()},
+               "best_kiln": best or "-", "faster_peer": peer,
+               "ratio_faster_peer": round(ours[best] / peer_ms, 2) if best else "-", "skipped": "; ".join(skipped)}
+        print(row, flush=True)
+        return row
+
     for target in targets:
         for name in names:
             rows.append(measure(name, target, 0.0, None))
+    reduced = [measure_reduced(name) for name in reduced_models]
     for name in tuned_models:
         with tempfile.TemporaryDirectory() as d:
             rows.append(measure(name, host, tune_minutes, d))
@@ -172,26 +244,19 @@ def main() -> None:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    with open(f"{stem}-curve.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(curve[0]))
-        w.writeheader()
-        w.writerows(curve)
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        untuned = next(r for r in rows if r["model"] == curve_model and r["target"] == host.name
-                       and r["tuning_min"] == 0.0)
-        plt.plot([0] + [c["tuning_min_total"] for c in curve], [untuned["ratio_faster_peer"]] +
-                 [c["ratio_faster_peer"] for c in curve], marker="o")
-        plt.axhline(1.0, linestyle="--")
-        plt.xlabel("tuning minutes")
-        plt.ylabel(f"{curve_model}: Kiln / faster peer latency")
-        plt.savefig(f"{stem}-curve.png", dpi=100)
-    except ImportError:
-        print("matplotlib not installed: curve written as CSV only")
+    if reduced:
+        with open(f"{stem}-reduced.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=sorted({k for r in reduced for k in r}, key=str))
+            w.writeheader()
+            w.writerows(reduced)
+    if curve:
+        with open(f"{stem}-curve.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(curve[0]))
+            w.writeheader()
+            w.writerows(curve)
+    if curve:
+        plot_curve(Path(f"{stem}-curve.png"), curve_model, next(
+            r for r in rows if r["model"] == curve_model and r["target"] == host.name and r["tuning_min"] == 0.0), curve)
     model_name, flags = cpu_info()
     described_targets = ", ".join(f"{t.name} ({t.tvm_target.get('mcpu')})" for t in targets)
     lines = [f"# Kiln bench {dt.date.today().isoformat()} on {socket.gethostname()}", "",
@@ -218,6 +283,18 @@ def main() -> None:
         if ratios:
             lines.append(f"- {target.name}: {math.exp(sum(map(math.log, ratios)) / len(ratios)):.2f} "
                          f"over {len(ratios)} models")
+    if reduced:
+        lines += ["", f"Reduced precision on {host.name} with this CPU's mcpu ({reduced[0]['mcpu']}): Kiln int8 compiles "
+                  "onnxruntime's quantize_static QDQ model (per-channel s8 weights, u8 activations), which ORT and "
+                  "OpenVINO run too; Kiln bf16 compiles the fp32 model with {\"precision\": \"bf16\"}; OpenVINO "
+                  "default runs the fp32 model at the precision it picks (bf16 on CPUs that have it). ms, medians:", "",
+                  "| model | Kiln int8 | Kiln bf16 | ORT int8 | OpenVINO int8 | OpenVINO default | best Kiln / faster "
+                  "peer | not built |", "|---|---|---|---|---|---|---|---|"]
+        for r in reduced:
+            lines.append(f"| {r['model']} | {r.get('kiln_int8_ms', '-')} | {r.get('kiln_bf16_ms', '-')} | "
+                         f"{r['onnx_runtime_int8_ms']} | {r['openvino_int8_ms']} | {r['openvino_default_ms']} | "
+                         f"**{r['ratio_faster_peer']}** ({r['best_kiln']} vs {r['faster_peer']}) | "
+                         f"{r['skipped'] or '-'} |")
     lines += ["", f"Ratio vs cumulative tuning minutes ({curve_model}, {host.name}):", "",
               "| minutes | Kiln (ms) | ORT (ms) | OpenVINO (ms) | Kiln/ORT | Kiln / faster peer |",
               "|---|---|---|---|---|---|"]

@@ -46,6 +46,9 @@ class RunnerSpec:
     kind: RunnerKind
     path: str  # the artifact (.tar.gz or directory) for "kiln", the .onnx file for a peer
     threads: int
+    # OpenVINO's INFERENCE_PRECISION_HINT: "f32" (what the fp32 rows compare against) or "default", the
+    # precision OpenVINO picks by itself (bf16 on CPUs that have it: what a user gets out of the box).
+    precision: Literal["f32", "default"] = "f32"
 
 
 def kiln_runner(artifact: str | os.PathLike[str], threads: int, name: str = "Kiln") -> RunnerSpec:
@@ -53,9 +56,15 @@ def kiln_runner(artifact: str | os.PathLike[str], threads: int, name: str = "Kil
     return RunnerSpec(name, "kiln", str(artifact), threads)
 
 
-def peer_runners(model: str | os.PathLike[str], threads: int) -> list[RunnerSpec]:
-    """Every peer the bench measures, on an ONNX model file, each with ``threads`` threads."""
-    return [RunnerSpec(name, kind, str(model), threads) for kind, name in PEER_NAMES.items()]
+def peer_runners(model: str | os.PathLike[str], threads: int, suffix: str = "") -> list[RunnerSpec]:
+    """Every peer the bench measures, on an ONNX model file, each with ``threads`` threads (fp32 OpenVINO);
+    ``suffix`` is appended to their names (e.g. " int8" for a QDQ model)."""
+    return [RunnerSpec(name + suffix, kind, str(model), threads) for kind, name in PEER_NAMES.items()]
+
+
+def openvino_default_runner(model: str | os.PathLike[str], threads: int) -> RunnerSpec:
+    """OpenVINO as a user gets it out of the box: the precision its CPU plugin picks (bf16 where native)."""
+    return RunnerSpec("OpenVINO default", "openvino", str(model), threads, precision="default")
 
 
 def _load(spec: RunnerSpec) -> Callable[[dict[str, np.ndarray]], list[np.ndarray]]:
@@ -75,8 +84,10 @@ def _load(spec: RunnerSpec) -> Callable[[dict[str, np.ndarray]], list[np.ndarray
     import openvino as ov
 
     core = ov.Core()
-    compiled = core.compile_model(core.read_model(spec.path), "CPU", {
-        "INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": spec.threads})
+    config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": spec.threads}
+    if spec.precision == "f32":
+        config["INFERENCE_PRECISION_HINT"] = "f32"
+    compiled = core.compile_model(core.read_model(spec.path), "CPU", config)
     request = compiled.create_infer_request()
 
     def run(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
