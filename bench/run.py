@@ -136,7 +136,7 @@ def main() -> None:
         tuned_models = [m for m in args.tune_models.split(",") if m]
     curve_model = args.curve_model or ("squeezenet" if args.quick else "resnet50")
     curve_points = [0.5, 1.0, 2.0] if args.quick else [1.0, 3.0, 7.0, 15.0]
-    if args.curve_points:
+    if args.curve_points is not None:
         curve_points = [float(p) for p in args.curve_points.split(",") if p.strip()]
     reduced_models = names if args.reduced_models is None else [m for m in args.reduced_models.split(",") if m]
     if curve_points and curve_model not in names:
