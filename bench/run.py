@@ -2,16 +2,20 @@
 
 Usage: .venv/bin/python bench/run.py [--quick] [--tune-minutes M] [--threads N] [--targets host,ml_c4]
 (KILN_BENCH_QUICK=1 is the same as --quick). Untuned, every model is compiled for the catalog target
-matching this host (its widest ISA, kiln.host) and for the AVX2 target ml_c4; Kiln and both peers are
-timed in interleaved rounds (kiln.benchmark, the same code as `make demo`) and each row gives
-Kiln / ORT, Kiln / OpenVINO and Kiln / faster peer. Tuned rows and the curve use the host's target.
-Writes bench/results/YYYY-MM-DD-<host>.{md,csv} and a ratio-vs-tuning-minutes curve (CSV, and PNG
-when matplotlib is installed).
+matching this host (its widest ISA, kiln.host) and for the AVX2 target ml_c4; Kiln and both peers run
+each in its own process and are timed in interleaved blocks (kiln.benchmark, the same code as
+`make demo`, ADR 0031); each row gives Kiln / ORT, Kiln / OpenVINO and Kiln / faster peer. The host
+target's rows are timed again with one core kept busy by another process (--no-busy-core skips it).
+Reduced-precision rows: Kiln int8 and bf16 against ORT/OpenVINO int8 on the same QDQ model and
+OpenVINO's default precision (--reduced-models). Tuned rows and the curve use the host's target.
+Writes bench/results/YYYY-MM-DD-<host>.{md,csv}, -reduced.csv and a ratio-vs-tuning-minutes curve
+(CSV, and PNG when matplotlib is installed).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import datetime as dt
 import json
@@ -19,8 +23,11 @@ import math
 import os
 import platform
 import socket
+import subprocess
+import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -58,7 +65,6 @@ def peer_versions() -> str:
 
 def git_revision() -> str:
     """The commit measured (with ``+changes`` when the work tree differs from it)."""
-    import subprocess
 
     try:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True,
@@ -68,6 +74,18 @@ def git_revision() -> str:
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return rev + ("+changes" if dirty else "")
+
+
+@contextlib.contextmanager
+def one_core_busy() -> Iterator[None]:
+    """Another process spinning on one core (normal priority) for the duration: a co-located service."""
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)
+        yield
+    finally:
+        spinner.kill()
+        spinner.wait()
 
 
 def plot_curve(path: Path, model: str, untuned: dict[str, object], curve: list[dict[str, object]]) -> None:
@@ -103,6 +121,8 @@ def main() -> None:
     ap.add_argument("--curve-points", help="comma-separated cumulative tuning minutes for the curve")
     ap.add_argument("--targets", default="host,ml_c4",
                     help="comma-separated catalog targets of the untuned rows ('host': the one matching this CPU)")
+    ap.add_argument("--no-busy-core", dest="busy_core", action="store_false",
+                    help="skip timing the host target's rows again with one core kept busy by another process")
     ap.add_argument("--out", default=str(HERE / "results"), help="results directory")
     args = ap.parse_args()
     # Tuning measures candidates in this process, at the thread count the runners get (as the compiler's
@@ -147,7 +167,8 @@ def main() -> None:
     targets = [catalog.device(t) for t in wanted]
     rows, curve = [], []
 
-    def measure(name: str, target: Target, tuning_minutes: float, db_dir: str | None) -> dict[str, object]:
+    def measure(name: str, target: Target, tuning_minutes: float, db_dir: str | None,
+                busy: bool = False) -> dict[str, object]:
         model = load_light_model(name)
         shapes = input_shapes(model)
         x = np.random.default_rng(0).random(next(iter(shapes.values()))).astype("float32")
@@ -167,6 +188,9 @@ def main() -> None:
             rivals = peer_runners(model_dir / "model.onnx", args.threads)
             with runner_pool([kiln_runner(artifact, args.threads), *rivals], feed) as pool:
                 medians = pool.interleaved_medians(rounds=args.repeat, per_round=args.per_round)
+                if busy:
+                    with one_core_busy():
+                        busy_medians = pool.interleaved_medians(rounds=args.repeat, per_round=args.per_round)
         peer, peer_ms = faster_peer(medians, [p.name for p in rivals])
         kiln_ms = medians["Kiln"]
         row = {"model": name, "target": target.name, "isa": target_isa_label(target),
@@ -176,6 +200,12 @@ def main() -> None:
                "ratio_openvino": round(kiln_ms / medians["OpenVINO"], 2),
                "ratio_faster_peer": round(kiln_ms / peer_ms, 2), "faster_peer": peer,
                **{k: v for k, v in result.tuning.items()}}
+        if busy:
+            _, busy_peer_ms = faster_peer(busy_medians, [p.name for p in rivals])
+            row.update({"busy_kiln_ms": round(busy_medians["Kiln"], 2),
+                        "busy_ort_ms": round(busy_medians["ONNX Runtime"], 2),
+                        "busy_openvino_ms": round(busy_medians["OpenVINO"], 2),
+                        "busy_ratio_faster_peer": round(busy_medians["Kiln"] / busy_peer_ms, 2)})
         print(row, flush=True)
         return row
 
@@ -223,7 +253,7 @@ def main() -> None:
 
     for target in targets:
         for name in names:
-            rows.append(measure(name, target, 0.0, None))
+            rows.append(measure(name, target, 0.0, None, busy=args.busy_core and target == host))
     reduced = [measure_reduced(name) for name in reduced_models]
     for name in tuned_models:
         with tempfile.TemporaryDirectory() as d:
@@ -241,7 +271,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"{dt.date.today().isoformat()}-{socket.gethostname()}"
     with open(f"{stem}.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
         w.writeheader()
         w.writerows(rows)
     if reduced:
@@ -277,6 +307,15 @@ def main() -> None:
                      f"{r['ort_ms']} | {r['openvino_ms']} | {r['ratio']} | {r['ratio_openvino']} | "
                      f"**{r['ratio_faster_peer']}** ({r['faster_peer']}) | {r['tuned']} | {r['reused']} | "
                      f"{r['default']} |")
+    busy = [r for r in rows if "busy_kiln_ms" in r]
+    if busy:
+        lines += ["", f"The same {host.name} artifacts and peers with one core kept busy by another process (a spinning "
+                  "Python loop at normal priority), same pools, right after the rows above:", "",
+                  "| model | Kiln (ms) | ORT (ms) | OpenVINO (ms) | Kiln / faster peer | Kiln busy / quiet |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {r['model']} | {r['busy_kiln_ms']} | {r['busy_ort_ms']} | {r['busy_openvino_ms']} | "
+                  f"**{r['busy_ratio_faster_peer']}** | {float(str(r['busy_kiln_ms'])) / float(str(r['kiln_ms'])):.2f} |"
+                  for r in busy]
     lines += ["", "Geomean of Kiln / faster peer, untuned:", ""]
     for target in targets:
         ratios = [float(r["ratio_faster_peer"]) for r in rows if r["target"] == target.name and r["tuning_min"] == 0.0]
