@@ -187,7 +187,7 @@ def quantize_model(model: Any, calibration: Calibration, work: Path) -> Any:
                          f"({first_line(exc)})") from None
     samples = list(calibration.feeds())
 
-    class Reader(CalibrationDataReader):  # type: ignore[misc]
+    class Reader(CalibrationDataReader):
         """The samples in strides: onnxruntime reduces each stride to min/max before the next (bounded memory)."""
 
         def __init__(self) -> None:
