@@ -35,6 +35,7 @@ MEMBER = f"{rules.QUANTIZE_MEMBER}.calibration"
 DEVIATION_SAMPLES = 16  # calibration samples the int8 build and the fp32 model both run for the record
 CALIBRATION_STRIDE = 8  # samples whose intermediate tensors onnxruntime holds at once while calibrating
 MIN_OPSET = 13  # per-channel DequantizeLinear needs its ``axis`` (opset 13)
+MIN_IR_VERSION = 7  # the IR version of opset 13: initializers need not be graph inputs
 METHOD = "onnxruntime quantize_static: QDQ, per-channel symmetric s8 weights, u8 activations, MinMax"
 _QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger",
                       "MatMulInteger"})
@@ -218,7 +219,13 @@ def quantize_model(model: Any, calibration: Calibration, work: Path) -> Any:
         log.exception("quantize_static failed")
         raise _error(f"onnxruntime could not quantize the model with the calibration inputs at '{MEMBER}': "
                      f"{first_line(exc)}") from None
-    return onnx.load(str(qdq))
+    quantized = onnx.load(str(qdq))
+    if quantized.ir_version < MIN_IR_VERSION:
+        # quantize_static keeps an old model's IR version, under which every initializer must also be a graph
+        # input; its scales and zero points are not: the IR version of opset 13 allows that
+        quantized.ir_version = MIN_IR_VERSION
+        onnx.save(quantized, str(qdq), save_as_external_data=large)
+    return quantized
 
 
 @dataclass

@@ -261,6 +261,25 @@ def test_an_already_quantized_model_and_an_s3_calibration_outside_a_job_are_refu
         compile_artifact(calibrated_dir, "ONNX", "ml_c4", tmp_path / "b", options=s3_options)
 
 
+def test_an_old_ir_model_quantizes_to_a_valid_qdq_model(tmp_path: Path) -> None:
+    # GIVEN the small CNN as an old exporter writes it: opset 9, IR version 3, every initializer a graph input
+    from kiln_compiler.quantize import Calibration, quantize_model
+
+    model = small_cnn()
+    model.opset_import[0].version, model.ir_version = 9, 3
+    model.graph.input.extend(onnx.helper.make_tensor_value_info(i.name, i.data_type, list(i.dims))
+                             for i in model.graph.initializer)
+    onnx.checker.check_model(model)
+    calibration = Calibration(arrays={"input": _samples(2)}, samples=2, batched={"input": True})
+    # WHEN Kiln quantizes it
+    qdq = quantize_model(model, calibration, tmp_path)
+    # THEN the QDQ model is valid ONNX (its new scales need not be graph inputs) and ONNX Runtime runs it
+    onnx.checker.check_model(qdq)
+    assert qdq.opset_import[0].version == 13 and sum(n.op_type == "DequantizeLinear" for n in qdq.graph.node) > 3
+    session = ort.InferenceSession(str(tmp_path / "qdq.onnx"), providers=["CPUExecutionProvider"])
+    assert session.run(None, {"input": _samples(1)})[0].shape == (1, 32)
+
+
 def test_compile_model_refuses_quantize_for_a_framework_kiln_does_not_quantize(tmp_path: Path) -> None:
     # GIVEN an XGBoost model directory and quantize options (the API refuses the pair; so does the library call)
     from kiln_compiler import CompilerOptions, compile_model
