@@ -83,8 +83,10 @@ def main() -> None:
             ort_int8 = ort.InferenceSession(str(work / "int8" / "quantize" / "qdq.onnx"), opts,
                                             providers=["CPUExecutionProvider"])
             subjects: dict[str, Callable[[], object]] = {
-                "kiln int8 (calibrated)": lambda: int8.run(x), "kiln fp32": lambda: fp32.run(x),
-                "ort int8 (same QDQ)": lambda: ort_int8.run(None, x), "ort fp32": lambda: ort_fp32.run(None, x)}
+                "kiln int8 (calibrated)": lambda m=int8, x=x: m.run(x),
+                "kiln fp32": lambda m=fp32, x=x: m.run(x),
+                "ort int8 (same QDQ)": lambda s=ort_int8, x=x: s.run(None, x),
+                "ort fp32": lambda s=ort_fp32, x=x: s.run(None, x)}
             for run in subjects.values():
                 run()
             rounds: dict[str, list[float]] = {k: [] for k in subjects}
