@@ -30,9 +30,10 @@ from kiln_compiler import aws
 from kiln_compiler.errors import ClientError
 from kiln_compiler.quantize import read_calibration
 from kiln_compiler.samples import quantize_qdq
-from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
 from tests.compiler.conftest import (
+    CALIBRATION,
+    calibration_samples,
     compile_artifact,
     entrypoint_job,
     make_tar,
@@ -42,45 +43,12 @@ from tests.compiler.conftest import (
 )
 
 MEMBER = "outputConfig.compilerOptions.quantize.calibration"
-CALIBRATION = "calib/samples.npz"
 OPTIONS = json.dumps({"quantize": {"dtype": "int8", "calibration": CALIBRATION}})
 MIN_EXACT = 0.95  # share of outputs identical to ONNX Runtime's on the same QDQ model
 FP32_TOLERANCE = 0.10  # the record's max error vs the fp32 model, as a share of the largest fp32 output
 
 needs_avx512 = pytest.mark.skipif("avx512f" not in (kiln.runtime.cpu_flags() or set()),
                                   reason="the host has no AVX-512 to run ml_c5 code")
-
-
-def _samples(count: int = 8, seed: int = 1) -> np.ndarray:
-    """Representative inputs for the small CNN: [samples, 3, 32, 32] (its input is [1, 3, 32, 32])."""
-    return np.random.default_rng(seed).standard_normal((count, 3, 32, 32)).astype("float32")
-
-
-@pytest.fixture(scope="module")
-def calibrated_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An unpacked archive: the fp32 small CNN as model.onnx and its calibration inputs in calib/samples.npz."""
-    d = tmp_path_factory.mktemp("calibrated") / "archive"
-    (d / "calib").mkdir(parents=True)
-    onnx.save(small_cnn(), str(d / "model.onnx"))
-    np.savez(d / CALIBRATION, input=_samples())
-    return d
-
-
-@pytest.fixture(scope="module")
-def reference_qdq(tmp_path_factory: pytest.TempPathFactory) -> onnx.ModelProto:
-    """The QDQ model onnxruntime's quantize_static makes from the same fp32 model and calibration inputs,
-    as a user would run it (QDQ, per-channel s8 weights, u8 activations), all samples in one pass."""
-    work = tmp_path_factory.mktemp("reference_qdq")
-    onnx.save(small_cnn(), str(work / "fp32.onnx"))
-    feeds = iter([{"input": s[None]} for s in _samples()])
-
-    class Reader(CalibrationDataReader):
-        def get_next(self) -> dict[str, np.ndarray] | None:
-            return next(feeds, None)
-
-    quantize_static(str(work / "fp32.onnx"), str(work / "qdq.onnx"), Reader(), quant_format=QuantFormat.QDQ,
-                    per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-    return onnx.load(str(work / "qdq.onnx"))
 
 
 def _output_scale(model: onnx.ModelProto) -> float:
@@ -105,7 +73,7 @@ def _units_vs_onnxruntime(artifact: Path, qdq: onnx.ModelProto) -> tuple[int, fl
     model = kiln.runtime.load(artifact)
     session = ort.InferenceSession(qdq.SerializeToString(), providers=["CPUExecutionProvider"])
     units = []
-    for sample in _samples()[:2]:
+    for sample in calibration_samples()[:2]:
         (out,) = model.run({"input": sample[None]})
         (ref,) = session.run(None, {"input": sample[None]})
         units.append(np.rint(np.abs(out.astype("float64") - ref) / _output_scale(qdq)))
@@ -131,7 +99,7 @@ def test_calibrated_cnn_for_ml_c5_matches_onnxruntime_and_records_its_deviation(
     assert 0 < record["mean_abs_error"] <= record["max_abs_error"]
     assert record["top1_agreement"] >= 0.75, record
     # and it is ONNX Runtime's own int8 deviation from fp32 on those samples, within 1 output unit
-    ort_error, ort_top1 = _onnxruntime_int8_deviation(small_cnn(), reference_qdq, "input", _samples())
+    ort_error, ort_top1 = _onnxruntime_int8_deviation(small_cnn(), reference_qdq, "input", calibration_samples())
     assert abs(record["max_abs_error"] - ort_error) <= 1.001 * _output_scale(reference_qdq), (record, ort_error)
     assert record["top1_agreement"] == ort_top1
     # AND without VNNI on the target the integer convolutions run as exact fp32 arithmetic (no vpdpbusd)
@@ -270,14 +238,14 @@ def test_an_old_ir_model_quantizes_to_a_valid_qdq_model(tmp_path: Path) -> None:
     model.graph.input.extend(onnx.helper.make_tensor_value_info(i.name, i.data_type, list(i.dims))
                              for i in model.graph.initializer)
     onnx.checker.check_model(model)
-    calibration = Calibration(arrays={"input": _samples(2)}, samples=2, batched={"input": True})
+    calibration = Calibration(arrays={"input": calibration_samples(2)}, samples=2, batched={"input": True})
     # WHEN Kiln quantizes it
     qdq = quantize_model(model, calibration, tmp_path)
     # THEN the QDQ model is valid ONNX (its new scales need not be graph inputs) and ONNX Runtime runs it
     onnx.checker.check_model(qdq)
     assert qdq.opset_import[0].version == 13 and sum(n.op_type == "DequantizeLinear" for n in qdq.graph.node) > 3
     session = ort.InferenceSession(str(tmp_path / "qdq.onnx"), providers=["CPUExecutionProvider"])
-    assert session.run(None, {"input": _samples(1)})[0].shape == (1, 32)
+    assert session.run(None, {"input": calibration_samples(1)})[0].shape == (1, 32)
 
 
 def test_compile_model_refuses_quantize_for_a_framework_kiln_does_not_quantize(tmp_path: Path) -> None:
@@ -304,7 +272,7 @@ def test_entrypoint_reads_an_s3_calibration_through_the_role(buckets: Any, aws_e
     # GIVEN the fp32 small CNN in S3 and its calibration inputs as a separate S3 object
     arc = make_tar(tmp_path / "cnn.tar.gz", {"model.onnx": small_cnn().SerializeToString()})
     buckets.upload_file(str(arc), "user-models", "in/cnn.tar.gz")
-    np.savez(tmp_path / "samples.npz", input=_samples())
+    np.savez(tmp_path / "samples.npz", input=calibration_samples())
     buckets.upload_file(str(tmp_path / "samples.npz"), "user-models", "cal/samples.npz")
     options = json.dumps({"quantize": {"dtype": "int8", "calibration": "s3://user-models/cal/samples.npz"}})
     job = entrypoint_job("e2e-calib", "s3://user-models/in/cnn.tar.gz", CompilerOptions=options)
