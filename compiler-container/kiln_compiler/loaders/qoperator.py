@@ -51,7 +51,6 @@ class _Rewriter:
         from onnx import numpy_helper
 
         graph = model.graph
-        self.graph = graph
         self.constants: dict[str, np.ndarray] = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
         for node in graph.node:
             if node.op_type == "Constant" and _is_default(node) and len(node.attribute) == 1 \
@@ -77,7 +76,7 @@ class _Rewriter:
         self.names.add(name)
         return name
 
-    def const(self, hint: str, value: np.ndarray) -> str:
+    def const(self, hint: str, value: Any) -> str:
         from onnx import numpy_helper
 
         name = self.fresh(hint)
@@ -113,8 +112,9 @@ class _Rewriter:
     def dequantize(self, x: str, scale: str, zp: str, axis: int | None = None) -> str:
         """``DequantizeLinear``; ``axis`` only for a scale that is not one known value (per channel)."""
         known = self.constants.get(scale)
-        attrs = {} if axis is None or (known is not None and known.size == 1) else {"axis": axis}
-        return self.emit("DequantizeLinear", [x, scale, zp] if zp else [x, scale], **attrs)
+        per_channel = axis is not None and (known is None or known.size > 1)
+        inputs = [x, scale, zp] if zp else [x, scale]
+        return self.emit("DequantizeLinear", inputs, axis=axis) if per_channel else self.emit("DequantizeLinear", inputs)
 
     def quantize(self, y: str, scale: str, zp: str, output: str) -> str:
         self.types[output] = self.elem_type(zp) or 2  # TensorProto.UINT8, QuantizeLinear's default
@@ -124,7 +124,7 @@ class _Rewriter:
         """The float32 product of scale tensors (a constant when they all are, as quantize_static writes them)."""
         values = [self.constants.get(f) for f in factors]
         if all(v is not None for v in values):
-            out = np.float32(times)
+            out = np.asarray(times, dtype=np.float32)
             for v in values:
                 assert v is not None
                 out = (out * np.asarray(v, dtype=np.float32)).astype(np.float32)
@@ -159,14 +159,14 @@ def _qlinear_conv(r: _Rewriter, node: Any) -> None:
     inputs = [r.dequantize(x, xs, xz), r.dequantize(w, ws, wz, axis=0)]
     if b:  # int32 bias with scale s_x * s_w (per output channel), zero point 0: as QLinearConv adds it
         inputs.append(r.dequantize(b, r.product("bias_scale", [xs, ws]), "", axis=0))
-    r.quantize(r.emit("Conv", inputs, **_attrs(node)), ys, yz, node.output[0])
+    r.quantize(r.emit("Conv", inputs, **_attrs(node)), ys, r.zero_point(yz, x), node.output[0])
 
 
 def _qlinear_matmul(r: _Rewriter, node: Any) -> None:
     a, a_s, az, b, bs, bz, ys, yz = _inputs(node, 8)
     # a: per tensor or per row (axis -2), b: per tensor or per column (axis -1)
     product = r.emit("MatMul", [r.dequantize(a, a_s, az, axis=-2), r.dequantize(b, bs, bz, axis=-1)])
-    r.quantize(product, ys, yz, node.output[0])
+    r.quantize(product, ys, r.zero_point(yz, a), node.output[0])
 
 
 def _qgemm(r: _Rewriter, node: Any) -> None:
