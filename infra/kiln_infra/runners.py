@@ -5,8 +5,9 @@ Both run the image built from compiler-container/ with ``python -m kiln_compiler
 non-root user on a read-only root filesystem, writing only to the scratch and /tmp volumes.
 
 The one compiler role is what both runners' containers get: it may report to the workflow
-(task-token callbacks) and assume job roles that trust it and carry the ``kiln:job-role`` tag;
-it has no access to users' data itself (that comes with the assumed job role, as in SageMaker).
+(task-token callbacks), assume job roles that trust it and carry the ``kiln:job-role`` tag, and
+read and write the shared tuning records (kiln_infra.tuning); it has no access to users' data itself
+(that comes with the assumed job role, as in SageMaker).
 """
 
 from __future__ import annotations
