@@ -73,10 +73,12 @@ def input_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
     }
 
 
-def quantize_qdq(model: onnx.ModelProto, work: Path, seed: int = 0, samples: int = 4) -> onnx.ModelProto:
+def quantize_qdq(model: onnx.ModelProto, work: Path, seed: int = 0, samples: int = 4,
+                 images: np.ndarray | None = None) -> onnx.ModelProto:
     """``model`` quantized by onnxruntime's ``quantize_static`` as users do: QDQ format, per-channel s8
-    weights, u8 activations, calibrated on ``samples`` random normal inputs. Models below opset 13
-    are converted first (per-channel DequantizeLinear needs its ``axis``)."""
+    weights, u8 activations, calibrated on ``samples`` random normal inputs (or on ``images``, the first
+    input's samples stacked on its batch axis). Models below opset 13 are converted first (per-channel
+    DequantizeLinear needs its ``axis``)."""
     import onnx.version_converter
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
@@ -85,7 +87,10 @@ def quantize_qdq(model: onnx.ModelProto, work: Path, seed: int = 0, samples: int
     inp = model.graph.input[0]
     shape = [d.dim_value for d in inp.type.tensor_type.shape.dim]
     rng = np.random.default_rng(seed)
-    batches = iter([{inp.name: rng.standard_normal(shape).astype("float32")} for _ in range(samples)])
+    if images is None:
+        batches = iter([{inp.name: rng.standard_normal(shape).astype("float32")} for _ in range(samples)])
+    else:
+        batches = iter([{inp.name: images[i:i + 1]} for i in range(len(images))])
 
     class Reader(CalibrationDataReader):
         def get_next(self) -> dict[str, np.ndarray] | None:

@@ -240,3 +240,40 @@ def qdq_squeezenet_dir(tmp_path_factory: pytest.TempPathFactory, squeezenet: onn
     d.mkdir()
     onnx.save(quantize_qdq(squeezenet, work / "quantize"), str(d / "model.onnx"))
     return d
+
+
+CALIBRATION = "calib/samples.npz"  # where calibrated_dir keeps its calibration inputs
+
+
+def calibration_samples(count: int = 8, seed: int = 1) -> np.ndarray:
+    """Representative inputs for the small CNN: [samples, 3, 32, 32] (its input is [1, 3, 32, 32])."""
+    return np.random.default_rng(seed).standard_normal((count, 3, 32, 32)).astype("float32")
+
+
+@pytest.fixture(scope="session")
+def calibrated_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An unpacked archive: the fp32 small CNN as model.onnx and its calibration inputs in calib/samples.npz."""
+    d = tmp_path_factory.mktemp("calibrated") / "archive"
+    (d / "calib").mkdir(parents=True)
+    onnx.save(small_cnn(), str(d / "model.onnx"))
+    np.savez(d / CALIBRATION, input=calibration_samples())
+    return d
+
+
+@pytest.fixture(scope="session")
+def reference_qdq(tmp_path_factory: pytest.TempPathFactory) -> onnx.ModelProto:
+    """The QDQ model onnxruntime's quantize_static makes from the same fp32 model and calibration inputs,
+    as a user would run it (QDQ, per-channel s8 weights, u8 activations), all samples in one pass."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    work = tmp_path_factory.mktemp("reference_qdq")
+    onnx.save(small_cnn(), str(work / "fp32.onnx"))
+    feeds = iter([{"input": s[None]} for s in calibration_samples()])
+
+    class Reader(CalibrationDataReader):
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(feeds, None)
+
+    quantize_static(str(work / "fp32.onnx"), str(work / "qdq.onnx"), Reader(), quant_format=QuantFormat.QDQ,
+                    per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    return onnx.load(str(work / "qdq.onnx"))

@@ -181,4 +181,5 @@ def from_proto(model: Any, config: DataInputConfig, *, framework: str, framework
         model_files=model_files,
         mod=mod,
         params=None,
+        extra={"onnx_model": model},  # quantize-by-calibration starts from it (kiln_compiler.quantize)
     )
