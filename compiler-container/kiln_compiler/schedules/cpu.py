@@ -264,10 +264,33 @@ def _schedule_anchor(sch: Schedule, block: Any, vector: VectorUnit, knobs: TileK
             best = (score, vf, rh, rw)
     assert best is not None
     _, vec_f, rh, rw = best
+    fused_p = 0
+    if ph is not None and pw is not None and knobs.fused_pixels is not False:
+        fused_p, fused_vf, fused_score = _fused_pixel_tile(extents[ph] * extents[pw], extents[vec], vector,
+                                                           vector_choices, knobs)
+        if fused_p and (knobs.fused_pixels or fused_score > best[0]):
+            vec_f = fused_vf
+        else:
+            fused_p = 0
+
+    n_channel_tiles = extents[vec] // vec_f
+    if fused_p:
+        n_pixel_tiles = -(-extents[ph] * extents[pw] // fused_p)
+    else:
+        n_pixel_tiles = (extents[ph] // rh if ph is not None else 1) * (extents[pw] // rw if pw is not None else 1)
 
     # epilogues: inline elementwise consumers into the write-back of the tile
     wb_block = sch.cache_write(block, 0, "local")
     inline_epilogues(sch, block, wb_block)
+    if fused_p:
+        assert ph is not None and pw is not None
+        _fuse_pixel_axes(sch, block, wb_block, ph, extents[pw])
+        # the fused pixel axis takes ph's place, the axes after pw move up by one
+        b = sch.get(block)
+        kinds = [iv.iter_type for iv in b.iter_vars]
+        sp = [i for i, k in enumerate(kinds) if k == DATA_PAR]
+        rd = [i for i, k in enumerate(kinds) if k == COMM_REDUCE]
+        vec, pw, ph, rw, rh = vec - 1, ph, None, fused_p, 1
 
     loops = sch.get_loops(block)
     vo, vi = sch.split(loops[vec], [None, vec_f])
@@ -282,8 +305,7 @@ def _schedule_anchor(sch: Schedule, block: Any, vector: VectorUnit, knobs: TileK
     if not tile_outer:
         outer.append(vo)
     elif knobs.channels_outer if knobs.channels_outer is not None else _channel_tiles_outermost(
-            b, reads_with_vec, extents[vec] // vec_f,
-            (extents[ph] // rh if ph is not None else 1) * (extents[pw] // rw if pw is not None else 1)):
+            b, reads_with_vec, n_channel_tiles, n_pixel_tiles):
         outer += [vo, *tile_outer]
     else:
         outer += [*tile_outer, vo]
@@ -303,6 +325,50 @@ def _schedule_anchor(sch: Schedule, block: Any, vector: VectorUnit, knobs: TileK
     _vectorize_whole(sch, vi, vec_f, lanes)
     sch.decompose_reduction(block, loops[rd[0]])
     return True
+
+
+def _fused_pixel_tile(pixels: int, channels: int, vector: VectorUnit, vector_choices: tuple[int, ...],
+                      knobs: TileKnobs) -> tuple[int, int, tuple[float, float]]:
+    """(pixels per tile, channel factor, score) of the best tile over the fused H*W axis.
+
+    The last tile of each channel tile is a tail (``pixels % P`` pixels); the score is the rate
+    of the whole grid: full tiles and the tail at their own _tile_rate. A 13x13 map has no row
+    tile between 1 and 13: fused, 169 pixels are 28 tiles of 6 and a tail of 1.
+    """
+    best: tuple[int, int, tuple[float, float]] = (0, 0, (0.0, 0.0))
+    for max_vectors in vector_choices:
+        vf = _vector_factor(channels, vector.lanes, max_vectors)
+        nv = -(-vf // vector.lanes)
+        useful = min(vf, nv * vector.lanes)
+        limit = max(1, min(knobs.max_pixels, _register_budget(vector, nv) // nv))
+        for p in range(2, limit + 1):
+            tail = pixels % p
+            cycles = pixels // p * p * useful / _tile_rate(p, nv, useful)
+            if tail:
+                cycles += tail * useful / _tile_rate(tail, nv, useful)
+            score = (pixels * useful / cycles, -(nv + p) / (nv * p))
+            if score > best[2]:
+                best = (p, vf, score)
+    return best
+
+
+def _fuse_pixel_axes(sch: Schedule, block: Any, write_back: Any, ph: int, width: int) -> None:
+    """Rewrite the tile's block, its local accumulator buffer and its write-back over one fused
+    pixel axis (``h * width + w`` in place of the adjacent axes ``ph``, ``ph + 1``).
+
+    Fusing only the loops leaves the accumulator indexed by (p // W, p % W): the region TVM
+    infers for a tile of P fused pixels is then every row it touches, and the write-back copied
+    pixels another tile computes (ADR 0005). Indexed by p itself, the region is the tile's own.
+    """
+    pw = ph + 1
+
+    def fuse(*ivs: Any) -> list[Any]:
+        return [*ivs[:ph], ivs[ph] * width + ivs[pw], *ivs[pw + 1:]]
+
+    n_block, n_wb = len(sch.get(block).iter_vars), len(sch.get(write_back).iter_vars)
+    sch.transform_layout(block, ("write", 0), tirx.IndexMap.from_func(fuse, ndim=len(sch.get(block).writes[0].region)))
+    sch.transform_block_layout(block, tirx.IndexMap.from_func(fuse, ndim=n_block))
+    sch.transform_block_layout(write_back, tirx.IndexMap.from_func(fuse, ndim=n_wb))
 
 
 def _vectorize_whole(sch: Schedule, loop: Any, extent: int, lanes: int) -> None:

@@ -12,6 +12,7 @@ class TileKnobs:
     max_vectors: int | None = None  # output-channel vectors per tile (None: 2 or 1, or 3 or 1 for an odd multiple of 3)
     max_pixels: int = 14  # output pixels per tile
     channels_outer: bool | None = None  # loop order of the tile grid (None: by bytes moved)
+    fused_pixels: bool | None = None  # tile the fused H*W axis with a tail tile (None: when it beats rh | H, rw | W)
 
 
 def tile_variants() -> list[TileKnobs]:
