@@ -22,6 +22,12 @@ def tile_variants() -> list[TileKnobs]:
         for max_pixels in (14, 8, 4):
             for channels_outer in (True, False):
                 out.append(TileKnobs(max_vectors, max_pixels, channels_outer))
+    # tiles over the fused H*W axis with a tail (ADR 0025) where the heuristic keeps rh | H, rw | W,
+    # and the other way round
+    out.append(TileKnobs(fused_pixels=False))
+    for max_vectors in (2, 3):
+        for max_pixels in (14, 6):
+            out.append(TileKnobs(max_vectors, max_pixels, fused_pixels=True))
     return out
 
 
