@@ -7,6 +7,7 @@ unit-scale data; whole models compare logits with 1e-3 of their largest magnitud
 from __future__ import annotations
 
 import os
+import re
 from typing import Any
 
 import kiln.runtime
@@ -385,3 +386,19 @@ def test_fused_pixel_tile_with_tail_matches_unscheduled_kernel(cin: int, cout: i
     #      (a write-back over-approximating its region would copy other tiles' unset accumulators)
     assert not np.allclose(outputs[1], args[-1])
     np.testing.assert_allclose(outputs[0], outputs[1], rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize(("cout", "want"), [(1000, 1008), (200, 208), (72, 72), (40, 40), (64, 64)])
+def test_odd_vector_counts_are_padded_to_pairs(cout: int, want: int) -> None:
+    # GIVEN a dense 1x1 convolution with ``cout`` output channels (8-lane vectors: 125, 25, 9, 5, 8)
+    from kiln_compiler.graph import cpu_graph_passes
+
+    mod = _conv_block(16, cout, 1, 1, 0, 13, 1, seed=5)
+    # WHEN Kiln's graph passes rewrite it for AVX2
+    with tvm.target.Target(AVX2):
+        rewritten = tvm.transform.Sequential(cpu_graph_passes(8))(mod)
+    convs = [int(c) for c in re.findall(r"R.Tensor\(\(1, 13, 13, (\d+)\), dtype=\"float32\"\) = R.nn.conv2d\(",
+                                        rewritten["main"].script())]
+    # THEN an odd number of vectors from 9 up, not a multiple of 3 (3-vector tiles), gets one more
+    #      vector so a 2-vector tile fits; the others keep their width
+    assert convs == [want]

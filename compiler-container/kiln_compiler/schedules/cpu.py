@@ -1,8 +1,8 @@
 """Kiln's default CPU schedules: register-tiled reductions, fused epilogues, vectorised elementwise.
 
 The anchor reduction of a fused kernel (conv2d, matmul/dense, pooling) is register-tiled as
-rh x rw output pixels x 1-2 vectors of output channels (AVX-512 16 lanes, AVX2 8, NEON 4, from
-``kiln.isa``); the reduction (kh, kw, ic) runs inside the tile with the accumulators in registers;
+rh x rw output pixels (or P pixels of the fused H*W axis and a tail tile, ADR 0025) x 1-3 vectors
+of output channels (AVX-512 16 lanes, AVX2 8, NEON 4, from ``kiln.isa``); the reduction (kh, kw, ic) runs inside the tile with the accumulators in registers;
 fused elementwise epilogues (bias, batch norm, residual add, relu) are inlined into the tile's
 write-back; the outer loops are fused and parallel; the constant weights are re-packed into the
 tile's access order at compile time (see ``kiln_compiler.pipeline``). Everything else is
@@ -264,20 +264,16 @@ def _schedule_anchor(sch: Schedule, block: Any, vector: VectorUnit, knobs: TileK
             best = (score, vf, rh, rw)
     assert best is not None
     _, vec_f, rh, rw = best
+    n_pixel_tiles = (extents[ph] // rh if ph is not None else 1) * (extents[pw] // rw if pw is not None else 1)
     fused_p = 0
     if ph is not None and pw is not None and knobs.fused_pixels is not False:
-        fused_p, fused_vf, fused_score = _fused_pixel_tile(extents[ph] * extents[pw], extents[vec], vector,
-                                                           vector_choices, knobs)
+        pixels = extents[ph] * extents[pw]
+        fused_p, fused_vf, fused_score = _fused_pixel_tile(pixels, extents[vec], vector, vector_choices, knobs)
         if fused_p and (knobs.fused_pixels or fused_score[0] > best[0][0] * _FUSED_TILE_MARGIN):
-            vec_f = fused_vf
+            vec_f, n_pixel_tiles = fused_vf, -(-pixels // fused_p)
         else:
             fused_p = 0
-
     n_channel_tiles = extents[vec] // vec_f
-    if fused_p:
-        n_pixel_tiles = -(-extents[ph] * extents[pw] // fused_p)
-    else:
-        n_pixel_tiles = (extents[ph] // rh if ph is not None else 1) * (extents[pw] // rw if pw is not None else 1)
 
     # epilogues: inline elementwise consumers into the write-back of the tile
     wb_block = sch.cache_write(block, 0, "local")
