@@ -253,10 +253,14 @@ def _anchor_tile(conv_func: Any, vector: Any) -> tuple[int, int]:
 
     sch = default_schedule(conv_func, vector)
     update = sch.get_sblock("conv2d_nhwc_update")
-    # loops binding the output-channel axis (NHWC: the 4th block iterator) are channels (a
-    # 3-vector tile unrolls one over its vectors), the other unrolled loops are pixels
+    # loops binding the output-channel axis (the block iterator of the output's innermost index;
+    # the 4th in NHWC, the 3rd over a fused pixel axis) are channels (a 3-vector tile unrolls one
+    # over its vectors), the other unrolled loops are pixels
     realize = sch.get(sch.get_loops(update)[-1]).body  # the innermost loop's block realize
-    channel_vars = {v.name for v in tvm.tirx.analysis.undefined_vars(realize.iter_values[3], [])}
+    block = realize.block
+    channel_iv = next(i for i, iv in enumerate(block.iter_vars)
+                      if block.writes[0].region[-1].min.same_as(iv.var))
+    channel_vars = {v.name for v in tvm.tirx.analysis.undefined_vars(realize.iter_values[channel_iv], [])}
     pixels, channels = 1, 1
     for loop in sch.get_loops(update):
         stmt = sch.get(loop)
