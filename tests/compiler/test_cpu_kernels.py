@@ -7,6 +7,7 @@ unit-scale data; whole models compare logits with 1e-3 of their largest magnitud
 from __future__ import annotations
 
 import os
+import re
 from typing import Any
 
 import kiln.runtime
@@ -72,6 +73,11 @@ CONVS = {
     "channels_60": (32, 60, 3, 1, 1, 14, 1),  # padded to 64 on both ISAs
     "channels_48": (16, 48, 3, 1, 1, 14, 1),  # three vectors on AVX-512 (24 channels: on AVX2)
     "grouped_4x136_at_7x7": (544, 544, 1, 1, 0, 7, 4),  # 136 -> 144 per group: 3 AVX-512 vectors
+    # maps without a row tile on AVX2 (13, 7): tiles over the fused H*W axis with a tail (ADR 0025)
+    "1x1_at_13x13_odd_vectors": (64, 200, 1, 1, 0, 13, 1),  # 25 AVX2 vectors: padded to 26
+    "3x3_at_13x13": (32, 64, 3, 1, 1, 13, 1),
+    "1x1_at_7x7": (128, 256, 1, 1, 0, 7, 1),
+    "3x3_s2_to_7x7": (64, 128, 3, 2, 1, 14, 1),
     "depthwise_3x3": (60, 60, 3, 1, 1, 14, 60),
     "depthwise_3x3_s2": (60, 60, 3, 2, 1, 15, 60),
 }
@@ -247,10 +253,14 @@ def _anchor_tile(conv_func: Any, vector: Any) -> tuple[int, int]:
 
     sch = default_schedule(conv_func, vector)
     update = sch.get_sblock("conv2d_nhwc_update")
-    # loops binding the output-channel axis (NHWC: the 4th block iterator) are channels (a
-    # 3-vector tile unrolls one over its vectors), the other unrolled loops are pixels
+    # loops binding the output-channel axis (the block iterator of the output's innermost index;
+    # the 4th in NHWC, the 3rd over a fused pixel axis) are channels (a 3-vector tile unrolls one
+    # over its vectors), the other unrolled loops are pixels
     realize = sch.get(sch.get_loops(update)[-1]).body  # the innermost loop's block realize
-    channel_vars = {v.name for v in tvm.tirx.analysis.undefined_vars(realize.iter_values[3], [])}
+    block = realize.block
+    channel_iv = next(i for i, iv in enumerate(block.iter_vars)
+                      if block.writes[0].region[-1].min.same_as(iv.var))
+    channel_vars = {v.name for v in tvm.tirx.analysis.undefined_vars(realize.iter_values[channel_iv], [])}
     pixels, channels = 1, 1
     for loop in sch.get_loops(update):
         stmt = sch.get(loop)
@@ -315,3 +325,84 @@ def test_neon_shaped_tile_matches_unscheduled_kernel(cin: int, cout: int, k: int
     # THEN they agree (and both wrote their output buffer, which started as noise)
     assert not np.allclose(outputs[1], args[-1])
     np.testing.assert_allclose(outputs[0], outputs[1], rtol=RTOL, atol=ATOL)
+
+
+def _conv_kernel(cin: int, cout: int, k: int, stride: int, hw: int, lanes: int) -> Any:
+    """The fused conv PrimFunc (conv + bias + scale + relu, NHWC) Kiln's graph passes make for ``lanes``."""
+    from kiln_compiler import pipeline as tp
+    from kiln_compiler.graph import cpu_graph_passes
+
+    mod = _conv_block(cin, cout, k, stride, k // 2, hw, 1, seed=4)
+    with tvm.target.Target(AVX2):
+        fused = tvm.transform.Sequential(tp._fuse_passes())(tvm.transform.Sequential(cpu_graph_passes(lanes))(mod))
+    (conv,) = [f for gv, f in fused.functions_items() if isinstance(f, tvm.tirx.PrimFunc) and "conv" in gv.name_hint]
+    return conv
+
+
+@pytest.mark.parametrize(("cin", "cout", "k", "hw"), [(512, 1000, 1, 13), (64, 256, 3, 13), (512, 512, 3, 7),
+                                                      (512, 2048, 1, 7)])
+def test_maps_without_a_row_tile_get_two_vector_tiles_on_avx2(cin: int, cout: int, k: int, hw: int) -> None:
+    # GIVEN a convolution over a 13x13 or 7x7 map (no row tile between 1 and the whole row) on AVX2
+    from kiln import isa
+
+    vector = isa.VectorUnit(8, 16)
+    conv = _conv_kernel(cin, cout, k, 1, hw, vector.lanes)
+    # WHEN Kiln's default schedule tiles it
+    pixels, vectors = _anchor_tile(conv, vector)
+    # THEN the tile is two channel vectors wide over a part of the fused pixel axis, not one vector
+    #      of a whole row (13 pixels x 1 vector: 14 loads per 13 FMAs, load bound), within the registers
+    assert vectors == 2
+    assert pixels * vectors >= 10
+    assert pixels * vectors + vectors + 1 <= vector.registers
+
+
+FUSED_TARGETS = [(AVX2, (8, 16))] + ([({"kind": "llvm", "mcpu": "skylake-avx512"}, (16, 32))]
+                                      if _has_avx512() else [])
+
+
+@pytest.mark.parametrize(("target", "unit"), FUSED_TARGETS, ids=lambda t: t["mcpu"] if isinstance(t, dict) else "")
+@pytest.mark.parametrize(("cin", "cout", "k", "stride", "hw"), [(64, 200, 1, 1, 13), (32, 64, 3, 1, 13),
+                                                                (48, 96, 3, 2, 14), (64, 128, 1, 1, 7)])
+def test_fused_pixel_tile_with_tail_matches_unscheduled_kernel(cin: int, cout: int, k: int, stride: int, hw: int,
+                                                               target: dict[str, Any], unit: tuple[int, int]) -> None:
+    # GIVEN a fused conv kernel tiled over its fused H*W axis with a tail tile, on each ISA (AVX-512's
+    #       default keeps row tiles for these maps, so the knob forces the fused tile there)
+    from kiln import isa
+    from kiln_compiler.schedules import TileKnobs, default_schedule
+
+    vector = isa.VectorUnit(*unit)
+    conv = _conv_kernel(cin, cout, k, stride, hw, vector.lanes)
+    scheduled = default_schedule(conv, vector, TileKnobs(max_vectors=2, max_pixels=6, fused_pixels=True)).mod["main"]
+    out_pixels = ((hw + 2 * (k // 2) - k) // stride + 1) ** 2
+    text = scheduled.script()
+    assert f"T.int64({out_pixels})" in text  # the accumulators are indexed by the fused pixel axis
+    assert "T.where(" in text  # and the last tile is a tail (169 and 49 pixels: no divisor up to 6 but 1)
+    rng = np.random.default_rng(11)
+    args = [rng.standard_normal([int(d) for d in buf.shape]).astype("float32") for buf in conv.params]
+    outputs = []
+    # WHEN the scheduled and the unscheduled kernel run on the same inputs, the output starting as noise
+    for func in (scheduled, conv):
+        lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target)
+        tensors = [tvm.runtime.tensor(a) for a in args]
+        lib["main"](*tensors)
+        outputs.append(tensors[-1].numpy())
+    # THEN every output pixel, the tail's included, is written once with the reference's value
+    #      (a write-back over-approximating its region would copy other tiles' unset accumulators)
+    assert not np.allclose(outputs[1], args[-1])
+    np.testing.assert_allclose(outputs[0], outputs[1], rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize(("cout", "want"), [(1000, 1008), (200, 208), (72, 72), (40, 40), (64, 64)])
+def test_odd_vector_counts_are_padded_to_pairs(cout: int, want: int) -> None:
+    # GIVEN a dense 1x1 convolution with ``cout`` output channels (8-lane vectors: 125, 25, 9, 5, 8)
+    from kiln_compiler.graph import cpu_graph_passes
+
+    mod = _conv_block(16, cout, 1, 1, 0, 13, 1, seed=5)
+    # WHEN Kiln's graph passes rewrite it for AVX2
+    with tvm.target.Target(AVX2):
+        rewritten = tvm.transform.Sequential(cpu_graph_passes(8))(mod)
+    convs = [int(c) for c in re.findall(r"R.Tensor\(\(1, 13, 13, (\d+)\), dtype=\"float32\"\) = R.nn.conv2d\(",
+                                        rewritten["main"].script())]
+    # THEN an odd number of vectors from 9 up, not a multiple of 3 (3-vector tiles), gets one more
+    #      vector so a 2-vector tile fits; the others keep their width
+    assert convs == [want]

@@ -12,7 +12,7 @@
 * ``PadConvChannels``: a dense convolution whose output channels are not a multiple of the
   vector is padded to whole vectors when that wastes at most a fifth of the work (SqueezeNet's
   1000-class 1x1 layer ran on half vectors, 8 being the largest of 1000's factors that fits),
-  then sliced back.
+  then sliced back; an odd number of vectors (9 up, not a multiple of 3) gets one more.
 
 Both run after ConvertLayout (NHWC data, HWIO constant weights).
 """
@@ -124,6 +124,14 @@ def _is_pointwise(attrs: Any, kh: int, kw: int) -> bool:
         and all(int(v) == 0 for v in attrs.padding)
 
 
+def _pad_to_vector_pairs(vectors: int) -> bool:
+    """Whether a conv with this odd number of whole output-channel vectors gets one more: the
+    2-vector tile (ADR 0025) needs an even count, 3 vectors take an odd multiple of three
+    (ADR 0020), and one more vector wastes at most an eighth from 9 vectors up (SqueezeNet's
+    1000 classes on AVX2: 125 vectors left a 1-vector tile, 13 pixels, load bound)."""
+    return vectors % 2 == 1 and vectors % 3 != 0 and vectors >= 9
+
+
 @mutator
 class _ChannelPadder(PyExprMutator):
     def __init__(self, mod: tvm.IRModule, lanes: int) -> None:
@@ -136,7 +144,7 @@ class _ChannelPadder(PyExprMutator):
         if weight is None or int(call.attrs.groups) != 1:
             return call
         k = weight.shape[3]
-        if k % self.lanes == 0 or k < self.lanes:
+        if k < self.lanes or (k % self.lanes == 0 and not _pad_to_vector_pairs(k // self.lanes)):
             return call
         padded = -(-k // (2 * self.lanes)) * 2 * self.lanes  # two vectors: the widest tile
         if (padded - k) * 8 > k:
