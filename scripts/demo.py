@@ -3,8 +3,8 @@
 The same path as production: CreateCompilationJob validation, the Step Functions workflow on
 moto, the compiler entrypoint as a process, the artifact downloaded from (embedded) S3. Then the
 artifact runs here, its output is checked against ONNX Runtime, and Kiln's latency is put beside
-the peers the bench measures (kiln.benchmark: ONNX Runtime and OpenVINO, same threads, interleaved
-rounds), with the ratio as measured, whatever it is.
+the peers the bench measures (kiln.benchmark: ONNX Runtime and OpenVINO, same threads, each runner in its
+own process, interleaved rounds), with the ratio as measured, whatever it is.
 """
 
 from __future__ import annotations
@@ -19,15 +19,15 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from kiln import runtime
-from kiln.benchmark import faster_peer, interleaved_medians, peers
+from kiln.benchmark import faster_peer, kiln_runner, peer_runners, runner_pool
 from kiln.host import host_target, target_isa_label
 from kiln_compiler.samples import input_shapes, load_light_model
 from rich.console import Console
 from rich.table import Table
 
 MODEL = "squeezenet"
-ROUNDS = 30
+ROUNDS = 10
+PER_ROUND = 5
 
 
 def main() -> int:
@@ -53,21 +53,22 @@ def main() -> int:
         if subprocess.call(command) != 0:
             return 1
     artifact = out / f"{MODEL}-{target.name}.tar.gz"
-    compiled = runtime.load(artifact)
+    onnx_path = out / f"{MODEL}.onnx"  # what the peers load
+    onnx_path.write_bytes(data)
     threads = int(os.environ.get("TVM_NUM_THREADS") or os.cpu_count() or 1)
-    rivals = peers(data, threads)
+    rivals = peer_runners(onnx_path, threads)
     rng = np.random.default_rng(0)
     feeds = {name: rng.standard_normal(shape).astype(np.float32) for name, shape in shapes.items()}
-    ours = compiled.run(feeds)[0]
-    reference = rivals[0]  # ONNX Runtime
-    theirs = reference.run(feeds)[0]
-    np.testing.assert_allclose(ours, theirs, rtol=1e-3, atol=1e-4)
-    console.print(f"\noutput matches {reference.name} (max abs diff {np.abs(ours - theirs).max():.1e})")
-
-    medians = interleaved_medians({"Kiln": lambda: compiled.run(feeds),
-                                   **{p.name: (lambda p=p: p.run(feeds)) for p in rivals}}, rounds=ROUNDS)
+    with runner_pool([kiln_runner(artifact, threads), *rivals], feeds) as pool:
+        ours = pool.outputs("Kiln")[0]
+        reference = rivals[0]  # ONNX Runtime
+        theirs = pool.outputs(reference.name)[0]
+        np.testing.assert_allclose(ours, theirs, rtol=1e-3, atol=1e-4)
+        console.print(f"\noutput matches {reference.name} (max abs diff {np.abs(ours - theirs).max():.1e})")
+        medians = pool.interleaved_medians(rounds=ROUNDS, per_round=PER_ROUND)
     kiln_ms = medians["Kiln"]
-    table = Table(title=f"{MODEL}, batch 1 fp32, {threads} threads each, median of {ROUNDS} interleaved rounds",
+    table = Table(title=f"{MODEL}, batch 1 fp32, {threads} threads each, each in its own process, median of "
+                  f"{ROUNDS} interleaved rounds x {PER_ROUND} calls",
                   title_justify="left")
     table.add_column("runtime")
     table.add_column("latency (ms)", justify="right")

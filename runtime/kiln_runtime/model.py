@@ -11,13 +11,14 @@ import numpy as np
 
 from .host import check_host
 from .manifest import TensorSpec, extract, read_manifest
+from .tvm_lib import Parallel
 
 
 class Model:
     """A loaded artifact."""
 
     def __init__(self, root: Path, manifest: dict[str, Any],
-                 keepalive: tempfile.TemporaryDirectory[str] | None = None) -> None:
+                 keepalive: tempfile.TemporaryDirectory[str] | None = None, parallel: Parallel = "kiln") -> None:
         self.root = root
         self.manifest = manifest
         self.inputs = [TensorSpec.from_dict(d) for d in manifest["inputs"]]
@@ -26,6 +27,7 @@ class Model:
         if manifest.get("class_labels"):
             self.class_labels = (root / manifest["class_labels"]).read_text().splitlines()
         self._keepalive = keepalive
+        self._parallel = parallel
         self._impl: Any = None
         self._load()
 
@@ -47,7 +49,7 @@ class Model:
         else:
             from .tvm_lib import RelaxVM
 
-            self._impl = RelaxVM(lib, gpu=self.manifest["target"].get("family") == "cuda")
+            self._impl = RelaxVM(lib, gpu=self.manifest["target"].get("family") == "cuda", parallel=self._parallel)
 
     def _check(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         names = [s.name for s in self.inputs]
@@ -79,8 +81,11 @@ class Model:
         return outputs
 
 
-def load(path: str | os.PathLike[str], *, check: bool = True) -> Model:
-    """Load an artifact directory or ``.tar.gz`` after checking that this host can run it."""
+def load(path: str | os.PathLike[str], *, check: bool = True, parallel: Parallel = "kiln") -> Model:
+    """Load an artifact directory or ``.tar.gz`` after checking that this host can run it.
+
+    ``parallel``: the kernels' parallel loops on Kiln's launcher (``"kiln"``, where the artifact has one)
+    or on TVM's own thread pool (``"tvm"``); both size themselves from ``TVM_NUM_THREADS`` (ADR 0032)."""
     p = Path(path)
     keepalive = None
     if p.is_file():
@@ -89,4 +94,4 @@ def load(path: str | os.PathLike[str], *, check: bool = True) -> Model:
     manifest = read_manifest(p)
     if check:
         check_host(manifest)
-    return Model(p, manifest, keepalive)
+    return Model(p, manifest, keepalive, parallel)

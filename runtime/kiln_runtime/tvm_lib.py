@@ -11,9 +11,10 @@ from __future__ import annotations
 import ctypes
 import functools
 import importlib.util
+import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -105,10 +106,32 @@ def cuda_present() -> bool:
     return bool(get_attr(_CUDA, 0, 0))  # attribute 0: kExist
 
 
+Parallel = Literal["kiln", "tvm"]
+
+
+def use_kiln_parallel(library: Path) -> bool:
+    """Point a loaded model library's parallel loops at Kiln's launcher (ADR 0032), when it has one.
+
+    TVM fills the library's ``__TVMBackendParallelLaunch`` pointer with its own thread pool when it loads
+    the library; artifacts from Kiln also carry ``kiln_parallel_launch``, whose threads claim chunks
+    dynamically, so a descheduled worker does not stall a loop. Returns whether the pointer now points
+    there (False for libraries without the launcher, e.g. older artifacts, and on Windows)."""
+    if sys.platform == "win32":
+        return False
+    try:
+        lib = ctypes.CDLL(str(library), mode=os.RTLD_NOLOAD | os.RTLD_LAZY)  # the copy TVM loaded
+        launch = ctypes.cast(lib.kiln_parallel_launch, ctypes.c_void_p).value
+        pointer = ctypes.c_void_p.in_dll(lib, "__TVMBackendParallelLaunch")
+    except (OSError, AttributeError, ValueError):
+        return False
+    pointer.value = launch
+    return True
+
+
 class RelaxVM:
     """A Relax VM executable from an exported library, initialised for one device."""
 
-    def __init__(self, library: Path, *, gpu: bool = False) -> None:
+    def __init__(self, library: Path, *, gpu: bool = False, parallel: Parallel = "kiln") -> None:
         tvm_ffi = cuda() if gpu else ffi()
         self._ffi = tvm_ffi
         self._alloc = tvm_ffi.get_global_func("runtime.TVMTensorAllocWithScope")
@@ -116,6 +139,8 @@ class RelaxVM:
         self._device = tvm_ffi.device("cuda" if gpu else "cpu", 0)
         self._cpu = tvm_ffi.device("cpu", 0)
         self._module = tvm_ffi.load_module(str(library))
+        # Whether the kernels' parallel loops run on Kiln's launcher (True) or on TVM's thread pool.
+        self.kiln_parallel = parallel == "kiln" and use_kiln_parallel(library)
         self._vm = self._module["vm_load_executable"]()
         init = [_CUDA, 0, _POOLED_ALLOCATOR] if gpu else []
         self._vm["vm_initialization"](*init, _CPU, 0, _POOLED_ALLOCATOR)  # the CPU runs shape functions

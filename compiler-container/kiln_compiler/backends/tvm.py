@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -29,16 +31,32 @@ def _check_llvm_target(tvm_target: dict[str, Any]) -> None:
                           section="OutputConfiguration") from None
 
 
-def _fcompile(target: Target) -> Any:
+# Kiln's parallel launcher (ADR 0032): linked into every Linux artifact, used by kiln-runtime in place of TVM's pool.
+PARALLEL_SOURCE = Path(__file__).with_name("kiln_parallel.c")
+
+
+def _fcompile(target: Target, work_dir: Path) -> Any:
     from tvm.support import cc
 
     if target.toolchain is None:
         raise ServerError(f"target {target.name} has no toolchain in the catalog")
-    if target.family == Family.WINDOWS:
+    if target.family == Family.WINDOWS:  # TVM's own thread pool: the launcher is POSIX threads only
         dll = windows_ffi_library(target)
         return cc.cross_compiler(target.toolchain.cxx, options=["-static-libgcc", "-static-libstdc++", str(dll)],
                                  output_format="dll")
-    return cc.cross_compiler(target.toolchain.cxx)
+    return cc.cross_compiler(target.toolchain.cxx, options=["-pthread"],
+                             add_files=[str(parallel_object(target.toolchain.cxx, work_dir))])
+
+
+def parallel_object(cxx: str, work_dir: Path) -> Path:
+    """kiln_parallel.c compiled (as C) by the target's compiler driver into ``work_dir``."""
+    obj = work_dir / "kiln_parallel.o"
+    proc = subprocess.run([cxx, "-x", "c", "-std=gnu11", "-O2", "-fPIC", "-pthread", "-Wno-psabi", "-c", str(PARALLEL_SOURCE),
+                           "-o", str(obj)], capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        log.error("compiling %s failed: %s", PARALLEL_SOURCE.name, proc.stdout + proc.stderr)
+        raise ServerError(f"compiling Kiln's parallel launcher with {cxx} failed")
+    return obj
 
 
 def windows_ffi_library(target: Target) -> Path:
@@ -106,7 +124,8 @@ def compile(request: CompileRequest) -> BuildResult:
         request.out_dir.mkdir(parents=True, exist_ok=True)
         lib = request.out_dir / LIB_NAMES.get(target.family, "model.so")
         try:
-            compiled.executable.export_library(str(lib), fcompile=_fcompile(target))
+            with tempfile.TemporaryDirectory(prefix="kiln-link-") as link_dir:
+                compiled.executable.export_library(str(lib), fcompile=_fcompile(target, Path(link_dir)))
         except ServerError:
             raise
         except Exception as exc:
