@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "each (default 4; 0: serve it in the stack's process)")
     serve.add_argument("--compiler-niceness", type=_niceness, default=None,
                        help="how far below the API's CPU priority compiler processes run, 0-19 (default 10)")
+    serve.add_argument("--compiler-cpu-share", choices=("own", "api"), default=None,
+                       help="own: each compiler in a session of its own, a CPU share beside the API's (default); "
+                            "api: compilers in this session, below the API (it wins; they take what it leaves)")
 
     compile_ = sub.add_parser("compile", help="compile one model through the full job path, locally")
     compile_.add_argument("model", type=Path, help="the model archive (.tar.gz)")
@@ -168,7 +171,7 @@ def _serve(args: argparse.Namespace) -> int:
     from kiln.local.stack import EmbeddedStack
 
     given = {"max_compilers": args.max_compilers, "api_workers": args.api_workers,
-             "compiler_niceness": args.compiler_niceness}
+             "compiler_niceness": args.compiler_niceness, "compiler_cpu_share": args.compiler_cpu_share}
     local = LocalSettings(**{name: value for name, value in given.items() if value is not None})
     stack = EmbeddedStack(host=args.host, aws_port=args.aws_port or args.port + 1, work_dir=args.work_dir,
                           local=local).start()

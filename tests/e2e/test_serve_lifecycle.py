@@ -48,10 +48,11 @@ def compilers_working_in(work_dir: Path) -> list[int]:
 
 @pytest.mark.slow
 def test_compilers_run_below_the_api_and_end_with_a_prompt_stop(tmp_path: Path) -> None:
-    # GIVEN kiln serve with compilers 7 below its priority and one compiler slot
+    # GIVEN kiln serve with compilers in its CPU share, 7 below its priority, and one compiler slot
     work = tmp_path / "work"
     process, api_url, aws_url = start_serve(tmp_path / "serve.log", "--compiler-niceness", "7",
-                                            "--max-compilers", "1", "--work-dir", str(work))
+                                            "--compiler-cpu-share", "api", "--max-compilers", "1",
+                                            "--work-dir", str(work))
     try:
         keys = {"region_name": "us-east-1", "aws_access_key_id": "x", "aws_secret_access_key": "x"}
         api, s3 = boto3.client("sagemaker", endpoint_url=api_url, **keys), boto3.client("s3", endpoint_url=aws_url, **keys)

@@ -13,12 +13,13 @@ def test_defaults_run_compilers_ten_below_the_api() -> None:
     # GIVEN no choice made  WHEN settings are built  THEN compilers run at nice +10, slots follow the CPUs
     settings = LocalSettings()
     assert (settings.compiler_niceness, settings.max_compilers, settings.api_workers) == (10, None, 4)
+    assert settings.compiler_cpu_share == "own"
 
 
 @pytest.mark.parametrize("field,value", [("compiler_niceness", 20), ("compiler_niceness", -1),
                                          ("max_compilers", 0), ("api_workers", -1), ("stop_grace_seconds", 0),
-                                         ("compiler_nice", 5)])
-def test_out_of_range_or_unknown_fields_are_refused_by_name(field: str, value: int) -> None:
+                                         ("compiler_nice", 5), ("compiler_cpu_share", "half")])
+def test_out_of_range_or_unknown_fields_are_refused_by_name(field: str, value: object) -> None:
     # GIVEN a value outside its field's range (or a misspelt field)  WHEN settings are built
     with pytest.raises(pydantic.ValidationError) as refused:
         LocalSettings(**{field: value})
@@ -39,10 +40,10 @@ def test_stack_takes_max_compilers_as_short_for_its_field() -> None:
     # GIVEN local settings and the max_compilers shorthand  WHEN a stack is built (not started)
     from kiln.local.stack import EmbeddedStack
 
-    stack = EmbeddedStack(max_compilers=3, local=LocalSettings(compiler_niceness=4))
+    stack = EmbeddedStack(max_compilers=3, local=LocalSettings(compiler_niceness=4, compiler_cpu_share="api"))
     try:
-        # THEN its runner has both
-        assert (stack.runner.max_running, stack.runner.niceness) == (3, 4)
-        assert stack.local == LocalSettings(compiler_niceness=4, max_compilers=3)
+        # THEN its runner has all three
+        assert (stack.runner.max_running, stack.runner.niceness, stack.runner.in_own_session) == (3, 4, False)
+        assert stack.local == LocalSettings(compiler_niceness=4, max_compilers=3, compiler_cpu_share="api")
     finally:
         stack.stop()  # (never started: removes its work dir)

@@ -125,8 +125,10 @@ class LocalContainerRunner:
 
     Compiler processes run ``niceness`` below this process's CPU priority (in AWS they have capacity
     of their own; on one host they would otherwise starve the API: p99 12.7 s under 20 clients), in
-    this process's session but a process group of their own (``stop`` signals the group: the
-    compiler and its tuning/measuring children). ``close`` ends them all and starts no more."""
+    a process group of their own (``stop`` signals the group: the compiler and its tuning/measuring
+    children), in a session of their own unless ``in_own_session`` is False (then in this process's,
+    where their nice counts against the API's under scheduler autogroups: ADR 0029). ``close`` ends
+    them all and starts no more."""
 
     endpoint_url: str
     work_root: Path
@@ -144,6 +146,7 @@ class LocalContainerRunner:
     # TEST-ONLY: job name -> KILN_FAULT for that job's compiler process (kiln_compiler.faults).
     faults: dict[str, str] = field(default_factory=dict)
     niceness: int = DEFAULT_COMPILER_NICENESS
+    in_own_session: bool = True
     closed: bool = False  # set by close(): no compiler starts any more, exits are not reported
     _lock: threading.RLock = field(default_factory=threading.RLock)
 
@@ -188,13 +191,13 @@ class LocalContainerRunner:
             full_env["KILN_FAULT"] = self.faults[job_name]
         command = [sys.executable, *COMPILER_COMMAND[1:]]
         log_path = (self.log_dir or work) / f"{job_name}.log"
-        # A process group of its own, not a session: Linux's scheduler autogroups (on by default in
-        # most distributions' kernels) share the CPU between sessions first and apply nice only
-        # within one, so a compiler in a session of its own got a full share next to the API's
-        # whatever its nice (measured: ADR 0029).
+        # Linux's scheduler autogroups (on by default in most distributions' kernels) share the CPU
+        # between sessions first and apply nice only within one: a compiler in a session of its own
+        # gets a share beside the API's whatever its nice; in this one, it yields to the API (ADR 0029).
+        grouping: dict[str, Any] = {"start_new_session": True} if self.in_own_session else {"process_group": 0}
         with open(log_path, "ab") as log_file:
             popen = subprocess.Popen(command, env=full_env, stdout=log_file, stderr=subprocess.STDOUT,
-                                     cwd=work, process_group=0)
+                                     cwd=work, **grouping)
         # Its threads and children, started later, inherit it (not permitted / no such call: skipped).
         with contextlib.suppress(OSError, AttributeError):
             os.setpriority(os.PRIO_PROCESS, popen.pid, os.getpriority(os.PRIO_PROCESS, 0) + self.niceness)
@@ -371,7 +374,8 @@ class EmbeddedStack:
         self._server: Any = None
         self.runner = LocalContainerRunner(self.endpoint_url, self.work_dir / "containers",
                                            extra_env={"KILN_TUNING_DB": str(self.work_dir / "tuning-db")},
-                                           niceness=self.local.compiler_niceness)
+                                           niceness=self.local.compiler_niceness,
+                                           in_own_session=self.local.compiler_cpu_share == "own")
         if self.local.max_compilers is not None:
             self.runner.max_running = self.local.max_compilers
         self.clients = LocalClients(self.endpoint_url)
