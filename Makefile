@@ -14,7 +14,8 @@ export JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION := 20
 export TVM_NUM_THREADS ?= 2
 PYTEST_ARGS ?=
 
-.PHONY: install debian-packages demo test test-fast lint synth bench fuzz load serve-load clean wheels gpu-check-bundle
+.PHONY: install debian-packages demo test test-fast lint synth bench fuzz load serve-load clean wheels gpu-check-bundle \
+        check-wheels
 
 install: $(STAMP)
 
@@ -73,6 +74,10 @@ bench: install
 # kiln-runtime platform wheels (linux x86_64, linux aarch64, win_amd64) into dist/.
 wheels: install
 	$(PY) scripts/kiln_assets.py wheels --dist dist
+
+# Every pin of the compiler image resolves from wheels for linux/aarch64 and x86_64 (needs PyPI; ADR 0030).
+check-wheels: install
+	$(PY) scripts/check_wheels.py --machine aarch64 --machine x86_64
 
 # A self-contained folder for a machine with an NVIDIA GPU and no network (see scripts/gpu-check).
 gpu-check-bundle: install

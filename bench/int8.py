@@ -1,9 +1,10 @@
 """Reduced-precision bench: Kiln int8 vs Kiln fp32 vs ONNX Runtime fp32 and int8 (the same QDQ model) vs OpenVINO.
 
 Usage: .venv/bin/python bench/int8.py [--models squeezenet,...] [--threads 2] [--rounds 3] [--runs 20]
-       [--target ml_c5] [--options '{"mcpu": "znver4"}']
+       [--target ml_c5] [--options '{"mcpu": "znver4"}'] [--quant-format QOperator]
 The QDQ model is onnxruntime's ``quantize_static`` of the light model (per-channel s8 weights, u8
-activations, kiln_compiler.samples.quantize_qdq). Subjects run interleaved, round after round
+activations, kiln_compiler.samples.quantize_qdq); ``--quant-format QOperator`` quantizes to
+QLinearConv & co. instead (kiln_compiler.samples.quantize_qoperator), run by Kiln and ONNX Runtime alike. Subjects run interleaved, round after round
 (median of ``runs`` calls each), so load on a shared machine hits them alike; prints each subject's
 median per round and the range over rounds. OpenVINO runs the fp32 model with its default precision
 (bf16 on CPUs that have it), ``INFERENCE_NUM_THREADS`` = ``threads``. ``--cpu-time`` (with
@@ -57,19 +58,23 @@ def main() -> None:
     parser.add_argument("--options", default=None, help='CompilerOptions, e.g. \'{"mcpu": "znver4"}\' for VNNI')
     parser.add_argument("--cpu-time", action="store_true", help="thread CPU time (use with --threads 1)")
     parser.add_argument("--no-openvino", action="store_true")
+    parser.add_argument("--quant-format", choices=("QDQ", "QOperator"), default="QDQ",
+                        help="format of the int8 model both Kiln and ONNX Runtime run")
     args = parser.parse_args()
     if args.cpu_time:
         _CLOCK[0] = time.thread_time
     os.environ["TVM_NUM_THREADS"] = str(args.threads)  # read by the TVM runtime at its first parallel call
     import onnx
     import onnxruntime as ort
-    from kiln_compiler.samples import input_shapes, load_light_model, quantize_qdq
+    from kiln_compiler.samples import input_shapes, load_light_model, quantize_qdq, quantize_qoperator
+
+    quantize = quantize_qoperator if args.quant_format == "QOperator" else quantize_qdq
 
     for name in args.models.split(","):
         with tempfile.TemporaryDirectory() as tmp:
             work = Path(tmp)
             fp32 = load_light_model(name)
-            qdq = quantize_qdq(fp32, work / "quantize")
+            qdq = quantize(fp32, work / "quantize")
             (input_name, shape), = input_shapes(fp32).items()
             x = {input_name: np.random.default_rng(0).standard_normal(shape).astype("float32")}
             subjects: dict[str, Callable[[], object]] = {}

@@ -165,7 +165,9 @@ def main() -> None:
     host = host_target(catalog)
     wanted = dict.fromkeys(host.name if t == HOST else t for t in args.targets.split(",") if t)  # ordered, unique
     targets = [catalog.device(t) for t in wanted]
-    rows, curve = [], []
+    rows: list[dict[str, object]] = []
+    curve: list[dict[str, object]] = []
+    reduced: list[dict[str, object]] = []
 
     def measure(name: str, target: Target, tuning_minutes: float, db_dir: str | None,
                 busy: bool = False) -> dict[str, object]:
@@ -239,25 +241,110 @@ def main() -> None:
             rivals = [RunnerSpec("ONNX Runtime int8", "onnxruntime", qdq_path, args.threads),
                       RunnerSpec("OpenVINO int8", "openvino", qdq_path, args.threads, precision="default"),
                       openvino_default_runner(fp32_path, args.threads)]
-            with runner_pool([*specs, *rivals], feed) as pool:
+            with runner_pool([*specs, *rivals], feed, tolerate_failures=True) as pool:
                 medians = pool.interleaved_medians(rounds=args.repeat, per_round=args.per_round)
-        ours = {s.name: medians[s.name] for s in specs}
-        peer, peer_ms = faster_peer(medians, [r.name for r in rivals])
+                crashed = {name: reason.split(";")[0] for name, reason in pool.failed.items()}
+        ours = {s.name: medians[s.name] for s in specs if s.name in medians}
+        peer, peer_ms = faster_peer(medians, [r.name for r in rivals if r.name in medians])
         best = min(ours, key=lambda k: ours[k]) if ours else None
         row = {"model": name, "target": host.name, "mcpu": mcpu,
                **{f"{k.lower().replace(' ', '_')}_ms": round(v, 2) for k, v in medians.items()},
+               **{f"{k.lower().replace(' ', '_')}_ms": "crashed" for k in crashed},
                "best_kiln": best or "-", "faster_peer": peer,
-               "ratio_faster_peer": round(ours[best] / peer_ms, 2) if best else "-", "skipped": "; ".join(skipped)}
+               "ratio_faster_peer": round(ours[best] / peer_ms, 2) if best else "-",
+               "skipped": "; ".join(skipped + [f"{k}: {v}" for k, v in crashed.items()])}
         print(row, flush=True)
         return row
+
+    def write_results() -> None:
+        """The results files from the rows measured so far (rewritten after every row: a crash keeps them)."""
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        stem = out / f"{dt.date.today().isoformat()}-{socket.gethostname()}"
+        with open(f"{stem}.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
+            w.writeheader()
+            w.writerows(rows)
+        if reduced:
+            with open(f"{stem}-reduced.csv", "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=sorted({k for r in reduced for k in r}, key=str))
+                w.writeheader()
+                w.writerows(reduced)
+        if curve:
+            with open(f"{stem}-curve.csv", "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=list(curve[0]))
+                w.writeheader()
+                w.writerows(curve)
+        if curve:
+            plot_curve(Path(f"{stem}-curve.png"), curve_model, next(
+                r for r in rows if r["model"] == curve_model and r["target"] == host.name and r["tuning_min"] == 0.0), curve)
+        model_name, flags = cpu_info()
+        described_targets = ", ".join(f"{t.name} ({t.tvm_target.get('mcpu')})" for t in targets)
+        lines = [f"# Kiln bench {dt.date.today().isoformat()} on {socket.gethostname()}", "",
+                 f"- code: {revision}",
+                 f"- CPU: {model_name}, {os.cpu_count()} logical cores; flags: {flags}",
+                 f"- threads: TVM_NUM_THREADS={args.threads}, ORT intra_op_num_threads={args.threads}, OpenVINO "
+                 f"INFERENCE_NUM_THREADS={args.threads} (CPU plugin, INFERENCE_PRECISION_HINT=f32, "
+                 f"PERFORMANCE_HINT=LATENCY); versions: {peer_versions()}",
+                 f"- targets: {described_targets} untuned; tuned rows and curve on {host.name} (this host's widest ISA); "
+                 f"batch 1 fp32; Kiln and each peer in its own process, timed in {args.repeat} interleaved rounds of "
+                 f"{args.per_round} calls each (every runner idle before a block), medians; quick={args.quick}",
+                 "",
+                 "| model | target | tuning (min) | compile (s) | Kiln (ms) | ORT (ms) | OpenVINO (ms) | Kiln/ORT | "
+                 "Kiln/OpenVINO | Kiln / faster peer | tuned | reused | default |",
+                 "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            lines.append(f"| {r['model']} | {r['target']} | {r['tuning_min']} | {r['compile_s']} | {r['kiln_ms']} | "
+                         f"{r['ort_ms']} | {r['openvino_ms']} | {r['ratio']} | {r['ratio_openvino']} | "
+                         f"**{r['ratio_faster_peer']}** ({r['faster_peer']}) | {r['tuned']} | {r['reused']} | "
+                         f"{r['default']} |")
+        busy = [r for r in rows if "busy_kiln_ms" in r]
+        if busy:
+            lines += ["", f"The same {host.name} artifacts and peers with one core kept busy by another process (a spinning "
+                      "Python loop at normal priority), same pools, right after the rows above:", "",
+                      "| model | Kiln (ms) | ORT (ms) | OpenVINO (ms) | Kiln / faster peer | Kiln busy / quiet |",
+                      "|---|---|---|---|---|---|"]
+            lines += [f"| {r['model']} | {r['busy_kiln_ms']} | {r['busy_ort_ms']} | {r['busy_openvino_ms']} | "
+                      f"**{r['busy_ratio_faster_peer']}** | {float(str(r['busy_kiln_ms'])) / float(str(r['kiln_ms'])):.2f} |"
+                      for r in busy]
+        lines += ["", "Geomean of Kiln / faster peer, untuned:", ""]
+        for target in targets:
+            ratios = [float(r["ratio_faster_peer"]) for r in rows if r["target"] == target.name and r["tuning_min"] == 0.0]
+            if ratios:
+                lines.append(f"- {target.name}: {math.exp(sum(map(math.log, ratios)) / len(ratios)):.2f} "
+                             f"over {len(ratios)} models")
+        if reduced:
+            lines += ["", f"Reduced precision on {host.name} with this CPU's mcpu ({reduced[0]['mcpu']}): Kiln int8 compiles "
+                      "onnxruntime's quantize_static QDQ model (per-channel s8 weights, u8 activations), which ORT and "
+                      "OpenVINO run too; Kiln bf16 compiles the fp32 model with {\"precision\": \"bf16\"}; OpenVINO "
+                      "default runs the fp32 model at the precision it picks (bf16 on CPUs that have it). ms, medians:", "",
+                      "| model | Kiln int8 | Kiln bf16 | ORT int8 | OpenVINO int8 | OpenVINO default | best Kiln / faster "
+                      "peer | not built or crashed |", "|---|---|---|---|---|---|---|---|"]
+            for r in reduced:
+                lines.append(f"| {r['model']} | {r.get('kiln_int8_ms', '-')} | {r.get('kiln_bf16_ms', '-')} | "
+                             f"{r.get('onnx_runtime_int8_ms', '-')} | {r.get('openvino_int8_ms', '-')} | "
+                             f"{r.get('openvino_default_ms', '-')} | "
+                             f"**{r['ratio_faster_peer']}** ({r['best_kiln']} vs {r['faster_peer']}) | "
+                             f"{r['skipped'] or '-'} |")
+        lines += ["", f"Ratio vs cumulative tuning minutes ({curve_model}, {host.name}):", "",
+                  "| minutes | Kiln (ms) | ORT (ms) | OpenVINO (ms) | Kiln/ORT | Kiln / faster peer |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {c['tuning_min_total']} | {c['kiln_ms']} | {c['ort_ms']} | {c['openvino_ms']} | {c['ratio']} | "
+                  f"{c['ratio_faster_peer']} |" for c in curve]
+        Path(f"{stem}.md").write_text("\n".join(lines) + "\n")
+        print(f"wrote {stem}.md")
 
     for target in targets:
         for name in names:
             rows.append(measure(name, target, 0.0, None, busy=args.busy_core and target == host))
-    reduced = [measure_reduced(name) for name in reduced_models]
+            write_results()
+    for name in reduced_models:
+        reduced.append(measure_reduced(name))
+        write_results()
     for name in tuned_models:
         with tempfile.TemporaryDirectory() as d:
             rows.append(measure(name, host, tune_minutes, d))
+        write_results()
     with tempfile.TemporaryDirectory() as d:  # one database, growing: cumulative minutes
         spent = 0.0
         for m in curve_points:
@@ -266,81 +353,7 @@ def main() -> None:
             curve.append({"model": curve_model, "tuning_min_total": m, "ratio": row["ratio"],
                           "ratio_faster_peer": row["ratio_faster_peer"], "kiln_ms": row["kiln_ms"],
                           "ort_ms": row["ort_ms"], "openvino_ms": row["openvino_ms"]})
-
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"{dt.date.today().isoformat()}-{socket.gethostname()}"
-    with open(f"{stem}.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
-        w.writeheader()
-        w.writerows(rows)
-    if reduced:
-        with open(f"{stem}-reduced.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=sorted({k for r in reduced for k in r}, key=str))
-            w.writeheader()
-            w.writerows(reduced)
-    if curve:
-        with open(f"{stem}-curve.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(curve[0]))
-            w.writeheader()
-            w.writerows(curve)
-    if curve:
-        plot_curve(Path(f"{stem}-curve.png"), curve_model, next(
-            r for r in rows if r["model"] == curve_model and r["target"] == host.name and r["tuning_min"] == 0.0), curve)
-    model_name, flags = cpu_info()
-    described_targets = ", ".join(f"{t.name} ({t.tvm_target.get('mcpu')})" for t in targets)
-    lines = [f"# Kiln bench {dt.date.today().isoformat()} on {socket.gethostname()}", "",
-             f"- code: {revision}",
-             f"- CPU: {model_name}, {os.cpu_count()} logical cores; flags: {flags}",
-             f"- threads: TVM_NUM_THREADS={args.threads}, ORT intra_op_num_threads={args.threads}, OpenVINO "
-             f"INFERENCE_NUM_THREADS={args.threads} (CPU plugin, INFERENCE_PRECISION_HINT=f32, "
-             f"PERFORMANCE_HINT=LATENCY); versions: {peer_versions()}",
-             f"- targets: {described_targets} untuned; tuned rows and curve on {host.name} (this host's widest ISA); "
-             f"batch 1 fp32; Kiln and each peer in its own process, timed in {args.repeat} interleaved rounds of "
-             f"{args.per_round} calls each (every runner idle before a block), medians; quick={args.quick}",
-             "",
-             "| model | target | tuning (min) | compile (s) | Kiln (ms) | ORT (ms) | OpenVINO (ms) | Kiln/ORT | "
-             "Kiln/OpenVINO | Kiln / faster peer | tuned | reused | default |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['model']} | {r['target']} | {r['tuning_min']} | {r['compile_s']} | {r['kiln_ms']} | "
-                     f"{r['ort_ms']} | {r['openvino_ms']} | {r['ratio']} | {r['ratio_openvino']} | "
-                     f"**{r['ratio_faster_peer']}** ({r['faster_peer']}) | {r['tuned']} | {r['reused']} | "
-                     f"{r['default']} |")
-    busy = [r for r in rows if "busy_kiln_ms" in r]
-    if busy:
-        lines += ["", f"The same {host.name} artifacts and peers with one core kept busy by another process (a spinning "
-                  "Python loop at normal priority), same pools, right after the rows above:", "",
-                  "| model | Kiln (ms) | ORT (ms) | OpenVINO (ms) | Kiln / faster peer | Kiln busy / quiet |",
-                  "|---|---|---|---|---|---|"]
-        lines += [f"| {r['model']} | {r['busy_kiln_ms']} | {r['busy_ort_ms']} | {r['busy_openvino_ms']} | "
-                  f"**{r['busy_ratio_faster_peer']}** | {float(str(r['busy_kiln_ms'])) / float(str(r['kiln_ms'])):.2f} |"
-                  for r in busy]
-    lines += ["", "Geomean of Kiln / faster peer, untuned:", ""]
-    for target in targets:
-        ratios = [float(r["ratio_faster_peer"]) for r in rows if r["target"] == target.name and r["tuning_min"] == 0.0]
-        if ratios:
-            lines.append(f"- {target.name}: {math.exp(sum(map(math.log, ratios)) / len(ratios)):.2f} "
-                         f"over {len(ratios)} models")
-    if reduced:
-        lines += ["", f"Reduced precision on {host.name} with this CPU's mcpu ({reduced[0]['mcpu']}): Kiln int8 compiles "
-                  "onnxruntime's quantize_static QDQ model (per-channel s8 weights, u8 activations), which ORT and "
-                  "OpenVINO run too; Kiln bf16 compiles the fp32 model with {\"precision\": \"bf16\"}; OpenVINO "
-                  "default runs the fp32 model at the precision it picks (bf16 on CPUs that have it). ms, medians:", "",
-                  "| model | Kiln int8 | Kiln bf16 | ORT int8 | OpenVINO int8 | OpenVINO default | best Kiln / faster "
-                  "peer | not built |", "|---|---|---|---|---|---|---|---|"]
-        for r in reduced:
-            lines.append(f"| {r['model']} | {r.get('kiln_int8_ms', '-')} | {r.get('kiln_bf16_ms', '-')} | "
-                         f"{r['onnx_runtime_int8_ms']} | {r['openvino_int8_ms']} | {r['openvino_default_ms']} | "
-                         f"**{r['ratio_faster_peer']}** ({r['best_kiln']} vs {r['faster_peer']}) | "
-                         f"{r['skipped'] or '-'} |")
-    lines += ["", f"Ratio vs cumulative tuning minutes ({curve_model}, {host.name}):", "",
-              "| minutes | Kiln (ms) | ORT (ms) | OpenVINO (ms) | Kiln/ORT | Kiln / faster peer |",
-              "|---|---|---|---|---|---|"]
-    lines += [f"| {c['tuning_min_total']} | {c['kiln_ms']} | {c['ort_ms']} | {c['openvino_ms']} | {c['ratio']} | "
-              f"{c['ratio_faster_peer']} |" for c in curve]
-    Path(f"{stem}.md").write_text("\n".join(lines) + "\n")
-    print(f"wrote {stem}.md")
+            write_results()
 
 
 if __name__ == "__main__":

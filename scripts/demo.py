@@ -67,9 +67,8 @@ def main() -> int:
         console.print(f"\noutput matches {reference.name} (max abs diff {np.abs(ours - theirs).max():.1e})")
         medians = pool.interleaved_medians(rounds=ROUNDS, per_round=PER_ROUND)
     kiln_ms = medians["Kiln"]
-    table = Table(title=f"{MODEL}, batch 1 fp32, {threads} threads each, each in its own process, median of "
-                  f"{ROUNDS} interleaved rounds x {PER_ROUND} calls",
-                  title_justify="left")
+    table = Table(title=f"{MODEL}, batch 1 fp32, {threads} threads each, own processes, median of "
+                  f"{ROUNDS}x{PER_ROUND} interleaved calls", title_justify="left")
     table.add_column("runtime")
     table.add_column("latency (ms)", justify="right")
     table.add_column("Kiln / it", justify="right")

@@ -74,6 +74,30 @@ def download(session: boto3.Session, uri: str, dest: Path) -> Path:
     return dest
 
 
+def download_capped(session: boto3.Session, uri: str, dest: Path, max_bytes: int, member: str) -> Path:
+    """Download a file the user named at ``member`` (``s3://bucket/key``) to ``dest``, refusing one over
+    ``max_bytes`` before reading it (and after, should the object have grown meanwhile)."""
+    bucket, key = split_s3_uri(uri)
+    client = session.client("s3")
+    try:
+        size = int(client.head_object(Bucket=bucket, Key=key)["ContentLength"])
+        if size <= max_bytes:
+            client.download_file(bucket, key, str(dest))
+    except BotoClientError as exc:
+        code = exc.response.get("Error", {}).get("Code", "")
+        if _s3_server_side(exc):
+            raise ServerError(f"S3 kept failing while reading {uri} ({code}); retry the job") from None
+        raise ClientError(f"cannot read {uri} named at '{member}' ({code or exc}); check the URI and that RoleArn "
+                          "may s3:GetObject it", section="OutputConfiguration") from None
+    except (BotoCoreError, RetriesExceededError) as exc:
+        raise ServerError(f"S3 download failed ({exc})") from None
+    if size > max_bytes or dest.stat().st_size > max_bytes:
+        dest.unlink(missing_ok=True)
+        raise ClientError(f"{uri} named at '{member}' is {size} bytes; at most {max_bytes} are read",
+                          section="OutputConfiguration")
+    return dest
+
+
 def download_if_present(session: boto3.Session, uri: str, dest: Path) -> bool:
     """Download ``uri`` to ``dest`` if it exists and may be read; False otherwise (the reason is logged)."""
     bucket, key = split_s3_uri(uri)

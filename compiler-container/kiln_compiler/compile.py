@@ -40,6 +40,8 @@ def compile_model(model_dir: Path, framework: str, target: Target, options: Comp
     framework = framework.upper()
     try:
         rules.check_framework_target(framework, target)
+        if options.quantize is not None:
+            rules.check_quantize_framework(framework, {"quantize": options.quantize})
     except rules.RuleError as exc:
         raise ClientError(exc.message) from None
     compile_backend = backend_for(target, framework)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kiln import rules
 from kiln.catalog import TargetCatalog, UnsupportedTargetError
 
 from . import accuracy, aws, faults, profile
@@ -195,6 +196,11 @@ def run_job(spec: JobSpec, work_dir: Path, *, settings: CompilerSettings = Compi
         archive = aws.download(session, spec.s3_uri, work_dir / "input.tar.gz")
     with timer.stage("unpack"):
         safe_extract(archive, model_dir)
+    if options.quantize is not None and options.quantize.calibration.startswith("s3://"):
+        with timer.stage("calibration"):  # read through the job's role, like the model (ADR 0027)
+            fetched = aws.download_capped(session, options.quantize.calibration, work_dir / "calibration.npz",
+                                          rules.MAX_CALIBRATION_BYTES, f"{rules.QUANTIZE_MEMBER}.calibration")
+        options = replace(options, quantize=replace(options.quantize, fetched=fetched))
     if shard is not None:
         output = _tune_shard(spec, work_dir, shard, session, target, options, settings, timer, deadline)
         timer.timings["total"] = round(time.monotonic() - started, 3)
@@ -230,7 +236,8 @@ def run_job(spec: JobSpec, work_dir: Path, *, settings: CompilerSettings = Compi
         with timer.stage("profile"):
             return profile.profile_artifact(root, settings.profile, runner=settings.runner, seconds_left=left)
 
-    qdq_file = accuracy.qdq_model_file(model_dir, result.model.framework, result.model.model_files)
+    qdq_file = result.qdq_model or accuracy.qdq_model_file(model_dir, result.model.framework,
+                                                           result.model.model_files)
 
     def compare(root: Path, manifest: dict[str, Any]) -> dict[str, Any]:
         from kiln import runtime

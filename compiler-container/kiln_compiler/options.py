@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from kiln import rules
@@ -66,6 +67,15 @@ class TuningBudget:
 
 
 @dataclass(frozen=True)
+class QuantizeOptions:
+    """``CompilerOptions["quantize"]``: quantize an fp32 model by calibration, then compile it (ADR 0027)."""
+
+    dtype: str  # "int8" (kiln.rules.QUANTIZE_DTYPES)
+    calibration: str  # as the user named it: a path in the model archive or an s3:// URI
+    fetched: Path | None = None  # where the job put an s3:// calibration file it read through the job's role
+
+
+@dataclass(frozen=True)
 class CompilerOptions:
     """The options Kiln honours, checked by ``kiln.rules`` (the API checks the same at create)."""
 
@@ -79,6 +89,7 @@ class CompilerOptions:
     signature_def_key: str | None = None  # TensorFlow SavedModel signature (default serving_default)
     tuning: TuningBudget | None = None
     precision: str = "fp32"  # "bf16": convolutions in bf16 with fp32 accumulation (native-bf16 CPUs only)
+    quantize: QuantizeOptions | None = None  # int8 by calibration (kiln_compiler.quantize)
 
     @classmethod
     def parse(cls, raw: str | dict[str, Any] | None, target: Target | None = None) -> CompilerOptions:
@@ -103,6 +114,8 @@ class CompilerOptions:
                 seconds=None if tuning.get("minutes") is None else float(tuning["minutes"]) * 60.0,
                 workers=rules.tuning_workers(data)),
             precision=str(data.get("precision", "fp32")),
+            quantize=None if "quantize" not in data else QuantizeOptions(
+                dtype=str(data["quantize"]["dtype"]), calibration=str(data["quantize"]["calibration"])),
         )
 
 

@@ -73,10 +73,23 @@ def input_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
     }
 
 
-def quantize_qdq(model: onnx.ModelProto, work: Path, seed: int = 0, samples: int = 4) -> onnx.ModelProto:
+def quantize_qdq(model: onnx.ModelProto, work: Path, seed: int = 0, samples: int = 4,
+                 images: np.ndarray | None = None) -> onnx.ModelProto:
     """``model`` quantized by onnxruntime's ``quantize_static`` as users do: QDQ format, per-channel s8
-    weights, u8 activations, calibrated on ``samples`` random normal inputs. Models below opset 13
-    are converted first (per-channel DequantizeLinear needs its ``axis``)."""
+    weights, u8 activations, calibrated on ``samples`` random normal inputs (or on ``images``, the first
+    input's samples stacked on its batch axis). Models below opset 13 are converted first (per-channel
+    DequantizeLinear needs its ``axis``)."""
+    return _quantize_static(model, work, "QDQ", seed, samples, images)
+
+
+def quantize_qoperator(model: onnx.ModelProto, work: Path, seed: int = 0, samples: int = 4) -> onnx.ModelProto:
+    """``model`` quantized as :func:`quantize_qdq` does, in QOperator format (QLinearConv, com.microsoft
+    QLinearAdd, QLinearConcat, ...: one quantized operator per float operator)."""
+    return _quantize_static(model, work, "QOperator", seed, samples)
+
+
+def _quantize_static(model: onnx.ModelProto, work: Path, quant_format: str, seed: int,
+                     samples: int, images: np.ndarray | None = None) -> onnx.ModelProto:
     import onnx.version_converter
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
@@ -85,7 +98,10 @@ def quantize_qdq(model: onnx.ModelProto, work: Path, seed: int = 0, samples: int
     inp = model.graph.input[0]
     shape = [d.dim_value for d in inp.type.tensor_type.shape.dim]
     rng = np.random.default_rng(seed)
-    batches = iter([{inp.name: rng.standard_normal(shape).astype("float32")} for _ in range(samples)])
+    if images is None:
+        batches = iter([{inp.name: rng.standard_normal(shape).astype("float32")} for _ in range(samples)])
+    else:
+        batches = iter([{inp.name: images[i:i + 1]} for i in range(len(images))])
 
     class Reader(CalibrationDataReader):
         def get_next(self) -> dict[str, np.ndarray] | None:
@@ -93,6 +109,7 @@ def quantize_qdq(model: onnx.ModelProto, work: Path, seed: int = 0, samples: int
 
     work.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(work / "fp32.onnx"))
-    quantize_static(str(work / "fp32.onnx"), str(work / "qdq.onnx"), Reader(), quant_format=QuantFormat.QDQ,
+    out = work / f"{quant_format.lower()}.onnx"
+    quantize_static(str(work / "fp32.onnx"), str(out), Reader(), quant_format=QuantFormat[quant_format],
                     per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-    return onnx.load(str(work / "qdq.onnx"))
+    return onnx.load(str(out))

@@ -198,10 +198,22 @@ class RunnerProcess:
 
 
 class RunnerPool:
-    """Runner processes on the same feeds, timed against each other in interleaved blocks."""
+    """Runner processes on the same feeds, timed against each other in interleaved blocks.
 
-    def __init__(self, runners: Sequence[RunnerProcess]) -> None:
+    With ``tolerate_failures``, a runner whose process dies (a peer crashing on a model) is dropped and
+    its reason kept in ``failed``; otherwise its death raises ``RuntimeError`` naming it."""
+
+    def __init__(self, runners: Sequence[RunnerProcess], failed: Mapping[str, str] | None = None,
+                 tolerate_failures: bool = False) -> None:
         self.runners = {runner.spec.name: runner for runner in runners}
+        self.failed: dict[str, str] = dict(failed or {})
+        self._tolerate = tolerate_failures
+
+    def _drop(self, name: str, exc: RuntimeError) -> None:
+        if not self._tolerate:
+            raise exc
+        self.failed[name] = str(exc)
+        self.runners.pop(name).close()
 
     def outputs(self, name: str) -> list[np.ndarray]:
         """The outputs of runner ``name`` on the pool's feeds."""
@@ -226,9 +238,14 @@ class RunnerPool:
         for round_index in range(rounds):
             shift = round_index % len(names)
             for name in names[shift:] + names[:shift]:
+                if name not in self.runners:
+                    continue
                 self.wait_idle()
-                samples[name] += self.runners[name].time(per_round)
-        return samples
+                try:
+                    samples[name] += self.runners[name].time(per_round)
+                except RuntimeError as exc:
+                    self._drop(name, exc)
+        return {name: times for name, times in samples.items() if name in self.runners}
 
     def interleaved_medians(self, rounds: int, per_round: int = 5) -> dict[str, float]:
         """Median ms of each runner over :meth:`interleaved_samples`."""
@@ -236,7 +253,7 @@ class RunnerPool:
 
 
 @contextmanager
-def runner_pool(specs: Sequence[RunnerSpec], feeds: Feeds) -> Iterator[RunnerPool]:
+def runner_pool(specs: Sequence[RunnerSpec], feeds: Feeds, *, tolerate_failures: bool = False) -> Iterator[RunnerPool]:
     """Start one process per runner (loaded in parallel), all on ``feeds``; ended on exit."""
     with tempfile.TemporaryDirectory(prefix="kiln-bench-") as tmp:
         workdir = Path(tmp)
@@ -244,12 +261,20 @@ def runner_pool(specs: Sequence[RunnerSpec], feeds: Feeds) -> Iterator[RunnerPoo
         arrays: dict[str, Any] = {name: np.asarray(value) for name, value in feeds.items()}
         np.savez(feeds_path, **arrays)
         started: list[RunnerProcess] = []
+        ready: list[RunnerProcess] = []
+        failed: dict[str, str] = {}
         try:
             for spec in specs:
                 started.append(RunnerProcess(spec, feeds_path, workdir))
             for runner in started:
-                runner.wait_ready()
-            yield RunnerPool(started)
+                try:
+                    runner.wait_ready()
+                    ready.append(runner)
+                except RuntimeError as exc:
+                    if not tolerate_failures:
+                        raise
+                    failed[runner.spec.name] = str(exc)
+            yield RunnerPool(ready, failed, tolerate_failures)
         finally:
             for runner in started:
                 runner.close()

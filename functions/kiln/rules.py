@@ -53,6 +53,15 @@ _DTYPES = {"float": "float32", "float32": "float32", "float16": "float16", "int6
            "long": "int64", "int32": "int32", "int8": "int8", "uint8": "uint8"}
 # CompilerOptions "precision": the arithmetic of convolutions and matrix products (fp32 by default).
 PRECISIONS = ("fp32", "bf16")
+# CompilerOptions "quantize" (quantize-by-calibration, ADR 0027): the member names, the data types Kiln
+# quantizes to, the frameworks whose models Kiln holds as ONNX before compiling (onnxruntime quantizes
+# them), and the caps on the calibration file (an .npz of representative inputs) the compiler reads.
+QUANTIZE_MEMBER = "outputConfig.compilerOptions.quantize"
+QUANTIZE_DTYPES = ("int8",)
+QUANTIZE_FRAMEWORKS = ("ONNX",)
+MAX_CALIBRATION_BYTES = 512 * 1024**2
+MAX_CALIBRATION_SAMPLES = 1024
+_S3_URI = re.compile(r"s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]/.+")
 _GPU_CODE = re.compile(r"sm_\d{2,3}[a-z]?")
 _VERSION = re.compile(r"\d+(\.\d+){0,3}")
 _COREML_KEYS = {"shape", "default_shape", "type", "bias", "scale"}
@@ -101,7 +110,8 @@ def parse_compiler_options(text: str | None, target: Target | None = None) -> di
         options = {("gpu-code" if k == "gpu_code" else "dtype" if k == "DTYPE" else k): v
                    for k, v in parsed.items()}
     known = {"mcpu", "mattr", "gpu-code", "cuda-ver", "trt-ver", "dtype", "ANDROID_PLATFORM",
-             "class_labels", "signature_def_key", "output_names", "tuning", "allow_pickle", "precision"}
+             "class_labels", "signature_def_key", "output_names", "tuning", "allow_pickle", "precision",
+             "quantize"}
     unknown = sorted(set(options) - known)
     if unknown:
         raise RuleError(member, f"Unknown compiler option(s) {', '.join(unknown)} at '{member}'; "
@@ -151,6 +161,60 @@ def _check_option_types(options: dict[str, Any], member: str) -> None:
         _check_tuning(options["tuning"], member)
     if "precision" in options and options["precision"] not in PRECISIONS:
         raise RuleError(member, f"'precision' at '{member}' must be one of {', '.join(PRECISIONS)}")
+    if "quantize" in options:
+        _check_quantize(options["quantize"], options.get("precision", "fp32"))
+
+
+def _check_quantize(quantize: Any, precision: Any) -> None:
+    """``{"dtype": "int8", "calibration": "<archive path or s3://bucket/key>.npz"}``, each member named."""
+    member = QUANTIZE_MEMBER
+    if not isinstance(quantize, dict):
+        raise RuleError(member, f"Value at '{member}' must be an object such as "
+                                "{\"dtype\": \"int8\", \"calibration\": \"calibration.npz\"}")
+    unknown = sorted(set(quantize) - {"dtype", "calibration"})
+    if unknown:
+        raise RuleError(member, f"Unknown member(s) {', '.join(map(str, unknown))} at '{member}'; "
+                                "supported: calibration, dtype")
+    dtype = quantize.get("dtype")
+    if dtype not in QUANTIZE_DTYPES:
+        raise RuleError(f"{member}.dtype", f"Value {json.dumps(dtype)} at '{member}.dtype' failed to satisfy "
+                                           f"constraint: Member must be one of {', '.join(QUANTIZE_DTYPES)}")
+    if "calibration" not in quantize:
+        raise RuleError(f"{member}.calibration", f"Value null at '{member}.calibration' failed to satisfy "
+                                                 "constraint: name the .npz of representative inputs, a file in "
+                                                 "the model archive or an s3:// URI")
+    check_calibration_location(quantize["calibration"])
+    if precision != "fp32":
+        raise RuleError(member, f"'{member}' and 'precision' {json.dumps(precision)} at 'outputConfig."
+                                "compilerOptions' are mutually exclusive: int8 by calibration or bf16, not both")
+
+
+def check_calibration_location(location: Any) -> None:
+    """The calibration file: an ``.npz`` named relative to the model archive's root (no ``..``, not
+    absolute), or an ``s3://bucket/key`` URI that the job's role reads."""
+    member = f"{QUANTIZE_MEMBER}.calibration"
+    if not isinstance(location, str) or not location.strip():
+        raise RuleError(member, f"Value {json.dumps(location)} at '{member}' failed to satisfy constraint: "
+                                "Member must be a file in the model archive or an s3:// URI")
+    shown = location if len(location) <= 200 else location[:200] + "..."
+    if len(location) > 1024:
+        raise RuleError(member, f"Value '{shown}' at '{member}' failed to satisfy constraint: "
+                                "Member must have length less than or equal to 1024")
+    if location.startswith("s3://"):
+        if not _S3_URI.fullmatch(location):
+            raise RuleError(member, f"Value '{shown}' at '{member}' failed to satisfy constraint: Member must be "
+                                    "an S3 URI of the form s3://bucket/key.npz")
+    else:
+        parts = location.replace("\\", "/").split("/")
+        if (location.startswith(("/", "\\")) or re.match(r"[A-Za-z]:", location) or ".." in parts
+                or "://" in location or any(ord(c) < 32 for c in location)):
+            raise RuleError(member, f"Value '{shown}' at '{member}' failed to satisfy constraint: Member must be "
+                                    "a path relative to the model archive's root (no '..', not absolute) "
+                                    "or an s3:// URI")
+    if not location.lower().endswith(".npz"):
+        raise RuleError(member, f"Value '{shown}' at '{member}' failed to satisfy constraint: the calibration "
+                                "inputs must be an .npz file (numpy.savez: one array per model input, the "
+                                "samples on the leading axis)")
 
 
 # Tuning workers a job may fan out to (CompilerOptions {"tuning": {"workers": N}}, ADR 0023).
@@ -195,6 +259,8 @@ def _check_options_for_target(options: dict[str, Any], target: Target, member: s
             raise RuleError(member, f"'mcpu' at '{member}': {exc}") from None
     if options.get("precision") == "bf16":
         _check_bf16_target(options, target, member)
+    if "quantize" in options:
+        _check_quantize_target(target)
     if target.family is not Family.CUDA:
         gpu = sorted(set(options) & {"gpu-code", "cuda-ver", "trt-ver"})
         if gpu:
@@ -217,6 +283,22 @@ def _check_bf16_target(options: dict[str, Any], target: Target, member: str) -> 
         raise RuleError(member, f"'precision' 'bf16' at '{member}': target '{target.name}' (mcpu '{mcpu}') has no "
                                 f"native bf16 arithmetic ({' / '.join(isa.BF16_FEATURES)}); choose a CPU that has "
                                 "it, e.g. mcpu 'znver4' or 'sapphirerapids' (x86) or 'neoverse-v1' (Graviton3)")
+
+
+def _check_quantize_target(target: Target) -> None:
+    """int8 by calibration needs Kiln's int8 path: the CPU (LLVM) pipeline (ADR 0018/0021)."""
+    cpu = target.tvm_target if target.family not in (Family.CUDA, Family.COREML) else None
+    if not cpu or cpu.get("kind") != "llvm":
+        raise RuleError(QUANTIZE_MEMBER, f"'{QUANTIZE_MEMBER}' applies only to CPU targets: '{target.name}' has "
+                                         "no int8 path in Kiln (integer convolutions are built for CPUs only)")
+
+
+def check_quantize_framework(framework: str, options: dict[str, Any]) -> None:
+    """Quantize-by-calibration works on models Kiln holds as ONNX (:data:`QUANTIZE_FRAMEWORKS`)."""
+    if "quantize" in options and framework not in QUANTIZE_FRAMEWORKS:
+        raise RuleError(QUANTIZE_MEMBER, f"'{QUANTIZE_MEMBER}' applies to {', '.join(QUANTIZE_FRAMEWORKS)} models, "
+                                         f"not {framework}; quantize the model first (e.g. to a QDQ ONNX model) "
+                                         "or compile it without 'quantize'")
 
 
 def cuda_arch_supported(arch: str) -> bool:
@@ -420,6 +502,7 @@ def _check_input_config(config: dict[str, Any], target: Target, options: dict[st
         raise RuleError("outputConfig.compilerOptions",
                         "'precision' 'bf16' at 'outputConfig.compilerOptions' applies to neural networks, not "
                         f"{framework} tree models")
+    check_quantize_framework(framework, options)
     if "allow_pickle" in options and framework not in PICKLE_FRAMEWORKS:
         raise RuleError("outputConfig.compilerOptions",
                         "'allow_pickle' at 'outputConfig.compilerOptions' applies only to "

@@ -101,6 +101,11 @@ class KilnConfig(BaseModel):
     cpu_family_max_vcpus: int = Field(default=64, ge=1)
     cpu_family_job_vcpus: int = Field(default=4, ge=1)
     cpu_family_job_memory_mib: int = Field(default=7168, ge=512)
+    # The shared tuning database (KILN_TUNING_DB): a versioned, KMS-encrypted, TLS-only S3 bucket with one prefix per
+    # runner that every tuning-capable compiler (Fargate, each CPU family) reads and writes, so a job and its tuning
+    # workers reuse what earlier jobs on that runner measured (docs/adr/0023). false: no bucket, each job tunes
+    # into a database of its own (its fanned-out workers still hand their records to its build).
+    shared_tuning_database: bool = True
     # Tag of the arm64 compiler image ("asset": built from compiler-container/Dockerfile for linux/arm64).
     arm64_image_tag: str = "asset"
     # The UID the compiler runs as (must match the USER of compiler-container/Dockerfile*).

@@ -94,6 +94,10 @@ SUPPRESSIONS: tuple[Suppression, ...] = (
                 "The compiler assumes the job's RoleArn (any role of the account, chosen by the caller, who must "
                 "be allowed to pass it); only roles tagged kiln:job-role=true whose trust policy names this role "
                 "can be assumed"),
+    Suppression("CompilerRunners/CompilerRole/DefaultPolicy/Resource",
+                "AwsSolutions-IAM5[Resource::<TuningRecordsBucketCEE0134A.Arn>/records/*]",
+                "The shared tuning database: record files under records/<runner>/ (one prefix per runner, files named "
+                "by MetaSchedule); Get/PutObject only, no delete, no other prefix of the bucket"),
     Suppression("CompilerRunners/CpuTask/ExecutionRole/DefaultPolicy/Resource", _STAR,
                 "ecr:GetAuthorizationToken has no resource-level permissions (image pull)"),
     Suppression("CompilerRunners/GpuContainer/ExecutionRole/DefaultPolicy/Resource", _STAR,
@@ -101,7 +105,8 @@ SUPPRESSIONS: tuple[Suppression, ...] = (
     Suppression("CompilerRunners/CpuFamilyExecutionRole/DefaultPolicy/Resource", _STAR,
                 "ecr:GetAuthorizationToken has no resource-level permissions (image pull)"),
     Suppression("CompilerRunners/CpuTask/Resource", "AwsSolutions-ECS2",
-                "Only fixed, non-secret settings (work dir, TMPDIR, cache dir, log level); per-job values arrive "
+                "Only fixed, non-secret settings (work dir, TMPDIR, cache dir, log level, runner, tuning database "
+                "location); per-job values arrive "
                 "as RunTask overrides and the container gets no secrets"),
     Suppression("CompilerRunners/CpuInstanceRole/Resource",
                 "AwsSolutions-IAM4[Policy::arn:<AWS::Partition>:iam::aws:policy/service-role/"

@@ -5,8 +5,9 @@ Both run the image built from compiler-container/ with ``python -m kiln_compiler
 non-root user on a read-only root filesystem, writing only to the scratch and /tmp volumes.
 
 The one compiler role is what both runners' containers get: it may report to the workflow
-(task-token callbacks) and assume job roles that trust it and carry the ``kiln:job-role`` tag;
-it has no access to users' data itself (that comes with the assumed job role, as in SageMaker).
+(task-token callbacks), assume job roles that trust it and carry the ``kiln:job-role`` tag, and
+read and write the shared tuning records (kiln_infra.tuning); it has no access to users' data itself
+(that comes with the assumed job role, as in SageMaker).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from kiln_infra.key import KilnKey
 from kiln_infra.logs import encrypted_log_group
 from kiln_infra.network import NetworkForCompilers
 from kiln_infra.paths import COMPILER_CONTEXT_EXCLUDE, COMPILER_DOCKERFILE, COMPILER_GPU_DOCKERFILE, REPO_ROOT
+from kiln_infra.tuning import TuningRecords
 
 CONTAINER_NAME = "compiler"
 ENTRY_POINT = ["python", "-m", "kiln_compiler"]
@@ -57,13 +59,17 @@ class CompilerRunners(Construct):
     """ECS cluster + Fargate task definition (CPU) and Batch compute environment, queue and job definition (GPU)."""
 
     def __init__(self, scope: Construct, construct_id: str, *, config: KilnConfig, network: NetworkForCompilers,
-                 key: KilnKey, state_machine_arn: str, removal_policy: RemovalPolicy) -> None:
+                 key: KilnKey, state_machine_arn: str, removal_policy: RemovalPolicy,
+                 tuning_records: TuningRecords | None = None) -> None:
         super().__init__(scope, construct_id)
         stack = Stack.of(self)
         self.task_family = f"{stack.stack_name}-compiler"
         self.log_group = encrypted_log_group(self, "Logs", key=key.key, retention_days=config.log_retention_days,
                                              removal_policy=removal_policy)
         self.role = self._compiler_role(state_machine_arn)
+        self.tuning_records = tuning_records
+        if tuning_records is not None:
+            tuning_records.grant_records(self.role)
 
         self.cluster = ecs.Cluster(self, "Cluster", vpc=network.vpc,
                                    container_insights_v2=ecs.ContainerInsights.ENABLED)
@@ -99,6 +105,13 @@ class CompilerRunners(Construct):
             conditions={"StringEquals": {f"aws:ResourceTag/{JOB_ROLE_TAG}": "true"}}))
         return role
 
+    def _environment(self, runner: Runner) -> dict[str, str]:
+        """The static environment of ``runner``'s compiler containers (per-job values come as overrides)."""
+        environment = {**STATIC_ENVIRONMENT, "KILN_RUNNER": str(runner)}
+        if self.tuning_records is not None and not runner.spec.gpu:  # CUDA builds are not tuned (kiln.rules)
+            environment["KILN_TUNING_DB"] = self.tuning_records.location(runner)
+        return environment
+
     # -- CPU: ECS Fargate -------------------------------------------------------------------------
     def _fargate(self, config: KilnConfig) -> ecs.FargateTaskDefinition:
         task = ecs.FargateTaskDefinition(
@@ -111,7 +124,7 @@ class CompilerRunners(Construct):
         container = task.add_container(
             CONTAINER_NAME, container_name=CONTAINER_NAME, image=compiler_image(self, "CpuRepository", config, gpu=False),
             entry_point=ENTRY_POINT, command=[], essential=True, readonly_root_filesystem=True,
-            user=config.compiler_user, environment={**STATIC_ENVIRONMENT, "KILN_RUNNER": str(Runner.FARGATE)},
+            user=config.compiler_user, environment=self._environment(Runner.FARGATE),
             logging=ecs.LogDrivers.aws_logs(stream_prefix="cpu", log_group=self.log_group))
         container.add_mount_points(ecs.MountPoint(source_volume="scratch", container_path=SCRATCH, read_only=False),
                                    ecs.MountPoint(source_volume="tmp", container_path="/tmp", read_only=False))
@@ -143,7 +156,7 @@ class CompilerRunners(Construct):
             self, "GpuContainer", image=compiler_image(self, "GpuRepository", config, gpu=True),
             cpu=config.gpu_job_vcpus, memory=Size.mebibytes(config.gpu_job_memory_mib), gpu=1,
             command=[*ENTRY_POINT], job_role=self.role, readonly_root_filesystem=True, user=config.compiler_user,
-            environment={**STATIC_ENVIRONMENT, "KILN_RUNNER": str(Runner.BATCH_GPU)},
+            environment=self._environment(Runner.BATCH_GPU),
             logging=ecs.LogDrivers.aws_logs(stream_prefix="gpu", log_group=self.log_group),
             volumes=[batch.EcsVolume.host(name="scratch", container_path=SCRATCH, readonly=False),
                      batch.EcsVolume.host(name="tmp", container_path="/tmp", readonly=False)])
@@ -192,8 +205,7 @@ class CompilerRunners(Construct):
                 execution_role=execution_role,
                 readonly_root_filesystem=True, user=config.compiler_user,
                 # the instance's vCPUs are the job's: TVM's threads follow them (the image's default is 2)
-                environment={**STATIC_ENVIRONMENT, "KILN_RUNNER": str(runner),
-                             "TVM_NUM_THREADS": str(config.cpu_family_job_vcpus)},
+                environment={**self._environment(runner), "TVM_NUM_THREADS": str(config.cpu_family_job_vcpus)},
                 logging=ecs.LogDrivers.aws_logs(stream_prefix=family, log_group=self.log_group),
                 volumes=[batch.EcsVolume.host(name="scratch", container_path=SCRATCH, readonly=False),
                          batch.EcsVolume.host(name="tmp", container_path="/tmp", readonly=False)])

@@ -24,6 +24,7 @@ from kiln_infra.network import NetworkForCompilers
 from kiln_infra.runners import JOB_ROLE_TAG, CompilerRunners
 from kiln_infra.serving import ServingImages
 from kiln_infra.table import JobTable
+from kiln_infra.tuning import TuningRecords
 from kiln_infra.workflow import CompilationWorkflow, WorkflowArns
 
 
@@ -38,8 +39,13 @@ class KilnStack(Stack):
         self.network = NetworkForCompilers(self, "NetworkForCompilers", config=config, key=self.key,
                                            removal_policy=stateful)
         self.workflow_arns = WorkflowArns.named(self, f"{self.stack_name}-CompilationJob")
+        # the shared tuning database (KILN_TUNING_DB of every CPU runner), unless the config turns it off
+        self.tuning_records = (TuningRecords(self, "TuningRecords", config=config, key=self.key,
+                                             removal_policy=stateful)
+                               if config.shared_tuning_database and config.cpu_enabled else None)
         self.runners = CompilerRunners(self, "CompilerRunners", config=config, network=self.network, key=self.key,
-                                       state_machine_arn=self.workflow_arns.state_machine, removal_policy=stateful)
+                                       state_machine_arn=self.workflow_arns.state_machine, removal_policy=stateful,
+                                       tuning_records=self.tuning_records)
         self.serving_images = ServingImages(self, "ServingImages", config=config)
         self.pagination_key = secretsmanager.Secret(
             self, "PaginationKey", description="Kiln: HMAC key that signs ListCompilationJobs NextTokens",
@@ -71,6 +77,9 @@ class KilnStack(Stack):
         CfnOutput(self, "CompilerRoleArn", value=self.runners.role.role_arn,
                   description=f"Job roles (RoleArn) must trust this role and carry the tag {JOB_ROLE_TAG}=true")
         CfnOutput(self, "StateMachineArn", value=self.workflow.state_machine.state_machine_arn)
+        if self.tuning_records is not None:
+            CfnOutput(self, "TuningRecordsBucket", value=self.tuning_records.bucket.bucket_name,
+                      description="The shared tuning database: records/<runner>/ per compiler runner")
         CfnOutput(self, "JobTableName", value=self.table.table.table_name)
 
     def _environment(self) -> dict[str, str]:

@@ -20,7 +20,7 @@ import pytest
 from kiln.catalog import Target, TargetCatalog
 from kiln_compiler import CompilerOptions, compile_model
 from kiln_compiler.package import package
-from kiln_compiler.samples import load_light_model, quantize_qdq
+from kiln_compiler.samples import load_light_model, quantize_qdq, quantize_qoperator
 
 os.environ.setdefault("TVM_NUM_THREADS", "2")
 
@@ -103,6 +103,26 @@ def compile_artifact(model_dir: Path, framework: str, target: str, out: Path, *,
     result = compile_model(model_dir, framework, tgt, opts, out_dir=out / "build", data_input_config=data_input_config)
     return package(result, tgt, out / f"model-{tgt.name}.tar.gz", model_dir=model_dir,
                    labels_name=opts.class_labels).path
+
+
+def disassemble(lib: Path) -> str:
+    """objdump's disassembly of a shared library."""
+    import shutil
+
+    objdump = shutil.which("objdump")
+    assert objdump is not None, "binutils' objdump is needed to inspect the generated code"
+    return subprocess.run([objdump, "-d", str(lib)], capture_output=True, text=True, check=True).stdout
+
+
+def compile_and_disassemble(mod: Any, mcpu: str, lib: Path) -> tuple[Any, str]:
+    """(VM executable, disassembly) of ``mod`` compiled by Kiln's CPU pipeline for ``mcpu``, exported to ``lib``;
+    asserts that every kernel got a schedule."""
+    from kiln_compiler.pipeline import compile_relax
+
+    compiled = compile_relax(mod, {"kind": "llvm", "mcpu": mcpu})
+    assert compiled.unscheduled == []
+    compiled.executable.export_library(str(lib))
+    return compiled.executable, disassemble(lib)
 
 
 ROLE = "arn:aws:iam::123456789012:role/KilnUserModelAccess"
@@ -239,4 +259,123 @@ def qdq_squeezenet_dir(tmp_path_factory: pytest.TempPathFactory, squeezenet: onn
     d = work / "archive"
     d.mkdir()
     onnx.save(quantize_qdq(squeezenet, work / "quantize"), str(d / "model.onnx"))
+    return d
+
+
+CALIBRATION = "calib/samples.npz"  # where calibrated_dir keeps its calibration inputs
+
+
+def calibration_samples(count: int = 8, seed: int = 1) -> np.ndarray:
+    """Representative inputs for the small CNN: [samples, 3, 32, 32] (its input is [1, 3, 32, 32])."""
+    return np.random.default_rng(seed).standard_normal((count, 3, 32, 32)).astype("float32")
+
+
+@pytest.fixture(scope="session")
+def calibrated_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An unpacked archive: the fp32 small CNN as model.onnx and its calibration inputs in calib/samples.npz."""
+    d = tmp_path_factory.mktemp("calibrated") / "archive"
+    (d / "calib").mkdir(parents=True)
+    onnx.save(small_cnn(), str(d / "model.onnx"))
+    np.savez(d / CALIBRATION, input=calibration_samples())
+    return d
+
+
+def qoperator_ops_cnn(seed: int = 0) -> onnx.ModelProto:
+    """A float network whose QOperator quantization holds every quantized operator quantize_static writes for
+    CNNs: Conv, LeakyRelu, Sigmoid, Add, Mul, Concat, AveragePool, GlobalAveragePool, Gemm (transB), MatMul,
+    Softmax; input ``input`` [1,8,16,16], opset 13."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+
+    def init(name: str, shape: tuple[int, ...], scale: float) -> onnx.TensorProto:
+        return numpy_helper.from_array((rng.standard_normal(shape) * scale).astype("float32"), name)
+
+    inits = [init("w", (16, 8, 3, 3), 1 / np.sqrt(72)), init("b", (16,), 0.1), init("g_w", (32, 32), 0.25),
+             init("g_b", (32,), 0.1), init("m_w", (32, 10), 0.5)]
+    nodes = [helper.make_node("Conv", ["input", "w", "b"], ["conv"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+             helper.make_node("LeakyRelu", ["conv"], ["leaky"], alpha=0.1),
+             helper.make_node("Sigmoid", ["leaky"], ["sig"]),
+             helper.make_node("Add", ["conv", "sig"], ["add"]),
+             helper.make_node("Mul", ["add", "leaky"], ["mul"]),
+             helper.make_node("Concat", ["mul", "add"], ["cat"], axis=1),
+             helper.make_node("AveragePool", ["cat"], ["pool"], kernel_shape=[2, 2], strides=[2, 2]),
+             helper.make_node("GlobalAveragePool", ["pool"], ["gap"]),
+             helper.make_node("Flatten", ["gap"], ["flat"]),
+             helper.make_node("Gemm", ["flat", "g_w", "g_b"], ["gemm"], transB=1),
+             helper.make_node("MatMul", ["gemm", "m_w"], ["logits"]),
+             helper.make_node("Softmax", ["logits"], ["output"], axis=-1)]
+    graph = helper.make_graph(nodes, "qoperator_ops_cnn",
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 8, 16, 16])],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 10])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    return model
+
+
+def _archive_dir(tmp_path_factory: pytest.TempPathFactory, name: str) -> tuple[Path, Path]:
+    """(scratch directory, empty archive directory inside it) for a session fixture."""
+    work = tmp_path_factory.mktemp(name)
+    d = work / "archive"
+    d.mkdir()
+    return work, d
+
+
+@pytest.fixture(scope="session")
+def qop_small_cnn_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An unpacked archive holding ``small_cnn`` quantized to QOperator (QLinearConv, QLinearGlobalAveragePool)."""
+    work, d = _archive_dir(tmp_path_factory, "qop_small_cnn")
+    onnx.save(quantize_qoperator(small_cnn(), work / "quantize"), str(d / "model.onnx"))
+    return d
+
+
+@pytest.fixture(scope="session")
+def reference_qdq(tmp_path_factory: pytest.TempPathFactory) -> onnx.ModelProto:
+    """The QDQ model onnxruntime's quantize_static makes from the same fp32 model and calibration inputs,
+    as a user would run it (QDQ, per-channel s8 weights, u8 activations), all samples in one pass."""
+    return quantize_qdq(small_cnn(), tmp_path_factory.mktemp("reference_qdq"), images=calibration_samples())
+
+
+@pytest.fixture(scope="session")
+def qop_ops_cnn_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An unpacked archive holding ``qoperator_ops_cnn`` quantized to QOperator (twelve quantized operators)."""
+    work, d = _archive_dir(tmp_path_factory, "qop_ops_cnn")
+    onnx.save(quantize_qoperator(qoperator_ops_cnn(), work / "quantize"), str(d / "model.onnx"))
+    return d
+
+
+@pytest.fixture(scope="session")
+def qop_squeezenet_dir(tmp_path_factory: pytest.TempPathFactory, squeezenet: onnx.ModelProto) -> Path:
+    """An unpacked archive holding SqueezeNet 1.0 quantized to QOperator (QLinearConv, QLinearConcat,
+    QLinearGlobalAveragePool, QLinearSoftmax)."""
+    work, d = _archive_dir(tmp_path_factory, "qop_squeezenet")
+    onnx.save(quantize_qoperator(squeezenet, work / "quantize"), str(d / "model.onnx"))
+    return d
+
+
+@pytest.fixture(scope="session")
+def dynamic_small_cnn_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An unpacked archive holding ``small_cnn`` quantized by ``quantize_dynamic`` (DynamicQuantizeLinear,
+    ConvInteger, Cast, Mul)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    work, d = _archive_dir(tmp_path_factory, "dynamic_small_cnn")
+    onnx.save(small_cnn(), str(work / "fp32.onnx"))
+    quantize_dynamic(str(work / "fp32.onnx"), str(d / "model.onnx"), weight_type=QuantType.QInt8)
+    return d
+
+
+@pytest.fixture(scope="session")
+def old_ir_qdq_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An unpacked archive holding ``small_cnn`` saved as IR version 3 (initializers listed as graph inputs, as
+    old exporters wrote them) and quantized to QDQ: quantize_static keeps IR version 3 but adds its scales and
+    zero points as initializers only, which IR 3 forbids."""
+    from onnx import helper
+
+    model = small_cnn()
+    model.ir_version = 3
+    model.graph.input.extend(helper.make_tensor_value_info(i.name, i.data_type, list(i.dims))
+                             for i in model.graph.initializer)
+    work, d = _archive_dir(tmp_path_factory, "old_ir_qdq")
+    onnx.save(quantize_qdq(model, work / "quantize"), str(d / "model.onnx"))
     return d

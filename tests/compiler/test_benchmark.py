@@ -67,3 +67,19 @@ def test_a_runner_that_cannot_load_fails_the_pool_with_its_name(tmp_path: Path) 
     with pytest.raises(RuntimeError, match="runner 'ONNX Runtime' ended"), \
             runner_pool([spec], {"x": np.zeros((1, 8), np.float32)}):
         pass
+
+
+def test_a_tolerant_pool_drops_a_runner_that_cannot_load_and_times_the_rest(
+        tiny_model_and_artifact: tuple[Path, Path], tmp_path: Path) -> None:
+    # GIVEN the tiny network for ONNX Runtime, and a peer pointed at a file that is not a model
+    model, _ = tiny_model_and_artifact
+    bad = tmp_path / "not-a-model.onnx"
+    bad.write_bytes(b"not a model")
+    specs = [RunnerSpec("good", "onnxruntime", str(model), 1), RunnerSpec("bad", "onnxruntime", str(bad), 1)]
+    # WHEN a pool that tolerates failures starts both and times them
+    with runner_pool(specs, {"x": np.zeros((1, 8), np.float32)}, tolerate_failures=True) as pool:
+        medians = pool.interleaved_medians(rounds=2, per_round=2)
+        failed = dict(pool.failed)
+    # THEN the broken one is reported with its name and exit, the other one timed
+    assert set(medians) == {"good"}
+    assert list(failed) == ["bad"] and "runner 'bad' ended (exit" in failed["bad"]

@@ -19,7 +19,7 @@ import pytest
 from kiln_compiler.graph import QuantizedConvToInteger
 from tvm.relax.frontend.onnx import from_onnx
 
-from tests.compiler.conftest import compile_artifact
+from tests.compiler.conftest import compile_and_disassemble, compile_artifact
 
 # share of outputs that must equal ONNX Runtime's exactly (measured: 100% small CNN, >99% SqueezeNet)
 MIN_EXACT = 0.95
@@ -98,21 +98,9 @@ def _has_vnni() -> bool:
 
 def _build(model_dir: Path, mcpu: str, tmp_path: Path, shape: tuple[int, ...] = (1, 3, 32, 32)) -> tuple[object, str]:
     """(VM executable, disassembly) of the QDQ model compiled by Kiln's CPU pipeline for ``mcpu``."""
-    import shutil
-    import subprocess
-
-    from kiln_compiler.pipeline import compile_relax
-
     mod = from_onnx(onnx.load(str(model_dir / "model.onnx")), shape_dict={"input": list(shape)},
                     keep_params_in_input=False)
-    compiled = compile_relax(mod, {"kind": "llvm", "mcpu": mcpu})
-    assert compiled.unscheduled == []
-    lib = tmp_path / f"{mcpu}.so"
-    compiled.executable.export_library(str(lib))
-    objdump = shutil.which("objdump")
-    assert objdump is not None, "binutils' objdump is needed to inspect the generated code"
-    return compiled.executable, subprocess.run([objdump, "-d", str(lib)], capture_output=True, text=True,
-                                               check=True).stdout
+    return compile_and_disassemble(mod, mcpu, tmp_path / f"{mcpu}.so")
 
 
 @pytest.mark.parametrize("mcpu, vnni", [("cascadelake", True), ("znver4", True), ("haswell", False)])

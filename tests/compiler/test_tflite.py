@@ -18,7 +18,7 @@ from kiln_compiler.errors import ClientError
 from kiln_compiler.loaders import load_model
 from kiln_compiler.options import CompilerOptions, DataInputConfig
 
-from tests.compiler.conftest import EM_AARCH64, compile_artifact, elf_header
+from tests.compiler.conftest import EM_AARCH64, compile_artifact, disassemble, elf_header
 
 tf = pytest.importorskip("tensorflow")
 
@@ -66,6 +66,34 @@ def tflite_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         (d / "model.tflite").write_bytes(converter.convert())
         dirs[kind] = d
     return dirs
+
+
+def _integer_cnn() -> Any:
+    """Three convolutions with 16 channels (3x3 stride 2 + relu, 3x3 + relu, 1x1), a residual add + relu, global
+    average pool, dense: widths the VNNI kernels take (output channels multiple of 16, inputs of 4)."""
+    tf.keras.utils.set_random_seed(1)
+    layers = tf.keras.layers
+    inp = tf.keras.Input(SHAPE[1:], batch_size=1, name="image")
+    x = layers.Conv2D(16, 3, strides=2, padding="same", activation="relu")(inp)
+    y = layers.Conv2D(16, 3, padding="same", activation="relu")(x)
+    y = layers.Conv2D(16, 1)(y)
+    x = layers.ReLU()(layers.Add()([x, y]))
+    x = layers.GlobalAveragePooling2D()(x)
+    return tf.keras.Model(inp, layers.Dense(10)(x))
+
+
+@pytest.fixture(scope="module")
+def tflite_int8_cnn_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``_integer_cnn`` as a full-integer TFLite model (int8 in/out, the converter's representative dataset)."""
+    rng = np.random.default_rng(1)
+    converter = tf.lite.TFLiteConverter.from_keras_model(_integer_cnn())
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.representative_dataset = lambda: ([rng.standard_normal(SHAPE).astype(np.float32)] for _ in range(16))
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    converter.inference_input_type = converter.inference_output_type = tf.int8
+    d = tmp_path_factory.mktemp("tflite-int8-cnn")
+    (d / "model.tflite").write_bytes(converter.convert())
+    return d
 
 
 def _interpreter(path: Path) -> Any:
@@ -143,3 +171,52 @@ def test_not_a_tflite_file(tmp_path: Path) -> None:
     # THEN it is a ClientError naming the file
     with pytest.raises(ClientError, match=r"'model\.tflite' is not a TensorFlow Lite flatbuffer"):
         load_model("TFLITE", tmp_path, DataInputConfig(), CompilerOptions())
+
+
+def test_full_integer_convolutions_become_integer_kernels(tflite_int8_cnn_dir: Path) -> None:
+    # GIVEN the full-integer TFLite CNN, which TVM's TFLite frontend imports as dequantize -> fp32 conv2d
+    # (NHWC / HWIO) -> quantize, the fused relu as a clip of the quantized value
+    from kiln_compiler.graph import QuantizedConvToInteger
+
+    loaded = load_model("TFLITE", tflite_int8_cnn_dir, DataInputConfig(), CompilerOptions())
+    # WHEN the integer rewrite runs
+    rewrite = QuantizedConvToInteger()
+    out = rewrite(loaded.mod)
+    # THEN all three convolutions are u8 x s8 -> s32 (the s8 activations shifted by 128) and no clip is left
+    assert rewrite.rewritten == 3
+    ops = _call_ops(out)
+    assert "relax.clip" not in ops
+    assert ops.count("relax.nn.conv2d") == 3
+
+
+def _call_ops(mod: Any) -> list[str]:
+    from tvm import relax
+
+    found: list[str] = []
+    relax.analysis.post_order_visit(mod["main"], lambda e: found.append(e.op.name) if isinstance(e, relax.Call)
+                                    and hasattr(e.op, "name") else None)
+    return found
+
+
+def test_full_integer_model_runs_vpdpbusd_and_matches_tflite_interpreter(tflite_int8_cnn_dir: Path,
+                                                                         tmp_path: Path) -> None:
+    # GIVEN the full-integer TFLite CNN compiled for ml_c5 with a VNNI CPU (mcpu cascadelake)
+    art = compile_artifact(tflite_int8_cnn_dir, "TFLITE", "ml_c5", tmp_path, options='{"mcpu": "cascadelake"}')
+    with tarfile.open(art) as tar:
+        tar.extractall(tmp_path / "x", filter="data")
+    # THEN its code multiplies with vpdpbusd (integer kernels, not fp32 on dequantized values)
+    assert "vpdpbusd" in disassemble(tmp_path / "x/model.so")
+    if "avx512_vnni" not in (kiln.runtime.cpu_flags() or set()):
+        pytest.skip("the host has no AVX512-VNNI to run the artifact")
+    # AND WHEN it and TFLite's interpreter run the same inputs: at most one quantisation step apart
+    interpreter = _interpreter(tflite_int8_cnn_dir / "model.tflite")
+    model = kiln.runtime.load(art)
+    for seed in range(2):
+        x = _input_for(interpreter, seed)
+        (y,) = model.run({model.inputs[0].name: x})
+        interpreter.set_tensor(interpreter.get_input_details()[0]["index"], x)
+        interpreter.invoke()
+        ref = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
+        assert y.dtype == ref.dtype == np.int8
+        assert np.abs(y.astype(np.int32) - ref.astype(np.int32)).max() <= QUANT_STEPS
+        assert np.ptp(ref.astype(np.int32)) > 10 * QUANT_STEPS  # the comparison is not between constants

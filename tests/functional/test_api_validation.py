@@ -104,6 +104,23 @@ CREATE_CASES: list[tuple[str, dict[str, Any], str, str]] = [
     ("options-bf16-without-native-bf16", {"OutputConfig": _output(TargetDevice="ml_c5",
                                                                  CompilerOptions='{"precision": "bf16"}')},
      "outputConfig.compilerOptions", "no native bf16 arithmetic"),
+    ("quantize-dtype", {"OutputConfig": _output(CompilerOptions='{"quantize": {"dtype": "fp8", "calibration": "c.npz"}}')},
+     "outputConfig.compilerOptions.quantize.dtype", "must be one of int8"),
+    ("quantize-calibration-escapes", {"OutputConfig": _output(
+        CompilerOptions='{"quantize": {"dtype": "int8", "calibration": "../c.npz"}}')},
+     "outputConfig.compilerOptions.quantize.calibration", "no '..'"),
+    ("quantize-unknown-member", {"OutputConfig": _output(
+        CompilerOptions='{"quantize": {"dtype": "int8", "calibration": "c.npz", "per_channel": false}}')},
+     "outputConfig.compilerOptions.quantize", "per_channel"),
+    ("quantize-and-bf16", {"OutputConfig": _output(TargetDevice="ml_c5", CompilerOptions=(
+        '{"quantize": {"dtype": "int8", "calibration": "s3://kiln-local-models/c.npz"}, "precision": "bf16", '
+        '"mcpu": "znver4"}'))}, "outputConfig.compilerOptions.quantize", "mutually exclusive"),
+    ("quantize-gpu-target", {"OutputConfig": _output(TargetDevice="ml_g4dn", CompilerOptions=(
+        '{"quantize": {"dtype": "int8", "calibration": "c.npz"}}'))}, "outputConfig.compilerOptions.quantize",
+     "no int8 path"),
+    ("quantize-pytorch", {"InputConfig": _input(Framework="PYTORCH", DataInputConfig='{"x": [1, 8]}'),
+                          "OutputConfig": _output(CompilerOptions='{"quantize": {"dtype": "int8", "calibration": "c.npz"}}')},
+     "outputConfig.compilerOptions.quantize", "not PYTORCH"),
     ("options-unknown", {"OutputConfig": _output(CompilerOptions='{"opt_level": 3}')},
      "outputConfig.compilerOptions", "opt_level"),
     ("options-gpu-on-cpu", {"OutputConfig": _output(CompilerOptions="{'gpu-code': 'sm_72'}")},

@@ -77,9 +77,10 @@ def nag_unacknowledged() -> Iterator[list[Finding]]:
 @pytest.fixture(scope="session")
 def synth_cpu_only_imported_vpc(tmp_path_factory: pytest.TempPathFactory) -> Synthesized:
     """A deployment with GPU targets off, Graviton families on, into an existing VPC, with deletion protection
-    off, alarms to a topic."""
+    off, alarms to a topic, no shared tuning database."""
     return _synth(tmp_path_factory.mktemp("cdk-out-cpu"), {"kiln": {
         "target_families": ["cpu"], "deletion_protection": False, "log_retention_days": 30,
+        "shared_tuning_database": False,
         "cpu_instance_families": ["c5", "c6g", "c7g"],
         "alarm_topic_arn": ALARM_TOPIC, "alarm_failed_job_rate": 0.2,
         "vpc": {"vpc_id": "vpc-0123456789abcdef0", "subnet_ids": ["subnet-aaa", "subnet-bbb"],

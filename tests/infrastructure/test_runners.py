@@ -79,10 +79,14 @@ def test_compiler_role_only_reports_and_assumes_tagged_job_roles(synth: Synthesi
     (trust,) = statements(role["AssumeRolePolicyDocument"])
     assert trust["Principal"] == {"Service": "ecs-tasks.amazonaws.com"}
     assert trust["Condition"]["StringEquals"] == {"aws:SourceAccount": {"Ref": "AWS::AccountId"}}
-    # AND it may do two things: answer its task token, and assume job roles tagged for Kiln
-    actions = sorted(a for s in stmts for a in as_list(s["Action"]))
+    # AND it may do three things: answer its task token, assume job roles tagged for Kiln, and read and write the
+    # shared tuning records (their statements: tests/infrastructure/test_tuning_records.py)
+    actions = sorted(a for s in stmts for a in as_list(s["Action"]) if not s["Sid"].endswith(("TuningRecords",
+                                                                                               "TuningRecordsKey")))
     assert actions == ["states:SendTaskFailure", "states:SendTaskHeartbeat", "states:SendTaskSuccess",
                        "sts:AssumeRole"]
+    assert sorted(s["Sid"] for s in stmts if "TuningRecords" in s["Sid"]) == [
+        "ListSharedTuningRecords", "ReadWriteSharedTuningRecords", "SharedTuningRecordsKey"]
     (assume,) = [s for s in stmts if s["Action"] == "sts:AssumeRole"]
     assert assume["Condition"] == {"StringEquals": {f"aws:ResourceTag/{JOB_ROLE_TAG}": "true"}}
     # AND the same role is every Batch job's role, GPU and instance families (one principal for job roles to trust)

@@ -157,10 +157,14 @@ def test_tuning_workers_need_no_permission_beyond_the_build(synth: Synthesized) 
     role = _machine(synth)["RoleArn"]["Fn::GetAtt"][0]
     machine_actions = {a for s in _policy_of_role(synth, role) for a in as_list(s["Action"])}
     compiler_role = next(k for k in synth.of_type("AWS::IAM::Role") if k.startswith("CompilerRunnersCompilerRole"))
-    compiler_actions = {a for s in _policy_of_role(synth, compiler_role) for a in as_list(s["Action"])}
+    compiler_statements = _policy_of_role(synth, compiler_role)
+    compiler_actions = {a for s in compiler_statements for a in as_list(s["Action"])}
     # THEN the Map adds no grant: the workers run what the build runs (no Step Functions distributed map, no S3)
     assert not any(a.startswith(("s3:", "states:StartExecution")) for a in machine_actions), machine_actions
-    # AND the compiler's own role reads and writes no S3: workers put their records under the job's output
-    # location with the job's role, as the build puts the artifact
-    assert not any(a.startswith("s3:") for a in compiler_actions), compiler_actions
+    # AND the compiler's own role reaches no S3 but the shared tuning database's bucket: workers put their records
+    # under the job's output location with the job's role, as the build puts the artifact
+    (bucket,) = [k for k in synth.of_type("AWS::S3::Bucket") if k.startswith("TuningRecordsBucket")]
+    s3_resources = [resolve(r) for s in compiler_statements if any(a.startswith("s3:") for a in as_list(s["Action"]))
+                    for r in as_list(s["Resource"])]
+    assert s3_resources and all(r.startswith(f"<{bucket}.Arn>") for r in s3_resources), s3_resources
     assert "sts:AssumeRole" in compiler_actions

@@ -367,6 +367,72 @@ def test_bf16_is_refused_for_tree_models() -> None:
     assert "outputConfig.compilerOptions" in message and "not XGBOOST tree models" in message
 
 
+# -- quantize-by-calibration (ADR 0027) -------------------------------------------------------------------
+QUANTIZE = rules.QUANTIZE_MEMBER
+
+
+def _quantize(calibration: Any = "calibration.npz", **extra: Any) -> str:
+    return json.dumps({"quantize": {"dtype": "int8", "calibration": calibration}, **extra})
+
+
+@pytest.mark.parametrize(("options", "device", "platform"), [
+    (_quantize(), "ml_c5", None),
+    (_quantize("data/calib/samples.npz"), "ml_c4", None),
+    (_quantize("s3://my-calibration-bucket/resnet/calibration.NPZ"), "ml_c5", None),
+    (_quantize(mcpu="cascadelake"), "ml_c5", None),
+    (_quantize(precision="fp32"), None, {"Os": "LINUX", "Arch": "ARM64"}),
+    (_quantize(), "rasp4b", None),
+])
+def test_quantize_by_calibration_is_accepted_for_cpu_targets(options: str, device: str | None,
+                                                             platform: dict[str, str] | None) -> None:
+    # GIVEN an ONNX job asking for int8 by calibration on a CPU target (archive member or S3 object)
+    request = request_for("ONNX", '{"data": [1, 3, 224, 224]}', device=device, platform=platform, options=options)
+    # WHEN the rules run  THEN it is accepted and the option parses unchanged
+    target = rules.check_create(request, CATALOG)
+    assert rules.parse_compiler_options(options, target)["quantize"] == json.loads(options)["quantize"]
+
+
+@pytest.mark.parametrize(("options", "device", "member", "expected"), [
+    ('{"quantize": "int8"}', "ml_c5", QUANTIZE, "must be an object such as"),
+    ('{"quantize": {"dtype": "int8", "calibration": "c.npz", "method": "entropy"}}', "ml_c5", QUANTIZE,
+     "Unknown member(s) method"),
+    ('{"quantize": {"calibration": "c.npz"}}', "ml_c5", f"{QUANTIZE}.dtype", "must be one of int8"),
+    ('{"quantize": {"dtype": "int4", "calibration": "c.npz"}}', "ml_c5", f"{QUANTIZE}.dtype", 'Value "int4"'),
+    ('{"quantize": {"dtype": "int8"}}', "ml_c5", f"{QUANTIZE}.calibration", "Value null"),
+    (_quantize(""), "ml_c5", f"{QUANTIZE}.calibration", "a file in the model archive or an s3:// URI"),
+    (_quantize(7), "ml_c5", f"{QUANTIZE}.calibration", "Value 7"),
+    (_quantize("../outside.npz"), "ml_c5", f"{QUANTIZE}.calibration", "no '..', not absolute"),
+    (_quantize("data/../../outside.npz"), "ml_c5", f"{QUANTIZE}.calibration", "no '..'"),
+    (_quantize("/etc/calibration.npz"), "ml_c5", f"{QUANTIZE}.calibration", "not absolute"),
+    (_quantize("C:\\calibration.npz"), "ml_c5", f"{QUANTIZE}.calibration", "not absolute"),
+    (_quantize("..\\calibration.npz"), "ml_c5", f"{QUANTIZE}.calibration", "no '..'"),
+    (_quantize("https://example.com/c.npz"), "ml_c5", f"{QUANTIZE}.calibration", "or an s3:// URI"),
+    (_quantize("s3://Bad_Bucket/c.npz"), "ml_c5", f"{QUANTIZE}.calibration", "s3://bucket/key.npz"),
+    (_quantize("calibration.npy"), "ml_c5", f"{QUANTIZE}.calibration", "must be an .npz file"),
+    (_quantize("c" * 1100 + ".npz"), "ml_c5", f"{QUANTIZE}.calibration", "length less than or equal to 1024"),
+    (_quantize(precision="bf16", mcpu="znver4"), "ml_c5", QUANTIZE, "mutually exclusive"),
+    (_quantize(**{"gpu-code": "sm_75"}), "ml_g4dn", QUANTIZE, "applies only to CPU targets: 'ml_g4dn' has no int8"),
+])
+def test_quantize_errors_name_the_member(options: str, device: str, member: str, expected: str) -> None:
+    # GIVEN a quantize option that is malformed or does not fit the target
+    request = request_for("ONNX", '{"data": [1, 3, 224, 224]}', device=device, options=options)
+    # WHEN the rules run
+    message = refused(request)
+    # THEN the error names the member (down to quantize.dtype / quantize.calibration) and what is wrong
+    assert f"'{member}'" in message, message
+    assert expected in message, message
+
+
+@pytest.mark.parametrize(("framework", "data"), [
+    ("PYTORCH", '{"input0": [1, 3, 224, 224]}'), ("TFLITE", '{"input": [1, 224, 224, 3]}'), ("XGBOOST", None)])
+def test_quantize_is_refused_for_frameworks_kiln_does_not_hold_as_onnx(framework: str, data: str | None) -> None:
+    # GIVEN a job of a framework Kiln does not quantize (its model never becomes an ONNX graph in Kiln)
+    request = request_for(framework, data, device="ml_c5", options=_quantize())
+    # WHEN / THEN it is refused naming the member and the framework
+    message = refused(request)
+    assert f"'{QUANTIZE}' applies to ONNX models, not {framework}" in message
+
+
 # -- TargetPlatform examples of the reference -------------------------------------------------------------
 @pytest.mark.parametrize(("platform", "options", "target"), [
     ({"Os": "LINUX", "Arch": "ARM_EABIHF"}, "{'mattr': ['+neon']}", "LINUX_ARM_EABIHF"),

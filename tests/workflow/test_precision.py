@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from typing import Any
 
 from kiln import runtime
@@ -27,3 +28,32 @@ def test_bf16_job_records_its_deviation_from_fp32(local_stack: Any, service: Any
         assert 0.0 <= precision["top1_agreement"] <= 1.0
     else:
         assert precision["measured"] is False and "cannot run code for mcpu 'znver4'" in precision["reason"]
+
+
+def test_calibrated_int8_job_records_its_deviation_from_fp32(local_stack: Any, service: Any, job_request: Any,
+                                                            upload_model: Any) -> None:
+    # GIVEN a real ONNX model (MatMul -> Add -> Relu) and 16 representative inputs in the archive's calib/x.npz,
+    # and a job asking to quantize it to int8 by calibration (ml_c4)
+    import numpy as np
+
+    from tests.conftest import tar_gz, tiny_onnx_model
+
+    buffer = io.BytesIO()
+    np.savez(buffer, x=np.random.default_rng(4).standard_normal((16, 8)).astype("float32"))
+    upload_model("prec-int8/model.tar.gz", tar_gz({"model.onnx": tiny_onnx_model().SerializeToString(),
+                                                   "calib/x.npz": buffer.getvalue()}))
+    request = job_request("prec-int8")
+    request["OutputConfig"]["CompilerOptions"] = '{"quantize": {"dtype": "int8", "calibration": "calib/x.npz"}}'
+    # WHEN it runs in local mode
+    service.create(request)
+    job = local_stack.wait_for("prec-int8", timeout=300)
+    assert job["CompilationJobStatus"] == "COMPLETED", job["FailureReason"]
+    # THEN Kiln.Precision holds the int8 build's deviation from the fp32 model on the calibration inputs
+    # (4 outputs of 8 inputs: a few activation steps of 1/255 of their range, far below the outputs' scale)
+    precision = job["Kiln"]["Precision"]
+    assert precision["dtype"] == "int8" and precision["measured"] is True, precision
+    assert precision["samples"] == 16 and precision["calibration_samples"] == 16
+    assert 0 < precision["max_abs_error"] <= 0.05 * precision["max_abs_reference"], precision
+    # AND Kiln.Accuracy its agreement with ONNX Runtime running the QDQ model Kiln made
+    accuracy = job["Kiln"]["Accuracy"]
+    assert accuracy["measured"] is True and accuracy["reference"].endswith("same QDQ model"), accuracy

@@ -51,6 +51,7 @@ class BuildResult:
     tuning: dict[str, int] = field(default_factory=lambda: {"tuned": 0, "reused": 0, "default": 0})
     unscheduled: list[str] = field(default_factory=list)  # kernels left with TVM's unscheduled loops
     precision: dict[str, Any] | None = None  # a reduced-precision build's deviation from fp32 (backends.deviation)
+    qdq_model: Path | None = None  # the QDQ model Kiln quantized by calibration (compared with ONNX Runtime on it)
 
 
 def first_line(exc: BaseException) -> str:

@@ -50,7 +50,8 @@ def why_not_here(tvm_target: dict[str, Any]) -> str | None:
     return None
 
 
-def _run(executable: Any, model: LoadedModel, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+def run_executable(executable: Any, model: LoadedModel, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """Run a relax VM ``executable`` of ``model`` on one input dict in this process; its outputs."""
     import tvm
     from tvm import relax
 
@@ -95,7 +96,8 @@ def measure(model: LoadedModel, reduced: Any, reference: Any, dtype: str) -> dic
     batches = sample_inputs(model)
     record: dict[str, Any] = {"dtype": dtype, "reference": "fp32 build of the same model", "measured": True,
                               "samples": len(batches), "inputs": f"standard normal, seed {SEED}"}
-    record.update(compare([_run(reduced, model, b) for b in batches], [_run(reference, model, b) for b in batches]))
+    record.update(compare([run_executable(reduced, model, b) for b in batches],
+                          [run_executable(reference, model, b) for b in batches]))
     return record
 
 

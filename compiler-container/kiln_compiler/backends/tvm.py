@@ -12,6 +12,7 @@ from typing import Any
 
 from kiln.catalog import Family, Target
 
+from .. import quantize
 from ..errors import ClientError, ServerError
 from ..loaders import load_model
 from ..options import DataInputConfig, Shard
@@ -81,9 +82,7 @@ def tune(request: CompileRequest, shard: Shard) -> dict[str, int]:
     target, options = request.target, request.options
     if request.tuning_database is None:
         raise ServerError("a tuning worker needs a tuning database")
-    config = DataInputConfig.parse(request.data_input_config, request.framework, target)
-    with request.stage("load"):
-        model = load_model(request.framework, request.model_dir, config, options)
+    model, _ = _load(request)
     tvm_target, _ = effective_target(target, options)
     _check_llvm_target(tvm_target)
     with request.stage("tune"):
@@ -101,9 +100,7 @@ def compile(request: CompileRequest) -> BuildResult:
     from ..pipeline import compile_relax
 
     target, options = request.target, request.options
-    config = DataInputConfig.parse(request.data_input_config, request.framework, target)
-    with request.stage("load"):
-        model = load_model(request.framework, request.model_dir, config, options)
+    model, quantized = _load(request)
     tvm_target, needs = effective_target(target, options)
     _check_llvm_target(tvm_target)
     host = dict(target.host) if target.host else None  # the CPU side of a GPU target, as the catalog gives it
@@ -113,6 +110,8 @@ def compile(request: CompileRequest) -> BuildResult:
                                      database=request.tuning_database, deadline=request.deadline,
                                      precision=options.precision)
             precision = _deviation(model, compiled.executable, tvm_target) if options.precision != "fp32" else None
+            if quantized is not None:
+                precision = quantize.deviation(quantized, compiled.executable, tvm_target)
         except ClientError:
             raise
         except Exception as exc:
@@ -133,7 +132,21 @@ def compile(request: CompileRequest) -> BuildResult:
             raise ServerError(f"linking the compiled model for {target.name} failed: {first_line(exc)}") from None
     return BuildResult(model=model, files=[lib], library=lib.name, runtime="tvm-relax-vm", tvm_target=tvm_target,
                        isa=needs, tuning=dict(compiled.summary), unscheduled=list(compiled.unscheduled),
-                       precision=precision)
+                       precision=precision, qdq_model=quantized.qdq_file if quantized is not None else None)
+
+
+def _load(request: CompileRequest) -> tuple[Any, quantize.Quantized | None]:
+    """The model as the build takes it: loaded, and quantized by calibration when the options ask (ADR 0027)."""
+    config = DataInputConfig.parse(request.data_input_config, request.framework, request.target)
+    with request.stage("load"):
+        model = load_model(request.framework, request.model_dir, config, request.options)
+    if request.options.quantize is None:
+        model.extra.pop("onnx_model", None)  # not needed: the build holds the weights once
+        return model, None
+    with request.stage("quantize"):
+        quantized = quantize.quantize_loaded(model, request.model_dir, request.options.quantize,
+                                             request.out_dir.parent / "quantize")
+    return quantized.model, quantized
 
 
 def _deviation(model: Any, executable: Any, tvm_target: dict[str, Any]) -> dict[str, Any]:

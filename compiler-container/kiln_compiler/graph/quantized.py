@@ -49,6 +49,10 @@ _MULTIPLY = tvm.ir.Op.get("relax.multiply")
 _DIVIDE = tvm.ir.Op.get("relax.divide")
 _MAXIMUM = tvm.ir.Op.get("relax.maximum")
 _MINIMUM = tvm.ir.Op.get("relax.minimum")
+_CLIP = tvm.ir.Op.get("relax.clip")
+# (data layout, kernel layout) of the convolutions the rewrite takes -> (channel axis of the data, output-channel
+# axis of the kernel): ONNX's NCHW/OIHW, TFLite's NHWC/HWIO (TVM's TFLite frontend)
+_CONV_LAYOUTS = {("NCHW", "OIHW"): (1, 0), ("NHWC", "HWIO"): (3, 3)}
 # a bias scale this close to s_x * s_w is taken as exactly it (onnxruntime computes it in float32)
 _BIAS_SCALE_RTOL = 1e-6
 
@@ -69,6 +73,48 @@ class _Operand:
     value: Any
     scale: np.ndarray
     zero_point: np.ndarray
+    axis: int  # the per-channel axis (meaningful when scale has more than one value)
+
+
+def _broadcasts_as(expr: Any, per_channel: tuple[int, ...]) -> bool:
+    """Whether ``expr`` (a bias added to a convolution's output) holds one value per channel along the
+    output's channel axis (a ``(C,)`` bias is per channel only when channels are the last axis)."""
+    shape = _static_shape(expr)
+    if shape is None or len(shape) > len(per_channel):
+        return False
+    return (1,) * (len(per_channel) - len(shape)) + shape == per_channel
+
+
+def _bound(value: Any) -> float | None:
+    """A clip bound (a float or integer immediate, or a PrimValue of one) as a float."""
+    for _ in range(2):
+        value = getattr(value, "value", value)
+        if isinstance(value, (int, float)):
+            return float(value)
+    return None
+
+
+def _tighten_saturation(rewriter: PyExprMutator, clip: relax.Call) -> Any:
+    """``clip(astype(minimum(maximum(v, lo), hi), int), a, b)`` -> ``astype(minimum(maximum(v, max(lo, a)),
+    min(hi, b)), int)``: TVM's TFLite frontend writes a fused activation (relu, relu6) as a clip of the
+    quantized value; as bounds of the requantization's saturation it stays in the convolution's epilogue."""
+    low, high = _bound(clip.args[1]), _bound(clip.args[2])
+    cast = bound_value(rewriter, clip.args[0])
+    if low is None or high is None or not isinstance(cast, relax.Call) or cast.op != _ASTYPE \
+            or str(cast.attrs.dtype) not in ("uint8", "int8"):
+        return clip
+    upper = bound_value(rewriter, cast.args[0])
+    if not isinstance(upper, relax.Call) or upper.op != _MINIMUM or _const(upper.args[1]) is None:
+        return clip
+    lower = bound_value(rewriter, upper.args[0])
+    if not isinstance(lower, relax.Call) or lower.op != _MAXIMUM or _const(lower.args[1]) is None \
+            or _dtype(lower.args[0]) != "float32":
+        return clip
+    lo = max(float(_const(lower.args[1]).reshape(())), low)  # type: ignore[union-attr]
+    hi = min(float(_const(upper.args[1]).reshape(())), high)  # type: ignore[union-attr]
+    y = rewriter.builder_.emit(relax.op.maximum(lower.args[0], relax.const(np.float32(lo))))
+    y = rewriter.builder_.emit(relax.op.minimum(y, relax.const(np.float32(hi))))
+    return relax.op.astype(y, str(cast.attrs.dtype))
 
 
 @mutator
@@ -85,7 +131,7 @@ class _IntegerConv(PyExprMutator):
         scale, zero_point = _const(call.args[1]), _const(call.args[2])
         if scale is None or zero_point is None:
             return None
-        return _Operand(call.args[0], scale.astype("float32"), zero_point)
+        return _Operand(call.args[0], scale.astype("float32"), zero_point, int(call.attrs.axis))
 
     def _bias(self, expr: Any, channels: int) -> tuple[_Operand | None, np.ndarray | None]:
         """A bias as (dequantized s32 constant, None) or (None, float values)."""
@@ -102,6 +148,8 @@ class _IntegerConv(PyExprMutator):
 
     def visit_call_(self, call: relax.Call) -> Any:
         call = super().visit_call_(call)
+        if call.op == _CLIP:
+            return _tighten_saturation(self, call)
         if call.op != _QUANTIZE or str(call.attrs.out_dtype) not in ("uint8", "int8"):
             return call
         out_scale, out_zp = _const(call.args[1]), _const(call.args[2])
@@ -130,23 +178,32 @@ class _IntegerConv(PyExprMutator):
     def _integer_conv(self, conv: relax.Call, bias_expr: Any, relu: bool, out_scale: float, out_zp: int,
                       out_dtype: str) -> Any:
         attrs = conv.attrs
-        if str(attrs.data_layout) != "NCHW" or str(attrs.kernel_layout) != "OIHW" or str(attrs.out_layout) != "NCHW":
+        layout = (str(attrs.data_layout), str(attrs.kernel_layout))
+        if layout not in _CONV_LAYOUTS or str(attrs.out_layout) != layout[0]:
             return None
+        channel_axis, kernel_axis = _CONV_LAYOUTS[layout]
         x, w = self._dequantized(conv.args[0]), self._dequantized(conv.args[1])
-        if x is None or w is None or _dtype(x.value) != "uint8" or x.scale.size != 1 or x.zero_point.size != 1:
+        if x is None or w is None or _dtype(x.value) not in ("uint8", "int8") or x.scale.size != 1 \
+                or x.zero_point.size != 1:
             return None
         w_q = _const(w.value)
         if w_q is None or w_q.dtype != np.int8 or w_q.ndim != 4 or np.any(w.zero_point != 0):
             return None
-        channels = w_q.shape[0]
-        if w.scale.size not in (1, channels):
+        channels = w_q.shape[kernel_axis]
+        if w.scale.size not in (1, channels) or (w.scale.size > 1 and w.axis % 4 != kernel_axis):
+            return None
+        per_channel = tuple(channels if i == channel_axis else 1 for i in range(4))
+        if bias_expr is not None and not _broadcasts_as(bias_expr, per_channel):
             return None
         bias_q, bias_f = (None, None) if bias_expr is None else self._bias(bias_expr, channels)
         if bias_expr is not None and bias_q is None and bias_f is None:
             return None
         x_scale, x_zp = float(x.scale.reshape(())), int(x.zero_point.reshape(()))
         acc_scale = (np.float32(x_scale) * np.broadcast_to(w.scale.reshape(-1), (channels,))).astype("float32")
-        correction = -x_zp * w_q.astype("int64").sum(axis=(1, 2, 3))
+        w_sum = w_q.astype("int64").sum(axis=tuple(i for i in range(4) if i != kernel_axis))
+        if self.integer_kernels and _dtype(x.value) == "int8":
+            x_zp += 128  # s8 activations (TFLite) as u8 for u8 x s8 kernels: x + 128, zero point + 128
+        correction = -x_zp * w_sum
         if bias_q is not None:
             b_q = _const(bias_q.value)
             assert b_q is not None
@@ -160,16 +217,19 @@ class _IntegerConv(PyExprMutator):
 
         if self.integer_kernels:
             data = x.value
+            if _dtype(data) == "int8":
+                data = self.builder_.emit(relax.op.astype(self.builder_.emit(relax.op.add(
+                    self.builder_.emit(relax.op.astype(data, "int16")), relax.const(128, "int16"))), "uint8"))
             padding = [int(p) for p in attrs.padding]
             if x_zp != 0 and any(padding):
                 top, left, bottom, right = padding
-                data = self.builder_.emit(relax.op.nn.pad(data, [0, 0, 0, 0, top, bottom, left, right],
-                                                          pad_value=float(x_zp)))
+                spatial = [top, bottom, left, right]
+                pad_width = [0, 0, *spatial, 0, 0] if layout[0] == "NHWC" else [0, 0, 0, 0, *spatial]
+                data = self.builder_.emit(relax.op.nn.pad(data, pad_width, pad_value=float(x_zp)))
                 padding = [0, 0, 0, 0]
             acc = self.builder_.emit(relax.op.nn.conv2d(
                 data, relax.const(w_q, "int8"), strides=attrs.strides, padding=padding, dilation=attrs.dilation,
-                groups=int(attrs.groups), data_layout="NCHW", kernel_layout="OIHW", out_dtype="int32"))
-            per_channel = (1, channels, 1, 1)
+                groups=int(attrs.groups), data_layout=layout[0], kernel_layout=layout[1], out_dtype="int32"))
             if np.any(correction != 0):
                 acc = self.builder_.emit(relax.op.add(acc, relax.const(correction.astype("int32").reshape(per_channel))))
         else:
@@ -180,10 +240,9 @@ class _IntegerConv(PyExprMutator):
                 data = self.builder_.emit(relax.op.subtract(data, relax.const(np.float32(x_zp))))
             acc = self.builder_.emit(relax.op.nn.conv2d(
                 data, relax.const(w_q.astype("float32")), strides=attrs.strides, padding=attrs.padding,
-                dilation=attrs.dilation, groups=int(attrs.groups), data_layout="NCHW", kernel_layout="OIHW",
+                dilation=attrs.dilation, groups=int(attrs.groups), data_layout=layout[0], kernel_layout=layout[1],
                 out_dtype="float32"))
-            per_channel = (1, channels, 1, 1)
-            bias_int = correction + x_zp * w_q.astype("int64").sum(axis=(1, 2, 3))  # B_q alone
+            bias_int = correction + x_zp * w_sum  # B_q alone
             if np.any(bias_int != 0):
                 acc = self.builder_.emit(relax.op.add(acc, relax.const(bias_int.astype("float32").reshape(per_channel))))
         y = self.builder_.emit(relax.op.astype(acc, "float32"))
@@ -211,6 +270,8 @@ class _QDQArithmetic(PyExprMutator):
 
     def visit_call_(self, call: relax.Call) -> Any:
         call = super().visit_call_(call)
+        if call.op == _CLIP:
+            return _tighten_saturation(self, call)
         if call.op not in (_QUANTIZE, _DEQUANTIZE):
             return call
         scale, zero_point = _const(call.args[1]), _const(call.args[2])

@@ -105,6 +105,17 @@ def check_declared_tensors(model: Any, model_file: Path, model_dir: Path,
             _external_file(tensor, model_file, model_dir)
 
 
+def allow_initializers_outside_inputs(model: Any) -> None:
+    """Read an IR version 3 model whose initializers are not all graph inputs as IR version 4.
+
+    IR 3 wants every initializer listed among the graph inputs; onnxruntime's ``quantize_static`` adds its
+    scales and zero points as initializers only and keeps the model's IR version, so its output fails the
+    checker (ONNX Runtime runs it). IR 4 lifted exactly that rule and changed nothing else."""
+    if model.ir_version < 4 and {i.name for i in model.graph.initializer} - {i.name for i in model.graph.input}:
+        log.info("IR version %d model keeps initializers outside its inputs: read as IR version 4", model.ir_version)
+        model.ir_version = 4
+
+
 def load(model_dir: Path, config: DataInputConfig, options: CompilerOptions) -> LoadedModel:
     """Load the single ``.onnx`` file in ``model_dir`` into a Relax IRModule.
 
@@ -126,6 +137,7 @@ def load(model_dir: Path, config: DataInputConfig, options: CompilerOptions) -> 
     except Exception as exc:  # onnx raises many types for corrupt input
         raise ClientError(f"'{path.name}' is not a valid ONNX model ({str(exc).splitlines()[0][:300]})") from None
     check_declared_tensors(model, path, model_dir)
+    allow_initializers_outside_inputs(model)
     try:
         load_external_data_for_model(model, str(path.parent))
         onnx.checker.check_model(model)
@@ -141,9 +153,13 @@ def from_proto(model: Any, config: DataInputConfig, *, framework: str, framework
     from tvm.relax.frontend.onnx import from_onnx
     from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
 
+    from .qoperator import prepare
+
     opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
+    model = prepare(model)  # QOperator nodes (QLinearConv, ...) as DequantizeLinear -> op -> QuantizeLinear
     supported = _get_convert_map()
-    missing = sorted({n.op_type for n in model.graph.node if n.domain in ("", "ai.onnx")} - set(supported))
+    missing = sorted({n.op_type for n in model.graph.node if n.domain in ("", "ai.onnx", "com.microsoft")}
+                     - set(supported))
     if missing:
         raise ClientError(
             f"the ONNX model uses operator(s) {missing} that the compiler does not support; "
@@ -181,4 +197,5 @@ def from_proto(model: Any, config: DataInputConfig, *, framework: str, framework
         model_files=model_files,
         mod=mod,
         params=None,
+        extra={"onnx_model": model},  # quantize-by-calibration starts from it (kiln_compiler.quantize)
     )

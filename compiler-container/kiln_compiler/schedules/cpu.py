@@ -25,6 +25,7 @@ from .tir import (
     DATA_PAR,
     buffer_bytes,
     has_root,
+    inline_epilogues,
     is_at_root,
     is_scheduled,
     iter_extents,
@@ -33,6 +34,7 @@ from .tir import (
     vars_in,
     writes_output,
 )
+from .window import is_window_kernel, schedule_window
 
 log = logging.getLogger(__name__)
 
@@ -181,21 +183,6 @@ def _channel_tiles_outermost(block: Any, weight_reads: list[Any], n_channel_tile
     return channels_outer <= 2 * pixels_outer
 
 
-def inline_epilogues(sch: Schedule, block: Any, write_back: Any) -> None:
-    """Inline the elementwise consumers of ``block`` (bias, batch norm, residual add, relu) into its
-    write-back block, up to the first consumer over another domain: TVM would inline a smaller one
-    (the slice that drops padded channels) over the tile's whole domain, writing past its buffer."""
-    out_shape = [int(d) for d in sch.get(block).writes[0].source.shape]
-    while True:
-        consumers = sch.get_consumers(write_back)
-        if len(consumers) != 1 or iter_extents(sch.get(consumers[0])) != out_shape:
-            break
-        try:
-            sch.reverse_compute_inline(consumers[0])
-        except Exception:
-            break
-
-
 def _schedule_anchor(sch: Schedule, block: Any, vector: VectorUnit, knobs: TileKnobs = DEFAULT_KNOBS) -> bool:
     """Register-tile a reduction block (conv2d, matmul, pooling). Returns False if it does not fit.
 
@@ -338,7 +325,11 @@ def default_schedule(func: tirx.PrimFunc, vector: VectorUnit, knobs: TileKnobs =
     if len(reductions) == 1:
         anchor = reductions[0]
         _inline_copies(sch, blocks, anchor)
-        anchored = _schedule_anchor(sch, anchor, vector, knobs)
+        if is_window_kernel(sch, anchor):  # depthwise conv, pooling: schedules/window.py
+            schedule_window(sch, anchor, vector, knobs)
+            anchored = True
+        else:
+            anchored = _schedule_anchor(sch, anchor, vector, knobs)
     if root is not None:
         _inline_intermediates(sch, root, anchor if anchored else None)
         blocks = list(sch.get_child_blocks(root))

@@ -120,3 +120,18 @@ def parallelize_serial_root_blocks(sch: Schedule) -> None:
         loops = sch.get_loops(blk)
         if loops and all(sch.get(lp).kind == tirx.ForKind.SERIAL for lp in loops):
             sch.parallel(loops[0])
+
+
+def inline_epilogues(sch: Schedule, block: Any, write_back: Any) -> None:
+    """Inline the elementwise consumers of ``block`` (bias, batch norm, residual add, relu) into its
+    write-back block, up to the first consumer over another domain: TVM would inline a smaller one
+    (the slice that drops padded channels) over the tile's whole domain, writing past its buffer."""
+    out_shape = [int(d) for d in sch.get(block).writes[0].source.shape]
+    while True:
+        consumers = sch.get_consumers(write_back)
+        if len(consumers) != 1 or iter_extents(sch.get(consumers[0])) != out_shape:
+            break
+        try:
+            sch.reverse_compute_inline(consumers[0])
+        except Exception:
+            break
