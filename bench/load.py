@@ -136,13 +136,18 @@ class Recorder:
 
 
 def start_server(work: Path, port: int, aws_port: int, max_compilers: int | None,
-                 api_workers: int | None) -> subprocess.Popen[bytes]:
+                 api_workers: int | None, compiler_niceness: int | None = None,
+                 compiler_cpu_share: str | None = None) -> subprocess.Popen[bytes]:
     command = [sys.executable, "-m", "kiln.cli", "serve", "--port", str(port), "--aws-port", str(aws_port),
                "--work-dir", str(work)]
     if max_compilers:
         command += ["--max-compilers", str(max_compilers)]
     if api_workers is not None:
         command += ["--api-workers", str(api_workers)]
+    if compiler_niceness is not None:
+        command += ["--compiler-niceness", str(compiler_niceness)]
+    if compiler_cpu_share is not None:
+        command += ["--compiler-cpu-share", compiler_cpu_share]
     log = open(work / "serve.log", "wb")  # noqa: SIM115  (closed with the process)
     return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
 
@@ -296,6 +301,9 @@ def main() -> int:
     parser.add_argument("--list-calls", type=int, default=50)
     parser.add_argument("--max-compilers", type=int, default=None, help="kiln serve --max-compilers")
     parser.add_argument("--api-workers", type=int, default=None, help="kiln serve --api-workers")
+    parser.add_argument("--compiler-niceness", type=int, default=None, help="kiln serve --compiler-niceness")
+    parser.add_argument("--compiler-cpu-share", choices=("own", "api"), default=None,
+                        help="kiln serve --compiler-cpu-share")
     parser.add_argument("--label", default="", help="names the results files (e.g. before/after a change)")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     parser.add_argument("--skip-load", action="store_true", help="only the ListCompilationJobs phase")
@@ -303,7 +311,8 @@ def main() -> int:
     port, aws_port = free_port(), free_port()
     url, aws_url = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{aws_port}"
     with tempfile.TemporaryDirectory(prefix="kiln-load-") as tmp:
-        server = start_server(Path(tmp), port, aws_port, args.max_compilers, args.api_workers)
+        server = start_server(Path(tmp), port, aws_port, args.max_compilers, args.api_workers, args.compiler_niceness,
+                              args.compiler_cpu_share)
         try:
             wait_ready(url)
             load: dict[str, Any] = {}
@@ -318,14 +327,19 @@ def main() -> int:
             print("phase 2: ListCompilationJobs latency by table size", flush=True)
             listing = list_phase(url, aws_url, [int(s) for s in args.sizes.split(",")], args.list_calls)
         finally:
+            stopping = time.monotonic()
             server.terminate()
             try:
                 server.wait(timeout=30)
+                shutdown_s: float | None = round(time.monotonic() - stopping, 1)
             except subprocess.TimeoutExpired:
                 server.kill()
+                shutdown_s = None  # not stopped within 30 s of SIGTERM
+            print(f"kiln serve stopped {shutdown_s} s after SIGTERM", flush=True)
     report = {"date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "host": socket.gethostname(),
               "cpus": len(os.sched_getaffinity(0)), "cpu_model": cpu_model(), "api_workers": args.api_workers,
-              "load": load, "list_latency_by_table_size": listing}
+              "compiler_niceness": args.compiler_niceness, "compiler_cpu_share": args.compiler_cpu_share,
+              "shutdown_s": shutdown_s, "load": load, "list_latency_by_table_size": listing}
     args.out.mkdir(parents=True, exist_ok=True)
     label = f"-{args.label}" if args.label else ""
     stem = args.out / f"{dt.date.today().isoformat()}-{'list' if args.skip_load else 'load'}{label}"
@@ -341,6 +355,9 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [f"# `make load` — {report['date']} on {report['host']} ({report['cpus']} CPUs, {report['cpu_model']})", "",
              f"Host load average (1 min) during phase 1: min {busy.get('min')}, mean {busy.get('mean')}, "
              f"max {busy.get('max')}; kiln serve --api-workers {report['api_workers']} (None: its default).", "",
+             f"kiln serve --compiler-niceness {report.get('compiler_niceness')} --compiler-cpu-share "
+             f"{report.get('compiler_cpu_share')} (None: its default); exited "
+             f"{report.get('shutdown_s')} s after SIGTERM (None: not within 30 s).", "",
              f"{load['clients']} clients, {load['create_attempts']} CreateCompilationJob attempts "
              f"(think time {load['think_s']} s), then Describe/List until every accepted job was terminal "
              f"({load['wall_s']} s).", "",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -19,9 +20,6 @@ console = Console(stderr=True)
 # The command's result (JSON) goes to the real stdout; everything else, Powertools' JSON logs of the
 # in-process handlers included (they write to sys.stdout), goes to stderr.
 _result = sys.stdout
-# `kiln serve` answers the API from this many processes of their own (kiln.local.api_workers), each
-# one request at a time, as a Lambda execution environment.
-DEFAULT_API_WORKERS = 4
 
 
 def _emit(document: Any) -> None:
@@ -43,6 +41,12 @@ def _platform(text: str) -> dict[str, str]:
 def _positive(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return int(text)
+
+
+def _niceness(text: str) -> int:
+    if not text.isdigit() or int(text) > 19:
+        raise argparse.ArgumentTypeError(f"expected a whole number from 0 to 19, got {text!r}")
     return int(text)
 
 
@@ -68,6 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-workers", type=_non_negative, default=None,
                        help="processes serving the API beside the embedded stack's, one request at a time "
                             "each (default 4; 0: serve it in the stack's process)")
+    serve.add_argument("--compiler-niceness", type=_niceness, default=None,
+                       help="how far below the API's CPU priority compiler processes run, 0-19 (default 10)")
+    serve.add_argument("--compiler-cpu-share", choices=("own", "api"), default=None,
+                       help="own: each compiler in a session of its own, a CPU share beside the API's (default); "
+                            "api: compilers in this session, below the API (it wins; they take what it leaves)")
 
     compile_ = sub.add_parser("compile", help="compile one model through the full job path, locally")
     compile_.add_argument("model", type=Path, help="the model archive (.tar.gz)")
@@ -158,11 +167,15 @@ def _serve(args: argparse.Namespace) -> int:
     from kiln.console.app import PREFIX, Artifacts, ConsoleApp, FormDefaults, local_api
     from kiln.local.api_workers import ApiWorkers
     from kiln.local.server import ApiServer
+    from kiln.local.settings import LocalSettings
     from kiln.local.stack import EmbeddedStack
 
+    given = {"max_compilers": args.max_compilers, "api_workers": args.api_workers,
+             "compiler_niceness": args.compiler_niceness, "compiler_cpu_share": args.compiler_cpu_share}
+    local = LocalSettings(**{name: value for name, value in given.items() if value is not None})
     stack = EmbeddedStack(host=args.host, aws_port=args.aws_port or args.port + 1, work_dir=args.work_dir,
-                          max_compilers=args.max_compilers).start()
-    workers = args.api_workers if args.api_workers is not None else DEFAULT_API_WORKERS
+                          local=local).start()
+    workers = local.api_workers
     server: ApiServer | ApiWorkers
     if workers and os.name == "posix":  # workers inherit the listening socket (POSIX only)
         server = ApiWorkers(stack, args.host, args.port, workers).start()
@@ -177,9 +190,22 @@ def _serve(args: argparse.Namespace) -> int:
                   f"s3://{stack.outputs['ArtifactBucket']}")
     console.print(f"  console: {server.url}/console")
     _wait_for_stop()
+    started = time.monotonic()
     server.stop()
-    stack.stop()
+    stack.stop()  # its compiler processes too: jobs not yet terminal end with it (its state is in memory)
+    console.print(f"stopped in {time.monotonic() - started:.1f} s")
+    _exit_without_finalising(0)
     return 0
+
+
+def _exit_without_finalising(code: int) -> None:
+    """Exit now that everything is stopped: the interpreter's teardown of moto's in-memory state
+    took longer than the whole stop (~5 s measured), and there is nothing left in it to save."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr, _result):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
 
 
 def _wait_for_stop() -> None:

@@ -25,15 +25,14 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str, Path]]:
-    """`kiln serve` on free ports, exactly as a user starts it; yields (api url, aws url, log)."""
+def start_serve(log: Path, *args: str) -> tuple[subprocess.Popen[bytes], str, str]:
+    """`kiln serve ARGS` on free ports, exactly as a user starts it, once it answers; returns
+    (process, api url, aws url)."""
     port = free_port()
     aws_port = free_port()
-    log = tmp_path_factory.mktemp("serve") / "serve.log"
     with open(log, "w") as out:
         process = subprocess.Popen([sys.executable, "-m", "kiln.cli", "serve", "--port", str(port),
-                                    "--aws-port", str(aws_port)], stdout=out, stderr=subprocess.STDOUT)
+                                    "--aws-port", str(aws_port), *args], stdout=out, stderr=subprocess.STDOUT)
     api, aws = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{aws_port}"
     client = boto3.client("sagemaker", endpoint_url=api, region_name="us-east-1",
                           aws_access_key_id="x", aws_secret_access_key="x")
@@ -41,12 +40,19 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str,
     while True:
         try:
             client.list_compilation_jobs()
-            break
+            return process, api, aws
         except Exception:
             if time.time() > deadline or process.poll() is not None:
                 process.kill()
                 raise RuntimeError(f"kiln serve did not start:\n{log.read_text()}") from None
             time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str, Path]]:
+    """`kiln serve` on free ports, exactly as a user starts it; yields (api url, aws url, log)."""
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    process, api, aws = start_serve(log)
     yield api, aws, log
     process.terminate()  # what Ctrl-C/SIGTERM does: a clean stop
     assert process.wait(timeout=30) == 0

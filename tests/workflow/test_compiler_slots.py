@@ -71,3 +71,21 @@ def test_pending_limit_fires_while_waiting_for_a_slot(local_stack: Any, service:
     finally:
         service.stop("slot-busy")
     assert local_stack.wait_for("slot-busy", timeout=60)["CompilationJobStatus"] == "STOPPED"
+
+
+def test_a_closed_runner_starts_no_compiler(tmp_path: Any) -> None:
+    # GIVEN a runner with no free slot and one task waiting for it
+    import json
+
+    from kiln.local.stack import LocalContainerRunner
+
+    runner = LocalContainerRunner("http://127.0.0.1:9", tmp_path, max_running=0)
+    job = {"KILN_JOB": json.dumps({"CompilationJobName": "closed-a"})}
+    runner.start("arn:aws:ecs:us-east-1:123456789012:task/kiln/a", job)
+    assert len(runner.queued) == 1
+    # WHEN it is closed (the stack stopping), then slots open and another task is asked for
+    runner.close(grace=1)
+    runner.set_capacity(2)
+    runner.start("arn:aws:ecs:us-east-1:123456789012:task/kiln/b", {"KILN_JOB": json.dumps({"CompilationJobName": "b"})})
+    # THEN neither starts nor waits: nothing would stop a compiler started now
+    assert not runner.queued and not runner.processes and runner.running() == 0

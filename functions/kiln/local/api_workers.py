@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import signal
 import socket
 import subprocess
@@ -116,7 +117,10 @@ def serve(spec: WorkerSpec, ready: Any) -> None:
     signal.signal(signal.SIGTERM, lambda *_: done.set())
 
     def until_parent_closes_stdin() -> None:
-        sys.stdin.buffer.read()
+        # os.read, not sys.stdin: a daemon thread blocked in a buffered read holds its lock, and
+        # the interpreter's shutdown then aborts ("could not acquire lock for <stdin>", seen)
+        while os.read(0, 4096):
+            pass
         done.set()
 
     threading.Thread(target=until_parent_closes_stdin, name="kiln-api-parent", daemon=True).start()
@@ -139,7 +143,11 @@ def main() -> int:
 
     api.logger.setLevel(max(spec.log_level, logging.WARNING))
     serve(spec, ready)
-    return 0
+    # Served and stopped: skip the interpreter's teardown (a second or more of a loaded host's CPU
+    # while `kiln serve` waits for its workers; nothing in it to save).
+    logging.shutdown()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ for its resources and installs a :class:`kiln.wiring.Kiln` over clients bound to
 (only the compiler processes get an environment: that is the container's contract).
 Compiler processes run at most ``max_compilers`` at once (default: the host's CPU count); the
 others wait as a full Fargate queue would make them, their pending time counting against
-MaxPendingTimeInSeconds.
+MaxPendingTimeInSeconds. They run below the API's CPU priority (:class:`kiln.local.settings.LocalSettings`).
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ from kiln.catalog import Runner
 from kiln.config import ENV_PREFIX, KilnSettings
 from kiln.inference_images import LOCAL_IMAGES
 from kiln.local import moto_patches
+from kiln.local.settings import DEFAULT_COMPILER_NICENESS, LocalSettings
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +61,6 @@ COMPILER_CONTAINER = "compiler"
 COMPILER_COMMAND = ["python", "-m", "kiln_compiler"]
 REGISTRY_FUNCTION = "kiln-registry"
 REGISTRY_QUEUE = "kiln-registry-events"
-# Compiler processes run below the API's CPU priority: in AWS they get their own Fargate/Batch
-# capacity; on one host they would otherwise starve the API (seen: p99 12.7 s under 20 clients).
-COMPILER_NICENESS = 10
 
 
 def host_cpus() -> int:
@@ -123,7 +121,14 @@ class LocalClients:
 @dataclass
 class LocalContainerRunner:
     """Runs compiler containers as local processes, at most ``max_running`` at once (the rest wait
-    in ``queued``, as tasks wait for Fargate capacity); reports their exit like ECS/Batch events."""
+    in ``queued``, as tasks wait for Fargate capacity); reports their exit like ECS/Batch events.
+
+    Compiler processes run ``niceness`` below this process's CPU priority (in AWS they have capacity
+    of their own; on one host they would otherwise starve the API: p99 12.7 s under 20 clients), in
+    a process group of their own (``stop`` signals the group: the compiler and its tuning/measuring
+    children), in a session of their own unless ``in_own_session`` is False (then in this process's,
+    where their nice counts against the API's under scheduler autogroups: ADR 0029). ``close`` ends
+    them all and starts no more."""
 
     endpoint_url: str
     work_root: Path
@@ -140,10 +145,13 @@ class LocalContainerRunner:
     held: list[tuple[str, dict[str, str]]] = field(default_factory=list)
     # TEST-ONLY: job name -> KILN_FAULT for that job's compiler process (kiln_compiler.faults).
     faults: dict[str, str] = field(default_factory=dict)
+    niceness: int = DEFAULT_COMPILER_NICENESS
+    in_own_session: bool = True
+    closed: bool = False  # set by close(): no compiler starts any more, exits are not reported
     _lock: threading.RLock = field(default_factory=threading.RLock)
 
     def start(self, task_id: str, env: dict[str, str]) -> None:
-        if "KILN_JOB" not in env:
+        if "KILN_JOB" not in env or self.closed:
             return
         if self.hold:
             self.held.append((task_id, env))
@@ -165,7 +173,7 @@ class LocalContainerRunner:
 
     def _start_queued(self) -> None:
         with self._lock:
-            while self.queued and self.running() < self.max_running:
+            while self.queued and not self.closed and self.running() < self.max_running:
                 self._launch(*self.queued.popleft())
 
     def _launch(self, task_id: str, env: dict[str, str]) -> None:
@@ -183,12 +191,16 @@ class LocalContainerRunner:
             full_env["KILN_FAULT"] = self.faults[job_name]
         command = [sys.executable, *COMPILER_COMMAND[1:]]
         log_path = (self.log_dir or work) / f"{job_name}.log"
+        # Linux's scheduler autogroups (on by default in most distributions' kernels) share the CPU
+        # between sessions first and apply nice only within one: a compiler in a session of its own
+        # gets a share beside the API's whatever its nice; in this one, it yields to the API (ADR 0029).
+        grouping: dict[str, Any] = {"start_new_session": True} if self.in_own_session else {"process_group": 0}
         with open(log_path, "ab") as log_file:
             popen = subprocess.Popen(command, env=full_env, stdout=log_file, stderr=subprocess.STDOUT,
-                                     cwd=work, start_new_session=True)
+                                     cwd=work, **grouping)
         # Its threads and children, started later, inherit it (not permitted / no such call: skipped).
         with contextlib.suppress(OSError, AttributeError):
-            os.setpriority(os.PRIO_PROCESS, popen.pid, COMPILER_NICENESS)
+            os.setpriority(os.PRIO_PROCESS, popen.pid, os.getpriority(os.PRIO_PROCESS, 0) + self.niceness)
         process = _Process(popen, env)
         self.processes[task_id] = process
         self.peak_running = max(self.peak_running, self.running())
@@ -197,6 +209,8 @@ class LocalContainerRunner:
 
     def _wait(self, task_id: str, process: _Process) -> None:
         code = process.popen.wait()
+        if self.closed:  # the stack is stopping: nothing left to report to
+            return
         if ":batch:" in task_id:  # a Batch job (its ARN): the moto job ends with its process
             moto_patches.batch_container_exited(task_id)
         self._start_queued()  # a slot is free
@@ -223,11 +237,27 @@ class LocalContainerRunner:
                 except ProcessLookupError:
                     pass
 
-    def stop_all(self) -> None:
+    def close(self, grace: float = 5.0) -> None:
+        """End every compiler process (SIGTERM to each group at once, SIGKILL to what is left after
+        ``grace`` s) and start none again, queued or new; their exits are not reported (the stack
+        they would report to is stopping)."""
         with self._lock:
+            self.closed = True
             self.queued.clear()
-        for task_id in list(self.processes):
-            self.stop(task_id)
+            self.held.clear()
+            running = [p for p in self.processes.values() if p.popen.poll() is None]
+        for process in running:
+            process.stopped = True
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.popen.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for process in running:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.popen.wait(timeout=max(0.0, deadline - time.monotonic()))
+            # the group's members that outlived the grace, or their leader (none may outlive the stack)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.popen.pid, signal.SIGKILL)
+            process.popen.wait()
 
 
 class RegistryEventPump:
@@ -327,7 +357,9 @@ class EmbeddedStack:
     """A moto server holding Kiln's resources, wired to the in-process handlers."""
 
     def __init__(self, host: str = "127.0.0.1", aws_port: int | None = None, work_dir: Path | None = None,
-                 max_active_jobs: int = 20, max_compilers: int | None = None) -> None:
+                 max_active_jobs: int = 20, max_compilers: int | None = None,
+                 local: LocalSettings | None = None) -> None:
+        """``local``: how compilers share this host (``max_compilers`` is short for its field)."""
         self.host = host
         self.aws_port = aws_port or free_port(host)
         self.endpoint_url = f"http://{host}:{self.aws_port}"
@@ -336,12 +368,16 @@ class EmbeddedStack:
         self.max_active_jobs = max_active_jobs
         if max_compilers is not None and max_compilers < 1:
             raise ValueError(f"max_compilers must be at least 1, got {max_compilers}")
+        self.local = (local or LocalSettings()).model_copy(
+            update={} if max_compilers is None else {"max_compilers": max_compilers})
         self.outputs: dict[str, str] = {}
         self._server: Any = None
         self.runner = LocalContainerRunner(self.endpoint_url, self.work_dir / "containers",
-                                           extra_env={"KILN_TUNING_DB": str(self.work_dir / "tuning-db")})
-        if max_compilers is not None:
-            self.runner.max_running = max_compilers
+                                           extra_env={"KILN_TUNING_DB": str(self.work_dir / "tuning-db")},
+                                           niceness=self.local.compiler_niceness,
+                                           in_own_session=self.local.compiler_cpu_share == "own")
+        if self.local.max_compilers is not None:
+            self.runner.max_running = self.local.max_compilers
         self.clients = LocalClients(self.endpoint_url)
         self._kiln: wiring.Kiln | None = None
         self._replaced: wiring.Kiln | None = None
@@ -378,10 +414,12 @@ class EmbeddedStack:
         return self
 
     def stop(self) -> None:
+        """End the compiler processes (jobs not yet terminal end with the stack: its state is in
+        memory), the registry pump and the moto server."""
+        self.runner.close(self.local.stop_grace_seconds)
         if self.registry_pump is not None:
             self.registry_pump.stop()
             self.registry_pump = None
-        self.runner.stop_all()
         if self._server is not None:
             self._server.stop()
             self._server = None
