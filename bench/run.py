@@ -326,11 +326,12 @@ def main() -> None:
                              f"{r.get('openvino_default_ms', '-')} | "
                              f"**{r['ratio_faster_peer']}** ({r['best_kiln']} vs {r['faster_peer']}) | "
                              f"{r['skipped'] or '-'} |")
-        lines += ["", f"Ratio vs cumulative tuning minutes ({curve_model}, {host.name}):", "",
-                  "| minutes | Kiln (ms) | ORT (ms) | OpenVINO (ms) | Kiln/ORT | Kiln / faster peer |",
-                  "|---|---|---|---|---|---|"]
-        lines += [f"| {c['tuning_min_total']} | {c['kiln_ms']} | {c['ort_ms']} | {c['openvino_ms']} | {c['ratio']} | "
-                  f"{c['ratio_faster_peer']} |" for c in curve]
+        if curve:
+            lines += ["", f"Ratio vs cumulative tuning minutes ({curve_model}, {host.name}):", "",
+                      "| minutes | Kiln (ms) | ORT (ms) | OpenVINO (ms) | Kiln/ORT | Kiln / faster peer |",
+                      "|---|---|---|---|---|---|"]
+            lines += [f"| {c['tuning_min_total']} | {c['kiln_ms']} | {c['ort_ms']} | {c['openvino_ms']} | "
+                      f"{c['ratio']} | {c['ratio_faster_peer']} |" for c in curve]
         Path(f"{stem}.md").write_text("\n".join(lines) + "\n")
         print(f"wrote {stem}.md")
 
