@@ -56,10 +56,9 @@ def kiln_runner(artifact: str | os.PathLike[str], threads: int, name: str = "Kil
     return RunnerSpec(name, "kiln", str(artifact), threads)
 
 
-def peer_runners(model: str | os.PathLike[str], threads: int, suffix: str = "") -> list[RunnerSpec]:
-    """Every peer the bench measures, on an ONNX model file, each with ``threads`` threads (fp32 OpenVINO);
-    ``suffix`` is appended to their names (e.g. " int8" for a QDQ model)."""
-    return [RunnerSpec(name + suffix, kind, str(model), threads) for kind, name in PEER_NAMES.items()]
+def peer_runners(model: str | os.PathLike[str], threads: int) -> list[RunnerSpec]:
+    """Every peer the bench measures, on an ONNX model file, each with ``threads`` threads (fp32 OpenVINO)."""
+    return [RunnerSpec(name, kind, str(model), threads) for kind, name in PEER_NAMES.items()]
 
 
 def openvino_default_runner(model: str | os.PathLike[str], threads: int) -> RunnerSpec:
@@ -152,10 +151,6 @@ class RunnerProcess:
     def pid(self) -> int:
         """The runner's process id."""
         return self._process.pid
-
-    def running(self) -> bool:
-        """Whether the runner process is still alive."""
-        return self._process.poll() is None
 
     def wait_ready(self) -> None:
         """Block until the runner has loaded its model and run it once."""

@@ -54,8 +54,6 @@ def ffi() -> Any:
             f"TVM's runtime library ({_PREFIX}tvm_runtime{_SUFFIX}) is not in {[str(d) for d in library_dirs()]}; "
             "install the kiln-runtime wheel built for this platform (make wheels)")
     if sys.platform == "win32":
-        import os
-
         os.add_dll_directory(str(path.parent))
     ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
     return tvm_ffi
