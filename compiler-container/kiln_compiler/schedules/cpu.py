@@ -143,8 +143,11 @@ def _register_budget(vector: VectorUnit, n_vectors: int) -> int:
 
 
 # The core the tile model assumes (Haswell to Zen 4, Skylake-SP, Neoverse N1 alike): two FMA
-# pipes, two loads per cycle, four cycles of FMA latency.
-_FMAS_PER_CYCLE, _LOADS_PER_CYCLE, _FMA_LATENCY = 2, 2, 4
+# pipes, two loads per cycle, five cycles of FMA latency (Haswell's; Skylake and Zen 4 take four,
+# but at four the model rated 4 pixels x 2 AVX2 vectors, 8 accumulators, at the full FMA rate, and
+# they ran 4-8% slower than a fused 6 x 2 tile on 14x14 and 28x28 maps: no slack for the loads
+# between the FMAs of a step; ADR 0033).
+_FMAS_PER_CYCLE, _LOADS_PER_CYCLE, _FMA_LATENCY = 2, 2, 5
 
 
 def _tile_rate(pixels: int, n_vectors: int, useful_lanes: int) -> float:
@@ -152,7 +155,7 @@ def _tile_rate(pixels: int, n_vectors: int, useful_lanes: int) -> float:
 
     A step issues pixels * n_vectors FMAs and loads n_vectors weight vectors plus one broadcast
     per pixel; each accumulator's FMA waits for the previous step's (latency). So 1 pixel x 1
-    vector runs at a quarter of the FMA rate, and 14 pixels x 1 vector (15 loads per 14 FMAs)
+    vector runs at a tenth of the FMA rate, and 14 pixels x 1 vector (15 loads per 14 FMAs)
     is load bound where 4 x 2 is not: on AVX2 that choice made ResNet-50 30% slower.
     """
     cycles = max(pixels * n_vectors / _FMAS_PER_CYCLE, (pixels + n_vectors) / _LOADS_PER_CYCLE, _FMA_LATENCY)
