@@ -17,15 +17,12 @@ import boto3
 from boto3.exceptions import RetriesExceededError, S3UploadFailedError
 from botocore.exceptions import BotoCoreError
 from botocore.exceptions import ClientError as BotoClientError
+from kiln.errors import is_retryable
 
 from .errors import ClientError, ServerError
 
 log = logging.getLogger(__name__)
 _ABORT_CODES = {"TaskTimedOut", "TaskDoesNotExist", "InvalidToken"}
-# S3 answers that are S3's (or the network's) fault, left after botocore's retries: a ServerError,
-# not the user's input. Everything else (AccessDenied, NoSuchBucket, KMS.*) is the user's to fix.
-_S3_SERVER_CODES = {"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "Throttling",
-                    "ThrottlingException", "RequestTimeTooSkewed"}
 
 
 # How long a never-accepted token is retried before the job counts as abandoned (KILN_TOKEN_GRACE_SECONDS).
@@ -33,9 +30,12 @@ _TOKEN_GRACE_SECONDS = float(os.environ.get("KILN_TOKEN_GRACE_SECONDS", "20"))
 
 
 def _s3_server_side(exc: BotoClientError) -> bool:
+    """Whether an S3 answer left after botocore's retries is S3's (or the network's) fault: a
+    transient code (Kiln's one list) or a 5xx. Everything else (AccessDenied, NoSuchBucket, KMS.*)
+    is the user's to fix."""
     code = str(exc.response.get("Error", {}).get("Code", ""))
     status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
-    return code in _S3_SERVER_CODES or status >= 500 or (code.isdigit() and int(code) >= 500)
+    return is_retryable(exc) or status >= 500 or (code.isdigit() and int(code) >= 500)
 
 
 # What a failed transfer could not do, for its messages: (verb, gerund).
