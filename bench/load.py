@@ -16,6 +16,7 @@ Writes bench/results/YYYY-MM-DD-load.{json,md}. Bounded: phase 1 stops waiting a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import os
@@ -68,18 +69,34 @@ def cpu_model() -> str:
     return "unknown"
 
 
+def compilers_running(server_pid: int) -> int:
+    """Compiler processes `kiln serve` (``server_pid``) runs now (its children running kiln_compiler)."""
+    count = 0
+    with contextlib.suppress(OSError):  # the server or a child ended meanwhile
+        for task in Path(f"/proc/{server_pid}/task").iterdir():
+            for child in (task / "children").read_text().split():
+                with contextlib.suppress(OSError):
+                    count += b"kiln_compiler" in Path(f"/proc/{child}/cmdline").read_bytes()
+    return count
+
+
 class LoadAverage:
     """The host's 1-minute load average, sampled every ``interval`` s while running (other processes
-    share the host: the figure says how busy it was)."""
+    share the host: the figure says how busy it was), and with ``compilers`` the compiler processes
+    running (all slots busy while jobs wait: the run is bounded by compile throughput, not stalled)."""
 
-    def __init__(self, interval: float = 5) -> None:
+    def __init__(self, interval: float = 5, compilers: Any = None) -> None:
         self.samples: list[float] = []
+        self.compilers: list[int] = []
+        self._count_compilers = compilers
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(interval,), daemon=True)
 
     def _run(self, interval: float) -> None:
         while not self._stop.is_set():
             self.samples.append(os.getloadavg()[0])
+            if self._count_compilers is not None:
+                self.compilers.append(self._count_compilers())
             self._stop.wait(interval)
 
     def __enter__(self) -> LoadAverage:
@@ -92,8 +109,13 @@ class LoadAverage:
 
     def summary(self) -> dict[str, float]:
         values = self.samples or [os.getloadavg()[0]]
-        return {"min": round(min(values), 1), "mean": round(sum(values) / len(values), 1),
-                "max": round(max(values), 1)}
+        summary: dict[str, Any] = {"min": round(min(values), 1), "mean": round(sum(values) / len(values), 1),
+                                   "max": round(max(values), 1)}
+        if self.compilers:
+            summary["compilers_running"] = {"min": min(self.compilers), "max": max(self.compilers),
+                                            "mean": round(sum(self.compilers) / len(self.compilers), 2),
+                                            "samples": len(self.compilers)}
+        return summary
 
 
 class Recorder:
@@ -235,7 +257,14 @@ def load_phase(url: str, aws_url: str, clients: int, creates: int, think: float,
     for thread in [*threads, watcher]:
         thread.join(timeout=max(1.0, deadline_s - (time.time() - started) + 30))
     api = client(url)
-    final = Counter(api.describe_compilation_job(CompilationJobName=n)["CompilationJobStatus"] for n in accepted)
+    described = [api.describe_compilation_job(CompilationJobName=n) for n in accepted]
+    final = Counter(job["CompilationJobStatus"] for job in described)
+    # how long jobs took: created -> INPROGRESS (the workflow asked for a container), INPROGRESS -> ended
+    # (waiting for a compiler slot, then compiling)
+    waited = [(j["CompilationStartTime"] - j["CreationTime"]).total_seconds() for j in described
+              if j.get("CompilationStartTime")]
+    compiled = [(j["CompilationEndTime"] - j["CompilationStartTime"]).total_seconds() for j in described
+                if j.get("CompilationEndTime") and j.get("CompilationStartTime")]
     summary = recorder.summary()
     errors = {k: {"count": v, "first_message": summary["first_messages"].get(k, "")}
               for k, v in summary["outcomes"].items()
@@ -244,7 +273,13 @@ def load_phase(url: str, aws_url: str, clients: int, creates: int, think: float,
             "refused_resource_limit": summary["outcomes"].get("CreateCompilationJob:ResourceLimitExceeded", 0),
             "errors_other_than_resource_limit": sum(e["count"] for e in errors.values()), "error_detail": errors,
             "final_statuses": dict(final), "every_job_terminal": sum(final.values()) == len(accepted)
-            and all(s in TERMINAL for s in final), "wall_s": round(time.time() - started, 1), "api": summary}
+            and all(s in TERMINAL for s in final), "wall_s": round(time.time() - started, 1),
+            "job_seconds": {"created_to_inprogress": _spread(waited), "inprogress_to_ended": _spread(compiled)},
+            "api": summary}
+
+
+def _spread(values: list[float]) -> dict[str, float]:
+    return {"n": len(values), "p50": round(percentile(values, 50), 1), "max": round(max(values), 1)} if values else {}
 
 
 def list_phase(url: str, aws_url: str, sizes: list[int], calls: int) -> dict[str, Any]:
@@ -318,7 +353,7 @@ def main() -> int:
             load: dict[str, Any] = {}
             if not args.skip_load:
                 print(f"phase 1: {args.clients} clients, {args.creates} creates against {url}", flush=True)
-                with LoadAverage() as busy:
+                with LoadAverage(compilers=lambda: compilers_running(server.pid)) as busy:
                     load = load_phase(url, aws_url, args.clients, args.creates, args.think, args.deadline)
                 load["host_load_average"] = busy.summary()
                 print(json.dumps({k: v for k, v in load.items() if k != "api"}, indent=2), flush=True)
@@ -365,6 +400,8 @@ def markdown(report: dict[str, Any]) -> str:
              f"- errors other than ResourceLimitExceeded: {load['errors_other_than_resource_limit']} "
              f"{load['error_detail'] or ''}",
              f"- every accepted job terminal: {load['every_job_terminal']} {load['final_statuses']}",
+             f"- job seconds (p50/max): {load.get('job_seconds')}; compiler processes running (sampled every 5 s): "
+             f"{busy.get('compilers_running')}",
              f"- API latency over {api['calls']} calls: p50 {api['p50_ms']} ms, p99 {api['p99_ms']} ms", "",
              "| operation | calls | p50 ms | p99 ms | max ms |", "|---|---|---|---|---|"]
     lines += [f"| {op} | {v['calls']} | {v['p50_ms']} | {v['p99_ms']} | {v['max_ms']} |"
