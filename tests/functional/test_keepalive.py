@@ -10,7 +10,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-
 from kiln.local.keepalive import make_keepalive_server
 
 

@@ -401,6 +401,7 @@ class EmbeddedStack:
         moto_patches.patch_container_runner(self.runner.start, self.runner.stop)
         moto_patches.patch_update_model_package_keeps_fields()
         moto_patches.patch_server_module_list()
+        moto_patches.patch_response_method_names()
         moto_patches.patch_dynamodb_fast_reads()
         moto_patches.patch_dynamodb_projection()
         moto_patches.patch_step_functions_clients_reused()
