@@ -10,7 +10,8 @@ inserted through Kiln's JobStore straight into the embedded DynamoDB (creating 1
 would run 10,000 compilations); the listing goes through `kiln serve`.
 
 Usage: .venv/bin/python bench/load.py [--clients 50] [--creates 500] [--sizes 100,1000,10000]
-Writes bench/results/YYYY-MM-DD-load.{json,md}. Bounded: phase 1 stops waiting after --deadline s.
+Writes bench/results/YYYY-MM-DD-load.{json,md}. Bounded: the clients stop after --deadline s; jobs not
+yet finished then are waited for (no API load) until all are, or none finished for --stall s (a stall).
 """
 
 from __future__ import annotations
@@ -193,7 +194,8 @@ def wait_ready(url: str, timeout: float = 120) -> None:
     raise SystemExit(f"kiln serve did not answer on {url} within {timeout} s")
 
 
-def load_phase(url: str, aws_url: str, clients: int, creates: int, think: float, deadline_s: float) -> dict[str, Any]:
+def load_phase(url: str, aws_url: str, clients: int, creates: int, think: float, deadline_s: float,
+               stall_s: float = 0) -> dict[str, Any]:
     s3 = boto3.client("s3", endpoint_url=aws_url, region_name="us-east-1", aws_access_key_id="local",
                       aws_secret_access_key="local")
     s3.put_object(Bucket=MODELS, Key="load/model.tar.gz",
@@ -257,6 +259,9 @@ def load_phase(url: str, aws_url: str, clients: int, creates: int, think: float,
     for thread in [*threads, watcher]:
         thread.join(timeout=max(1.0, deadline_s - (time.time() - started) + 30))
     api = client(url)
+    at_bound = sum(api.describe_compilation_job(CompilationJobName=n)["CompilationJobStatus"] in TERMINAL
+                   for n in accepted)
+    drain_s = drain(api, accepted, stall_s) if at_bound < len(accepted) else 0.0
     described = [api.describe_compilation_job(CompilationJobName=n) for n in accepted]
     final = Counter(job["CompilationJobStatus"] for job in described)
     # how long jobs took: created -> INPROGRESS (the workflow asked for a container), INPROGRESS -> ended
@@ -273,9 +278,26 @@ def load_phase(url: str, aws_url: str, clients: int, creates: int, think: float,
             "refused_resource_limit": summary["outcomes"].get("CreateCompilationJob:ResourceLimitExceeded", 0),
             "errors_other_than_resource_limit": sum(e["count"] for e in errors.values()), "error_detail": errors,
             "final_statuses": dict(final), "every_job_terminal": sum(final.values()) == len(accepted)
-            and all(s in TERMINAL for s in final), "wall_s": round(time.time() - started, 1),
+            and all(s in TERMINAL for s in final), "terminal_at_bound": at_bound, "drain_s": drain_s,
+            "wall_s": round(time.time() - started, 1),
             "job_seconds": {"created_to_inprogress": _spread(waited), "inprogress_to_ended": _spread(compiled)},
             "api": summary}
+
+
+def drain(api: Any, names: list[str], stall_s: float, poll: float = 5) -> float:
+    """After the clients stopped: wait until every job is terminal, or until none became terminal
+    for ``stall_s`` (a stall: jobs that no longer progress). Returns the seconds waited."""
+    started = last_progress = time.time()
+    done = -1
+    while stall_s > 0 and time.time() - last_progress < stall_s:
+        terminal = sum(api.describe_compilation_job(CompilationJobName=n)["CompilationJobStatus"] in TERMINAL
+                       for n in names)
+        if terminal == len(names):
+            break
+        if terminal > done:
+            done, last_progress = terminal, time.time()
+        time.sleep(poll)
+    return round(time.time() - started, 1)
 
 
 def _spread(values: list[float]) -> dict[str, float]:
@@ -332,6 +354,8 @@ def main() -> int:
     parser.add_argument("--creates", type=int, default=500)
     parser.add_argument("--think", type=float, default=0.1, help="seconds each client waits between calls")
     parser.add_argument("--deadline", type=float, default=300, help="seconds phase 1 may take at most")
+    parser.add_argument("--stall", type=float, default=300,
+                        help="after phase 1, wait for unfinished jobs until none finished for this many s (0: no wait)")
     parser.add_argument("--sizes", default="100,1000,10000")
     parser.add_argument("--list-calls", type=int, default=50)
     parser.add_argument("--max-compilers", type=int, default=None, help="kiln serve --max-compilers")
@@ -354,7 +378,8 @@ def main() -> int:
             if not args.skip_load:
                 print(f"phase 1: {args.clients} clients, {args.creates} creates against {url}", flush=True)
                 with LoadAverage(compilers=lambda: compilers_running(server.pid)) as busy:
-                    load = load_phase(url, aws_url, args.clients, args.creates, args.think, args.deadline)
+                    load = load_phase(url, aws_url, args.clients, args.creates, args.think, args.deadline,
+                                      args.stall)
                 load["host_load_average"] = busy.summary()
                 print(json.dumps({k: v for k, v in load.items() if k != "api"}, indent=2), flush=True)
                 print(f"  API p50 {load['api']['p50_ms']} ms, p99 {load['api']['p99_ms']} ms "
@@ -399,7 +424,9 @@ def markdown(report: dict[str, Any]) -> str:
              f"- accepted: {load['accepted']}; refused with ResourceLimitExceeded: {load['refused_resource_limit']}",
              f"- errors other than ResourceLimitExceeded: {load['errors_other_than_resource_limit']} "
              f"{load['error_detail'] or ''}",
-             f"- every accepted job terminal: {load['every_job_terminal']} {load['final_statuses']}",
+             f"- every accepted job terminal: {load['every_job_terminal']} {load['final_statuses']} "
+             f"({load.get('terminal_at_bound')} at the phase-1 bound; then {load.get('drain_s')} s more with the "
+             "clients stopped, until all were or none finished for --stall s)",
              f"- job seconds (p50/max): {load.get('job_seconds')}; compiler processes running (sampled every 5 s): "
              f"{busy.get('compilers_running')}",
              f"- API latency over {api['calls']} calls: p50 {api['p50_ms']} ms, p99 {api['p99_ms']} ms", "",
