@@ -127,6 +127,7 @@ class Recorder:
         self.latency: dict[str, list[float]] = defaultdict(list)
         self.outcomes: Counter[str] = Counter()
         self.messages: dict[str, str] = {}
+        self.timeline: list[tuple[float, float]] = []  # (start, latency ms) of every call, for the per-minute tail
 
     def call(self, operation: str, fn: Any, **kwargs: Any) -> Any:
         started = time.perf_counter()
@@ -142,8 +143,20 @@ class Recorder:
         elapsed = (time.perf_counter() - started) * 1000
         with self.lock:
             self.latency[operation].append(elapsed)
+            self.timeline.append((started, elapsed))
             self.outcomes[f"{operation}:{outcome}"] += 1
         return result
+
+    def by_minute(self) -> list[dict[str, float]]:
+        """Calls, p50 and p99 per minute of the run (is the tail the create burst, or all along?)."""
+        if not self.timeline:
+            return []
+        first = min(t for t, _ in self.timeline)
+        minutes: dict[int, list[float]] = defaultdict(list)
+        for t, ms in self.timeline:
+            minutes[int((t - first) // 60)].append(ms)
+        return [{"minute": m, "calls": len(v), "p50_ms": round(percentile(v, 50), 1),
+                 "p99_ms": round(percentile(v, 99), 1)} for m, v in sorted(minutes.items())]
 
     def summary(self) -> dict[str, Any]:
         everything = [v for values in self.latency.values() for v in values]
@@ -153,6 +166,7 @@ class Recorder:
             "by_operation": {op: {"calls": len(v), "p50_ms": round(percentile(v, 50), 1),
                                   "p99_ms": round(percentile(v, 99), 1), "max_ms": round(max(v), 1)}
                              for op, v in sorted(self.latency.items())},
+            "by_minute": self.by_minute(),
             "outcomes": dict(sorted(self.outcomes.items())),
             "first_messages": dict(sorted(self.messages.items())),
         }
@@ -433,6 +447,9 @@ def markdown(report: dict[str, Any]) -> str:
              "| operation | calls | p50 ms | p99 ms | max ms |", "|---|---|---|---|---|"]
     lines += [f"| {op} | {v['calls']} | {v['p50_ms']} | {v['p99_ms']} | {v['max_ms']} |"
               for op, v in api["by_operation"].items()]
+    if api.get("by_minute"):
+        lines += ["", "| minute of phase 1 | calls | p50 ms | p99 ms |", "|---|---|---|---|"]
+        lines += [f"| {m['minute']} | {m['calls']} | {m['p50_ms']} | {m['p99_ms']} |" for m in api["by_minute"]]
     lines += ["", "ListCompilationJobs (MaxResults 100, five filter/sort mixes) by jobs in the table "
               "(rows bulk-loaded with JobStore.import_records):", "", "| jobs | p50 ms | p99 ms | insert s |", "|---|---|---|---|"]
     lines += [f"| {size} | {v['p50_ms']} | {v['p99_ms']} | {v['insert_s']} |"
