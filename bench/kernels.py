@@ -5,6 +5,7 @@ Usage (PYTHONPATH as in the README):
   bench/kernels.py build squeezenet ml_c4 out.so          # default schedules of this checkout
   bench/kernels.py time squeezenet a.so b.so [--rounds 5] # medians per round, a/b vs ORT, same run
   bench/kernels.py profile squeezenet a.so [--top 15]     # per-kernel ms and GFLOP/s (VM instrument)
+  bench/kernels.py build squeezenet ml_c5 bf16.so --precision bf16 --mcpu znver4  # (profile takes both too)
 
 A/B comparisons of two schedules: build one .so from each checkout, then time both in one run:
 host noise (this machine is shared) hits every subject of a round alike.
@@ -29,17 +30,23 @@ def _model(name: str) -> tuple[Any, dict[str, tuple[int, ...]]]:
     return model, input_shapes(model)
 
 
-def build(name: str, target_name: str, out: Path) -> None:
-    """Compile ``name`` with the default schedules for the catalog target ``target_name``."""
+def _tvm_target(target_name: str, mcpu: str | None) -> dict[str, Any]:
     from kiln.catalog import TargetCatalog
+
+    target = dict(TargetCatalog().device(target_name).tvm_target)
+    return {**target, "mcpu": mcpu} if mcpu else target
+
+
+def build(name: str, target_name: str, out: Path, precision: str = "fp32", mcpu: str | None = None) -> None:
+    """Compile ``name`` with the default schedules for the catalog target ``target_name``
+    (``mcpu`` overriding the catalog's, as CompilerOptions do; ``precision`` as in compile_relax)."""
     from kiln_compiler.pipeline import compile_relax
     from tvm.relax.frontend.onnx import from_onnx
 
-    target = TargetCatalog().device(target_name)
     model, shapes = _model(name)
     mod = from_onnx(model, shape_dict=shapes, keep_params_in_input=False)
     t0 = time.time()
-    compiled = compile_relax(mod, target.tvm_target)
+    compiled = compile_relax(mod, _tvm_target(target_name, mcpu), precision=precision)
     compiled.executable.export_library(str(out))
     print(f"{name} {target_name}: compiled in {time.time() - t0:.1f} s, unscheduled {compiled.unscheduled}")
 
@@ -132,24 +139,20 @@ def _reduction_summary(func: Any) -> tuple[float, str]:
     return total, kind
 
 
-def profile(name: str, path: str, target_name: str, runs: int, top: int) -> None:
+def profile(name: str, path: str, target_name: str, runs: int, top: int, precision: str = "fp32",
+            mcpu: str | None = None) -> None:
     """Per-kernel wall time through the VM's instrument hook (median over ``runs`` inferences)."""
     import tvm
-    from kiln.catalog import TargetCatalog
     from kiln_compiler import pipeline
-    from kiln_compiler.graph import cpu_graph_passes
-    from kiln_compiler.schedules import target_lanes
     from tvm import relax
     from tvm.relax.frontend.onnx import from_onnx
 
     model, shapes = _model(name)
     feed = _feed(shapes)
     # FLOPs per kernel name, from the same graph rewrites and fusion the build ran
-    target = TargetCatalog().device(target_name).tvm_target
     mod = from_onnx(model, shape_dict=shapes, keep_params_in_input=False)
-    with tvm.target.Target(target) as tgt:
-        mod = tvm.transform.Sequential(cpu_graph_passes(target_lanes(tgt)))(mod)
-        fused = tvm.transform.Sequential(pipeline._fuse_passes())(mod)
+    with tvm.target.Target(_tvm_target(target_name, mcpu)) as tgt:
+        fused = pipeline._cpu_kernels(mod, tgt, True, precision)
     summary = {gv.name_hint: _reduction_summary(f) for gv, f in fused.functions_items()
                if isinstance(f, tvm.tirx.PrimFunc)}
     vm = relax.VirtualMachine(tvm.runtime.load_module(path), tvm.cpu())
@@ -209,6 +212,9 @@ def main() -> None:
     p.add_argument("target")
     p.add_argument("--runs", type=int, default=20)
     p.add_argument("--top", type=int, default=15)
+    for sp in (b, p):
+        sp.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
+        sp.add_argument("--mcpu", default=None, help="LLVM -mcpu overriding the catalog target's (znver4 for bf16)")
     for sp in (t, p):
         sp.add_argument("--cpu-time", action="store_true", help="time the calling thread's CPU (needs --threads 1)")
     ap.add_argument("--threads", type=int, default=2)
@@ -219,11 +225,11 @@ def main() -> None:
             ap.error("--cpu-time measures the calling thread only: use --threads 1")
         _CLOCK[0] = time.thread_time
     if args.cmd == "build":
-        build(args.model, args.target, args.out)
+        build(args.model, args.target, args.out, args.precision, args.mcpu)
     elif args.cmd == "time":
         time_artifacts(args.model, args.paths, args.rounds, args.repeat, args.threads)
     else:
-        profile(args.model, args.path, args.target, args.runs, args.top)
+        profile(args.model, args.path, args.target, args.runs, args.top, args.precision, args.mcpu)
 
 
 if __name__ == "__main__":
