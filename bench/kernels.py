@@ -4,6 +4,7 @@ interleaved in one process, and profile an artifact per kernel.
 Usage (PYTHONPATH as in the README):
   bench/kernels.py build squeezenet ml_c4 out.so          # default schedules of this checkout
   bench/kernels.py time squeezenet a.so b.so [--rounds 5] # medians per round, a/b vs ORT, same run
+                                       [--peer openvino]  # vs OpenVINO out of the box (bf16 here)
   bench/kernels.py profile squeezenet a.so [--top 15]     # per-kernel ms and GFLOP/s (VM instrument)
   bench/kernels.py build squeezenet ml_c5 bf16.so --precision bf16 --mcpu znver4  # (profile takes both too)
 
@@ -80,8 +81,23 @@ _CLOCK = [time.perf_counter]
 _MINIMA: list[float] = []  # the fastest run of each _median_ms call (less sensitive to a busy host)
 
 
-def time_artifacts(name: str, paths: list[str], rounds: int, repeat: int, threads: int) -> None:
-    """Interleaved rounds: ORT, then each artifact, ``repeat`` runs each; prints per-round medians."""
+def _openvino(model: Any, threads: int) -> tuple[Any, str]:
+    """OpenVINO's CPU plugin out of the box (the precision it picks: bf16 on AVX512-BF16 CPUs): its
+    infer request and that precision. With one thread it infers on the calling thread (checked:
+    process CPU time = thread CPU time), so ``--cpu-time`` measures it as it does Kiln."""
+    import openvino as ov
+
+    core = ov.Core()
+    compiled = core.compile_model(core.read_model(model.SerializeToString(), b""), "CPU",
+                                  {"INFERENCE_NUM_THREADS": threads})
+    hint = compiled.get_property("INFERENCE_PRECISION_HINT")
+    return compiled.create_infer_request(), hint.get_type_name() if hasattr(hint, "get_type_name") else str(hint)
+
+
+def time_artifacts(name: str, paths: list[str], rounds: int, repeat: int, threads: int,
+                   peer: str = "ort") -> None:
+    """Interleaved rounds: the peer (ORT, or OpenVINO out of the box), then each artifact, ``repeat``
+    runs each; prints per-round medians and ratios to the peer. Errors are against ORT (fp32)."""
     import onnxruntime as ort
     import tvm
 
@@ -99,24 +115,28 @@ def time_artifacts(name: str, paths: list[str], rounds: int, repeat: int, thread
         got = (got if hasattr(got, "numpy") else got[0]).numpy()
         err = float(np.abs(got - want).max() / max(1e-12, float(np.abs(want).max())))
         print(f"{p}: max error vs ORT {err:.2e} of the output's scale")
+    label, run_peer = "ORT", lambda: sess.run(None, feed)
+    if peer == "openvino":
+        request, precision = _openvino(model, threads)
+        label, run_peer = f"OpenVINO ({precision})", lambda: request.infer(feed)
     rows: list[list[float]] = []
     minima: list[list[float]] = []
     for _ in range(rounds):
         _MINIMA.clear()
-        row = [_median_ms(lambda: sess.run(None, feed), repeat)]
-        time.sleep(0.2)  # let ORT's spinning workers settle
+        row = [_median_ms(run_peer, repeat)]
+        time.sleep(0.2)  # let the peer's spinning workers settle
         for vm in vms:
             row.append(_median_ms(lambda vm=vm: vm["main"](*args), repeat))
             time.sleep(0.2)
         rows.append(row)
         minima.append(list(_MINIMA))
-        print(f"round: ORT {row[0]:.2f} ms | " + " | ".join(f"{r:.2f} ms ({r / row[0]:.2f}x)" for r in row[1:]))
+        print(f"round: {label} {row[0]:.2f} ms | " + " | ".join(f"{r:.2f} ms ({r / row[0]:.2f}x)" for r in row[1:]))
     for i, p in enumerate(paths):
         ratios = [r[i + 1] / r[0] for r in rows]
-        print(f"{p}: median {statistics.median(r[i + 1] for r in rows):.2f} ms, ratio vs ORT median "
+        print(f"{p}: median {statistics.median(r[i + 1] for r in rows):.2f} ms, ratio vs {label} median "
               f"{statistics.median(ratios):.2f} (range {min(ratios):.2f}-{max(ratios):.2f}); "
-              f"ORT median {statistics.median(r[0] for r in rows):.2f} ms; fastest runs: "
-              f"{min(m[i + 1] for m in minima):.2f} ms vs ORT {min(m[0] for m in minima):.2f} ms")
+              f"{label} median {statistics.median(r[0] for r in rows):.2f} ms; fastest runs: "
+              f"{min(m[i + 1] for m in minima):.2f} ms vs {label} {min(m[0] for m in minima):.2f} ms")
 
 
 def _reduction_summary(func: Any) -> tuple[float, str]:
@@ -206,6 +226,8 @@ def main() -> None:
     t.add_argument("paths", nargs="+")
     t.add_argument("--rounds", type=int, default=5)
     t.add_argument("--repeat", type=int, default=20)
+    t.add_argument("--peer", default="ort", choices=("ort", "openvino"),
+                   help="the reference runtime: ONNX Runtime fp32, or OpenVINO at its default precision")
     p = sub.add_parser("profile")
     p.add_argument("model")
     p.add_argument("path")
@@ -227,7 +249,7 @@ def main() -> None:
     if args.cmd == "build":
         build(args.model, args.target, args.out, args.precision, args.mcpu)
     elif args.cmd == "time":
-        time_artifacts(args.model, args.paths, args.rounds, args.repeat, args.threads)
+        time_artifacts(args.model, args.paths, args.rounds, args.repeat, args.threads, args.peer)
     else:
         profile(args.model, args.path, args.target, args.runs, args.top, args.precision, args.mcpu)
 
