@@ -36,10 +36,6 @@ BF16_INTRIN = "kiln_dot_16x2_bf16"
 # bf16 expression to fp32, BF16StorageLegalize stores bf16 as uint16, and its LLVM codegen crashes on
 # a bfloat16 vector); the kernel passes the bf16 pairs as <16 x i32> and the bitcast happens here.
 DPBF16PS = "kiln_dpbf16ps"
-# vcvtneps2bf16: 16 fp32 -> 16 bf16, round to nearest even (what BF16StorageLegalize computes with
-# five integer instructions per vector: shift, and, add, add, shift; NaNs aside, the same bits)
-CVTNEPS2BF16 = "kiln_cvtneps2bf16"
-CVT_INTRIN = "kiln_cvt_16_fp32_bf16"
 _DPBF16PS_LLVM = f"""
 declare <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float>, <32 x bfloat>, <32 x bfloat>)
 define linkonce_odr <16 x float> @{DPBF16PS}(<16 x float> %acc, <16 x i32> %pairs, <16 x i32> %weights) alwaysinline {{
@@ -47,12 +43,6 @@ define linkonce_odr <16 x float> @{DPBF16PS}(<16 x float> %acc, <16 x i32> %pair
   %b = bitcast <16 x i32> %weights to <32 x bfloat>
   %r = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %acc, <32 x bfloat> %a, <32 x bfloat> %b)
   ret <16 x float> %r
-}}
-declare <16 x bfloat> @llvm.x86.avx512bf16.cvtneps2bf16.512(<16 x float>)
-define linkonce_odr <16 x i16> @{CVTNEPS2BF16}(<16 x float> %x) alwaysinline {{
-  %r = call <16 x bfloat> @llvm.x86.avx512bf16.cvtneps2bf16.512(<16 x float> %x)
-  %b = bitcast <16 x bfloat> %r to <16 x i16>
-  ret <16 x i16> %b
 }}
 """
 
@@ -92,37 +82,6 @@ def _register_bf16_intrin() -> None:
                 pairs.vload([0], dtype="int32x16"))
 
     TensorIntrin.register(BF16_INTRIN, desc, impl)
-
-    @T.prim_func(s_tir=True)
-    def cvt_desc(a: T.Buffer((16,), "float32", offset_factor=1),  # type: ignore[valid-type]
-                 b: T.Buffer((16,), "bfloat16", offset_factor=1)) -> None:  # type: ignore[valid-type]
-        with T.sblock("root"):
-            T.reads(a[0:16])
-            T.writes(b[0:16])
-            for i in T.serial(0, 16):
-                with T.sblock("cast"):
-                    vi = T.axis.remap("S", [i])
-                    b[vi] = T.Cast("bfloat16", a[vi])
-
-    @T.prim_func(s_tir=True)
-    def cvt_impl(a: T.Buffer((16,), "float32", offset_factor=1),  # type: ignore[valid-type]
-                 b: T.Buffer((16,), "bfloat16", offset_factor=1)) -> None:  # type: ignore[valid-type]
-        with T.sblock("root"):
-            T.reads(a[0:16])
-            T.writes(b[0:16])
-            # the bf16 result written as int16 words (nothing for the legalizers to rewrite)
-            words = T.decl_buffer((16,), "int16", data=b.data, elem_offset=b.elem_offset)
-            words[T.ramp(T.int32(0), 1, 16)] = T.call_extern("int16x16", CVTNEPS2BF16,
-                                                             a.vload([0], dtype="float32x16"))
-
-    TensorIntrin.register(CVT_INTRIN, cvt_desc, cvt_impl)
-
-
-def _is_bf16_output_cast(stmt: Any) -> bool:
-    """Whether a block is ``out[i] = bf16(x[i])`` (an fp32 value cast for the next bf16 layer)."""
-    value = getattr(stmt.body, "value", None)
-    return (isinstance(value, tirx.Cast) and str(value.ty) == "bfloat16"
-            and type(value.value).__name__ in ("BufferLoad", "TensorLoad") and str(value.value.ty) == "float32")
 
 
 def _tile(height: int, width: int, channels: int, vector: VectorUnit) -> tuple[int, int, int]:
@@ -165,9 +124,7 @@ def schedule_bf16_conv(func: tirx.PrimFunc, vector: VectorUnit) -> tirx.PrimFunc
 
     # "global": the intrinsic describes its accumulator in the global scope
     write_back = sch.cache_write(block, 0, "local")
-    # the epilogue's last step, the cast to bf16 for the next layer, stays its own block: one
-    # vcvtneps2bf16 per vector (below) where the inlined cast took five integer instructions
-    cast = inline_epilogues(sch, block, write_back, stop_before=_is_bf16_output_cast)
+    inline_epilogues(sch, block, write_back)
 
     n, h, w, oc, kh, kw, ic = sch.get_loops(block)
     ho, hi = sch.split(h, [None, rh])
@@ -186,15 +143,6 @@ def schedule_bf16_conv(func: tirx.PrimFunc, vector: VectorUnit) -> tirx.PrimFunc
     wb_loops = sch.get_loops(write_back)[1:]
     if wb_loops:
         sch.vectorize(wb_loops[-1])
-    if cast is not None:
-        # computed per tile from the fp32 epilogue (a tile-sized buffer once lowering places it)
-        sch.reverse_compute_at(cast, fused)
-        lanes = sch.get_loops(cast)[-1]
-        if int(sch.get(lanes).extent) % BF16_BLOCK_OC == 0:
-            _, vector_lanes = sch.split(lanes, [None, BF16_BLOCK_OC])
-            sch.tensorize(vector_lanes, CVT_INTRIN)
-        else:
-            sch.vectorize(lanes)
     sch.parallel(fused)
     sch.annotate(fused, "pragma_import_llvm", _DPBF16PS_LLVM)
     sch.decompose_reduction(block, kh)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import tvm
@@ -123,21 +122,16 @@ def parallelize_serial_root_blocks(sch: Schedule) -> None:
             sch.parallel(loops[0])
 
 
-def inline_epilogues(sch: Schedule, block: Any, write_back: Any,
-                     stop_before: Callable[[Any], bool] | None = None) -> Any | None:
+def inline_epilogues(sch: Schedule, block: Any, write_back: Any) -> None:
     """Inline the elementwise consumers of ``block`` (bias, batch norm, residual add, relu) into its
     write-back block, up to the first consumer over another domain: TVM would inline a smaller one
-    (the slice that drops padded channels) over the tile's whole domain, writing past its buffer.
-    A consumer for which ``stop_before(block statement)`` holds is not inlined: it is returned."""
+    (the slice that drops padded channels) over the tile's whole domain, writing past its buffer."""
     out_shape = [int(d) for d in sch.get(block).writes[0].source.shape]
     while True:
         consumers = sch.get_consumers(write_back)
         if len(consumers) != 1 or iter_extents(sch.get(consumers[0])) != out_shape:
             break
-        if stop_before is not None and stop_before(sch.get(consumers[0])):
-            return consumers[0]
         try:
             sch.reverse_compute_inline(consumers[0])
         except Exception:
             break
-    return None
