@@ -4,8 +4,15 @@ from .grouped_conv import PadConvChannels, SplitGroupedConv
 from .layout import cpu_graph_passes
 from .quantized import PerTensorQDQToArithmetic, QuantizedConvToInteger, SimplifyRequantization
 from .shuffle import ChannelShuffleNHWC
-from .simplify import ConstantsToFullRank, DivideByConstantToMultiply, RemoveInferenceDropout, SumOfStackToAdd
+from .simplify import (
+    ChannelWindowToSlices,
+    ConstantsToFullRank,
+    DivideByConstantToMultiply,
+    PowerToRoots,
+    RemoveInferenceDropout,
+    SumOfStackToAdd,
+)
 
-__all__ = ["ChannelShuffleNHWC", "ConstantsToFullRank", "DivideByConstantToMultiply", "PadConvChannels",
-           "PerTensorQDQToArithmetic", "QuantizedConvToInteger", "RemoveInferenceDropout", "SimplifyRequantization",
+__all__ = ["ChannelShuffleNHWC", "ChannelWindowToSlices", "ConstantsToFullRank", "DivideByConstantToMultiply", "PadConvChannels",
+           "PerTensorQDQToArithmetic", "PowerToRoots", "QuantizedConvToInteger", "RemoveInferenceDropout", "SimplifyRequantization",
            "SplitGroupedConv", "SumOfStackToAdd", "cpu_graph_passes"]
