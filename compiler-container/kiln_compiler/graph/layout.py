@@ -14,7 +14,8 @@ from tvm import relax
 
 from .grouped_conv import PadConvChannels, SplitGroupedConv
 from .shuffle import ChannelShuffleNHWC
-from .simplify import ConstantsToFullRank, DivideByConstantToMultiply, RemoveInferenceDropout, SumOfStackToAdd
+from .simplify import (ConstantsToFullRank, DivideByConstantToMultiply, FlattenConcat, RemoveInferenceDropout,
+                       SumOfStackToAdd)
 
 
 def _simplify() -> list[tvm.transform.Pass]:
@@ -33,6 +34,7 @@ def cpu_graph_passes(lanes: int = 16) -> list[tvm.transform.Pass]:
         relax.transform.Normalize(),
         relax.transform.FoldConstant(),  # HWIO weights as constants for the conv rewrites
         *_simplify(),  # again, now that batch norm's 1/sqrt(var + eps) is a constant
+        FlattenConcat(),  # DenseNet: one flat concat per layer, fused into its batch norm
         SplitGroupedConv(lanes),
         PadConvChannels(lanes),
         ChannelShuffleNHWC(),

@@ -11,6 +11,10 @@ Each rewrite is its own named pass:
   with operands of different ranks in NCHW (two transposes around every DenseNet batch norm).
 * ``DivideByConstantToMultiply``: ``x / c`` becomes ``x * (1/c)``: a vector divide costs ~10
   multiplies (batch norm's ``1/sqrt(var + eps)``).
+* ``FlattenConcat``: ``concat([concat([a, b]), c])`` becomes ``concat([a, b, c])`` (same axis). DenseNet
+  concatenates each layer's output to the previous concat; the inner concat, also read by its layer's
+  batch norm, was a copy of its own per layer. Flat, every concat has one consumer, fuses into that
+  batch norm + ReLU, and the fused kernel reads each input once (schedules/concat.py).
 """
 
 from __future__ import annotations
@@ -102,6 +106,30 @@ class _DivideByConstant(PyExprMutator):
         return relax.op.multiply(call.args[0], relax.const((1.0 / value).astype(value.dtype)))
 
 
+_CONCAT = tvm.ir.Op.get("relax.concat")
+
+
+@mutator
+class _FlatConcat(PyExprMutator):
+    def visit_call_(self, call: relax.Call) -> Any:
+        call = super().visit_call_(call)
+        if call.op != _CONCAT or call.attrs.axis is None:
+            return call
+        items = bound_value(self, call.args[0])
+        if not isinstance(items, relax.Tuple):
+            return call
+        fields, changed = [], False
+        for field in items.fields:
+            inner = bound_value(self, field)
+            if isinstance(inner, relax.Call) and inner.op == _CONCAT and inner.attrs.axis is not None and \
+                    int(inner.attrs.axis) == int(call.attrs.axis) and isinstance(bound_value(self, inner.args[0]), relax.Tuple):
+                fields.extend(bound_value(self, inner.args[0]).fields)
+                changed = True
+            else:
+                fields.append(field)
+        return relax.op.concat(relax.Tuple(fields), axis=int(call.attrs.axis)) if changed else call
+
+
 def _rewrite_pass(rewriter: type[PyExprMutator], name: str, doc: str) -> Any:
     """A module pass class (instantiate it to get the pass) that runs ``rewriter`` over every function."""
 
@@ -123,3 +151,5 @@ ConstantsToFullRank = _rewrite_pass(
 DivideByConstantToMultiply = _rewrite_pass(
     _DivideByConstant, "KilnDivideByConstantToMultiply",
     "``x / c`` -> ``x * (1/c)`` for a floating-point constant ``c`` with no zeros.")
+FlattenConcat = _rewrite_pass(
+    _FlatConcat, "KilnFlattenConcat", "``concat([concat([a, b]), c])`` -> ``concat([a, b, c])`` along the same axis.")

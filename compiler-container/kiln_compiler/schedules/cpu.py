@@ -20,6 +20,7 @@ from tvm import tirx
 from tvm.s_tir import Schedule
 
 from . import l1
+from .concat import schedule_concat
 from .knobs import DEFAULT_KNOBS, TileKnobs
 from .tir import (
     COMM_REDUCE,
@@ -412,6 +413,8 @@ def default_schedule(func: tirx.PrimFunc, vector: VectorUnit, knobs: TileKnobs =
     for blk in blocks:
         if anchored and not is_at_root(sch, blk):
             continue  # the anchor's tile (init, update, write-back) is scheduled
+        if not anchored and schedule_concat(sch, blk, vector.lanes):
+            continue  # a concat: one loop per input (schedules/concat.py)
         _schedule_elementwise(sch, blk, vector.lanes)
     return sch
 
