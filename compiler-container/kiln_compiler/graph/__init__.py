@@ -4,10 +4,14 @@ from .grouped_conv import PadConvChannels, SplitGroupedConv
 from .layout import cpu_graph_passes
 from .quantized import PerTensorQDQToArithmetic, QuantizedConvToInteger, SimplifyRequantization
 from .shuffle import ChannelShuffleNHWC
-from .simplify import (ConstantsToFullRank, DivideByConstantToMultiply, FlattenConcat, RemoveInferenceDropout,
-                       SumOfStackToAdd)
+from .simplify import (
+    ConstantsToFullRank,
+    DivideByConstantToMultiply,
+    FlattenConcat,
+    RemoveInferenceDropout,
+    SumOfStackToAdd,
+)
 
 __all__ = ["ChannelShuffleNHWC", "ConstantsToFullRank", "DivideByConstantToMultiply", "FlattenConcat",
-           "PadConvChannels",
-           "PerTensorQDQToArithmetic", "QuantizedConvToInteger", "RemoveInferenceDropout", "SimplifyRequantization",
+           "PadConvChannels", "PerTensorQDQToArithmetic", "QuantizedConvToInteger", "RemoveInferenceDropout", "SimplifyRequantization",
            "SplitGroupedConv", "SumOfStackToAdd", "cpu_graph_passes"]

@@ -18,6 +18,9 @@ from tvm.sym import Analyzer
 
 from .tir import DATA_PAR
 
+# widest input (in vectors) whose loop is vectorised whole; wider ones stay scalar loops (LLVM's to vectorise)
+_MAX_VECTORS = 8
+
 
 def concat_pieces(sch: Schedule, block: Any) -> list[int] | None:
     """Widths of the inputs a block concatenates along its innermost axis, in order; None if it does not.
@@ -64,11 +67,14 @@ def schedule_concat(sch: Schedule, block: Any, lanes: int) -> bool:
         fused = sch.fuse(*lead) if len(lead) > 1 else lead[0]
         if int(sch.get(fused).extent) > 1:
             sch.parallel(fused)
+    # each partition's loop starts at its input's offset, which TVM does not split: it is vectorised
+    # whole (LLVM splits a wide vector of a copy and its epilogue into registers)
     parts = sch.loop_partition(loops[-1], [*widths[:-1], None])
-    for part, width in zip(parts, widths, strict=True):
+    for i, (part, width) in enumerate(zip(parts, widths, strict=True)):
         vec = next((lanes * n for n in (4, 2, 1) if width % (lanes * n) == 0), 0)
-        if vec and vec < width:
+        if i == 0 and vec and vec < width:  # the first input's loop starts at 0: whole vectors
             part = sch.split(part, [None, vec])[1]
-        if vec or width <= 4 * lanes:
-            sch.vectorize(part)
+        elif width > _MAX_VECTORS * lanes:
+            continue
+        sch.vectorize(part)
     return True
