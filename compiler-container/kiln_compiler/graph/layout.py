@@ -14,8 +14,13 @@ from tvm import relax
 
 from .grouped_conv import PadConvChannels, SplitGroupedConv
 from .shuffle import ChannelShuffleNHWC
-from .simplify import (ConstantsToFullRank, DivideByConstantToMultiply, FlattenConcat, RemoveInferenceDropout,
-                       SumOfStackToAdd)
+from .simplify import (
+    ConstantsToFullRank,
+    DivideByConstantToMultiply,
+    FlattenConcat,
+    RemoveInferenceDropout,
+    SumOfStackToAdd,
+)
 
 
 def _simplify() -> list[tvm.transform.Pass]:
