@@ -78,6 +78,9 @@ CONVS = {
     "3x3_at_13x13": (32, 64, 3, 1, 1, 13, 1),
     "1x1_at_7x7": (128, 256, 1, 1, 0, 7, 1),
     "3x3_s2_to_7x7": (64, 128, 3, 2, 1, 14, 1),
+    # input rows 4 KiB apart: every pixel's stream in one L1 set, tiles of at most 7 pixels (schedules/l1.py)
+    "1x1_from_1024_at_14x14": (1024, 64, 1, 1, 0, 14, 1),
+    "1x1_s2_from_512_to_14x14": (512, 64, 1, 2, 0, 28, 1),
     "depthwise_3x3": (60, 60, 3, 1, 1, 14, 60),
     "depthwise_3x3_s2": (60, 60, 3, 2, 1, 15, 60),
 }
@@ -424,3 +427,83 @@ def test_odd_vector_counts_are_padded_to_pairs(cout: int, want: int) -> None:
     # THEN an odd number of vectors from 9 up, not a multiple of 3 (3-vector tiles), gets one more
     #      vector so a 2-vector tile fits; the others keep their width
     assert convs == [want]
+
+
+@pytest.mark.parametrize(("lanes", "registers"), [(8, 16), (16, 32)], ids=["avx2", "avx512"])
+@pytest.mark.parametrize(("cin", "stride", "hw"), [(1024, 1, 14), (512, 2, 28), (2048, 1, 7)])
+def test_tile_pixels_sharing_an_l1_set_stay_below_its_ways(lanes: int, registers: int, cin: int, stride: int,
+                                                           hw: int) -> None:
+    # GIVEN a 1x1 convolution whose neighbouring output pixels read inputs 4 KiB (or 8 KiB) apart
+    from kiln import isa
+    from kiln_compiler import pipeline as tp
+    from kiln_compiler.graph import cpu_graph_passes
+    from kiln_compiler.schedules import l1
+
+    mod = _conv_block(cin, 64, 1, stride, 0, hw, 1, seed=6)
+    with tvm.target.Target(AVX2):
+        fused = tvm.transform.Sequential(tp._fuse_passes())(tvm.transform.Sequential(cpu_graph_passes(lanes))(mod))
+    (conv,) = [f for gv, f in fused.functions_items() if isinstance(f, tvm.tirx.PrimFunc) and "conv" in gv.name_hint]
+    # WHEN Kiln's default schedule tiles it
+    pixels, vectors = _anchor_tile(conv, isa.VectorUnit(lanes, registers))
+    # THEN at most 7 pixel streams share the 8 ways of an L1 set (14 evicted each other: 89 -> 114 GFLOP/s
+    #      at 7 pixels, 1024 channels at 14x14, AVX-512), and the tile still has accumulators to hide latency
+    assert pixels <= 7
+    assert pixels * vectors >= 7
+    # AND the model behind it: 4 KiB apart, 7 of 14 pixels fit; 1 KiB apart (256 channels), all 14 do
+    assert (l1.conflict_free_run(14, 4096), l1.conflict_free_run(14, 1024), l1.streams_per_set(2, 7, 28672, 4096)) \
+        == (7, 14, 14)
+
+
+def _dense_chain(layers: int, channels: int, growth: int, hw: int) -> Any:
+    """DenseNet's block as ONNX spells it (after a 1x1 stem conv): each layer's batch norm + ReLU + 3x3 conv
+    output is concatenated to the previous concat, which the next layer's batch norm reads."""
+    rng = np.random.default_rng(7)
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", R.Tensor((1, channels, hw, hw), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            stem = relax.const(rng.standard_normal((channels, channels, 1, 1)).astype("float32") / np.sqrt(channels))
+            feats, width = bb.emit(relax.op.nn.conv2d(x, stem)), channels
+            for _ in range(layers):
+                scale = relax.const(rng.uniform(0.5, 1.5, (width, 1, 1)).astype("float32"))
+                shift = relax.const(rng.standard_normal((width, 1, 1)).astype("float32"))
+                w = relax.const(rng.standard_normal((growth, width, 3, 3)).astype("float32") / np.sqrt(9 * width))
+                y = bb.emit(relax.op.nn.relu(relax.op.add(relax.op.multiply(feats, scale), shift)))
+                y = bb.emit(relax.op.nn.conv2d(y, w, padding=1))
+                feats, width = bb.emit(relax.op.concat([feats, y], axis=1)), width + growth
+            head = relax.const(rng.standard_normal((channels, width, 1, 1)).astype("float32") / np.sqrt(width))
+            out = bb.emit_output(bb.emit(relax.op.nn.conv2d(relax.op.nn.relu(feats), head)))  # the transition
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+@pytest.mark.parametrize("target", TARGETS, ids=lambda t: t["mcpu"])
+@pytest.mark.parametrize(("channels", "growth"), [(32, 16), (24, 12)])
+def test_dense_block_concats_are_flat_fused_and_match_unscheduled(channels: int, growth: int,
+                                                                 target: dict[str, Any]) -> None:
+    # GIVEN a DenseNet block of four layers (growth of whole vectors, and of a part of one)
+    from kiln_compiler import pipeline as tp
+    from kiln_compiler.graph import cpu_graph_passes
+    from kiln_compiler.schedules import default_schedule, target_vector_unit
+
+    mod = _dense_chain(4, channels, growth, 8)
+    # WHEN Kiln's graph passes, fusion and default schedules run
+    with tvm.target.Target(target) as tgt:
+        nhwc = tvm.transform.Sequential(cpu_graph_passes(target_vector_unit(tgt).lanes))(mod)
+        fused = tvm.transform.Sequential(tp._fuse_passes())(nhwc)
+        vector = target_vector_unit(tgt)
+    # THEN each layer concatenates the block input and every output so far in one concat
+    concats: list[int] = []
+    relax.analysis.post_order_visit(nhwc["main"], lambda e: concats.append(len(e.args[0].fields)) if isinstance(
+        e, relax.Call) and e.op == tvm.ir.Op.get("relax.concat") and isinstance(e.args[0], relax.Tuple) else None)
+    assert sorted(concats) == [2, 3, 4, 5]
+    kernels = {gv.name_hint: f for gv, f in fused.functions_items() if isinstance(f, tvm.tirx.PrimFunc)}
+    # AND no concat is a copy of its own: each is fused with the batch norm / ReLU that reads it
+    assert not [n for n in kernels if n.startswith("concatenate")], sorted(kernels)
+    # AND its kernel runs one loop per input (no select per input and output vector)
+    partitions = sorted(default_schedule(f, vector).mod["main"].script().count('_partition")')
+                        for n, f in kernels.items() if "concatenate" in n)
+    assert partitions == [2, 3, 4, 5]
+    # AND the block computes what the unscheduled build computes
+    xs = np.random.default_rng(8).standard_normal((1, channels, 8, 8)).astype("float32")
+    np.testing.assert_allclose(_run(mod, xs, target, True), _run(mod, xs, target, False), rtol=RTOL, atol=ATOL)

@@ -8,11 +8,13 @@ from .simplify import (
     ChannelWindowToSlices,
     ConstantsToFullRank,
     DivideByConstantToMultiply,
+    FlattenConcat,
     PowerToRoots,
     RemoveInferenceDropout,
     SumOfStackToAdd,
 )
 
-__all__ = ["ChannelShuffleNHWC", "ChannelWindowToSlices", "ConstantsToFullRank", "DivideByConstantToMultiply", "PadConvChannels",
-           "PerTensorQDQToArithmetic", "PowerToRoots", "QuantizedConvToInteger", "RemoveInferenceDropout", "SimplifyRequantization",
-           "SplitGroupedConv", "SumOfStackToAdd", "cpu_graph_passes"]
+__all__ = ["ChannelShuffleNHWC", "ChannelWindowToSlices", "ConstantsToFullRank", "DivideByConstantToMultiply",
+           "FlattenConcat", "PadConvChannels", "PerTensorQDQToArithmetic", "PowerToRoots",
+           "QuantizedConvToInteger", "RemoveInferenceDropout", "SimplifyRequantization", "SplitGroupedConv",
+           "SumOfStackToAdd", "cpu_graph_passes"]

@@ -18,6 +18,7 @@ from .simplify import (
     ChannelWindowToSlices,
     ConstantsToFullRank,
     DivideByConstantToMultiply,
+    FlattenConcat,
     PowerToRoots,
     RemoveInferenceDropout,
     SumOfStackToAdd,
@@ -41,6 +42,7 @@ def cpu_graph_passes(lanes: int = 16) -> list[tvm.transform.Pass]:
         relax.transform.Normalize(),
         relax.transform.FoldConstant(),  # HWIO weights as constants for the conv rewrites
         *_simplify(),  # again, now that batch norm's 1/sqrt(var + eps) is a constant
+        FlattenConcat(),  # DenseNet: one flat concat per layer, fused into its batch norm
         SplitGroupedConv(lanes),
         PadConvChannels(lanes),
         ChannelShuffleNHWC(),

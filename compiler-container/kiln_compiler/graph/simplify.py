@@ -20,6 +20,10 @@ Each rewrite is its own named pass:
   in NHWC); it becomes the sum of ``k`` shifted slices of the channel-padded ``x``, divided by
   ``k`` (the pool counts its padding): elementwise, so it fuses with the square before and the
   normalisation after into one pass, where the pool kernel ran at 7 GFLOP/s.
+* ``FlattenConcat``: ``concat([concat([a, b]), c])`` becomes ``concat([a, b, c])`` (same axis). DenseNet
+  concatenates each layer's output to the previous concat; the inner concat, also read by its layer's
+  batch norm, was a copy of its own per layer. Flat, every concat has one consumer, fuses into that
+  batch norm + ReLU, and the fused kernel reads each input once (schedules/concat.py).
 """
 
 from __future__ import annotations
@@ -171,6 +175,30 @@ class _ChannelWindow(PyExprMutator):
         return relax.op.multiply(total, relax.const(1.0 / k[0], str(ty.dtype)))
 
 
+_CONCAT = tvm.ir.Op.get("relax.concat")
+
+
+@mutator
+class _FlatConcat(PyExprMutator):
+    def visit_call_(self, call: relax.Call) -> Any:
+        call = super().visit_call_(call)
+        if call.op != _CONCAT or call.attrs.axis is None:
+            return call
+        items = bound_value(self, call.args[0])
+        if not isinstance(items, relax.Tuple):
+            return call
+        fields, changed = [], False
+        for field in items.fields:
+            inner = bound_value(self, field)
+            if isinstance(inner, relax.Call) and inner.op == _CONCAT and inner.attrs.axis is not None and \
+                    int(inner.attrs.axis) == int(call.attrs.axis) and isinstance(bound_value(self, inner.args[0]), relax.Tuple):
+                fields.extend(bound_value(self, inner.args[0]).fields)
+                changed = True
+            else:
+                fields.append(field)
+        return relax.op.concat(relax.Tuple(fields), axis=int(call.attrs.axis)) if changed else call
+
+
 def _rewrite_pass(rewriter: type[PyExprMutator], name: str, doc: str) -> Any:
     """A module pass class (instantiate it to get the pass) that runs ``rewriter`` over every function."""
 
@@ -198,3 +226,5 @@ PowerToRoots = _rewrite_pass(
 ChannelWindowToSlices = _rewrite_pass(
     _ChannelWindow, "KilnChannelWindowToSlices",
     "``squeeze(avg_pool3d(expand_dims(x, 1)))`` over a window of NHWC channels -> a sum of shifted slices / k.")
+FlattenConcat = _rewrite_pass(
+    _FlatConcat, "KilnFlattenConcat", "``concat([concat([a, b]), c])`` -> ``concat([a, b, c])`` along the same axis.")

@@ -19,6 +19,8 @@ from kiln.isa import VectorUnit
 from tvm import tirx
 from tvm.s_tir import Schedule
 
+from . import l1
+from .concat import schedule_concat
 from .knobs import DEFAULT_KNOBS, TileKnobs
 from .tir import (
     COMM_REDUCE,
@@ -234,6 +236,8 @@ def _schedule_anchor(sch: Schedule, block: Any, vector: VectorUnit, knobs: TileK
     # the tile: rh x rw output pixels (rw along the row) x nvec vectors of channels, with
     # rh | H and rw | W so every index stays affine (exact write-back, weights re-packable)
     ph, pw = (pix[-2], pix[-1]) if len(pix) >= 2 else (None, pix[-1] if pix else None)
+    # pixels whose input streams share an L1 set beyond its ways evict each other (schedules/l1.py)
+    step_h, step_w = l1.pixel_steps(b, [r for r in b.reads if all(not r.same_as(w) for w in reads_with_vec)], ph, pw)
     # score: useful lanes per cycle of the tile's reduction step (_tile_rate), then fewest loads
     # per FMA. (4 vectors x 7 pixels measured slower than 2 x 14 on AVX-512: 28 accumulators +
     # 4 weight vectors spill; the register budget now excludes that.)
@@ -249,8 +253,11 @@ def _schedule_anchor(sch: Schedule, block: Any, vector: VectorUnit, knobs: TileK
         vf = _vector_factor(extents[vec], lanes, max_vectors)
         nv = -(-vf // lanes)
         limit = max(1, min(knobs.max_pixels, _register_budget(vector, nv) // nv))
-        rw = _pick_factor(extents[pw], limit) if pw is not None else 1
-        rh = _pick_factor(extents[ph], max(1, limit // rw)) if ph is not None else 1
+        rw = _pick_factor(extents[pw], l1.conflict_free_run(limit, step_w)) if pw is not None else 1
+        rh_limit = max(1, limit // rw)
+        while rh_limit > 1 and not l1.fits(rh_limit, rw, step_h, step_w):
+            rh_limit -= 1
+        rh = _pick_factor(extents[ph], rh_limit) if ph is not None else 1
         score = (_tile_rate(rh * rw, nv, min(vf, nv * lanes)), -(nv + rh * rw) / (nv * rh * rw))
         if best is None or score > best[0]:
             best = (score, vf, rh, rw)
@@ -260,7 +267,8 @@ def _schedule_anchor(sch: Schedule, block: Any, vector: VectorUnit, knobs: TileK
     fused_p = 0
     if ph is not None and pw is not None and knobs.fused_pixels is not False:
         pixels = extents[ph] * extents[pw]
-        fused_p, fused_vf, fused_score = _fused_pixel_tile(pixels, extents[vec], vector, vector_choices, knobs)
+        fused_p, fused_vf, fused_score = _fused_pixel_tile(pixels, extents[vec], vector, vector_choices, knobs,
+                                                           step_w)
         row_nv = -(-vec_f // lanes)
         row_rate = _tile_rate(rh * rw, row_nv, min(vec_f, row_nv * lanes), _FMA_LATENCY + _ROW_TILE_LATENCY_SLACK)
         if fused_p and (knobs.fused_pixels or fused_score[0] > row_rate * _FUSED_TILE_MARGIN):
@@ -324,19 +332,20 @@ _FUSED_TILE_MARGIN = 1.05
 
 
 def _fused_pixel_tile(pixels: int, channels: int, vector: VectorUnit, vector_choices: tuple[int, ...],
-                      knobs: TileKnobs) -> tuple[int, int, tuple[float, float]]:
+                      knobs: TileKnobs, step: int = 0) -> tuple[int, int, tuple[float, float]]:
     """(pixels per tile, channel factor, score) of the best tile over the fused H*W axis.
 
     The last tile of each channel tile is a tail (``pixels % P`` pixels); the score is the rate
     of the whole grid: full tiles and the tail at their own _tile_rate. A 13x13 map has no row
-    tile between 1 and 13: fused, 169 pixels are 28 tiles of 6 and a tail of 1.
+    tile between 1 and 13: fused, 169 pixels are 28 tiles of 6 and a tail of 1. ``step``: bytes between
+    neighbouring pixels' inputs (caps the pixels by L1 sets, schedules/l1.py).
     """
     best: tuple[int, int, tuple[float, float]] = (0, 0, (0.0, 0.0))
     for max_vectors in vector_choices:
         vf = _vector_factor(channels, vector.lanes, max_vectors)
         nv = -(-vf // vector.lanes)
         useful = min(vf, nv * vector.lanes)
-        limit = max(1, min(knobs.max_pixels, _register_budget(vector, nv) // nv))
+        limit = l1.conflict_free_run(max(1, min(knobs.max_pixels, _register_budget(vector, nv) // nv)), step)
         for p in range(2, limit + 1):
             tail = pixels % p
             cycles = pixels // p * p * useful / _tile_rate(p, nv, useful)
@@ -411,6 +420,8 @@ def default_schedule(func: tirx.PrimFunc, vector: VectorUnit, knobs: TileKnobs =
     for blk in blocks:
         if anchored and not is_at_root(sch, blk):
             continue  # the anchor's tile (init, update, write-back) is scheduled
+        if not anchored and schedule_concat(sch, blk, vector.lanes):
+            continue  # a concat: one loop per input (schedules/concat.py)
         _schedule_elementwise(sch, blk, vector.lanes)
     return sch
 
