@@ -5,6 +5,8 @@ Usage (PYTHONPATH as in the README):
   bench/kernels.py build squeezenet ml_c4 out.so          # default schedules of this checkout
   bench/kernels.py time squeezenet a.so b.so [--rounds 5] # medians per round, a/b vs ORT, same run
   bench/kernels.py profile squeezenet a.so [--top 15]     # per-kernel ms and GFLOP/s (VM instrument)
+  --int8: the model quantized as bench/int8.py does (QDQ, kiln_compiler.samples.quantize_qdq), ORT runs it too;
+  --mcpu znver4: the target's mcpu (VNNI, AVX512-BF16 on Zen 4)
 
 A/B comparisons of two schedules: build one .so from each checkout, then time both in one run:
 host noise (this machine is shared) hits every subject of a round alike.
@@ -22,24 +24,41 @@ from typing import Any
 import numpy as np
 
 
+_QUANTIZE = [False]  # --int8: the QDQ model instead of the fp32 one
+_MCPU: list[str | None] = [None]  # --mcpu
+
+
 def _model(name: str) -> tuple[Any, dict[str, tuple[int, ...]]]:
-    from kiln_compiler.samples import input_shapes, load_light_model
+    import tempfile
+
+    from kiln_compiler.samples import input_shapes, load_light_model, quantize_qdq
 
     model = load_light_model(name)
-    return model, input_shapes(model)
+    shapes = input_shapes(model)
+    if _QUANTIZE[0]:
+        with tempfile.TemporaryDirectory() as tmp:
+            model = quantize_qdq(model, Path(tmp))
+    return model, shapes
+
+
+def _tvm_target(target_name: str) -> dict[str, Any]:
+    from kiln.catalog import TargetCatalog
+
+    target = dict(TargetCatalog().device(target_name).tvm_target)
+    if _MCPU[0]:
+        target["mcpu"] = _MCPU[0]
+    return target
 
 
 def build(name: str, target_name: str, out: Path) -> None:
     """Compile ``name`` with the default schedules for the catalog target ``target_name``."""
-    from kiln.catalog import TargetCatalog
     from kiln_compiler.pipeline import compile_relax
     from tvm.relax.frontend.onnx import from_onnx
 
-    target = TargetCatalog().device(target_name)
     model, shapes = _model(name)
     mod = from_onnx(model, shape_dict=shapes, keep_params_in_input=False)
     t0 = time.time()
-    compiled = compile_relax(mod, target.tvm_target)
+    compiled = compile_relax(mod, _tvm_target(target_name))
     compiled.executable.export_library(str(out))
     print(f"{name} {target_name}: compiled in {time.time() - t0:.1f} s, unscheduled {compiled.unscheduled}")
 
@@ -135,21 +154,16 @@ def _reduction_summary(func: Any) -> tuple[float, str]:
 def profile(name: str, path: str, target_name: str, runs: int, top: int) -> None:
     """Per-kernel wall time through the VM's instrument hook (median over ``runs`` inferences)."""
     import tvm
-    from kiln.catalog import TargetCatalog
     from kiln_compiler import pipeline
-    from kiln_compiler.graph import cpu_graph_passes
-    from kiln_compiler.schedules import target_lanes
     from tvm import relax
     from tvm.relax.frontend.onnx import from_onnx
 
     model, shapes = _model(name)
     feed = _feed(shapes)
-    # FLOPs per kernel name, from the same graph rewrites and fusion the build ran
-    target = TargetCatalog().device(target_name).tvm_target
+    # FLOPs per kernel name, from the same graph rewrites and fusion the build ran (integer ones too)
     mod = from_onnx(model, shape_dict=shapes, keep_params_in_input=False)
-    with tvm.target.Target(target) as tgt:
-        mod = tvm.transform.Sequential(cpu_graph_passes(target_lanes(tgt)))(mod)
-        fused = tvm.transform.Sequential(pipeline._fuse_passes())(mod)
+    with tvm.target.Target(_tvm_target(target_name)) as tgt:
+        fused = pipeline._cpu_kernels(mod, tgt, True)
     summary = {gv.name_hint: _reduction_summary(f) for gv, f in fused.functions_items()
                if isinstance(f, tvm.tirx.PrimFunc)}
     vm = relax.VirtualMachine(tvm.runtime.load_module(path), tvm.cpu())
@@ -212,7 +226,10 @@ def main() -> None:
     for sp in (t, p):
         sp.add_argument("--cpu-time", action="store_true", help="time the calling thread's CPU (needs --threads 1)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--int8", action="store_true", help="the QDQ model (quantize_static) instead of the fp32 one")
+    ap.add_argument("--mcpu", default=None, help="mcpu for the target, e.g. znver4 (VNNI)")
     args = ap.parse_args()
+    _QUANTIZE[0], _MCPU[0] = args.int8, args.mcpu
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
     if getattr(args, "cpu_time", False):
         if args.threads != 1:
