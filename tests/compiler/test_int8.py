@@ -184,3 +184,61 @@ def test_vnni_residual_block_matches_onnxruntime(qdq_residual_block_dir: Path, t
     units = np.rint(np.abs(out - ref) / _output_scale(qdq))
     assert units.max() <= 1
     assert np.mean(units == 0) >= MIN_EXACT
+
+
+def test_pools_concats_and_shuffles_move_8bit_values(qdq_data_movement_dir: Path) -> None:
+    # GIVEN a QDQ model with a Q/DQ pair around its max pool, concat and channel shuffle (quantize_static)
+    import tvm
+    from kiln_compiler.graph import (
+        EightBitDataMovement,
+        PerTensorQDQToArithmetic,
+        SimplifyRequantization,
+        cpu_graph_passes,
+    )
+
+    mod = from_onnx(onnx.load(str(qdq_data_movement_dir / "model.onnx")), shape_dict={"input": [1, 3, 32, 32]},
+                    keep_params_in_input=False)
+    moves = EightBitDataMovement()
+    # WHEN the rewrite runs, and then the CPU graph passes for a VNNI target
+    rewritten = moves(QuantizedConvToInteger()(mod))
+    with tvm.target.Target({"kind": "llvm", "mcpu": "znver4"}):
+        graph = tvm.transform.Sequential([PerTensorQDQToArithmetic(), *cpu_graph_passes(16),
+                                          SimplifyRequantization()])(rewritten)
+    # THEN the pool, the concat, the shuffle's reshapes and transpose and the final flatten read 8-bit values,
+    # not dequantized floats
+    assert moves.rewritten == 6
+    movers = ("relax.nn.max_pool2d", "relax.concat", "relax.reshape", "relax.permute_dims")
+    inputs = [c.args[0] for c in _calls(rewritten) if c.op.name in movers]
+    dtypes = [str(f.ty.dtype) for i in inputs for f in (i.fields if hasattr(i, "fields") else [i])]
+    assert len(dtypes) == 7 and set(dtypes) == {"uint8"}, dtypes
+    # the shuffle stays a shuffle in NHWC (the fp32 grouped convolution's cast after it), no NCHW round trip
+    axes = [[int(a) for a in c.attrs.axes] for c in _calls(graph) if c.op.name == "relax.permute_dims"]
+    assert [0, 1, 2, 4, 3] in axes and [0, 2, 1, 3, 4] not in axes, axes
+    # the 3-channel stem is a u8 x s8 convolution over 4 channels (the padded one's weights are 0); the
+    # grouped and depthwise convolutions run in fp32 on the integer values
+    convs = [c for c in _calls(rewritten) if c.op.name == "relax.nn.conv2d"]
+    assert str(convs[0].args[0].ty.dtype) == "uint8" and int(convs[0].args[1].ty.shape[1]) == 4
+    assert [str(c.args[0].ty.dtype) for c in convs if int(c.attrs.groups) > 1] == ["float32"] * 2
+
+
+@pytest.mark.parametrize("mcpu, vnni", [("znver4", True), ("haswell", False)])
+def test_data_movement_cnn_matches_onnxruntime(qdq_data_movement_dir: Path, tmp_path: Path, mcpu: str,
+                                               vnni: bool) -> None:
+    # GIVEN the QDQ model with 8-bit pools, concat and shuffle, compiled for a VNNI target and an AVX2 one
+    import tvm
+    from tvm import relax
+
+    executable, asm = _build(qdq_data_movement_dir, mcpu, tmp_path)
+    assert ("vpdpbusd" in asm) is vnni
+    if vnni and not _has_vnni():
+        pytest.skip("the host has no AVX512-VNNI")
+    x = np.random.default_rng(11).standard_normal((1, 3, 32, 32)).astype("float32")
+    # WHEN it and ONNX Runtime run the same input
+    out = relax.VirtualMachine(executable, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+    qdq = onnx.load(str(qdq_data_movement_dir / "model.onnx"))
+    (ref,) = ort.InferenceSession(qdq.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"input": x})
+    # THEN at most 1 quantized unit apart, almost all identical
+    units = np.rint(np.abs(out - ref) / _output_scale(qdq))
+    assert units.max() <= 1
+    assert np.mean(units == 0) >= MIN_EXACT

@@ -3,9 +3,11 @@
 from .grouped_conv import PadConvChannels, SplitGroupedConv
 from .layout import cpu_graph_passes
 from .quantized import PerTensorQDQToArithmetic, QuantizedConvToInteger, SimplifyRequantization
+from .quantized_data import EightBitDataMovement
 from .shuffle import ChannelShuffleNHWC
 from .simplify import ConstantsToFullRank, DivideByConstantToMultiply, RemoveInferenceDropout, SumOfStackToAdd
 
-__all__ = ["ChannelShuffleNHWC", "ConstantsToFullRank", "DivideByConstantToMultiply", "PadConvChannels",
+__all__ = ["ChannelShuffleNHWC", "ConstantsToFullRank", "DivideByConstantToMultiply", "EightBitDataMovement",
+           "PadConvChannels",
            "PerTensorQDQToArithmetic", "QuantizedConvToInteger", "RemoveInferenceDropout", "SimplifyRequantization",
            "SplitGroupedConv", "SumOfStackToAdd", "cpu_graph_passes"]

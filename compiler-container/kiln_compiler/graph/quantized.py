@@ -53,6 +53,8 @@ _CLIP = tvm.ir.Op.get("relax.clip")
 # (data layout, kernel layout) of the convolutions the rewrite takes -> (channel axis of the data, output-channel
 # axis of the kernel): ONNX's NCHW/OIHW, TFLite's NHWC/HWIO (TVM's TFLite frontend)
 _CONV_LAYOUTS = {("NCHW", "OIHW"): (1, 0), ("NHWC", "HWIO"): (3, 3)}
+# products of (x_q - z_x) and W_q (each below 2^15 in magnitude) an fp32 sum adds exactly (below 2^24)
+_EXACT_FP32_TERMS = 2**24 // (255 * 128)
 # a bias scale this close to s_x * s_w is taken as exactly it (onnxruntime computes it in float32)
 _BIAS_SCALE_RTOL = 1e-6
 
@@ -201,7 +203,11 @@ class _IntegerConv(PyExprMutator):
         x_scale, x_zp = float(x.scale.reshape(())), int(x.zero_point.reshape(()))
         acc_scale = (np.float32(x_scale) * np.broadcast_to(w.scale.reshape(-1), (channels,))).astype("float32")
         w_sum = w_q.astype("int64").sum(axis=tuple(i for i in range(4) if i != kernel_axis))
-        if self.integer_kernels and _dtype(x.value) == "int8":
+        # grouped and depthwise convolutions: the fp32 kernels on the integer values (below), exact while a
+        # sum holds at most _EXACT_FP32_TERMS products; no u8 x s8 kernel takes them (ShuffleNet's 4-group 1x1
+        # layers ran as s32 matrix products at ~70 GFLOP/s)
+        integer_kernels = self.integer_kernels and (int(attrs.groups) == 1 or w_q.size // channels > _EXACT_FP32_TERMS)
+        if integer_kernels and _dtype(x.value) == "int8":
             x_zp += 128  # s8 activations (TFLite) as u8 for u8 x s8 kernels: x + 128, zero point + 128
         correction = -x_zp * w_sum
         if bias_q is not None:
@@ -215,18 +221,26 @@ class _IntegerConv(PyExprMutator):
         if np.abs(correction).max(initial=0) >= 2**31:
             return None
 
-        if self.integer_kernels:
+        if integer_kernels:
             data = x.value
             if _dtype(data) == "int8":
                 data = self.builder_.emit(relax.op.astype(self.builder_.emit(relax.op.add(
                     self.builder_.emit(relax.op.astype(data, "int16")), relax.const(128, "int16"))), "uint8"))
             padding = [int(p) for p in attrs.padding]
-            if x_zp != 0 and any(padding):
-                top, left, bottom, right = padding
+            # a dense convolution's input channels padded to a multiple of 4 (a 3-channel stem): the
+            # u8 x s8 kernel reduces 4 channels per vpdpbusd; the added weights are 0, so the padded
+            # channels (any value: the zero point) add nothing and sum(W_q) is unchanged
+            in_axis = 1 if layout[1] == "OIHW" else 2
+            extra = -w_q.shape[in_axis] % 4 if int(attrs.groups) == 1 else 0
+            if extra:
+                w_q = np.concatenate([w_q, np.zeros_like(w_q.take([0] * extra, axis=in_axis))], axis=in_axis)
+            if (x_zp != 0 and any(padding)) or extra:
+                top, left, bottom, right = padding if x_zp != 0 else (0, 0, 0, 0)
                 spatial = [top, bottom, left, right]
-                pad_width = [0, 0, *spatial, 0, 0] if layout[0] == "NHWC" else [0, 0, 0, 0, *spatial]
+                pad_width = [0, 0, *spatial, 0, extra] if layout[0] == "NHWC" else [0, 0, 0, extra, *spatial]
                 data = self.builder_.emit(relax.op.nn.pad(data, pad_width, pad_value=float(x_zp)))
-                padding = [0, 0, 0, 0]
+                if x_zp != 0:
+                    padding = [0, 0, 0, 0]
             acc = self.builder_.emit(relax.op.nn.conv2d(
                 data, relax.const(w_q, "int8"), strides=attrs.strides, padding=padding, dilation=attrs.dilation,
                 groups=int(attrs.groups), data_layout=layout[0], kernel_layout=layout[1], out_dtype="int32"))

@@ -1,6 +1,7 @@
-"""8-bit activations through max pools and concats of QDQ graphs (ADR 0035).
+"""8-bit activations through max pools, concats, reshapes and transposes of QDQ graphs (ADR 0035).
 
-onnxruntime's ``quantize_static`` wraps every max pool and concat in its own QDQ pair:
+onnxruntime's ``quantize_static`` wraps every max pool, concat, reshape and transpose (ShuffleNet's
+channel shuffle) in its own QDQ pair:
 
     y_q = quantize(max_pool2d(dequantize(x_q, s, z)), s', z')
     y_q = quantize(concat(dequantize(a_q, s_a, z_a), dequantize(b_q, s_b, z_b)), s', z')
@@ -13,6 +14,8 @@ quantization, exactly:
   8-bit values maps to the maximum of the real ones; with ``(s', z') = (s, z)`` (how quantize_static
   writes a max pool) ``quantize(dequantize(.))`` is the identity and the pool runs on ``x_q``
   itself. Padding: TOPI pads a pool with its dtype's minimum, below or equal to every real value.
+* a reshape or transpose only moves values: it runs on ``x_q``, and ``x_q`` is requantized after it
+  when the parameters differ (quantize_static writes them equal);
 * a concat only moves values: each input is requantized to the output's parameters on its own,
   ``quantize(dequantize(a_q, s_a, z_a), s', z')`` (the same per-element arithmetic, the same double
   rounding as ONNX Runtime), nothing when its parameters are the output's. The requantization of
@@ -33,6 +36,8 @@ _QUANTIZE = tvm.ir.Op.get("relax.quantize")
 _DEQUANTIZE = tvm.ir.Op.get("relax.dequantize")
 _MAX_POOL2D = tvm.ir.Op.get("relax.nn.max_pool2d")
 _CONCAT = tvm.ir.Op.get("relax.concat")
+# operators that only move values (first argument the tensor, the rest shapes or attributes)
+_MOVES = {tvm.ir.Op.get("relax.reshape"), tvm.ir.Op.get("relax.permute_dims")}
 _EIGHT_BIT = ("uint8", "int8")
 
 
@@ -73,6 +78,8 @@ class _EightBitDataMovement(PyExprMutator):
             new = self._max_pool(call, src)
         elif isinstance(src, relax.Call) and src.op == _CONCAT:
             new = self._concat(call, src)
+        elif isinstance(src, relax.Call) and src.op in _MOVES:
+            new = self._move(call, src)
         else:
             new = None
         if new is None:
@@ -111,6 +118,13 @@ class _EightBitDataMovement(PyExprMutator):
             out_layout=a.out_layout))
         return self._requantized(pooled, dq, quantize)
 
+    def _move(self, quantize: relax.Call, move: relax.Call) -> Any:
+        dq = self._dequantized(move.args[0])
+        if dq is None:
+            return None
+        moved = self.builder_.emit(relax.Call(move.op, [dq.args[0], *move.args[1:]], move.attrs))
+        return self._requantized(moved, dq, quantize)
+
     def _concat(self, quantize: relax.Call, concat: relax.Call) -> Any:
         fields = bound_value(self, concat.args[0])
         if not isinstance(fields, relax.Tuple):
@@ -122,9 +136,10 @@ class _EightBitDataMovement(PyExprMutator):
         return relax.op.concat(parts, axis=concat.attrs.axis)
 
 
-@tvm.transform.module_pass(opt_level=0, name="KilnEightBitPoolsAndConcats")
-class EightBitPoolsAndConcats:
-    """``quantize(max_pool2d | concat(dequantize(8-bit)...))`` -> the pool / concat on the 8-bit values.
+@tvm.transform.module_pass(opt_level=0, name="KilnEightBitDataMovement")
+class EightBitDataMovement:
+    """``quantize(max_pool2d | concat | reshape | permute_dims(dequantize(8-bit)...))`` -> the same operator
+    on the 8-bit values.
 
     Runs after ``QuantizedConvToInteger`` and before ``PerTensorQDQToArithmetic``: the
     requantizations it leaves (a concat input at other parameters) are lowered like the others."""
