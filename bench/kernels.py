@@ -23,7 +23,6 @@ from typing import Any
 
 import numpy as np
 
-
 _QUANTIZE = [False]  # --int8: the QDQ model instead of the fp32 one
 _MCPU: list[str | None] = [None]  # --mcpu
 

@@ -244,9 +244,9 @@ def qdq_residual_block_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def data_movement_cnn(seed: int = 0) -> onnx.ModelProto:
     """What SqueezeNet, Inception and ShuffleNet do between their convolutions, small: a 3-channel stem
-    (3x3 stride 2, relu), a 3x3 stride-2 max pool, a fire module (1x1 squeeze, 1x1 and 3x3 expands,
+    (3x3 stride 2, relu; 23 output columns, prime as SqueezeNet's 111), a 3x3 stride-2 max pool, a fire module (1x1 squeeze, 1x1 and 3x3 expands,
     concat), a channel shuffle (reshape, transpose, reshape; 2 groups), a grouped 1x1 convolution
-    (2 groups) with relu, a depthwise 3x3, global average pool, flatten; input ``input`` [1,3,32,32],
+    (2 groups) with relu, a depthwise 3x3, global average pool, flatten; input ``input`` [1,3,46,46],
     opset 13."""
     from onnx import TensorProto, helper, numpy_helper
 
@@ -265,13 +265,13 @@ def data_movement_cnn(seed: int = 0) -> onnx.ModelProto:
         nodes.append(helper.make_node("Relu", [f"{name}_c"], [f"{name}_r"]))
         return f"{name}_r"
 
-    stem = conv("stem", "input", 3, 16, 3, stride=2)  # 16x16
+    stem = conv("stem", "input", 3, 16, 3, stride=2)  # 23x23
     nodes.append(helper.make_node("MaxPool", [stem], ["pool"], kernel_shape=[3, 3], strides=[2, 2], pads=[1] * 4))
-    squeeze = conv("squeeze", "pool", 16, 16, 1)  # 8x8
+    squeeze = conv("squeeze", "pool", 16, 16, 1)  # 12x12
     expand1, expand3 = conv("expand1", squeeze, 16, 16, 1), conv("expand3", squeeze, 16, 16, 3)
     nodes.append(helper.make_node("Concat", [expand1, expand3], ["fire"], axis=1))
     inits += [numpy_helper.from_array(np.array(s, "int64"), n) for n, s in
-              (("split_shape", [1, 2, 16, 8, 8]), ("flat_shape", [1, 32, 8, 8]))]
+              (("split_shape", [1, 2, 16, 12, 12]), ("flat_shape", [1, 32, 12, 12]))]
     nodes += [helper.make_node("Reshape", ["fire", "split_shape"], ["groups"]),
               helper.make_node("Transpose", ["groups"], ["swapped"], perm=[0, 2, 1, 3, 4]),
               helper.make_node("Reshape", ["swapped", "flat_shape"], ["shuffled"])]
@@ -280,7 +280,7 @@ def data_movement_cnn(seed: int = 0) -> onnx.ModelProto:
     nodes += [helper.make_node("GlobalAveragePool", [depthwise], ["gap"]),
               helper.make_node("Flatten", ["gap"], ["output"])]
     graph = helper.make_graph(nodes, "data_movement_cnn",
-                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 32, 32])],
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 46, 46])],
                               [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 32])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8

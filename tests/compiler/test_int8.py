@@ -196,7 +196,7 @@ def test_pools_concats_and_shuffles_move_8bit_values(qdq_data_movement_dir: Path
         cpu_graph_passes,
     )
 
-    mod = from_onnx(onnx.load(str(qdq_data_movement_dir / "model.onnx")), shape_dict={"input": [1, 3, 32, 32]},
+    mod = from_onnx(onnx.load(str(qdq_data_movement_dir / "model.onnx")), shape_dict={"input": [1, 3, 46, 46]},
                     keep_params_in_input=False)
     moves = EightBitDataMovement()
     # WHEN the rewrite runs, and then the CPU graph passes for a VNNI target
@@ -214,10 +214,14 @@ def test_pools_concats_and_shuffles_move_8bit_values(qdq_data_movement_dir: Path
     # the shuffle stays a shuffle in NHWC (the fp32 grouped convolution's cast after it), no NCHW round trip
     axes = [[int(a) for a in c.attrs.axes] for c in _calls(graph) if c.op.name == "relax.permute_dims"]
     assert [0, 1, 2, 4, 3] in axes and [0, 2, 1, 3, 4] not in axes, axes
-    # the 3-channel stem is a u8 x s8 convolution over 4 channels (the padded one's weights are 0); the
-    # grouped and depthwise convolutions run in fp32 on the integer values
+    # the 3-channel stem is a u8 x s8 convolution over 4 channels (the padded one's weights are 0), 24 output
+    # columns wide (23 is prime: no VNNI tile of 8-16 pixels divides it), sliced back to 23; the grouped and
+    # depthwise convolutions run in fp32 on the integer values
     convs = [c for c in _calls(rewritten) if c.op.name == "relax.nn.conv2d"]
     assert str(convs[0].args[0].ty.dtype) == "uint8" and int(convs[0].args[1].ty.shape[1]) == 4
+    assert [int(d) for d in convs[0].ty.shape] == [1, 16, 23, 24]
+    slices = [c for c in _calls(rewritten) if c.op.name == "relax.strided_slice"]
+    assert [int(d) for d in slices[0].ty.shape] == [1, 16, 23, 23] and str(slices[0].ty.dtype) == "uint8"
     assert [str(c.args[0].ty.dtype) for c in convs if int(c.attrs.groups) > 1] == ["float32"] * 2
 
 
@@ -228,11 +232,11 @@ def test_data_movement_cnn_matches_onnxruntime(qdq_data_movement_dir: Path, tmp_
     import tvm
     from tvm import relax
 
-    executable, asm = _build(qdq_data_movement_dir, mcpu, tmp_path)
+    executable, asm = _build(qdq_data_movement_dir, mcpu, tmp_path, (1, 3, 46, 46))
     assert ("vpdpbusd" in asm) is vnni
     if vnni and not _has_vnni():
         pytest.skip("the host has no AVX512-VNNI")
-    x = np.random.default_rng(11).standard_normal((1, 3, 32, 32)).astype("float32")
+    x = np.random.default_rng(11).standard_normal((1, 3, 46, 46)).astype("float32")
     # WHEN it and ONNX Runtime run the same input
     out = relax.VirtualMachine(executable, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
     qdq = onnx.load(str(qdq_data_movement_dir / "model.onnx"))

@@ -119,6 +119,26 @@ def _tighten_saturation(rewriter: PyExprMutator, clip: relax.Call) -> Any:
     return relax.op.astype(y, str(cast.attrs.dtype))
 
 
+def _wider_output(data_shape: tuple[int, ...] | None, kernel_shape: tuple[int, ...], layout: tuple[str, str],
+                  attrs: Any) -> int:
+    """Output columns to add so that the VNNI tile (up to 16 pixels of a row, a divisor of the width) holds
+    at least 8: SqueezeNet's 111-wide stem ran 3-pixel tiles (111 = 3 x 37); 112 runs 16. 0 if not needed."""
+    if data_shape is None or len(data_shape) != 4:
+        return 0
+    w_in = data_shape[3 if layout[0] == "NCHW" else 2]
+    k = kernel_shape[3 if layout[1] == "OIHW" else 1]
+    stride, dilation = int(attrs.strides[1]), int(attrs.dilation[1])
+    _, left, _, right = (int(p) for p in attrs.padding)
+    width = (w_in + left + right - dilation * (k - 1) - 1) // stride + 1
+    if width <= 16 or _largest_divisor(width, 16) >= 8:
+        return 0
+    return next((e for e in range(1, 8) if _largest_divisor(width + e, 16) >= 8), 0)
+
+
+def _largest_divisor(extent: int, limit: int) -> int:
+    return max(d for d in range(1, min(extent, limit) + 1) if extent % d == 0)
+
+
 @mutator
 class _IntegerConv(PyExprMutator):
     def __init__(self, mod: tvm.IRModule, integer_kernels: bool = True) -> None:
@@ -220,6 +240,7 @@ class _IntegerConv(PyExprMutator):
                 bias_f = (b_q.astype("float64").reshape(channels) * b_scale).astype("float32")
         if np.abs(correction).max(initial=0) >= 2**31:
             return None
+        wider = 0
 
         if integer_kernels:
             data = x.value
@@ -234,6 +255,9 @@ class _IntegerConv(PyExprMutator):
             extra = -w_q.shape[in_axis] % 4 if int(attrs.groups) == 1 else 0
             if extra:
                 w_q = np.concatenate([w_q, np.zeros_like(w_q.take([0] * extra, axis=in_axis))], axis=in_axis)
+            wider = _wider_output(_static_shape(data), w_q.shape, layout, attrs)
+            if wider:  # extra output columns: sliced off after the epilogue
+                padding[3] += wider * int(attrs.strides[1])
             if (x_zp != 0 and any(padding)) or extra:
                 top, left, bottom, right = padding if x_zp != 0 else (0, 0, 0, 0)
                 spatial = [top, bottom, left, right]
@@ -273,7 +297,12 @@ class _IntegerConv(PyExprMutator):
         # maximum/minimum with constants, not clip: FuseOps keeps clip out of the conv's kernel
         y = self.builder_.emit(relax.op.maximum(y, relax.const(np.float32(low))))
         y = self.builder_.emit(relax.op.minimum(y, relax.const(np.float32(info.max))))
-        return relax.op.astype(y, out_dtype)
+        if not integer_kernels or not wider:
+            return relax.op.astype(y, out_dtype)
+        y = self.builder_.emit(relax.op.astype(y, out_dtype))
+        w_axis = 3 if layout[0] == "NCHW" else 2
+        width = int(_static_shape(y)[w_axis]) - wider  # type: ignore[index]
+        return relax.op.strided_slice(y, axes=[w_axis], begin=[0], end=[width])
 
 
 @mutator
