@@ -211,18 +211,27 @@ def test_pools_concats_and_shuffles_move_8bit_values(qdq_data_movement_dir: Path
     inputs = [c.args[0] for c in _calls(rewritten) if c.op.name in movers]
     dtypes = [str(f.ty.dtype) for i in inputs for f in (i.fields if hasattr(i, "fields") else [i])]
     assert len(dtypes) == 7 and set(dtypes) == {"uint8"}, dtypes
-    # the shuffle stays a shuffle in NHWC (the fp32 grouped convolution's cast after it), no NCHW round trip
+    # the shuffle stays a shuffle in NHWC, no NCHW round trip
     axes = [[int(a) for a in c.attrs.axes] for c in _calls(graph) if c.op.name == "relax.permute_dims"]
     assert [0, 1, 2, 4, 3] in axes and [0, 2, 1, 3, 4] not in axes, axes
     # the 3-channel stem is a u8 x s8 convolution over 4 channels (the padded one's weights are 0), 24 output
-    # columns wide (23 is prime: no VNNI tile of 8-16 pixels divides it), sliced back to 23; the grouped and
-    # depthwise convolutions run in fp32 on the integer values
+    # columns wide (23 is prime: no VNNI tile of 8-16 pixels divides it), sliced back to 23; the grouped 1x1
+    # convolution is u8 x s8 too (a batched matmul for the VNNI kernel), the depthwise one runs in fp32 on the
+    # integer values
     convs = [c for c in _calls(rewritten) if c.op.name == "relax.nn.conv2d"]
     assert str(convs[0].args[0].ty.dtype) == "uint8" and int(convs[0].args[1].ty.shape[1]) == 4
     assert [int(d) for d in convs[0].ty.shape] == [1, 16, 23, 24]
     slices = [c for c in _calls(rewritten) if c.op.name == "relax.strided_slice"]
     assert [int(d) for d in slices[0].ty.shape] == [1, 16, 23, 23] and str(slices[0].ty.dtype) == "uint8"
-    assert [str(c.args[0].ty.dtype) for c in convs if int(c.attrs.groups) > 1] == ["float32"] * 2
+    assert [str(c.args[0].ty.dtype) for c in convs if int(c.attrs.groups) > 1] == ["uint8", "float32"]
+    # and the VNNI schedule takes all five integer kernels: four convolutions and the grouped matmul
+    from kiln_compiler.pipeline import _cpu_kernels
+    from kiln_compiler.schedules.int8 import VNNIConvSchedule
+
+    vnni = VNNIConvSchedule()
+    with tvm.target.Target({"kind": "llvm", "mcpu": "znver4"}) as tgt:
+        vnni(_cpu_kernels(mod, tgt, True))
+    assert len(vnni.scheduled) == 5 and sum("matmul" in k for k in vnni.scheduled) == 1, vnni.scheduled
 
 
 @pytest.mark.parametrize("mcpu, vnni", [("znver4", True), ("haswell", False)])

@@ -223,10 +223,18 @@ class _IntegerConv(PyExprMutator):
         x_scale, x_zp = float(x.scale.reshape(())), int(x.zero_point.reshape(()))
         acc_scale = (np.float32(x_scale) * np.broadcast_to(w.scale.reshape(-1), (channels,))).astype("float32")
         w_sum = w_q.astype("int64").sum(axis=tuple(i for i in range(4) if i != kernel_axis))
-        # grouped and depthwise convolutions: the fp32 kernels on the integer values (below), exact while a
-        # sum holds at most _EXACT_FP32_TERMS products; no u8 x s8 kernel takes them (ShuffleNet's 4-group 1x1
-        # layers ran as s32 matrix products at ~70 GFLOP/s)
-        integer_kernels = self.integer_kernels and (int(attrs.groups) == 1 or w_q.size // channels > _EXACT_FP32_TERMS)
+        # depthwise and grouped convolutions other than pointwise ones with whole 4-channel steps: the fp32
+        # kernels on the integer values (below), exact while a sum holds at most _EXACT_FP32_TERMS products;
+        # no u8 x s8 kernel takes them (their s32 kernels ran at 30-70 GFLOP/s)
+        groups = int(attrs.groups)
+        per_group = w_q.size // channels  # products per output value
+        pointwise = w_q.shape[0 if layout[1] == "HWIO" else 2:][:2] == (1, 1) and \
+            all(int(v) == 1 for v in attrs.strides) and not any(int(v) for v in attrs.padding)
+        in_axis = 1 if layout[1] == "OIHW" else 2
+        integer_kernels = self.integer_kernels and (
+            groups == 1 or per_group > _EXACT_FP32_TERMS
+            # a pointwise grouped conv becomes a batched matmul (SplitGroupedConv) the VNNI schedule takes
+            or (pointwise and w_q.shape[in_axis] > 1 and w_q.shape[in_axis] % 4 == 0))
         if integer_kernels and _dtype(x.value) == "int8":
             x_zp += 128  # s8 activations (TFLite) as u8 for u8 x s8 kernels: x + 128, zero point + 128
         correction = -x_zp * w_sum
@@ -251,8 +259,7 @@ class _IntegerConv(PyExprMutator):
             # a dense convolution's input channels padded to a multiple of 4 (a 3-channel stem): the
             # u8 x s8 kernel reduces 4 channels per vpdpbusd; the added weights are 0, so the padded
             # channels (any value: the zero point) add nothing and sum(W_q) is unchanged
-            in_axis = 1 if layout[1] == "OIHW" else 2
-            extra = -w_q.shape[in_axis] % 4 if int(attrs.groups) == 1 else 0
+            extra = -w_q.shape[in_axis] % 4 if groups == 1 else 0
             if extra:
                 w_q = np.concatenate([w_q, np.zeros_like(w_q.take([0] * extra, axis=in_axis))], axis=in_axis)
             wider = _wider_output(_static_shape(data), w_q.shape, layout, attrs)
