@@ -8,31 +8,56 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import boto3
 from boto3.exceptions import RetriesExceededError, S3UploadFailedError
 from botocore.exceptions import BotoCoreError
 from botocore.exceptions import ClientError as BotoClientError
+from kiln.errors import is_retryable
 
 from .errors import ClientError, ServerError
 
 log = logging.getLogger(__name__)
 _ABORT_CODES = {"TaskTimedOut", "TaskDoesNotExist", "InvalidToken"}
-# S3 answers that are S3's (or the network's) fault, left after botocore's retries: a ServerError,
-# not the user's input. Everything else (AccessDenied, NoSuchBucket, KMS.*) is the user's to fix.
-_S3_SERVER_CODES = {"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "Throttling",
-                    "ThrottlingException", "RequestTimeTooSkewed"}
+
+
+# How long a never-accepted token is retried before the job counts as abandoned (KILN_TOKEN_GRACE_SECONDS).
+_TOKEN_GRACE_SECONDS = float(os.environ.get("KILN_TOKEN_GRACE_SECONDS", "20"))
 
 
 def _s3_server_side(exc: BotoClientError) -> bool:
+    """Whether an S3 answer left after botocore's retries is S3's (or the network's) fault: a
+    transient code (Kiln's one list) or a 5xx. Everything else (AccessDenied, NoSuchBucket, KMS.*)
+    is the user's to fix."""
     code = str(exc.response.get("Error", {}).get("Code", ""))
     status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
-    return code in _S3_SERVER_CODES or status >= 500 or (code.isdigit() and int(code) >= 500)
-# How long a never-accepted token is retried before the job counts as abandoned (KILN_TOKEN_GRACE_SECONDS).
-_TOKEN_GRACE_SECONDS = float(os.environ.get("KILN_TOKEN_GRACE_SECONDS", "20"))
+    return is_retryable(exc) or status >= 500 or (code.isdigit() and int(code) >= 500)
+
+
+# What a failed transfer could not do, for its messages: (verb, gerund).
+_TRANSFER_VERBS = {"download": ("read", "reading"), "upload": ("write", "writing")}
+
+
+@contextmanager
+def _s3_failures(transfer: Literal["download", "upload"], server_what: str, client_what: str, fix: str,
+                 section: str = "InputConfiguration") -> Iterator[None]:
+    """Map a failed S3 ``transfer``: S3's own failures left after botocore's retries become a
+    ServerError (retry the job), every other answer a ClientError naming what could not be read or
+    written and how the user fixes it (``fix``), in ``section``."""
+    verb, gerund = _TRANSFER_VERBS[transfer]
+    try:
+        yield
+    except BotoClientError as exc:
+        code = exc.response.get("Error", {}).get("Code", "")
+        if _s3_server_side(exc):
+            raise ServerError(f"S3 kept failing while {gerund} {server_what} ({code}); retry the job") from None
+        raise ClientError(f"cannot {verb} {client_what} ({code or exc}); {fix}", section=section) from None
+    except (BotoCoreError, RetriesExceededError) as exc:
+        raise ServerError(f"S3 {transfer} failed ({exc})") from None
 
 
 def split_s3_uri(uri: str) -> tuple[str, str]:
@@ -61,16 +86,9 @@ def assume_job_role(role_arn: str, job_name: str) -> boto3.Session:
 def download(session: boto3.Session, uri: str, dest: Path) -> Path:
     """Download the model archive at ``uri`` to ``dest``."""
     bucket, key = split_s3_uri(uri)
-    try:
+    with _s3_failures("download", "the model artifact", f"the model artifact {uri}",
+                      "check S3Uri and that RoleArn may s3:GetObject it"):
         session.client("s3").download_file(bucket, key, str(dest))
-    except BotoClientError as exc:
-        code = exc.response.get("Error", {}).get("Code", "")
-        if _s3_server_side(exc):
-            raise ServerError(f"S3 kept failing while reading the model artifact ({code}); retry the job") from None
-        raise ClientError(f"cannot read the model artifact {uri} ({code or exc}); check S3Uri and that RoleArn "
-                          "may s3:GetObject it") from None
-    except (BotoCoreError, RetriesExceededError) as exc:
-        raise ServerError(f"S3 download failed ({exc})") from None
     return dest
 
 
@@ -79,18 +97,11 @@ def download_capped(session: boto3.Session, uri: str, dest: Path, max_bytes: int
     ``max_bytes`` before reading it (and after, should the object have grown meanwhile)."""
     bucket, key = split_s3_uri(uri)
     client = session.client("s3")
-    try:
+    with _s3_failures("download", uri, f"{uri} named at '{member}'",
+                      "check the URI and that RoleArn may s3:GetObject it", section="OutputConfiguration"):
         size = int(client.head_object(Bucket=bucket, Key=key)["ContentLength"])
         if size <= max_bytes:
             client.download_file(bucket, key, str(dest))
-    except BotoClientError as exc:
-        code = exc.response.get("Error", {}).get("Code", "")
-        if _s3_server_side(exc):
-            raise ServerError(f"S3 kept failing while reading {uri} ({code}); retry the job") from None
-        raise ClientError(f"cannot read {uri} named at '{member}' ({code or exc}); check the URI and that RoleArn "
-                          "may s3:GetObject it", section="OutputConfiguration") from None
-    except (BotoCoreError, RetriesExceededError) as exc:
-        raise ServerError(f"S3 download failed ({exc})") from None
     if size > max_bytes or dest.stat().st_size > max_bytes:
         dest.unlink(missing_ok=True)
         raise ClientError(f"{uri} named at '{member}' is {size} bytes; at most {max_bytes} are read",
@@ -116,21 +127,15 @@ def upload(session: boto3.Session, path: Path, uri: str, kms_key_id: str | None,
     extra: dict[str, str] = {"ContentType": content_type}
     if kms_key_id:
         extra.update(ServerSideEncryption="aws:kms", SSEKMSKeyId=kms_key_id)
-    try:
+    with _s3_failures("upload", "the compiled model", f"the compiled model to {uri}",
+                      "check S3OutputLocation, KmsKeyId and that RoleArn may s3:PutObject there",
+                      section="OutputConfiguration"):
         try:
             session.client("s3").upload_file(str(path), bucket, key, ExtraArgs=extra)
         except S3UploadFailedError as failed:  # boto3 wraps the ClientError; its answer is what matters
             if isinstance(failed.__context__, BotoClientError):
                 raise failed.__context__ from None
             raise ServerError(f"S3 upload failed ({failed})") from None
-    except BotoClientError as exc:
-        code = exc.response.get("Error", {}).get("Code", "")
-        if _s3_server_side(exc):
-            raise ServerError(f"S3 kept failing while writing the compiled model ({code}); retry the job") from None
-        raise ClientError(f"cannot write the compiled model to {uri} ({code or exc}); check S3OutputLocation, "
-                          "KmsKeyId and that RoleArn may s3:PutObject there", section="OutputConfiguration") from None
-    except BotoCoreError as exc:
-        raise ServerError(f"S3 upload failed ({exc})") from None
 
 
 class Reporter:

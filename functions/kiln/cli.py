@@ -321,7 +321,8 @@ def _compile(args: argparse.Namespace) -> int:
         s3.download_file(artifacts, key, str(local))
     elapsed = time.time() - started
     manifest = terminal.read_artifact_manifest(local)
-    console.print(terminal.summary(job, local, manifest, terminal.artifact_latency(local), elapsed, description))
+    latency = None if terminal.measured_profile(job) else terminal.artifact_latency(local)
+    console.print(terminal.summary(job, local, manifest, latency, elapsed, description))
     if args.json:
         _emit(job)
     return 0

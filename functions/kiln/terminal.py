@@ -175,9 +175,17 @@ def artifact_latency(artifact: Path, repeat: int = 10) -> tuple[float | None, st
     return median_ms(lambda: model.run(feeds), repeat=repeat, warmup=2), ""
 
 
-def summary(job: dict[str, Any], artifact: Path, manifest: dict[str, Any] | None, latency: tuple[float | None, str],
-            elapsed: float, target_description: str = "") -> RenderableType:
-    """The few lines a user reads when a job completed."""
+def measured_profile(job: dict[str, Any]) -> dict[str, Any] | None:
+    """The job record's profile (``Kiln.Profile``) when the compiler measured one, else None."""
+    profile = (job.get("Kiln") or {}).get("Profile")
+    return profile if profile and profile.get("measured") else None
+
+
+def summary(job: dict[str, Any], artifact: Path, manifest: dict[str, Any] | None,
+            latency: tuple[float | None, str] | None, elapsed: float, target_description: str = "") -> RenderableType:
+    """The few lines a user reads when a job completed. ``latency`` (timed by the caller) is shown
+    only when given: a measured profile, taken by the compiler in a process of its own, is the
+    better figure (the caller's process also runs the embedded stack)."""
     table = Table.grid(padding=(0, 2))
     table.add_column(style="dim")
     table.add_column(overflow="fold")
@@ -193,9 +201,10 @@ def summary(job: dict[str, Any], artifact: Path, manifest: dict[str, Any] | None
     if tuning:
         table.add_row("kernels", f"{tuning.get('tuned', 0)} tuned, {tuning.get('reused', 0)} reused, "
                                  f"{tuning.get('default', 0)} default schedule")
-    ms, why = latency
-    table.add_row("latency", f"{ms:.2f} ms (median, batch as compiled, this host)" if ms is not None
-                  else f"not measured here: {why}")
+    if latency is not None:
+        ms, why = latency
+        table.add_row("latency", f"{ms:.2f} ms (median, batch as compiled, this host)" if ms is not None
+                      else f"not measured here: {why}")
     profile = (job.get("Kiln") or {}).get("Profile")
     if profile:
         table.add_row("profile", profile_line(profile))

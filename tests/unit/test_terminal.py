@@ -12,7 +12,7 @@ from kiln import isa, progress
 from kiln.catalog import TargetCatalog
 from kiln.hints import suggest_fix
 from kiln.host import NoHostTargetError, matching_target, target_isa_label
-from kiln.terminal import JobFollower, Snapshot
+from kiln.terminal import JobFollower, Snapshot, summary
 from rich.console import Console
 
 
@@ -112,3 +112,28 @@ def test_plain_output_prints_stages_before_the_final_status(tmp_path: Path) -> N
     assert job["CompilationJobStatus"] == "COMPLETED"
     assert lines == ["status STARTING", "status INPROGRESS", "  stage build: start", "  stage build: 1.00 s",
                      "  stage upload: 0.10 s", "status COMPLETED"]
+
+
+@pytest.mark.parametrize(("profile", "latency", "rows"), [
+    # a measured profile is the artifact's latency: the caller times nothing itself
+    ({"measured": True, "median_ms": 4.46, "p90_ms": 7.64, "runs": 20, "peak_rss_mib": 263, "threads": 2,
+      "host": {"runner": "local", "cpu": "AMD EPYC"}}, None,
+     ["profile   4.46 ms median, 7.64 ms p90 over 20 runs, peak 263 MiB, 2 threads (runner local, AMD EPYC)"]),
+    # no profile measured: the caller's figure beside the reason, or why there is none
+    ({"measured": False, "reason": "not run on this host"}, (9.44, ""),
+     ["latency   9.44 ms (median, batch as compiled, this host)", "profile   not measured: not run on this host"]),
+    (None, (None, "this host lacks avx512f"), ["latency   not measured here: this host lacks avx512f"]),
+])
+def test_summary_shows_the_latency_figure_that_applies(tmp_path: Path, profile: dict[str, Any] | None,
+                                                       latency: tuple[float | None, str] | None,
+                                                       rows: list[str]) -> None:
+    # GIVEN a completed job with or without a measured profile, and its artifact
+    artifact = tmp_path / "model-ml_c5.tar.gz"
+    artifact.write_bytes(b"x" * 10)
+    job = {"OutputConfig": {"TargetDevice": "ml_c5"}, "Kiln": {"Profile": profile} if profile else {}}
+    # WHEN the summary is rendered
+    out = io.StringIO()
+    Console(file=out, width=200).print(summary(job, artifact, None, latency, 12.0))
+    # THEN its latency and profile rows are exactly those that apply
+    shown = [line.rstrip() for line in out.getvalue().splitlines() if line.startswith(("latency", "profile"))]
+    assert shown == rows
