@@ -93,7 +93,7 @@ class _EightBitDataMovement(PyExprMutator):
         found = self._per_tensor(call, _DEQUANTIZE)
         if found is None or _dtype(found[0]) not in _EIGHT_BIT or str(call.attrs.out_dtype) != "float32":
             return None
-        return call  # type: ignore[no-any-return]
+        return call
 
     def _requantized(self, value: Any, dequantize: relax.Call, quantize: relax.Call) -> Any:
         """``value`` (8-bit at ``dequantize``'s parameters) at ``quantize``'s parameters and dtype."""
