@@ -259,10 +259,11 @@ class _IntegerConv(PyExprMutator):
             # a dense convolution's input channels padded to a multiple of 4 (a 3-channel stem): the
             # u8 x s8 kernel reduces 4 channels per vpdpbusd; the added weights are 0, so the padded
             # channels (any value: the zero point) add nothing and sum(W_q) is unchanged
-            extra = -w_q.shape[in_axis] % 4 if groups == 1 else 0
+            vnni_tile = groups == 1 and channels % 16 == 0  # what the VNNI schedule takes (16 out-channels)
+            extra = -w_q.shape[in_axis] % 4 if vnni_tile else 0
             if extra:
                 w_q = np.concatenate([w_q, np.zeros_like(w_q.take([0] * extra, axis=in_axis))], axis=in_axis)
-            wider = _wider_output(_static_shape(data), w_q.shape, layout, attrs)
+            wider = _wider_output(_static_shape(data), w_q.shape, layout, attrs) if vnni_tile else 0
             if wider:  # extra output columns: sliced off after the epilogue
                 padding[3] += wider * int(attrs.strides[1])
             if (x_zp != 0 and any(padding)) or extra:
