@@ -4,9 +4,11 @@ interleaved in one process, and profile an artifact per kernel.
 Usage (PYTHONPATH as in the README):
   bench/kernels.py build squeezenet ml_c4 out.so          # default schedules of this checkout
   bench/kernels.py time squeezenet a.so b.so [--rounds 5] # medians per round, a/b vs ORT, same run
+                                       [--peer openvino]  # vs OpenVINO out of the box (bf16 here)
   bench/kernels.py profile squeezenet a.so [--top 15]     # per-kernel ms and GFLOP/s (VM instrument)
-  --int8: the model quantized as bench/int8.py does (QDQ, kiln_compiler.samples.quantize_qdq), ORT runs it too;
-  --mcpu znver4: the target's mcpu (VNNI, AVX512-BF16 on Zen 4)
+  bench/kernels.py build squeezenet ml_c5 bf16.so --precision bf16 --mcpu znver4  # (profile takes both too)
+  bench/kernels.py --int8 build squeezenet ml_c5 int8.so --mcpu znver4  # the QDQ model (quantize_qdq, as
+                                                          # bench/int8.py); time/profile: ORT runs it too
 
 A/B comparisons of two schedules: build one .so from each checkout, then time both in one run:
 host noise (this machine is shared) hits every subject of a round alike.
@@ -24,7 +26,6 @@ from typing import Any
 import numpy as np
 
 _QUANTIZE = [False]  # --int8: the QDQ model instead of the fp32 one
-_MCPU: list[str | None] = [None]  # --mcpu
 
 
 def _model(name: str) -> tuple[Any, dict[str, tuple[int, ...]]]:
@@ -40,24 +41,23 @@ def _model(name: str) -> tuple[Any, dict[str, tuple[int, ...]]]:
     return model, shapes
 
 
-def _tvm_target(target_name: str) -> dict[str, Any]:
+def _tvm_target(target_name: str, mcpu: str | None) -> dict[str, Any]:
     from kiln.catalog import TargetCatalog
 
     target = dict(TargetCatalog().device(target_name).tvm_target)
-    if _MCPU[0]:
-        target["mcpu"] = _MCPU[0]
-    return target
+    return {**target, "mcpu": mcpu} if mcpu else target
 
 
-def build(name: str, target_name: str, out: Path) -> None:
-    """Compile ``name`` with the default schedules for the catalog target ``target_name``."""
+def build(name: str, target_name: str, out: Path, precision: str = "fp32", mcpu: str | None = None) -> None:
+    """Compile ``name`` with the default schedules for the catalog target ``target_name``
+    (``mcpu`` overriding the catalog's, as CompilerOptions do; ``precision`` as in compile_relax)."""
     from kiln_compiler.pipeline import compile_relax
     from tvm.relax.frontend.onnx import from_onnx
 
     model, shapes = _model(name)
     mod = from_onnx(model, shape_dict=shapes, keep_params_in_input=False)
     t0 = time.time()
-    compiled = compile_relax(mod, _tvm_target(target_name))
+    compiled = compile_relax(mod, _tvm_target(target_name, mcpu), precision=precision)
     compiled.executable.export_library(str(out))
     print(f"{name} {target_name}: compiled in {time.time() - t0:.1f} s, unscheduled {compiled.unscheduled}")
 
@@ -91,8 +91,23 @@ _CLOCK = [time.perf_counter]
 _MINIMA: list[float] = []  # the fastest run of each _median_ms call (less sensitive to a busy host)
 
 
-def time_artifacts(name: str, paths: list[str], rounds: int, repeat: int, threads: int) -> None:
-    """Interleaved rounds: ORT, then each artifact, ``repeat`` runs each; prints per-round medians."""
+def _openvino(model: Any, threads: int) -> tuple[Any, str]:
+    """OpenVINO's CPU plugin out of the box (the precision it picks: bf16 on AVX512-BF16 CPUs): its
+    infer request and that precision. With one thread it infers on the calling thread (checked:
+    process CPU time = thread CPU time), so ``--cpu-time`` measures it as it does Kiln."""
+    import openvino as ov
+
+    core = ov.Core()
+    compiled = core.compile_model(core.read_model(model.SerializeToString(), b""), "CPU",
+                                  {"INFERENCE_NUM_THREADS": threads})
+    hint = compiled.get_property("INFERENCE_PRECISION_HINT")
+    return compiled.create_infer_request(), hint.get_type_name() if hasattr(hint, "get_type_name") else str(hint)
+
+
+def time_artifacts(name: str, paths: list[str], rounds: int, repeat: int, threads: int,
+                   peer: str = "ort") -> None:
+    """Interleaved rounds: the peer (ORT, or OpenVINO out of the box), then each artifact, ``repeat``
+    runs each; prints per-round medians and ratios to the peer. Errors are against ORT (fp32)."""
     import onnxruntime as ort
     import tvm
 
@@ -110,24 +125,28 @@ def time_artifacts(name: str, paths: list[str], rounds: int, repeat: int, thread
         got = (got if hasattr(got, "numpy") else got[0]).numpy()
         err = float(np.abs(got - want).max() / max(1e-12, float(np.abs(want).max())))
         print(f"{p}: max error vs ORT {err:.2e} of the output's scale")
+    label, run_peer = "ORT", lambda: sess.run(None, feed)
+    if peer == "openvino":
+        request, precision = _openvino(model, threads)
+        label, run_peer = f"OpenVINO ({precision})", lambda: request.infer(feed)
     rows: list[list[float]] = []
     minima: list[list[float]] = []
     for _ in range(rounds):
         _MINIMA.clear()
-        row = [_median_ms(lambda: sess.run(None, feed), repeat)]
-        time.sleep(0.2)  # let ORT's spinning workers settle
+        row = [_median_ms(run_peer, repeat)]
+        time.sleep(0.2)  # let the peer's spinning workers settle
         for vm in vms:
             row.append(_median_ms(lambda vm=vm: vm["main"](*args), repeat))
             time.sleep(0.2)
         rows.append(row)
         minima.append(list(_MINIMA))
-        print(f"round: ORT {row[0]:.2f} ms | " + " | ".join(f"{r:.2f} ms ({r / row[0]:.2f}x)" for r in row[1:]))
+        print(f"round: {label} {row[0]:.2f} ms | " + " | ".join(f"{r:.2f} ms ({r / row[0]:.2f}x)" for r in row[1:]))
     for i, p in enumerate(paths):
         ratios = [r[i + 1] / r[0] for r in rows]
-        print(f"{p}: median {statistics.median(r[i + 1] for r in rows):.2f} ms, ratio vs ORT median "
+        print(f"{p}: median {statistics.median(r[i + 1] for r in rows):.2f} ms, ratio vs {label} median "
               f"{statistics.median(ratios):.2f} (range {min(ratios):.2f}-{max(ratios):.2f}); "
-              f"ORT median {statistics.median(r[0] for r in rows):.2f} ms; fastest runs: "
-              f"{min(m[i + 1] for m in minima):.2f} ms vs ORT {min(m[0] for m in minima):.2f} ms")
+              f"{label} median {statistics.median(r[0] for r in rows):.2f} ms; fastest runs: "
+              f"{min(m[i + 1] for m in minima):.2f} ms vs {label} {min(m[0] for m in minima):.2f} ms")
 
 
 def _reduction_summary(func: Any) -> tuple[float, str]:
@@ -150,7 +169,8 @@ def _reduction_summary(func: Any) -> tuple[float, str]:
     return total, kind
 
 
-def profile(name: str, path: str, target_name: str, runs: int, top: int) -> None:
+def profile(name: str, path: str, target_name: str, runs: int, top: int, precision: str = "fp32",
+            mcpu: str | None = None) -> None:
     """Per-kernel wall time through the VM's instrument hook (median over ``runs`` inferences)."""
     import tvm
     from kiln_compiler import pipeline
@@ -159,10 +179,10 @@ def profile(name: str, path: str, target_name: str, runs: int, top: int) -> None
 
     model, shapes = _model(name)
     feed = _feed(shapes)
-    # FLOPs per kernel name, from the same graph rewrites and fusion the build ran (integer ones too)
+    # FLOPs per kernel name, from the same graph rewrites and fusion the build ran
     mod = from_onnx(model, shape_dict=shapes, keep_params_in_input=False)
-    with tvm.target.Target(_tvm_target(target_name)) as tgt:
-        fused = pipeline._cpu_kernels(mod, tgt, True)
+    with tvm.target.Target(_tvm_target(target_name, mcpu)) as tgt:
+        fused = pipeline._cpu_kernels(mod, tgt, True, precision)
     summary = {gv.name_hint: _reduction_summary(f) for gv, f in fused.functions_items()
                if isinstance(f, tvm.tirx.PrimFunc)}
     vm = relax.VirtualMachine(tvm.runtime.load_module(path), tvm.cpu())
@@ -216,30 +236,34 @@ def main() -> None:
     t.add_argument("paths", nargs="+")
     t.add_argument("--rounds", type=int, default=5)
     t.add_argument("--repeat", type=int, default=20)
+    t.add_argument("--peer", default="ort", choices=("ort", "openvino"),
+                   help="the reference runtime: ONNX Runtime fp32, or OpenVINO at its default precision")
     p = sub.add_parser("profile")
     p.add_argument("model")
     p.add_argument("path")
     p.add_argument("target")
     p.add_argument("--runs", type=int, default=20)
     p.add_argument("--top", type=int, default=15)
+    for sp in (b, p):
+        sp.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
+        sp.add_argument("--mcpu", default=None, help="LLVM -mcpu overriding the catalog target's (znver4 for bf16)")
     for sp in (t, p):
         sp.add_argument("--cpu-time", action="store_true", help="time the calling thread's CPU (needs --threads 1)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--int8", action="store_true", help="the QDQ model (quantize_static) instead of the fp32 one")
-    ap.add_argument("--mcpu", default=None, help="mcpu for the target, e.g. znver4 (VNNI)")
     args = ap.parse_args()
-    _QUANTIZE[0], _MCPU[0] = args.int8, args.mcpu
+    _QUANTIZE[0] = args.int8
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
     if getattr(args, "cpu_time", False):
         if args.threads != 1:
             ap.error("--cpu-time measures the calling thread only: use --threads 1")
         _CLOCK[0] = time.thread_time
     if args.cmd == "build":
-        build(args.model, args.target, args.out)
+        build(args.model, args.target, args.out, args.precision, args.mcpu)
     elif args.cmd == "time":
-        time_artifacts(args.model, args.paths, args.rounds, args.repeat, args.threads)
+        time_artifacts(args.model, args.paths, args.rounds, args.repeat, args.threads, args.peer)
     else:
-        profile(args.model, args.path, args.target, args.runs, args.top)
+        profile(args.model, args.path, args.target, args.runs, args.top, args.precision, args.mcpu)
 
 
 if __name__ == "__main__":

@@ -10,12 +10,14 @@ inserted through Kiln's JobStore straight into the embedded DynamoDB (creating 1
 would run 10,000 compilations); the listing goes through `kiln serve`.
 
 Usage: .venv/bin/python bench/load.py [--clients 50] [--creates 500] [--sizes 100,1000,10000]
-Writes bench/results/YYYY-MM-DD-load.{json,md}. Bounded: phase 1 stops waiting after --deadline s.
+Writes bench/results/YYYY-MM-DD-load.{json,md}. Bounded: the clients stop after --deadline s; jobs not
+yet finished then are waited for (no API load) until all are, or none finished for --stall s (a stall).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import os
@@ -68,18 +70,34 @@ def cpu_model() -> str:
     return "unknown"
 
 
+def compilers_running(server_pid: int) -> int:
+    """Compiler processes `kiln serve` (``server_pid``) runs now (its children running kiln_compiler)."""
+    count = 0
+    with contextlib.suppress(OSError):  # the server or a child ended meanwhile
+        for task in Path(f"/proc/{server_pid}/task").iterdir():
+            for child in (task / "children").read_text().split():
+                with contextlib.suppress(OSError):
+                    count += b"kiln_compiler" in Path(f"/proc/{child}/cmdline").read_bytes()
+    return count
+
+
 class LoadAverage:
     """The host's 1-minute load average, sampled every ``interval`` s while running (other processes
-    share the host: the figure says how busy it was)."""
+    share the host: the figure says how busy it was), and with ``compilers`` the compiler processes
+    running (all slots busy while jobs wait: the run is bounded by compile throughput, not stalled)."""
 
-    def __init__(self, interval: float = 5) -> None:
+    def __init__(self, interval: float = 5, compilers: Any = None) -> None:
         self.samples: list[float] = []
+        self.compilers: list[int] = []
+        self._count_compilers = compilers
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(interval,), daemon=True)
 
     def _run(self, interval: float) -> None:
         while not self._stop.is_set():
             self.samples.append(os.getloadavg()[0])
+            if self._count_compilers is not None:
+                self.compilers.append(self._count_compilers())
             self._stop.wait(interval)
 
     def __enter__(self) -> LoadAverage:
@@ -92,8 +110,13 @@ class LoadAverage:
 
     def summary(self) -> dict[str, float]:
         values = self.samples or [os.getloadavg()[0]]
-        return {"min": round(min(values), 1), "mean": round(sum(values) / len(values), 1),
-                "max": round(max(values), 1)}
+        summary: dict[str, Any] = {"min": round(min(values), 1), "mean": round(sum(values) / len(values), 1),
+                                   "max": round(max(values), 1)}
+        if self.compilers:
+            summary["compilers_running"] = {"min": min(self.compilers), "max": max(self.compilers),
+                                            "mean": round(sum(self.compilers) / len(self.compilers), 2),
+                                            "samples": len(self.compilers)}
+        return summary
 
 
 class Recorder:
@@ -104,6 +127,7 @@ class Recorder:
         self.latency: dict[str, list[float]] = defaultdict(list)
         self.outcomes: Counter[str] = Counter()
         self.messages: dict[str, str] = {}
+        self.timeline: list[tuple[float, float]] = []  # (start, latency ms) of every call, for the per-minute tail
 
     def call(self, operation: str, fn: Any, **kwargs: Any) -> Any:
         started = time.perf_counter()
@@ -119,8 +143,20 @@ class Recorder:
         elapsed = (time.perf_counter() - started) * 1000
         with self.lock:
             self.latency[operation].append(elapsed)
+            self.timeline.append((started, elapsed))
             self.outcomes[f"{operation}:{outcome}"] += 1
         return result
+
+    def by_minute(self) -> list[dict[str, float]]:
+        """Calls, p50 and p99 per minute of the run (is the tail the create burst, or all along?)."""
+        if not self.timeline:
+            return []
+        first = min(t for t, _ in self.timeline)
+        minutes: dict[int, list[float]] = defaultdict(list)
+        for t, ms in self.timeline:
+            minutes[int((t - first) // 60)].append(ms)
+        return [{"minute": m, "calls": len(v), "p50_ms": round(percentile(v, 50), 1),
+                 "p99_ms": round(percentile(v, 99), 1)} for m, v in sorted(minutes.items())]
 
     def summary(self) -> dict[str, Any]:
         everything = [v for values in self.latency.values() for v in values]
@@ -130,6 +166,7 @@ class Recorder:
             "by_operation": {op: {"calls": len(v), "p50_ms": round(percentile(v, 50), 1),
                                   "p99_ms": round(percentile(v, 99), 1), "max_ms": round(max(v), 1)}
                              for op, v in sorted(self.latency.items())},
+            "by_minute": self.by_minute(),
             "outcomes": dict(sorted(self.outcomes.items())),
             "first_messages": dict(sorted(self.messages.items())),
         }
@@ -171,7 +208,8 @@ def wait_ready(url: str, timeout: float = 120) -> None:
     raise SystemExit(f"kiln serve did not answer on {url} within {timeout} s")
 
 
-def load_phase(url: str, aws_url: str, clients: int, creates: int, think: float, deadline_s: float) -> dict[str, Any]:
+def load_phase(url: str, aws_url: str, clients: int, creates: int, think: float, deadline_s: float,
+               stall_s: float = 0) -> dict[str, Any]:
     s3 = boto3.client("s3", endpoint_url=aws_url, region_name="us-east-1", aws_access_key_id="local",
                       aws_secret_access_key="local")
     s3.put_object(Bucket=MODELS, Key="load/model.tar.gz",
@@ -235,7 +273,17 @@ def load_phase(url: str, aws_url: str, clients: int, creates: int, think: float,
     for thread in [*threads, watcher]:
         thread.join(timeout=max(1.0, deadline_s - (time.time() - started) + 30))
     api = client(url)
-    final = Counter(api.describe_compilation_job(CompilationJobName=n)["CompilationJobStatus"] for n in accepted)
+    at_bound = sum(api.describe_compilation_job(CompilationJobName=n)["CompilationJobStatus"] in TERMINAL
+                   for n in accepted)
+    drain_s = drain(api, accepted, stall_s) if at_bound < len(accepted) else 0.0
+    described = [api.describe_compilation_job(CompilationJobName=n) for n in accepted]
+    final = Counter(job["CompilationJobStatus"] for job in described)
+    # how long jobs took: created -> INPROGRESS (the workflow asked for a container), INPROGRESS -> ended
+    # (waiting for a compiler slot, then compiling)
+    waited = [(j["CompilationStartTime"] - j["CreationTime"]).total_seconds() for j in described
+              if j.get("CompilationStartTime")]
+    compiled = [(j["CompilationEndTime"] - j["CompilationStartTime"]).total_seconds() for j in described
+                if j.get("CompilationEndTime") and j.get("CompilationStartTime")]
     summary = recorder.summary()
     errors = {k: {"count": v, "first_message": summary["first_messages"].get(k, "")}
               for k, v in summary["outcomes"].items()
@@ -244,7 +292,30 @@ def load_phase(url: str, aws_url: str, clients: int, creates: int, think: float,
             "refused_resource_limit": summary["outcomes"].get("CreateCompilationJob:ResourceLimitExceeded", 0),
             "errors_other_than_resource_limit": sum(e["count"] for e in errors.values()), "error_detail": errors,
             "final_statuses": dict(final), "every_job_terminal": sum(final.values()) == len(accepted)
-            and all(s in TERMINAL for s in final), "wall_s": round(time.time() - started, 1), "api": summary}
+            and all(s in TERMINAL for s in final), "terminal_at_bound": at_bound, "drain_s": drain_s,
+            "wall_s": round(time.time() - started, 1),
+            "job_seconds": {"created_to_inprogress": _spread(waited), "inprogress_to_ended": _spread(compiled)},
+            "api": summary}
+
+
+def drain(api: Any, names: list[str], stall_s: float, poll: float = 5) -> float:
+    """After the clients stopped: wait until every job is terminal, or until none became terminal
+    for ``stall_s`` (a stall: jobs that no longer progress). Returns the seconds waited."""
+    started = last_progress = time.time()
+    done = -1
+    while stall_s > 0 and time.time() - last_progress < stall_s:
+        terminal = sum(api.describe_compilation_job(CompilationJobName=n)["CompilationJobStatus"] in TERMINAL
+                       for n in names)
+        if terminal == len(names):
+            break
+        if terminal > done:
+            done, last_progress = terminal, time.time()
+        time.sleep(poll)
+    return round(time.time() - started, 1)
+
+
+def _spread(values: list[float]) -> dict[str, float]:
+    return {"n": len(values), "p50": round(percentile(values, 50), 1), "max": round(max(values), 1)} if values else {}
 
 
 def list_phase(url: str, aws_url: str, sizes: list[int], calls: int) -> dict[str, Any]:
@@ -297,6 +368,8 @@ def main() -> int:
     parser.add_argument("--creates", type=int, default=500)
     parser.add_argument("--think", type=float, default=0.1, help="seconds each client waits between calls")
     parser.add_argument("--deadline", type=float, default=300, help="seconds phase 1 may take at most")
+    parser.add_argument("--stall", type=float, default=300,
+                        help="after phase 1, wait for unfinished jobs until none finished for this many s (0: no wait)")
     parser.add_argument("--sizes", default="100,1000,10000")
     parser.add_argument("--list-calls", type=int, default=50)
     parser.add_argument("--max-compilers", type=int, default=None, help="kiln serve --max-compilers")
@@ -318,8 +391,9 @@ def main() -> int:
             load: dict[str, Any] = {}
             if not args.skip_load:
                 print(f"phase 1: {args.clients} clients, {args.creates} creates against {url}", flush=True)
-                with LoadAverage() as busy:
-                    load = load_phase(url, aws_url, args.clients, args.creates, args.think, args.deadline)
+                with LoadAverage(compilers=lambda: compilers_running(server.pid)) as busy:
+                    load = load_phase(url, aws_url, args.clients, args.creates, args.think, args.deadline,
+                                      args.stall)
                 load["host_load_average"] = busy.summary()
                 print(json.dumps({k: v for k, v in load.items() if k != "api"}, indent=2), flush=True)
                 print(f"  API p50 {load['api']['p50_ms']} ms, p99 {load['api']['p99_ms']} ms "
@@ -364,11 +438,18 @@ def markdown(report: dict[str, Any]) -> str:
              f"- accepted: {load['accepted']}; refused with ResourceLimitExceeded: {load['refused_resource_limit']}",
              f"- errors other than ResourceLimitExceeded: {load['errors_other_than_resource_limit']} "
              f"{load['error_detail'] or ''}",
-             f"- every accepted job terminal: {load['every_job_terminal']} {load['final_statuses']}",
+             f"- every accepted job terminal: {load['every_job_terminal']} {load['final_statuses']} "
+             f"({load.get('terminal_at_bound')} at the phase-1 bound; then {load.get('drain_s')} s more with the "
+             "clients stopped, until all were or none finished for --stall s)",
+             f"- job seconds (p50/max): {load.get('job_seconds')}; compiler processes running (sampled every 5 s): "
+             f"{busy.get('compilers_running')}",
              f"- API latency over {api['calls']} calls: p50 {api['p50_ms']} ms, p99 {api['p99_ms']} ms", "",
              "| operation | calls | p50 ms | p99 ms | max ms |", "|---|---|---|---|---|"]
     lines += [f"| {op} | {v['calls']} | {v['p50_ms']} | {v['p99_ms']} | {v['max_ms']} |"
               for op, v in api["by_operation"].items()]
+    if api.get("by_minute"):
+        lines += ["", "| minute of phase 1 | calls | p50 ms | p99 ms |", "|---|---|---|---|"]
+        lines += [f"| {m['minute']} | {m['calls']} | {m['p50_ms']} | {m['p99_ms']} |" for m in api["by_minute"]]
     lines += ["", "ListCompilationJobs (MaxResults 100, five filter/sort mixes) by jobs in the table "
               "(rows bulk-loaded with JobStore.import_records):", "", "| jobs | p50 ms | p99 ms | insert s |", "|---|---|---|---|"]
     lines += [f"| {size} | {v['p50_ms']} | {v['p99_ms']} | {v['insert_s']} |"

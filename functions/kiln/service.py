@@ -41,6 +41,12 @@ def job_arn(region: str, account: str, name: str) -> str:
 # Kiln's extension of DescribeCompilationJob: one member outside SageMaker's shape, which stock clients
 # (botocore parses only the members its model names) ignore; see docs/adr/0017.
 EXTENSION = "Kiln"
+# How long (per process) an execution seen running is not asked again whether it ended without
+# recording a result (:meth:`CompilationJobService._reconcile`): a client polling Describe would
+# otherwise cost a Step Functions DescribeExecution per call (throttled per account in AWS; a
+# second round trip per Describe of an active job locally, ~30 % of its CPU: ADR 0037). A lost
+# result then shows at most this much later.
+EXECUTION_RECHECK_SECONDS = 5.0
 
 
 def describe_view(record: dict[str, Any]) -> dict[str, Any]:
@@ -87,7 +93,8 @@ class CompilationJobService:
                  containers: CompilerContainers | None, state_machine_arn: str, region: str, account: str,
                  network: dict[str, Any] | None = None, iam: Any | None = None,
                  enabled_runners: frozenset[str] | None = None,
-                 placements: dict[str, dict[str, str]] | None = None) -> None:
+                 placements: dict[str, dict[str, str]] | None = None,
+                 execution_recheck_seconds: float = EXECUTION_RECHECK_SECONDS) -> None:
         self.store = store
         self.catalog = catalog
         self._sfn = sfn
@@ -100,6 +107,8 @@ class CompilationJobService:
         self._iam = iam
         self._enabled_runners = enabled_runners
         self._placements = placements or {}
+        self._recheck_seconds = execution_recheck_seconds
+        self._seen_running: dict[str, float] = {}  # execution ARN -> when (monotonic) it was last seen running
 
     # -- create ------------------------------------------------------------------------------
     def create(self, request: dict[str, Any], *, caller_arn: str | None = None) -> dict[str, Any]:
@@ -202,13 +211,20 @@ class CompilationJobService:
         arn = record.get("ExecutionArn")
         if not arn:
             return record
+        now = time.monotonic()
+        if now - self._seen_running.get(arn, -self._recheck_seconds) < self._recheck_seconds:
+            return record
         try:
             execution = self._sfn.describe_execution(executionArn=arn)
         except ClientError:
             return record
         status = execution.get("status")
         if status in (None, "RUNNING", "PENDING_REDRIVE"):
+            if len(self._seen_running) >= 10_000:  # bounded: ended jobs' entries go with the rest
+                self._seen_running.clear()
+            self._seen_running[arn] = now
             return record
+        self._seen_running.pop(arn, None)
         name = record["CompilationJobName"]
         fresh = self.store.get(name)
         if fresh["CompilationJobStatus"] not in ACTIVE:

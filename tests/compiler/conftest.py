@@ -192,6 +192,42 @@ def small_cnn(seed: int = 0) -> onnx.ModelProto:
     return model
 
 
+def fire_lrn_cnn(seed: int = 0) -> onnx.ModelProto:
+    """SqueezeNet's fire module and Inception's local response normalisation in one small CNN: conv 3->16
+    3x3 + relu, LRN (size 5), max pool 2x2, squeeze 1x1 16->16 read by two expand convs (1x1 and 3x3,
+    16->32 each), concat, max pool 3x3 stride 2, conv 64->32 1x1, global average pool, flatten;
+    input ``input`` [1,3,32,32], output [1,32], opset 13."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    nodes, inits = [], []
+
+    def conv(name: str, x: str, cin: int, cout: int, k: int) -> str:
+        w = (rng.standard_normal((cout, cin, k, k)) / np.sqrt(cin * k * k)).astype("float32")
+        inits.extend([numpy_helper.from_array(w, f"{name}_w"),
+                      numpy_helper.from_array((rng.standard_normal(cout) * 0.1).astype("float32"), f"{name}_b")])
+        nodes.extend([helper.make_node("Conv", [x, f"{name}_w", f"{name}_b"], [f"{name}_c"], kernel_shape=[k, k],
+                                       pads=[k // 2] * 4),
+                      helper.make_node("Relu", [f"{name}_c"], [name])])
+        return name
+
+    stem = conv("stem", "input", 3, 16, 3)
+    nodes += [helper.make_node("LRN", [stem], ["lrn"], size=5, alpha=1e-4, beta=0.75, bias=1.0),
+              helper.make_node("MaxPool", ["lrn"], ["pool1"], kernel_shape=[2, 2], strides=[2, 2])]
+    squeeze = conv("squeeze", "pool1", 16, 16, 1)
+    expand = [conv("expand1", squeeze, 16, 32, 1), conv("expand3", squeeze, 16, 32, 3)]
+    nodes += [helper.make_node("Concat", expand, ["cat"], axis=1),
+              helper.make_node("MaxPool", ["cat"], ["pool2"], kernel_shape=[3, 3], strides=[2, 2])]
+    head = conv("head", "pool2", 64, 32, 1)
+    nodes += [helper.make_node("GlobalAveragePool", [head], ["gap"]), helper.make_node("Flatten", ["gap"], ["output"])]
+    graph = helper.make_graph(nodes, "fire_lrn_cnn", [helper.make_tensor_value_info("input", TensorProto.FLOAT,
+                                                                                    [1, 3, 32, 32])],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 32])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    return model
+
+
 def residual_bn_block(seed: int = 0) -> onnx.ModelProto:
     """A ResNet bottleneck as the light ResNet-50 writes it: convolutions without bias, each followed by
     BatchNormalization (+ Relu), a 1x1 projection shortcut, Sum, Relu, global average pool, flatten;

@@ -111,6 +111,20 @@ def test_moto_lists_its_modules_once_patched(local_stack):
     assert "dynamodb" in backends.list_of_moto_modules()
 
 
+def test_moto_lists_a_response_class_methods_once_patched(local_stack):
+    # GIVEN the embedded stack (patch applied) WHEN moto's dispatch asks for a response class's methods
+    from moto.core import responses
+    from moto.dynamodb.responses import DynamoHandler
+    from moto.stepfunctions.responses import StepFunctionResponse
+
+    original = moto_patches._originals["method_names_from_class"]
+    for clazz in (DynamoHandler, StepFunctionResponse):
+        # THEN it gets moto's own names, the same object on the next request (not listed again)
+        assert set(responses.method_names_from_class(clazz)) == set(original(clazz))
+        assert responses.method_names_from_class(clazz) is responses.method_names_from_class(clazz)
+    assert "get_item" in responses.method_names_from_class(DynamoHandler)
+
+
 def test_cancelled_transaction_rolls_back_only_its_items(local_stack):
     # GIVEN a table of its own holding two items
     from botocore.exceptions import ClientError

@@ -5,9 +5,16 @@ from .layout import cpu_graph_passes
 from .quantized import PerTensorQDQToArithmetic, QuantizedConvToInteger, SimplifyRequantization
 from .quantized_data import EightBitDataMovement
 from .shuffle import ChannelShuffleNHWC
-from .simplify import ConstantsToFullRank, DivideByConstantToMultiply, RemoveInferenceDropout, SumOfStackToAdd
+from .simplify import (
+    ChannelWindowToSlices,
+    ConstantsToFullRank,
+    DivideByConstantToMultiply,
+    PowerToRoots,
+    RemoveInferenceDropout,
+    SumOfStackToAdd,
+)
 
-__all__ = ["ChannelShuffleNHWC", "ConstantsToFullRank", "DivideByConstantToMultiply", "EightBitDataMovement",
-           "PadConvChannels",
-           "PerTensorQDQToArithmetic", "QuantizedConvToInteger", "RemoveInferenceDropout", "SimplifyRequantization",
+__all__ = ["ChannelShuffleNHWC", "ChannelWindowToSlices", "ConstantsToFullRank", "DivideByConstantToMultiply",
+           "EightBitDataMovement", "PadConvChannels",
+           "PerTensorQDQToArithmetic", "PowerToRoots", "QuantizedConvToInteger", "RemoveInferenceDropout", "SimplifyRequantization",
            "SplitGroupedConv", "SumOfStackToAdd", "cpu_graph_passes"]

@@ -5,10 +5,15 @@ whose channels fit the ``vdpbf16ps`` kernel's block (``schedules.bf16``: 16 outp
 channels) and each matmul with a constant right-hand side becomes the same operator over a bf16
 cast of its input and a bf16 weight, with ``out_dtype="float32"``: products are exact in fp32 and
 summed in fp32, so only the operands are rounded (bf16 keeps fp32's exponent and 8 of its 24
-significand bits). What follows (bias, batch norm, residual add, relu, pooling) stays fp32; the
-casts of the weights are folded at compile time, the casts of the activations fuse into the
-kernel that produces them. A convolution with an odd number of input channels (the RGB stem) gets
-one zero channel on its input and weight. Depthwise and grouped convolutions stay fp32.
+significand bits). What follows (bias, batch norm, residual add, relu) stays fp32; the casts of the
+weights are folded at compile time. A convolution with an odd number of input channels (the RGB
+stem) gets one zero channel on its input and weight. Depthwise and grouped convolutions stay fp32.
+
+Activations cross layers in bf16 where that is exact (ADR 0036): each tensor is cast once, however
+many convolutions read it, and the cast moves above concatenations and max pools (rounding is
+monotone: ``round(max(x)) == max(round(x))``, and a concatenation only moves values), so it fuses
+into the epilogue of the convolution that produced the value and the concatenation and pool move
+half the bytes. Average pools, residual adds and anything else that computes stay fp32.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ BF16_BLOCK_IC = 2
 
 _CONV2D = tvm.ir.Op.get("relax.nn.conv2d")
 _MATMUL = tvm.ir.Op.get("relax.matmul")
+_CONCAT = tvm.ir.Op.get("relax.concat")
+_MAX_POOL2D = tvm.ir.Op.get("relax.nn.max_pool2d")
 
 
 def _static_shape(expr: Any) -> list[int] | None:
@@ -47,9 +54,35 @@ def _dtype(expr: Any) -> str:
 
 @mutator
 class _ToBF16(PyExprMutator):
-    def __init__(self, mod: tvm.IRModule) -> None:
+    def __init__(self, mod: tvm.IRModule, hoist_casts: bool = True) -> None:
         super().__init__(mod)
         self.converted = 0
+        self.hoist_casts = hoist_casts
+        self._casts: dict[Any, relax.Expr] = {}  # fp32 variable -> its bf16 cast (one per tensor)
+
+    def _cast(self, expr: relax.Expr) -> relax.Expr:
+        """``expr`` in bf16: one cast per variable, moved above concatenations and max pools (exact)."""
+        if not isinstance(expr, relax.Var):
+            return relax.op.astype(expr, "bfloat16")
+        if expr in self._casts:
+            return self._casts[expr]
+        value = bound_value(self, expr) if self.hoist_casts else expr
+        cast: relax.Expr
+        if isinstance(value, relax.Call) and value.op == _CONCAT and isinstance(value.args[0], relax.Tuple) \
+                and all(_dtype(f) == "float32" for f in value.args[0].fields):
+            parts = [self._cast(f) for f in value.args[0].fields]
+            cast = relax.op.concat(parts, axis=int(value.attrs.axis))
+        elif isinstance(value, relax.Call) and value.op == _MAX_POOL2D and _dtype(value.args[0]) == "float32":
+            a = value.attrs
+            cast = relax.op.nn.max_pool2d(self._cast(value.args[0]), pool_size=a.pool_size, strides=a.strides,
+                                          padding=a.padding, dilation=a.dilation, ceil_mode=a.ceil_mode,
+                                          count_include_pad=a.count_include_pad, layout=a.layout,
+                                          out_layout=a.out_layout)
+        else:
+            cast = relax.op.astype(expr, "bfloat16")
+        var = self.builder_.emit(cast)
+        self._casts[expr] = var
+        return var
 
     def _constant(self, expr: Any) -> bool:
         return isinstance(bound_value(self, expr), tvm.ir.expr.Constant)
@@ -75,7 +108,7 @@ class _ToBF16(PyExprMutator):
             return call
         if not (self._conv_fits(call) if call.op == _CONV2D else self._matmul_fits(call)):
             return call
-        data = relax.op.astype(call.args[0], "bfloat16")
+        data = self._cast(call.args[0])
         constant = bound_value(self, call.args[1])
         self.converted += 1
         if call.op == _CONV2D and _static_shape(constant)[2] % BF16_BLOCK_IC:  # type: ignore[index]
@@ -96,11 +129,14 @@ class _ToBF16(PyExprMutator):
 class ConvToBF16:
     """Compute fitting conv2d (NHWC/HWIO) and constant-weight matmul in bf16 with fp32 accumulation."""
 
-    def __init__(self) -> None:
+    def __init__(self, hoist_casts: bool = True) -> None:
         self.converted = 0
+        self.hoist_casts = hoist_casts  # False: a cast per convolution input, below concat/pool (before ADR 0036)
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        rewriter = _ToBF16(mod)
+        rewriter = _ToBF16(mod, self.hoist_casts)
         out = rewrite_functions(mod, rewriter)
         self.converted = rewriter.converted
-        return relax.transform.FoldConstant()(relax.transform.Normalize()(out))
+        out = relax.transform.FoldConstant()(relax.transform.Normalize()(out))
+        # the fp32 concatenations and pools whose casts moved above them are left unused
+        return relax.transform.DeadCodeElimination()(out)

@@ -14,11 +14,19 @@ from tvm import relax
 
 from .grouped_conv import PadConvChannels, SplitGroupedConv
 from .shuffle import ChannelShuffleNHWC
-from .simplify import ConstantsToFullRank, DivideByConstantToMultiply, RemoveInferenceDropout, SumOfStackToAdd
+from .simplify import (
+    ChannelWindowToSlices,
+    ConstantsToFullRank,
+    DivideByConstantToMultiply,
+    PowerToRoots,
+    RemoveInferenceDropout,
+    SumOfStackToAdd,
+)
 
 
 def _simplify() -> list[tvm.transform.Pass]:
-    return [RemoveInferenceDropout(), SumOfStackToAdd(), ConstantsToFullRank(), DivideByConstantToMultiply()]
+    return [RemoveInferenceDropout(), SumOfStackToAdd(), ConstantsToFullRank(), DivideByConstantToMultiply(),
+            PowerToRoots(), ChannelWindowToSlices()]
 
 
 def cpu_graph_passes(lanes: int = 16) -> list[tvm.transform.Pass]:

@@ -145,17 +145,22 @@ def _register_budget(vector: VectorUnit, n_vectors: int) -> int:
 # The core the tile model assumes (Haswell to Zen 4, Skylake-SP, Neoverse N1 alike): two FMA
 # pipes, two loads per cycle, four cycles of FMA latency.
 _FMAS_PER_CYCLE, _LOADS_PER_CYCLE, _FMA_LATENCY = 2, 2, 4
+# A row tile set against a fused-pixel tile is rated with this much more FMA latency: at exactly
+# 2 pipes x 4 cycles of accumulators (4 pixels x 2 AVX2 vectors on 14x14, 28x28, 56x56 maps) the
+# model rates it at full speed, but it ran 4-8% slower than a fused 6 x 2 tile (no slack for the
+# loads between the FMAs of a step; ADR 0033). Tiles of 10 or more accumulators are not affected.
+_ROW_TILE_LATENCY_SLACK = 1
 
 
-def _tile_rate(pixels: int, n_vectors: int, useful_lanes: int) -> float:
+def _tile_rate(pixels: int, n_vectors: int, useful_lanes: int, latency: int = _FMA_LATENCY) -> float:
     """Useful output lanes a pixels x n_vectors tile computes per cycle of its reduction step.
 
     A step issues pixels * n_vectors FMAs and loads n_vectors weight vectors plus one broadcast
     per pixel; each accumulator's FMA waits for the previous step's (latency). So 1 pixel x 1
-    vector runs at a quarter of the FMA rate, and 14 pixels x 1 vector (15 loads per 14 FMAs)
+    vector runs at an eighth of the FMA rate, and 14 pixels x 1 vector (15 loads per 14 FMAs)
     is load bound where 4 x 2 is not: on AVX2 that choice made ResNet-50 30% slower.
     """
-    cycles = max(pixels * n_vectors / _FMAS_PER_CYCLE, (pixels + n_vectors) / _LOADS_PER_CYCLE, _FMA_LATENCY)
+    cycles = max(pixels * n_vectors / _FMAS_PER_CYCLE, (pixels + n_vectors) / _LOADS_PER_CYCLE, latency)
     return pixels * useful_lanes / cycles
 
 
@@ -256,7 +261,9 @@ def _schedule_anchor(sch: Schedule, block: Any, vector: VectorUnit, knobs: TileK
     if ph is not None and pw is not None and knobs.fused_pixels is not False:
         pixels = extents[ph] * extents[pw]
         fused_p, fused_vf, fused_score = _fused_pixel_tile(pixels, extents[vec], vector, vector_choices, knobs)
-        if fused_p and (knobs.fused_pixels or fused_score[0] > best[0][0] * _FUSED_TILE_MARGIN):
+        row_nv = -(-vec_f // lanes)
+        row_rate = _tile_rate(rh * rw, row_nv, min(vec_f, row_nv * lanes), _FMA_LATENCY + _ROW_TILE_LATENCY_SLACK)
+        if fused_p and (knobs.fused_pixels or fused_score[0] > row_rate * _FUSED_TILE_MARGIN):
             vec_f, n_pixel_tiles = fused_vf, -(-pixels // fused_p)
         else:
             fused_p = 0

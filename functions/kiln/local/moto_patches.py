@@ -39,7 +39,8 @@
    deep-copies every table it names to be able to roll back (O(rows) per write):
    :func:`patch_dynamodb_transaction_snapshots` backs up only the items it names. moto projects an
    item by converting all of it once per projected name: :func:`patch_dynamodb_projection` picks
-   top-level names.
+   top-level names. moto lists a response class's methods (``inspect.getmembers``) on every
+   request: :func:`patch_response_method_names` lists them once per class.
 
 ``tests/workflow/test_moto_patches.py`` notices when upstream fixes (1), (3) or (4).
 """
@@ -66,10 +67,19 @@ _applied: set[str] = set()
 _originals: dict[str, Any] = {}
 
 
-@functools.cache
+_operation_models = threading.Lock()
+
+
 def _operation_model(service: str, action: str) -> Any:
     """botocore's model of ``action`` (cached: building a client loads the service's JSON model,
-    ~100 ms of CPU, and Step Functions asks twice per ECS/Batch task)."""
+    ~100 ms of CPU, and Step Functions asks twice per ECS/Batch task). One thread builds it: 20 jobs
+    started at once otherwise built 20 clients each (seen in a profile of `kiln serve`)."""
+    with _operation_models:
+        return _build_operation_model(service, action)
+
+
+@functools.cache
+def _build_operation_model(service: str, action: str) -> Any:
     client = boto3.session.Session(region_name="us-east-1").client(
         service, aws_access_key_id="x", aws_secret_access_key="x")
     api_name = {v: k for k, v in client.meta.method_to_api_mapping.items()}.get(action, action)
@@ -229,6 +239,25 @@ def patch_server_module_list() -> None:
 
     backends.list_of_moto_modules = list_of_moto_modules
     _applied.add("module_list")
+
+
+def patch_response_method_names() -> None:
+    """Look up a moto response class's action methods once per class (moto calls
+    ``inspect.getmembers`` on the class for every request: ~7 % of a DynamoDB GetItem's CPU)."""
+    if "method_names" in _applied:
+        return
+    from moto.core import responses
+
+    original = responses.method_names_from_class
+    _originals["method_names_from_class"] = original
+    cached = functools.cache(lambda clazz: frozenset(original(clazz)))
+
+    @functools.wraps(original)
+    def method_names_from_class(clazz: object) -> Any:
+        return cached(clazz)
+
+    responses.method_names_from_class = method_names_from_class  # imported by name there
+    _applied.add("method_names")
 
 
 # Operations whose results hold only item attribute maps, keys, counts and consumed capacity:

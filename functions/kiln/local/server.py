@@ -9,9 +9,10 @@ import time
 import uuid
 from typing import Any
 
-from werkzeug.serving import BaseWSGIServer, make_server
+from werkzeug.serving import BaseWSGIServer
 from werkzeug.wrappers import Request, Response
 
+from kiln.local.keepalive import make_keepalive_server
 from kiln.local.stack import ACCOUNT
 
 log = logging.getLogger("kiln.serve")
@@ -107,7 +108,9 @@ class ApiServer:
 
     def __init__(self, host: str = "127.0.0.1", port: int = 8080, *, fd: int | None = None) -> None:
         self._mounts: dict[str, Any] = {}
-        self._server: BaseWSGIServer = make_server(host, port, self._dispatch, threaded=True, fd=fd)
+        # HTTP/1.1 connections stay open between a client's calls (a new TCP connection and thread per call
+        # cost ~1 ms of CPU here: bench/results/2026-12-01-load-s6.md)
+        self._server: BaseWSGIServer = make_keepalive_server(host, port, self._dispatch, fd=fd)
         self.port = self._server.port
         if fd is not None:
             host = str(self._server.server_address[0])

@@ -386,7 +386,8 @@ class EmbeddedStack:
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> EmbeddedStack:
         from moto.core.config import default_user_config
-        from moto.server import ThreadedMotoServer
+
+        from kiln.local.keepalive import MotoServer
 
         default_user_config.setdefault("stepfunctions", {})["execute_state_machine"] = True
         moto_patches.patch_server_port(self.aws_port)
@@ -400,12 +401,13 @@ class EmbeddedStack:
         moto_patches.patch_container_runner(self.runner.start, self.runner.stop)
         moto_patches.patch_update_model_package_keeps_fields()
         moto_patches.patch_server_module_list()
+        moto_patches.patch_response_method_names()
         moto_patches.patch_dynamodb_fast_reads()
         moto_patches.patch_dynamodb_projection()
         moto_patches.patch_step_functions_clients_reused()
         logging.getLogger("werkzeug").setLevel(logging.WARNING)
-        self._server = ThreadedMotoServer(ip_address=self.host, port=self.aws_port, verbose=False)
-        self._server.start()
+        # moto's own ThreadedMotoServer closes every connection after one call (ADR 0037)
+        self._server = MotoServer(self.host, self.aws_port).start()
         self._create_resources()
         self.runner.on_exit = self._container_exited
         self.registry_pump = RegistryEventPump(self.client("sqs"), self.client("lambda"),
