@@ -7,6 +7,8 @@ Usage (PYTHONPATH as in the README):
                                        [--peer openvino]  # vs OpenVINO out of the box (bf16 here)
   bench/kernels.py profile squeezenet a.so [--top 15]     # per-kernel ms and GFLOP/s (VM instrument)
   bench/kernels.py build squeezenet ml_c5 bf16.so --precision bf16 --mcpu znver4  # (profile takes both too)
+  bench/kernels.py --int8 build squeezenet ml_c5 int8.so --mcpu znver4  # the QDQ model (quantize_qdq, as
+                                                          # bench/int8.py); time/profile: ORT runs it too
 
 A/B comparisons of two schedules: build one .so from each checkout, then time both in one run:
 host noise (this machine is shared) hits every subject of a round alike.
@@ -23,12 +25,20 @@ from typing import Any
 
 import numpy as np
 
+_QUANTIZE = [False]  # --int8: the QDQ model instead of the fp32 one
+
 
 def _model(name: str) -> tuple[Any, dict[str, tuple[int, ...]]]:
-    from kiln_compiler.samples import input_shapes, load_light_model
+    import tempfile
+
+    from kiln_compiler.samples import input_shapes, load_light_model, quantize_qdq
 
     model = load_light_model(name)
-    return model, input_shapes(model)
+    shapes = input_shapes(model)
+    if _QUANTIZE[0]:
+        with tempfile.TemporaryDirectory() as tmp:
+            model = quantize_qdq(model, Path(tmp))
+    return model, shapes
 
 
 def _tvm_target(target_name: str, mcpu: str | None) -> dict[str, Any]:
@@ -240,7 +250,9 @@ def main() -> None:
     for sp in (t, p):
         sp.add_argument("--cpu-time", action="store_true", help="time the calling thread's CPU (needs --threads 1)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--int8", action="store_true", help="the QDQ model (quantize_static) instead of the fp32 one")
     args = ap.parse_args()
+    _QUANTIZE[0] = args.int8
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
     if getattr(args, "cpu_time", False):
         if args.threads != 1:

@@ -30,6 +30,7 @@ from tvm.s_tir import Schedule
 from .graph import cpu_graph_passes
 from .graph.bf16 import ConvToBF16
 from .graph.quantized import PerTensorQDQToArithmetic, QuantizedConvToInteger, SimplifyRequantization
+from .graph.quantized_data import EightBitDataMovement
 from .options import TuningBudget
 from .schedules import DefaultCPUSchedule, has_root, target_cpu, target_lanes, target_vector_unit
 from .schedules.bf16 import BF16ConvSchedule
@@ -136,7 +137,8 @@ def _cpu_kernels(mod: tvm.IRModule, tgt: tvm.target.Target, default_schedules: b
     if default_schedules:
         # QDQ chains become integer convolutions before the layout rewrites (ADR 0018)
         integer = "avx512_vnni" in target_cpu(tgt).features  # no integer kernel elsewhere: fp32 convs (ADR 0021)
-        mod = tvm.transform.Sequential([QuantizedConvToInteger(integer), PerTensorQDQToArithmetic(),
+        mod = tvm.transform.Sequential([QuantizedConvToInteger(integer), EightBitDataMovement(),
+                                        PerTensorQDQToArithmetic(),
                                        *cpu_graph_passes(target_lanes(tgt)), SimplifyRequantization()])(mod)
     if precision == "bf16":
         mod = ConvToBF16()(mod)  # type: ignore[operator]

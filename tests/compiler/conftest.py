@@ -278,6 +278,62 @@ def qdq_residual_block_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return d
 
 
+def data_movement_cnn(seed: int = 0) -> onnx.ModelProto:
+    """What SqueezeNet, Inception and ShuffleNet do between their convolutions, small: a 3-channel stem
+    (3x3 stride 2, relu; 23 output columns, prime as SqueezeNet's 111), a 3x3 stride-2 max pool, a fire module (1x1 squeeze, 1x1 and 3x3 expands,
+    concat), a channel shuffle (reshape, transpose, reshape; 2 groups), a grouped 1x1 convolution
+    (2 groups) with relu, a depthwise 3x3, global average pool, flatten; input ``input`` [1,3,46,46],
+    opset 13."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    nodes, inits = [], []
+
+    def conv(name: str, x: str, cin: int, cout: int, k: int, stride: int = 1, group: int = 1,
+             relu: bool = True) -> str:
+        w = (rng.standard_normal((cout, cin // group, k, k)) / np.sqrt(cin // group * k * k)).astype("float32")
+        inits.extend([numpy_helper.from_array(w, f"{name}_w"),
+                      numpy_helper.from_array((rng.standard_normal(cout) * 0.1).astype("float32"), f"{name}_b")])
+        nodes.append(helper.make_node("Conv", [x, f"{name}_w", f"{name}_b"], [f"{name}_c"], kernel_shape=[k, k],
+                                      strides=[stride] * 2, pads=[k // 2] * 4, group=group))
+        if not relu:
+            return f"{name}_c"
+        nodes.append(helper.make_node("Relu", [f"{name}_c"], [f"{name}_r"]))
+        return f"{name}_r"
+
+    stem = conv("stem", "input", 3, 16, 3, stride=2)  # 23x23
+    nodes.append(helper.make_node("MaxPool", [stem], ["pool"], kernel_shape=[3, 3], strides=[2, 2], pads=[1] * 4))
+    squeeze = conv("squeeze", "pool", 16, 16, 1)  # 12x12
+    expand1, expand3 = conv("expand1", squeeze, 16, 16, 1), conv("expand3", squeeze, 16, 16, 3)
+    nodes.append(helper.make_node("Concat", [expand1, expand3], ["fire"], axis=1))
+    inits += [numpy_helper.from_array(np.array(s, "int64"), n) for n, s in
+              (("split_shape", [1, 2, 16, 12, 12]), ("flat_shape", [1, 32, 12, 12]))]
+    nodes += [helper.make_node("Reshape", ["fire", "split_shape"], ["groups"]),
+              helper.make_node("Transpose", ["groups"], ["swapped"], perm=[0, 2, 1, 3, 4]),
+              helper.make_node("Reshape", ["swapped", "flat_shape"], ["shuffled"])]
+    grouped = conv("grouped", "shuffled", 32, 32, 1, group=2)
+    depthwise = conv("depthwise", grouped, 32, 32, 3, group=32, relu=False)
+    nodes += [helper.make_node("GlobalAveragePool", [depthwise], ["gap"]),
+              helper.make_node("Flatten", ["gap"], ["output"])]
+    graph = helper.make_graph(nodes, "data_movement_cnn",
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 46, 46])],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 32])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    return model
+
+
+@pytest.fixture(scope="session")
+def qdq_data_movement_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An unpacked archive holding the QDQ-quantized ``data_movement_cnn`` (a Q/DQ pair around every pool,
+    concat, reshape and transpose, as quantize_static writes them) as model.onnx."""
+    work = tmp_path_factory.mktemp("qdq_data_movement")
+    d = work / "archive"
+    d.mkdir()
+    onnx.save(quantize_qdq(data_movement_cnn(), work / "quantize"), str(d / "model.onnx"))
+    return d
+
+
 @pytest.fixture(scope="session")
 def qdq_small_cnn_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An unpacked archive holding the QDQ-quantized ``small_cnn`` as model.onnx."""

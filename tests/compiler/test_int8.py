@@ -184,3 +184,74 @@ def test_vnni_residual_block_matches_onnxruntime(qdq_residual_block_dir: Path, t
     units = np.rint(np.abs(out - ref) / _output_scale(qdq))
     assert units.max() <= 1
     assert np.mean(units == 0) >= MIN_EXACT
+
+
+def test_pools_concats_and_shuffles_move_8bit_values(qdq_data_movement_dir: Path) -> None:
+    # GIVEN a QDQ model with a Q/DQ pair around its max pool, concat and channel shuffle (quantize_static)
+    import tvm
+    from kiln_compiler.graph import (
+        EightBitDataMovement,
+        PerTensorQDQToArithmetic,
+        SimplifyRequantization,
+        cpu_graph_passes,
+    )
+
+    mod = from_onnx(onnx.load(str(qdq_data_movement_dir / "model.onnx")), shape_dict={"input": [1, 3, 46, 46]},
+                    keep_params_in_input=False)
+    moves = EightBitDataMovement()
+    # WHEN the rewrite runs, and then the CPU graph passes for a VNNI target
+    rewritten = moves(QuantizedConvToInteger()(mod))
+    with tvm.target.Target({"kind": "llvm", "mcpu": "znver4"}):
+        graph = tvm.transform.Sequential([PerTensorQDQToArithmetic(), *cpu_graph_passes(16),
+                                          SimplifyRequantization()])(rewritten)
+    # THEN the pool, the concat, the shuffle's reshapes and transpose and the final flatten read 8-bit values,
+    # not dequantized floats
+    assert moves.rewritten == 6
+    movers = ("relax.nn.max_pool2d", "relax.concat", "relax.reshape", "relax.permute_dims")
+    inputs = [c.args[0] for c in _calls(rewritten) if c.op.name in movers]
+    dtypes = [str(f.ty.dtype) for i in inputs for f in (i.fields if hasattr(i, "fields") else [i])]
+    assert len(dtypes) == 7 and set(dtypes) == {"uint8"}, dtypes
+    # the shuffle stays a shuffle in NHWC, no NCHW round trip
+    axes = [[int(a) for a in c.attrs.axes] for c in _calls(graph) if c.op.name == "relax.permute_dims"]
+    assert [0, 1, 2, 4, 3] in axes and [0, 2, 1, 3, 4] not in axes, axes
+    # the 3-channel stem is a u8 x s8 convolution over 4 channels (the padded one's weights are 0), 24 output
+    # columns wide (23 is prime: no VNNI tile of 8-16 pixels divides it), sliced back to 23; the grouped 1x1
+    # convolution is u8 x s8 too (a batched matmul for the VNNI kernel), the depthwise one runs in fp32 on the
+    # integer values
+    convs = [c for c in _calls(rewritten) if c.op.name == "relax.nn.conv2d"]
+    assert str(convs[0].args[0].ty.dtype) == "uint8" and int(convs[0].args[1].ty.shape[1]) == 4
+    assert [int(d) for d in convs[0].ty.shape] == [1, 16, 23, 24]
+    slices = [c for c in _calls(rewritten) if c.op.name == "relax.strided_slice"]
+    assert [int(d) for d in slices[0].ty.shape] == [1, 16, 23, 23] and str(slices[0].ty.dtype) == "uint8"
+    assert [str(c.args[0].ty.dtype) for c in convs if int(c.attrs.groups) > 1] == ["uint8", "float32"]
+    # and the VNNI schedule takes all five integer kernels: four convolutions and the grouped matmul
+    from kiln_compiler.pipeline import _cpu_kernels
+    from kiln_compiler.schedules.int8 import VNNIConvSchedule
+
+    vnni = VNNIConvSchedule()
+    with tvm.target.Target({"kind": "llvm", "mcpu": "znver4"}) as tgt:
+        vnni(_cpu_kernels(mod, tgt, True))
+    assert len(vnni.scheduled) == 5 and sum("matmul" in k for k in vnni.scheduled) == 1, vnni.scheduled
+
+
+@pytest.mark.parametrize("mcpu, vnni", [("znver4", True), ("haswell", False)])
+def test_data_movement_cnn_matches_onnxruntime(qdq_data_movement_dir: Path, tmp_path: Path, mcpu: str,
+                                               vnni: bool) -> None:
+    # GIVEN the QDQ model with 8-bit pools, concat and shuffle, compiled for a VNNI target and an AVX2 one
+    import tvm
+    from tvm import relax
+
+    executable, asm = _build(qdq_data_movement_dir, mcpu, tmp_path, (1, 3, 46, 46))
+    assert ("vpdpbusd" in asm) is vnni
+    if vnni and not _has_vnni():
+        pytest.skip("the host has no AVX512-VNNI")
+    x = np.random.default_rng(11).standard_normal((1, 3, 46, 46)).astype("float32")
+    # WHEN it and ONNX Runtime run the same input
+    out = relax.VirtualMachine(executable, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+    qdq = onnx.load(str(qdq_data_movement_dir / "model.onnx"))
+    (ref,) = ort.InferenceSession(qdq.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"input": x})
+    # THEN at most 1 quantized unit apart, almost all identical
+    units = np.rint(np.abs(out - ref) / _output_scale(qdq))
+    assert units.max() <= 1
+    assert np.mean(units == 0) >= MIN_EXACT

@@ -3,6 +3,7 @@
 from .grouped_conv import PadConvChannels, SplitGroupedConv
 from .layout import cpu_graph_passes
 from .quantized import PerTensorQDQToArithmetic, QuantizedConvToInteger, SimplifyRequantization
+from .quantized_data import EightBitDataMovement
 from .shuffle import ChannelShuffleNHWC
 from .simplify import (
     ChannelWindowToSlices,
@@ -15,6 +16,6 @@ from .simplify import (
 )
 
 __all__ = ["ChannelShuffleNHWC", "ChannelWindowToSlices", "ConstantsToFullRank", "DivideByConstantToMultiply",
-           "FlattenConcat", "PadConvChannels", "PerTensorQDQToArithmetic", "PowerToRoots",
+           "EightBitDataMovement", "FlattenConcat", "PadConvChannels", "PerTensorQDQToArithmetic", "PowerToRoots",
            "QuantizedConvToInteger", "RemoveInferenceDropout", "SimplifyRequantization", "SplitGroupedConv",
            "SumOfStackToAdd", "cpu_graph_passes"]

@@ -53,6 +53,8 @@ _CLIP = tvm.ir.Op.get("relax.clip")
 # (data layout, kernel layout) of the convolutions the rewrite takes -> (channel axis of the data, output-channel
 # axis of the kernel): ONNX's NCHW/OIHW, TFLite's NHWC/HWIO (TVM's TFLite frontend)
 _CONV_LAYOUTS = {("NCHW", "OIHW"): (1, 0), ("NHWC", "HWIO"): (3, 3)}
+# products of (x_q - z_x) and W_q (each below 2^15 in magnitude) an fp32 sum adds exactly (below 2^24)
+_EXACT_FP32_TERMS = 2**24 // (255 * 128)
 # a bias scale this close to s_x * s_w is taken as exactly it (onnxruntime computes it in float32)
 _BIAS_SCALE_RTOL = 1e-6
 
@@ -115,6 +117,26 @@ def _tighten_saturation(rewriter: PyExprMutator, clip: relax.Call) -> Any:
     y = rewriter.builder_.emit(relax.op.maximum(lower.args[0], relax.const(np.float32(lo))))
     y = rewriter.builder_.emit(relax.op.minimum(y, relax.const(np.float32(hi))))
     return relax.op.astype(y, str(cast.attrs.dtype))
+
+
+def _wider_output(data_shape: tuple[int, ...] | None, kernel_shape: tuple[int, ...], layout: tuple[str, str],
+                  attrs: Any) -> int:
+    """Output columns to add so that the VNNI tile (up to 16 pixels of a row, a divisor of the width) holds
+    at least 8: SqueezeNet's 111-wide stem ran 3-pixel tiles (111 = 3 x 37); 112 runs 16. 0 if not needed."""
+    if data_shape is None or len(data_shape) != 4:
+        return 0
+    w_in = data_shape[3 if layout[0] == "NCHW" else 2]
+    k = kernel_shape[3 if layout[1] == "OIHW" else 1]
+    stride, dilation = int(attrs.strides[1]), int(attrs.dilation[1])
+    _, left, _, right = (int(p) for p in attrs.padding)
+    width = (w_in + left + right - dilation * (k - 1) - 1) // stride + 1
+    if width <= 16 or _largest_divisor(width, 16) >= 8:
+        return 0
+    return next((e for e in range(1, 8) if _largest_divisor(width + e, 16) >= 8), 0)
+
+
+def _largest_divisor(extent: int, limit: int) -> int:
+    return max(d for d in range(1, min(extent, limit) + 1) if extent % d == 0)
 
 
 @mutator
@@ -201,7 +223,19 @@ class _IntegerConv(PyExprMutator):
         x_scale, x_zp = float(x.scale.reshape(())), int(x.zero_point.reshape(()))
         acc_scale = (np.float32(x_scale) * np.broadcast_to(w.scale.reshape(-1), (channels,))).astype("float32")
         w_sum = w_q.astype("int64").sum(axis=tuple(i for i in range(4) if i != kernel_axis))
-        if self.integer_kernels and _dtype(x.value) == "int8":
+        # depthwise and grouped convolutions other than pointwise ones with whole 4-channel steps: the fp32
+        # kernels on the integer values (below), exact while a sum holds at most _EXACT_FP32_TERMS products;
+        # no u8 x s8 kernel takes them (their s32 kernels ran at 30-70 GFLOP/s)
+        groups = int(attrs.groups)
+        per_group = w_q.size // channels  # products per output value
+        pointwise = w_q.shape[0 if layout[1] == "HWIO" else 2:][:2] == (1, 1) and \
+            all(int(v) == 1 for v in attrs.strides) and not any(int(v) for v in attrs.padding)
+        in_axis = 1 if layout[1] == "OIHW" else 2
+        integer_kernels = self.integer_kernels and (
+            groups == 1 or per_group > _EXACT_FP32_TERMS
+            # a pointwise grouped conv becomes a batched matmul (SplitGroupedConv) the VNNI schedule takes
+            or (pointwise and w_q.shape[in_axis] > 1 and w_q.shape[in_axis] % 4 == 0))
+        if integer_kernels and _dtype(x.value) == "int8":
             x_zp += 128  # s8 activations (TFLite) as u8 for u8 x s8 kernels: x + 128, zero point + 128
         correction = -x_zp * w_sum
         if bias_q is not None:
@@ -214,19 +248,31 @@ class _IntegerConv(PyExprMutator):
                 bias_f = (b_q.astype("float64").reshape(channels) * b_scale).astype("float32")
         if np.abs(correction).max(initial=0) >= 2**31:
             return None
+        wider = 0
 
-        if self.integer_kernels:
+        if integer_kernels:
             data = x.value
             if _dtype(data) == "int8":
                 data = self.builder_.emit(relax.op.astype(self.builder_.emit(relax.op.add(
                     self.builder_.emit(relax.op.astype(data, "int16")), relax.const(128, "int16"))), "uint8"))
             padding = [int(p) for p in attrs.padding]
-            if x_zp != 0 and any(padding):
-                top, left, bottom, right = padding
+            # a dense convolution's input channels padded to a multiple of 4 (a 3-channel stem): the
+            # u8 x s8 kernel reduces 4 channels per vpdpbusd; the added weights are 0, so the padded
+            # channels (any value: the zero point) add nothing and sum(W_q) is unchanged
+            vnni_tile = groups == 1 and channels % 16 == 0  # what the VNNI schedule takes (16 out-channels)
+            extra = -w_q.shape[in_axis] % 4 if vnni_tile else 0
+            if extra:
+                w_q = np.concatenate([w_q, np.zeros_like(w_q.take([0] * extra, axis=in_axis))], axis=in_axis)
+            wider = _wider_output(_static_shape(data), w_q.shape, layout, attrs) if vnni_tile else 0
+            if wider:  # extra output columns: sliced off after the epilogue
+                padding[3] += wider * int(attrs.strides[1])
+            if (x_zp != 0 and any(padding)) or extra:
+                top, left, bottom, right = padding if x_zp != 0 else (0, 0, 0, 0)
                 spatial = [top, bottom, left, right]
-                pad_width = [0, 0, *spatial, 0, 0] if layout[0] == "NHWC" else [0, 0, 0, 0, *spatial]
+                pad_width = [0, 0, *spatial, 0, extra] if layout[0] == "NHWC" else [0, 0, 0, extra, *spatial]
                 data = self.builder_.emit(relax.op.nn.pad(data, pad_width, pad_value=float(x_zp)))
-                padding = [0, 0, 0, 0]
+                if x_zp != 0:
+                    padding = [0, 0, 0, 0]
             acc = self.builder_.emit(relax.op.nn.conv2d(
                 data, relax.const(w_q, "int8"), strides=attrs.strides, padding=padding, dilation=attrs.dilation,
                 groups=int(attrs.groups), data_layout=layout[0], kernel_layout=layout[1], out_dtype="int32"))
@@ -259,7 +305,12 @@ class _IntegerConv(PyExprMutator):
         # maximum/minimum with constants, not clip: FuseOps keeps clip out of the conv's kernel
         y = self.builder_.emit(relax.op.maximum(y, relax.const(np.float32(low))))
         y = self.builder_.emit(relax.op.minimum(y, relax.const(np.float32(info.max))))
-        return relax.op.astype(y, out_dtype)
+        if not integer_kernels or not wider:
+            return relax.op.astype(y, out_dtype)
+        y = self.builder_.emit(relax.op.astype(y, out_dtype))
+        w_axis = 3 if layout[0] == "NCHW" else 2
+        width = int(_static_shape(y)[w_axis]) - wider  # type: ignore[index]
+        return relax.op.strided_slice(y, axes=[w_axis], begin=[0], end=[width])
 
 
 @mutator

@@ -26,6 +26,7 @@ from ._mutate import bound_value, rewrite_functions
 _PERMUTE = tvm.ir.Op.get("relax.permute_dims")
 _RESHAPE = tvm.ir.Op.get("relax.reshape")
 _RELU = tvm.ir.Op.get("relax.nn.relu")
+_ASTYPE = tvm.ir.Op.get("relax.astype")
 _PER_CHANNEL = {tvm.ir.Op.get(f"relax.{name}"): getattr(relax.op, name) for name in ("add", "subtract", "multiply")}
 
 
@@ -71,6 +72,10 @@ class _ShuffleToNHWC(PyExprMutator):
         if call.op != _PERMUTE or _axes(call) != [0, 2, 3, 1]:
             return call
         merged = self._call(call.args[0], _RESHAPE)
+        # an 8-bit shuffle feeding an fp32 convolution on integers (ADR 0035): the cast follows it
+        cast = self._call(call.args[0], _ASTYPE) if merged is None else None
+        if cast is not None:
+            merged = self._call(cast.args[0], _RESHAPE)
         swapped = self._call(merged.args[0], _PERMUTE) if merged is not None else None
         if swapped is None or _axes(swapped) != [0, 2, 1, 3, 4]:
             return call
@@ -86,10 +91,12 @@ class _ShuffleToNHWC(PyExprMutator):
         if grouped[0] != n or grouped[3:] != [h, w] or grouped[1] * grouped[2] != c or out != nhwc:
             return call
         groups, per_group = grouped[1], grouped[2]
-        x, ops = self._per_channel_chain(x, c)
+        x, ops = self._per_channel_chain(x, c) if cast is None else (x, [])
         y = self.builder_.emit(relax.op.reshape(x, (n, h, w, groups, per_group)))
         y = self.builder_.emit(relax.op.permute_dims(y, [0, 1, 2, 4, 3]))
         y = relax.op.reshape(y, (n, h, w, c))
+        if cast is not None:
+            y = relax.op.astype(self.builder_.emit(y), str(cast.attrs.dtype))
         # channel s of the shuffle is channel (s % g) * (C/g) + s // g of its input
         order = np.arange(c).reshape(groups, per_group).T.reshape(-1)
         for op, const, const_first in reversed(ops):

@@ -142,6 +142,72 @@ def schedule_vnni_conv(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
     return result
 
 
+def _match_group_matmul(func: tirx.PrimFunc) -> tuple[Any, Any, list[int]] | None:
+    """(schedule, block, extents ``[pixels, groups, 1, out, in]``) of a u8 x s8 -> s32 grouped pointwise
+    convolution as ``SplitGroupedConv`` writes it, ``(pixels, groups, 1, in) x (groups, in, out)``; else None."""
+    from tvm.s_tir import Schedule
+
+    from .tir import COMM_REDUCE, DATA_PAR, has_root, iter_extents, reduction_blocks
+
+    func = tirx.transform.ForceNarrowIndexToInt32()(tvm.IRModule({"main": func}))["main"]
+    sch = Schedule(func)
+    if not has_root(sch):
+        return None
+    reductions = reduction_blocks(sch, sch.get_child_blocks(sch.get_sblock("root")))
+    if len(reductions) != 1:
+        return None
+    block = reductions[0]
+    stmt = sch.get(block)
+    extents = iter_extents(stmt)
+    kinds = [iv.iter_type for iv in stmt.iter_vars]
+    if extents is None or kinds != [DATA_PAR] * 4 + [COMM_REDUCE] or len(stmt.reads) != 2 or extents[2] != 1:
+        return None
+    data, weight = stmt.reads[0].source, stmt.reads[1].source
+    if (str(data.dtype), str(weight.dtype), str(stmt.writes[0].source.dtype)) != ("uint8", "int8", "int32") \
+            or len(data.shape) != 4 or len(weight.shape) != 3:
+        return None
+    return sch, block, extents
+
+
+def schedule_vnni_group_matmul(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
+    """The VNNI schedule of a grouped pointwise u8 x s8 -> s32 convolution (ShuffleNet's 1x1 layers, a
+    batched matmul over the group axis), or None when it does not fit (out % 16, in % 4).
+
+    Weights [groups, in, out] re-packed to [groups, out/16, in/4, 16, 4]; a tile of up to 16 pixels x 16
+    channels of one group, one ``vpdpbusd`` per 4 input channels and pixel."""
+    matched = _match_group_matmul(func)
+    if matched is None:
+        return None
+    sch, block, extents = matched
+    pixels, _, _, channels, in_channels = extents
+    if channels % 16 or in_channels % 4:
+        return None
+    _register_vnni_intrin()
+    cached = sch.cache_read(block, 1, "global")
+    sch.transform_layout(block, ("read", 1), lambda g, k, oc: (g, oc // 16, k // 4, oc % 16, k % 4))
+    sch.annotate(cached, "meta_schedule.layout_rewrite_preproc", True)
+    write_back = sch.cache_write(block, 0, "global")
+    inline_epilogues(sch, block, write_back)
+    p, g, one, oc, k = sch.get_loops(block)
+    rp = _pick_divisor(pixels, _MAX_PIXELS)
+    po, pi = sch.split(p, [None, rp])
+    oco, oci = sch.split(oc, [None, 16])
+    ko, ki = sch.split(k, [None, 4])
+    sch.reorder(g, po, one, oco, ko, pi, oci, ki)
+    outer = sch.fuse(g, po, one, oco)
+    sch.reverse_compute_at(write_back, outer)
+    wb_loops = sch.get_loops(write_back)[1:]
+    if wb_loops:
+        sch.vectorize(wb_loops[-1])
+    sch.parallel(outer)
+    sch.decompose_reduction(block, ko)
+    sch.unroll(pi)
+    sch.tensorize(oci, VNNI_INTRIN)
+    parallelize_serial_root_blocks(sch)
+    result: tirx.PrimFunc = sch.mod["main"]
+    return result
+
+
 @tvm.transform.module_pass(opt_level=0, name="KilnVNNIConvSchedule")
 class VNNIConvSchedule:
     """Schedule every unscheduled u8 x s8 -> s32 convolution kernel with ``vpdpbusd`` (AVX512-VNNI targets)."""
@@ -155,7 +221,7 @@ class VNNIConvSchedule:
             if not isinstance(func, tirx.PrimFunc) or is_scheduled(func):
                 continue
             try:
-                new = schedule_vnni_conv(func)
+                new = schedule_vnni_conv(func) or schedule_vnni_group_matmul(func)
             except Exception as exc:  # a kernel the blocking does not fit keeps the default schedule
                 log.debug("VNNI schedule failed for %s: %s", gv.name_hint, exc)
                 continue
