@@ -19,8 +19,11 @@ from tvm import tirx
 
 from .cpu import inline_epilogues
 from .tir import (
+    COMM_REDUCE,
+    DATA_PAR,
     is_scheduled,
     match_nhwc_conv,
+    match_reduction,
     parallelize_anchor_inputs,
     parallelize_serial_root_blocks,
     same_block,
@@ -128,43 +131,18 @@ def schedule_vnni_conv(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
     oco, oci = sch.split(oc, [None, 16])
     ico, ici = sch.split(ic, [None, 4])
     sch.reorder(n, h, wo, oco, kh, kw, ico, wi, oci, ici)
-    outer = sch.fuse(n, h, wo, oco)
-    sch.reverse_compute_at(write_back, outer)
-    wb_loops = sch.get_loops(write_back)[1:]
-    if wb_loops:
-        sch.vectorize(wb_loops[-1])
-    sch.parallel(outer)
-    sch.decompose_reduction(block, kh)
-    sch.unroll(wi)
-    sch.tensorize(oci, VNNI_INTRIN)
-    parallelize_serial_root_blocks(sch)
-    result: tirx.PrimFunc = sch.mod["main"]
-    return result
+    return _vnni_nest(sch, block, write_back, sch.fuse(n, h, wo, oco), kh, wi, oci)
 
 
 def _match_group_matmul(func: tirx.PrimFunc) -> tuple[Any, Any, list[int]] | None:
     """(schedule, block, extents ``[pixels, groups, 1, out, in]``) of a u8 x s8 -> s32 grouped pointwise
     convolution as ``SplitGroupedConv`` writes it, ``(pixels, groups, 1, in) x (groups, in, out)``; else None."""
-    from tvm.s_tir import Schedule
-
-    from .tir import COMM_REDUCE, DATA_PAR, has_root, iter_extents, reduction_blocks
-
-    func = tirx.transform.ForceNarrowIndexToInt32()(tvm.IRModule({"main": func}))["main"]
-    sch = Schedule(func)
-    if not has_root(sch):
+    matched = match_reduction(func, [DATA_PAR] * 4 + [COMM_REDUCE], ("uint8", "int8", "int32"))
+    if matched is None:
         return None
-    reductions = reduction_blocks(sch, sch.get_child_blocks(sch.get_sblock("root")))
-    if len(reductions) != 1:
-        return None
-    block = reductions[0]
+    sch, block, extents = matched
     stmt = sch.get(block)
-    extents = iter_extents(stmt)
-    kinds = [iv.iter_type for iv in stmt.iter_vars]
-    if extents is None or kinds != [DATA_PAR] * 4 + [COMM_REDUCE] or len(stmt.reads) != 2 or extents[2] != 1:
-        return None
-    data, weight = stmt.reads[0].source, stmt.reads[1].source
-    if (str(data.dtype), str(weight.dtype), str(stmt.writes[0].source.dtype)) != ("uint8", "int8", "int32") \
-            or len(data.shape) != 4 or len(weight.shape) != 3:
+    if extents[2] != 1 or len(stmt.reads[0].source.shape) != 4 or len(stmt.reads[1].source.shape) != 3:
         return None
     return sch, block, extents
 
@@ -194,15 +172,22 @@ def schedule_vnni_group_matmul(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
     oco, oci = sch.split(oc, [None, 16])
     ko, ki = sch.split(k, [None, 4])
     sch.reorder(g, po, one, oco, ko, pi, oci, ki)
-    outer = sch.fuse(g, po, one, oco)
+    return _vnni_nest(sch, block, write_back, sch.fuse(g, po, one, oco), ko, pi, oci)
+
+
+def _vnni_nest(sch: Any, block: Any, write_back: Any, outer: Any, reduction: Any, pixels: Any,
+               channels: Any) -> tirx.PrimFunc:
+    """The common end of a VNNI schedule: write-back of each ``outer`` tile (vectorised), ``outer``
+    parallel, the accumulator initialised above ``reduction``, the ``pixels`` loop unrolled and the
+    16-channel ``channels`` loop tensorized with ``vpdpbusd``."""
     sch.reverse_compute_at(write_back, outer)
     wb_loops = sch.get_loops(write_back)[1:]
     if wb_loops:
         sch.vectorize(wb_loops[-1])
     sch.parallel(outer)
-    sch.decompose_reduction(block, ko)
-    sch.unroll(pi)
-    sch.tensorize(oci, VNNI_INTRIN)
+    sch.decompose_reduction(block, reduction)
+    sch.unroll(pixels)
+    sch.tensorize(channels, VNNI_INTRIN)
     parallelize_serial_root_blocks(sch)
     result: tirx.PrimFunc = sch.mod["main"]
     return result

@@ -85,6 +85,17 @@ def match_nhwc_conv(func: tirx.PrimFunc, dtypes: tuple[str, str, str]) -> tuple[
     when ``func`` is a fused NHWC convolution reading (data, weight) and writing the accumulator in
     ``dtypes``; None otherwise. Indices are narrowed to int32 first (dot-product intrinsics' descriptions
     index with int32; Relax legalizes with int64 shapes)."""
+    matched = match_reduction(func, [DATA_PAR] * 4 + [COMM_REDUCE] * 3, dtypes)
+    if matched is None or len(matched[0].get(matched[1]).reads[1].source.shape) != 4:
+        return None
+    return matched
+
+
+def match_reduction(func: tirx.PrimFunc, kinds: list[Any],
+                    dtypes: tuple[str, str, str]) -> tuple[Schedule, Any, list[int]] | None:
+    """A schedule of ``func`` (indices narrowed to int32), its one reduction block and that block's
+    extents when the block's iterators are of ``kinds`` and it reads two buffers and writes one of
+    ``dtypes`` (first read, second read, write); None otherwise."""
     func = tirx.transform.ForceNarrowIndexToInt32()(tvm.IRModule({"main": func}))["main"]
     sch = Schedule(func)
     if not has_root(sch):
@@ -95,11 +106,10 @@ def match_nhwc_conv(func: tirx.PrimFunc, dtypes: tuple[str, str, str]) -> tuple[
     block = reductions[0]
     stmt = sch.get(block)
     extents = iter_extents(stmt)
-    kinds = [iv.iter_type for iv in stmt.iter_vars]
-    if extents is None or kinds != [DATA_PAR] * 4 + [COMM_REDUCE] * 3 or len(stmt.reads) != 2:
+    if extents is None or [iv.iter_type for iv in stmt.iter_vars] != kinds or len(stmt.reads) != 2:
         return None
     data, weight = stmt.reads[0].source, stmt.reads[1].source
-    if (str(data.dtype), str(weight.dtype), str(stmt.writes[0].source.dtype)) != dtypes or len(weight.shape) != 4:
+    if (str(data.dtype), str(weight.dtype), str(stmt.writes[0].source.dtype)) != dtypes:
         return None
     return sch, block, extents
 
