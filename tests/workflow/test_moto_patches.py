@@ -95,7 +95,9 @@ def test_fast_dynamodb_reads_write_the_bytes_moto_would(local_stack):
                                 BaseResponse("dynamodb"))  # the serialiser reads no request state
         # WHEN the patched and moto's own serialiser write the same result
         patched = DynamoResult(result).execute_result(context)
-        original = moto_patches._originals["dynamodb_execute_result"](DynamoResult(result), context)
+        unpatched = DynamoResult.__new__(DynamoResult)
+        moto_patches._originals["dynamodb_result_init"](unpatched, result)  # moto's copy into plain values
+        original = moto_patches._originals["dynamodb_execute_result"](unpatched, context)
         # THEN status, content type and the JSON document are the same
         assert patched[0] == original[0] == 200
         assert patched[1]["Content-Type"] == original[1]["Content-Type"]

@@ -14,9 +14,13 @@ from __future__ import annotations
 
 import gc
 
+YOUNG_THRESHOLD = 50_000
 
-def settle() -> None:
+
+def settle(young_threshold: int = YOUNG_THRESHOLD) -> None:
     """Collect once, then exempt every object alive now from later collections (call once a
     process has finished starting: what start-up allocated lives until the process ends)."""
     gc.collect()
     gc.freeze()
+    _, middle, old = gc.get_threshold()
+    gc.set_threshold(young_threshold, middle, old)
