@@ -346,7 +346,7 @@ def patch_dynamodb_items_untracked() -> None:
     def __new__(cls: type[Any], *args: Any, **kwargs: Any) -> Any:
         return object.__new__(cls)
 
-    Item.__new__ = staticmethod(__new__)  # type: ignore[method-assign,assignment]
+    Item.__new__ = staticmethod(__new__)  # type: ignore[method-assign]
     Item.instances_tracked.clear()  # type: ignore[attr-defined]
     _applied.add("dynamodb_items_untracked")
 
