@@ -3,9 +3,11 @@ so the graph the CPU pipeline makes is the same, constants included, with fewer 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import pytest
 import tvm
 import tvm_ffi
@@ -101,13 +103,16 @@ def _graph(mod: Any, prefold: bool) -> tuple[Any, int]:
     return out, sum(p.folded for p in prefolds.values())
 
 
-@pytest.mark.parametrize("model", ["residual_bn_block", "squeezenet"])
-def test_prefold_makes_the_same_graph(model: str, squeezenet: Any) -> None:
-    """GIVEN a model with batch norms and weight transposes to fold (a ResNet block; SqueezeNet's biases)
+@pytest.mark.parametrize("model", ["residual_bn_block", "qdq_residual_block", "squeezenet"])
+def test_prefold_makes_the_same_graph(model: str, squeezenet: Any, qdq_residual_block_dir: Path) -> None:
+    """GIVEN a model with constants to fold (a ResNet block's batch norms and weight transposes, the same
+    block quantized to QDQ, SqueezeNet's biases)
     WHEN the CPU graph passes run with and without PrefoldConstants
     THEN the modules are structurally equal, every constant's bits included, and numpy folded calls."""
-    onnx_model, shapes = ((residual_bn_block(), {"input": [1, 16, 16, 16]}) if model == "residual_bn_block"
-                          else (squeezenet, {"data_0": [1, 3, 224, 224]}))
+    onnx_model, shapes = {"residual_bn_block": (residual_bn_block(), {"input": [1, 16, 16, 16]}),
+                          "qdq_residual_block": (onnx.load(str(qdq_residual_block_dir / "model.onnx")),
+                                                 {"input": [1, 16, 16, 16]}),
+                          "squeezenet": (squeezenet, {"data_0": [1, 3, 224, 224]})}[model]
     mod = from_onnx(onnx_model, shape_dict=shapes, keep_params_in_input=False)
     with tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512"}):
         reference, none = _graph(mod, prefold=False)
