@@ -2,8 +2,8 @@
 
 A parallel loop costs a launch of Kiln's launcher (ADR 0032): waking the workers, claiming chunks,
 waiting for the chunks a worker took, and the output's cache lines moving between cores. Measured per
-call on ShuffleNet (`bench/kernels.py scale`, minimum over 40 inferences, Zen 4): kernels of under
-~130 thousand block iterations (residual add + ReLU at 14x14x544, depthwise 3x3 at 7x7x272, the pools,
+call on ShuffleNet (minimum over 40 inferences, Zen 4): kernels of up to ~140 thousand block
+iterations (residual add + ReLU at 14x14x544, depthwise 3x3 at 7x7x272 with its padding, the pools,
 the softmax) took 0.88-1.03x their one-thread time at two threads, while elementwise kernels of 213
 thousand iterations and up ran 1.27-1.56x faster. On a loaded host each launch is also a chance to
 wait for a worker the OS has descheduled. Such kernels run on the calling thread.
@@ -19,8 +19,8 @@ from tvm.s_tir import Schedule, Trace
 from .tir import has_root, iter_extents
 
 # Block iterations (multiply-adds of a reduction, elements of an elementwise block) below which a
-# kernel runs serially: ~10 us on one Zen 4 core for an elementwise or depthwise kernel.
-SERIAL_WORK = 1 << 17
+# kernel runs serially: ~10-15 us on one Zen 4 core for an elementwise or depthwise kernel.
+SERIAL_WORK = 160_000
 
 
 def kernel_work(func: tirx.PrimFunc) -> int | None:
