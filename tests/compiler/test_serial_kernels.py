@@ -49,8 +49,8 @@ def test_small_kernels_have_no_parallel_loop_and_large_ones_keep_theirs(target: 
 
 def test_serial_replay_is_the_same_loop_nest_without_parallel_loops() -> None:
     # GIVEN the default schedule of an elementwise kernel above the threshold (the batch norm, ReLU
-    # and channel shuffle of ShuffleNet's unit at 14x14): one parallel loop
-    tgt, kernels = _unscheduled_kernels(_shuffle_unit(136, 4, 14), TARGETS[0])
+    # and channel shuffle of ShuffleNet's unit at 28x28, 272 channels): one parallel loop
+    tgt, kernels = _unscheduled_kernels(_shuffle_unit(272, 4, 28), TARGETS[0])
     func = next(f for name, f in kernels.items() if "transpose" in name and "relu" in name)
     assert kernel_work(func) >= SERIAL_WORK
     sch = default_schedule(func, target_vector_unit(tgt))

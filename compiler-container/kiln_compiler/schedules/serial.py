@@ -2,9 +2,9 @@
 
 A parallel loop costs a launch of Kiln's launcher (ADR 0032): waking the workers, claiming chunks,
 waiting for the chunks a worker took, and the output's cache lines moving between cores. Measured per
-call on ShuffleNet (minimum over 40 inferences, Zen 4): kernels of up to ~140 thousand block
-iterations (residual add + ReLU at 14x14x544, depthwise 3x3 at 7x7x272 with its padding, the pools,
-the softmax) took 0.88-1.03x their one-thread time at two threads, while elementwise kernels of 213
+call on ShuffleNet (minimum over 40 inferences, Zen 4): kernels whose largest block has up to ~120
+thousand iterations (residual add + ReLU at 14x14x544, depthwise 3x3 at 7x7x272, the pools, the
+softmax) took 0.88-1.03x their one-thread time at two threads, while elementwise kernels of 213
 thousand iterations and up ran 1.27-1.56x faster. On a loaded host each launch is also a chance to
 wait for a worker the OS has descheduled. Such kernels run on the calling thread.
 """
@@ -24,12 +24,13 @@ SERIAL_WORK = 160_000
 
 
 def kernel_work(func: tirx.PrimFunc) -> int | None:
-    """Iterations of every block at ``func``'s root (unscheduled): the sum over blocks of the product of
-    their iterator extents. None when a block's domain is not static."""
+    """Iterations of the largest block at ``func``'s root (unscheduled): the product of its iterator
+    extents (the elementwise blocks of a fused epilogue and a padding copy are inlined into the loops
+    of the largest one). None when a block's domain is not static."""
     sch = Schedule(func)
     if not has_root(sch):
         return None
-    total = 0
+    largest = 0
     for blk in sch.get_child_blocks(sch.get_sblock("root")):
         extents = iter_extents(sch.get(blk))
         if extents is None:
@@ -37,8 +38,8 @@ def kernel_work(func: tirx.PrimFunc) -> int | None:
         n = 1
         for e in extents:
             n *= e
-        total += n
-    return total
+        largest = max(largest, n)
+    return largest
 
 
 def without_parallel(sch: Schedule, func: tirx.PrimFunc) -> Schedule:
