@@ -195,7 +195,6 @@ def profile(name: str, path: str, target_name: str, runs: int, top: int, precisi
     """Per-kernel wall time through the VM's instrument hook (median over ``runs`` inferences)."""
     import tvm
     from kiln_compiler import pipeline
-    from tvm import relax
     from tvm.relax.frontend.onnx import from_onnx
 
     model, shapes = _model(name)
