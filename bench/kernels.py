@@ -6,6 +6,8 @@ Usage (PYTHONPATH as in the README):
   bench/kernels.py time squeezenet a.so b.so [--rounds 5] # medians per round, a/b vs ORT, same run
                                        [--peer openvino]  # vs OpenVINO out of the box (bf16 here)
   bench/kernels.py profile squeezenet a.so [--top 15]     # per-kernel ms and GFLOP/s (VM instrument)
+  bench/kernels.py --threads 2 balance resnet50 ml_c4     # parallel loop extents, static 2-thread balance
+  bench/kernels.py ortprofile squeezenet [--top 15]       # ONNX Runtime's own per-node profile
   bench/kernels.py build squeezenet ml_c5 bf16.so --precision bf16 --mcpu znver4  # (profile takes both too)
   bench/kernels.py --int8 build squeezenet ml_c5 int8.so --mcpu znver4  # the QDQ model (quantize_qdq, as
                                                           # bench/int8.py); time/profile: ORT runs it too
@@ -26,6 +28,7 @@ from typing import Any
 import numpy as np
 
 _QUANTIZE = [False]  # --int8: the QDQ model instead of the fp32 one
+_PARALLEL = ["kiln"]  # --parallel: the artifacts' parallel loops on Kiln's launcher or TVM's pool
 
 
 def _model(name: str) -> tuple[Any, dict[str, tuple[int, ...]]]:
@@ -58,8 +61,21 @@ def build(name: str, target_name: str, out: Path, precision: str = "fp32", mcpu:
     mod = from_onnx(model, shape_dict=shapes, keep_params_in_input=False)
     t0 = time.time()
     compiled = compile_relax(mod, _tvm_target(target_name, mcpu), precision=precision)
-    compiled.executable.export_library(str(out))
+    compiled.executable.export_library(str(out), fcompile=_fcompile_with_launcher(target_name, out.parent))
     print(f"{name} {target_name}: compiled in {time.time() - t0:.1f} s, unscheduled {compiled.unscheduled}")
+
+
+def _fcompile_with_launcher(target_name: str, work_dir: Path) -> Any:
+    """The catalog target's compiler driver linking Kiln's parallel launcher in, as a compile job's
+    artifact has it (ADR 0032): without it kiln-runtime and ``time``/``profile`` fall back to TVM's pool."""
+    from kiln.catalog import TargetCatalog
+    from kiln_compiler.backends.tvm import parallel_object
+    from tvm.support import cc
+
+    toolchain = TargetCatalog().device(target_name).toolchain
+    assert toolchain is not None, f"{target_name} has no toolchain in the catalog"
+    return cc.cross_compiler(toolchain.cxx, options=["-pthread"],
+                             add_files=[str(parallel_object(toolchain.cxx, work_dir))])
 
 
 def _feed(shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
@@ -68,10 +84,16 @@ def _feed(shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
 
 
 def _vm(path: str) -> Any:
+    """The artifact's VM with its kernels' parallel loops on Kiln's launcher, as kiln-runtime runs it
+    (ADR 0032; ``--parallel tvm`` keeps TVM's pool)."""
     import tvm
+    from kiln_runtime.tvm_lib import use_kiln_parallel
     from tvm import relax
 
-    return relax.VirtualMachine(tvm.runtime.load_module(path), tvm.cpu())
+    module = tvm.runtime.load_module(path)
+    if _PARALLEL[0] == "kiln":
+        use_kiln_parallel(Path(path))
+    return relax.VirtualMachine(module, tvm.cpu())
 
 
 def _median_ms(fn: Any, repeat: int) -> float:
@@ -174,7 +196,6 @@ def profile(name: str, path: str, target_name: str, runs: int, top: int, precisi
     """Per-kernel wall time through the VM's instrument hook (median over ``runs`` inferences)."""
     import tvm
     from kiln_compiler import pipeline
-    from tvm import relax
     from tvm.relax.frontend.onnx import from_onnx
 
     model, shapes = _model(name)
@@ -185,7 +206,7 @@ def profile(name: str, path: str, target_name: str, runs: int, top: int, precisi
         fused = pipeline._cpu_kernels(mod, tgt, True, precision)
     summary = {gv.name_hint: _reduction_summary(f) for gv, f in fused.functions_items()
                if isinstance(f, tvm.tirx.PrimFunc)}
-    vm = relax.VirtualMachine(tvm.runtime.load_module(path), tvm.cpu())
+    vm = _vm(path)
     times: dict[str, list[float]] = {}
     start: list[float] = [0.0]
 
@@ -224,6 +245,103 @@ def profile(name: str, path: str, target_name: str, runs: int, top: int, precisi
         print(f"  {ms:7.3f} ms {rate}  {kind} ({n} kernels)")
 
 
+def _thread_makespan(extent: int, threads: int, chunks_per_thread: int = 4) -> int:
+    """Iterations the busiest thread runs of a parallel loop of ``extent`` on Kiln's launcher (ADR 0032):
+    TVM's code splits the loop into ``threads * chunks_per_thread`` static chunks of ceil(extent / chunks)
+    iterations, and each thread claims the next chunk when it is free."""
+    chunks = threads * chunks_per_thread
+    step = -(-extent // chunks)
+    load = [0] * threads
+    for i in range(chunks):
+        load[load.index(min(load))] += max(0, min(extent, (i + 1) * step) - min(extent, i * step))
+    return max(load)
+
+
+def balance(name: str, target_name: str, threads: int) -> None:
+    """Static balance of every kernel's parallel loops at ``threads`` threads: the default schedules'
+    loop extents, the busiest thread's share, and the FLOP-weighted time lost to imbalance."""
+    import tvm
+    from kiln_compiler import pipeline
+    from kiln_compiler.schedules import DefaultCPUSchedule, target_vector_unit
+    from kiln_compiler.schedules.tir import has_root
+    from tvm.relax.frontend.onnx import from_onnx
+    from tvm.s_tir import Schedule
+
+    model, shapes = _model(name)
+    mod = from_onnx(model, shape_dict=shapes, keep_params_in_input=False)
+    with tvm.target.Target(_tvm_target(target_name, None)) as tgt:
+        fused = pipeline._cpu_kernels(mod, tgt, True)
+        summary = {gv.name_hint: _reduction_summary(f) for gv, f in fused.functions_items()
+                   if isinstance(f, tvm.tirx.PrimFunc)}
+        scheduled = DefaultCPUSchedule(target_vector_unit(tgt))(fused)
+    total, lost, launches = 0.0, 0.0, 0
+    for gv, func in scheduled.functions_items():
+        if not isinstance(func, tvm.tirx.PrimFunc):
+            continue
+        sch = Schedule(func)
+        extents: list[int] = []
+        seen: set[int] = set()
+        for blk in sch.get_child_blocks(sch.get_sblock("root")) if has_root(sch) else []:
+            for loop in sch.get_loops(blk):
+                stmt = sch.get(loop)
+                if stmt.kind == tvm.tirx.ForKind.PARALLEL and id(stmt) not in seen:
+                    seen.add(id(stmt))
+                    extents.append(int(stmt.extent))
+        flops, kind = summary.get(gv.name_hint, (0.0, "other"))
+        shares = [e / (threads * _thread_makespan(e, threads)) for e in extents if e > 0]
+        worst = min(shares, default=1.0 / threads)  # no parallel loop: one thread works
+        total += flops
+        lost += flops * (1 / worst - 1)
+        launches += len(extents)
+        if flops:
+            print(f"  {flops / 1e6:8.1f} MFLOP  {kind:30s} parallel extents {extents}, balance {worst:.2f}")
+    print(f"{name} {target_name}: {total / 1e9:.2f} GFLOP, {launches} parallel loops per inference; "
+          f"time lost to imbalance at {threads} threads: {lost / max(total, 1.0) * 100:.1f}% (FLOP-weighted)")
+
+
+def ort_profile(name: str, runs: int, threads: int, top: int) -> None:
+    """ONNX Runtime's own per-node profile (SessionOptions.enable_profiling): ms per inference of each
+    node kind and the top nodes, median over ``runs`` inferences after a warm-up."""
+    import json
+    import tempfile
+
+    import onnxruntime as ort
+
+    model, shapes = _model(name)
+    feed = _feed(shapes)
+    with tempfile.TemporaryDirectory() as tmp:
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        so.enable_profiling = True
+        so.profile_file_prefix = str(Path(tmp) / "ort")
+        sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        for _ in range(runs + 1):
+            sess.run(None, feed)
+        events = json.loads(Path(sess.end_profiling()).read_text())
+    nodes: dict[str, list[float]] = {}
+    kinds: dict[str, str] = {}
+    runs_ms: list[float] = []
+    for ev in events:
+        if ev.get("cat") == "Node" and ev["name"].endswith("_kernel_time"):
+            node = ev["name"].removesuffix("_kernel_time")
+            nodes.setdefault(node, []).append(ev["dur"] / 1000)
+            kinds[node] = ev.get("args", {}).get("op_name", "?")
+        elif ev.get("cat") == "Session" and ev["name"] == "model_run":
+            runs_ms.append(ev["dur"] / 1000)
+    per_node = {n: statistics.median(v[1:] or v) for n, v in nodes.items()}  # the first run is the warm-up
+    print(f"ORT {name}: model_run median {statistics.median(runs_ms[1:]):.2f} ms, "
+          f"{sum(per_node.values()):.2f} ms in {len(per_node)} nodes")
+    for node, ms in sorted(per_node.items(), key=lambda kv: -kv[1])[:top]:
+        print(f"  {ms:7.3f} ms  {node} ({kinds[node]})")
+    by_kind: dict[str, list[float]] = {}
+    for node, ms in per_node.items():
+        by_kind.setdefault(kinds[node], []).append(ms)
+    print("per op type:")
+    for kind, v in sorted(by_kind.items(), key=lambda kv: -sum(kv[1])):
+        print(f"  {sum(v):7.3f} ms  {kind} ({len(v)} nodes)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -244,6 +362,13 @@ def main() -> None:
     p.add_argument("target")
     p.add_argument("--runs", type=int, default=20)
     p.add_argument("--top", type=int, default=15)
+    bal = sub.add_parser("balance")
+    bal.add_argument("model")
+    bal.add_argument("target")
+    o = sub.add_parser("ortprofile", help="ONNX Runtime's own per-node profile")
+    o.add_argument("model")
+    o.add_argument("--runs", type=int, default=20)
+    o.add_argument("--top", type=int, default=15)
     for sp in (b, p):
         sp.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
         sp.add_argument("--mcpu", default=None, help="LLVM -mcpu overriding the catalog target's (znver4 for bf16)")
@@ -251,8 +376,11 @@ def main() -> None:
         sp.add_argument("--cpu-time", action="store_true", help="time the calling thread's CPU (needs --threads 1)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--int8", action="store_true", help="the QDQ model (quantize_static) instead of the fp32 one")
+    ap.add_argument("--parallel", default="kiln", choices=("kiln", "tvm"),
+                    help="the artifacts' parallel loops on Kiln's launcher (as kiln-runtime runs them) or TVM's pool")
     args = ap.parse_args()
     _QUANTIZE[0] = args.int8
+    _PARALLEL[0] = args.parallel
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
     if getattr(args, "cpu_time", False):
         if args.threads != 1:
@@ -262,6 +390,10 @@ def main() -> None:
         build(args.model, args.target, args.out, args.precision, args.mcpu)
     elif args.cmd == "time":
         time_artifacts(args.model, args.paths, args.rounds, args.repeat, args.threads, args.peer)
+    elif args.cmd == "balance":
+        balance(args.model, args.target, args.threads)
+    elif args.cmd == "ortprofile":
+        ort_profile(args.model, args.runs, args.threads, args.top)
     else:
         profile(args.model, args.path, args.target, args.runs, args.top, args.precision, args.mcpu)
 
