@@ -334,6 +334,45 @@ def qdq_data_movement_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return d
 
 
+def grouped_pointwise_cnn(seed: int = 0) -> onnx.ModelProto:
+    """ShuffleNet's awkward grouped 1x1 layers, small: a 3x3 stem (3 -> 24, relu), a grouped 1x1 conv with 6
+    input and 20 output channels per group (4 groups, relu), one with 20 input and 17 output channels per
+    group (4 groups), global average pool, flatten; input ``input`` [1, 3, 16, 16], output [1, 68], opset 13."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    nodes, inits = [], []
+    x = "input"
+    for name, cin, cout, k, group, relu in (("stem", 3, 24, 3, 1, True), ("g1", 24, 80, 1, 4, True),
+                                            ("g2", 80, 68, 1, 4, False)):
+        w = (rng.standard_normal((cout, cin // group, k, k)) / np.sqrt(cin // group * k * k)).astype("float32")
+        inits += [numpy_helper.from_array(w, f"{name}_w"),
+                  numpy_helper.from_array((rng.standard_normal(cout) * 0.1).astype("float32"), f"{name}_b")]
+        nodes.append(helper.make_node("Conv", [x, f"{name}_w", f"{name}_b"], [f"{name}_c"], kernel_shape=[k, k],
+                                      pads=[k // 2] * 4, group=group))
+        x = f"{name}_c"
+        if relu:
+            nodes.append(helper.make_node("Relu", [x], [f"{name}_r"]))
+            x = f"{name}_r"
+    nodes += [helper.make_node("GlobalAveragePool", [x], ["gap"]), helper.make_node("Flatten", ["gap"], ["output"])]
+    graph = helper.make_graph(nodes, "grouped_pointwise_cnn",
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 16, 16])],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 68])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    return model
+
+
+@pytest.fixture(scope="session")
+def qdq_grouped_pointwise_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An unpacked archive holding the QDQ-quantized ``grouped_pointwise_cnn`` as model.onnx."""
+    work = tmp_path_factory.mktemp("qdq_grouped_pointwise")
+    d = work / "archive"
+    d.mkdir()
+    onnx.save(quantize_qdq(grouped_pointwise_cnn(), work / "quantize"), str(d / "model.onnx"))
+    return d
+
+
 @pytest.fixture(scope="session")
 def qdq_small_cnn_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An unpacked archive holding the QDQ-quantized ``small_cnn`` as model.onnx."""

@@ -255,3 +255,45 @@ def test_data_movement_cnn_matches_onnxruntime(qdq_data_movement_dir: Path, tmp_
     units = np.rint(np.abs(out - ref) / _output_scale(qdq))
     assert units.max() <= 1
     assert np.mean(units == 0) >= MIN_EXACT
+
+
+def test_grouped_pointwise_convs_with_odd_group_widths_run_vnni_with_their_epilogue(
+        qdq_grouped_pointwise_dir: Path, tmp_path: Path) -> None:
+    # GIVEN grouped 1x1 convolutions with 6 and 20 input, 20 and 17 output channels per group (ShuffleNet's)
+    import tvm
+    from kiln_compiler.pipeline import _cpu_kernels
+    from kiln_compiler.schedules.int8 import VNNIConvSchedule
+    from tvm import relax
+
+    mod = from_onnx(onnx.load(str(qdq_grouped_pointwise_dir / "model.onnx")), shape_dict={"input": [1, 3, 16, 16]},
+                    keep_params_in_input=False)
+    # WHEN Kiln's CPU graph passes and fusion run for a VNNI target
+    vnni = VNNIConvSchedule()
+    with tvm.target.Target({"kind": "llvm", "mcpu": "znver4"}) as tgt:
+        kernels = _cpu_kernels(mod, tgt, True)
+    # THEN both are u8 x s8 batched matmuls over 8 and 20 input channels per group (6 padded to 8), each with
+    # its requantizing epilogue in the same kernel (not a separate pass over the s32 result), and the VNNI
+    # schedule takes both
+    matmuls = {gv.name_hint: f for gv, f in kernels.functions_items()
+               if isinstance(f, tvm.tirx.PrimFunc) and "matmul" in gv.name_hint}
+    assert len(matmuls) == 2, list(matmuls)
+    assert all("round" in name for name in matmuls), list(matmuls)
+    from kiln_compiler.schedules.int8 import _match_group_matmul
+
+    widths = sorted(int(_match_group_matmul(f)[2][4]) for f in matmuls.values())  # type: ignore[index]
+    assert widths == [8, 20], widths
+    vnni(kernels)
+    assert sum("matmul" in k for k in vnni.scheduled) == 2, vnni.scheduled
+    # and the compiled model agrees with ONNX Runtime on the same QDQ model within 1 quantized unit
+    executable, asm = _build(qdq_grouped_pointwise_dir, "znver4", tmp_path, (1, 3, 16, 16))
+    assert "vpdpbusd" in asm
+    if not _has_vnni():
+        pytest.skip("the host has no AVX512-VNNI")
+    x = np.random.default_rng(5).standard_normal((1, 3, 16, 16)).astype("float32")
+    out = relax.VirtualMachine(executable, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+    qdq = onnx.load(str(qdq_grouped_pointwise_dir / "model.onnx"))
+    (ref,) = ort.InferenceSession(qdq.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"input": x})
+    units = np.rint(np.abs(out - ref) / _output_scale(qdq))
+    assert units.max() <= 1
+    assert np.mean(units == 0) >= MIN_EXACT

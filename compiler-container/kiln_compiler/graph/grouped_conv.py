@@ -29,6 +29,14 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 from ._mutate import bound_value, rewrite_functions
 
 _CONV2D = tvm.ir.Op.get("relax.nn.conv2d")
+_MATMUL = tvm.ir.Op.get("relax.matmul")
+_RESHAPE = tvm.ir.Op.get("relax.reshape")
+_STRIDED_SLICE = tvm.ir.Op.get("relax.strided_slice")
+# elementwise operators of a requantizing epilogue: (operator, takes a second operand)
+_ELEMENTWISE = {tvm.ir.Op.get(f"relax.{name}"): binary for name, binary in (
+    ("add", True), ("subtract", True), ("multiply", True), ("divide", True), ("maximum", True),
+    ("minimum", True), ("round", False), ("astype", False), ("nn.relu", False))}
+MAX_SPLIT_GROUPS = 8  # SplitGroupedConv's default: more groups keep their grouped kernel
 
 
 def _nhwc_conv_weight(rewriter: Any, call: relax.Call) -> np.ndarray | None:
@@ -92,10 +100,23 @@ class _GroupSplitter(PyExprMutator):
         packed = np.zeros((groups, cg_in, padded), dtype=weight.dtype)
         packed[..., :cg_out] = weight[0, 0].reshape(cg_in, groups, cg_out).transpose(1, 0, 2)
         x = self.builder_.emit(relax.op.reshape(call.args[0], (n * h * w, groups, 1, cg_in)))
+        extra = -cg_in % 4 if weight.dtype == np.int8 else 0
+        if extra:  # u8 x s8: whole 4-channel steps for vpdpbusd; the added weights are 0, the padding adds nothing
+            x = self.builder_.emit(relax.op.nn.pad(x, [0, 0, 0, 0, 0, 0, 0, extra], pad_value=0.0))
+            packed = np.concatenate([packed, np.zeros((groups, extra, padded), dtype=packed.dtype)], axis=1)
         y = self.builder_.emit(relax.op.matmul(x, relax.const(packed), out_dtype=call.attrs.out_dtype))
         if padded != cg_out:
             y = self.builder_.emit(relax.op.strided_slice(y, axes=[3], begin=[0], end=[cg_out]))
         return relax.op.reshape(y, (n, h, w, k))
+
+
+def _ints(expr: Any) -> list[int] | None:
+    """The integers of a tuple argument (strided_slice's axes, begin), else None."""
+    fields = getattr(expr, "fields", None)
+    try:
+        return None if fields is None else [int(getattr(f, "value", f)) for f in fields]
+    except (TypeError, ValueError):
+        return None
 
 
 def _group_width(channels: int, lanes: int) -> int:
@@ -133,6 +154,84 @@ def _pad_to_vector_pairs(vectors: int) -> bool:
 
 
 @mutator
+class _EpilogueAboveReshape(PyExprMutator):
+    """``e(reshape(slice(m)), c)`` -> ``reshape(slice(e(m, c')))`` for an integer group matmul ``m``
+    (pixels, groups, 1, padded) and an elementwise ``e`` with a per-channel constant ``c`` (``c'``: the same
+    values per group, zero-padded to the padded width). The reshape to NHWC is a view (a VM call, no kernel):
+    below it, the requantizing epilogue ran as a separate kernel reading the s32 accumulators back
+    (ShuffleNet: 0.1-0.3 ms each); above it, the epilogue fuses into the matmul's write-back."""
+
+    def __init__(self, mod: tvm.IRModule) -> None:
+        super().__init__(mod)
+        self.rewritten = 0
+        self.above: set[Any] = set()  # values this rewrite moved above a reshape
+
+    def visit_call_(self, call: relax.Call) -> Any:
+        call = super().visit_call_(call)
+        binary = _ELEMENTWISE.get(call.op)
+        if binary is None or len(call.args) != (2 if binary else 1):
+            return call
+        found = self._group_matmul_view(call.args[0])
+        if found is None:
+            return call
+        source, width, shape = found
+        args = [source]
+        if binary:
+            per_group = self._per_group(call.args[1], shape, width, _static_shape(source)[3])  # type: ignore[index]
+            if per_group is None:
+                return call
+            args.append(per_group)
+        y = self.builder_.emit(relax.Call(call.op, args, call.attrs))
+        self.above.add(y)
+        if width != _static_shape(y)[3]:  # type: ignore[index]
+            y = self.builder_.emit(relax.op.strided_slice(y, axes=[3], begin=[0], end=[width]))
+        self.rewritten += 1
+        return relax.op.reshape(y, shape)
+
+    def _group_matmul_view(self, expr: Any) -> tuple[Any, int, tuple[int, ...]] | None:
+        """(the (pixels, groups, 1, padded) value, channels per group, NHWC shape) of ``expr`` =
+        ``reshape(strided_slice(value) or value, NHWC)``, value an integer group matmul or moved above."""
+        view = bound_value(self, expr)
+        if not isinstance(view, relax.Call) or view.op != _RESHAPE:
+            return None
+        shape = _static_shape(view)
+        value = view.args[0]
+        inner = bound_value(self, value)
+        width = None
+        if isinstance(inner, relax.Call) and inner.op == _STRIDED_SLICE and _ints(inner.args[1]) == [3] \
+                and _ints(inner.args[2]) == [0]:
+            width = _static_shape(inner)
+            value = inner.args[0]
+            inner = bound_value(self, value)
+        source_shape = _static_shape(value)
+        if shape is None or source_shape is None or source_shape[2] != 1:
+            return None
+        integer = isinstance(inner, relax.Call) and inner.op == _MATMUL and str(inner.attrs.out_dtype) == "int32"
+        if not integer and value not in self.above:
+            return None
+        per_group = source_shape[3] if width is None else width[3]
+        pixels, groups = source_shape[0], source_shape[1]
+        if shape[0] * shape[1] * shape[2] != pixels or shape[3] != groups * per_group:
+            return None
+        return value, per_group, shape
+
+    def _per_group(self, operand: Any, shape: tuple[int, ...], width: int, padded_width: int) -> Any | None:
+        """``operand`` (a scalar or per-channel constant of the NHWC value) per (group, channel), padded."""
+        seen = bound_value(self, operand)
+        if not isinstance(seen, tvm.ir.expr.Constant):
+            return None
+        c = seen.value.numpy()
+        if c.size == 1:
+            return seen
+        if c.ndim > 4 or c.shape[-1] != shape[3] or c.size != shape[3]:
+            return None
+        groups = shape[3] // width
+        padded = np.zeros((groups, 1, padded_width), dtype=c.dtype)
+        padded[..., :width] = c.reshape(groups, 1, width)
+        return relax.const(padded)
+
+
+@mutator
 class _ChannelPadder(PyExprMutator):
     def __init__(self, mod: tvm.IRModule, lanes: int) -> None:
         super().__init__(mod)
@@ -161,12 +260,16 @@ class _ChannelPadder(PyExprMutator):
 class SplitGroupedConv:
     """Grouped NHWC convolutions with 2..``max_groups`` groups -> one padded dense conv per group + concat."""
 
-    def __init__(self, lanes: int, max_groups: int = 8) -> None:
+    def __init__(self, lanes: int, max_groups: int = MAX_SPLIT_GROUPS) -> None:
         self.lanes = lanes
         self.max_groups = max_groups
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        return rewrite_functions(mod, _GroupSplitter(mod, self.lanes, self.max_groups))
+        split = rewrite_functions(mod, _GroupSplitter(mod, self.lanes, self.max_groups))
+        above = _EpilogueAboveReshape(split)
+        out = rewrite_functions(split, above)
+        # the epilogue's old chain below the reshape is dead now
+        return relax.transform.DeadCodeElimination()(out) if above.rewritten else out
 
 
 @tvm.transform.module_pass(opt_level=0, name="KilnPadConvChannels")

@@ -35,6 +35,7 @@ from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from ._mutate import bound_value, rewrite_functions
+from .grouped_conv import MAX_SPLIT_GROUPS
 
 _QUANTIZE = tvm.ir.Op.get("relax.quantize")
 _DEQUANTIZE = tvm.ir.Op.get("relax.dequantize")
@@ -233,8 +234,9 @@ class _IntegerConv(PyExprMutator):
         in_axis = 1 if layout[1] == "OIHW" else 2
         integer_kernels = self.integer_kernels and (
             groups == 1 or per_group > _EXACT_FP32_TERMS
-            # a pointwise grouped conv becomes a batched matmul (SplitGroupedConv) the VNNI schedule takes
-            or (pointwise and w_q.shape[in_axis] > 1 and w_q.shape[in_axis] % 4 == 0))
+            # a pointwise grouped conv becomes a batched matmul (SplitGroupedConv) the VNNI schedule takes,
+            # its input channels per group padded to a multiple of 4 there (ShuffleNet's 17 and 6 per group)
+            or (pointwise and w_q.shape[in_axis] > 1 and groups <= MAX_SPLIT_GROUPS))
         if integer_kernels and _dtype(x.value) == "int8":
             x_zp += 128  # s8 activations (TFLite) as u8 for u8 x s8 kernels: x + 128, zero point + 128
         correction = -x_zp * w_sum
