@@ -161,6 +161,25 @@ def schedule_bf16_conv(func: tirx.PrimFunc, vector: VectorUnit) -> tirx.PrimFunc
     return result
 
 
+def _slice_in_tile(sch: Any, write_back: Any, tile: Any) -> None:
+    """Compute each tile's part of the slice that drops the padded channels from the tile's accumulators,
+    instead of writing the whole padded result and slicing it in a pass of its own."""
+    consumers = sch.get_consumers(write_back)
+    if len(consumers) != 1:
+        return
+    try:
+        sch.reverse_compute_at(consumers[0], tile)
+    except Exception:  # the slice then stays a pass of its own
+        return
+    loops = sch.get_loops(consumers[0])[1:]
+    if loops:
+        sch.vectorize(loops[-1])
+    try:  # the slice reads the accumulators: no padded result in memory at all
+        sch.compute_inline(write_back)
+    except Exception:  # it then reads the tile's write-back, still in cache
+        pass
+
+
 def schedule_bf16_group_matmul(func: tirx.PrimFunc, vector: VectorUnit) -> tirx.PrimFunc | None:
     """The ``vdpbf16ps`` schedule of a grouped pointwise bf16 x bf16 -> fp32 convolution (ShuffleNet's 1x1
     layers: a matmul batched over the group axis, ``SplitGroupedConv``), or None when it does not fit.
@@ -195,6 +214,7 @@ def schedule_bf16_group_matmul(func: tirx.PrimFunc, vector: VectorUnit) -> tirx.
     wb_loops = sch.get_loops(write_back)[1:]
     if wb_loops:
         sch.vectorize(wb_loops[-1])
+    _slice_in_tile(sch, write_back, fused)
     sch.parallel(fused)
     sch.annotate(fused, "pragma_import_llvm", _DPBF16PS_LLVM)
     sch.decompose_reduction(block, ko)
