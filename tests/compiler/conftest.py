@@ -498,3 +498,26 @@ def shuffle_unit(channels: int, groups: int, hw: int) -> Any:
             out = bb.emit_output(y)
         bb.emit_func_output(out)
     return bb.get()
+
+
+def shufflenet_stem(seed: int = 0) -> Any:
+    """ShuffleNet's stem, small: a 3x3 stride-2 convolution 3 -> 24 channels (not whole 16-channel blocks),
+    bias, relu, a 3x3 stride-2 max pool, a 1x1 convolution 24 -> 48; input [1, 3, 64, 64] (NCHW, Relax)."""
+    from tvm import relax
+    from tvm.script import relax as R
+
+    rng = np.random.default_rng(seed)
+
+    def const(*shape: int) -> Any:
+        return relax.const((rng.standard_normal(shape) / np.sqrt(np.prod(shape[1:]))).astype("float32"))
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", R.Tensor((1, 3, 64, 64), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.nn.conv2d(x, const(24, 3, 3, 3), strides=2, padding=1))
+            y = bb.emit(relax.op.nn.relu(relax.op.add(y, const(1, 24, 1, 1))))
+            y = bb.emit(relax.op.nn.max_pool2d(y, 3, 2, 1))
+            out = bb.emit_output(bb.emit(relax.op.nn.conv2d(y, const(48, 24, 1, 1))))
+        bb.emit_func_output(out)
+    return bb.get()

@@ -150,6 +150,7 @@ def schedule_bf16_conv(func: tirx.PrimFunc, vector: VectorUnit) -> tirx.PrimFunc
     wb_loops = sch.get_loops(write_back)[1:]
     if wb_loops:
         sch.vectorize(wb_loops[-1])
+    _slice_in_tile(sch, write_back, fused)
     sch.parallel(fused)
     sch.annotate(fused, "pragma_import_llvm", _DPBF16PS_LLVM)
     sch.decompose_reduction(block, kh)
@@ -167,6 +168,7 @@ def _slice_in_tile(sch: Any, write_back: Any, tile: Any) -> None:
     consumers = sch.get_consumers(write_back)
     if len(consumers) != 1:
         return
+    inline_epilogues(sch, consumers[0], consumers[0])  # what follows the slice (bias, relu, the cast)
     try:
         sch.reverse_compute_at(consumers[0], tile)
     except Exception:  # the slice then stays a pass of its own
