@@ -14,6 +14,7 @@ do not fit keep Kiln's default schedule.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any
 
@@ -176,10 +177,10 @@ def _slice_in_tile(sch: Any, write_back: Any, tile: Any) -> None:
     loops = sch.get_loops(consumers[0])[1:]
     if loops:
         sch.vectorize(loops[-1])
-    try:  # the slice reads the accumulators: no padded result in memory at all
+    # the slice reads the accumulators: no padded result in memory at all (else it reads the
+    # tile's write-back, still in cache)
+    with contextlib.suppress(Exception):
         sch.compute_inline(write_back)
-    except Exception:  # it then reads the tile's write-back, still in cache
-        pass
 
 
 def schedule_bf16_group_matmul(func: tirx.PrimFunc, vector: VectorUnit) -> tirx.PrimFunc | None:
