@@ -500,9 +500,10 @@ def shuffle_unit(channels: int, groups: int, hw: int) -> Any:
     return bb.get()
 
 
-def shufflenet_stem(seed: int = 0) -> Any:
-    """ShuffleNet's stem, small: a 3x3 stride-2 convolution 3 -> 24 channels (not whole 16-channel blocks),
-    bias, relu, a 3x3 stride-2 max pool, a 1x1 convolution 24 -> 48; input [1, 3, 64, 64] (NCHW, Relax)."""
+def sliced_conv_block(seed: int = 0) -> Any:
+    """A convolution whose output channels are not whole vectors, small: a 3x3 stride-2 convolution 3 -> 40
+    channels (padded to 48 and sliced back by ``PadConvChannels``), bias, relu, a 3x3 stride-2 max pool,
+    a 1x1 convolution 40 -> 48; input [1, 3, 64, 64] (NCHW, Relax)."""
     from tvm import relax
     from tvm.script import relax as R
 
@@ -515,9 +516,9 @@ def shufflenet_stem(seed: int = 0) -> Any:
     x = relax.Var("x", R.Tensor((1, 3, 64, 64), "float32"))
     with bb.function("main", [x]):
         with bb.dataflow():
-            y = bb.emit(relax.op.nn.conv2d(x, const(24, 3, 3, 3), strides=2, padding=1))
-            y = bb.emit(relax.op.nn.relu(relax.op.add(y, const(1, 24, 1, 1))))
+            y = bb.emit(relax.op.nn.conv2d(x, const(40, 3, 3, 3), strides=2, padding=1))
+            y = bb.emit(relax.op.nn.relu(relax.op.add(y, const(1, 40, 1, 1))))
             y = bb.emit(relax.op.nn.max_pool2d(y, 3, 2, 1))
-            out = bb.emit_output(bb.emit(relax.op.nn.conv2d(y, const(48, 24, 1, 1))))
+            out = bb.emit_output(bb.emit(relax.op.nn.conv2d(y, const(48, 40, 1, 1))))
         bb.emit_func_output(out)
     return bb.get()

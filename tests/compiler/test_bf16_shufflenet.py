@@ -1,11 +1,11 @@
-"""bf16 ShuffleNet layers (ADR 0042): grouped pointwise convolutions on ``vdpbf16ps`` over the group axis, and
-convolutions whose output channels are not whole 16-channel blocks (the 24-channel stem) padded and sliced.
+"""bf16 ShuffleNet layers (ADR 0042): grouped pointwise convolutions on ``vdpbf16ps`` over the group axis; and
+a padded convolution's slice computed from the bf16 kernel's tiles.
 
 Tolerance as in test_bf16.py: each bf16 layer may add ~2^-8 of its output's scale (operands rounded to
 8 significand bits, products and sums in fp32). The ShuffleNet unit has two bf16 layers (the grouped
 1x1 convolutions; the depthwise 3x3 stays fp32), asserted at 4 x 2 x 2^-8 (3%) of the largest output;
-a dropped pair or misplaced weight block is off by the order of the output itself. The stem block has two
-bf16 layers too (the 24-channel stem, the 1x1 convolution after the pool).
+a dropped pair or misplaced weight block is off by the order of the output itself. The padded-convolution block has two
+bf16 layers too (the padded 40-channel convolution, the 1x1 convolution after the pool).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from kiln_compiler.graph.bf16 import ConvToBF16
 from kiln_compiler.pipeline import compile_relax
 from tvm import relax
 
-from tests.compiler.conftest import disassemble, shuffle_unit, shufflenet_stem
+from tests.compiler.conftest import disassemble, shuffle_unit, sliced_conv_block
 
 BF16_LAYER_ERROR = 2.0**-8
 ZEN4 = {"kind": "llvm", "mcpu": "znver4"}
@@ -91,29 +91,29 @@ def test_bf16_shuffle_unit_runs_vdpbf16ps_and_agrees_with_fp32(channels: int, hw
     _agreement(bf16, fp32, np.random.default_rng(1).standard_normal((1, channels, hw, hw)).astype("float32"))
 
 
-def test_stem_with_24_channels_is_padded_to_32_and_sliced() -> None:
-    # GIVEN ShuffleNet's stem (3 -> 24 channels) in the CPU layout  WHEN ConvToBF16 runs
+def test_padded_convolution_stays_padded_and_sliced_in_bf16() -> None:
+    # GIVEN a 40-channel convolution, padded to 48 by the CPU layout passes  WHEN ConvToBF16 runs
     with tvm.target.Target(ZEN4):
-        mod = tvm.transform.Sequential(cpu_graph_passes(16))(shufflenet_stem())
+        mod = tvm.transform.Sequential(cpu_graph_passes(16))(sliced_conv_block())
         rewrite = ConvToBF16()
         text = rewrite(mod)["main"].script(show_meta=False)
-    # THEN the stem computes 32 channels (2 blocks of 16, 8 zero) from 4 input channels, sliced back to 24
+    # THEN it computes 48 channels (3 blocks of 16) in bf16 from 4 input channels, sliced back to 40
     assert rewrite.converted == 2
-    assert 'R.Tensor((1, 32, 32, 32), dtype="float32") = R.nn.conv2d(' in text
-    assert 'R.Tensor((1, 32, 32, 24), dtype="float32") = R.strided_slice(' in text
+    assert 'R.Tensor((1, 32, 32, 48), dtype="float32") = R.nn.conv2d(' in text
+    assert 'R.Tensor((1, 32, 32, 40), dtype="float32") = R.strided_slice(' in text
 
 
-def test_bf16_stem_runs_vdpbf16ps_and_agrees_with_fp32(tmp_path: Path) -> None:
-    # GIVEN the stem block  WHEN compiled in bf16 and fp32 for Zen 4
-    mod = shufflenet_stem()
+def test_bf16_padded_convolution_slices_from_its_tiles_and_agrees_with_fp32(tmp_path: Path) -> None:
+    # GIVEN the padded-convolution block  WHEN compiled in bf16 and fp32 for Zen 4
+    mod = sliced_conv_block()
     bf16 = compile_relax(mod, ZEN4, precision="bf16")
     fp32 = compile_relax(mod, ZEN4, precision="fp32")
     assert bf16.unscheduled == [] and fp32.unscheduled == []
     lib = tmp_path / "bf16.so"
     bf16.executable.export_library(str(lib))
     asm = disassemble(lib)
-    # THEN the stem's kernel (convolution, slice, bias, relu, cast in one) multiplies with vdpbf16ps
+    # THEN one kernel (convolution, slice, bias, relu, cast) multiplies with vdpbf16ps
     (name,) = {m.group(1) for m in re.finditer(r"<(fused_conv2d\w*strided_slice\w*?)(?:_compute_)?>:", asm)}
     assert "vdpbf16ps" in _kernel_asm(asm, name)
-    # and the block agrees with the fp32 build within two bf16 layers' error
+    # and the block agrees with the fp32 build within two bf16 layers' error (the slice taken from the tiles)
     _agreement(bf16, fp32, np.random.default_rng(2).standard_normal((1, 3, 64, 64)).astype("float32"))

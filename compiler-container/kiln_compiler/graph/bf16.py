@@ -54,12 +54,6 @@ def _dtype(expr: Any) -> str:
     return str(ty.dtype) if isinstance(ty, relax.TensorType) else ""
 
 
-def _padded_channels(channels: int) -> int | None:
-    """Output channels rounded up to whole ``vdpbf16ps`` blocks, or None when that adds more than half."""
-    padded = -(-channels // BF16_BLOCK_OC) * BF16_BLOCK_OC
-    return padded if 2 * padded <= 3 * channels else None
-
-
 @mutator
 class _ToBF16(PyExprMutator):
     def __init__(self, mod: tvm.IRModule, hoist_casts: bool = True) -> None:
@@ -100,9 +94,8 @@ class _ToBF16(PyExprMutator):
         if attrs.data_layout != "NHWC" or attrs.kernel_layout != "HWIO" or int(attrs.groups) != 1:
             return False
         weight = _static_shape(call.args[1])
-        # odd input channels (an RGB stem) are padded by one zero channel below, output channels to
-        # whole blocks where that adds at most half (ShuffleNet's 24-channel stem: 32 at twice the rate)
-        return (weight is not None and len(weight) == 4 and _padded_channels(weight[3]) is not None
+        # odd input channels (an RGB stem) are padded by one zero channel below
+        return (weight is not None and len(weight) == 4 and weight[3] % BF16_BLOCK_OC == 0
                 and self._constant(call.args[1]))
 
     def _matmul_fits(self, call: relax.Call) -> bool:
@@ -133,21 +126,12 @@ class _ToBF16(PyExprMutator):
             w = constant.value.numpy()
             constant = relax.const(np.pad(w, [(0, 0), (0, 0), (0, 1), (0, 0)]))
             data = relax.op.nn.pad(data, [0, 0, 0, 0, 0, 0, 0, 1])
-        channels = _static_shape(constant)[3] if call.op == _CONV2D else 0  # type: ignore[index]
-        padded = _padded_channels(channels) if call.op == _CONV2D else None
-        if padded is not None and padded != channels:
-            w = constant.value.numpy()
-            constant = relax.const(np.pad(w, [(0, 0), (0, 0), (0, 0), (0, padded - channels)]))
         weight = relax.op.astype(constant, "bfloat16")  # folded by FoldConstant
         if call.op == _CONV2D:
             a = call.attrs
-            conv = relax.op.nn.conv2d(data, weight, strides=a.strides, padding=a.padding, dilation=a.dilation,
+            return relax.op.nn.conv2d(data, weight, strides=a.strides, padding=a.padding, dilation=a.dilation,
                                       groups=a.groups, data_layout=a.data_layout, kernel_layout=a.kernel_layout,
                                       out_layout=a.out_layout, out_dtype="float32")
-            if padded == channels:
-                return conv
-            # the zero channels are dropped right after the convolution (computed from its tiles)
-            return relax.op.strided_slice(self.builder_.emit(conv), axes=[3], begin=[0], end=[channels])
         return relax.op.matmul(data, weight, out_dtype="float32")
 
 
