@@ -6,6 +6,7 @@ Usage (PYTHONPATH as in the README):
   bench/kernels.py time squeezenet a.so b.so [--rounds 5] # medians per round, a/b vs ORT, same run
                                        [--peer openvino]  # vs OpenVINO out of the box (bf16 here)
   bench/kernels.py profile squeezenet a.so [--top 15]     # per-kernel ms and GFLOP/s (VM instrument)
+  bench/kernels.py --threads 2 balance resnet50 ml_c4     # parallel loop extents, static 2-thread balance
   bench/kernels.py build squeezenet ml_c5 bf16.so --precision bf16 --mcpu znver4  # (profile takes both too)
   bench/kernels.py --int8 build squeezenet ml_c5 int8.so --mcpu znver4  # the QDQ model (quantize_qdq, as
                                                           # bench/int8.py); time/profile: ORT runs it too
@@ -68,10 +69,14 @@ def _feed(shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
 
 
 def _vm(path: str) -> Any:
+    """The artifact's VM, its parallel loops on Kiln's launcher (ADR 0032) as kiln-runtime runs them."""
     import tvm
+    from kiln_runtime.tvm_lib import use_kiln_parallel
     from tvm import relax
 
-    return relax.VirtualMachine(tvm.runtime.load_module(path), tvm.cpu())
+    lib = tvm.runtime.load_module(path)
+    use_kiln_parallel(Path(path))
+    return relax.VirtualMachine(lib, tvm.cpu())
 
 
 def _median_ms(fn: Any, repeat: int) -> float:
@@ -174,7 +179,6 @@ def profile(name: str, path: str, target_name: str, runs: int, top: int, precisi
     """Per-kernel wall time through the VM's instrument hook (median over ``runs`` inferences)."""
     import tvm
     from kiln_compiler import pipeline
-    from tvm import relax
     from tvm.relax.frontend.onnx import from_onnx
 
     model, shapes = _model(name)
@@ -185,7 +189,7 @@ def profile(name: str, path: str, target_name: str, runs: int, top: int, precisi
         fused = pipeline._cpu_kernels(mod, tgt, True, precision)
     summary = {gv.name_hint: _reduction_summary(f) for gv, f in fused.functions_items()
                if isinstance(f, tvm.tirx.PrimFunc)}
-    vm = relax.VirtualMachine(tvm.runtime.load_module(path), tvm.cpu())
+    vm = _vm(path)
     times: dict[str, list[float]] = {}
     start: list[float] = [0.0]
 
@@ -224,6 +228,60 @@ def profile(name: str, path: str, target_name: str, runs: int, top: int, precisi
         print(f"  {ms:7.3f} ms {rate}  {kind} ({n} kernels)")
 
 
+def _thread_makespan(extent: int, threads: int, chunks_per_thread: int = 4) -> int:
+    """Iterations the busiest thread runs of a parallel loop of ``extent`` on Kiln's launcher (ADR 0032):
+    TVM's code splits the loop into ``threads * chunks_per_thread`` static chunks of ceil(extent / chunks)
+    iterations, and each thread claims the next chunk when it is free."""
+    chunks = threads * chunks_per_thread
+    step = -(-extent // chunks)
+    load = [0] * threads
+    for i in range(chunks):
+        load[load.index(min(load))] += max(0, min(extent, (i + 1) * step) - min(extent, i * step))
+    return max(load)
+
+
+def balance(name: str, target_name: str, threads: int) -> None:
+    """Static balance of every kernel's parallel loops at ``threads`` threads: the default schedules'
+    loop extents, the busiest thread's share, and the FLOP-weighted time lost to imbalance."""
+    import tvm
+    from kiln_compiler import pipeline
+    from kiln_compiler.schedules import DefaultCPUSchedule, target_vector_unit
+    from kiln_compiler.schedules.tir import has_root
+    from tvm.relax.frontend.onnx import from_onnx
+    from tvm.s_tir import Schedule
+
+    model, shapes = _model(name)
+    mod = from_onnx(model, shape_dict=shapes, keep_params_in_input=False)
+    with tvm.target.Target(_tvm_target(target_name, None)) as tgt:
+        fused = pipeline._cpu_kernels(mod, tgt, True)
+        summary = {gv.name_hint: _reduction_summary(f) for gv, f in fused.functions_items()
+                   if isinstance(f, tvm.tirx.PrimFunc)}
+        scheduled = DefaultCPUSchedule(target_vector_unit(tgt))(fused)
+    total, lost, launches = 0.0, 0.0, 0
+    for gv, func in scheduled.functions_items():
+        if not isinstance(func, tvm.tirx.PrimFunc):
+            continue
+        sch = Schedule(func)
+        extents: list[int] = []
+        seen: set[int] = set()
+        for blk in sch.get_child_blocks(sch.get_sblock("root")) if has_root(sch) else []:
+            for loop in sch.get_loops(blk):
+                stmt = sch.get(loop)
+                if stmt.kind == tvm.tirx.ForKind.PARALLEL and id(stmt) not in seen:
+                    seen.add(id(stmt))
+                    extents.append(int(stmt.extent))
+        flops, kind = summary.get(gv.name_hint, (0.0, "other"))
+        shares = [e / (threads * _thread_makespan(e, threads)) for e in extents if e > 0]
+        worst = min(shares, default=1.0 / threads)  # no parallel loop: one thread works
+        total += flops
+        lost += flops * (1 / worst - 1)
+        launches += len(extents)
+        if flops:
+            print(f"  {flops / 1e6:8.1f} MFLOP  {kind:30s} parallel extents {extents}, balance {worst:.2f}")
+    print(f"{name} {target_name}: {total / 1e9:.2f} GFLOP, {launches} parallel loops per inference; "
+          f"time lost to imbalance at {threads} threads: {lost / max(total, 1.0) * 100:.1f}% (FLOP-weighted)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -244,6 +302,9 @@ def main() -> None:
     p.add_argument("target")
     p.add_argument("--runs", type=int, default=20)
     p.add_argument("--top", type=int, default=15)
+    bal = sub.add_parser("balance")
+    bal.add_argument("model")
+    bal.add_argument("target")
     for sp in (b, p):
         sp.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
         sp.add_argument("--mcpu", default=None, help="LLVM -mcpu overriding the catalog target's (znver4 for bf16)")
@@ -262,6 +323,8 @@ def main() -> None:
         build(args.model, args.target, args.out, args.precision, args.mcpu)
     elif args.cmd == "time":
         time_artifacts(args.model, args.paths, args.rounds, args.repeat, args.threads, args.peer)
+    elif args.cmd == "balance":
+        balance(args.model, args.target, args.threads)
     else:
         profile(args.model, args.path, args.target, args.runs, args.top, args.precision, args.mcpu)
 

@@ -158,6 +158,11 @@ class Recorder:
         return [{"minute": m, "calls": len(v), "p50_ms": round(percentile(v, 50), 1),
                  "p99_ms": round(percentile(v, 99), 1)} for m, v in sorted(minutes.items())]
 
+    def after(self, since: float) -> dict[str, float]:
+        """Calls, p50 and p99 of the calls started after ``since`` (perf_counter): past the create burst."""
+        later = [ms for t, ms in self.timeline if t >= since]
+        return {"calls": len(later), "p50_ms": round(percentile(later, 50), 1), "p99_ms": round(percentile(later, 99), 1)}
+
     def summary(self) -> dict[str, Any]:
         everything = [v for values in self.latency.values() for v in values]
         return {
@@ -209,7 +214,7 @@ def wait_ready(url: str, timeout: float = 120) -> None:
 
 
 def load_phase(url: str, aws_url: str, clients: int, creates: int, think: float, deadline_s: float,
-               stall_s: float = 0) -> dict[str, Any]:
+               stall_s: float = 0, max_calls: int | None = None) -> dict[str, Any]:
     s3 = boto3.client("s3", endpoint_url=aws_url, region_name="us-east-1", aws_access_key_id="local",
                       aws_secret_access_key="local")
     s3.put_object(Bucket=MODELS, Key="load/model.tar.gz",
@@ -219,6 +224,7 @@ def load_phase(url: str, aws_url: str, clients: int, creates: int, think: float,
     attempts_lock = threading.Lock()
     accepted: list[str] = []
     creating_done = threading.Event()
+    creating_done_at = [float("inf")]  # perf_counter when the last create attempt was answered
     all_terminal = threading.Event()
     started = time.time()
 
@@ -226,10 +232,22 @@ def load_phase(url: str, aws_url: str, clients: int, creates: int, think: float,
         with attempts_lock:
             return next(attempts, None)
 
+    calls_left = [max_calls] if max_calls else None  # Describe/List calls still to make (None: no bound)
+
+    def more_calls() -> bool:
+        """Take one iteration's two Describe/List calls from the budget; False once it is spent."""
+        with attempts_lock:
+            if calls_left is None:
+                return True
+            calls_left[0] -= 2
+            return calls_left[0] >= 0
+
     def work(index: int) -> None:
         api = client(url)
         rng = random.Random(index)
         while not all_terminal.is_set() and time.time() - started < deadline_s:
+            if not more_calls() and creating_done.is_set():
+                return  # the --calls budget is spent
             attempt = None if creating_done.is_set() else next_attempt()
             if attempt is not None:
                 name = f"load-{attempt:04d}"
@@ -244,6 +262,7 @@ def load_phase(url: str, aws_url: str, clients: int, creates: int, think: float,
                     with attempts_lock:
                         accepted.append(name)
             elif not creating_done.is_set():
+                creating_done_at[0] = time.perf_counter()
                 creating_done.set()
             with attempts_lock:
                 known = list(accepted)
@@ -256,7 +275,7 @@ def load_phase(url: str, aws_url: str, clients: int, creates: int, think: float,
 
     def watch() -> None:
         api = client(url)
-        while time.time() - started < deadline_s:
+        while time.time() - started < deadline_s and any(t.is_alive() for t in threads):
             if creating_done.is_set():
                 with attempts_lock:
                     names = list(accepted)
@@ -288,14 +307,15 @@ def load_phase(url: str, aws_url: str, clients: int, creates: int, think: float,
     errors = {k: {"count": v, "first_message": summary["first_messages"].get(k, "")}
               for k, v in summary["outcomes"].items()
               if not k.endswith(":ok") and k != "CreateCompilationJob:ResourceLimitExceeded"}
-    return {"clients": clients, "create_attempts": creates, "think_s": think, "accepted": len(accepted),
+    return {"clients": clients, "create_attempts": creates, "think_s": think, "max_calls": max_calls,
+            "accepted": len(accepted),
             "refused_resource_limit": summary["outcomes"].get("CreateCompilationJob:ResourceLimitExceeded", 0),
             "errors_other_than_resource_limit": sum(e["count"] for e in errors.values()), "error_detail": errors,
             "final_statuses": dict(final), "every_job_terminal": sum(final.values()) == len(accepted)
             and all(s in TERMINAL for s in final), "terminal_at_bound": at_bound, "drain_s": drain_s,
             "wall_s": round(time.time() - started, 1),
             "job_seconds": {"created_to_inprogress": _spread(waited), "inprogress_to_ended": _spread(compiled)},
-            "api": summary}
+            "api": summary, "api_after_creates": recorder.after(creating_done_at[0])}
 
 
 def drain(api: Any, names: list[str], stall_s: float, poll: float = 5) -> float:
@@ -370,6 +390,9 @@ def main() -> int:
     parser.add_argument("--deadline", type=float, default=300, help="seconds phase 1 may take at most")
     parser.add_argument("--stall", type=float, default=300,
                         help="after phase 1, wait for unfinished jobs until none finished for this many s (0: no wait)")
+    parser.add_argument("--calls", type=int, default=None,
+                        help="Describe/List calls the clients make in all, then stop once the creates are made "
+                             "(default: until every job is terminal or --deadline)")
     parser.add_argument("--sizes", default="100,1000,10000")
     parser.add_argument("--list-calls", type=int, default=50)
     parser.add_argument("--max-compilers", type=int, default=None, help="kiln serve --max-compilers")
@@ -393,11 +416,11 @@ def main() -> int:
                 print(f"phase 1: {args.clients} clients, {args.creates} creates against {url}", flush=True)
                 with LoadAverage(compilers=lambda: compilers_running(server.pid)) as busy:
                     load = load_phase(url, aws_url, args.clients, args.creates, args.think, args.deadline,
-                                      args.stall)
+                                      args.stall, args.calls)
                 load["host_load_average"] = busy.summary()
                 print(json.dumps({k: v for k, v in load.items() if k != "api"}, indent=2), flush=True)
                 print(f"  API p50 {load['api']['p50_ms']} ms, p99 {load['api']['p99_ms']} ms "
-                      f"over {load['api']['calls']} calls", flush=True)
+                      f"over {load['api']['calls']} calls; after the creates {load['api_after_creates']}", flush=True)
             print("phase 2: ListCompilationJobs latency by table size", flush=True)
             listing = list_phase(url, aws_url, [int(s) for s in args.sizes.split(",")], args.list_calls)
         finally:
@@ -443,7 +466,8 @@ def markdown(report: dict[str, Any]) -> str:
              "clients stopped, until all were or none finished for --stall s)",
              f"- job seconds (p50/max): {load.get('job_seconds')}; compiler processes running (sampled every 5 s): "
              f"{busy.get('compilers_running')}",
-             f"- API latency over {api['calls']} calls: p50 {api['p50_ms']} ms, p99 {api['p99_ms']} ms", "",
+             f"- API latency over {api['calls']} calls: p50 {api['p50_ms']} ms, p99 {api['p99_ms']} ms; "
+             f"after the last create was answered: {load.get('api_after_creates')}", "",
              "| operation | calls | p50 ms | p99 ms | max ms |", "|---|---|---|---|---|"]
     lines += [f"| {op} | {v['calls']} | {v['p50_ms']} | {v['p99_ms']} | {v['max_ms']} |"
               for op, v in api["by_operation"].items()]

@@ -165,6 +165,7 @@ def _configure_logging(verbose: bool, *, serving: bool) -> None:
 
 def _serve(args: argparse.Namespace) -> int:
     from kiln.console.app import PREFIX, Artifacts, ConsoleApp, FormDefaults, local_api
+    from kiln.local import heap
     from kiln.local.api_workers import ApiWorkers
     from kiln.local.server import ApiServer
     from kiln.local.settings import LocalSettings
@@ -189,6 +190,7 @@ def _serve(args: argparse.Namespace) -> int:
     console.print(f"  job role: {stack.outputs['JobRoleArn']}  buckets: s3://{stack.outputs['ModelBucket']}, "
                   f"s3://{stack.outputs['ArtifactBucket']}")
     console.print(f"  console: {server.url}/console")
+    heap.settle()  # started: what it built lives as long as the process (ADR 0043)
     _wait_for_stop()
     started = time.monotonic()
     server.stop()

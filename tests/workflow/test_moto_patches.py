@@ -95,7 +95,9 @@ def test_fast_dynamodb_reads_write_the_bytes_moto_would(local_stack):
                                 BaseResponse("dynamodb"))  # the serialiser reads no request state
         # WHEN the patched and moto's own serialiser write the same result
         patched = DynamoResult(result).execute_result(context)
-        original = moto_patches._originals["dynamodb_execute_result"](DynamoResult(result), context)
+        unpatched = DynamoResult.__new__(DynamoResult)
+        moto_patches._originals["dynamodb_result_init"](unpatched, result)  # moto's copy into plain values
+        original = moto_patches._originals["dynamodb_execute_result"](unpatched, context)
         # THEN status, content type and the JSON document are the same
         assert patched[0] == original[0] == 200
         assert patched[1]["Content-Type"] == original[1]["Content-Type"]
@@ -182,3 +184,26 @@ def test_projection_on_top_level_names_reads_what_moto_would(local_stack):
         assert patched.to_regular_json() == original.to_regular_json(), paths
         assert set(patched.attrs) == set(original.attrs)
         assert "Internal" not in patched.attrs
+
+
+def test_dynamodb_reads_leave_no_items_behind(local_stack):
+    # GIVEN a table of 20 items on the embedded endpoint (patched: items are not tracked by moto)
+    from moto.dynamodb.models.dynamo_type import Item
+
+    dynamodb = local_stack.client("dynamodb")
+    table = "kiln-test-untracked"
+    dynamodb.create_table(TableName=table, KeySchema=[{"AttributeName": "k", "KeyType": "HASH"}],
+                          AttributeDefinitions=[{"AttributeName": "k", "AttributeType": "S"}],
+                          BillingMode="PAY_PER_REQUEST")
+    for index in range(20):
+        dynamodb.put_item(TableName=table, Item={"k": {"S": f"item-{index:02d}"}, "v": {"M": {"n": {"N": str(index)}}}})
+    tracked = len(Item.instances_tracked)  # type: ignore[attr-defined]
+    # WHEN it is read 30 times over (Scan copies and returns every item, GetItem one)
+    for _ in range(30):
+        scanned = dynamodb.scan(TableName=table)["Items"]
+        got = dynamodb.get_item(TableName=table, Key={"k": {"S": "item-07"}})["Item"]
+    # THEN the reads still return the items, and moto kept none of the copies it built for them
+    # (unpatched: 630 more, held until a reset)
+    assert len(scanned) == 20 and got["v"] == {"M": {"n": {"N": "7"}}}
+    assert len(Item.instances_tracked) == tracked  # type: ignore[attr-defined]
+    dynamodb.delete_table(TableName=table)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import tvm
 from tvm import relax
 
+from .fold import PrefoldConstants
 from .grouped_conv import PadConvChannels, SplitGroupedConv
 from .shuffle import ChannelShuffleNHWC
 from .simplify import (
@@ -30,16 +31,20 @@ def _simplify() -> list[tvm.transform.Pass]:
             PowerToRoots(), ChannelWindowToSlices()]
 
 
-def cpu_graph_passes(lanes: int = 16) -> list[tvm.transform.Pass]:
-    """Passes that convert conv2d (and what follows it) to NHWC / HWIO; ``lanes``: fp32 vector width."""
+def cpu_graph_passes(lanes: int = 16, prefold: bool = True) -> list[tvm.transform.Pass]:
+    """Passes that convert conv2d (and what follows it) to NHWC / HWIO; ``lanes``: fp32 vector width;
+    ``prefold=False`` leaves all constant folding to LLVM builds (the same module, slower: tests compare)."""
+    fold = [PrefoldConstants()] if prefold else []  # numpy folds what needs no LLVM build (ADR 0040)
     return [
         relax.transform.DecomposeOpsForInference(),
         *_simplify(),
         relax.transform.CanonicalizeBindings(),  # ConvertLayout loses the layout across aliases
+        *fold,
         relax.transform.FoldConstant(),  # bias reshapes: ConvertLayout trips over shape tuples
         relax.transform.DeadCodeElimination(),
         relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "HWIO"]}),
         relax.transform.Normalize(),
+        *fold,
         relax.transform.FoldConstant(),  # HWIO weights as constants for the conv rewrites
         *_simplify(),  # again, now that batch norm's 1/sqrt(var + eps) is a constant
         FlattenConcat(),  # DenseNet: one flat concat per layer, fused into its batch norm

@@ -103,6 +103,7 @@ def serve(spec: WorkerSpec, ready: Any) -> None:
     from kiln import wiring
     from kiln.config import KilnSettings
     from kiln.console.app import PREFIX, Artifacts, ConsoleApp, FormDefaults, local_api
+    from kiln.local import heap
     from kiln.local.server import ApiServer
     from kiln.local.stack import LocalClients
 
@@ -125,6 +126,7 @@ def serve(spec: WorkerSpec, ready: Any) -> None:
 
     threading.Thread(target=until_parent_closes_stdin, name="kiln-api-parent", daemon=True).start()
     server.start()
+    heap.settle()  # started: the models and clients it loaded live as long as the worker (ADR 0043)
     ready.write(READY + b"\n")
     ready.flush()
     done.wait()

@@ -41,6 +41,10 @@
    item by converting all of it once per projected name: :func:`patch_dynamodb_projection` picks
    top-level names. moto lists a response class's methods (``inspect.getmembers``) on every
    request: :func:`patch_response_method_names` lists them once per class.
+11. moto keeps every model instance it builds in a list per class (for its dashboard), among them
+   the DynamoDB items it builds for every read: a leak whose size every full garbage collection
+   walks (ADR 0043). :func:`patch_dynamodb_items_untracked` stops that for items; the fast reads
+   also write a read's JSON from moto's items without first copying them into plain values.
 
 ``tests/workflow/test_moto_patches.py`` notices when upstream fixes (1), (3) or (4).
 """
@@ -282,25 +286,69 @@ def _drop_none(value: Any) -> Any:
     return value
 
 
+def _dynamodb_item_json_default(value: Any) -> Any:
+    """``json.dumps`` default for moto's own values: a DynamoType is its DynamoDB JSON already."""
+    from moto.dynamodb.models.dynamo_type import DynamoType
+
+    if isinstance(value, DynamoType):
+        return value.to_json()  # {type: value}, binary base64-encoded; nested DynamoTypes come back here
+    return _dynamodb_json_default(value)
+
+
 def patch_dynamodb_fast_reads() -> None:
-    """Serialise DynamoDB read results with ``json.dumps`` instead of moto's shape walker."""
+    """Serialise DynamoDB read results with ``json.dumps`` instead of moto's shape walker, from
+    moto's items as they are (moto first copies every result into plain values, item by item)."""
     if "dynamodb_fast_reads" in _applied:
         return
+    from moto.dynamodb.models.utilities import dynamo_to_dict
     from moto.dynamodb.responses import DynamoResult
 
     original = DynamoResult.execute_result
+    original_init = DynamoResult.__init__
     _originals["dynamodb_execute_result"] = original
+    _originals["dynamodb_result_init"] = original_init
+
+    def __init__(self: Any, result: object) -> None:
+        # the conversion waits for execute_result: a read's JSON is written from the items as they are
+        self._result = result
+        self._converted = False
 
     def execute_result(self: Any, context: Any) -> Any:
         operation = context.operation_model
-        if operation.name not in FAST_DYNAMODB_READS or isinstance(self.result, Exception):
+        if operation.name not in FAST_DYNAMODB_READS or isinstance(self._result, Exception):
+            if not getattr(self, "_converted", True):
+                self._result, self._converted = dynamo_to_dict(self._result), True
             return original(self, context)
-        body = json.dumps(_drop_none(self.result), default=_dynamodb_json_default, separators=(",", ":"))
+        body = json.dumps(_drop_none(self._result), default=_dynamodb_item_json_default, separators=(",", ":"))
         version = operation.service_model.metadata.get("jsonVersion", "1.0")
         return 200, {"Content-Type": f"application/x-amz-json-{version}"}, body
 
+    DynamoResult.__init__ = __init__  # type: ignore[method-assign]
     DynamoResult.execute_result = execute_result  # type: ignore[method-assign]
     _applied.add("dynamodb_fast_reads")
+
+
+def patch_dynamodb_items_untracked() -> None:
+    """Stop moto keeping every DynamoDB item it ever built (ADR 0043).
+
+    moto's ``BaseModel`` appends each instance to its class's ``instances_tracked`` list (for the
+    ``/moto-api/data.json`` dashboard; cleared only on reset), and moto builds new items for every
+    read (Query copies and projects each result item: 40 per 20-item page). In a long-running
+    ``kiln serve`` that list only grows (64,598 items after 45 s of the issue's load, 20 jobs in
+    the table), and every full garbage collection walks all of it while holding the interpreter
+    lock: pauses grew to 0.8 s and beyond. Items are kept by their tables, as in DynamoDB."""
+    if "dynamodb_items_untracked" in _applied:
+        return
+    from moto.dynamodb.models.dynamo_type import Item
+
+    _originals["dynamodb_item_new"] = Item.__new__
+
+    def __new__(cls: type[Any], *args: Any, **kwargs: Any) -> Any:
+        return object.__new__(cls)
+
+    Item.__new__ = staticmethod(__new__)  # type: ignore[method-assign]
+    Item.instances_tracked.clear()  # type: ignore[attr-defined]
+    _applied.add("dynamodb_items_untracked")
 
 
 def patch_step_functions_clients_reused() -> None:

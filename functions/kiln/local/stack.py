@@ -404,6 +404,7 @@ class EmbeddedStack:
         moto_patches.patch_response_method_names()
         moto_patches.patch_dynamodb_fast_reads()
         moto_patches.patch_dynamodb_projection()
+        moto_patches.patch_dynamodb_items_untracked()
         moto_patches.patch_step_functions_clients_reused()
         logging.getLogger("werkzeug").setLevel(logging.WARNING)
         # moto's own ThreadedMotoServer closes every connection after one call (ADR 0037)
