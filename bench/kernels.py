@@ -7,6 +7,7 @@ Usage (PYTHONPATH as in the README):
                                        [--peer openvino]  # vs OpenVINO out of the box (bf16 here)
   bench/kernels.py profile squeezenet a.so [--top 15]     # per-kernel ms and GFLOP/s (VM instrument)
   bench/kernels.py --threads 2 balance resnet50 ml_c4     # parallel loop extents, static 2-thread balance
+  bench/kernels.py ortprofile squeezenet [--top 15]       # ONNX Runtime's own per-node profile
   bench/kernels.py build squeezenet ml_c5 bf16.so --precision bf16 --mcpu znver4  # (profile takes both too)
   bench/kernels.py --int8 build squeezenet ml_c5 int8.so --mcpu znver4  # the QDQ model (quantize_qdq, as
                                                           # bench/int8.py); time/profile: ORT runs it too
@@ -27,6 +28,7 @@ from typing import Any
 import numpy as np
 
 _QUANTIZE = [False]  # --int8: the QDQ model instead of the fp32 one
+_PARALLEL = ["kiln"]  # --parallel: the artifacts' parallel loops on Kiln's launcher or TVM's pool
 
 
 def _model(name: str) -> tuple[Any, dict[str, tuple[int, ...]]]:
@@ -59,8 +61,21 @@ def build(name: str, target_name: str, out: Path, precision: str = "fp32", mcpu:
     mod = from_onnx(model, shape_dict=shapes, keep_params_in_input=False)
     t0 = time.time()
     compiled = compile_relax(mod, _tvm_target(target_name, mcpu), precision=precision)
-    compiled.executable.export_library(str(out))
+    compiled.executable.export_library(str(out), fcompile=_fcompile_with_launcher(target_name, out.parent))
     print(f"{name} {target_name}: compiled in {time.time() - t0:.1f} s, unscheduled {compiled.unscheduled}")
+
+
+def _fcompile_with_launcher(target_name: str, work_dir: Path) -> Any:
+    """The catalog target's compiler driver linking Kiln's parallel launcher in, as a compile job's
+    artifact has it (ADR 0032): without it kiln-runtime and ``time``/``profile`` fall back to TVM's pool."""
+    from kiln.catalog import TargetCatalog
+    from kiln_compiler.backends.tvm import parallel_object
+    from tvm.support import cc
+
+    toolchain = TargetCatalog().device(target_name).toolchain
+    assert toolchain is not None, f"{target_name} has no toolchain in the catalog"
+    return cc.cross_compiler(toolchain.cxx, options=["-pthread"],
+                             add_files=[str(parallel_object(toolchain.cxx, work_dir))])
 
 
 def _feed(shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
@@ -69,14 +84,16 @@ def _feed(shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
 
 
 def _vm(path: str) -> Any:
-    """The artifact's VM, its parallel loops on Kiln's launcher (ADR 0032) as kiln-runtime runs them."""
+    """The artifact's VM with its kernels' parallel loops on Kiln's launcher, as kiln-runtime runs it
+    (ADR 0032; ``--parallel tvm`` keeps TVM's pool)."""
     import tvm
     from kiln_runtime.tvm_lib import use_kiln_parallel
     from tvm import relax
 
-    lib = tvm.runtime.load_module(path)
-    use_kiln_parallel(Path(path))
-    return relax.VirtualMachine(lib, tvm.cpu())
+    module = tvm.runtime.load_module(path)
+    if _PARALLEL[0] == "kiln":
+        use_kiln_parallel(Path(path))
+    return relax.VirtualMachine(module, tvm.cpu())
 
 
 def _median_ms(fn: Any, repeat: int) -> float:
@@ -282,6 +299,49 @@ def balance(name: str, target_name: str, threads: int) -> None:
           f"time lost to imbalance at {threads} threads: {lost / max(total, 1.0) * 100:.1f}% (FLOP-weighted)")
 
 
+def ort_profile(name: str, runs: int, threads: int, top: int) -> None:
+    """ONNX Runtime's own per-node profile (SessionOptions.enable_profiling): ms per inference of each
+    node kind and the top nodes, median over ``runs`` inferences after a warm-up."""
+    import json
+    import tempfile
+
+    import onnxruntime as ort
+
+    model, shapes = _model(name)
+    feed = _feed(shapes)
+    with tempfile.TemporaryDirectory() as tmp:
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        so.enable_profiling = True
+        so.profile_file_prefix = str(Path(tmp) / "ort")
+        sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        for _ in range(runs + 1):
+            sess.run(None, feed)
+        events = json.loads(Path(sess.end_profiling()).read_text())
+    nodes: dict[str, list[float]] = {}
+    kinds: dict[str, str] = {}
+    runs_ms: list[float] = []
+    for ev in events:
+        if ev.get("cat") == "Node" and ev["name"].endswith("_kernel_time"):
+            node = ev["name"].removesuffix("_kernel_time")
+            nodes.setdefault(node, []).append(ev["dur"] / 1000)
+            kinds[node] = ev.get("args", {}).get("op_name", "?")
+        elif ev.get("cat") == "Session" and ev["name"] == "model_run":
+            runs_ms.append(ev["dur"] / 1000)
+    per_node = {n: statistics.median(v[1:] or v) for n, v in nodes.items()}  # the first run is the warm-up
+    print(f"ORT {name}: model_run median {statistics.median(runs_ms[1:]):.2f} ms, "
+          f"{sum(per_node.values()):.2f} ms in {len(per_node)} nodes")
+    for node, ms in sorted(per_node.items(), key=lambda kv: -kv[1])[:top]:
+        print(f"  {ms:7.3f} ms  {node} ({kinds[node]})")
+    by_kind: dict[str, list[float]] = {}
+    for node, ms in per_node.items():
+        by_kind.setdefault(kinds[node], []).append(ms)
+    print("per op type:")
+    for kind, v in sorted(by_kind.items(), key=lambda kv: -sum(kv[1])):
+        print(f"  {sum(v):7.3f} ms  {kind} ({len(v)} nodes)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -305,6 +365,10 @@ def main() -> None:
     bal = sub.add_parser("balance")
     bal.add_argument("model")
     bal.add_argument("target")
+    o = sub.add_parser("ortprofile", help="ONNX Runtime's own per-node profile")
+    o.add_argument("model")
+    o.add_argument("--runs", type=int, default=20)
+    o.add_argument("--top", type=int, default=15)
     for sp in (b, p):
         sp.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
         sp.add_argument("--mcpu", default=None, help="LLVM -mcpu overriding the catalog target's (znver4 for bf16)")
@@ -312,8 +376,11 @@ def main() -> None:
         sp.add_argument("--cpu-time", action="store_true", help="time the calling thread's CPU (needs --threads 1)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--int8", action="store_true", help="the QDQ model (quantize_static) instead of the fp32 one")
+    ap.add_argument("--parallel", default="kiln", choices=("kiln", "tvm"),
+                    help="the artifacts' parallel loops on Kiln's launcher (as kiln-runtime runs them) or TVM's pool")
     args = ap.parse_args()
     _QUANTIZE[0] = args.int8
+    _PARALLEL[0] = args.parallel
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
     if getattr(args, "cpu_time", False):
         if args.threads != 1:
@@ -325,6 +392,8 @@ def main() -> None:
         time_artifacts(args.model, args.paths, args.rounds, args.repeat, args.threads, args.peer)
     elif args.cmd == "balance":
         balance(args.model, args.target, args.threads)
+    elif args.cmd == "ortprofile":
+        ort_profile(args.model, args.runs, args.threads, args.top)
     else:
         profile(args.model, args.path, args.target, args.runs, args.top, args.precision, args.mcpu)
 
