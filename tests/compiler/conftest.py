@@ -510,3 +510,54 @@ def old_ir_qdq_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     work, d = _archive_dir(tmp_path_factory, "old_ir_qdq")
     onnx.save(quantize_qdq(model, work / "quantize"), str(d / "model.onnx"))
     return d
+
+
+def shuffle_unit(channels: int, groups: int, hw: int) -> Any:
+    """ShuffleNet's unit as ONNX spells it: grouped 1x1 conv, batch-norm-like scale and shift,
+    relu, the NCHW channel shuffle (reshape, swap, reshape), depthwise 3x3, grouped 1x1 conv."""
+    from tvm import relax
+    from tvm.script import relax as R
+
+    rng = np.random.default_rng(channels)
+
+    def const(*shape: int) -> Any:
+        return relax.const(rng.standard_normal(shape).astype("float32") / np.sqrt(shape[1] if len(shape) == 4 else 1))
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", R.Tensor((1, channels, hw, hw), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.nn.conv2d(x, const(channels, channels // groups, 1, 1), groups=groups))
+            y = bb.emit(relax.op.nn.relu(relax.op.add(relax.op.multiply(y, const(1, channels, 1, 1)),
+                                                      const(1, channels, 1, 1))))
+            y = bb.emit(relax.op.reshape(y, (1, groups, channels // groups, hw, hw)))
+            y = bb.emit(relax.op.reshape(relax.op.permute_dims(y, [0, 2, 1, 3, 4]), (1, channels, hw, hw)))
+            y = bb.emit(relax.op.nn.conv2d(y, const(channels, 1, 3, 3), padding=1, groups=channels))
+            y = bb.emit(relax.op.nn.conv2d(y, const(channels, channels // groups, 1, 1), groups=groups))
+            out = bb.emit_output(y)
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def sliced_conv_block(seed: int = 0) -> Any:
+    """A convolution whose output channels are not whole vectors, small: a 3x3 stride-2 convolution 3 -> 40
+    channels (padded to 48 and sliced back by ``PadConvChannels``), bias, relu, a 3x3 stride-2 max pool,
+    a 1x1 convolution 40 -> 48; input [1, 3, 64, 64] (NCHW, Relax)."""
+    from tvm import relax
+    from tvm.script import relax as R
+
+    rng = np.random.default_rng(seed)
+
+    def const(*shape: int) -> Any:
+        return relax.const((rng.standard_normal(shape) / np.sqrt(np.prod(shape[1:]))).astype("float32"))
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", R.Tensor((1, 3, 64, 64), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.nn.conv2d(x, const(40, 3, 3, 3), strides=2, padding=1))
+            y = bb.emit(relax.op.nn.relu(relax.op.add(y, const(1, 40, 1, 1))))
+            y = bb.emit(relax.op.nn.max_pool2d(y, 3, 2, 1))
+            out = bb.emit_output(bb.emit(relax.op.nn.conv2d(y, const(48, 40, 1, 1))))
+        bb.emit_func_output(out)
+    return bb.get()

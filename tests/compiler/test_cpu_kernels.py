@@ -19,6 +19,8 @@ from kiln_compiler.pipeline import compile_relax  # noqa: E402
 from tvm import relax  # noqa: E402
 from tvm.script import relax as R  # noqa: E402
 
+from tests.compiler.conftest import shuffle_unit  # noqa: E402
+
 os.environ.setdefault("TVM_NUM_THREADS", "2")
 AVX2 = {"kind": "llvm", "mcpu": "haswell"}  # every x86 CI host has it
 RTOL, ATOL = 1e-4, 1e-4
@@ -99,35 +101,11 @@ def test_conv_kernel_matches_unscheduled(name: str, target: dict[str, Any]) -> N
     np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
 
 
-def _shuffle_unit(channels: int, groups: int, hw: int) -> Any:
-    """ShuffleNet's unit as ONNX spells it: grouped 1x1 conv, batch-norm-like scale and shift,
-    relu, the NCHW channel shuffle (reshape, swap, reshape), depthwise 3x3, grouped 1x1 conv."""
-    rng = np.random.default_rng(channels)
-
-    def const(*shape: int) -> Any:
-        return relax.const(rng.standard_normal(shape).astype("float32") / np.sqrt(shape[1] if len(shape) == 4 else 1))
-
-    bb = relax.BlockBuilder()
-    x = relax.Var("x", R.Tensor((1, channels, hw, hw), "float32"))
-    with bb.function("main", [x]):
-        with bb.dataflow():
-            y = bb.emit(relax.op.nn.conv2d(x, const(channels, channels // groups, 1, 1), groups=groups))
-            y = bb.emit(relax.op.nn.relu(relax.op.add(relax.op.multiply(y, const(1, channels, 1, 1)),
-                                                      const(1, channels, 1, 1))))
-            y = bb.emit(relax.op.reshape(y, (1, groups, channels // groups, hw, hw)))
-            y = bb.emit(relax.op.reshape(relax.op.permute_dims(y, [0, 2, 1, 3, 4]), (1, channels, hw, hw)))
-            y = bb.emit(relax.op.nn.conv2d(y, const(channels, 1, 3, 3), padding=1, groups=channels))
-            y = bb.emit(relax.op.nn.conv2d(y, const(channels, channels // groups, 1, 1), groups=groups))
-            out = bb.emit_output(y)
-        bb.emit_func_output(out)
-    return bb.get()
-
-
 @pytest.mark.parametrize("target", TARGETS, ids=lambda t: t["mcpu"])
 @pytest.mark.parametrize(("channels", "hw"), [(136, 14), (272, 7)])
 def test_shuffle_unit_matches_unscheduled(channels: int, hw: int, target: dict[str, Any]) -> None:
     # GIVEN a ShuffleNet unit (4 groups of 34 or 68 channels, neither a whole number of vectors)
-    mod = _shuffle_unit(channels, 4, hw)
+    mod = shuffle_unit(channels, 4, hw)
     x = np.random.default_rng(1).standard_normal((1, channels, hw, hw)).astype("float32")
     # WHEN built with Kiln's kernels and without any schedule  THEN the outputs agree
     np.testing.assert_allclose(_run(mod, x, target, True), _run(mod, x, target, False), rtol=RTOL, atol=ATOL)
@@ -137,7 +115,7 @@ def test_shuffle_unit_runs_one_kernel_per_grouped_conv_in_nhwc() -> None:
     # GIVEN a ShuffleNet unit
     from kiln_compiler.graph import cpu_graph_passes
 
-    mod = _shuffle_unit(136, 4, 14)
+    mod = shuffle_unit(136, 4, 14)
     # WHEN converted for an AVX2 target
     with tvm.target.Target(AVX2):
         text = tvm.transform.Sequential(cpu_graph_passes(8))(mod)["main"].script()

@@ -7,7 +7,9 @@ cast of its input and a bf16 weight, with ``out_dtype="float32"``: products are 
 summed in fp32, so only the operands are rounded (bf16 keeps fp32's exponent and 8 of its 24
 significand bits). What follows (bias, batch norm, residual add, relu) stays fp32; the casts of the
 weights are folded at compile time. A convolution with an odd number of input channels (the RGB
-stem) gets one zero channel on its input and weight. Depthwise and grouped convolutions stay fp32.
+stem) gets one zero channel on its input and weight. Grouped pointwise convolutions (the batched
+matmul of ``SplitGroupedConv``) are converted where their channels fit the block (ADR 0042);
+depthwise and other grouped convolutions stay fp32.
 
 Activations cross layers in bf16 where that is exact (ADR 0036): each tensor is cast once, however
 many convolutions read it, and the cast moves above concatenations and max pools (rounding is
@@ -98,7 +100,15 @@ class _ToBF16(PyExprMutator):
 
     def _matmul_fits(self, call: relax.Call) -> bool:
         weight = _static_shape(call.args[1])
-        return weight is not None and len(weight) == 2 and self._constant(call.args[1])
+        if weight is None or not self._constant(call.args[1]):
+            return False
+        if len(weight) == 2:
+            return True
+        # a grouped pointwise convolution as SplitGroupedConv writes it: (pixels, groups, 1, in) x
+        # (groups, in, out), out padded to whole vectors; converted only where the 16x2 kernel fits
+        data = _static_shape(call.args[0])
+        return (len(weight) == 3 and data is not None and len(data) == 4 and data[2] == 1
+                and weight[1] % BF16_BLOCK_IC == 0 and weight[2] % BF16_BLOCK_OC == 0)
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:
         call = super().visit_call_(call)

@@ -14,6 +14,7 @@ do not fit keep Kiln's default schedule.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any
 
@@ -22,8 +23,15 @@ from kiln.isa import VectorUnit
 from tvm import tirx
 
 from ..graph.bf16 import BF16_BLOCK_IC, BF16_BLOCK_OC
-from .cpu import _channel_tiles_outermost, _pick_factor, _register_budget, _tile_rate, inline_epilogues
-from .tir import is_scheduled, match_nhwc_conv, parallelize_anchor_inputs, parallelize_serial_root_blocks
+from .cpu import channel_tiles_outermost, pick_factor, register_budget, tile_rate
+from .tir import (
+    inline_epilogues,
+    is_scheduled,
+    match_group_matmul,
+    match_nhwc_conv,
+    parallelize_anchor_inputs,
+    parallelize_serial_root_blocks,
+)
 
 log = logging.getLogger(__name__)
 
@@ -90,10 +98,10 @@ def _tile(height: int, width: int, channels: int, vector: VectorUnit) -> tuple[i
     for n_vectors in (2, 1):
         if channels % (n_vectors * BF16_BLOCK_OC):
             continue
-        limit = max(1, _register_budget(vector, n_vectors) // n_vectors)
-        rw = _pick_factor(width, limit)
-        rh = _pick_factor(height, max(1, limit // rw))
-        score = _tile_rate(rh * rw, n_vectors, n_vectors * BF16_BLOCK_OC)
+        limit = max(1, register_budget(vector, n_vectors) // n_vectors)
+        rw = pick_factor(width, limit)
+        rh = pick_factor(height, max(1, limit // rw))
+        score = tile_rate(rh * rw, n_vectors, n_vectors * BF16_BLOCK_OC)
         if best is None or score > best[0]:
             best = (score, n_vectors, rh, rw)
     assert best is not None  # channels are a multiple of the block (checked by the caller)
@@ -132,7 +140,7 @@ def schedule_bf16_conv(func: tirx.PrimFunc, vector: VectorUnit) -> tirx.PrimFunc
     oco, ocv, oci = sch.split(oc, [None, n_vectors, BF16_BLOCK_OC])
     ico, ici = sch.split(ic, [None, BF16_BLOCK_IC])
     reads_with_channels = [stmt.reads[1]]
-    if _channel_tiles_outermost(stmt, reads_with_channels, channels // (n_vectors * BF16_BLOCK_OC),
+    if channel_tiles_outermost(stmt, reads_with_channels, channels // (n_vectors * BF16_BLOCK_OC),
                                 (height // rh) * (width // rw)):
         outer = [n, oco, ho, wo]
     else:
@@ -143,10 +151,78 @@ def schedule_bf16_conv(func: tirx.PrimFunc, vector: VectorUnit) -> tirx.PrimFunc
     wb_loops = sch.get_loops(write_back)[1:]
     if wb_loops:
         sch.vectorize(wb_loops[-1])
+    _slice_in_tile(sch, write_back, fused)
     sch.parallel(fused)
     sch.annotate(fused, "pragma_import_llvm", _DPBF16PS_LLVM)
     sch.decompose_reduction(block, kh)
     for loop in (hi, wi, ocv):
+        sch.unroll(loop)
+    sch.tensorize(oci, BF16_INTRIN)
+    parallelize_serial_root_blocks(sch)
+    result: tirx.PrimFunc = sch.mod["main"]
+    return result
+
+
+def _slice_in_tile(sch: Any, write_back: Any, tile: Any) -> None:
+    """Compute each tile's part of the slice that drops the padded channels from the tile's accumulators,
+    instead of writing the whole padded result and slicing it in a pass of its own."""
+    consumers = sch.get_consumers(write_back)
+    if len(consumers) != 1:
+        return
+    inline_epilogues(sch, consumers[0], consumers[0])  # what follows the slice (bias, relu, the cast)
+    try:
+        sch.reverse_compute_at(consumers[0], tile)
+    except Exception:  # the slice then stays a pass of its own
+        return
+    loops = sch.get_loops(consumers[0])[1:]
+    if loops:
+        sch.vectorize(loops[-1])
+    # the slice reads the accumulators: no padded result in memory at all (else it reads the
+    # tile's write-back, still in cache)
+    with contextlib.suppress(Exception):
+        sch.compute_inline(write_back)
+
+
+def schedule_bf16_group_matmul(func: tirx.PrimFunc, vector: VectorUnit) -> tirx.PrimFunc | None:
+    """The ``vdpbf16ps`` schedule of a grouped pointwise bf16 x bf16 -> fp32 convolution (ShuffleNet's 1x1
+    layers: a matmul batched over the group axis, ``SplitGroupedConv``), or None when it does not fit.
+
+    Weights [groups, in, out] re-packed to [groups, out/16, in/2, 16, 2]; the register tile (pixels x 1-2
+    vectors of one group's channels) from the same throughput model as the convolutions, pixels as a row."""
+    matched = match_group_matmul(func, ("bfloat16", "bfloat16", "float32"))
+    if matched is None:
+        return None
+    sch, block, extents = matched
+    pixels, _, _, channels, in_channels = extents
+    if channels % BF16_BLOCK_OC or in_channels % BF16_BLOCK_IC:
+        return None
+    _register_bf16_intrin()
+    n_vectors, _, rp = _tile(1, pixels, channels, vector)
+    parallelize_anchor_inputs(sch, block)  # the bf16 cast of the input, if it was fused in, stays materialised
+    cached = sch.cache_read(block, 1, "global")
+    sch.transform_layout(block, ("read", 1),
+                         lambda g, k, oc: (g, oc // BF16_BLOCK_OC, k // BF16_BLOCK_IC, oc % BF16_BLOCK_OC,
+                                           k % BF16_BLOCK_IC))
+    sch.annotate(cached, "meta_schedule.layout_rewrite_preproc", True)
+    write_back = sch.cache_write(block, 0, "local")
+    inline_epilogues(sch, block, write_back)
+    p, g, one, oc, k = sch.get_loops(block)
+    po, pi = sch.split(p, [None, rp])
+    oco, ocv, oci = sch.split(oc, [None, n_vectors, BF16_BLOCK_OC])
+    ko, ki = sch.split(k, [None, BF16_BLOCK_IC])
+    # pixel tiles outside channel tiles: one group's weights (at most 136 x 144 bf16) stay in L1/L2
+    sch.reorder(g, po, one, oco, ko, pi, ocv, oci, ki)
+    fused = sch.fuse(g, po, one, oco)
+    sch.reverse_compute_at(write_back, fused)
+    wb_loops = sch.get_loops(write_back)[1:]
+    if wb_loops:
+        sch.vectorize(wb_loops[-1])
+    # the slice of the padded channels stays a pass of its own here: computed from the tiles (as the
+    # convolutions do) it ran ShuffleNet's 68-of-80-channel layer 1.8x slower (masked tail vectors)
+    sch.parallel(fused)
+    sch.annotate(fused, "pragma_import_llvm", _DPBF16PS_LLVM)
+    sch.decompose_reduction(block, ko)
+    for loop in (pi, ocv):
         sch.unroll(loop)
     sch.tensorize(oci, BF16_INTRIN)
     parallelize_serial_root_blocks(sch)
@@ -168,7 +244,7 @@ class BF16ConvSchedule:
             if not isinstance(func, tirx.PrimFunc) or is_scheduled(func):
                 continue
             try:
-                new = schedule_bf16_conv(func, self.vector)
+                new = schedule_bf16_conv(func, self.vector) or schedule_bf16_group_matmul(func, self.vector)
             except Exception as exc:  # a kernel the blocking does not fit keeps the default schedule
                 log.debug("bf16 schedule failed for %s: %s", gv.name_hint, exc)
                 continue

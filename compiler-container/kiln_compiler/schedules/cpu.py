@@ -191,6 +191,13 @@ def _channel_tiles_outermost(block: Any, weight_reads: list[Any], n_channel_tile
     return channels_outer <= 2 * pixels_outer
 
 
+# The tile model's parts other kernels' schedules share (schedules.bf16), by their public names.
+pick_factor = _pick_factor
+register_budget = _register_budget
+tile_rate = _tile_rate
+channel_tiles_outermost = _channel_tiles_outermost
+
+
 def _schedule_anchor(sch: Schedule, block: Any, vector: VectorUnit, knobs: TileKnobs = DEFAULT_KNOBS) -> bool:
     """Register-tile a reduction block (conv2d, matmul, pooling). Returns False if it does not fit.
 

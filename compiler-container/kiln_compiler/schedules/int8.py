@@ -19,11 +19,9 @@ from tvm import tirx
 
 from .cpu import inline_epilogues
 from .tir import (
-    COMM_REDUCE,
-    DATA_PAR,
     is_scheduled,
+    match_group_matmul,
     match_nhwc_conv,
-    match_reduction,
     parallelize_anchor_inputs,
     parallelize_serial_root_blocks,
     same_block,
@@ -134,26 +132,13 @@ def schedule_vnni_conv(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
     return _vnni_nest(sch, block, write_back, sch.fuse(n, h, wo, oco), kh, wi, oci)
 
 
-def _match_group_matmul(func: tirx.PrimFunc) -> tuple[Any, Any, list[int]] | None:
-    """(schedule, block, extents ``[pixels, groups, 1, out, in]``) of a u8 x s8 -> s32 grouped pointwise
-    convolution as ``SplitGroupedConv`` writes it, ``(pixels, groups, 1, in) x (groups, in, out)``; else None."""
-    matched = match_reduction(func, [DATA_PAR] * 4 + [COMM_REDUCE], ("uint8", "int8", "int32"))
-    if matched is None:
-        return None
-    sch, block, extents = matched
-    stmt = sch.get(block)
-    if extents[2] != 1 or len(stmt.reads[0].source.shape) != 4 or len(stmt.reads[1].source.shape) != 3:
-        return None
-    return sch, block, extents
-
-
 def schedule_vnni_group_matmul(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
     """The VNNI schedule of a grouped pointwise u8 x s8 -> s32 convolution (ShuffleNet's 1x1 layers, a
     batched matmul over the group axis), or None when it does not fit (out % 16, in % 4).
 
     Weights [groups, in, out] re-packed to [groups, out/16, in/4, 16, 4]; a tile of up to 16 pixels x 16
     channels of one group, one ``vpdpbusd`` per 4 input channels and pixel."""
-    matched = _match_group_matmul(func)
+    matched = match_group_matmul(func, ("uint8", "int8", "int32"))
     if matched is None:
         return None
     sch, block, extents = matched

@@ -91,6 +91,19 @@ def match_nhwc_conv(func: tirx.PrimFunc, dtypes: tuple[str, str, str]) -> tuple[
     return matched
 
 
+def match_group_matmul(func: tirx.PrimFunc, dtypes: tuple[str, str, str]) -> tuple[Schedule, Any, list[int]] | None:
+    """(schedule, block, extents ``[pixels, groups, 1, out, in]``) of a grouped pointwise convolution as
+    ``SplitGroupedConv`` writes it, ``(pixels, groups, 1, in) x (groups, in, out)``, in ``dtypes``; else None."""
+    matched = match_reduction(func, [DATA_PAR] * 4 + [COMM_REDUCE], dtypes)
+    if matched is None:
+        return None
+    sch, block, extents = matched
+    stmt = sch.get(block)
+    if extents[2] != 1 or len(stmt.reads[0].source.shape) != 4 or len(stmt.reads[1].source.shape) != 3:
+        return None
+    return sch, block, extents
+
+
 def match_reduction(func: tirx.PrimFunc, kinds: list[Any],
                     dtypes: tuple[str, str, str]) -> tuple[Schedule, Any, list[int]] | None:
     """A schedule of ``func`` (indices narrowed to int32), its one reduction block and that block's
