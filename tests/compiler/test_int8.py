@@ -278,9 +278,10 @@ def test_grouped_pointwise_convs_with_odd_group_widths_run_vnni_with_their_epilo
                if isinstance(f, tvm.tirx.PrimFunc) and "matmul" in gv.name_hint}
     assert len(matmuls) == 2, list(matmuls)
     assert all("round" in name for name in matmuls), list(matmuls)
-    from kiln_compiler.schedules.int8 import _match_group_matmul
+    from kiln_compiler.schedules.tir import match_group_matmul
 
-    widths = sorted(int(_match_group_matmul(f)[2][4]) for f in matmuls.values())  # type: ignore[index]
+    widths = sorted(int(match_group_matmul(f, ("uint8", "int8", "int32"))[2][4])  # type: ignore[index]
+                    for f in matmuls.values())
     assert widths == [8, 20], widths
     vnni(kernels)
     assert sum("matmul" in k for k in vnni.scheduled) == 2, vnni.scheduled

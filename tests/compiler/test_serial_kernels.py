@@ -14,7 +14,8 @@ from kiln_compiler.schedules.cpu import default_schedule  # noqa: E402
 from kiln_compiler.schedules.serial import SERIAL_WORK, kernel_work, parallel_loops, without_parallel  # noqa: E402
 from tvm.s_tir import Schedule  # noqa: E402
 
-from tests.compiler.test_cpu_kernels import ATOL, RTOL, TARGETS, _run, _shuffle_unit  # noqa: E402
+from tests.compiler.conftest import shuffle_unit  # noqa: E402
+from tests.compiler.test_cpu_kernels import ATOL, RTOL, TARGETS, _run  # noqa: E402
 
 
 def _unscheduled_kernels(mod: Any, target: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
@@ -38,7 +39,7 @@ def _scheduled_kernels(mod: Any, target: dict[str, Any]) -> list[tuple[int | Non
 def test_small_kernels_have_no_parallel_loop_and_large_ones_keep_theirs(target: dict[str, Any]) -> None:
     # GIVEN ShuffleNet's unit at 7x7 (272 channels): a depthwise conv and layout copies below the
     # threshold, grouped 1x1 convs above it
-    kernels = _scheduled_kernels(_shuffle_unit(272, 4, 7), target)
+    kernels = _scheduled_kernels(shuffle_unit(272, 4, 7), target)
     small = [f for work, f in kernels if work is not None and work < SERIAL_WORK]
     large = [f for work, f in kernels if work is not None and work >= SERIAL_WORK]
     assert small and large
@@ -50,7 +51,7 @@ def test_small_kernels_have_no_parallel_loop_and_large_ones_keep_theirs(target: 
 def test_serial_replay_is_the_same_loop_nest_without_parallel_loops() -> None:
     # GIVEN the default schedule of an elementwise kernel above the threshold (the batch norm, ReLU
     # and channel shuffle of ShuffleNet's unit at 28x28, 272 channels): one parallel loop
-    tgt, kernels = _unscheduled_kernels(_shuffle_unit(272, 4, 28), TARGETS[0])
+    tgt, kernels = _unscheduled_kernels(shuffle_unit(272, 4, 28), TARGETS[0])
     func = next(f for name, f in kernels.items() if "transpose" in name and "relu" in name)
     assert kernel_work(func) >= SERIAL_WORK
     sch = default_schedule(func, target_vector_unit(tgt))
@@ -64,7 +65,7 @@ def test_serial_replay_is_the_same_loop_nest_without_parallel_loops() -> None:
 @pytest.mark.parametrize("target", TARGETS, ids=lambda t: t["mcpu"])
 def test_serial_small_kernels_match_unscheduled(target: dict[str, Any]) -> None:
     # GIVEN ShuffleNet's unit at 7x7, whose depthwise conv and copies run serially
-    mod = _shuffle_unit(272, 4, 7)
+    mod = shuffle_unit(272, 4, 7)
     x = np.random.default_rng(2).standard_normal((1, 272, 7, 7)).astype("float32")
     # WHEN built with Kiln's kernels and without any schedule  THEN the outputs agree
     np.testing.assert_allclose(_run(mod, x, target, True), _run(mod, x, target, False), rtol=RTOL, atol=ATOL)
@@ -72,7 +73,7 @@ def test_serial_small_kernels_match_unscheduled(target: dict[str, Any]) -> None:
 
 def test_default_schedule_of_a_small_kernel_replays_for_tuning() -> None:
     # GIVEN a small kernel: the depthwise conv of ShuffleNet's unit at 7x7 (272 channels)
-    tgt, kernels = _unscheduled_kernels(_shuffle_unit(272, 4, 7), TARGETS[0])
+    tgt, kernels = _unscheduled_kernels(shuffle_unit(272, 4, 7), TARGETS[0])
     depthwise = next(f for name, f in kernels.items() if "conv2d" in name and kernel_work(f) < SERIAL_WORK)
     # WHEN Kiln's default schedule is traced (what tuning measures and records as a candidate)
     sch = default_schedule(depthwise, target_vector_unit(tgt))
