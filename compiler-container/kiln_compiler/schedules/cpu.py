@@ -22,7 +22,6 @@ from tvm.s_tir import Schedule
 from . import l1
 from .concat import schedule_concat
 from .knobs import DEFAULT_KNOBS, TileKnobs
-from .serial import serial_if_small
 from .tir import (
     COMM_REDUCE,
     DATA_PAR,
@@ -431,7 +430,7 @@ def default_schedule(func: tirx.PrimFunc, vector: VectorUnit, knobs: TileKnobs =
         if not anchored and schedule_concat(sch, blk, vector.lanes):
             continue  # a concat: one loop per input (schedules/concat.py)
         _schedule_elementwise(sch, blk, vector.lanes)
-    return serial_if_small(sch, func)  # a kernel too small for a second thread: no parallel loop (ADR 0038)
+    return sch
 
 
 def _narrow_layout_free(func: tirx.PrimFunc) -> tirx.PrimFunc:
