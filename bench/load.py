@@ -412,6 +412,7 @@ def main() -> int:
         try:
             wait_ready(url)
             load: dict[str, Any] = {}
+            listing: dict[str, Any] = {}
             if not args.skip_load:
                 print(f"phase 1: {args.clients} clients, {args.creates} creates against {url}", flush=True)
                 with LoadAverage(compilers=lambda: compilers_running(server.pid)) as busy:
@@ -421,8 +422,10 @@ def main() -> int:
                 print(json.dumps({k: v for k, v in load.items() if k != "api"}, indent=2), flush=True)
                 print(f"  API p50 {load['api']['p50_ms']} ms, p99 {load['api']['p99_ms']} ms "
                       f"over {load['api']['calls']} calls; after the creates {load['api_after_creates']}", flush=True)
-            print("phase 2: ListCompilationJobs latency by table size", flush=True)
-            listing = list_phase(url, aws_url, [int(s) for s in args.sizes.split(",")], args.list_calls)
+            sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
+            if sizes:  # --sizes '': phase 1 only
+                print("phase 2: ListCompilationJobs latency by table size", flush=True)
+                listing = list_phase(url, aws_url, sizes, args.list_calls)
         finally:
             stopping = time.monotonic()
             server.terminate()
