@@ -41,7 +41,7 @@ from .window import is_window_kernel, schedule_window
 log = logging.getLogger(__name__)
 
 
-def _pick_factor(extent: int, limit: int, quantum: int = 1) -> int:
+def pick_factor(extent: int, limit: int, quantum: int = 1) -> int:
     """The divisor of ``extent`` <= ``limit`` that best fills vectors of ``quantum`` lanes."""
     best, best_score = 1, 0.0
     for d in range(1, min(extent, limit) + 1):
@@ -88,7 +88,7 @@ def _schedule_elementwise(sch: Schedule, block: Any, lanes: int) -> None:
         fused_inner = sch.fuse(*inner) if len(inner) > 1 else inner[0]
         if width >= lanes:
             vec = next((lanes * n for n in (4, 2, 1) if width % (lanes * n) == 0), 0) \
-                or _pick_factor(width, lanes * 4, lanes)
+                or pick_factor(width, lanes * 4, lanes)
             if vec > 1 and vec < width:
                 io, ii = sch.split(fused_inner, [None, vec])
                 lead.append(io)
@@ -131,10 +131,10 @@ def _vector_factor(extent: int, lanes: int, max_vectors: int) -> int:
             return f
     if extent <= 2 * lanes:
         return extent
-    return _pick_factor(extent, 2 * lanes, lanes)
+    return pick_factor(extent, 2 * lanes, lanes)
 
 
-def _register_budget(vector: VectorUnit, n_vectors: int) -> int:
+def register_budget(vector: VectorUnit, n_vectors: int) -> int:
     """Accumulators a tile of ``n_vectors`` channel vectors may keep in registers.
 
     Each reduction step loads ``n_vectors`` weight vectors and broadcasts one input value into
@@ -154,7 +154,7 @@ _FMAS_PER_CYCLE, _LOADS_PER_CYCLE, _FMA_LATENCY = 2, 2, 4
 _ROW_TILE_LATENCY_SLACK = 1
 
 
-def _tile_rate(pixels: int, n_vectors: int, useful_lanes: int, latency: int = _FMA_LATENCY) -> float:
+def tile_rate(pixels: int, n_vectors: int, useful_lanes: int, latency: int = _FMA_LATENCY) -> float:
     """Useful output lanes a pixels x n_vectors tile computes per cycle of its reduction step.
 
     A step issues pixels * n_vectors FMAs and loads n_vectors weight vectors plus one broadcast
@@ -171,8 +171,8 @@ def _tile_rate(pixels: int, n_vectors: int, useful_lanes: int, latency: int = _F
 _CACHE_BYTES = 512 * 1024
 
 
-def _channel_tiles_outermost(block: Any, weight_reads: list[Any], n_channel_tiles: int,
-                             n_pixel_tiles: int) -> bool:
+def channel_tiles_outermost(block: Any, weight_reads: list[Any], n_channel_tiles: int,
+                            n_pixel_tiles: int) -> bool:
     """Loop order of a conv/matmul tile grid that moves the fewest bytes from memory.
 
     Channel tiles outermost reads the weights once and the input once per channel tile;
@@ -188,13 +188,6 @@ def _channel_tiles_outermost(block: Any, weight_reads: list[Any], n_channel_tile
     channels_outer = weights + inputs * (n_channel_tiles if inputs > _CACHE_BYTES else 1)
     pixels_outer = inputs + weights * (n_pixel_tiles if weights > _CACHE_BYTES else 1)
     return channels_outer <= 2 * pixels_outer
-
-
-# The tile model's parts other kernels' schedules share (schedules.bf16), by their public names.
-pick_factor = _pick_factor
-register_budget = _register_budget
-tile_rate = _tile_rate
-channel_tiles_outermost = _channel_tiles_outermost
 
 
 def _schedule_anchor(sch: Schedule, block: Any, vector: VectorUnit, knobs: TileKnobs = DEFAULT_KNOBS) -> bool:
@@ -245,7 +238,7 @@ def _schedule_anchor(sch: Schedule, block: Any, vector: VectorUnit, knobs: TileK
     ph, pw = (pix[-2], pix[-1]) if len(pix) >= 2 else (None, pix[-1] if pix else None)
     # pixels whose input streams share an L1 set beyond its ways evict each other (schedules/l1.py)
     step_h, step_w = l1.pixel_steps(b, [r for r in b.reads if all(not r.same_as(w) for w in reads_with_vec)], ph, pw)
-    # score: useful lanes per cycle of the tile's reduction step (_tile_rate), then fewest loads
+    # score: useful lanes per cycle of the tile's reduction step (tile_rate), then fewest loads
     # per FMA. (4 vectors x 7 pixels measured slower than 2 x 14 on AVX-512: 28 accumulators +
     # 4 weight vectors spill; the register budget now excludes that.)
     best: tuple[tuple[float, float], int, int, int] | None = None  # (score, vec_f, rh, rw)
@@ -259,13 +252,13 @@ def _schedule_anchor(sch: Schedule, block: Any, vector: VectorUnit, knobs: TileK
     for max_vectors in vector_choices:
         vf = _vector_factor(extents[vec], lanes, max_vectors)
         nv = -(-vf // lanes)
-        limit = max(1, min(knobs.max_pixels, _register_budget(vector, nv) // nv))
-        rw = _pick_factor(extents[pw], l1.conflict_free_run(limit, step_w)) if pw is not None else 1
+        limit = max(1, min(knobs.max_pixels, register_budget(vector, nv) // nv))
+        rw = pick_factor(extents[pw], l1.conflict_free_run(limit, step_w)) if pw is not None else 1
         rh_limit = max(1, limit // rw)
         while rh_limit > 1 and not l1.fits(rh_limit, rw, step_h, step_w):
             rh_limit -= 1
-        rh = _pick_factor(extents[ph], rh_limit) if ph is not None else 1
-        score = (_tile_rate(rh * rw, nv, min(vf, nv * lanes)), -(nv + rh * rw) / (nv * rh * rw))
+        rh = pick_factor(extents[ph], rh_limit) if ph is not None else 1
+        score = (tile_rate(rh * rw, nv, min(vf, nv * lanes)), -(nv + rh * rw) / (nv * rh * rw))
         if best is None or score > best[0]:
             best = (score, vf, rh, rw)
     assert best is not None
@@ -277,7 +270,7 @@ def _schedule_anchor(sch: Schedule, block: Any, vector: VectorUnit, knobs: TileK
         fused_p, fused_vf, fused_score = _fused_pixel_tile(pixels, extents[vec], vector, vector_choices, knobs,
                                                            step_w)
         row_nv = -(-vec_f // lanes)
-        row_rate = _tile_rate(rh * rw, row_nv, min(vec_f, row_nv * lanes), _FMA_LATENCY + _ROW_TILE_LATENCY_SLACK)
+        row_rate = tile_rate(rh * rw, row_nv, min(vec_f, row_nv * lanes), _FMA_LATENCY + _ROW_TILE_LATENCY_SLACK)
         if fused_p and (knobs.fused_pixels or fused_score[0] > row_rate * _FUSED_TILE_MARGIN):
             vec_f, n_pixel_tiles = fused_vf, -(-pixels // fused_p)
         else:
@@ -309,7 +302,7 @@ def _schedule_anchor(sch: Schedule, block: Any, vector: VectorUnit, knobs: TileK
     outer = [loops[i] for i in sp if i not in (vec, ph, pw)]
     if not tile_outer:
         outer.append(vo)
-    elif knobs.channels_outer if knobs.channels_outer is not None else _channel_tiles_outermost(
+    elif knobs.channels_outer if knobs.channels_outer is not None else channel_tiles_outermost(
             b, reads_with_vec, n_channel_tiles, n_pixel_tiles):
         outer += [vo, *tile_outer]
     else:
@@ -332,7 +325,7 @@ def _schedule_anchor(sch: Schedule, block: Any, vector: VectorUnit, knobs: TileK
     return True
 
 
-# A fused-pixel tile must beat the best row tile by this much in _tile_rate: its input addresses
+# A fused-pixel tile must beat the best row tile by this much in tile_rate: its input addresses
 # (p // W, p % W per pixel, a tile spanning two rows) cost what the model does not count. At equal
 # rate, 13 fused pixels x 2 vectors ran SqueezeNet's 3x3 at 55x55 12% slower than 11-pixel rows (AVX-512).
 _FUSED_TILE_MARGIN = 1.05
@@ -343,7 +336,7 @@ def _fused_pixel_tile(pixels: int, channels: int, vector: VectorUnit, vector_cho
     """(pixels per tile, channel factor, score) of the best tile over the fused H*W axis.
 
     The last tile of each channel tile is a tail (``pixels % P`` pixels); the score is the rate
-    of the whole grid: full tiles and the tail at their own _tile_rate. A 13x13 map has no row
+    of the whole grid: full tiles and the tail at their own tile_rate. A 13x13 map has no row
     tile between 1 and 13: fused, 169 pixels are 28 tiles of 6 and a tail of 1. ``step``: bytes between
     neighbouring pixels' inputs (caps the pixels by L1 sets, schedules/l1.py).
     """
@@ -352,12 +345,12 @@ def _fused_pixel_tile(pixels: int, channels: int, vector: VectorUnit, vector_cho
         vf = _vector_factor(channels, vector.lanes, max_vectors)
         nv = -(-vf // vector.lanes)
         useful = min(vf, nv * vector.lanes)
-        limit = l1.conflict_free_run(max(1, min(knobs.max_pixels, _register_budget(vector, nv) // nv)), step)
+        limit = l1.conflict_free_run(max(1, min(knobs.max_pixels, register_budget(vector, nv) // nv)), step)
         for p in range(2, limit + 1):
             tail = pixels % p
-            cycles = pixels // p * p * useful / _tile_rate(p, nv, useful)
+            cycles = pixels // p * p * useful / tile_rate(p, nv, useful)
             if tail:
-                cycles += tail * useful / _tile_rate(tail, nv, useful)
+                cycles += tail * useful / tile_rate(tail, nv, useful)
             score = (pixels * useful / cycles, -(nv + p) / (nv * p))
             if score > best[2]:
                 best = (p, vf, score)
