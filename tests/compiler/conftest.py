@@ -271,11 +271,7 @@ def residual_bn_block(seed: int = 0) -> onnx.ModelProto:
 def qdq_residual_block_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An unpacked archive holding the QDQ-quantized ``residual_bn_block`` (batch norms not folded, as
     quantize_static leaves them without pre-processing: Q/DQ around each) as model.onnx."""
-    work = tmp_path_factory.mktemp("qdq_residual")
-    d = work / "archive"
-    d.mkdir()
-    onnx.save(quantize_qdq(residual_bn_block(), work / "quantize"), str(d / "model.onnx"))
-    return d
+    return _qdq_archive(tmp_path_factory, "qdq_residual", residual_bn_block())
 
 
 def data_movement_cnn(seed: int = 0) -> onnx.ModelProto:
@@ -327,11 +323,7 @@ def data_movement_cnn(seed: int = 0) -> onnx.ModelProto:
 def qdq_data_movement_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An unpacked archive holding the QDQ-quantized ``data_movement_cnn`` (a Q/DQ pair around every pool,
     concat, reshape and transpose, as quantize_static writes them) as model.onnx."""
-    work = tmp_path_factory.mktemp("qdq_data_movement")
-    d = work / "archive"
-    d.mkdir()
-    onnx.save(quantize_qdq(data_movement_cnn(), work / "quantize"), str(d / "model.onnx"))
-    return d
+    return _qdq_archive(tmp_path_factory, "qdq_data_movement", data_movement_cnn())
 
 
 def grouped_pointwise_cnn(seed: int = 0) -> onnx.ModelProto:
@@ -366,31 +358,19 @@ def grouped_pointwise_cnn(seed: int = 0) -> onnx.ModelProto:
 @pytest.fixture(scope="session")
 def qdq_grouped_pointwise_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An unpacked archive holding the QDQ-quantized ``grouped_pointwise_cnn`` as model.onnx."""
-    work = tmp_path_factory.mktemp("qdq_grouped_pointwise")
-    d = work / "archive"
-    d.mkdir()
-    onnx.save(quantize_qdq(grouped_pointwise_cnn(), work / "quantize"), str(d / "model.onnx"))
-    return d
+    return _qdq_archive(tmp_path_factory, "qdq_grouped_pointwise", grouped_pointwise_cnn())
 
 
 @pytest.fixture(scope="session")
 def qdq_small_cnn_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An unpacked archive holding the QDQ-quantized ``small_cnn`` as model.onnx."""
-    work = tmp_path_factory.mktemp("qdq_small_cnn")
-    d = work / "archive"
-    d.mkdir()
-    onnx.save(quantize_qdq(small_cnn(), work / "quantize"), str(d / "model.onnx"))
-    return d
+    return _qdq_archive(tmp_path_factory, "qdq_small_cnn", small_cnn())
 
 
 @pytest.fixture(scope="session")
 def qdq_squeezenet_dir(tmp_path_factory: pytest.TempPathFactory, squeezenet: onnx.ModelProto) -> Path:
     """An unpacked archive holding SqueezeNet 1.0 quantized to QDQ (opset 13) as model.onnx."""
-    work = tmp_path_factory.mktemp("qdq_squeezenet")
-    d = work / "archive"
-    d.mkdir()
-    onnx.save(quantize_qdq(squeezenet, work / "quantize"), str(d / "model.onnx"))
-    return d
+    return _qdq_archive(tmp_path_factory, "qdq_squeezenet", squeezenet)
 
 
 CALIBRATION = "calib/samples.npz"  # where calibrated_dir keeps its calibration inputs
@@ -452,6 +432,13 @@ def _archive_dir(tmp_path_factory: pytest.TempPathFactory, name: str) -> tuple[P
     return work, d
 
 
+def _qdq_archive(tmp_path_factory: pytest.TempPathFactory, name: str, model: onnx.ModelProto) -> Path:
+    """An archive directory holding ``model`` quantized to QDQ by ``quantize_qdq`` as model.onnx."""
+    work, d = _archive_dir(tmp_path_factory, name)
+    onnx.save(quantize_qdq(model, work / "quantize"), str(d / "model.onnx"))
+    return d
+
+
 @pytest.fixture(scope="session")
 def qop_small_cnn_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An unpacked archive holding ``small_cnn`` quantized to QOperator (QLinearConv, QLinearGlobalAveragePool)."""
@@ -507,9 +494,7 @@ def old_ir_qdq_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     model.ir_version = 3
     model.graph.input.extend(helper.make_tensor_value_info(i.name, i.data_type, list(i.dims))
                              for i in model.graph.initializer)
-    work, d = _archive_dir(tmp_path_factory, "old_ir_qdq")
-    onnx.save(quantize_qdq(model, work / "quantize"), str(d / "model.onnx"))
-    return d
+    return _qdq_archive(tmp_path_factory, "old_ir_qdq", model)
 
 
 def shuffle_unit(channels: int, groups: int, hw: int) -> Any:

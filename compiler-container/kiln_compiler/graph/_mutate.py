@@ -28,6 +28,17 @@ def same_shape(a: Any, b: Any) -> bool:
     return bool(tvm_ffi.structural_equal(sa.shape, sb.shape))
 
 
+def static_shape(expr: Any) -> tuple[int, ...] | None:
+    """The shape of a tensor expression when every dimension is a constant, else None."""
+    ty = getattr(expr, "ty", None)
+    if not isinstance(ty, relax.TensorType) or ty.shape is None:
+        return None
+    dims = getattr(ty.shape, "values", None)
+    if dims is None or not all(isinstance(d, tvm.tirx.IntImm) for d in dims):
+        return None
+    return tuple(int(d) for d in dims)
+
+
 def bound_value(mutator: Any, expr: Any) -> Any:
     """What a variable is bound to in the function being rewritten (the expression itself otherwise)."""
     if isinstance(expr, relax.Var):

@@ -27,7 +27,7 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from ._mutate import bound_value, rewrite_functions
+from ._mutate import bound_value, rewrite_functions, static_shape
 
 # The vdpbf16ps kernel's block: 16 output channels (one zmm of fp32) x 2 input channels per lane.
 BF16_BLOCK_OC = 16
@@ -37,16 +37,6 @@ _CONV2D = tvm.ir.Op.get("relax.nn.conv2d")
 _MATMUL = tvm.ir.Op.get("relax.matmul")
 _CONCAT = tvm.ir.Op.get("relax.concat")
 _MAX_POOL2D = tvm.ir.Op.get("relax.nn.max_pool2d")
-
-
-def _static_shape(expr: Any) -> list[int] | None:
-    ty = getattr(expr, "ty", None)
-    if not isinstance(ty, relax.TensorType) or ty.shape is None:
-        return None
-    try:
-        return [int(d) for d in ty.shape.values]
-    except (TypeError, AttributeError):
-        return None
 
 
 def _dtype(expr: Any) -> str:
@@ -93,20 +83,20 @@ class _ToBF16(PyExprMutator):
         attrs = call.attrs
         if attrs.data_layout != "NHWC" or attrs.kernel_layout != "HWIO" or int(attrs.groups) != 1:
             return False
-        weight = _static_shape(call.args[1])
+        weight = static_shape(call.args[1])
         # odd input channels (an RGB stem) are padded by one zero channel below
         return (weight is not None and len(weight) == 4 and weight[3] % BF16_BLOCK_OC == 0
                 and self._constant(call.args[1]))
 
     def _matmul_fits(self, call: relax.Call) -> bool:
-        weight = _static_shape(call.args[1])
+        weight = static_shape(call.args[1])
         if weight is None or not self._constant(call.args[1]):
             return False
         if len(weight) == 2:
             return True
         # a grouped pointwise convolution as SplitGroupedConv writes it: (pixels, groups, 1, in) x
         # (groups, in, out), out padded to whole vectors; converted only where the 16x2 kernel fits
-        data = _static_shape(call.args[0])
+        data = static_shape(call.args[0])
         return (len(weight) == 3 and data is not None and len(data) == 4 and data[2] == 1
                 and weight[1] % BF16_BLOCK_IC == 0 and weight[2] % BF16_BLOCK_OC == 0)
 
@@ -121,7 +111,7 @@ class _ToBF16(PyExprMutator):
         data = self._cast(call.args[0])
         constant = bound_value(self, call.args[1])
         self.converted += 1
-        if call.op == _CONV2D and _static_shape(constant)[2] % BF16_BLOCK_IC:  # type: ignore[index]
+        if call.op == _CONV2D and static_shape(constant)[2] % BF16_BLOCK_IC:  # type: ignore[index]
             # one zero input channel: a 3-channel stem becomes 4 (2 pairs), 33% more work at twice the rate
             w = constant.value.numpy()
             constant = relax.const(np.pad(w, [(0, 0), (0, 0), (0, 1), (0, 0)]))

@@ -26,23 +26,13 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from ._mutate import bound_value, rewrite_functions
+from ._mutate import bound_value, rewrite_functions, static_shape
 
 _RESHAPES = tuple(tvm.ir.Op.get(f"relax.{name}") for name in ("reshape", "expand_dims", "squeeze", "flatten"))
 _PERMUTE_DIMS = tvm.ir.Op.get("relax.permute_dims")
 _ARITHMETIC = {tvm.ir.Op.get(f"relax.{name}"): fn for name, fn in
                (("add", np.add), ("subtract", np.subtract), ("multiply", np.multiply), ("divide", np.divide))}
 _SQRT = tvm.ir.Op.get("relax.sqrt")
-
-
-def _static_shape(expr: Any) -> tuple[int, ...] | None:
-    ty = getattr(expr, "ty", None)
-    if not isinstance(ty, relax.TensorType) or ty.shape is None:
-        return None
-    dims = getattr(ty.shape, "values", None)
-    if dims is None or not all(isinstance(d, tvm.tirx.IntImm) for d in dims):
-        return None
-    return tuple(int(d) for d in dims)
 
 
 def _dtype(expr: Any) -> str | None:
@@ -52,7 +42,7 @@ def _dtype(expr: Any) -> str | None:
 
 def fold_call(call: relax.Call, args: list[np.ndarray]) -> np.ndarray | None:
     """``call`` evaluated on the constant ``args`` when numpy gives exactly TVM's bits, else None."""
-    out_shape, out_dtype = _static_shape(call), _dtype(call)
+    out_shape, out_dtype = static_shape(call), _dtype(call)
     if out_shape is None or out_dtype is None:
         return None
     if call.op in _RESHAPES and len(args) >= 1 and str(args[0].dtype) == out_dtype:

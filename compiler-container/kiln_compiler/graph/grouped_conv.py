@@ -26,7 +26,7 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from ._mutate import bound_value, rewrite_functions
+from ._mutate import bound_value, rewrite_functions, static_shape
 
 _CONV2D = tvm.ir.Op.get("relax.nn.conv2d")
 _MATMUL = tvm.ir.Op.get("relax.matmul")
@@ -132,11 +132,8 @@ def _group_width(channels: int, lanes: int) -> int:
 
 def _static_shape(expr: Any) -> tuple[int, ...] | None:
     """The static 4-D shape of a tensor expression, else None."""
-    ty = getattr(expr, "ty", None)
-    shape = getattr(ty, "shape", None)
-    if shape is None or len(shape) != 4 or not all(isinstance(d, tvm.tirx.IntImm) for d in shape):
-        return None
-    return tuple(int(d) for d in shape)
+    shape = static_shape(expr)
+    return shape if shape is not None and len(shape) == 4 else None
 
 
 def _is_pointwise(attrs: Any, kh: int, kw: int) -> bool:

@@ -34,7 +34,7 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from ._mutate import bound_value, rewrite_functions
+from ._mutate import bound_value, rewrite_functions, static_shape
 from .grouped_conv import MAX_SPLIT_GROUPS
 
 _QUANTIZE = tvm.ir.Op.get("relax.quantize")
@@ -82,7 +82,7 @@ class _Operand:
 def _broadcasts_as(expr: Any, per_channel: tuple[int, ...]) -> bool:
     """Whether ``expr`` (a bias added to a convolution's output) holds one value per channel along the
     output's channel axis (a ``(C,)`` bias is per channel only when channels are the last axis)."""
-    shape = _static_shape(expr)
+    shape = static_shape(expr)
     if shape is None or len(shape) > len(per_channel):
         return False
     return (1,) * (len(per_channel) - len(shape)) + shape == per_channel
@@ -265,7 +265,7 @@ class _IntegerConv(PyExprMutator):
             extra = -w_q.shape[in_axis] % 4 if vnni_tile else 0
             if extra:
                 w_q = np.concatenate([w_q, np.zeros_like(w_q.take([0] * extra, axis=in_axis))], axis=in_axis)
-            wider = _wider_output(_static_shape(data), w_q.shape, layout, attrs) if vnni_tile else 0
+            wider = _wider_output(static_shape(data), w_q.shape, layout, attrs) if vnni_tile else 0
             if wider:  # extra output columns: sliced off after the epilogue
                 padding[3] += wider * int(attrs.strides[1])
             if (x_zp != 0 and any(padding)) or extra:
@@ -311,7 +311,7 @@ class _IntegerConv(PyExprMutator):
             return relax.op.astype(y, out_dtype)
         y = self.builder_.emit(relax.op.astype(y, out_dtype))
         w_axis = 3 if layout[0] == "NCHW" else 2
-        width = int(_static_shape(y)[w_axis]) - wider  # type: ignore[index]
+        width = int(static_shape(y)[w_axis]) - wider  # type: ignore[index]
         return relax.op.strided_slice(y, axes=[w_axis], begin=[0], end=[width])
 
 
@@ -373,16 +373,6 @@ class PerTensorQDQToArithmetic:
         out = rewrite_functions(mod, rewriter)
         self.rewritten = rewriter.rewritten
         return out
-
-
-def _static_shape(expr: Any) -> tuple[int, ...] | None:
-    ty = getattr(expr, "ty", None)
-    if not isinstance(ty, relax.TensorType) or ty.shape is None:
-        return None
-    try:
-        return tuple(int(d) for d in ty.shape.values)
-    except (AttributeError, TypeError):
-        return None
 
 
 def _shared_vars(mod: tvm.IRModule) -> set[Any]:
@@ -450,7 +440,7 @@ class _RequantizeEpilogue(PyExprMutator):
 
     def _fold_affine(self, call: relax.Call) -> Any:
         """``round(((x - a) * b ... + c) / d)`` -> ``round(x * A + B)``: one multiply-add per element."""
-        out_shape = _static_shape(call)
+        out_shape = static_shape(call)
         if out_shape is None:
             return call
         ops: list[tuple[Any, np.ndarray, bool]] = []  # (op, constant, constant on the left) from the outside in
@@ -471,7 +461,7 @@ class _RequantizeEpilogue(PyExprMutator):
         source = self._round_trip_source(x) if ops else None
         if source is not None:
             x = source
-        if len(ops) < (1 if source is not None else 2) or _dtype(x) != "float32" or _static_shape(x) != out_shape:
+        if len(ops) < (1 if source is not None else 2) or _dtype(x) != "float32" or static_shape(x) != out_shape:
             return call
         scale, shift = np.ones(()), np.zeros(())
         for op, c, on_left in reversed(ops):

@@ -21,7 +21,7 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from ._mutate import bound_value, rewrite_functions
+from ._mutate import bound_value, rewrite_functions, static_shape
 
 _PERMUTE = tvm.ir.Op.get("relax.permute_dims")
 _RESHAPE = tvm.ir.Op.get("relax.reshape")
@@ -41,14 +41,6 @@ def _use_counts(mod: tvm.IRModule) -> dict[Any, int]:
                 for var, users in relax.analysis.udchain(block).items():
                     counts[var] = len(users)
     return counts
-
-
-def _static(expr: Any) -> list[int] | None:
-    """The static shape of a tensor expression, else None."""
-    shape = getattr(getattr(expr, "ty", None), "shape", None)
-    if shape is None or not all(isinstance(d, tvm.tirx.IntImm) for d in shape):
-        return None
-    return [int(d) for d in shape]
 
 
 def _axes(call: Any) -> list[int] | None:
@@ -84,11 +76,11 @@ class _ShuffleToNHWC(PyExprMutator):
         if to_nchw is None or _axes(to_nchw) != [0, 3, 1, 2]:
             return call
         x = to_nchw.args[0]
-        nhwc, grouped, out = _static(x), _static(split), _static(call)
+        nhwc, grouped, out = static_shape(x), static_shape(split), static_shape(call)
         if nhwc is None or grouped is None or out is None or len(nhwc) != 4 or len(grouped) != 5:
             return call
         n, h, w, c = nhwc
-        if grouped[0] != n or grouped[3:] != [h, w] or grouped[1] * grouped[2] != c or out != nhwc:
+        if grouped[0] != n or grouped[3:] != (h, w) or grouped[1] * grouped[2] != c or out != nhwc:
             return call
         groups, per_group = grouped[1], grouped[2]
         x, ops = self._per_channel_chain(x, c) if cast is None else (x, [])
@@ -114,7 +106,7 @@ class _ShuffleToNHWC(PyExprMutator):
         ops: list[tuple[Any, Any, bool]] = []
         while isinstance(x, relax.Var) and self.uses.get(x) == 1:
             call = bound_value(self, x)
-            if not isinstance(call, relax.Call) or _static(call) != _static(x):
+            if not isinstance(call, relax.Call) or static_shape(call) != static_shape(x):
                 break
             if call.op == _RELU:
                 ops.append((None, None, False))
@@ -128,7 +120,7 @@ class _ShuffleToNHWC(PyExprMutator):
                 break
             value = consts[side].value.numpy()
             other = call.args[1 - side]
-            if _static(other) != _static(x) or value.ndim != 4 or value.shape[:3] != (1, 1, 1) \
+            if static_shape(other) != static_shape(x) or value.ndim != 4 or value.shape[:3] != (1, 1, 1) \
                     or value.shape[3] != channels:
                 break
             ops.append((_PER_CHANNEL[call.op], value, side == 0))
