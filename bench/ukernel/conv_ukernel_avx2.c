@@ -8,6 +8,7 @@
  * Two tile shapes (chosen per call, ``mode``):
  *   mode 0 "reg": weights in registers, one broadcast per pixel (what TVM's tile is):  NV=2, P<=6.
  *   mode 2 "reg+pf": mode 0, prefetching the next channel tile's weights into L2 (see below).
+ *   mode 3 "reg x2": mode 0 over 32-channel weight rows, two passes per pixel tile (see below).
  *   mode 1 "mem": MLAS's shape, weights as FMA memory operands, broadcasts in registers: NV=4, P<=3
  *                 (12 accumulators + 3 broadcasts = 15 ymm; each weight vector is loaded by each FMA).
  * The epilogue adds the bias and applies ReLU (ResNet's fused conv + BN + ReLU after folding).
@@ -21,7 +22,7 @@
 
 /* One tile: acc[p][v] += in_p[tap, c] * w[tap, c, v]; pointers in_p point at pixel p's window origin. */
 INLINE void tile_reg(int P, const float* const* in_p, const float* w, int C, int R, int S, int row,
-                     const float* bias, float* const* out_p, int relu) {
+                     const float* bias, float* const* out_p, int relu, int wstride) {
   __m256 acc[6][2];
 #pragma GCC unroll 6
   for (int p = 0; p < 6; p++) {
@@ -32,7 +33,7 @@ INLINE void tile_reg(int P, const float* const* in_p, const float* w, int C, int
       const long off = (long)r * row + (long)s * C;
       for (int c = 0; c < C; c++) {
         const __m256 w0 = _mm256_loadu_ps(w), w1 = _mm256_loadu_ps(w + 8);
-        w += 16;
+        w += wstride;
 #pragma GCC unroll 6
         for (int p = 0; p < 6; p++) {
           if (p < P) {
@@ -185,8 +186,8 @@ epilogue:;
   }
 
 static void tile_reg_any(int P, const float* const* in_p, const float* w, int C, int R, int S, int row,
-                         const float* bias, float* const* out_p, int relu) {
-  DISPATCH(tile_reg, P, in_p, w, C, R, S, row, bias, out_p, relu)
+                         const float* bias, float* const* out_p, int relu, int wstride) {
+  DISPATCH(tile_reg, P, in_p, w, C, R, S, row, bias, out_p, relu, wstride)
 }
 
 static void tile_mem_any(int P, const float* const* in_p, const float* w, int C, int R, int S, int row,
@@ -204,8 +205,11 @@ int kiln_ukernel_conv_nhwc(const float* in, const float* wpack, const float* bia
   /* mode 2: the "reg" tile, and with channel tiles outermost each pixel tile prefetches (into L2) its
    * share of the next channel tile's weights, so a channel tile's first pass does not wait on DRAM */
   const int prefetch = mode == 2;
-  if (prefetch) mode = 0;
-  const int NV = mode ? 4 : 2, KT = 8 * NV;
+  /* mode 3: the "reg" tile run twice per pixel tile over a 32-channel tile whose weights are packed
+   * [K/32][R][S][C][32] (each step's weights are two 64-byte lines, as AVX-512's 2-vector tile reads) */
+  const int pair = mode == 3;
+  if (prefetch || pair) mode = 0;
+  const int NV = mode || pair ? 4 : 2, KT = 8 * NV;
   if (K % KT || pixels < 1 || pixels > (mode ? 3 : 6) || R * S > 64) return -1;
   const int HW = H * W, n_ct = K / KT, n_pt = (HW + pixels - 1) / pixels;
   const long wtile = (long)R * S * C * KT, row = (long)Wp * C;
@@ -226,8 +230,16 @@ int kiln_ukernel_conv_nhwc(const float* in, const float* wpack, const float* bia
         const char* next = (const char*)(wpack + (ct + 1) * wtile);
         for (long l = pt * per; l < (pt + 1) * per && l < lines; l++) _mm_prefetch(next + l * 64, _MM_HINT_T1);
       }
-      if (mode) tile_mem_any(P, in_p, w, C, R, S, (int)row, bias + ct * KT, out_p, relu);
-      else tile_reg_any(P, in_p, w, C, R, S, (int)row, bias + ct * KT, out_p, relu);
+      if (mode) {
+        tile_mem_any(P, in_p, w, C, R, S, (int)row, bias + ct * KT, out_p, relu);
+      } else if (pair) {
+        tile_reg_any(P, in_p, w, C, R, S, (int)row, bias + ct * KT, out_p, relu, 32);
+        float* out_q[6];
+        for (int p = 0; p < P; p++) out_q[p] = out_p[p] + 16;
+        tile_reg_any(P, in_p, w + 16, C, R, S, (int)row, bias + ct * KT + 16, out_q, relu, 32);
+      } else {
+        tile_reg_any(P, in_p, w, C, R, S, (int)row, bias + ct * KT, out_p, relu, 16);
+      }
     }
   }
   return 0;
