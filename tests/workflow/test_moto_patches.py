@@ -207,3 +207,29 @@ def test_dynamodb_reads_leave_no_items_behind(local_stack):
     assert len(scanned) == 20 and got["v"] == {"M": {"n": {"N": "7"}}}
     assert len(Item.instances_tracked) == tracked  # type: ignore[attr-defined]
     dynamodb.delete_table(TableName=table)
+
+
+def test_a_definition_is_parsed_once_and_each_execution_gets_its_own_states(local_stack):
+    # GIVEN the stack's state machine definition (patched: parsed when the state machine was created)
+    import inspect
+
+    import pytest
+    from moto.stepfunctions.parser.asl.parse.asl_parser import AmazonStateLanguageParser, ASLParserException
+    from moto.stepfunctions.parser.backend.execution_worker import ExecutionWorker
+
+    sfn = local_stack.client("stepfunctions")
+    definition = sfn.describe_state_machine(stateMachineArn=local_stack.outputs["StateMachineArn"])["definition"]
+    # WHEN two executions parse it
+    first, first_tree = AmazonStateLanguageParser.parse(definition)
+    second, second_tree = AmazonStateLanguageParser.parse(definition)
+    # THEN they share one parse tree but not the states built from it (those hold per-execution state)
+    assert first_tree is second_tree and first is not second
+    # AND the states are those moto's own parse builds
+    original, _ = moto_patches._originals["sfn_parse"](definition)
+    assert list(first.states.states) == list(original.states.states) == list(json.loads(definition)["States"])
+    # AND a definition that does not parse is refused every time, as by moto
+    for _ in range(2):
+        with pytest.raises(ASLParserException):
+            AmazonStateLanguageParser.parse('{"StartAt": "A", "States": {"A": {"Type": "Nope"}}}')
+    # AND moto still parses for every execution it starts (when it stops, the patch can go)
+    assert "AmazonStateLanguageParser.parse" in inspect.getsource(ExecutionWorker._get_evaluation_entrypoint)
