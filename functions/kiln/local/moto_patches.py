@@ -410,7 +410,7 @@ def patch_dynamodb_projection() -> None:
         # of the stack's CPU under the issue's load, the List calls' Query, ADR 0050). The values are
         # shared, not copied: a Query's are its own deep copies already, and a GetItem's are the
         # stored item's, which moto's unprojected GetItem returns as they are too.
-        projected = Item.__new__(Item)
+        projected: Any = Item.__new__(Item)
         projected.hash_key, projected.range_key = self.hash_key, self.range_key
         attrs = LimitedSizeDict.__new__(LimitedSizeDict)
         dict.__init__(attrs, ((name, self.attrs[name]) for name in (path[0] for path in projection_expressions)
