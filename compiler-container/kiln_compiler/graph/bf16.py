@@ -37,6 +37,7 @@ _CONV2D = tvm.ir.Op.get("relax.nn.conv2d")
 _MATMUL = tvm.ir.Op.get("relax.matmul")
 _CONCAT = tvm.ir.Op.get("relax.concat")
 _MAX_POOL2D = tvm.ir.Op.get("relax.nn.max_pool2d")
+_ADD = tvm.ir.Op.get("relax.add")
 
 
 def _dtype(expr: Any) -> str:
@@ -46,10 +47,12 @@ def _dtype(expr: Any) -> str:
 
 @mutator
 class _ToBF16(PyExprMutator):
-    def __init__(self, mod: tvm.IRModule, hoist_casts: bool = True) -> None:
+    def __init__(self, mod: tvm.IRModule, hoist_casts: bool = True, bf16_residuals: bool = True) -> None:
         super().__init__(mod)
         self.converted = 0
+        self.residuals = 0
         self.hoist_casts = hoist_casts
+        self.bf16_residuals = bf16_residuals
         self._casts: dict[Any, relax.Expr] = {}  # fp32 variable -> its bf16 cast (one per tensor)
 
     def _cast(self, expr: relax.Expr) -> relax.Expr:
@@ -100,8 +103,29 @@ class _ToBF16(PyExprMutator):
         return (len(weight) == 3 and data is not None and len(data) == 4 and data[2] == 1
                 and weight[1] % BF16_BLOCK_IC == 0 and weight[2] % BF16_BLOCK_OC == 0)
 
+    def _residual_from_bf16(self, call: relax.Call) -> relax.Expr:
+        """A residual add reads its shortcut from the bf16 copy the next convolution reads anyway (ADR 0049).
+
+        The shortcut of an identity block (the previous block's output, also read by this block's first
+        convolution) then has no fp32 reader left: the block that produces it writes bf16 only, and the
+        add reads half the bytes. It rounds the shortcut once per block, as OpenVINO's bf16 does: this
+        changes results. A projection shortcut (a convolution's result, no bf16 copy) stays fp32: cast
+        and widened, FuseOps puts both casts in the producer's kernel, which then still writes fp32."""
+        a, b = call.args
+        if not (len(static_shape(a) or ()) == 4 and static_shape(a) == static_shape(b)
+                and _dtype(a) == _dtype(b) == "float32"):
+            return call
+        for i, operand in enumerate((a, b)):
+            if isinstance(operand, relax.Var) and operand in self._casts:
+                widened = self.builder_.emit(relax.op.astype(self._casts[operand], "float32"))
+                self.residuals += 1
+                return relax.op.add(widened, b) if i == 0 else relax.op.add(a, widened)
+        return call
+
     def visit_call_(self, call: relax.Call) -> relax.Expr:
         call = super().visit_call_(call)
+        if call.op == _ADD and len(call.args) == 2 and self.bf16_residuals:
+            return self._residual_from_bf16(call)
         if call.op not in (_CONV2D, _MATMUL) or len(call.args) != 2:
             return call
         if _dtype(call.args[0]) != "float32" or _dtype(call.args[1]) != "float32":
@@ -129,14 +153,17 @@ class _ToBF16(PyExprMutator):
 class ConvToBF16:
     """Compute fitting conv2d (NHWC/HWIO) and constant-weight matmul in bf16 with fp32 accumulation."""
 
-    def __init__(self, hoist_casts: bool = True) -> None:
+    def __init__(self, hoist_casts: bool = True, bf16_residuals: bool = True) -> None:
         self.converted = 0
+        self.residuals = 0  # residual adds that read their shortcut in bf16
         self.hoist_casts = hoist_casts  # False: a cast per convolution input, below concat/pool (before ADR 0036)
+        self.bf16_residuals = bf16_residuals  # False: residual adds read fp32 shortcuts (before ADR 0049)
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        rewriter = _ToBF16(mod, self.hoist_casts)
+        rewriter = _ToBF16(mod, self.hoist_casts, self.bf16_residuals)
         out = rewrite_functions(mod, rewriter)
         self.converted = rewriter.converted
+        self.residuals = rewriter.residuals
         out = relax.transform.FoldConstant()(relax.transform.Normalize()(out))
         # the fp32 concatenations and pools whose casts moved above them are left unused
         return relax.transform.DeadCodeElimination()(out)
