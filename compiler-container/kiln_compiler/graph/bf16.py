@@ -20,6 +20,7 @@ half the bytes. Average pools, residual adds and anything else that computes sta
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -38,11 +39,105 @@ _MATMUL = tvm.ir.Op.get("relax.matmul")
 _CONCAT = tvm.ir.Op.get("relax.concat")
 _MAX_POOL2D = tvm.ir.Op.get("relax.nn.max_pool2d")
 _ADD = tvm.ir.Op.get("relax.add")
+_SUBTRACT = tvm.ir.Op.get("relax.subtract")
+_MULTIPLY = tvm.ir.Op.get("relax.multiply")
 
 
 def _dtype(expr: Any) -> str:
     ty = getattr(expr, "ty", None)
     return str(ty.dtype) if isinstance(ty, relax.TensorType) else ""
+
+
+def _channel_constant(expr: Any, channels: int) -> np.ndarray | None:
+    """``expr`` as a per-output-channel vector when it is a constant broadcast along the last axis only."""
+    if not isinstance(expr, tvm.ir.expr.Constant) or _dtype(expr) != "float32":
+        return None
+    value = expr.value.numpy()
+    if any(d != 1 for d in value.shape[:-1]) or (value.ndim and value.shape[-1] not in (1, channels)):
+        return None
+    return np.broadcast_to(value.reshape(-1), (channels,)).astype("float32")
+
+
+@mutator
+class _FoldChannelAffine(PyExprMutator):
+    """Per-channel scales after a bf16-bound convolution folded into its weights (ADR 0049).
+
+    A batch norm reaches this pass decomposed: ``((conv - mean) * a) * b + beta``, three vector operations in
+    the convolution's epilogue (subtract, multiply, fused multiply-add) per output vector. Folded, the weights
+    carry ``a * b`` and the epilogue adds one per-channel shift. In bf16 the scaled weight is what is rounded
+    (as OpenVINO does), so the result moves by a bf16 rounding of the weight, as before; fp32 builds do not run
+    this pass."""
+
+    def __init__(self, mod: tvm.IRModule) -> None:
+        super().__init__(mod)
+        self._folded: set[Any] = set()  # the input's convolutions whose scales were folded
+        self._values: dict[Any, Any] = {}  # the input functions' variables -> their values
+        self._uses: dict[Any, int] = {}
+        for _, func in mod.functions_items():
+            if isinstance(func, relax.Function):
+                self._values.update(relax.analysis.get_var2val(func))
+                for block in getattr(func.body, "blocks", []):
+                    if isinstance(block, relax.DataflowBlock):
+                        for var, users in relax.analysis.udchain(block).items():
+                            self._uses[var] = len(users)
+
+    def _value(self, expr: Any) -> Any:
+        return self._values.get(expr, expr) if isinstance(expr, relax.Var) else expr
+
+    def _chain(self, call: relax.Call) -> tuple[relax.Call, np.ndarray, np.ndarray, int] | None:
+        """(convolution, scale, shift, multiplies) with ``call == conv * scale + shift`` per output channel, walking
+        single-use subtract/multiply/add by constants back to a bf16-fitting convolution; None otherwise."""
+        ops: list[tuple[Any, np.ndarray]] = []
+        node: Any = call
+        while isinstance(node, relax.Call) and node.op in (_ADD, _SUBTRACT, _MULTIPLY) and len(node.args) == 2:
+            data, const = node.args
+            if node.op != _SUBTRACT and not isinstance(data, relax.Var):
+                data, const = const, data
+            shape = static_shape(data)
+            if not isinstance(data, relax.Var) or not shape or len(shape) != 4 or self._uses.get(data, 0) != 1:
+                return None
+            vector = _channel_constant(const, shape[3])
+            if vector is None:
+                return None
+            ops.append((node.op, vector))
+            node = self._values.get(data)
+        if not (isinstance(node, relax.Call) and node.op == _CONV2D and _conv_fits(node, self._value)):
+            return None
+        channels = static_shape(node)[3]  # type: ignore[index]
+        scale, shift = np.ones(channels, "float32"), np.zeros(channels, "float32")
+        for op, vector in reversed(ops):
+            if op == _MULTIPLY:
+                scale, shift = scale * vector, shift * vector
+            else:
+                shift = shift + vector if op == _ADD else shift - vector
+        return node, scale, shift, sum(op == _MULTIPLY for op, _ in ops)
+
+    def visit_call_(self, call: relax.Call) -> relax.Expr:
+        chain = self._chain(call) if call.op in (_ADD, _SUBTRACT, _MULTIPLY) else None
+        new = super().visit_call_(call)
+        if chain is None or chain[3] == 0:
+            return new
+        conv, scale, shift, _ = chain
+        data = self.visit_expr(conv.args[0])  # the data as rewritten so far
+        weight = self._value(conv.args[1]).value.numpy() * scale  # HWIO: the scale multiplies the O axis
+        a = conv.attrs
+        folded = self.builder_.emit(relax.op.nn.conv2d(
+            data, relax.const(weight.astype("float32")), strides=a.strides, padding=a.padding, dilation=a.dilation,
+            groups=a.groups, data_layout=a.data_layout, kernel_layout=a.kernel_layout, out_layout=a.out_layout))
+        self._folded.add(conv)  # each step of a chain emits a convolution; the earlier steps' ones are left unused
+        return relax.op.add(folded, relax.const(shift.reshape(1, 1, 1, -1)))
+
+
+def _conv_fits(call: relax.Call, value_of: Callable[[Any], Any]) -> bool:
+    """Whether ``call`` (a conv2d) is one ConvToBF16 computes in bf16: NHWC/HWIO, one group, output channels
+    whole 16-blocks, a constant weight (``value_of``: what a variable is bound to; odd input channels are padded
+    by one zero channel)."""
+    attrs = call.attrs
+    if attrs.data_layout != "NHWC" or attrs.kernel_layout != "HWIO" or int(attrs.groups) != 1:
+        return False
+    weight = static_shape(call.args[1])
+    return (weight is not None and len(weight) == 4 and weight[3] % BF16_BLOCK_OC == 0
+            and isinstance(value_of(call.args[1]), tvm.ir.expr.Constant))
 
 
 @mutator
@@ -81,15 +176,6 @@ class _ToBF16(PyExprMutator):
 
     def _constant(self, expr: Any) -> bool:
         return isinstance(bound_value(self, expr), tvm.ir.expr.Constant)
-
-    def _conv_fits(self, call: relax.Call) -> bool:
-        attrs = call.attrs
-        if attrs.data_layout != "NHWC" or attrs.kernel_layout != "HWIO" or int(attrs.groups) != 1:
-            return False
-        weight = static_shape(call.args[1])
-        # odd input channels (an RGB stem) are padded by one zero channel below
-        return (weight is not None and len(weight) == 4 and weight[3] % BF16_BLOCK_OC == 0
-                and self._constant(call.args[1]))
 
     def _matmul_fits(self, call: relax.Call) -> bool:
         weight = static_shape(call.args[1])
@@ -130,7 +216,8 @@ class _ToBF16(PyExprMutator):
             return call
         if _dtype(call.args[0]) != "float32" or _dtype(call.args[1]) != "float32":
             return call
-        if not (self._conv_fits(call) if call.op == _CONV2D else self._matmul_fits(call)):
+        fits = _conv_fits(call, lambda e: bound_value(self, e)) if call.op == _CONV2D else self._matmul_fits(call)
+        if not fits:
             return call
         data = self._cast(call.args[0])
         constant = bound_value(self, call.args[1])
@@ -153,13 +240,19 @@ class _ToBF16(PyExprMutator):
 class ConvToBF16:
     """Compute fitting conv2d (NHWC/HWIO) and constant-weight matmul in bf16 with fp32 accumulation."""
 
-    def __init__(self, hoist_casts: bool = True, bf16_residuals: bool = True) -> None:
+    def __init__(self, hoist_casts: bool = True, bf16_residuals: bool = True, fold_scales: bool = True) -> None:
         self.converted = 0
+        self.folded = 0  # per-channel scale chains folded into convolution weights
+        self.fold_scales = fold_scales  # False: batch norms stay in the epilogues (before ADR 0049)
         self.residuals = 0  # residual adds that read their shortcut in bf16
         self.hoist_casts = hoist_casts  # False: a cast per convolution input, below concat/pool (before ADR 0036)
         self.bf16_residuals = bf16_residuals  # False: residual adds read fp32 shortcuts (before ADR 0049)
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        if self.fold_scales:
+            folder = _FoldChannelAffine(mod)
+            mod = relax.transform.DeadCodeElimination()(rewrite_functions(mod, folder))
+            self.folded = len(folder._folded)
         rewriter = _ToBF16(mod, self.hoist_casts, self.bf16_residuals)
         out = rewrite_functions(mod, rewriter)
         self.converted = rewriter.converted

@@ -1,10 +1,11 @@
-"""bf16 residual shortcuts (ADR 0049): an identity block's add reads its shortcut from the bf16 copy the block's
-first convolution reads, so the block before it writes bf16 only.
+"""bf16 epilogues (ADR 0049): an identity block's add reads its shortcut from the bf16 copy the block's first
+convolution reads, so the block before it writes bf16 only; batch-norm scales are folded into the weights.
 
 Rounding the shortcut changes results (once per block, 2^-9 of its value at most, as OpenVINO's bf16 does):
 the bf16 build is compared with the fp32 build within ADR 0022's bound, 4 x bf16 layers x 2^-8 of the output
 scale, where the shortcut counts as one more rounded layer per block; a dropped or misplaced shortcut is off
-by the order of the output itself.
+by the order of the output itself. Folding a batch norm's scale into the weights rounds the scaled weight
+instead of the weight (the same bound per layer).
 """
 
 from __future__ import annotations
@@ -38,6 +39,13 @@ def _relax() -> tvm.IRModule:
                      keep_params_in_input=False)
 
 
+def _graph(**options: bool) -> tuple[ConvToBF16, str]:
+    with tvm.target.Target(ZEN4):
+        mod = tvm.transform.Sequential(cpu_graph_passes(16))(_relax())
+        rewrite = ConvToBF16(**options)
+        return rewrite, str(rewrite(mod)["main"].script(show_meta=False))
+
+
 def _kernel_outputs(bf16_residuals: bool) -> list[str]:
     """``name dtype shape`` of every kernel call of the fused bf16 graph."""
     with tvm.target.Target(ZEN4) as tgt, pytest.MonkeyPatch.context() as mp:
@@ -47,9 +55,9 @@ def _kernel_outputs(bf16_residuals: bool) -> list[str]:
         r"R\.call_tir\((?:cls\.)?(\w+), .*out_ty=R\.Tensor\(\(([0-9, ]+)\), dtype=\"(\w+)\"\)", text)]
 
 
-def _run(precision: str, x: np.ndarray, bf16_residuals: bool = True) -> np.ndarray:
+def _run(precision: str, x: np.ndarray, **options: bool) -> np.ndarray:
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(pipeline, "ConvToBF16", lambda: ConvToBF16(bf16_residuals=bf16_residuals))
+        mp.setattr(pipeline, "ConvToBF16", lambda: ConvToBF16(**options))
         compiled = pipeline.compile_relax(_relax(), ZEN4, precision=precision)
     assert compiled.unscheduled == []
     vm = relax.VirtualMachine(compiled.executable, tvm.cpu())
@@ -58,10 +66,7 @@ def _run(precision: str, x: np.ndarray, bf16_residuals: bool = True) -> np.ndarr
 
 def test_identity_shortcuts_are_read_from_the_bf16_copy() -> None:
     # GIVEN a projection bottleneck and two identity bottlenecks in the CPU layout  WHEN ConvToBF16 runs
-    with tvm.target.Target(ZEN4):
-        mod = tvm.transform.Sequential(cpu_graph_passes(16))(_relax())
-        rewrite = ConvToBF16()
-        text = rewrite(mod)["main"].script(show_meta=False)
+    rewrite, text = _graph()
     # THEN each identity block's add reads its shortcut widened from bf16; the projection's add reads fp32
     assert rewrite.residuals == IDENTITY_BLOCKS
     widened = {m.group(1) for m in re.finditer(r"(\w+): R\.Tensor\(\(1, 16, 16, 64\), dtype=\"float32\"\) = "
@@ -70,9 +75,7 @@ def test_identity_shortcuts_are_read_from_the_bf16_copy() -> None:
             and any(f"R.add({v}," in ln or f", {v})" in ln for v in widened)]
     assert len(widened) == len(adds) == IDENTITY_BLOCKS
     # and without the rule (before ADR 0049) no shortcut is rounded
-    plain = ConvToBF16(bf16_residuals=False)
-    plain(mod)
-    assert plain.residuals == 0
+    assert _graph(bf16_residuals=False)[0].residuals == 0
 
 
 def test_blocks_before_an_identity_block_write_bf16_only() -> None:
@@ -91,10 +94,36 @@ def test_blocks_before_an_identity_block_write_bf16_only() -> None:
 def test_bf16_shortcuts_agree_with_fp32_within_the_bf16_tolerance() -> None:
     # GIVEN the model built in fp32, in bf16 with fp32 shortcuts, and in bf16 with bf16 shortcuts
     x = np.random.default_rng(5).standard_normal((1, 16, 16, 16)).astype("float32")
-    ref, before, after = _run("fp32", x), _run("bf16", x, bf16_residuals=False), _run("bf16", x)
+    ref, before, after = _run("fp32", x), _run("bf16", x, bf16_residuals=False, fold_scales=False), \
+        _run("bf16", x, fold_scales=False)
     scale = float(np.abs(ref).max())
     # WHEN compared with the fp32 build  THEN both bf16 builds are within the bound, and the shortcut
     # rounding is a real change (not bit-identical to the fp32-shortcut build)
     assert 0 < float(np.abs(after - ref).max()) <= 4 * BF16_LAYERS * BF16_LAYER_ERROR * scale
     assert 0 < float(np.abs(before - ref).max()) <= 4 * BF16_LAYERS * BF16_LAYER_ERROR * scale
     assert not np.array_equal(after, before)
+
+
+def test_batch_norm_scales_are_folded_into_the_bf16_weights() -> None:
+    # GIVEN the model's ten convolutions, each followed by a batch norm (subtract, multiply, multiply, add)
+    # WHEN ConvToBF16 runs
+    rewrite, text = _graph()
+    # THEN every batch norm's scale is in its convolution's weights: one per-channel add is left in each epilogue
+    assert rewrite.folded == rewrite.converted == 10
+    assert "R.multiply(" not in text and "R.subtract(" not in text
+    # while without the fold (before ADR 0049) the batch norms stay in the epilogues
+    plain, before = _graph(fold_scales=False)
+    assert plain.folded == 0 and before.count("R.multiply(") == 20
+
+
+@needs_bf16_host
+def test_folded_batch_norms_agree_with_fp32_within_the_bf16_tolerance() -> None:
+    # GIVEN the model built in fp32, and in bf16 with and without the batch norms folded into the weights
+    x = np.random.default_rng(6).standard_normal((1, 16, 16, 16)).astype("float32")
+    ref, unfolded, folded = _run("fp32", x), _run("bf16", x, fold_scales=False), _run("bf16", x)
+    scale = float(np.abs(ref).max())
+    # WHEN compared with the fp32 build  THEN the folded build is within the bound, and it is a different
+    # rounding (the scaled weights), not the unfolded build's result
+    assert 0 < float(np.abs(folded - ref).max()) <= 4 * BF16_LAYERS * BF16_LAYER_ERROR * scale
+    assert 0 < float(np.abs(unfolded - ref).max()) <= 4 * BF16_LAYERS * BF16_LAYER_ERROR * scale
+    assert not np.array_equal(folded, unfolded)
