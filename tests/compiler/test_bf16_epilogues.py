@@ -39,7 +39,11 @@ def _relax() -> tvm.IRModule:
                      keep_params_in_input=False)
 
 
+ON = {"bf16_residuals": True, "fold_scales": True}  # both ADR 0049 rules (off by default, see the ADR)
+
+
 def _graph(**options: bool) -> tuple[ConvToBF16, str]:
+    options = {**ON, **options}
     with tvm.target.Target(ZEN4):
         mod = tvm.transform.Sequential(cpu_graph_passes(16))(_relax())
         rewrite = ConvToBF16(**options)
@@ -56,6 +60,7 @@ def _kernel_outputs(bf16_residuals: bool) -> list[str]:
 
 
 def _run(precision: str, x: np.ndarray, **options: bool) -> np.ndarray:
+    options = {**ON, **options}
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(pipeline, "ConvToBF16", lambda: ConvToBF16(**options))
         compiled = pipeline.compile_relax(_relax(), ZEN4, precision=precision)
@@ -127,3 +132,14 @@ def test_folded_batch_norms_agree_with_fp32_within_the_bf16_tolerance() -> None:
     assert 0 < float(np.abs(folded - ref).max()) <= 4 * BF16_LAYERS * BF16_LAYER_ERROR * scale
     assert 0 < float(np.abs(unfolded - ref).max()) <= 4 * BF16_LAYERS * BF16_LAYER_ERROR * scale
     assert not np.array_equal(folded, unfolded)
+
+
+def test_both_rules_are_off_by_default() -> None:
+    # GIVEN the model  WHEN ConvToBF16 runs with its defaults (ADR 0049: off until a quiet-host A/B shows a gain)
+    with tvm.target.Target(ZEN4):
+        mod = tvm.transform.Sequential(cpu_graph_passes(16))(_relax())
+        rewrite = ConvToBF16()
+        text = str(rewrite(mod)["main"].script(show_meta=False))
+    # THEN no shortcut is read in bf16 and every batch norm stays in its epilogue, as before ADR 0049
+    assert rewrite.converted == 10 and rewrite.residuals == 0 and rewrite.folded == 0
+    assert text.count("R.multiply(") == 20

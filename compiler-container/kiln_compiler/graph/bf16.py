@@ -142,7 +142,7 @@ def _conv_fits(call: relax.Call, value_of: Callable[[Any], Any]) -> bool:
 
 @mutator
 class _ToBF16(PyExprMutator):
-    def __init__(self, mod: tvm.IRModule, hoist_casts: bool = True, bf16_residuals: bool = True) -> None:
+    def __init__(self, mod: tvm.IRModule, hoist_casts: bool = True, bf16_residuals: bool = False) -> None:
         super().__init__(mod)
         self.converted = 0
         self.residuals = 0
@@ -240,13 +240,15 @@ class _ToBF16(PyExprMutator):
 class ConvToBF16:
     """Compute fitting conv2d (NHWC/HWIO) and constant-weight matmul in bf16 with fp32 accumulation."""
 
-    def __init__(self, hoist_casts: bool = True, bf16_residuals: bool = True, fold_scales: bool = True) -> None:
+    def __init__(self, hoist_casts: bool = True, bf16_residuals: bool = False, fold_scales: bool = False) -> None:
         self.converted = 0
         self.folded = 0  # per-channel scale chains folded into convolution weights
-        self.fold_scales = fold_scales  # False: batch norms stay in the epilogues (before ADR 0049)
+        # ADR 0049's two rules are off by default: neither was faster in 1-thread A/Bs on the loaded host;
+        # a quiet-host 2-thread A/B decides (bench/results/2026-12-02-bf16-s8.md)
+        self.fold_scales = fold_scales  # True: batch-norm scales folded into the bf16 weights
         self.residuals = 0  # residual adds that read their shortcut in bf16
         self.hoist_casts = hoist_casts  # False: a cast per convolution input, below concat/pool (before ADR 0036)
-        self.bf16_residuals = bf16_residuals  # False: residual adds read fp32 shortcuts (before ADR 0049)
+        self.bf16_residuals = bf16_residuals  # True: identity shortcuts read from their bf16 copy
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         if self.fold_scales:
