@@ -16,6 +16,10 @@ many convolutions read it, and the cast moves above concatenations and max pools
 monotone: ``round(max(x)) == max(round(x))``, and a concatenation only moves values), so it fuses
 into the epilogue of the convolution that produced the value and the concatenation and pool move
 half the bytes. Average pools, residual adds and anything else that computes stay fp32.
+
+Two further rules (ADR 0049), off by default until a quiet-host A/B shows a gain: ``bf16_residuals`` (an
+identity block's add reads its shortcut from the bf16 copy its first convolution reads) and ``fold_scales``
+(batch-norm scales after a bf16 convolution folded into its weights).
 """
 
 from __future__ import annotations
