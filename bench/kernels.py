@@ -10,6 +10,7 @@ Usage (PYTHONPATH as in the README):
   bench/kernels.py --threads 2 balance resnet50 ml_c4     # parallel loop extents, static 2-thread balance
   bench/kernels.py ortprofile squeezenet [--top 15]       # ONNX Runtime's own per-node profile
   bench/kernels.py build squeezenet ml_c5 bf16.so --precision bf16 --mcpu znver4  # (profile takes both too)
+  bench/kernels.py --stem build resnet50 ml_c4 stem.so  # the model up to its first max pool (every subcommand)
   bench/kernels.py --int8 build squeezenet ml_c5 int8.so --mcpu znver4  # the QDQ model (quantize_qdq, as
                                                           # bench/int8.py); time/profile: ORT runs it too
 
@@ -29,6 +30,7 @@ from typing import Any
 import numpy as np
 
 _QUANTIZE = [False]  # --int8: the QDQ model instead of the fp32 one
+_STEM = [False]  # --stem: the model up to its first max pool (first conv, its epilogue, the pool)
 _PARALLEL = ["kiln"]  # --parallel: the artifacts' parallel loops on Kiln's launcher or TVM's pool
 
 
@@ -39,10 +41,25 @@ def _model(name: str) -> tuple[Any, dict[str, tuple[int, ...]]]:
 
     model = load_light_model(name)
     shapes = input_shapes(model)
+    if _STEM[0]:
+        model = _stem(model)
     if _QUANTIZE[0]:
         with tempfile.TemporaryDirectory() as tmp:
             model = quantize_qdq(model, Path(tmp))
     return model, shapes
+
+
+def _stem(model: Any) -> Any:
+    """``model`` cut after its first MaxPool: the stem (3-channel conv, its batch norm and ReLU, the pool)
+    that ``--stem`` builds, times and profiles on its own, against ONNX Runtime running the same cut."""
+    import onnx.shape_inference
+    import onnx.utils
+
+    model = onnx.shape_inference.infer_shapes(model)  # the Extractor needs the cut's value_info
+    pool = next(n for n in model.graph.node if n.op_type == "MaxPool")
+    inits = {i.name for i in model.graph.initializer}
+    inputs = [i.name for i in model.graph.input if i.name not in inits]
+    return onnx.utils.Extractor(model).extract_model(inputs, [pool.output[0]])
 
 
 def _tvm_target(target_name: str, mcpu: str | None) -> dict[str, Any]:
@@ -381,10 +398,12 @@ def main() -> None:
         sp.add_argument("--cpu-time", action="store_true", help="time the calling thread's CPU (needs --threads 1)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--int8", action="store_true", help="the QDQ model (quantize_static) instead of the fp32 one")
+    ap.add_argument("--stem", action="store_true", help="the model up to its first MaxPool (its stem) only")
     ap.add_argument("--parallel", default="kiln", choices=("kiln", "tvm"),
                     help="the artifacts' parallel loops on Kiln's launcher (as kiln-runtime runs them) or TVM's pool")
     args = ap.parse_args()
     _QUANTIZE[0] = args.int8
+    _STEM[0] = args.stem
     _PARALLEL[0] = args.parallel
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
     if getattr(args, "cpu_time", False):

@@ -36,6 +36,7 @@ from .schedules import DefaultCPUSchedule, has_root, target_cpu, target_lanes, t
 from .schedules.bf16 import BF16ConvSchedule
 from .schedules.int8 import VNNIConvSchedule
 from .schedules.interleave import InputInterleaveSchedule
+from .schedules.stem import StemReadsNCHW
 from .tuning import Shard, TuningDatabase, tune_and_apply
 
 log = logging.getLogger(__name__)
@@ -144,6 +145,8 @@ def _cpu_kernels(mod: tvm.IRModule, tgt: tvm.target.Target, default_schedules: b
     if precision == "bf16":
         mod = ConvToBF16()(mod)  # type: ignore[operator]
     fused = tvm.transform.Sequential(_fuse_passes())(mod)
+    if default_schedules:
+        fused = StemReadsNCHW()(fused)  # type: ignore[operator]  # no input transpose kernel (ADR 0045)
     return relax.transform.AttachAttrLayoutFreeBuffers()(fused)
 
 
