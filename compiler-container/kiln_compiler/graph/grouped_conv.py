@@ -32,6 +32,7 @@ _CONV2D = tvm.ir.Op.get("relax.nn.conv2d")
 _MATMUL = tvm.ir.Op.get("relax.matmul")
 _RESHAPE = tvm.ir.Op.get("relax.reshape")
 _STRIDED_SLICE = tvm.ir.Op.get("relax.strided_slice")
+_ADD = tvm.ir.Op.get("relax.add")
 # elementwise operators of a requantizing epilogue: (operator, takes a second operand)
 _ELEMENTWISE = {tvm.ir.Op.get(f"relax.{name}"): binary for name, binary in (
     ("add", True), ("subtract", True), ("multiply", True), ("divide", True), ("maximum", True),
@@ -176,12 +177,28 @@ class _EpilogueAboveReshape(PyExprMutator):
         if binary:
             per_group = self._per_group(call.args[1], shape, width, _static_shape(source)[3])  # type: ignore[index]
             if per_group is None:
-                return call
+                return self._residual_above_reshape(call, source, width, shape)
             args.append(per_group)
         y = self.builder_.emit(relax.Call(call.op, args, call.attrs))
         self.above.add(y)
         if width != _static_shape(y)[3]:  # type: ignore[index]
             y = self.builder_.emit(relax.op.strided_slice(y, axes=[3], begin=[0], end=[width]))
+        self.rewritten += 1
+        return relax.op.reshape(y, shape)
+
+    def _residual_above_reshape(self, call: relax.Call, source: Any, width: int, shape: tuple[int, ...]) -> Any:
+        """``add(reshape(slice(m)), r)``, ``r`` an fp32 NHWC tensor (a residual) -> ``reshape(add(slice(m),
+        reshape(r)))``: the residual's view per (pixel, group, channel) costs nothing, and the add (and the relu
+        after it) joins the matmul's kernel instead of a separate pass over both tensors (ADR 0044)."""
+        if call.op != _ADD or str(call.ty.dtype) != "float32" or static_shape(call.args[1]) != shape:
+            return call
+        padded = _static_shape(source)
+        assert padded is not None
+        if width != padded[3]:
+            source = self.builder_.emit(relax.op.strided_slice(source, axes=[3], begin=[0], end=[width]))
+        residual = self.builder_.emit(relax.op.reshape(call.args[1], (*padded[:3], width)))
+        y = self.builder_.emit(relax.op.add(source, residual))
+        self.above.add(y)
         self.rewritten += 1
         return relax.op.reshape(y, shape)
 
@@ -203,8 +220,9 @@ class _EpilogueAboveReshape(PyExprMutator):
         source_shape = _static_shape(value)
         if shape is None or source_shape is None or source_shape[2] != 1:
             return None
-        integer = isinstance(inner, relax.Call) and inner.op == _MATMUL and str(inner.attrs.out_dtype) == "int32"
-        if not integer and value not in self.above:
+        group_matmul = isinstance(inner, relax.Call) and inner.op == _MATMUL \
+            and str(inner.attrs.out_dtype) in ("int32", "float32", "None")
+        if not group_matmul and value not in self.above:
             return None
         per_group = source_shape[3] if width is None else width[3]
         pixels, groups = source_shape[0], source_shape[1]
