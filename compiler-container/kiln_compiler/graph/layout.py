@@ -15,6 +15,7 @@ from tvm import relax
 from .fold import PrefoldConstants
 from .grouped_conv import PadConvChannels, SplitGroupedConv
 from .shuffle import ChannelShuffleNHWC
+from .shuffle_fold import ShuffleIntoGroupMatmul
 from .simplify import (
     ChannelWindowToSlices,
     ConstantsToFullRank,
@@ -31,10 +32,12 @@ def _simplify() -> list[tvm.transform.Pass]:
             PowerToRoots(), ChannelWindowToSlices()]
 
 
-def cpu_graph_passes(lanes: int = 16, prefold: bool = True) -> list[tvm.transform.Pass]:
+def cpu_graph_passes(lanes: int = 16, prefold: bool = True, fold_shuffles: bool = True) -> list[tvm.transform.Pass]:
     """Passes that convert conv2d (and what follows it) to NHWC / HWIO; ``lanes``: fp32 vector width;
-    ``prefold=False`` leaves all constant folding to LLVM builds (the same module, slower: tests compare)."""
+    ``prefold=False`` leaves all constant folding to LLVM builds (the same module, slower: tests compare);
+    ``fold_shuffles=False`` keeps channel shuffles as kernels (bf16 builds convert the grouped matmul they fold into)."""
     fold = [PrefoldConstants()] if prefold else []  # numpy folds what needs no LLVM build (ADR 0040)
+    shuffles = [ShuffleIntoGroupMatmul()] if fold_shuffles else []  # fp32 grouped matmuls only (ADR 0044)
     return [
         relax.transform.DecomposeOpsForInference(),
         *_simplify(),
@@ -51,6 +54,7 @@ def cpu_graph_passes(lanes: int = 16, prefold: bool = True) -> list[tvm.transfor
         SplitGroupedConv(lanes),
         PadConvChannels(lanes),
         ChannelShuffleNHWC(),
+        *shuffles,
         relax.transform.DeadCodeElimination(),  # the NCHW shuffle chains
         relax.transform.EliminateCommonSubexpr(),  # one input transpose per graph input
     ]
