@@ -25,6 +25,7 @@ from tvm import relax, te, tirx
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from ._mutate import bound_value, rewrite_functions, static_shape
+from .grouped_conv import has_8bit_tensors
 from .shuffle import use_counts
 
 _MATMUL = tvm.ir.Op.get("relax.matmul")
@@ -164,6 +165,8 @@ class ShuffleIntoGroupMatmul:
     through the matmul's input index, the ops between with permuted constants."""
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        if has_8bit_tensors(mod):
+            return mod  # 8-bit shuffles move 8-bit values (ADR 0035); their units keep ADR 0041's kernels
         rewriter = _ShuffleIntoMatmul(mod)
         out = rewrite_functions(mod, rewriter)
         return relax.transform.DeadCodeElimination()(out) if rewriter.rewritten else out
