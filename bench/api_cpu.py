@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from botocore.exceptions import ClientError
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from load import ARTIFACTS, MODELS, ROLE, client, free_port, start_server, tar_gz, tiny_onnx_model, wait_ready  # noqa: E402
@@ -57,6 +59,9 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=1, help="concurrent clients making the calls")
     parser.add_argument("--api-workers", type=int, default=None)
     parser.add_argument("--idle", type=float, default=5, help="s per round with no call (background CPU)")
+    parser.add_argument("--burst", type=int, default=0,
+                        help="after the rounds, this many creates at once: the CPU until their workflows have all "
+                             "asked for a compiler (the burst the issue's load starts with)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     port, aws_port = free_port(), free_port()
@@ -123,6 +128,8 @@ def main() -> int:
                     samples[op]["client"].append(sum(client_cpu) / calls)
                     samples[op]["wall"].append(wall / calls)
             statuses = {n: api.describe_compilation_job(CompilationJobName=n)["CompilationJobStatus"] for n in names}
+            burst = create_burst(api, clients[0] if clients else api, url, server.pid, workers, args.burst,
+                                 statistics.median(idle["stack"]) if idle["stack"] else 0.0) if args.burst else {}
         finally:
             server.terminate()
             server.wait(timeout=60)
@@ -131,15 +138,63 @@ def main() -> int:
               "ms_cpu_per_call_median": {op: {k: round(statistics.median(v), 2) for k, v in s.items()}
                                          for op, s in samples.items()},
               "idle_cpu_ms_per_s_median": {k: round(statistics.median(v), 1) for k, v in idle.items()},
-              "samples": samples, "idle_samples": idle}
+              "samples": samples, "idle_samples": idle, "burst": burst}
     print(f"load average {os.getloadavg()}; statuses {statuses}")
     print(f"background CPU with no call: {result['idle_cpu_ms_per_s_median']} ms per s")
     print(f"{'operation':36} {'stack':>7} {'workers':>8} {'client':>7} {'wall':>7}  (ms per call, median of rounds)")
     for op, values in result["ms_cpu_per_call_median"].items():
         print(f"{op:36} {values['stack']:7.2f} {values['workers']:8.2f} {values['client']:7.2f} {values['wall']:7.2f}")
+    if burst:
+        print(f"burst of {burst['creates']} creates ({burst['accepted']} accepted): stack {burst['stack_cpu_ms']} ms "
+              f"CPU ({burst['stack_cpu_ms_less_background']} less its background), workers {burst['workers_cpu_ms']} ms, "
+              f"all asked for a compiler after {burst['seconds']} s")
     if args.out:
         args.out.write_text(json.dumps(result, indent=2) + "\n")
     return 0
+
+
+def create_burst(api: Any, poller: Any, url: str, serve_pid: int, workers: list[int], count: int,
+                 background_ms_per_s: float) -> dict[str, Any]:
+    """``count`` creates at once (one client each); CPU of the stack and the API workers from the first
+    create until every accepted job is INPROGRESS (its workflow ran to the compiler's start) plus 2 s."""
+    accepted: list[str] = []
+    lock = threading.Lock()
+    burst_clients = [client(url) for _ in range(count)]
+
+    def create(index: int) -> None:
+        name = f"burst-{index:03d}"
+        try:
+            burst_clients[index].create_compilation_job(
+                CompilationJobName=name, RoleArn=ROLE,
+                InputConfig={"S3Uri": f"s3://{MODELS}/cpu/model.tar.gz", "Framework": "ONNX",
+                             "DataInputConfig": '{"x": [1, 8]}'},
+                OutputConfig={"S3OutputLocation": f"s3://{ARTIFACTS}/cpu/{name}", "TargetDevice": "ml_c5"},
+                StoppingCondition={"MaxRuntimeInSeconds": 900})
+        except ClientError:  # refused at the active-job limit: not one of the burst's jobs
+            return
+        with lock:
+            accepted.append(name)
+
+    stack0, workers0, wall0 = cpu_ms(serve_pid), sum(cpu_ms(w) for w in workers), time.perf_counter()
+    threads = [threading.Thread(target=create, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    polls = 0
+    while time.perf_counter() - wall0 < 120:
+        polls += 1
+        if all(poller.describe_compilation_job(CompilationJobName=n)["CompilationJobStatus"] != "STARTING"
+               for n in accepted):
+            break
+        time.sleep(0.5)
+    seconds = time.perf_counter() - wall0
+    time.sleep(2)  # the last ones' RunTask, after their MarkInProgress
+    elapsed = time.perf_counter() - wall0
+    stack = cpu_ms(serve_pid) - stack0
+    return {"creates": count, "accepted": len(accepted), "seconds": round(seconds, 1), "polls": polls,
+            "stack_cpu_ms": round(stack), "stack_cpu_ms_less_background": round(stack - background_ms_per_s * elapsed),
+            "workers_cpu_ms": round(sum(cpu_ms(w) for w in workers) - workers0)}
 
 
 if __name__ == "__main__":

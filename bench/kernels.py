@@ -5,6 +5,7 @@ Usage (PYTHONPATH as in the README):
   bench/kernels.py build squeezenet ml_c4 out.so          # default schedules of this checkout
   bench/kernels.py time squeezenet a.so b.so [--rounds 5] # medians per round, a/b vs ORT, same run
                                        [--peer openvino]  # vs OpenVINO out of the box (bf16 here)
+                                       [--peer openvino-fp32]  # the same on the fp32 model with --int8
   bench/kernels.py profile squeezenet a.so [--top 15]     # per-kernel ms and GFLOP/s (VM instrument)
   bench/kernels.py --threads 2 balance resnet50 ml_c4     # parallel loop extents, static 2-thread balance
   bench/kernels.py ortprofile squeezenet [--top 15]       # ONNX Runtime's own per-node profile
@@ -148,8 +149,11 @@ def time_artifacts(name: str, paths: list[str], rounds: int, repeat: int, thread
         err = float(np.abs(got - want).max() / max(1e-12, float(np.abs(want).max())))
         print(f"{p}: max error vs ORT {err:.2e} of the output's scale")
     label, run_peer = "ORT", lambda: sess.run(None, feed)
-    if peer == "openvino":
-        request, precision = _openvino(model, threads)
+    if peer in ("openvino", "openvino-fp32"):
+        # openvino-fp32: out of the box on the fp32 model whatever --int8 says (the bar for int8 artifacts)
+        from kiln_compiler.samples import load_light_model
+
+        request, precision = _openvino(load_light_model(name) if peer == "openvino-fp32" else model, threads)
         label, run_peer = f"OpenVINO ({precision})", lambda: request.infer(feed)
     rows: list[list[float]] = []
     minima: list[list[float]] = []
@@ -354,8 +358,9 @@ def main() -> None:
     t.add_argument("paths", nargs="+")
     t.add_argument("--rounds", type=int, default=5)
     t.add_argument("--repeat", type=int, default=20)
-    t.add_argument("--peer", default="ort", choices=("ort", "openvino"),
-                   help="the reference runtime: ONNX Runtime fp32, or OpenVINO at its default precision")
+    t.add_argument("--peer", default="ort", choices=("ort", "openvino", "openvino-fp32"),
+                   help="the reference runtime: ONNX Runtime fp32, or OpenVINO at its default precision "
+                        "(openvino-fp32: on the fp32 model also with --int8)")
     p = sub.add_parser("profile")
     p.add_argument("model")
     p.add_argument("path")

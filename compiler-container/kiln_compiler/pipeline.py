@@ -35,6 +35,7 @@ from .options import TuningBudget
 from .schedules import DefaultCPUSchedule, has_root, target_cpu, target_lanes, target_vector_unit
 from .schedules.bf16 import BF16ConvSchedule
 from .schedules.int8 import VNNIConvSchedule
+from .schedules.interleave import InputInterleaveSchedule
 from .tuning import Shard, TuningDatabase, tune_and_apply
 
 log = logging.getLogger(__name__)
@@ -206,12 +207,14 @@ def compile_relax(
             vnni = VNNIConvSchedule()
             if "avx512_vnni" in target_cpu(tgt).features:
                 fused = vnni(fused)  # type: ignore[operator]
+            interleave = InputInterleaveSchedule()
+            fused = interleave(fused)  # type: ignore[operator]
             bf16 = BF16ConvSchedule(target_vector_unit(tgt))
             if "avx512_bf16" in target_cpu(tgt).features:
                 fused = bf16(fused)  # type: ignore[operator]
             pass_ = DefaultCPUSchedule(target_vector_unit(tgt))
             fused = pass_(fused)  # type: ignore[operator]
-            summary["default"] = pass_.scheduled + len(vnni.scheduled) + len(bf16.scheduled)
+            summary["default"] = pass_.scheduled + len(vnni.scheduled) + len(bf16.scheduled) + len(interleave.scheduled)
             unscheduled = pass_.failed
             if unscheduled:
                 log.warning("%d kernels kept TVM's unscheduled loops: %s", len(unscheduled), ", ".join(unscheduled))

@@ -176,6 +176,9 @@ def _serve(args: argparse.Namespace) -> int:
     local = LocalSettings(**{name: value for name, value in given.items() if value is not None})
     stack = EmbeddedStack(host=args.host, aws_port=args.aws_port or args.port + 1, work_dir=args.work_dir,
                           local=local).start()
+    # before the API answers: the first collection walks the whole start-up heap (~0.4 s holding the
+    # interpreter lock), which otherwise paused the first requests (ADR 0050)
+    heap.settle()
     workers = local.api_workers
     server: ApiServer | ApiWorkers
     if workers and os.name == "posix":  # workers inherit the listening socket (POSIX only)
@@ -190,7 +193,7 @@ def _serve(args: argparse.Namespace) -> int:
     console.print(f"  job role: {stack.outputs['JobRoleArn']}  buckets: s3://{stack.outputs['ModelBucket']}, "
                   f"s3://{stack.outputs['ArtifactBucket']}")
     console.print(f"  console: {server.url}/console")
-    heap.settle()  # started: what it built lives as long as the process (ADR 0043)
+    heap.settle()  # and what the API's start built (ADR 0043)
     _wait_for_stop()
     started = time.monotonic()
     server.stop()

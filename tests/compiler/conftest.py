@@ -326,6 +326,82 @@ def qdq_data_movement_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _qdq_archive(tmp_path_factory, "qdq_data_movement", data_movement_cnn())
 
 
+def dense_block_cnn(seed: int = 0, head: bool = True) -> onnx.ModelProto:
+    """DenseNet-121's layers as its light model writes them, small: each pre-activation is BatchNormalization
+    -> Mul by an Unsqueeze'd per-channel constant -> Add of one -> Relu; a 3x3 stem (16 -> 32), two dense
+    layers (pre-activation, 1x1 conv to 32, pre-activation, 3x3 conv to 16, concat onto the block's input:
+    32 -> 48 -> 64 channels), a transition (pre-activation, 1x1 conv 64 -> 32, 2x2 average pool), a final
+    pre-activation, global average pool and a 1x1 conv classifier; input ``input`` [1, 16, 16, 16], output
+    [1, 10, 1, 1], opset 13. ``head=False`` ends at the transition's convolution (output [1, 32, 16, 16]): no
+    average pool, whose .5 ties ONNX Runtime breaks by its own float32 rounding."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    nodes, inits = [], []
+
+    def vector(name: str, values: np.ndarray) -> str:
+        inits.append(numpy_helper.from_array(values.astype("float32"), name))
+        return name
+
+    def preactivation(name: str, x: str, channels: int) -> str:
+        bn = [vector(f"{name}_{p}", v) for p, v in (("s", 1 + 0.1 * rng.standard_normal(channels)),
+                                                     ("b", 0.1 * rng.standard_normal(channels)),
+                                                     ("m", 0.1 * rng.standard_normal(channels)),
+                                                     ("v", 1 + 0.1 * rng.random(channels)))]
+        scale = vector(f"{name}_scale", rng.uniform(0.9, 1.1, channels))
+        shift = vector(f"{name}_sh", 0.1 * rng.standard_normal(channels))
+        nodes.extend([helper.make_node("BatchNormalization", [x, *bn], [f"{name}_bn"]),
+                      helper.make_node("Unsqueeze", [scale, "hw_axes"], [f"{name}_wu"]),
+                      helper.make_node("Mul", [f"{name}_bn", f"{name}_wu"], [f"{name}_mul"]),
+                      helper.make_node("Unsqueeze", [shift, "hw_axes"], [f"{name}_shu"]),
+                      helper.make_node("Add", [f"{name}_mul", f"{name}_shu"], [f"{name}_add"]),
+                      helper.make_node("Relu", [f"{name}_add"], [f"{name}_r"])])
+        return f"{name}_r"
+
+    def conv(name: str, x: str, cin: int, cout: int, k: int) -> str:
+        w = (rng.standard_normal((cout, cin, k, k)) * np.sqrt(2.0 / (cin * k * k))).astype("float32")
+        inits.append(numpy_helper.from_array(w, f"{name}_w"))
+        nodes.append(helper.make_node("Conv", [x, f"{name}_w"], [f"{name}_c"], kernel_shape=[k, k], pads=[k // 2] * 4))
+        return f"{name}_c"
+
+    inits.append(numpy_helper.from_array(np.array([1, 2], "int64"), "hw_axes"))
+    block = preactivation("stem", conv("stem", "input", 16, 32, 3), 32)
+    channels = 32
+    for i in range(2):
+        y = conv(f"d{i}b", preactivation(f"d{i}a", block, channels), channels, 32, 1)
+        y = conv(f"d{i}c", preactivation(f"d{i}b", y, 32), 32, 16, 3)
+        nodes.append(helper.make_node("Concat", [block, y], [f"d{i}_cat"], axis=1))
+        block, channels = f"d{i}_cat", channels + 16
+    y = conv("t", preactivation("ta", block, channels), channels, 32, 1)
+    shape = [1, 32, 16, 16]
+    if head:
+        nodes.append(helper.make_node("AveragePool", [y], ["pool"], kernel_shape=[2, 2], strides=[2, 2]))
+        nodes.append(helper.make_node("GlobalAveragePool", [preactivation("f", "pool", 32)], ["gap"]))
+        y, shape = conv("cls", "gap", 32, 10, 1), [1, 10, 1, 1]
+    nodes[-1].output[0] = "output"  # the last convolution's
+    graph = helper.make_graph(nodes, "dense_block_cnn",
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 16, 16, 16])],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, shape)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+@pytest.fixture(scope="session")
+def qdq_dense_block_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An unpacked archive holding the QDQ-quantized ``dense_block_cnn`` (quantize_static: a Q/DQ pair around
+    every batch norm, Mul, Add and concat, the per-channel Mul/Add constants quantized as activations, each
+    Relu folded into its Q) as model.onnx."""
+    return _qdq_archive(tmp_path_factory, "qdq_dense_block", dense_block_cnn())
+
+
+@pytest.fixture(scope="session")
+def qdq_dense_layers_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``qdq_dense_block_dir``'s model without its head: it ends at the transition's convolution."""
+    return _qdq_archive(tmp_path_factory, "qdq_dense_layers", dense_block_cnn(head=False))
+
+
 def grouped_pointwise_cnn(seed: int = 0) -> onnx.ModelProto:
     """ShuffleNet's awkward grouped 1x1 layers, small: a 3x3 stem (3 -> 24, relu), a grouped 1x1 conv with 6
     input and 20 output channels per group (4 groups, relu), one with 20 input and 17 output channels per

@@ -298,3 +298,51 @@ def test_grouped_pointwise_convs_with_odd_group_widths_run_vnni_with_their_epilo
     units = np.rint(np.abs(out - ref) / _output_scale(qdq))
     assert units.max() <= 1
     assert np.mean(units == 0) >= MIN_EXACT
+
+
+def test_dense_block_preactivations_stay_nhwc(qdq_dense_block_dir: Path) -> None:
+    # GIVEN a QDQ DenseNet block as quantize_static writes the light DenseNet-121: each pre-activation is
+    # BatchNormalization -> Mul -> Add with a Q/DQ pair around each, its per-channel (C, 1, 1) Mul/Add
+    # constants quantized as activations (quantize -> dequantize of a constant until folded)
+    import tvm
+    from kiln_compiler.pipeline import _cpu_kernels
+
+    mod = from_onnx(onnx.load(str(qdq_dense_block_dir / "model.onnx")), shape_dict={"input": [1, 16, 16, 16]},
+                    keep_params_in_input=False)
+    # WHEN Kiln's CPU graph passes and fusion run for a VNNI target
+    with tvm.target.Target({"kind": "llvm", "mcpu": "znver4"}) as tgt:
+        kernels = [gv.name_hint for gv, f in _cpu_kernels(mod, tgt, True).functions_items()
+                   if isinstance(f, tvm.tirx.PrimFunc)]
+    # THEN the pre-activations, concats and pools run in NHWC: the only transposes left are the graph's edges
+    # (the input's, fused with its quantize and pad, and the classifier output's), none inside a kernel of a
+    # pre-activation or concat (they went NCHW and back around every one of them)
+    transposing = sorted(k for k in kernels if "transpose" in k)
+    assert len(transposing) == 2 and any("pad" in k for k in transposing), transposing
+    assert not any("concatenate" in k or "avg_pool" in k for k in transposing), transposing
+    # the two concats each fused with the pre-activation that reads them
+    assert sum("concatenate" in k and "round" in k for k in kernels) == 2, kernels
+
+
+@pytest.mark.parametrize("mcpu, vnni", [("znver4", True), ("haswell", False)])
+def test_dense_layers_match_onnxruntime(qdq_dense_layers_dir: Path, tmp_path: Path, mcpu: str, vnni: bool) -> None:
+    # GIVEN the QDQ DenseNet layers (stem, two dense layers with their concats, the transition's pre-activation
+    # and 1x1 convolution) compiled for a VNNI target and an AVX2 one
+    import tvm
+    from tvm import relax
+
+    executable, asm = _build(qdq_dense_layers_dir, mcpu, tmp_path, (1, 16, 16, 16))
+    assert ("vpdpbusd" in asm) is vnni
+    if vnni and not _has_vnni():
+        pytest.skip("the host has no AVX512-VNNI")
+    qdq = onnx.load(str(qdq_dense_layers_dir / "model.onnx"))
+    session = ort.InferenceSession(qdq.SerializeToString(), providers=["CPUExecutionProvider"])
+    vm = relax.VirtualMachine(executable, tvm.cpu())
+    for seed in (3, 4):
+        x = np.random.default_rng(seed).standard_normal((1, 16, 16, 16)).astype("float32")
+        # WHEN it and ONNX Runtime run the same input
+        out = vm["main"](tvm.runtime.tensor(x)).numpy()
+        (ref,) = session.run(None, {"input": x})
+        # THEN at most 1 quantized unit apart, almost all identical (measured: identical)
+        units = np.rint(np.abs(out - ref) / _output_scale(qdq))
+        assert units.max() <= 1
+        assert np.mean(units == 0) >= MIN_EXACT

@@ -207,3 +207,71 @@ def test_dynamodb_reads_leave_no_items_behind(local_stack):
     assert len(scanned) == 20 and got["v"] == {"M": {"n": {"N": "7"}}}
     assert len(Item.instances_tracked) == tracked  # type: ignore[attr-defined]
     dynamodb.delete_table(TableName=table)
+
+
+def test_a_definition_is_parsed_once_and_each_execution_gets_its_own_states(local_stack):
+    # GIVEN the stack's state machine definition (patched: parsed when the state machine was created)
+    import inspect
+
+    import pytest
+    from moto.stepfunctions.parser.asl.parse.asl_parser import AmazonStateLanguageParser, ASLParserException
+    from moto.stepfunctions.parser.backend.execution_worker import ExecutionWorker
+
+    sfn = local_stack.client("stepfunctions")
+    definition = sfn.describe_state_machine(stateMachineArn=local_stack.outputs["StateMachineArn"])["definition"]
+    # WHEN two executions parse it
+    first, first_tree = AmazonStateLanguageParser.parse(definition)
+    second, second_tree = AmazonStateLanguageParser.parse(definition)
+    # THEN they share one parse tree but not the states built from it (those hold per-execution state)
+    assert first_tree is second_tree and first is not second
+    # AND the states are those moto's own parse builds
+    original, _ = moto_patches._originals["sfn_parse"](definition)
+    assert list(first.states.states) == list(original.states.states) == list(json.loads(definition)["States"])
+    # AND a definition that does not parse is refused every time, as by moto
+    for _ in range(2):
+        with pytest.raises(ASLParserException):
+            AmazonStateLanguageParser.parse('{"StartAt": "A", "States": {"A": {"Type": "Nope"}}}')
+    # AND moto still parses for every execution it starts (when it stops, the patch can go)
+    assert "AmazonStateLanguageParser.parse" in inspect.getsource(ExecutionWorker._get_evaluation_entrypoint)
+
+
+def test_projected_queries_page_filter_and_return_copies(local_stack):
+    # GIVEN a table with a sort key and an index of all attributes, 30 items with a large attribute
+    from moto.dynamodb.models import dynamodb_backends
+    from moto.dynamodb.models.dynamo_type import DynamoType
+
+    dynamodb = local_stack.client("dynamodb")
+    table = "kiln-test-query-copies"
+    dynamodb.create_table(
+        TableName=table, BillingMode="PAY_PER_REQUEST",
+        KeySchema=[{"AttributeName": "p", "KeyType": "HASH"}, {"AttributeName": "r", "KeyType": "RANGE"}],
+        AttributeDefinitions=[{"AttributeName": n, "AttributeType": t} for n, t in
+                              (("p", "S"), ("r", "S"), ("g", "S"), ("v", "N"))],
+        GlobalSecondaryIndexes=[{"IndexName": "ByV", "Projection": {"ProjectionType": "ALL"},
+                                 "KeySchema": [{"AttributeName": "g", "KeyType": "HASH"},
+                                               {"AttributeName": "v", "KeyType": "RANGE"}]}])
+    for i in range(30):
+        dynamodb.put_item(TableName=table, Item={
+            "p": {"S": "all"}, "r": {"S": f"r{i:02d}"}, "g": {"S": "g"}, "v": {"N": str(i)},
+            "a": {"S": f"a{i}"}, "big": {"M": {"text": {"S": "x" * 2000}, "list": {"L": [{"N": str(i)}]}}}})
+    query = {"TableName": table, "IndexName": "ByV", "KeyConditionExpression": "g = :g",
+             "ExpressionAttributeValues": {":g": {"S": "g"}}, "ProjectionExpression": "r, a, v",
+             "ScanIndexForward": False, "Limit": 10}
+    # WHEN it is queried by the index with a projection, page by page
+    first = dynamodb.query(**query)
+    second = dynamodb.query(**query, ExclusiveStartKey=first["LastEvaluatedKey"])
+    # THEN each page holds the projected attributes of the right items, in order
+    expected = [{"r": {"S": f"r{i:02d}"}, "a": {"S": f"a{i}"}, "v": {"N": str(i)}} for i in range(29, -1, -1)]
+    assert first["Items"] + second["Items"] == expected[:20] and first["Count"] == second["Count"] == 10
+    # AND with a filter on an attribute the projection leaves out, the filter still sees it
+    filtered = dynamodb.query(**{**query, "Limit": 30, "ExpressionAttributeValues": {
+        ":g": {"S": "g"}, ":one": {"N": "1"}, ":five": {"N": "5"}}},
+        FilterExpression="size(big.#l) = :one AND v < :five", ExpressionAttributeNames={"#l": "list"})
+    assert filtered["Items"] == expected[25:]
+    # AND what a query returns is a copy: changing it leaves the stored item as it was
+    backend = dynamodb_backends[local_stack.outputs["JobRoleArn"].split(":")[4]]["us-east-1"].get_table(table)
+    results, _, _ = backend.query(DynamoType({"S": "all"}), None, [], 5, None, True, [["a"], ["big"]])
+    results[0].attrs["a"].value = "changed"
+    assert backend.get_item(DynamoType({"S": "all"}), DynamoType({"S": "r00"})).attrs["a"].value == "a0"
+    assert set(results[0].attrs) == {"a", "big"}
+    dynamodb.delete_table(TableName=table)

@@ -45,6 +45,9 @@ def cpu_graph_passes(lanes: int = 16, prefold: bool = True, fp32_shuffle_units: 
         relax.transform.CanonicalizeBindings(),  # ConvertLayout loses the layout across aliases
         *fold,
         relax.transform.FoldConstant(),  # bias reshapes: ConvertLayout trips over shape tuples
+        # again on the folded constants: a QDQ model's per-channel (C, 1, 1) Mul/Add operands are
+        # quantize -> dequantize chains until folded (DenseNet's NCHW round trips, ADR 0047)
+        ConstantsToFullRank(),
         relax.transform.DeadCodeElimination(),
         relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "HWIO"]}),
         relax.transform.Normalize(),

@@ -58,6 +58,8 @@ _CONV_LAYOUTS = {("NCHW", "OIHW"): (1, 0), ("NHWC", "HWIO"): (3, 3)}
 _EXACT_FP32_TERMS = 2**24 // (255 * 128)
 # a bias scale this close to s_x * s_w is taken as exactly it (onnxruntime computes it in float32)
 _BIAS_SCALE_RTOL = 1e-6
+# output channels of the VNNI tile (schedules/int8.py: one zmm of s32 accumulators)
+_VNNI_CHANNELS = 16
 
 
 def _const(expr: Any) -> np.ndarray | None:
@@ -134,6 +136,21 @@ def _wider_output(data_shape: tuple[int, ...] | None, kernel_shape: tuple[int, .
     if width <= 16 or _largest_divisor(width, 16) >= 8:
         return 0
     return next((e for e in range(1, 8) if _largest_divisor(width + e, 16) >= 8), 0)
+
+
+def _padded_out_channels(channels: int) -> int:
+    """Output channels for the VNNI tile (whole 16-channel blocks): ShuffleNet's 24-channel stem ran the
+    generic s32 kernel at 44 GFLOP/s; 32 channels (a third of them zero) run ``vpdpbusd``. At most half as
+    many again; otherwise (and for whole blocks) ``channels``."""
+    padded = -(-channels // _VNNI_CHANNELS) * _VNNI_CHANNELS
+    return padded if (padded - channels) * 2 <= channels else channels
+
+
+def _pad_axis(values: np.ndarray, axis: int, size: int) -> np.ndarray:
+    """``values`` zero-padded along ``axis`` to ``size``."""
+    pad = [(0, 0)] * values.ndim
+    pad[axis] = (0, size - values.shape[axis])
+    return np.pad(values, pad)
 
 
 def _largest_divisor(extent: int, limit: int) -> int:
@@ -251,6 +268,13 @@ class _IntegerConv(PyExprMutator):
         if np.abs(correction).max(initial=0) >= 2**31:
             return None
         wider = 0
+        sliced_channels = _padded_out_channels(channels) if integer_kernels and groups == 1 else channels
+        if sliced_channels != channels:  # zero weights for the added channels: their outputs are sliced off
+            w_q = _pad_axis(w_q, kernel_axis, sliced_channels)
+            correction, acc_scale = _pad_axis(correction, 0, sliced_channels), _pad_axis(acc_scale, 0, sliced_channels)
+            bias_f = None if bias_f is None else _pad_axis(bias_f, 0, sliced_channels)
+            channels, sliced_channels = sliced_channels, channels
+            per_channel = tuple(channels if i == channel_axis else 1 for i in range(4))
 
         if integer_kernels:
             data = x.value
@@ -261,7 +285,7 @@ class _IntegerConv(PyExprMutator):
             # a dense convolution's input channels padded to a multiple of 4 (a 3-channel stem): the
             # u8 x s8 kernel reduces 4 channels per vpdpbusd; the added weights are 0, so the padded
             # channels (any value: the zero point) add nothing and sum(W_q) is unchanged
-            vnni_tile = groups == 1 and channels % 16 == 0  # what the VNNI schedule takes (16 out-channels)
+            vnni_tile = groups == 1 and channels % _VNNI_CHANNELS == 0  # what the VNNI schedule takes (16 out-channels)
             extra = -w_q.shape[in_axis] % 4 if vnni_tile else 0
             if extra:
                 w_q = np.concatenate([w_q, np.zeros_like(w_q.take([0] * extra, axis=in_axis))], axis=in_axis)
@@ -307,12 +331,19 @@ class _IntegerConv(PyExprMutator):
         # maximum/minimum with constants, not clip: FuseOps keeps clip out of the conv's kernel
         y = self.builder_.emit(relax.op.maximum(y, relax.const(np.float32(low))))
         y = self.builder_.emit(relax.op.minimum(y, relax.const(np.float32(info.max))))
-        if not integer_kernels or not wider:
+        if not integer_kernels or (not wider and sliced_channels == channels):
             return relax.op.astype(y, out_dtype)
         y = self.builder_.emit(relax.op.astype(y, out_dtype))
         w_axis = 3 if layout[0] == "NCHW" else 2
         width = int(static_shape(y)[w_axis]) - wider  # type: ignore[index]
-        return relax.op.strided_slice(y, axes=[w_axis], begin=[0], end=[width])
+        axes, ends = [], []
+        if wider:
+            axes.append(w_axis)
+            ends.append(width)
+        if sliced_channels != channels:
+            axes.append(channel_axis)
+            ends.append(sliced_channels)
+        return relax.op.strided_slice(y, axes=axes, begin=[0] * len(axes), end=ends)
 
 
 @mutator

@@ -100,7 +100,7 @@ class ApiWorkers:
 def serve(spec: WorkerSpec, ready: Any) -> None:
     """Serve the API (and the console) on the inherited socket until stdin closes or SIGTERM; say
     :data:`READY` on ``ready`` once serving."""
-    from kiln import wiring
+    from kiln import contract, wiring
     from kiln.config import KilnSettings
     from kiln.console.app import PREFIX, Artifacts, ConsoleApp, FormDefaults, local_api
     from kiln.local import heap
@@ -108,7 +108,12 @@ def serve(spec: WorkerSpec, ready: Any) -> None:
     from kiln.local.stack import LocalClients
 
     clients = LocalClients(spec.endpoint_url)
-    wiring.install(wiring.Kiln(KilnSettings(**spec.settings), clients))
+    kiln = wiring.Kiln(KilnSettings(**spec.settings), clients)
+    wiring.install(kiln)
+    # Built now, not by the first requests: 20 creates at once otherwise each loaded botocore's
+    # SageMaker model and built the service's clients, in every worker (ADR 0050).
+    kiln.service  # noqa: B018
+    contract.service_model()
     server = ApiServer(fd=spec.fd)
     outputs = spec.outputs
     server.mount(PREFIX, ConsoleApp(local_api(server.url), Artifacts(clients.client("s3")), FormDefaults(

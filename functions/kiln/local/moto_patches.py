@@ -45,6 +45,11 @@
    the DynamoDB items it builds for every read: a leak whose size every full garbage collection
    walks (ADR 0043). :func:`patch_dynamodb_items_untracked` stops that for items; the fast reads
    also write a read's JSON from moto's items without first copying them into plain values.
+12. moto's Step Functions parses the state machine's definition with its ANTLR grammar again for
+   every execution it starts (~75 ms of CPU for Kiln's), so 20 jobs accepted at once spent ~1.5 s
+   of the stack's interpreter lock parsing the same text while the API waited (ADR 0050).
+   :func:`patch_step_functions_parse_once` keeps the parse tree per definition; every execution
+   still builds its own states from it, as moto does.
 
 ``tests/workflow/test_moto_patches.py`` notices when upstream fixes (1), (3) or (4).
 """
@@ -391,7 +396,7 @@ def patch_dynamodb_projection() -> None:
     Python values and back once per projected name: 12 names on a job record cost ~1 ms per item)."""
     if "dynamodb_projection" in _applied:
         return
-    from moto.dynamodb.models.dynamo_type import Item
+    from moto.dynamodb.models.dynamo_type import Item, LimitedSizeDict
 
     original = Item.project
     _originals["dynamodb_project"] = original
@@ -399,9 +404,19 @@ def patch_dynamodb_projection() -> None:
     def project(self: Any, projection_expressions: list[list[str]]) -> Any:
         if not all(len(path) == 1 for path in projection_expressions):  # nested paths: moto's way
             return original(self, projection_expressions)
-        names = [path[0] for path in projection_expressions]
-        return Item(hash_key=self.hash_key, range_key=self.range_key,
-                    attrs={name: self.attrs[name] for name in names if name in self.attrs})
+        # A subset of an item that passed moto's checks when written: built as moto's own
+        # Item.__deepcopy__ builds one, without ``Item.__init__`` converting every value again and
+        # its LimitedSizeDict re-summing the item's size at every attribute (O(n^2) per item; ~25 %
+        # of the stack's CPU under the issue's load, the List calls' Query, ADR 0050). The values are
+        # shared, not copied: a Query's are its own deep copies already, and a GetItem's are the
+        # stored item's, which moto's unprojected GetItem returns as they are too.
+        projected: Any = Item.__new__(Item)
+        projected.hash_key, projected.range_key = self.hash_key, self.range_key
+        attrs = LimitedSizeDict.__new__(LimitedSizeDict)
+        dict.__init__(attrs, ((name, self.attrs[name]) for name in (path[0] for path in projection_expressions)
+                              if name in self.attrs))
+        projected.attrs = attrs
+        return projected
 
     Item.project = project  # type: ignore[method-assign]
     _applied.add("dynamodb_projection")
@@ -664,3 +679,47 @@ def patch_container_runner(on_start: ContainerStart, on_stop: ContainerStop) -> 
     BatchBackend.submit_job = submit_job  # type: ignore[method-assign]
     BatchBackend.terminate_job = terminate_job  # type: ignore[method-assign]
     _applied.add("containers")
+
+
+def patch_step_functions_parse_once() -> None:
+    """Parse each state machine definition once (moto parses it again for every execution).
+
+    The ANTLR parse tree is kept per definition text (read-only once built); the evaluation
+    components moto's preprocessor builds from it hold per-execution state, so each execution
+    still gets its own (~15 ms). A definition that fails to parse raises as before, uncached."""
+    if "sfn_parse_once" in _applied:
+        return
+    from moto.stepfunctions.parser.asl.parse.asl_parser import AmazonStateLanguageParser
+    from moto.stepfunctions.parser.asl.parse.preprocessor import Preprocessor
+
+    original = AmazonStateLanguageParser.parse
+    _originals["sfn_parse"] = original
+    lock = threading.Lock()
+    trees: dict[str, Any] = {}
+
+    def parse(definition: str) -> tuple[Any, Any]:
+        with lock:  # one thread parses; the others starting the same definition wait for its tree
+            tree = trees.get(definition)
+            if tree is None:
+                program, tree = original(definition)
+                if len(trees) >= 32:  # bounded: tests create many state machines
+                    trees.clear()
+                trees[definition] = tree
+                return program, tree
+        return Preprocessor().visit(tree), tree
+
+    AmazonStateLanguageParser.parse = staticmethod(parse)  # type: ignore[method-assign]
+    _applied.add("sfn_parse_once")
+
+
+def warm_step_functions(region: str) -> None:
+    """Build now what the Step Functions tasks of the first executions would otherwise build while
+    the API waits: the boto3 clients moto's tasks call through (with
+    :func:`patch_step_functions_clients_reused`) and the operation models of the ECS/Batch
+    normalisation (:func:`patch_service_normalisation`)."""
+    from moto.stepfunctions.parser.asl.utils import boto_client
+
+    for service in ("lambda", "ecs", "batch"):
+        boto_client.boto_client_for(region=region, service=service, state_credentials=None)
+    for service, action in (("ecs", "run_task"), ("batch", "submit_job")):
+        _operation_model(service, action)

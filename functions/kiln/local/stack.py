@@ -406,10 +406,12 @@ class EmbeddedStack:
         moto_patches.patch_dynamodb_projection()
         moto_patches.patch_dynamodb_items_untracked()
         moto_patches.patch_step_functions_clients_reused()
+        moto_patches.patch_step_functions_parse_once()
         logging.getLogger("werkzeug").setLevel(logging.WARNING)
         # moto's own ThreadedMotoServer closes every connection after one call (ADR 0037)
         self._server = MotoServer(self.host, self.aws_port).start()
         self._create_resources()
+        self._warm()
         self.runner.on_exit = self._container_exited
         self.registry_pump = RegistryEventPump(self.client("sqs"), self.client("lambda"),
                                                self.outputs["RegistryQueueUrl"], REGISTRY_FUNCTION)
@@ -556,6 +558,16 @@ class EmbeddedStack:
             **registry_defaults)
         self._kiln = wiring.Kiln(settings, self.clients)
         self._replaced = wiring.install(self._kiln)
+
+    def _warm(self) -> None:
+        """Build now what the workflow steps of the first jobs would build on first use: when 20
+        jobs are accepted at once, their executions otherwise build it together, under this process's
+        interpreter lock, while the API's calls to moto wait (ADR 0050)."""
+        from kiln import contract
+
+        self._kiln_required().workflow_steps  # noqa: B018  (the service, its store and clients)
+        contract.service_model()
+        moto_patches.warm_step_functions(REGION)
 
     @staticmethod
     def _batch_runner(batch: Any, environment_arn: str, runner: str) -> dict[str, str]:

@@ -1,0 +1,92 @@
+"""The model input's quantize + NCHW -> NHWC transpose of an int8 graph, vectorised along the image rows.
+
+An int8 graph's first kernel quantizes the fp32 NCHW input to u8 and transposes it to NHWC, its 3 colour
+channels padded to 4 for the ``vpdpbusd`` stem (ADR 0035). Kiln's default elementwise schedule vectorises
+the output's fused (w, c) axis: every lane reads another channel plane, a gather, and the bounds checks of
+the padding run per byte (SqueezeNet, 224 x 226 x 4: 0.16 ms, 1 thread; ONNX Runtime's QuantizeLinear +
+Transpose 0.11 ms). Here the loop nest is (h, w / 16, c, w % 16): each channel's 16 inputs are one
+contiguous vector load and their quantization one vector pass; only the byte stores are interleaved.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any
+
+import tvm
+from tvm import tirx
+from tvm.s_tir import Schedule
+
+from .tir import DATA_PAR, has_root, is_scheduled, writes_output
+
+log = logging.getLogger(__name__)
+
+_MAX_CHANNELS = 4  # the stem's padded colour channels: the interleave stays a few stores per vector
+_ROW_VECTOR = 16  # inputs per channel per step (measured best of 8 / 16 / 32 / 64 on SqueezeNet's input)
+_EIGHT_BIT = ("uint8", "int8")
+
+
+def schedule_input_interleave(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
+    """The row-vectorised schedule of an elementwise kernel writing an 8-bit NHWC tensor of at most 4
+    channels from channel-first inputs (the model input's quantize + transpose), or None when ``func``
+    is no such kernel."""
+    sch = Schedule(func)
+    if not has_root(sch):
+        return None
+    blocks = sch.get_child_blocks(sch.get_sblock("root"))
+    if not blocks or not writes_output(sch, blocks[-1]):
+        return None
+    out = blocks[-1]
+    buf = sch.get(out).writes[0].source
+    if str(buf.dtype) not in _EIGHT_BIT or len(buf.shape) != 4 or not isinstance(buf.shape[3], tirx.IntImm) \
+            or int(buf.shape[3]) > _MAX_CHANNELS:
+        return None
+    for blk in blocks[:-1]:
+        try:
+            sch.compute_inline(blk)
+        except Exception:  # not elementwise: some other kernel
+            return None
+    b = sch.get(out)
+    if len(b.iter_vars) != 4 or any(iv.iter_type != DATA_PAR for iv in b.iter_vars) or len(sch.get_loops(out)) != 4:
+        return None
+    row, channel = b.iter_vars[2].var, b.iter_vars[3].var
+    # channel-first reads: the input's innermost index follows the output's columns, not its channels
+    for read in b.reads:
+        if len(read.region) < 2:
+            return None
+        innermost = set(tirx.analysis.undefined_vars(read.region[-1].min, []))
+        if channel in innermost or row not in innermost:
+            return None
+    n, h, w, c = sch.get_loops(out)
+    wo, wi = sch.split(w, [None, _ROW_VECTOR])
+    sch.reorder(n, h, wo, c, wi)
+    sch.parallel(sch.fuse(n, h))
+    sch.unroll(c)
+    sch.vectorize(wi)
+    result: tirx.PrimFunc = sch.mod["main"]
+    return result
+
+
+@tvm.transform.module_pass(opt_level=0, name="KilnInputInterleaveSchedule")
+class InputInterleaveSchedule:
+    """Schedule an int8 graph's input quantize + NCHW -> NHWC kernel along the image rows (8-bit outputs
+    only: fp32 graphs keep the default schedule)."""
+
+    def __init__(self) -> None:
+        self.scheduled: list[str] = []
+
+    def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        updates: dict[Any, tirx.PrimFunc] = {}
+        for gv, func in mod.functions_items():
+            if not isinstance(func, tirx.PrimFunc) or is_scheduled(func):
+                continue
+            new = None
+            with contextlib.suppress(Exception):  # a kernel the nest does not fit keeps the default schedule
+                new = schedule_input_interleave(func)
+            if new is not None:
+                updates[gv] = new.with_attr("tirx.is_scheduled", True)
+                self.scheduled.append(gv.name_hint)
+        for gv, func in updates.items():
+            mod[gv] = func
+        return mod
