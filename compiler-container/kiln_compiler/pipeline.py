@@ -141,7 +141,8 @@ def _cpu_kernels(mod: tvm.IRModule, tgt: tvm.target.Target, default_schedules: b
         integer = "avx512_vnni" in target_cpu(tgt).features  # no integer kernel elsewhere: fp32 convs (ADR 0021)
         mod = tvm.transform.Sequential([QuantizedConvToInteger(integer), EightBitDataMovement(),
                                         PerTensorQDQToArithmetic(),
-                                       *cpu_graph_passes(target_lanes(tgt)), SimplifyRequantization()])(mod)
+                                       *cpu_graph_passes(target_lanes(tgt), fp32_shuffle_units=precision == "fp32"),
+                                        SimplifyRequantization()])(mod)
     if precision == "bf16":
         mod = ConvToBF16()(mod)  # type: ignore[operator]
     fused = tvm.transform.Sequential(_fuse_passes())(mod)

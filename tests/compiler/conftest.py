@@ -581,9 +581,10 @@ def old_ir_qdq_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _qdq_archive(tmp_path_factory, "old_ir_qdq", model)
 
 
-def shuffle_unit(channels: int, groups: int, hw: int) -> Any:
+def shuffle_unit(channels: int, groups: int, hw: int, residual: bool = False) -> Any:
     """ShuffleNet's unit as ONNX spells it: grouped 1x1 conv, batch-norm-like scale and shift,
-    relu, the NCHW channel shuffle (reshape, swap, reshape), depthwise 3x3, grouped 1x1 conv."""
+    relu, the NCHW channel shuffle (reshape, swap, reshape), depthwise 3x3, grouped 1x1 conv;
+    ``residual``: with a scale and shift after both later convs, the unit's input added and a relu."""
     from tvm import relax
     from tvm.script import relax as R
 
@@ -602,7 +603,12 @@ def shuffle_unit(channels: int, groups: int, hw: int) -> Any:
             y = bb.emit(relax.op.reshape(y, (1, groups, channels // groups, hw, hw)))
             y = bb.emit(relax.op.reshape(relax.op.permute_dims(y, [0, 2, 1, 3, 4]), (1, channels, hw, hw)))
             y = bb.emit(relax.op.nn.conv2d(y, const(channels, 1, 3, 3), padding=1, groups=channels))
+            if residual:
+                y = bb.emit(relax.op.add(relax.op.multiply(y, const(1, channels, 1, 1)), const(1, channels, 1, 1)))
             y = bb.emit(relax.op.nn.conv2d(y, const(channels, channels // groups, 1, 1), groups=groups))
+            if residual:
+                y = bb.emit(relax.op.add(relax.op.multiply(y, const(1, channels, 1, 1)), const(1, channels, 1, 1)))
+                y = bb.emit(relax.op.nn.relu(relax.op.add(y, x)))
             out = bb.emit_output(y)
         bb.emit_func_output(out)
     return bb.get()

@@ -120,15 +120,15 @@ def test_shuffle_unit_runs_one_kernel_per_grouped_conv_in_nhwc() -> None:
     with tvm.target.Target(AVX2):
         text = tvm.transform.Sequential(cpu_graph_passes(8))(mod)["main"].script()
     # THEN each grouped 1x1 conv is one batched matmul over the group axis (no per-group
-    #      convolutions and no concat), and the shuffle swaps the group axes in NHWC: the only
-    #      transposes to NCHW and back are at the graph's edges
-    assert text.count("R.matmul(") == 2
+    #      convolutions and no concat); the shuffle is read through the second one's input index
+    #      (ADR 0044): the only transposes to NCHW and back are at the graph's edges
+    assert text.count("R.matmul(") == 1 and text.count("shuffled_matmul") == 1
     assert "R.concat(" not in text and text.count("R.nn.conv2d(") == 1  # the depthwise conv
-    assert text.count("R.permute_dims(") == 3, text
-    assert "axes=[0, 1, 2, 4, 3]" in text
-    # AND the shuffle moved above the scale, shift and relu (their constants permuted alike), so it
-    #     reads the grouped conv's output and the constants are not gathered
-    assert text.index("axes=[0, 1, 2, 4, 3]") < text.index("R.multiply(") < text.index("R.nn.relu(")
+    assert text.count("R.permute_dims(") == 2, text
+    assert "axes=[0, 1, 2, 4, 3]" not in text
+    # AND the scale, shift and relu after the first grouped conv run on its (pixels, groups, 1, channels)
+    #     result, before the slice of its padded channels and the reshape to NHWC
+    assert text.index("R.matmul(") < text.index("R.multiply(") < text.index("R.nn.relu(") < text.index("R.strided_slice(")
 
 
 def test_pool_concat_sum_match_unscheduled() -> None:

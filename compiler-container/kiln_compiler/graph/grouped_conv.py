@@ -32,6 +32,7 @@ _CONV2D = tvm.ir.Op.get("relax.nn.conv2d")
 _MATMUL = tvm.ir.Op.get("relax.matmul")
 _RESHAPE = tvm.ir.Op.get("relax.reshape")
 _STRIDED_SLICE = tvm.ir.Op.get("relax.strided_slice")
+_ADD = tvm.ir.Op.get("relax.add")
 # elementwise operators of a requantizing epilogue: (operator, takes a second operand)
 _ELEMENTWISE = {tvm.ir.Op.get(f"relax.{name}"): binary for name, binary in (
     ("add", True), ("subtract", True), ("multiply", True), ("divide", True), ("maximum", True),
@@ -110,6 +111,19 @@ class _GroupSplitter(PyExprMutator):
         return relax.op.reshape(y, (n, h, w, k))
 
 
+def has_8bit_tensors(mod: tvm.IRModule) -> bool:
+    """Whether a Relax function of ``mod`` binds an int8 or uint8 tensor (a quantized model)."""
+    for _, func in mod.functions_items():
+        if not isinstance(func, relax.Function) or not isinstance(func.body, relax.SeqExpr):
+            continue
+        for block in func.body.blocks:
+            for binding in block.bindings:
+                ty = getattr(binding.var, "ty", None)
+                if isinstance(ty, relax.TensorType) and str(ty.dtype) in ("int8", "uint8"):
+                    return True
+    return False
+
+
 def _ints(expr: Any) -> list[int] | None:
     """The integers of a tuple argument (strided_slice's axes, begin), else None."""
     fields = getattr(expr, "fields", None)
@@ -156,12 +170,14 @@ class _EpilogueAboveReshape(PyExprMutator):
     (pixels, groups, 1, padded) and an elementwise ``e`` with a per-channel constant ``c`` (``c'``: the same
     values per group, zero-padded to the padded width). The reshape to NHWC is a view (a VM call, no kernel):
     below it, the requantizing epilogue ran as a separate kernel reading the s32 accumulators back
-    (ShuffleNet: 0.1-0.3 ms each); above it, the epilogue fuses into the matmul's write-back."""
+    (ShuffleNet: 0.1-0.3 ms each); above it, the epilogue fuses into the matmul's write-back. With ``fp32``
+    the same for fp32 group matmuls, and a residual add too (ADR 0044)."""
 
-    def __init__(self, mod: tvm.IRModule) -> None:
+    def __init__(self, mod: tvm.IRModule, fp32: bool) -> None:
         super().__init__(mod)
+        self.fp32 = fp32
         self.rewritten = 0
-        self.above: set[Any] = set()  # values this rewrite moved above a reshape
+        self.above: dict[Any, bool] = {}  # values this rewrite moved above a reshape: rooted at an fp32 matmul
 
     def visit_call_(self, call: relax.Call) -> Any:
         call = super().visit_call_(call)
@@ -171,23 +187,40 @@ class _EpilogueAboveReshape(PyExprMutator):
         found = self._group_matmul_view(call.args[0])
         if found is None:
             return call
-        source, width, shape = found
+        source, width, shape, fp32 = found
         args = [source]
         if binary:
             per_group = self._per_group(call.args[1], shape, width, _static_shape(source)[3])  # type: ignore[index]
             if per_group is None:
-                return call
+                return self._residual_above_reshape(call, source, width, shape) if fp32 else call
             args.append(per_group)
         y = self.builder_.emit(relax.Call(call.op, args, call.attrs))
-        self.above.add(y)
+        self.above[y] = fp32
         if width != _static_shape(y)[3]:  # type: ignore[index]
             y = self.builder_.emit(relax.op.strided_slice(y, axes=[3], begin=[0], end=[width]))
         self.rewritten += 1
         return relax.op.reshape(y, shape)
 
-    def _group_matmul_view(self, expr: Any) -> tuple[Any, int, tuple[int, ...]] | None:
-        """(the (pixels, groups, 1, padded) value, channels per group, NHWC shape) of ``expr`` =
-        ``reshape(strided_slice(value) or value, NHWC)``, value an integer group matmul or moved above."""
+    def _residual_above_reshape(self, call: relax.Call, source: Any, width: int, shape: tuple[int, ...]) -> Any:
+        """``add(reshape(slice(m)), r)``, ``r`` an fp32 NHWC tensor (a residual) -> ``reshape(add(slice(m),
+        reshape(r)))``: the residual's view per (pixel, group, channel) costs nothing, and the add (and the relu
+        after it) joins the matmul's kernel instead of a separate pass over both tensors (ADR 0044)."""
+        if call.op != _ADD or str(call.ty.dtype) != "float32" or static_shape(call.args[1]) != shape:
+            return call
+        padded = _static_shape(source)
+        assert padded is not None
+        if width != padded[3]:
+            source = self.builder_.emit(relax.op.strided_slice(source, axes=[3], begin=[0], end=[width]))
+        residual = self.builder_.emit(relax.op.reshape(call.args[1], (*padded[:3], width)))
+        y = self.builder_.emit(relax.op.add(source, residual))
+        self.above[y] = True
+        self.rewritten += 1
+        return relax.op.reshape(y, shape)
+
+    def _group_matmul_view(self, expr: Any) -> tuple[Any, int, tuple[int, ...], bool] | None:
+        """(the (pixels, groups, 1, padded) value, channels per group, NHWC shape, rooted at an fp32 matmul) of
+        ``expr`` = ``reshape(strided_slice(value) or value, NHWC)``, value an integer group matmul (with ``fp32``:
+        or an fp32 one) or moved above."""
         view = bound_value(self, expr)
         if not isinstance(view, relax.Call) or view.op != _RESHAPE:
             return None
@@ -203,14 +236,17 @@ class _EpilogueAboveReshape(PyExprMutator):
         source_shape = _static_shape(value)
         if shape is None or source_shape is None or source_shape[2] != 1:
             return None
-        integer = isinstance(inner, relax.Call) and inner.op == _MATMUL and str(inner.attrs.out_dtype) == "int32"
-        if not integer and value not in self.above:
+        matmul = isinstance(inner, relax.Call) and inner.op == _MATMUL
+        integer = matmul and str(inner.attrs.out_dtype) == "int32"
+        fp32 = matmul and self.fp32 and str(inner.ty.dtype) == "float32"
+        if not integer and not fp32 and value not in self.above:
             return None
+        fp32 = fp32 or self.above.get(value, False)
         per_group = source_shape[3] if width is None else width[3]
         pixels, groups = source_shape[0], source_shape[1]
         if shape[0] * shape[1] * shape[2] != pixels or shape[3] != groups * per_group:
             return None
-        return value, per_group, shape
+        return value, per_group, shape, fp32
 
     def _per_group(self, operand: Any, shape: tuple[int, ...], width: int, padded_width: int) -> Any | None:
         """``operand`` (a scalar or per-channel constant of the NHWC value) per (group, channel), padded."""
@@ -255,15 +291,19 @@ class _ChannelPadder(PyExprMutator):
 
 @tvm.transform.module_pass(opt_level=0, name="KilnSplitGroupedConv")
 class SplitGroupedConv:
-    """Grouped NHWC convolutions with 2..``max_groups`` groups -> one padded dense conv per group + concat."""
+    """Grouped NHWC convolutions with 2..``max_groups`` groups -> one padded dense conv per group + concat;
+    ``fp32_epilogues``: fp32 pointwise ones take their epilogue and residual add above the NHWC reshape too."""
 
-    def __init__(self, lanes: int, max_groups: int = MAX_SPLIT_GROUPS) -> None:
+    def __init__(self, lanes: int, max_groups: int = MAX_SPLIT_GROUPS, fp32_epilogues: bool = True) -> None:
         self.lanes = lanes
         self.max_groups = max_groups
+        self.fp32_epilogues = fp32_epilogues
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         split = rewrite_functions(mod, _GroupSplitter(mod, self.lanes, self.max_groups))
-        above = _EpilogueAboveReshape(split)
+        # an 8-bit model's fp32 matmuls (no VNNI, ADR 0021) requantize: its residuals are dequantized by
+        # elementwise ops that fuse into the add below the reshape, so 8-bit models keep ADR 0041's rule
+        above = _EpilogueAboveReshape(split, self.fp32_epilogues and not has_8bit_tensors(split))
         out = rewrite_functions(split, above)
         # the epilogue's old chain below the reshape is dead now
         return relax.transform.DeadCodeElimination()(out) if above.rewritten else out

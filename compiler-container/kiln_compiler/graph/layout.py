@@ -15,6 +15,7 @@ from tvm import relax
 from .fold import PrefoldConstants
 from .grouped_conv import PadConvChannels, SplitGroupedConv
 from .shuffle import ChannelShuffleNHWC
+from .shuffle_fold import ShuffleIntoGroupMatmul
 from .simplify import (
     ChannelWindowToSlices,
     ConstantsToFullRank,
@@ -31,10 +32,13 @@ def _simplify() -> list[tvm.transform.Pass]:
             PowerToRoots(), ChannelWindowToSlices()]
 
 
-def cpu_graph_passes(lanes: int = 16, prefold: bool = True) -> list[tvm.transform.Pass]:
+def cpu_graph_passes(lanes: int = 16, prefold: bool = True, fp32_shuffle_units: bool = True) -> list[tvm.transform.Pass]:
     """Passes that convert conv2d (and what follows it) to NHWC / HWIO; ``lanes``: fp32 vector width;
-    ``prefold=False`` leaves all constant folding to LLVM builds (the same module, slower: tests compare)."""
+    ``prefold=False`` leaves all constant folding to LLVM builds (the same module, slower: tests compare);
+    ``fp32_shuffle_units=False`` (bf16 compiles) keeps ShuffleNet's fp32 grouped matmuls as before ADR 0044:
+    epilogues below the NHWC reshape, shuffles as kernels (ConvToBF16 converts those matmuls)."""
     fold = [PrefoldConstants()] if prefold else []  # numpy folds what needs no LLVM build (ADR 0040)
+    shuffles = [ShuffleIntoGroupMatmul()] if fp32_shuffle_units else []  # fp32 grouped matmuls only (ADR 0044)
     return [
         relax.transform.DecomposeOpsForInference(),
         *_simplify(),
@@ -51,9 +55,10 @@ def cpu_graph_passes(lanes: int = 16, prefold: bool = True) -> list[tvm.transfor
         relax.transform.FoldConstant(),  # HWIO weights as constants for the conv rewrites
         *_simplify(),  # again, now that batch norm's 1/sqrt(var + eps) is a constant
         FlattenConcat(),  # DenseNet: one flat concat per layer, fused into its batch norm
-        SplitGroupedConv(lanes),
+        SplitGroupedConv(lanes, fp32_epilogues=fp32_shuffle_units),
         PadConvChannels(lanes),
         ChannelShuffleNHWC(),
+        *shuffles,
         relax.transform.DeadCodeElimination(),  # the NCHW shuffle chains
         relax.transform.EliminateCommonSubexpr(),  # one input transpose per graph input
     ]

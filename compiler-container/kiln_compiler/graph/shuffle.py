@@ -30,7 +30,7 @@ _ASTYPE = tvm.ir.Op.get("relax.astype")
 _PER_CHANNEL = {tvm.ir.Op.get(f"relax.{name}"): getattr(relax.op, name) for name in ("add", "subtract", "multiply")}
 
 
-def _use_counts(mod: tvm.IRModule) -> dict[Any, int]:
+def use_counts(mod: tvm.IRModule) -> dict[Any, int]:
     """How many bindings of its dataflow block use each dataflow variable of ``mod``."""
     counts: dict[Any, int] = {}
     for _, func in mod.functions_items():
@@ -52,7 +52,7 @@ def _axes(call: Any) -> list[int] | None:
 class _ShuffleToNHWC(PyExprMutator):
     def __init__(self, mod: tvm.IRModule) -> None:
         super().__init__(mod)
-        self.uses = _use_counts(mod)
+        self.uses = use_counts(mod)
 
     def _call(self, expr: Any, op: Any) -> Any:
         seen = bound_value(self, expr)
