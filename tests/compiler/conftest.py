@@ -228,10 +228,9 @@ def fire_lrn_cnn(seed: int = 0) -> onnx.ModelProto:
     return model
 
 
-def residual_bn_block(seed: int = 0, identity_blocks: int = 0) -> onnx.ModelProto:
+def residual_bn_block(seed: int = 0) -> onnx.ModelProto:
     """A ResNet bottleneck as the light ResNet-50 writes it: convolutions without bias, each followed by
-    BatchNormalization (+ Relu), a 1x1 projection shortcut, Sum, Relu, then ``identity_blocks`` bottlenecks
-    whose shortcut is their input (64 -> 16 -> 16 -> 64 channels), global average pool, flatten;
+    BatchNormalization (+ Relu), a 1x1 projection shortcut, Sum, Relu, global average pool, flatten;
     input ``input`` [1,16,16,16], opset 13, 16-64 channels."""
     from onnx import TensorProto, helper, numpy_helper
 
@@ -258,15 +257,8 @@ def residual_bn_block(seed: int = 0, identity_blocks: int = 0) -> onnx.ModelProt
     b = conv_bn("b", a, 16, 16, 3, True)
     c = conv_bn("c", b, 16, 64, 1, False)
     shortcut = conv_bn("s", "input", 16, 64, 1, False)
-    nodes += [helper.make_node("Sum", [c, shortcut], ["sum"]), helper.make_node("Relu", ["sum"], ["out"])]
-    out = "out"
-    for i in range(identity_blocks):
-        a = conv_bn(f"a{i}", out, 64, 16, 1, True)
-        b = conv_bn(f"b{i}", a, 16, 16, 3, True)
-        c = conv_bn(f"c{i}", b, 16, 64, 1, False)
-        nodes += [helper.make_node("Sum", [c, out], [f"sum{i}"]), helper.make_node("Relu", [f"sum{i}"], [f"out{i}"])]
-        out = f"out{i}"
-    nodes += [helper.make_node("GlobalAveragePool", [out], ["gap"]), helper.make_node("Flatten", ["gap"], ["output"])]
+    nodes += [helper.make_node("Sum", [c, shortcut], ["sum"]), helper.make_node("Relu", ["sum"], ["out"]),
+              helper.make_node("GlobalAveragePool", ["out"], ["gap"]), helper.make_node("Flatten", ["gap"], ["output"])]
     graph = helper.make_graph(nodes, "residual_bn_block",
                               [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 16, 16, 16])],
                               [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 64])], inits)
