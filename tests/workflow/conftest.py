@@ -17,7 +17,11 @@ from tests.conftest import tar_gz
 
 @pytest.fixture(scope="session")
 def job_events(local_stack: Any) -> Callable[[str], list[dict[str, Any]]]:
-    """Every ``Compilation Job State Change`` event seen so far for a job, in order.
+    """Every ``Compilation Job State Change`` event seen so far for a job, in the order of the changes.
+
+    Ordered by the change's time (``detail.LastModifiedTime``), as docs/events.md tells consumers to:
+    the API and a workflow step publish independently, so a stop racing a job's start can deliver
+    STOPPING before the (earlier) INPROGRESS.
 
     A rule on the embedded default bus (source ``kiln``) delivers to an SQS queue, as a
     user's rule would in AWS."""
@@ -39,7 +43,8 @@ def job_events(local_stack: Any) -> Callable[[str], list[dict[str, Any]]]:
             for message in messages:
                 seen.append(json.loads(message["Body"]))
                 sqs.delete_message(QueueUrl=queue_url, ReceiptHandle=message["ReceiptHandle"])
-        return [e for e in seen if e["detail"]["CompilationJobName"] == name]
+        return sorted((e for e in seen if e["detail"]["CompilationJobName"] == name),
+                      key=lambda e: e["detail"]["LastModifiedTime"])
 
     return for_job
 
