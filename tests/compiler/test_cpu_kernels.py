@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 tvm = pytest.importorskip("tvm")
+import tvm_ffi  # noqa: E402
 from kiln_compiler.pipeline import compile_relax  # noqa: E402
 from tvm import relax  # noqa: E402
 from tvm.script import relax as R  # noqa: E402
@@ -31,6 +32,31 @@ def _has_avx512() -> bool:
 
 
 TARGETS = [AVX2] + ([{"kind": "llvm", "mcpu": "skylake-avx512"}] if _has_avx512() else [])
+
+
+def assert_tile_variants_match_unscheduled(func: Any, vector: Any, seed: int) -> None:
+    """Every distinct schedule of ``func`` that tuning's tile variants give (none may fail: tuning would
+    lose that candidate; more than three distinct) computes what the unscheduled kernel computes on AVX2."""
+    from kiln_compiler.schedules import default_schedule, tile_variants
+
+    schedules = {}
+    for knobs in tile_variants():
+        mod = default_schedule(func, vector, knobs).mod
+        schedules[tvm_ffi.structural_hash(mod)] = mod["main"]
+    assert len(schedules) > 3  # the knobs change the tile
+    rng = np.random.default_rng(seed)
+    args = [rng.standard_normal([int(d) for d in buf.shape]).astype("float32") for buf in func.params]
+
+    def run(f: Any) -> np.ndarray:
+        lib = tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), target=AVX2)
+        tensors = [tvm.runtime.tensor(a) for a in args]
+        lib["main"](*tensors)
+        return tensors[-1].numpy()
+
+    want = run(func)
+    assert not np.allclose(want, args[-1])
+    for scheduled in schedules.values():
+        np.testing.assert_allclose(run(scheduled), want, rtol=RTOL, atol=ATOL)
 
 
 def _run(mod: Any, x: np.ndarray, target: dict[str, Any], default_schedules: bool) -> np.ndarray:

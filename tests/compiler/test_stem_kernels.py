@@ -9,13 +9,19 @@ import numpy as np
 import pytest
 
 tvm = pytest.importorskip("tvm")
-import tvm_ffi  # noqa: E402
 from kiln import isa  # noqa: E402
 from kiln_compiler import pipeline  # noqa: E402
-from kiln_compiler.schedules import default_schedule, tile_variants  # noqa: E402
 from kiln_compiler.schedules.stem import nchw_stem  # noqa: E402
 
-from tests.compiler.test_cpu_kernels import ATOL, AVX2, RTOL, TARGETS, _conv_block, _run  # noqa: E402
+from tests.compiler.test_cpu_kernels import (  # noqa: E402
+    ATOL,
+    AVX2,
+    RTOL,
+    TARGETS,
+    _conv_block,
+    _run,
+    assert_tile_variants_match_unscheduled,
+)
 
 STEMS = {
     # name: (cin, cout, k, stride, pad, hw, groups), the five light CNNs' first layers at smaller maps
@@ -90,23 +96,5 @@ def test_every_tile_variant_of_a_stem_kernel_matches_unscheduled(name: str) -> N
     (func,) = [f for gv, f in _kernels(_stem(name), AVX2).functions_items()
                if isinstance(f, tvm.tirx.PrimFunc) and "conv2d" in gv.name_hint]
     func = func.without_attr("layout_free_buffers")  # weights as plain inputs: no re-pack in this harness
-    schedules = {}
-    for knobs in tile_variants():
-        # WHEN each variant schedules it (none may fail: tuning would lose that candidate)
-        mod = default_schedule(func, isa.VectorUnit(8, 16), knobs).mod
-        schedules[tvm_ffi.structural_hash(mod)] = mod["main"]
-    assert len(schedules) > 3  # the knobs change the tile
-    rng = np.random.default_rng(4)
-    args = [rng.standard_normal([int(d) for d in buf.shape]).astype("float32") for buf in func.params]
-
-    def run(f: Any) -> np.ndarray:
-        lib = tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), target=AVX2)
-        tensors = [tvm.runtime.tensor(a) for a in args]
-        lib["main"](*tensors)
-        return tensors[-1].numpy()
-
-    want = run(func)
-    assert not np.allclose(want, args[-1])
-    # THEN every distinct schedule computes what the unscheduled kernel computes
-    for scheduled in schedules.values():
-        np.testing.assert_allclose(run(scheduled), want, rtol=RTOL, atol=ATOL)
+    # WHEN each tile variant schedules it, THEN every distinct schedule computes what the unscheduled kernel does
+    assert_tile_variants_match_unscheduled(func, isa.VectorUnit(8, 16), seed=4)

@@ -9,15 +9,22 @@ import numpy as np
 import pytest
 
 tvm = pytest.importorskip("tvm")
-import tvm_ffi  # noqa: E402
 from kiln import isa  # noqa: E402
 from kiln_compiler import pipeline  # noqa: E402
 from kiln_compiler.graph import cpu_graph_passes  # noqa: E402
-from kiln_compiler.schedules import default_schedule, tile_variants  # noqa: E402
+from kiln_compiler.schedules import default_schedule  # noqa: E402
 from tvm import relax  # noqa: E402
 from tvm.script import relax as R  # noqa: E402
 
-from tests.compiler.test_cpu_kernels import ATOL, AVX2, RTOL, TARGETS, _conv_block, _run  # noqa: E402
+from tests.compiler.test_cpu_kernels import (  # noqa: E402
+    ATOL,
+    AVX2,
+    RTOL,
+    TARGETS,
+    _conv_block,
+    _run,
+    assert_tile_variants_match_unscheduled,
+)
 
 
 def _pool_block(kind: str, channels: int, hw: int, size: int, stride: int, pad: int) -> Any:
@@ -93,23 +100,5 @@ def test_every_tile_variant_of_a_window_kernel_matches_unscheduled(name: str) ->
     build, _, _ = WINDOWS[name]
     func = _fused_kernel(build(), 8, "conv2d" if "depthwise" in name else "pool")
     vector = isa.VectorUnit(8, 16)
-    schedules = {}
-    for knobs in tile_variants():
-        # WHEN each variant schedules it (none may fail: tuning would lose that candidate)
-        mod = default_schedule(func, vector, knobs).mod
-        schedules[tvm_ffi.structural_hash(mod)] = mod["main"]
-    assert len(schedules) > 3  # the knobs change the tile
-    rng = np.random.default_rng(9)
-    args = [rng.standard_normal([int(d) for d in buf.shape]).astype("float32") for buf in func.params]
-
-    def run(f: Any) -> np.ndarray:
-        lib = tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), target=AVX2)
-        tensors = [tvm.runtime.tensor(a) for a in args]
-        lib["main"](*tensors)
-        return tensors[-1].numpy()
-
-    want = run(func)
-    assert not np.allclose(want, args[-1])
-    # THEN every distinct schedule computes what the unscheduled kernel computes
-    for scheduled in schedules.values():
-        np.testing.assert_allclose(run(scheduled), want, rtol=RTOL, atol=ATOL)
+    # WHEN each tile variant schedules it, THEN every distinct schedule computes what the unscheduled kernel does
+    assert_tile_variants_match_unscheduled(func, vector, seed=9)

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
+import sys
 from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
@@ -43,3 +47,14 @@ def deployment_env(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     for key, value in COMPLETE.items():
         monkeypatch.setenv(key, value)
     return COMPLETE
+
+
+def load_bench_module(name: str) -> ModuleType:
+    """bench/<name>.py imported as module ``bench_<name>`` (bench/ is scripts, not a package)."""
+    path = Path(__file__).resolve().parents[2] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault(f"bench_{name}", module)
+    spec.loader.exec_module(module)
+    return module

@@ -2,23 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 from types import ModuleType
 
 import pytest
 
+from tests.unit.conftest import load_bench_module
+
 
 @pytest.fixture(scope="module")
 def kernels_bench() -> ModuleType:
-    path = Path(__file__).resolve().parents[2] / "bench" / "kernels.py"
-    spec = importlib.util.spec_from_file_location("bench_kernels", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("bench_kernels", module)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_module("kernels")
 
 
 @pytest.mark.parametrize(("extent", "threads", "busiest"), [

@@ -3,15 +3,15 @@ really takes its weights as FMA memory operands (the thing the experiment measur
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
-import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import numpy as np
 import pytest
+
+from tests.unit.conftest import load_bench_module
 
 
 def _host_has_avx2_fma() -> bool:
@@ -28,13 +28,7 @@ pytestmark = pytest.mark.skipif(shutil.which("gcc") is None or not _host_has_avx
 
 @pytest.fixture(scope="module")
 def ukernel_bench() -> ModuleType:
-    path = Path(__file__).resolve().parents[2] / "bench" / "ukernel.py"
-    spec = importlib.util.spec_from_file_location("bench_ukernel", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("bench_ukernel", module)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_module("ukernel")
 
 
 @pytest.fixture(scope="module")

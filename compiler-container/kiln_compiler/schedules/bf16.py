@@ -26,11 +26,11 @@ from ..graph.bf16 import BF16_BLOCK_IC, BF16_BLOCK_OC
 from .cpu import channel_tiles_outermost, pick_factor, register_budget, tile_rate
 from .tir import (
     inline_epilogues,
-    is_scheduled,
     match_group_matmul,
     match_nhwc_conv,
     parallelize_anchor_inputs,
     parallelize_serial_root_blocks,
+    schedule_each,
 )
 
 log = logging.getLogger(__name__)
@@ -239,18 +239,5 @@ class BF16ConvSchedule:
         self.scheduled: list[str] = []
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        updates: dict[Any, tirx.PrimFunc] = {}
-        for gv, func in mod.functions_items():
-            if not isinstance(func, tirx.PrimFunc) or is_scheduled(func):
-                continue
-            try:
-                new = schedule_bf16_conv(func, self.vector) or schedule_bf16_group_matmul(func, self.vector)
-            except Exception as exc:  # a kernel the blocking does not fit keeps the default schedule
-                log.debug("bf16 schedule failed for %s: %s", gv.name_hint, exc)
-                continue
-            if new is not None:
-                updates[gv] = new.with_attr("tirx.is_scheduled", True)
-                self.scheduled.append(gv.name_hint)
-        for gv, func in updates.items():
-            mod[gv] = func
-        return mod
+        return schedule_each(mod, lambda f: schedule_bf16_conv(f, self.vector) or schedule_bf16_group_matmul(f, self.vector),
+                             self.scheduled, "bf16")

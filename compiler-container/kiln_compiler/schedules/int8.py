@@ -20,12 +20,12 @@ from tvm import tirx
 
 from .cpu import inline_epilogues
 from .tir import (
-    is_scheduled,
     match_group_matmul,
     match_nhwc_conv,
     parallelize_anchor_inputs,
     parallelize_serial_root_blocks,
     same_block,
+    schedule_each,
     writes_output,
 )
 
@@ -218,18 +218,4 @@ class VNNIConvSchedule:
         self.scheduled: list[str] = []
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        updates: dict[Any, tirx.PrimFunc] = {}
-        for gv, func in mod.functions_items():
-            if not isinstance(func, tirx.PrimFunc) or is_scheduled(func):
-                continue
-            try:
-                new = schedule_vnni_conv(func) or schedule_vnni_group_matmul(func)
-            except Exception as exc:  # a kernel the blocking does not fit keeps the default schedule
-                log.debug("VNNI schedule failed for %s: %s", gv.name_hint, exc)
-                continue
-            if new is not None:
-                updates[gv] = new.with_attr("tirx.is_scheduled", True)
-                self.scheduled.append(gv.name_hint)
-        for gv, func in updates.items():
-            mod[gv] = func
-        return mod
+        return schedule_each(mod, lambda f: schedule_vnni_conv(f) or schedule_vnni_group_matmul(f), self.scheduled, "VNNI")

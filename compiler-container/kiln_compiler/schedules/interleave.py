@@ -10,17 +10,11 @@ contiguous vector load and their quantization one vector pass; only the byte sto
 
 from __future__ import annotations
 
-import contextlib
-import logging
-from typing import Any
-
 import tvm
 from tvm import tirx
 from tvm.s_tir import Schedule
 
-from .tir import DATA_PAR, has_root, is_scheduled, writes_output
-
-log = logging.getLogger(__name__)
+from .tir import DATA_PAR, has_root, schedule_each, writes_output
 
 _MAX_CHANNELS = 4  # the stem's padded colour channels: the interleave stays a few stores per vector
 _ROW_VECTOR = 16  # inputs per channel per step (measured best of 8 / 16 / 32 / 64 on SqueezeNet's input)
@@ -77,16 +71,4 @@ class InputInterleaveSchedule:
         self.scheduled: list[str] = []
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        updates: dict[Any, tirx.PrimFunc] = {}
-        for gv, func in mod.functions_items():
-            if not isinstance(func, tirx.PrimFunc) or is_scheduled(func):
-                continue
-            new = None
-            with contextlib.suppress(Exception):  # a kernel the nest does not fit keeps the default schedule
-                new = schedule_input_interleave(func)
-            if new is not None:
-                updates[gv] = new.with_attr("tirx.is_scheduled", True)
-                self.scheduled.append(gv.name_hint)
-        for gv, func in updates.items():
-            mod[gv] = func
-        return mod
+        return schedule_each(mod, schedule_input_interleave, self.scheduled, "input interleave")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from typing import Any
 
 import tvm
@@ -158,3 +160,24 @@ def inline_epilogues(sch: Schedule, block: Any, write_back: Any) -> None:
             sch.reverse_compute_inline(consumers[0])
         except Exception:
             break
+
+
+def schedule_each(mod: tvm.IRModule, schedule: Callable[[tirx.PrimFunc], tirx.PrimFunc | None],
+                  scheduled: list[str], what: str) -> tvm.IRModule:
+    """Replace every unscheduled kernel of ``mod`` that ``schedule`` takes by its scheduled form (marked
+    scheduled, its name appended to ``scheduled``); a kernel it refuses or fails on keeps its own."""
+    updates: dict[Any, tirx.PrimFunc] = {}
+    for gv, func in mod.functions_items():
+        if not isinstance(func, tirx.PrimFunc) or is_scheduled(func):
+            continue
+        try:
+            new = schedule(func)
+        except Exception as exc:  # a kernel the blocking does not fit keeps the default schedule
+            logging.getLogger(__name__).debug("%s schedule failed for %s: %s", what, gv.name_hint, exc)
+            continue
+        if new is not None:
+            updates[gv] = new.with_attr("tirx.is_scheduled", True)
+            scheduled.append(gv.name_hint)
+    for gv, func in updates.items():
+        mod[gv] = func
+    return mod
