@@ -1,12 +1,15 @@
 """Tile-knob A/B for one convolution (issue #12, ADR 0056): the layer built by Kiln's pipeline once per
 ``TileKnobs`` variant, every variant's conv kernel timed in interleaved rounds (1 thread, thread CPU time,
-through the VM's instrument hook), numerically compared with the first variant.
+through the VM's instrument hook; every other round in reverse order), numerically compared with the
+first variant (the default knobs).
 
 Usage (PYTHONPATH as in the README; run under `nice`):
-  bench/tiles.py LAYER [LAYER ...] [--variant ic_block=0] [--variant ic_block=64] [--target ml_c4] [--cold]
-  LAYER = cin,cout,k,hw[,stride] as in bench/ukernel.py; the default knobs are always the first variant.
-``--cold`` rewrites 64 MiB before each call, so the weights come from DRAM as inside a model whose
-weights do not fit in cache (ResNet-50: 100 MB).
+  bench/tiles.py LAYER [LAYER ...] [--variant fused_pixels=false] [--variant max_vectors=1,max_pixels=14]
+                 [--target ml_c4] [--cold] [--control]
+  LAYER = cin,cout,k,hw[,stride] as in bench/ukernel.py. ``--control`` builds the default a second time
+and times it last: its ratio to the first is the noise floor of the run (on a shared host two builds of
+the same kernel differ by up to 10%). ``--cold`` rewrites 64 MiB before each call, so the weights come
+from DRAM as inside a model whose weights do not fit in cache (ResNet-50: 100 MB).
 """
 
 from __future__ import annotations
@@ -116,7 +119,7 @@ def run_layer(spec: tuple[int, ...], target: str, variants: list[Any], rounds: i
         m = statistics.median(col)
         changed = {f.name: getattr(kn, f.name) for f in dataclasses.fields(kn)
                    if getattr(kn, f.name) != f.default} or "default"
-        print(f"  {str(changed):40s} {m:7.3f} ms {flops / m / 1e6:6.1f} GFLOP/s  /default "
+        print(f"  {changed!s:40s} {m:7.3f} ms {flops / m / 1e6:6.1f} GFLOP/s  /default "
               f"{statistics.median(ratios):.3f} ({min(ratios):.3f}-{max(ratios):.3f})")
 
 
@@ -140,9 +143,10 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=15)
     ap.add_argument("--target", default="ml_c4")
     ap.add_argument("--cold", action="store_true", help="evict the caches before each timed call")
+    ap.add_argument("--control", action="store_true", help="time a second build of the default last")
     args = ap.parse_args()
     os.environ.setdefault("TVM_NUM_THREADS", "1")
-    variants = [TileKnobs(), *(parse_knobs(v) for v in args.variant)]
+    variants = [TileKnobs(), *(parse_knobs(v) for v in args.variant), *([TileKnobs()] if args.control else [])]
     for layer in args.layers:
         spec = [int(v) for v in layer.split(",")]
         run_layer(tuple((*spec, 1)[:5]), args.target, variants, args.rounds, args.repeat, _Evict(args.cold))

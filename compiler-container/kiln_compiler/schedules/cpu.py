@@ -19,7 +19,7 @@ from kiln.isa import VectorUnit
 from tvm import tirx
 from tvm.s_tir import Schedule
 
-from . import l1, stream
+from . import l1
 from .concat import schedule_concat
 from .knobs import DEFAULT_KNOBS, TileKnobs
 from .tir import (
@@ -276,7 +276,6 @@ def _schedule_anchor(sch: Schedule, block: Any, vector: VectorUnit, knobs: TileK
         else:
             fused_p = 0
     n_channel_tiles = extents[vec] // vec_f
-    grid_pixels = (extents[ph] if ph is not None else 1) * (extents[pw] if pw is not None else 1)
 
     # epilogues: inline elementwise consumers into the write-back of the tile
     wb_block = sch.cache_write(block, 0, "local")
@@ -301,40 +300,28 @@ def _schedule_anchor(sch: Schedule, block: Any, vector: VectorUnit, knobs: TileK
         tile_outer.append(o)
         tile_inner.append(i)
     outer = [loops[i] for i in sp if i not in (vec, ph, pw)]
-    reduction = [loops[i] for i in rd]
-    ic_block = 0
     if not tile_outer:
         outer.append(vo)
     elif knobs.channels_outer if knobs.channels_outer is not None else channel_tiles_outermost(
             b, reads_with_vec, n_channel_tiles, n_pixel_tiles):
-        outer.append(vo)
-        # weight blocks of the innermost reduction axis (a conv's input channels) streamed over the pixel
-        # tiles (schedules/stream.py)
-        ic_block = stream.input_channel_block(
-            loop_extent(sch, reduction[:-1]), loop_extent(sch, reduction[-1:]), vec_f, grid_pixels, n_pixel_tiles,
-            max(1, tvm.DataType(reads_with_vec[0].source.dtype).bits // 8), knobs.ic_block)
-        if ic_block:
-            ic_outer, ic_inner = sch.split(reduction[-1], [None, ic_block])
-            reduction = [ic_outer, *tile_outer, *reduction[:-1], ic_inner]
-        else:
-            outer += tile_outer
+        outer += [vo, *tile_outer]
     else:
         outer += [*tile_outer, vo]
     inner = [*tile_inner, vi]
-    sch.reorder(*outer, *reduction, *inner)
+    sch.reorder(*outer, *[loops[i] for i in rd], *inner)
     fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
     sch.reverse_compute_at(wb_block, fused)
     # write-back: vectorise its innermost loop
     wb_loops = sch.get_loops(wb_block)[1:]
     if wb_loops:
         _vectorize_whole(sch, wb_loops[-1], vec_f, lanes)
-        if len(wb_loops) > 1 and not ic_block:  # a streamed tile's write-back spans all its pixels
+        if len(wb_loops) > 1:
             sch.unroll(wb_loops[-2])
     sch.parallel(fused)
     for loop in tile_inner:
         sch.unroll(loop)
     _vectorize_whole(sch, vi, vec_f, lanes)
-    sch.decompose_reduction(block, reduction[0])
+    sch.decompose_reduction(block, loops[rd[0]])
     return True
 
 

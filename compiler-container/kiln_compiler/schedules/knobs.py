@@ -13,7 +13,6 @@ class TileKnobs:
     max_pixels: int = 14  # output pixels per tile
     channels_outer: bool | None = None  # loop order of the tile grid (None: by bytes moved)
     fused_pixels: bool | None = None  # tile the fused H*W axis with a tail tile (None: when it beats rh | H, rw | W)
-    ic_block: int | None = None  # conv input channels per streamed weight block (None: by size, 0: one block)
 
 
 def tile_variants() -> list[TileKnobs]:
