@@ -74,7 +74,7 @@ def _register_bf16_intrin() -> None:
     # TVMScript: the annotations are buffer declarations, not types (hence the type: ignores)
     @T.prim_func(s_tir=True)
     def desc(a: T.Buffer((2,), "bfloat16", offset_factor=2), b: T.Buffer((16, 2), "bfloat16", offset_factor=2),  # type: ignore[valid-type]
-             c: T.Buffer((16,), "float32", offset_factor=1, scope="local")) -> None:  # type: ignore[valid-type]
+             c: T.Buffer((16,), "float32", offset_factor=1, scope="global")) -> None:  # type: ignore[valid-type]
         with T.sblock("root"):
             T.reads(c[0:16], a[0:2], b[0:16, 0:2])
             T.writes(c[0:16])
@@ -86,7 +86,7 @@ def _register_bf16_intrin() -> None:
 
     @T.prim_func(s_tir=True)
     def impl(a: T.Buffer((2,), "bfloat16", offset_factor=2), b: T.Buffer((16, 2), "bfloat16", offset_factor=2),  # type: ignore[valid-type]
-             c: T.Buffer((16,), "float32", offset_factor=1, scope="local")) -> None:  # type: ignore[valid-type]
+             c: T.Buffer((16,), "float32", offset_factor=1, scope="global")) -> None:  # type: ignore[valid-type]
         with T.sblock("root"):
             T.reads(c[0:16], a[0:2], b[0:16, 0:2])
             T.writes(c[0:16])
@@ -162,8 +162,9 @@ def schedule_bf16_conv(func: tirx.PrimFunc, vector: VectorUnit) -> tirx.PrimFunc
                                                  oc % BF16_BLOCK_OC, ic % BF16_BLOCK_IC))
     sch.annotate(cached, "meta_schedule.layout_rewrite_preproc", True)
 
-    # "global": the intrinsic describes its accumulator in the global scope
-    write_back = sch.cache_write(block, 0, "local")
+    # "global": a small global buffer stays on the stack (registers after LLVM); a "local" one was a
+    # workspace allocated and freed per tile (ADR 0057); the intrinsic describes its accumulator so
+    write_back = sch.cache_write(block, 0, "global")
     # the epilogue up to its last step; a final bf16 cast (the next convolution's input) is rounded apart
     cast = inline_epilogues(sch, block, write_back, keep=_writes_bf16_cast)
 
@@ -261,7 +262,7 @@ def schedule_bf16_group_matmul(func: tirx.PrimFunc, vector: VectorUnit) -> tirx.
                          lambda g, k, oc: (g, oc // BF16_BLOCK_OC, k // BF16_BLOCK_IC, oc % BF16_BLOCK_OC,
                                            k % BF16_BLOCK_IC))
     sch.annotate(cached, "meta_schedule.layout_rewrite_preproc", True)
-    write_back = sch.cache_write(block, 0, "local")
+    write_back = sch.cache_write(block, 0, "global")  # on the stack, as the conv's (ADR 0057)
     inline_epilogues(sch, block, write_back)
     p, g, one, oc, k = sch.get_loops(block)
     po, pi = sch.split(p, [None, rp])
