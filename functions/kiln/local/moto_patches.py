@@ -51,6 +51,12 @@
    :func:`patch_step_functions_parse_once` keeps the parse tree per definition; every execution
    still builds its own states from it, as moto does.
 
+13. moto's DynamoDB Query sizes every result item twice (``Item.size`` walks every value, for the
+   1 MB page limit) and deep-copies every result item whole before projecting it: under the issue's
+   load (20 jobs listed 20 at a time) ~25 % of the stack's interpreter-lock time (ADR 0058).
+   :func:`patch_dynamodb_query_copies` sizes each item once per query and, for a projection of
+   top-level names without a filter, copies only the projected attributes.
+
 ``tests/workflow/test_moto_patches.py`` notices when upstream fixes (1), (3) or (4).
 """
 
@@ -65,7 +71,7 @@ import json
 import logging
 import threading
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import boto3
@@ -723,3 +729,77 @@ def warm_step_functions(region: str) -> None:
         boto_client.boto_client_for(region=region, service=service, state_credentials=None)
     for service, action in (("ecs", "run_task"), ("batch", "submit_job")):
         _operation_model(service, action)
+
+
+def patch_dynamodb_query_copies() -> None:
+    """DynamoDB Query: each candidate item sized once, and only the projected attributes copied.
+
+    moto's ``Table.query`` calls ``Item.size()`` (a walk of every value) twice per item it returns,
+    then deep-copies each whole item and projects the copy. Inside a query (and only there) this
+    memoises ``Item.size`` per item and, when the projection is top-level names and no filter reads
+    the items, copies just those names: the same result (an index's projection and the query's own
+    both only drop top-level names, so picking the query's names first gives the same item) without
+    copying what is thrown away. Any other query copies as moto does."""
+    if "dynamodb_query_copies" in _applied:
+        return
+    import copy
+    import types
+
+    from moto.dynamodb.models import table as table_module
+    from moto.dynamodb.models.dynamo_type import Item, LimitedSizeDict
+    from moto.dynamodb.models.table import Table
+
+    original_query, original_size = Table.query, Item.size
+    _originals["dynamodb_query"], _originals["dynamodb_item_size"] = original_query, original_size
+    signature = inspect.signature(original_query)
+    running = threading.local()  # per thread: this query's item sizes and the names it keeps
+
+    def size(self: Any) -> int:
+        sizes = getattr(running, "sizes", None)
+        if sizes is None:
+            return int(original_size(self))
+        known = sizes.get(id(self))
+        if known is None:
+            known = sizes[id(self)] = (self, original_size(self))  # the item held: its id stays its own
+        return int(known[1])
+
+    def copied(item: Any, names: frozenset[str]) -> Any:
+        result = Item.__new__(Item)  # as moto's Item.__deepcopy__ builds one, with fewer attributes
+        result.hash_key, result.range_key = copy.deepcopy(item.hash_key), copy.deepcopy(item.range_key)
+        attrs = LimitedSizeDict.__new__(LimitedSizeDict)
+        dict.__init__(attrs, ((name, copy.deepcopy(value)) for name, value in item.attrs.items() if name in names))
+        result.attrs = attrs
+        return result
+
+    def deepcopy(value: Any, memo: Any = None) -> Any:
+        names = getattr(running, "names", None)
+        if names is not None and isinstance(value, list) and all(type(v) is Item for v in value):
+            return [copied(item, names) for item in value]
+        return copy.deepcopy(value, memo)
+
+    def query(self: Any, *args: Any, **kwargs: Any) -> Any:
+        arguments = signature.bind(self, *args, **kwargs).arguments
+        projection = arguments.get("projection_expressions")
+        plain = (projection and all(len(path) == 1 for path in projection)
+                 and arguments.get("filter_expression") is None and not arguments.get("filter_kwargs"))
+        running.sizes, running.names = {}, frozenset(path[0] for path in projection) if plain else None
+        try:
+            return original_query(self, *args, **kwargs)
+        finally:
+            running.sizes = running.names = None
+
+    # moto's table module calls copy.deepcopy through its module global ``copy``: only it sees this.
+    table_module.copy = types.SimpleNamespace(**{**vars(copy), "deepcopy": deepcopy})  # type: ignore[assignment]
+    Item.size = size  # type: ignore[method-assign]
+    Table.query = query  # type: ignore[method-assign]
+    _applied.add("dynamodb_query_copies")
+
+
+def warm_service_models(services: Iterable[str]) -> None:
+    """Load now the botocore models moto's server reads per request (``get_service_model``, a cache
+    without a lock, each miss listing botocore's ~400 service folders): a first call during the burst
+    otherwise loads it in every thread that misses at once. Cheap when a model is loaded already."""
+    from moto.core.utils import get_service_model
+
+    for service in services:
+        get_service_model(service)
