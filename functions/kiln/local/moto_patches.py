@@ -745,6 +745,7 @@ def patch_dynamodb_query_copies() -> None:
     import copy
     import types
 
+    from moto.dynamodb.comparisons import OpDefault
     from moto.dynamodb.models import table as table_module
     from moto.dynamodb.models.dynamo_type import Item, LimitedSizeDict
     from moto.dynamodb.models.table import Table
@@ -780,8 +781,9 @@ def patch_dynamodb_query_copies() -> None:
     def query(self: Any, *args: Any, **kwargs: Any) -> Any:
         arguments = signature.bind(self, *args, **kwargs).arguments
         projection = arguments.get("projection_expressions")
-        plain = (projection and all(len(path) == 1 for path in projection)
-                 and arguments.get("filter_expression") is None and not arguments.get("filter_kwargs"))
+        unfiltered = isinstance(arguments.get("filter_expression"), OpDefault | None)  # moto's "no filter"
+        plain = (projection and all(len(path) == 1 for path in projection) and unfiltered
+                 and not arguments.get("filter_kwargs"))
         running.sizes, running.names = {}, frozenset(path[0] for path in projection) if plain else None
         try:
             return original_query(self, *args, **kwargs)
