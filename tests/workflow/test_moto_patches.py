@@ -369,3 +369,25 @@ def test_queries_size_once_copy_projected_names_and_answer_as_moto(local_stack, 
     # AND with top-level names and no filter it copied only those names (moto: every value of every item)
     assert [mine["copies"] < theirs["copies"] for (_, mine), (_, theirs) in zip(patched, original, strict=True)] == [
         True, True, False, False, False, True]
+
+
+def test_json_paths_are_parsed_once_and_read_each_document(local_stack):
+    # GIVEN moto's Step Functions JSONPath helpers (patched: each path parsed once)
+    from moto.stepfunctions.parser.asl.component.common.path import result_path
+    from moto.stepfunctions.parser.asl.utils import json_path
+
+    # WHEN one path reads two documents, and a missing member
+    first = json_path.extract_json("$.Job.Name", {"Job": {"Name": "a"}})
+    second = json_path.extract_json("$.Job.Name", {"Job": {"Name": "b", "Other": 1}})
+    # THEN each answer is its own document's, and a missing member is refused as by moto
+    assert (first, second) == ("a", "b")
+    try:
+        json_path.extract_json("$.Job.Missing", {"Job": {}})
+    except json_path.NoSuchJsonPathError:
+        pass
+    else:
+        raise AssertionError("a missing member was found")
+    # AND both modules parse a path once, into the expression jsonpath_ng builds for it
+    for module in (json_path, result_path):
+        assert module.parse("$.Mark") is module.parse("$.Mark")
+        assert str(module.parse("$.Mark")) == str(moto_patches._originals[f"jsonpath_parse_{module.__name__}"]("$.Mark"))

@@ -58,6 +58,9 @@
    :func:`patch_dynamodb_query_copies` sizes each item once per query and, for a projection of
    top-level names without a filter, copies only the projected attributes.
 
+   moto's Step Functions also parses every JSONPath it evaluates with a new jsonpath_ng parser:
+   :func:`patch_step_functions_json_paths_parsed_once` keeps each parsed path.
+
 ``tests/workflow/test_moto_patches.py`` notices when upstream fixes (1), (3) or (4).
 """
 
@@ -697,11 +700,10 @@ def patch_step_functions_parse_once() -> None:
     still gets its own (~15 ms). A definition that fails to parse raises as before, uncached."""
     if "sfn_parse_once" in _applied:
         return
-    from moto.stepfunctions.parser.asl.parse.asl_parser import AmazonStateLanguageParser
-    from moto.stepfunctions.parser.asl.parse.preprocessor import Preprocessor
-
     from antlr4.RuleContext import RuleContext
     from antlr4.tree.Tree import TerminalNode
+    from moto.stepfunctions.parser.asl.parse.asl_parser import AmazonStateLanguageParser
+    from moto.stepfunctions.parser.asl.parse.preprocessor import Preprocessor
 
     original = AmazonStateLanguageParser.parse
     _originals["sfn_parse"] = original
@@ -745,6 +747,22 @@ def patch_step_functions_parse_once() -> None:
     RuleContext.getText = get_text  # type: ignore[method-assign]
     AmazonStateLanguageParser.parse = staticmethod(parse)  # type: ignore[method-assign]
     _applied.add("sfn_parse_once")
+
+
+def patch_step_functions_json_paths_parsed_once() -> None:
+    """Parse each JSONPath of a state machine once (moto builds a new jsonpath_ng parser, a PLY
+    grammar, for every path it evaluates: ~0.45 ms each, dozens per execution; ADR 0058). Parsed
+    paths are immutable expression trees that ``find``/``update`` only read, so one serves every
+    execution and thread."""
+    if "sfn_json_paths" in _applied:
+        return
+    from moto.stepfunctions.parser.asl.component.common.path import result_path
+    from moto.stepfunctions.parser.asl.utils import json_path
+
+    for module in (json_path, result_path):  # each imported jsonpath_ng's ``parse`` by name
+        _originals[f"jsonpath_parse_{module.__name__}"] = module.parse
+        module.parse = functools.lru_cache(maxsize=1024)(module.parse)  # type: ignore[attr-defined]
+    _applied.add("sfn_json_paths")
 
 
 def warm_step_functions(region: str) -> None:

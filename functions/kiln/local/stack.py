@@ -412,6 +412,7 @@ class EmbeddedStack:
         moto_patches.patch_step_functions_clients_reused()
         moto_patches.patch_step_functions_parse_once()
         moto_patches.patch_dynamodb_query_copies()
+        moto_patches.patch_step_functions_json_paths_parsed_once()
         logging.getLogger("werkzeug").setLevel(logging.WARNING)
         # moto's own ThreadedMotoServer closes every connection after one call (ADR 0037)
         self._server = MotoServer(self.host, self.aws_port).start()
