@@ -744,7 +744,7 @@ def patch_step_functions_parse_once() -> None:
                 return program, tree
         return Preprocessor().visit(tree), tree
 
-    RuleContext.getText = get_text  # type: ignore[method-assign]
+    RuleContext.getText = get_text
     AmazonStateLanguageParser.parse = staticmethod(parse)  # type: ignore[method-assign]
     _applied.add("sfn_parse_once")
 
@@ -812,7 +812,7 @@ def patch_dynamodb_query_copies() -> None:
         return int(known[1])
 
     def copied(item: Any, names: frozenset[str]) -> Any:
-        result = Item.__new__(Item)  # as moto's Item.__deepcopy__ builds one, with fewer attributes
+        result: Any = Item.__new__(Item)  # as moto's Item.__deepcopy__ builds one, with fewer attributes
         result.hash_key, result.range_key = copy.deepcopy(item.hash_key), copy.deepcopy(item.range_key)
         attrs = LimitedSizeDict.__new__(LimitedSizeDict)
         dict.__init__(attrs, ((name, copy.deepcopy(value)) for name, value in item.attrs.items() if name in names))
@@ -831,7 +831,8 @@ def patch_dynamodb_query_copies() -> None:
         unfiltered = isinstance(arguments.get("filter_expression"), OpDefault | None)  # moto's "no filter"
         plain = (projection and all(len(path) == 1 for path in projection) and unfiltered
                  and not arguments.get("filter_kwargs"))
-        running.sizes, running.names = {}, frozenset(path[0] for path in projection) if plain else None
+        running.sizes = {}
+        running.names = frozenset(path[0] for path in projection or []) if plain else None
         try:
             return original_query(self, *args, **kwargs)
         finally:
