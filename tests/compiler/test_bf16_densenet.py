@@ -1,0 +1,109 @@
+"""bf16 DenseNet layers (ADR 0053): transitions pooled before their 1x1 convolution, batch-norm chains as one
+multiply-add.
+
+Both rewrites are exact in real arithmetic and change fp32 rounding only, so they run in bf16 builds only (fp32
+builds stay bit-identical). Tolerance as in test_bf16.py: each bf16 layer may add ~2^-8 of its output's scale;
+``dense_block_cnn`` has seven bf16 layers (stem, two 1x1 + 3x3 dense layers, the transition, the classifier),
+asserted at 4 x 7 x 2^-8 of the largest output. A pool or scale applied to the wrong channels or pixels is off
+by the order of the output itself.
+"""
+
+from __future__ import annotations
+
+import kiln.runtime
+import numpy as np
+import onnxruntime as ort
+import pytest
+import tvm
+from kiln_compiler.graph import cpu_graph_passes
+from kiln_compiler.graph.affine import FoldChannelAffine
+from kiln_compiler.graph.pool_first import PoolBeforePointwiseConv
+from kiln_compiler.pipeline import compile_relax
+from tvm import relax
+from tvm.relax.frontend.onnx import from_onnx
+
+from tests.compiler.conftest import dense_block_cnn
+
+BF16_LAYER_ERROR = 2.0**-8
+ZEN4 = {"kind": "llvm", "mcpu": "znver4"}
+SHAPE = (1, 16, 16, 16)
+
+
+def _relax() -> tvm.IRModule:
+    return from_onnx(dense_block_cnn(), shape_dict={"input": list(SHAPE)}, keep_params_in_input=False)
+
+
+def _cpu_graph() -> tvm.IRModule:
+    with tvm.target.Target(ZEN4):
+        return tvm.transform.Sequential(cpu_graph_passes(16))(_relax())
+
+
+def _lines(mod: tvm.IRModule) -> list[str]:
+    return [ln.strip() for ln in mod["main"].script(show_meta=False).splitlines()]
+
+
+def test_transition_pools_before_its_pointwise_convolution() -> None:
+    # GIVEN the dense block CNN in the CPU layout: transition = pre-activation, 1x1 conv 64 -> 32 at 16x16, 2x2 pool
+    before = _lines(_cpu_graph())
+    assert any("R.nn.avg_pool2d(" in ln and "(1, 8, 8, 32)" in ln for ln in before)
+    full = sum("R.nn.conv2d(" in ln and "(1, 16, 16, 32)" in ln for ln in before)  # stem, 2 dense 1x1, transition
+    # WHEN the pool is moved
+    moved = PoolBeforePointwiseConv()
+    lines = _lines(moved(_cpu_graph()))
+    # THEN the pool reads the 64-channel pre-activation and the convolution runs on its 8x8 result
+    assert moved.moved == 1
+    assert any("R.nn.avg_pool2d(" in ln and "(1, 8, 8, 64)" in ln for ln in lines)
+    convs = [ln for ln in lines if "R.nn.conv2d(" in ln and "(1, 8, 8, 32)" in ln]
+    assert len(convs) == 1
+    # and the transition's convolution at 16x16 is gone (the stem and dense 1x1 layers keep theirs)
+    assert sum("R.nn.conv2d(" in ln and "(1, 16, 16, 32)" in ln for ln in lines) == full - 1 == 3
+
+
+def test_a_convolution_read_elsewhere_or_a_3x3_is_not_moved() -> None:
+    # GIVEN a 1x1 convolution whose result is also returned, and a 3x3 convolution, each before an average pool
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 8, 8, 16), "float32"))
+    w1 = relax.const(np.ones((1, 1, 16, 32), "float32"))
+    w3 = relax.const(np.ones((3, 3, 16, 32), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.nn.conv2d(x, w1, data_layout="NHWC", kernel_layout="HWIO"))
+            z = bb.emit(relax.op.nn.conv2d(x, w3, padding=1, data_layout="NHWC", kernel_layout="HWIO"))
+            py = bb.emit(relax.op.nn.avg_pool2d(y, 2, 2, layout="NHWC"))
+            pz = bb.emit(relax.op.nn.avg_pool2d(z, 2, 2, layout="NHWC"))
+            out = bb.emit_output(relax.Tuple([y, py, pz]))
+        bb.emit_func_output(out)
+    # WHEN the pass runs  THEN neither pool moves
+    moved = PoolBeforePointwiseConv()
+    moved(bb.get())
+    assert moved.moved == 0
+
+
+def test_batch_norm_chains_become_one_multiply_add() -> None:
+    # GIVEN the dense block CNN: 7 pre-activations, each batch norm (subtract, multiply, multiply, add) -> Mul -> Add
+    graph = _cpu_graph()
+    assert sum("R.subtract(" in ln for ln in _lines(graph)) == 7
+    # WHEN the chains are folded
+    fold = FoldChannelAffine()
+    lines = _lines(fold(graph))
+    # THEN each is one multiply and one add: no subtract left, 7 multiplies and 7 adds
+    assert fold.folded == 7
+    assert not any("R.subtract(" in ln for ln in lines)
+    assert sum("R.multiply(" in ln for ln in lines) == 7 and sum("R.add(" in ln for ln in lines) == 7
+
+
+@pytest.mark.skipif("avx512_bf16" not in (kiln.runtime.cpu_flags() or set()),
+                    reason="the host has no AVX512-BF16 to run the bf16 code")
+def test_bf16_dense_block_with_both_rewrites_agrees_with_fp32() -> None:
+    # GIVEN the dense block CNN built in bf16 (both rewrites run there) and ONNX Runtime running it in fp32
+    compiled = compile_relax(_relax(), ZEN4, precision="bf16")
+    assert compiled.unscheduled == []
+    x = np.random.default_rng(5).standard_normal(SHAPE).astype("float32")
+    (ref,) = ort.InferenceSession(dense_block_cnn().SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"input": x})
+    # WHEN it runs
+    vm = relax.VirtualMachine(compiled.executable, tvm.cpu())
+    out = vm["main"](tvm.runtime.tensor(x)).numpy()
+    # THEN within seven bf16 layers' error of the output's scale, and not bit-identical (bf16 really ran)
+    error = float(np.abs(out - ref).max())
+    assert 0 < error <= 4 * 7 * BF16_LAYER_ERROR * float(np.abs(ref).max())
