@@ -30,7 +30,6 @@ from tvm.s_tir import Schedule
 from .graph import cpu_graph_passes
 from .graph.affine import FoldChannelAffine
 from .graph.bf16 import ConvToBF16
-from .graph.bf16_features import FeaturesInBF16
 from .graph.pool_first import PoolBeforePointwiseConv
 from .graph.quantized import PerTensorQDQToArithmetic, QuantizedConvToInteger, SimplifyRequantization
 from .graph.quantized_data import EightBitDataMovement
@@ -151,7 +150,6 @@ def _cpu_kernels(mod: tvm.IRModule, tgt: tvm.target.Target, default_schedules: b
         # and batch norm chains as one multiply-add (ADR 0053)
         mod = tvm.transform.Sequential([PoolBeforePointwiseConv(), FoldChannelAffine()])(mod)
         mod = ConvToBF16()(mod)  # type: ignore[operator]
-        mod = FeaturesInBF16()(mod)  # type: ignore[operator]  # DenseNet's concatenated features in bf16
     fused = tvm.transform.Sequential(_fuse_passes())(mod)
     if default_schedules:
         fused = StemReadsNCHW()(fused)  # type: ignore[operator]  # no input transpose kernel (ADR 0045)
