@@ -1,7 +1,7 @@
-"""bf16 DenseNet layers (ADR 0053): transitions pooled before their 1x1 convolution, batch-norm chains as one
-multiply-add.
+"""bf16 DenseNet and Inception layers (ADR 0053): transitions pooled before their 1x1 convolution, batch-norm
+chains as one multiply-add, a convolution short of whole 16-channel blocks padded where its input is bf16 anyway.
 
-Both rewrites are exact in real arithmetic and change fp32 rounding only, so they run in bf16 builds only (fp32
+The first two rewrites are exact in real arithmetic and change fp32 rounding only, so they run in bf16 builds only (fp32
 builds stay bit-identical). Tolerance as in test_bf16.py: each bf16 layer may add ~2^-8 of its output's scale;
 ``dense_block_cnn`` has seven bf16 layers (stem, two 1x1 + 3x3 dense layers, the transition, the classifier),
 asserted at 4 x 7 x 2^-8 of the largest output. A pool or scale applied to the wrong channels or pixels is off
@@ -17,6 +17,7 @@ import pytest
 import tvm
 from kiln_compiler.graph import cpu_graph_passes
 from kiln_compiler.graph.affine import FoldChannelAffine
+from kiln_compiler.graph.bf16 import ConvToBF16
 from kiln_compiler.graph.pool_first import PoolBeforePointwiseConv
 from kiln_compiler.pipeline import compile_relax
 from tvm import relax
@@ -107,3 +108,68 @@ def test_bf16_dense_block_with_both_rewrites_agrees_with_fp32() -> None:
     # THEN within seven bf16 layers' error of the output's scale, and not bit-identical (bf16 really ran)
     error = float(np.abs(out - ref).max())
     assert 0 < error <= 4 * 7 * BF16_LAYER_ERROR * float(np.abs(ref).max())
+
+
+def _branch_weights() -> list[np.ndarray]:
+    """OIHW weights of ``_branches``: 1x1 32 -> 24, 3x3 24 -> 16, the sibling 1x1 32 -> 16."""
+    rng = np.random.default_rng(7)
+    return [(rng.standard_normal(s) / np.sqrt(np.prod(s[1:]))).astype("float32")
+            for s in ((24, 32, 1, 1), (16, 24, 3, 3), (16, 32, 1, 1))]
+
+
+def _branches(with_sibling: bool) -> tvm.IRModule:
+    """An Inception-like module, NCHW: a 1x1 convolution 32 -> 24 (relu, 3x3 24 -> 16) beside, if ``with_sibling``,
+    a 1x1 convolution 32 -> 16 reading the same input, concatenated; input [1, 32, 8, 8]."""
+    w24, w3, w16 = (relax.const(w) for w in _branch_weights())
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 32, 8, 8), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.nn.relu(relax.op.nn.conv2d(x, w24)))
+            y = bb.emit(relax.op.nn.conv2d(y, w3, padding=1))
+            if with_sibling:
+                y = bb.emit(relax.op.concat([bb.emit(relax.op.nn.conv2d(x, w16)), y], axis=1))
+            out = bb.emit_output(y)
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def _branches_numpy(x: np.ndarray) -> np.ndarray:
+    """``_branches(True)`` in float64 numpy."""
+    w24, w3, w16 = (w.astype("float64") for w in _branch_weights())
+    y = np.maximum(np.einsum("oi,nihw->nohw", w24[:, :, 0, 0], x), 0)
+    p = np.pad(y, [(0, 0), (0, 0), (1, 1), (1, 1)])
+    z = sum(np.einsum("oi,nihw->nohw", w3[:, :, i, j], p[:, :, i:i + 8, j:j + 8]) for i in range(3) for j in range(3))
+    return np.concatenate([np.einsum("oi,nihw->nohw", w16[:, :, 0, 0], x), z], axis=1)
+
+
+@pytest.mark.parametrize("with_sibling", [True, False])
+def test_a_24_channel_convolution_is_padded_only_beside_bf16_convolutions(with_sibling: bool) -> None:
+    # GIVEN the module in the CPU layout: the 24-channel 1x1 convolution with or without a 16-channel sibling
+    with tvm.target.Target(ZEN4):
+        mod = tvm.transform.Sequential(cpu_graph_passes(16))(_branches(with_sibling))
+        # WHEN ConvToBF16 runs
+        rewrite = ConvToBF16()
+        text = rewrite(mod)["main"].script(show_meta=False)
+    # THEN beside the sibling it is a bf16 convolution to 32 channels sliced back to 24: all convolutions are bf16
+    if with_sibling:
+        assert rewrite.converted == 3
+        assert 'R.Tensor((1, 8, 8, 32), dtype="float32") = R.nn.conv2d(' in text
+        assert "R.strided_slice(" in text and "(1, 8, 8, 24)" in text
+    else:  # alone it stays fp32 (padding costs a third more work there for nothing else)
+        assert rewrite.converted == 1 and "R.strided_slice(" not in text
+
+
+@pytest.mark.skipif("avx512_bf16" not in (kiln.runtime.cpu_flags() or set()),
+                    reason="the host has no AVX512-BF16 to run the bf16 code")
+def test_padded_bf16_branch_agrees_with_float64() -> None:
+    # GIVEN the module with the sibling built in bf16, and its result in float64 numpy
+    x = np.random.default_rng(8).standard_normal((1, 32, 8, 8)).astype("float32")
+    compiled = compile_relax(_branches(True), ZEN4, precision="bf16")
+    assert compiled.unscheduled == []
+    ref = _branches_numpy(x)
+    # WHEN it runs
+    out = relax.VirtualMachine(compiled.executable, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+    # THEN within two bf16 layers' error of the output's scale (a padded channel in the slice would be off by more)
+    error = float(np.abs(out - ref).max())
+    assert 0 < error <= 4 * 2 * BF16_LAYER_ERROR * float(np.abs(ref).max())
