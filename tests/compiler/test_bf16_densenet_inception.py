@@ -23,7 +23,7 @@ from kiln_compiler.pipeline import compile_relax
 from tvm import relax
 from tvm.relax.frontend.onnx import from_onnx
 
-from tests.compiler.conftest import dense_block_cnn
+from tests.compiler.conftest import dense_block_cnn, fire_lrn_cnn
 
 BF16_LAYER_ERROR = 2.0**-8
 ZEN4 = {"kind": "llvm", "mcpu": "znver4"}
@@ -173,3 +173,44 @@ def test_padded_bf16_branch_agrees_with_float64() -> None:
     # THEN within two bf16 layers' error of the output's scale (a padded channel in the slice would be off by more)
     error = float(np.abs(out - ref).max())
     assert 0 < error <= 4 * 2 * BF16_LAYER_ERROR * float(np.abs(ref).max())
+
+
+def _lrn_kernel(precision: str) -> str:
+    """The scheduled TIR of the LRN kernel of ``fire_lrn_cnn``'s ``precision`` build."""
+    from kiln_compiler import pipeline
+    from kiln_compiler.schedules import target_vector_unit
+    from kiln_compiler.schedules.cpu import default_schedule
+
+    mod = from_onnx(fire_lrn_cnn(), shape_dict={"input": [1, 3, 32, 32]}, keep_params_in_input=False)
+    with tvm.target.Target(ZEN4) as tgt:
+        fused = pipeline._cpu_kernels(mod, tgt, True, precision)
+        (func,) = [f for gv, f in fused.functions_items() if "sqrt" in gv.name_hint]
+        return str(default_schedule(func, target_vector_unit(tgt)).mod["main"].script())
+
+
+def test_bf16_lrn_computes_its_padded_squares_per_pixel_fp32_keeps_them_inlined() -> None:
+    # GIVEN the fire + LRN CNN's LRN kernel (16 channels, window 5)  WHEN scheduled in a bf16 and an fp32 build
+    bf16, fp32 = _lrn_kernel("bf16"), _lrn_kernel("fp32")
+    # THEN in bf16 the padded squares (20 channels) are a per-pixel row under the parallel loop, read without selects
+    assert 'with T.sblock("PadInput")' in bf16 and "T.if_then_else" in bf16.split('T.sblock("PadInput")')[1][:800]
+    assert "T.if_then_else" not in bf16.split('T.sblock("PadInput")')[1].split("T.sblock(")[1]
+    # and fp32 keeps the inlined bounds checks (its schedule, and so its outputs, unchanged)
+    assert 'T.sblock("PadInput")' not in fp32 and "T.if_then_else" in fp32
+
+
+@pytest.mark.skipif("avx512_bf16" not in (kiln.runtime.cpu_flags() or set()),
+                    reason="the host has no AVX512-BF16 to run the bf16 code")
+def test_bf16_lrn_per_pixel_pad_is_bit_identical(monkeypatch: pytest.MonkeyPatch) -> None:
+    # GIVEN the fire + LRN CNN built in bf16 with the per-pixel pad and with the inlined schedule
+    from kiln_compiler.schedules import cpu
+
+    mod = from_onnx(fire_lrn_cnn(), shape_dict={"input": [1, 3, 32, 32]}, keep_params_in_input=False)
+    x = tvm.runtime.tensor(np.random.default_rng(9).standard_normal((1, 3, 32, 32)).astype("float32"))
+    outs = []
+    for per_pixel in (True, False):
+        if not per_pixel:
+            monkeypatch.setattr(cpu, "schedule_channel_window", lambda *_: None)
+        compiled = compile_relax(mod, ZEN4, precision="bf16")
+        outs.append(relax.VirtualMachine(compiled.executable, tvm.cpu())["main"](x).numpy())
+    # WHEN compared  THEN bit-identical: the same sums in the same order, only the pad's reads moved
+    np.testing.assert_array_equal(outs[0], outs[1])

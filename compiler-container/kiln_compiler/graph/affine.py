@@ -27,14 +27,14 @@ _MULTIPLY = tvm.ir.Op.get("relax.multiply")
 
 
 def _channel_vector(expr: Any, channels: int) -> np.ndarray | None:
-    """``expr`` as a float64 vector over the innermost (channel) axis: a float32 constant that is a scalar
-    or varies along that axis only; None otherwise."""
+    """``expr`` as a float64 vector over the innermost (channel) axis (length 1 for a scalar): a float32
+    constant that is a scalar or varies along that axis only; None otherwise."""
     if not isinstance(expr, tvm.ir.expr.Constant) or str(expr.value.dtype) != "float32":
         return None
     value = expr.value.numpy()
     if any(d != 1 for d in value.shape[:-1]) or (value.ndim and value.shape[-1] not in (1, channels)):
         return None
-    return np.broadcast_to(value.reshape(-1).astype("float64"), (channels,))
+    return value.reshape(-1).astype("float64")  # one value (a scalar) or one per channel
 
 
 @mutator
@@ -79,7 +79,7 @@ class _AffineFolder(PyExprMutator):
             node = self._values[data]
         if len(steps) < 3:  # x * s + b already is two operations
             return None
-        channels = len(steps[0][1])
+        channels = max(len(vector) for _, vector in steps)  # 1: all scalars, kept scalar
         scale, shift = np.ones(channels), np.zeros(channels)
         for op, vector in reversed(steps):
             if op == _MULTIPLY:
