@@ -279,7 +279,9 @@ def _schedule_anchor(sch: Schedule, block: Any, vector: VectorUnit, knobs: TileK
     n_channel_tiles = extents[vec] // vec_f
 
     # epilogues: inline elementwise consumers into the write-back of the tile
-    wb_block = sch.cache_write(block, 0, "local")
+    # "global": TVM keeps a small global buffer on the stack (registers after LLVM); a "local" one was a
+    # workspace allocated and freed per tile, its accumulators moved through memory (ADR 0057, schedules/stack.py)
+    wb_block = sch.cache_write(block, 0, "global")
     inline_epilogues(sch, block, wb_block)
     if fused_p:
         assert ph is not None and pw is not None
@@ -409,7 +411,7 @@ def default_schedule(func: tirx.PrimFunc, vector: VectorUnit, knobs: TileKnobs =
     anchor = None
     if len(reductions) == 1:
         anchor = reductions[0]
-        _inline_copies(sch, blocks, anchor)
+        inline_copies(sch, blocks, anchor)
         if is_window_kernel(sch, anchor):  # depthwise conv, pooling: schedules/window.py
             schedule_window(sch, anchor, vector, knobs)
             anchored = True
@@ -450,7 +452,7 @@ def _narrow_layout_free(func: tirx.PrimFunc) -> tirx.PrimFunc:
     return func.with_attr("layout_free_buffers", keep)
 
 
-def _inline_copies(sch: Schedule, blocks: list[Any], anchor: Any) -> None:
+def inline_copies(sch: Schedule, blocks: list[Any], anchor: Any) -> None:
     """Inline pure copies feeding the anchor (a zero-width pad) instead of materialising them."""
     anchor_block = sch.get(anchor)  # BlockRVs compare by handle: compare the blocks they refer to
     for blk in blocks:
