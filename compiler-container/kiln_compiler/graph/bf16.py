@@ -44,6 +44,11 @@ def _dtype(expr: Any) -> str:
     return str(ty.dtype) if isinstance(ty, relax.TensorType) else ""
 
 
+def _conv_layout(call: relax.Call) -> bool:
+    a = call.attrs
+    return a.data_layout == "NHWC" and a.kernel_layout == "HWIO" and int(a.groups) == 1
+
+
 @mutator
 class _ToBF16(PyExprMutator):
     def __init__(self, mod: tvm.IRModule, hoist_casts: bool = True) -> None:
@@ -51,6 +56,16 @@ class _ToBF16(PyExprMutator):
         self.converted = 0
         self.hoist_casts = hoist_casts
         self._casts: dict[Any, relax.Expr] = {}  # fp32 variable -> its bf16 cast (one per tensor)
+        # inputs of convolutions with whole 16-channel blocks: a convolution short of them reading the same
+        # tensor is padded (ADR 0053: Inception's 24-channel 5x5 reductions kept the modules' concats in fp32)
+        self._bf16_inputs: set[Any] = set()
+        for _, func in mod.functions_items():
+            if isinstance(func, relax.Function):
+                for value in relax.analysis.get_var2val(func).values():
+                    if isinstance(value, relax.Call) and value.op == _CONV2D and _conv_layout(value):
+                        weight = static_shape(value.args[1])
+                        if weight is not None and len(weight) == 4 and weight[3] % BF16_BLOCK_OC == 0:
+                            self._bf16_inputs.add(value.args[0])
 
     def _cast(self, expr: relax.Expr) -> relax.Expr:
         """``expr`` in bf16: one cast per variable, moved above concatenations and max pools (exact)."""
@@ -80,13 +95,13 @@ class _ToBF16(PyExprMutator):
         return isinstance(bound_value(self, expr), tvm.ir.expr.Constant)
 
     def _conv_fits(self, call: relax.Call) -> bool:
-        attrs = call.attrs
-        if attrs.data_layout != "NHWC" or attrs.kernel_layout != "HWIO" or int(attrs.groups) != 1:
+        if not _conv_layout(call):
             return False
         weight = static_shape(call.args[1])
-        # odd input channels (an RGB stem) are padded by one zero channel below
-        return (weight is not None and len(weight) == 4 and weight[3] % BF16_BLOCK_OC == 0
-                and self._constant(call.args[1]))
+        # odd input channels (an RGB stem) are padded by one zero channel below; output channels short of
+        # 16-blocks only where other bf16 convolutions read the same input
+        return (weight is not None and len(weight) == 4 and self._constant(call.args[1])
+                and (weight[3] % BF16_BLOCK_OC == 0 or call.args[0] in self._bf16_inputs))
 
     def _matmul_fits(self, call: relax.Call) -> bool:
         weight = static_shape(call.args[1])
@@ -116,12 +131,20 @@ class _ToBF16(PyExprMutator):
             w = constant.value.numpy()
             constant = relax.const(np.pad(w, [(0, 0), (0, 0), (0, 1), (0, 0)]))
             data = relax.op.nn.pad(data, [0, 0, 0, 0, 0, 0, 0, 1])
+        channels = static_shape(constant)[-1]  # type: ignore[index]
+        if call.op == _CONV2D and channels % BF16_BLOCK_OC:
+            # zero output channels up to whole 16-blocks, sliced off in the kernel's tiles (ADR 0042)
+            w = constant.value.numpy()
+            constant = relax.const(np.pad(w, [(0, 0), (0, 0), (0, 0), (0, -channels % BF16_BLOCK_OC)]))
         weight = relax.op.astype(constant, "bfloat16")  # folded by FoldConstant
         if call.op == _CONV2D:
             a = call.attrs
-            return relax.op.nn.conv2d(data, weight, strides=a.strides, padding=a.padding, dilation=a.dilation,
+            conv = relax.op.nn.conv2d(data, weight, strides=a.strides, padding=a.padding, dilation=a.dilation,
                                       groups=a.groups, data_layout=a.data_layout, kernel_layout=a.kernel_layout,
                                       out_layout=a.out_layout, out_dtype="float32")
+            if channels % BF16_BLOCK_OC == 0:
+                return conv
+            return relax.op.strided_slice(self.builder_.emit(conv), axes=[3], begin=[0], end=[channels])
         return relax.op.matmul(data, weight, out_dtype="float32")
 
 

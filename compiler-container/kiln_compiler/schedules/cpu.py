@@ -20,6 +20,7 @@ from tvm import tirx
 from tvm.s_tir import Schedule
 
 from . import l1
+from .channel_window import schedule_channel_window
 from .concat import schedule_concat
 from .knobs import DEFAULT_KNOBS, TileKnobs
 from .tir import (
@@ -416,6 +417,10 @@ def default_schedule(func: tirx.PrimFunc, vector: VectorUnit, knobs: TileKnobs =
             anchored = True
         else:
             anchored = _schedule_anchor(sch, anchor, vector, knobs)
+    if root is not None and not reductions:
+        window = schedule_channel_window(sch, root, vector.lanes)  # bf16 LRN: its padded squares per pixel
+        if window is not None:
+            return window
     if root is not None:
         _inline_intermediates(sch, root, anchor if anchored else None)
         blocks = list(sch.get_child_blocks(root))
