@@ -45,7 +45,7 @@ class _AffineFolder(PyExprMutator):
         super().__init__(mod)
         self.uses = use_counts(mod)
         self.bindings: dict[Any, Any] = {}
-        self.consumer: dict[Any, Any] = {}  # var -> the binding var of its one user
+        self.consumer: dict[Any, list[Any]] = {}  # var -> the variables of the bindings that use it
         for _, func in mod.functions_items():
             if not isinstance(func, relax.Function) or not isinstance(func.body, relax.SeqExpr):
                 continue
@@ -70,21 +70,17 @@ class _AffineFolder(PyExprMutator):
                 return
         super().visit_var_binding_(binding)
 
-    def _per_channel(self, anchor: relax.Call, c: np.ndarray, out_shape: tuple[int, ...]) -> np.ndarray | None:
-        """``c`` broadcast to the anchor's per-channel shape ((groups, 1, out) or (out,)), else None."""
+    @staticmethod
+    def _per_channel(c: np.ndarray, channels: tuple[int, ...]) -> np.ndarray | None:
+        """``c`` (a scalar, or per channel: ``channels`` with leading ones) as an array of shape ``channels``."""
         if c.dtype != np.float32:
             return None
         if c.size == 1:
-            c = c.reshape(())
-        per_channel = out_shape[1:] if anchor.op == _MATMUL else out_shape[-1:]
-        lead = len(out_shape) - len(per_channel)
-        if c.ndim > len(out_shape) or any(d != 1 for d in c.shape[:c.ndim - len(per_channel)][:lead]):
+            return np.full(channels, c.reshape(()), dtype=np.float32)
+        lead = c.ndim - len(channels)
+        if lead < 0 or c.shape[lead:] != channels or any(d != 1 for d in c.shape[:lead]):
             return None
-        squeezed = c.reshape(c.shape[max(0, c.ndim - len(per_channel)):])
-        try:
-            return np.broadcast_to(squeezed, per_channel).astype(np.float32)
-        except ValueError:
-            return None
+        return c.reshape(channels)
 
     def _anchor_weight(self, call: relax.Call) -> np.ndarray | None:
         """The constant weight of a grouped fp32 matmul or a depthwise NHWC conv, else None."""
@@ -108,10 +104,12 @@ class _AffineFolder(PyExprMutator):
         out_shape = static_shape(call)
         if w is None or out_shape is None:
             return None
-        scale = np.ones(out_shape[1:] if call.op == _MATMUL else out_shape[-1:], dtype=np.float32)
-        shift = np.zeros_like(scale)
+        # per channel: (groups, 1, out) for the matmul (its constants above the reshape), (out,) for the conv
+        channels = out_shape[1:] if call.op == _MATMUL else out_shape[-1:]
+        scale, shift = np.ones(channels, dtype=np.float32), np.zeros(channels, dtype=np.float32)
         chain, x = [], var
-        while self.uses.get(x) == 1 and len(self.consumer.get(x, [])) == 1:
+        # a dataflow variable used once (an output variable is read after the block too)
+        while isinstance(x, relax.DataflowVar) and self.uses.get(x) == 1 and len(self.consumer.get(x, [])) == 1:
             user = self.consumer[x][0]
             op = self.bindings.get(user)
             if not isinstance(op, relax.Call) or op.op not in (_ADD, _SUBTRACT, _MULTIPLY) or len(op.args) != 2:
@@ -120,7 +118,7 @@ class _AffineFolder(PyExprMutator):
             side = 1 if consts[1] is not None and op.args[0].same_as(x) else 0 if consts[0] is not None else None
             if side is None or not op.args[1 - side].same_as(x) or static_shape(op) != out_shape:
                 break
-            c = self._per_channel(call, consts[side], out_shape)  # type: ignore[arg-type]
+            c = self._per_channel(consts[side], channels)  # type: ignore[arg-type]
             if c is None or (op.op == _SUBTRACT and side == 0):  # c - y flips the sign: not folded
                 break
             if op.op == _MULTIPLY:
@@ -131,10 +129,7 @@ class _AffineFolder(PyExprMutator):
             x = user
         if not any(self.bindings[u].op == _MULTIPLY for u in chain):
             return None  # nothing to fold into the weights
-        if call.op == _MATMUL:
-            weight = w * scale[:, 0:1, :]  # (groups, in, out) x (groups, 1, out)
-        else:
-            weight = w * scale  # (kh, kw, 1, out) x (out,)
+        weight = w * scale  # (groups, in, out) x (groups, 1, out), or (kh, kw, 1, out) x (out,)
         args = [self.visit_expr(call.args[0]), relax.const(np.ascontiguousarray(weight, dtype=np.float32))]
         anchor = self.builder_.emit(relax.Call(call.op, args, call.attrs))
         shift_shape = out_shape[1:] if call.op == _MATMUL else (1, 1, 1, out_shape[-1])
