@@ -107,5 +107,6 @@ def test_float_input_transposes_keep_the_default_schedule(qdq_data_movement_dir:
     # WHEN the input interleave schedule runs
     interleave = InputInterleaveSchedule()
     interleave(kernels)
-    # THEN it takes nothing: only 8-bit outputs are interleaved
+    # THEN it takes nothing: of the fp32 kernels only a plain NCHW -> NHWC transpose is interleaved (ADR 0055;
+    #      the fp32 CNN's stem reads NCHW, ADR 0045, the AVX2 QDQ input kernel also quantizes)
     assert interleave.scheduled == []

@@ -1,4 +1,5 @@
-"""Stem convolutions (3 input channels) read the NCHW graph input in place of a transpose kernel (ADR 0045)."""
+"""Stem convolutions (3 input channels) read the NCHW graph input in place of a transpose kernel (ADR 0045); the
+transpose a 7x7 stem keeps is vectorised along the image rows (ADR 0055)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pytest
 tvm = pytest.importorskip("tvm")
 from kiln import isa  # noqa: E402
 from kiln_compiler import pipeline  # noqa: E402
+from kiln_compiler.schedules.interleave import InputInterleaveSchedule  # noqa: E402
 from kiln_compiler.schedules.stem import nchw_stem  # noqa: E402
 
 from tests.compiler.test_cpu_kernels import (  # noqa: E402
@@ -88,6 +90,21 @@ def test_convolution_keeps_its_input_transpose_where_reading_nchw_does_not_pay(s
     readers = [m.group(1) for m in re.finditer(r"call_tir\((\w+), \(x\b", fused["main"].script())]
     assert len(readers) == 1 and readers[0].startswith("transpose")
     assert nchw_stem(next(f for gv, f in fused.functions_items() if "conv2d" in gv.name_hint)) is None
+
+
+@pytest.mark.parametrize("target", TARGETS, ids=lambda t: t["mcpu"])
+def test_kept_input_transpose_is_vectorised_along_rows(target: dict[str, Any]) -> None:
+    # GIVEN a padded 7x7 stem, whose convolution keeps the NHWC transpose of the image (ADR 0045)
+    with tvm.target.Target(target):
+        kernels = pipeline._cpu_kernels(_stem("resnet_7x7_s2"), tvm.target.Target.current(), True)
+    # WHEN the input interleave schedule runs
+    interleave = InputInterleaveSchedule()
+    scheduled = interleave(kernels)
+    # THEN it takes the transpose (ADR 0055): one contiguous 16-column load per channel, the 3 channels unrolled
+    #      around it, no gather (the outputs against the unscheduled build: test_stem_matches_unscheduled)
+    assert len(interleave.scheduled) == 1 and interleave.scheduled[0].startswith("transpose"), interleave.scheduled
+    script = scheduled[interleave.scheduled[0]].script()
+    assert "T.vectorized(T.int64(16))" in script and "T.unroll(T.int64(3))" in script, script
 
 
 @pytest.mark.parametrize("name", ["squeezenet_3x3_s2_unpadded", "shufflenet_3x3_s2_to_24"])

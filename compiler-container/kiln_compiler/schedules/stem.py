@@ -32,7 +32,7 @@ MAX_PADDED_TAPS = 9
 _TO_NCHW = tirx.IndexMap.from_func(lambda n, h, w, c: (n, c, h, w), ndim=4)
 
 
-def _is_nchw_to_nhwc(func: Any) -> bool:
+def is_nchw_to_nhwc(func: Any) -> bool:
     """Whether ``func`` is a plain 4-D transpose ``out[n, h, w, c] = in[n, c, h, w]`` (float32)."""
     if not isinstance(func, tirx.PrimFunc) or len(func.params) != 2:
         return False
@@ -127,7 +127,7 @@ class _StemInputs(PyExprMutator):
             return call
         source = self.lookup_binding(args[0])
         if not isinstance(source, relax.Call) or source.op != call.op or \
-                source.args[0].name_hint not in self.kernels or not _is_nchw_to_nhwc(self.mod_[source.args[0]]):
+                source.args[0].name_hint not in self.kernels or not is_nchw_to_nhwc(self.mod_[source.args[0]]):
             return call
         name = kernel.name_hint
         if name not in self.rewritten:
