@@ -36,6 +36,7 @@ from .schedules import DefaultCPUSchedule, has_root, target_cpu, target_lanes, t
 from .schedules.bf16 import BF16ConvSchedule
 from .schedules.int8 import VNNIConvSchedule
 from .schedules.interleave import InputInterleaveSchedule
+from .schedules.stack import TIR_PIPELINE
 from .schedules.stem import StemReadsNCHW
 from .tuning import Shard, TuningDatabase, tune_and_apply
 
@@ -229,5 +230,6 @@ def compile_relax(
         lowered = tvm.transform.Sequential(_finalize_passes())(fused)
     if deadline is not None and time.time() > deadline:
         log.warning("compile passed its deadline before code generation")
-    ex = tvm.compile(lowered, target=tgt, relax_pipeline=None)
+    # TVM's TIR pipeline with the register tiles' accumulators kept on the stack (ADR 0057)
+    ex = tvm.compile(lowered, target=tgt, relax_pipeline=None, tir_pipeline=TIR_PIPELINE)
     return CompiledRelax(executable=ex, summary=summary, unscheduled=unscheduled)

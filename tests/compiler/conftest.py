@@ -431,6 +431,42 @@ def grouped_pointwise_cnn(seed: int = 0) -> onnx.ModelProto:
     return model
 
 
+def grouped_residual_cnn(seed: int = 0) -> onnx.ModelProto:
+    """ShuffleNet's residual unit without its shuffle and depthwise conv, small: a 3x3 stem (3 -> 136, relu), two
+    grouped 1x1 convs with 34 input and output channels per group (4 groups; relu after the first), the stem's
+    output added to the second's, relu, global average pool, flatten; input ``input`` [1, 3, 16, 16], output
+    [1, 136], opset 13."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    nodes, inits = [], []
+    x = "input"
+    for name, cin, k, group in (("stem", 3, 3, 1), ("g1", 136, 1, 4), ("g2", 136, 1, 4)):
+        w = (rng.standard_normal((136, cin // group, k, k)) / np.sqrt(cin // group * k * k)).astype("float32")
+        inits += [numpy_helper.from_array(w, f"{name}_w"),
+                  numpy_helper.from_array((rng.standard_normal(136) * 0.1).astype("float32"), f"{name}_b")]
+        nodes.append(helper.make_node("Conv", [x, f"{name}_w", f"{name}_b"], [f"{name}_c"], kernel_shape=[k, k],
+                                      pads=[k // 2] * 4, group=group))
+        x = f"{name}_c"
+        if name != "g2":
+            nodes.append(helper.make_node("Relu", [x], [f"{name}_r"]))
+            x = f"{name}_r"
+    nodes += [helper.make_node("Add", ["g2_c", "stem_r"], ["sum"]), helper.make_node("Relu", ["sum"], ["sum_r"]),
+              helper.make_node("GlobalAveragePool", ["sum_r"], ["gap"]), helper.make_node("Flatten", ["gap"], ["output"])]
+    graph = helper.make_graph(nodes, "grouped_residual_cnn",
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 16, 16])],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 136])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    return model
+
+
+@pytest.fixture(scope="session")
+def qdq_grouped_residual_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An unpacked archive holding the QDQ-quantized ``grouped_residual_cnn`` as model.onnx."""
+    return _qdq_archive(tmp_path_factory, "qdq_grouped_residual", grouped_residual_cnn())
+
+
 @pytest.fixture(scope="session")
 def qdq_grouped_pointwise_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An unpacked archive holding the QDQ-quantized ``grouped_pointwise_cnn`` as model.onnx."""

@@ -300,6 +300,50 @@ def test_grouped_pointwise_convs_with_odd_group_widths_run_vnni_with_their_epilo
     assert np.mean(units == 0) >= MIN_EXACT
 
 
+def test_residual_add_after_a_grouped_pointwise_conv_runs_in_its_vnni_kernel(
+        qdq_grouped_residual_dir: Path, tmp_path: Path) -> None:
+    # GIVEN a QDQ ShuffleNet-style residual: grouped 1x1 conv (4 x 34 channels), the block's input added, relu
+    import tvm
+    from kiln_compiler.pipeline import _cpu_kernels
+    from kiln_compiler.schedules.int8 import VNNIConvSchedule
+    from tvm import relax
+
+    mod = from_onnx(onnx.load(str(qdq_grouped_residual_dir / "model.onnx")), shape_dict={"input": [1, 3, 16, 16]},
+                    keep_params_in_input=False)
+    # WHEN Kiln's CPU graph passes and fusion run for a VNNI target
+    with tvm.target.Target({"kind": "llvm", "mcpu": "znver4"}) as tgt:
+        kernels = _cpu_kernels(mod, tgt, True)
+    # THEN both grouped convs are u8 x s8 matmul kernels, and the second one reads the residual (the stem's u8
+    # output, in the (pixels, groups, 1, 34) view) itself: the dequantize, the add, the relu and the requantize
+    # are in its kernel, not a separate pass over its fp32 output (ADR 0051)
+    matmuls = {gv.name_hint: f for gv, f in kernels.functions_items()
+               if isinstance(f, tvm.tirx.PrimFunc) and "matmul" in gv.name_hint}
+    assert len(matmuls) == 2, list(matmuls)
+
+    def tensors(func: tvm.tirx.PrimFunc) -> list[tuple[tuple[int, ...], str]]:
+        return [(tuple(int(d) for d in b.shape), str(b.dtype)) for b in func.params]  # TVM 0.27: the buffers
+
+    assert all(tensors(f)[0] == ((256, 4, 1, 36), "uint8") for f in matmuls.values())  # 34 padded to 36
+    residual = [f for f in matmuls.values() if ((256, 4, 1, 34), "uint8") in tensors(f)[1:-1]]
+    assert len(residual) == 1, [tensors(f) for f in matmuls.values()]
+    vnni = VNNIConvSchedule()
+    vnni(kernels)
+    assert sum("matmul" in k for k in vnni.scheduled) == 2, vnni.scheduled
+    # and the compiled model agrees with ONNX Runtime on the same QDQ model within 1 quantized unit
+    executable, asm = _build(qdq_grouped_residual_dir, "znver4", tmp_path, (1, 3, 16, 16))
+    assert "vpdpbusd" in asm
+    if not _has_vnni():
+        pytest.skip("the host has no AVX512-VNNI")
+    x = np.random.default_rng(5).standard_normal((1, 3, 16, 16)).astype("float32")
+    out = relax.VirtualMachine(executable, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+    qdq = onnx.load(str(qdq_grouped_residual_dir / "model.onnx"))
+    (ref,) = ort.InferenceSession(qdq.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"input": x})
+    units = np.rint(np.abs(out - ref) / _output_scale(qdq))
+    assert units.max() <= 1
+    assert np.mean(units == 0) >= MIN_EXACT
+
+
 def test_dense_block_preactivations_stay_nhwc(qdq_dense_block_dir: Path) -> None:
     # GIVEN a QDQ DenseNet block as quantize_static writes the light DenseNet-121: each pre-activation is
     # BatchNormalization -> Mul -> Add with a Q/DQ pair around each, its per-channel (C, 1, 1) Mul/Add

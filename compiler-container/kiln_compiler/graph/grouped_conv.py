@@ -37,6 +37,9 @@ _ADD = tvm.ir.Op.get("relax.add")
 _ELEMENTWISE = {tvm.ir.Op.get(f"relax.{name}"): binary for name, binary in (
     ("add", True), ("subtract", True), ("multiply", True), ("divide", True), ("maximum", True),
     ("minimum", True), ("round", False), ("astype", False), ("nn.relu", False))}
+_ASTYPE = tvm.ir.Op.get("relax.astype")
+# a per-tensor dequantize's scalar steps (after an astype)
+_SCALAR_DEQUANTIZE = {tvm.ir.Op.get("relax.subtract"), tvm.ir.Op.get("relax.multiply")}
 MAX_SPLIT_GROUPS = 8  # SplitGroupedConv's default: more groups keep their grouped kernel
 
 
@@ -171,11 +174,13 @@ class _EpilogueAboveReshape(PyExprMutator):
     values per group, zero-padded to the padded width). The reshape to NHWC is a view (a VM call, no kernel):
     below it, the requantizing epilogue ran as a separate kernel reading the s32 accumulators back
     (ShuffleNet: 0.1-0.3 ms each); above it, the epilogue fuses into the matmul's write-back. With ``fp32``
-    the same for fp32 group matmuls, and a residual add too (ADR 0044)."""
+    the same for fp32 group matmuls, and a residual add too (ADR 0044); with ``integer_residuals`` the residual
+    add after an integer group matmul's dequantizing epilogue too (ADR 0051)."""
 
-    def __init__(self, mod: tvm.IRModule, fp32: bool) -> None:
+    def __init__(self, mod: tvm.IRModule, fp32: bool, integer_residuals: bool = True) -> None:
         super().__init__(mod)
         self.fp32 = fp32
+        self.integer_residuals = integer_residuals  # residual adds after an s32 group matmul's epilogue (ADR 0051)
         self.rewritten = 0
         self.above: dict[Any, bool] = {}  # values this rewrite moved above a reshape: rooted at an fp32 matmul
 
@@ -192,7 +197,10 @@ class _EpilogueAboveReshape(PyExprMutator):
         if binary:
             per_group = self._per_group(call.args[1], shape, width, _static_shape(source)[3])  # type: ignore[index]
             if per_group is None:
-                return self._residual_above_reshape(call, source, width, shape) if fp32 else call
+                # an integer matmul's dequantized result: its residual add too (VNNI targets only make s32
+                # matmuls; an 8-bit model's fp32 matmuls keep the add below, see transform_module)
+                return self._residual_above_reshape(call, source, width, shape) \
+                    if fp32 or self.integer_residuals else call
             args.append(per_group)
         y = self.builder_.emit(relax.Call(call.op, args, call.attrs))
         self.above[y] = fp32
@@ -211,11 +219,38 @@ class _EpilogueAboveReshape(PyExprMutator):
         assert padded is not None
         if width != padded[3]:
             source = self.builder_.emit(relax.op.strided_slice(source, axes=[3], begin=[0], end=[width]))
-        residual = self.builder_.emit(relax.op.reshape(call.args[1], (*padded[:3], width)))
+        residual = self._residual_view(call.args[1], (*padded[:3], width))
         y = self.builder_.emit(relax.op.add(source, residual))
         self.above[y] = True
         self.rewritten += 1
         return relax.op.reshape(y, shape)
+
+    def _residual_view(self, residual: Any, view: tuple[int, ...]) -> Any:
+        """``reshape(residual, view)``; a residual dequantized per tensor (``astype(r) * s``, an 8-bit model's,
+        through reshapes) as the same ops on ``r`` in ``view``: the view of the 8-bit tensor is free (the previous
+        unit's result is computed in it), and the elementwise ops fuse into the matmul's kernel (a reshape between
+        them and the add stops FuseOps: it ran as a kernel of its own)."""
+        ops = []
+        x = residual
+        while isinstance(seen := bound_value(self, x), relax.Call):
+            if seen.op == _RESHAPE:
+                x = seen.args[0]
+            elif seen.op == _ASTYPE:
+                ops.append((seen, None))
+                x = seen.args[0]
+                break  # the dequantize's cast (of an 8-bit tensor, checked below)
+            elif seen.op in _SCALAR_DEQUANTIZE and isinstance(c := bound_value(self, seen.args[1]), tvm.ir.expr.Constant) \
+                    and c.value.numpy().size == 1:
+                ops.append((seen, seen.args[1]))
+                x = seen.args[0]
+            else:
+                break
+        if not ops or str(getattr(x.ty, "dtype", "")) not in ("int8", "uint8"):
+            return self.builder_.emit(relax.op.reshape(residual, view))
+        y = x if static_shape(x) == view else self.builder_.emit(relax.op.reshape(x, view))
+        for op, operand in reversed(ops):
+            y = self.builder_.emit(relax.Call(op.op, [y] if operand is None else [y, operand], op.attrs))
+        return y
 
     def _group_matmul_view(self, expr: Any) -> tuple[Any, int, tuple[int, ...], bool] | None:
         """(the (pixels, groups, 1, padded) value, channels per group, NHWC shape, rooted at an fp32 matmul) of

@@ -291,7 +291,9 @@ def _schedule_anchor(sch: Schedule, block: Any, vector: VectorUnit, knobs: TileK
     n_channel_tiles = extents[vec] // vec_f
 
     # epilogues: inline elementwise consumers into the write-back of the tile
-    wb_block = sch.cache_write(block, 0, "local")
+    # "global": TVM keeps a small global buffer on the stack (registers after LLVM); a "local" one was a
+    # workspace allocated and freed per tile, its accumulators moved through memory (ADR 0057, schedules/stack.py)
+    wb_block = sch.cache_write(block, 0, "global")
     inline_epilogues(sch, block, wb_block)
     if fused_p:
         assert ph is not None and pw is not None

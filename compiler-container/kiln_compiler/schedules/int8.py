@@ -82,19 +82,9 @@ def _pick_divisor(extent: int, limit: int) -> int:
     return max(d for d in range(1, min(extent, limit) + 1) if extent % d == 0)
 
 
-def schedule_vnni_conv(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
-    """The VNNI schedule of a fused u8 x s8 -> s32 NHWC convolution kernel, or None when it does not fit."""
-    matched = match_nhwc_conv(func, ("uint8", "int8", "int32"))
-    if matched is None:
-        return None
-    sch, block, extents = matched
-    _, _, width, channels, _, _, in_channels = extents
-    if channels % 16 or in_channels % 4:
-        return None
-    _register_vnni_intrin()
-
-    # elementwise producers of the epilogue only (a residual operand's dequantize) are inlined:
-    # left at the root, they stop the epilogue's inlining at the residual add
+def _inline_epilogue_producers(sch: Any, block: Any) -> None:
+    """Inline the elementwise producers of the epilogue only (a residual operand's dequantize and view): left
+    at the root, they stop the epilogue's inlining at the residual add (or run as passes of their own)."""
     for blk in sch.get_child_blocks(sch.get_sblock("root")):
         if same_block(sch, blk, block) or writes_output(sch, blk):
             continue
@@ -112,6 +102,19 @@ def schedule_vnni_conv(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
             sch.compute_inline(blk)
         except Exception:  # a reduction or non-injective block stays where it is
             continue
+
+
+def schedule_vnni_conv(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
+    """The VNNI schedule of a fused u8 x s8 -> s32 NHWC convolution kernel, or None when it does not fit."""
+    matched = match_nhwc_conv(func, ("uint8", "int8", "int32"))
+    if matched is None:
+        return None
+    sch, block, extents = matched
+    _, _, width, channels, _, _, in_channels = extents
+    if channels % 16 or in_channels % 4:
+        return None
+    _register_vnni_intrin()
+    _inline_epilogue_producers(sch, block)
     # the padded input stays materialised (vpdpbusd loads 4 bytes of it), in parallel
     parallelize_anchor_inputs(sch, block)
     # weights [kh, kw, ic, oc] -> [oc/16, kh, kw, ic/4, 16, 4], re-packed once at compile time
@@ -147,6 +150,7 @@ def schedule_vnni_group_matmul(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
     if channels % 16 or in_channels % 4:
         return None
     _register_vnni_intrin()
+    _inline_epilogue_producers(sch, block)  # a residual add's operand (ADR 0051)
     cached = sch.cache_read(block, 1, "global")
     sch.transform_layout(block, ("read", 1), lambda g, k, oc: (g, oc // 16, k // 4, oc % 16, k % 4))
     sch.annotate(cached, "meta_schedule.layout_rewrite_preproc", True)

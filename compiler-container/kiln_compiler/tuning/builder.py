@@ -18,6 +18,8 @@ from tvm.ir.utils import derived_object
 from tvm.s_tir import meta_schedule as ms
 from tvm.support.popen_pool import PopenPoolExecutor
 
+from ..schedules.stack import TIR_PIPELINE
+
 
 def _worker_init() -> None:
     import tvm  # noqa: F401 - load libtvm once per worker
@@ -32,7 +34,8 @@ def _build_one(mod_json: str, target_json: str, work_dir: str) -> tuple[str | No
         mod = tvm.ir.load_json(mod_json)
         target = tvm.target.Target(json.loads(target_json))
         mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod)
-        rt_mod = tvm.compile(mod, target=target)
+        # candidates are built as the artifact is (tile accumulators on the stack, ADR 0057)
+        rt_mod = tvm.compile(mod, target=target, tir_pipeline=TIR_PIPELINE)
         # one directory per artifact: the runner removes the artifact's directory after use
         path = os.path.join(tempfile.mkdtemp(dir=work_dir), "tvm_tmp_mod.tar")
         rt_mod.export_library(path)
