@@ -344,13 +344,14 @@ def _schedule_anchor(sch: Schedule, block: Any, vector: VectorUnit, knobs: TileK
 
 def _slice_in_tile(sch: Schedule, write_back: Any, tile: Any) -> None:
     """Compute each tile's part of the slice that drops a grouped matmul's padded channels (and what follows
-    it: a residual add, a relu) in the tile, from its write-back kept in a tile-local buffer, instead of
-    writing the whole padded result to memory and slicing it in a pass of its own (ADR 0054).
+    it: a residual add, a relu) in the tile, from the tile's write-back, instead of writing the whole padded
+    result to memory and slicing it in a pass of its own (ADR 0054). The write-back's buffer is then used only
+    inside the tile: lowering gives it the tile's size, on the stack (ADR 0057).
 
-    The write-back still stores whole vectors to that buffer (ADR 0042 read the accumulators themselves at the
-    slice's odd width: 1.8x slower); the slice reads them back from L1 and stores its odd width as whole
-    vectors and a short tail (34 channels: 2 zmm and a 2-lane store). Measured faster on AVX-512 only: on AVX2
-    the residual units' kernels ran up to 1.4x slower so (1 thread, the kernel alone)."""
+    The write-back still stores whole vectors (ADR 0042 read the accumulators themselves at the slice's odd
+    width: 1.8x slower); the slice reads them back from L1 and stores its odd width as whole vectors and a short
+    tail (34 channels: 2 zmm and a 2-lane store). Measured faster on AVX-512 only: on AVX2 the residual units'
+    kernels ran up to 1.4x slower so (1 thread, the kernel alone)."""
     consumers = sch.get_consumers(write_back)
     if len(consumers) != 1 or not is_at_root(sch, consumers[0]):
         return
@@ -363,7 +364,6 @@ def _slice_in_tile(sch: Schedule, write_back: Any, tile: Any) -> None:
         sch.reverse_compute_at(consumers[0], tile)
     except Exception:  # the slice then stays a pass of its own
         return
-    sch.set_scope(write_back, 0, "local")
     loops = sch.get_loops(consumers[0])[1:]
     if loops:
         sch.vectorize(loops[-1])
