@@ -82,7 +82,8 @@ def schedule_window(sch: Schedule, block: Any, vector: VectorUnit, knobs: TileKn
     for producer in sch.get_producers(block):
         with contextlib.suppress(Exception):  # not an injective copy: it stays materialised
             sch.compute_inline(producer)
-    write_back = sch.cache_write(block, 0, "local")
+    # "global": kept on the stack like the conv tiles' accumulators, not a workspace per tile (ADR 0057)
+    write_back = sch.cache_write(block, 0, "global")
     inline_epilogues(sch, block, write_back)
     loops = sch.get_loops(block)
     n, h, w, c = loops[:4]
