@@ -7,7 +7,7 @@ from one client, in interleaved ROUNDS, and reads each process's CPU time (utime
 runner), the API workers together, and the client's own thread. CPU time, not wall time: robust to
 other load on a shared host (a busy host slows a call, it does not make it cost more CPU).
 
-Usage: .venv/bin/python bench/api_cpu.py [--calls 200] [--rounds 3] [--api-workers N] [--clients 1]
+Usage: .venv/bin/python bench/api_cpu.py [--calls 200] [--rounds 3] [--jobs 4] [--api-workers N] [--clients 1]
 Prints a table (median over rounds of ms of CPU per call; the background CPU the processes use
 with no call, measured per round, is printed beside it, not subtracted) and writes JSON with --out.
 """
@@ -58,6 +58,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--clients", type=int, default=1, help="concurrent clients making the calls")
     parser.add_argument("--api-workers", type=int, default=None)
+    parser.add_argument("--jobs", type=int, default=4,
+                        help="jobs created before the rounds (the issue's load lists 20; all but one wait as STARTING)")
     parser.add_argument("--idle", type=float, default=5, help="s per round with no call (background CPU)")
     parser.add_argument("--burst", type=int, default=0,
                         help="after the rounds, this many creates at once: the CPU until their workflows have all "
@@ -77,7 +79,7 @@ def main() -> int:
             s3.put_object(Bucket=MODELS, Key="cpu/model.tar.gz",
                           Body=tar_gz({"model.onnx": tiny_onnx_model().SerializeToString()}))
             api = client(url)
-            names = [f"cpu-{i}" for i in range(4)]
+            names = [f"cpu-{i}" for i in range(args.jobs)]
             for name in names:
                 api.create_compilation_job(
                     CompilationJobName=name, RoleArn=ROLE,

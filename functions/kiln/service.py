@@ -144,13 +144,25 @@ class CompilationJobService:
         for optional in ("InputConfig", "ModelPackageVersionArn", "VpcConfig"):
             if request.get(optional) is not None:
                 job[optional] = request[optional]
-        self.store.create(job, extra={"Tags": request.get("Tags", []), "Runner": str(runner)})
+        # The execution's ARN is known before it starts (it is named after the job): recorded with the
+        # job in its one transaction, not by a second write after StartExecution (ADR 0058).
+        execution = self.execution_arn(name)
+        self.store.create(job, extra={"Tags": request.get("Tags", []), "Runner": str(runner),
+                                      **({"ExecutionArn": execution} if execution else {})})
         self._events.state_changed(describe_view(job))
-        self.start_workflow(job, str(runner), runtime, pending)
+        self.start_workflow(job, str(runner), runtime, pending, recorded_arn=execution)
         return {"CompilationJobArn": job["CompilationJobArn"]}
 
-    def start_workflow(self, job: dict[str, Any], runner: str, runtime: int, pending: int) -> None:
-        """Start the job's execution (named after the job); a failed start records the job FAILED."""
+    def execution_arn(self, name: str) -> str | None:
+        """The ARN Step Functions gives the execution named ``name`` of Kiln's state machine
+        (``arn:<partition>:states:<region>:<account>:execution:<machine>:<name>``); None without one."""
+        prefix, marker, machine = self._state_machine_arn.rpartition(":stateMachine:")
+        return f"{prefix}:execution:{machine}:{name}" if marker and machine else None
+
+    def start_workflow(self, job: dict[str, Any], runner: str, runtime: int, pending: int,
+                       recorded_arn: str | None = None) -> None:
+        """Start the job's execution (named after the job); a failed start records the job FAILED.
+        The execution's ARN is written to the job unless ``recorded_arn`` (written with it) is that ARN."""
         name = job["CompilationJobName"]
         execution_input = {
             "Job": {k: v for k, v in job.items() if k not in ("CompilationJobStatus", "CreationTime",
@@ -165,7 +177,8 @@ class CompilationJobService:
         try:
             started = self._sfn.start_execution(stateMachineArn=self._state_machine_arn, name=name,
                                                 input=json.dumps(execution_input))
-            self.store.set_fields(name, {"ExecutionArn": started["executionArn"]})
+            if started["executionArn"] != recorded_arn:
+                self.store.set_fields(name, {"ExecutionArn": started["executionArn"]})
         except Exception as exc:
             log.exception("could not start the workflow of %s", name)
             detail = exc.response["Error"]["Code"] if isinstance(exc, ClientError) else type(exc).__name__

@@ -117,8 +117,10 @@ def _disassembly(precision: str, mcpu: str, tmp_path: Path) -> str:
 def test_bf16_convolutions_use_vdpbf16ps(tmp_path: Path, precision: str, mcpu: str, expected: bool) -> None:
     # GIVEN the small CNN  WHEN compiled for an AVX512-BF16 CPU in bf16, or in fp32
     asm = _disassembly(precision, mcpu, tmp_path)
-    # THEN the bf16 build multiplies with vdpbf16ps (the 16x2 kernel), the fp32 build does not
+    # THEN the bf16 build multiplies with vdpbf16ps (the 16x2 kernel) and rounds the activations it passes on
+    # with vcvtneps2bf16 (ADR 0052), the fp32 build does neither
     assert ("vdpbf16ps" in asm) is expected
+    assert ("vcvtneps2bf16" in asm) is expected
 
 
 @needs_bf16_host

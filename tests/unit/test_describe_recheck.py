@@ -73,3 +73,18 @@ def test_recheck_zero_asks_every_time() -> None:
             service.describe("poll-me")
         # THEN each Describe asked Step Functions
         stub.assert_no_pending_responses()
+
+
+def test_the_execution_arn_is_known_before_the_execution_starts() -> None:
+    # GIVEN services over state machines in two partitions, and one with no state machine ARN
+    def arn_of(machine: str) -> str | None:
+        service = CompilationJobService(store=_OneJobStore(), catalog=None, sfn=None, events=None,  # type: ignore[arg-type]
+                                        containers=None, state_machine_arn=machine, region="us-east-1",
+                                        account="123456789012")
+        return service.execution_arn("poll-me")
+
+    # WHEN each names the execution of job "poll-me" THEN it is Step Functions' ARN for that name (none without one)
+    assert arn_of(ARN.replace(":execution:", ":stateMachine:").rsplit(":", 1)[0]) == ARN
+    assert (arn_of("arn:aws-us-gov:states:us-gov-west-1:123456789012:stateMachine:kiln")
+            == "arn:aws-us-gov:states:us-gov-west-1:123456789012:execution:kiln:poll-me")
+    assert arn_of("") is None

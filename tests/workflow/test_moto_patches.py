@@ -209,7 +209,7 @@ def test_dynamodb_reads_leave_no_items_behind(local_stack):
     dynamodb.delete_table(TableName=table)
 
 
-def test_a_definition_is_parsed_once_and_each_execution_gets_its_own_states(local_stack):
+def test_a_definition_is_parsed_once_and_each_execution_gets_its_own_states(local_stack, monkeypatch):
     # GIVEN the stack's state machine definition (patched: parsed when the state machine was created)
     import inspect
 
@@ -224,9 +224,26 @@ def test_a_definition_is_parsed_once_and_each_execution_gets_its_own_states(loca
     second, second_tree = AmazonStateLanguageParser.parse(definition)
     # THEN they share one parse tree but not the states built from it (those hold per-execution state)
     assert first_tree is second_tree and first is not second
-    # AND the states are those moto's own parse builds
+    # AND the states are those moto's own parse builds, down to every field (object addresses aside)
+    import re
+
+    from antlr4.RuleContext import RuleContext
+
     original, _ = moto_patches._originals["sfn_parse"](definition)
     assert list(first.states.states) == list(original.states.states) == list(json.loads(definition)["States"])
+
+    def described(program):
+        return re.sub(r" at 0x[0-9a-f]+", "", repr(program.states.states))
+
+    assert described(first) == described(original)
+    # AND building them reads each rule node's text kept on the tree, never ANTLR's re-join of the
+    # node's subtree (moto's preprocessor asks ~3,800 times per execution)
+    joined = []
+    with monkeypatch.context() as counting:
+        text = RuleContext.getText
+        counting.setattr(RuleContext, "getText", lambda node: joined.append(node) or text(node))
+        AmazonStateLanguageParser.parse(definition)
+    assert joined and all(getattr(node, "_kiln_text", None) is not None for node in joined)
     # AND a definition that does not parse is refused every time, as by moto
     for _ in range(2):
         with pytest.raises(ASLParserException):
@@ -275,3 +292,102 @@ def test_projected_queries_page_filter_and_return_copies(local_stack):
     assert backend.get_item(DynamoType({"S": "all"}), DynamoType({"S": "r00"})).attrs["a"].value == "a0"
     assert set(results[0].attrs) == {"a", "big"}
     dynamodb.delete_table(TableName=table)
+
+
+def test_queries_size_once_copy_projected_names_and_answer_as_moto(local_stack, monkeypatch):
+    # GIVEN a table with a sort key and an index of all attributes, 12 items with a large attribute
+    import copy
+
+    from moto.dynamodb.models import table as table_module
+    from moto.dynamodb.models.dynamo_type import DynamoType, Item
+    from moto.dynamodb.models.table import Table
+
+    dynamodb = local_stack.client("dynamodb")
+    table = "kiln-test-query-once"
+    dynamodb.create_table(
+        TableName=table, BillingMode="PAY_PER_REQUEST",
+        KeySchema=[{"AttributeName": "p", "KeyType": "HASH"}, {"AttributeName": "r", "KeyType": "RANGE"}],
+        AttributeDefinitions=[{"AttributeName": n, "AttributeType": t} for n, t in
+                              (("p", "S"), ("r", "S"), ("g", "S"), ("v", "N"))],
+        GlobalSecondaryIndexes=[{"IndexName": "ByV", "Projection": {"ProjectionType": "ALL"},
+                                 "KeySchema": [{"AttributeName": "g", "KeyType": "HASH"},
+                                               {"AttributeName": "v", "KeyType": "RANGE"}]}])
+    for i in range(12):
+        dynamodb.put_item(TableName=table, Item={
+            "p": {"S": "all"}, "r": {"S": f"r{i:02d}"}, "g": {"S": "g"}, "v": {"N": str(i)}, "a": {"S": f"a{i}"},
+            "big": {"M": {"text": {"S": "x" * 500}, "list": {"L": [{"N": str(i)}, {"SS": ["s", "t"]}]}}}})
+    index = {"IndexName": "ByV", "KeyConditionExpression": "g = :g", "ExpressionAttributeValues": {":g": {"S": "g"}}}
+    queries = [
+        {**index, "ProjectionExpression": "r, a, v", "ScanIndexForward": False, "Limit": 5},
+        {**index, "ProjectionExpression": "r, a, v", "Limit": 5,
+         "ExclusiveStartKey": {"p": {"S": "all"}, "r": {"S": "r04"}, "g": {"S": "g"}, "v": {"N": "4"}}},
+        {**index, "Limit": 3},  # no projection: whole items
+        {**index, "ProjectionExpression": "a, #b.#l", "ExpressionAttributeNames": {"#b": "big", "#l": "list"}},
+        {**index, "ProjectionExpression": "a", "FilterExpression": "size(big.#l) = :two",
+         "ExpressionAttributeNames": {"#l": "list"},
+         "ExpressionAttributeValues": {":g": {"S": "g"}, ":two": {"N": "2"}}},
+        {"KeyConditionExpression": "p = :p AND r > :r", "ProjectionExpression": "big, r",
+         "ExpressionAttributeValues": {":p": {"S": "all"}, ":r": {"S": "r08"}}},
+    ]
+    counted = {"sizes": 0, "copies": 0}
+    size, deepcopy = DynamoType.size, DynamoType.__deepcopy__
+
+    def counted_size(self):
+        counted["sizes"] += 1
+        return size(self)
+
+    def counted_copy(self, memo):
+        counted["copies"] += 1
+        return deepcopy(self, memo)
+
+    monkeypatch.setattr(DynamoType, "size", counted_size)
+    monkeypatch.setattr(DynamoType, "__deepcopy__", counted_copy)
+
+    def answers():
+        found = []
+        for query in queries:
+            counted.update(sizes=0, copies=0)
+            found.append((dynamodb.query(TableName=table, **query), dict(counted)))
+        return found
+
+    # WHEN each query is answered by the patched moto, then by moto's own code
+    patched = answers()
+    with monkeypatch.context() as unpatched:
+        unpatched.setattr(Table, "query", moto_patches._originals["dynamodb_query"])
+        unpatched.setattr(Item, "size", moto_patches._originals["dynamodb_item_size"])
+        unpatched.setattr(table_module, "copy", copy)
+        original = answers()
+    dynamodb.delete_table(TableName=table)
+    # THEN every answer is moto's own: items, counts, next keys
+    for (mine, _), (theirs, _) in zip(patched, original, strict=True):
+        for response in (mine, theirs):
+            response.pop("ResponseMetadata")
+        assert mine == theirs
+    assert [len(r["Items"]) for r, _ in patched] == [5, 5, 3, 12, 12, 3]
+    # AND the patched query sized each item once (moto: once per item it looks at, again per item it returns)
+    assert all(mine["sizes"] < theirs["sizes"] for (_, mine), (_, theirs) in zip(patched, original, strict=True))
+    # AND with top-level names and no filter it copied only those names (moto: every value of every item)
+    assert [mine["copies"] < theirs["copies"] for (_, mine), (_, theirs) in zip(patched, original, strict=True)] == [
+        True, True, False, False, False, True]
+
+
+def test_json_paths_are_parsed_once_and_read_each_document(local_stack):
+    # GIVEN moto's Step Functions JSONPath helpers (patched: each path parsed once)
+    from moto.stepfunctions.parser.asl.component.common.path import result_path
+    from moto.stepfunctions.parser.asl.utils import json_path
+
+    # WHEN one path reads two documents, and a missing member
+    first = json_path.extract_json("$.Job.Name", {"Job": {"Name": "a"}})
+    second = json_path.extract_json("$.Job.Name", {"Job": {"Name": "b", "Other": 1}})
+    # THEN each answer is its own document's, and a missing member is refused as by moto
+    assert (first, second) == ("a", "b")
+    try:
+        json_path.extract_json("$.Job.Missing", {"Job": {}})
+    except json_path.NoSuchJsonPathError:
+        pass
+    else:
+        raise AssertionError("a missing member was found")
+    # AND both modules parse a path once, into the expression jsonpath_ng builds for it
+    for module in (json_path, result_path):
+        assert module.parse("$.Mark") is module.parse("$.Mark")
+        assert str(module.parse("$.Mark")) == str(moto_patches._originals[f"jsonpath_parse_{module.__name__}"]("$.Mark"))

@@ -12,7 +12,6 @@ from typing import Any
 import numpy as np
 import pytest
 from kiln import runtime
-from kiln.errors import ResourceNotFound
 from kiln.workflow import TransientError, WorkflowSteps
 
 from tests.conftest import tar_gz, tiny_onnx_model
@@ -269,20 +268,36 @@ def test_job_whose_every_record_fails_is_reconciled_on_describe(local_stack, ser
     assert job["FailureReason"].startswith("ServerError: the compilation workflow ended (FAILED)")
 
 
-def test_execution_is_named_after_the_job(local_stack, service):
-    # GIVEN the jobs run so far WHEN their executions are listed THEN each is named after its job
-    sfn = local_stack.client("stepfunctions")
-    executions = sfn.list_executions(stateMachineArn=local_stack.outputs["StateMachineArn"])["executions"]
-    checked = 0
-    for execution in executions:
-        try:
-            job = service.store.get(execution["name"])
-        except ResourceNotFound:  # deleted by another test: its execution remains
-            continue
-        assert job["ExecutionArn"] == execution["executionArn"]
-        checked += 1
-    assert checked > 0
+def test_a_create_records_its_execution_arn_in_its_one_write(local_stack, service, job_request, upload_model,
+                                                             tiny_onnx_archive):
+    # GIVEN a valid job request, and the DynamoDB calls of the service's store recorded
+    name = "wf-one-write"
+    upload_model(f"{name}/model.tar.gz", tiny_onnx_archive)
+    calls: list[str] = []
+    events = service.store._client.meta.events
 
+    def record(model: Any, **_: Any) -> None:
+        calls.append(model.name)
+
+    events.register("before-call.dynamodb", record)
+    local_stack.runner.hold = True  # no compiler: the job waits as pending until stopped
+    try:
+        # WHEN the job is created
+        service.create(job_request(name))
+    finally:
+        events.unregister("before-call.dynamodb", record)
+    try:
+        # THEN the store wrote once, the transaction that took the job's slot (no second write for the ARN)
+        assert calls == ["TransactWriteItems"], calls
+        # AND the ARN it recorded is the started execution's, named after the job
+        arn = service.store.get(name)["ExecutionArn"]
+        execution = local_stack.client("stepfunctions").describe_execution(executionArn=arn)
+        assert execution["name"] == name and execution["executionArn"] == arn
+        assert service.execution_arn(name) == arn
+    finally:
+        service.stop(name)
+        local_stack.runner.hold = False
+    assert local_stack.wait_for(name, timeout=60)["CompilationJobStatus"] == "STOPPED"
 
 
 def test_gpu_target_runs_on_the_batch_runner(local_stack, service, job_request, upload_model, tiny_onnx_archive):

@@ -23,7 +23,7 @@ from kiln.isa import VectorUnit
 from tvm import tirx
 
 from ..graph.bf16 import BF16_BLOCK_IC, BF16_BLOCK_OC
-from .cpu import channel_tiles_outermost, pick_factor, register_budget, tile_rate
+from .cpu import channel_tiles_outermost, inline_copies, pick_factor, register_budget, tile_rate
 from .tir import (
     inline_epilogues,
     match_group_matmul,
@@ -31,6 +31,7 @@ from .tir import (
     parallelize_anchor_inputs,
     parallelize_serial_root_blocks,
     schedule_each,
+    writes_output,
 )
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,8 @@ BF16_INTRIN = "kiln_dot_16x2_bf16"
 # bf16 expression to fp32, BF16StorageLegalize stores bf16 as uint16, and its LLVM codegen crashes on
 # a bfloat16 vector); the kernel passes the bf16 pairs as <16 x i32> and the bitcast happens here.
 DPBF16PS = "kiln_dpbf16ps"
+CVTNEPS2BF16 = "kiln_cvtneps2bf16"
+CVT_INTRIN = "kiln_cvt_16_bf16"
 _DPBF16PS_LLVM = f"""
 declare <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float>, <32 x bfloat>, <32 x bfloat>)
 define linkonce_odr <16 x float> @{DPBF16PS}(<16 x float> %acc, <16 x i32> %pairs, <16 x i32> %weights) alwaysinline {{
@@ -51,6 +54,11 @@ define linkonce_odr <16 x float> @{DPBF16PS}(<16 x float> %acc, <16 x i32> %pair
   %b = bitcast <16 x i32> %weights to <32 x bfloat>
   %r = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %acc, <32 x bfloat> %a, <32 x bfloat> %b)
   ret <16 x float> %r
+}}
+define linkonce_odr <16 x i16> @{CVTNEPS2BF16}(<16 x float> %x) alwaysinline {{
+  %b = fptrunc <16 x float> %x to <16 x bfloat>
+  %r = bitcast <16 x bfloat> %b to <16 x i16>
+  ret <16 x i16> %r
 }}
 """
 
@@ -66,7 +74,7 @@ def _register_bf16_intrin() -> None:
     # TVMScript: the annotations are buffer declarations, not types (hence the type: ignores)
     @T.prim_func(s_tir=True)
     def desc(a: T.Buffer((2,), "bfloat16", offset_factor=2), b: T.Buffer((16, 2), "bfloat16", offset_factor=2),  # type: ignore[valid-type]
-             c: T.Buffer((16,), "float32", offset_factor=1, scope="local")) -> None:  # type: ignore[valid-type]
+             c: T.Buffer((16,), "float32", offset_factor=1, scope="global")) -> None:  # type: ignore[valid-type]
         with T.sblock("root"):
             T.reads(c[0:16], a[0:2], b[0:16, 0:2])
             T.writes(c[0:16])
@@ -78,7 +86,7 @@ def _register_bf16_intrin() -> None:
 
     @T.prim_func(s_tir=True)
     def impl(a: T.Buffer((2,), "bfloat16", offset_factor=2), b: T.Buffer((16, 2), "bfloat16", offset_factor=2),  # type: ignore[valid-type]
-             c: T.Buffer((16,), "float32", offset_factor=1, scope="local")) -> None:  # type: ignore[valid-type]
+             c: T.Buffer((16,), "float32", offset_factor=1, scope="global")) -> None:  # type: ignore[valid-type]
         with T.sblock("root"):
             T.reads(c[0:16], a[0:2], b[0:16, 0:2])
             T.writes(c[0:16])
@@ -90,6 +98,27 @@ def _register_bf16_intrin() -> None:
                 pairs.vload([0], dtype="int32x16"))
 
     TensorIntrin.register(BF16_INTRIN, desc, impl)
+
+    @T.prim_func(s_tir=True)
+    def cvt_desc(a: T.Buffer((16,), "float32", offset_factor=1), b: T.Buffer((16,), "bfloat16", offset_factor=1)) -> None:  # type: ignore[valid-type]
+        with T.sblock("root"):
+            T.reads(a[0:16])
+            T.writes(b[0:16])
+            for i in T.serial(0, 16):
+                with T.sblock("cast"):
+                    vi = T.axis.remap("S", [i])
+                    b[vi] = T.Cast("bfloat16", a[vi])
+
+    @T.prim_func(s_tir=True)
+    def cvt_impl(a: T.Buffer((16,), "float32", offset_factor=1), b: T.Buffer((16,), "bfloat16", offset_factor=1)) -> None:  # type: ignore[valid-type]
+        with T.sblock("root"):
+            T.reads(a[0:16])
+            T.writes(b[0:16])
+            # the bf16 result stored as int16 words: nothing for the legalizers to rewrite
+            words = T.decl_buffer((16,), "int16", data=b.data, elem_offset=b.elem_offset)
+            words[T.ramp(T.int32(0), 1, 16)] = T.call_extern("int16x16", CVTNEPS2BF16, a.vload([0], dtype="float32x16"))
+
+    TensorIntrin.register(CVT_INTRIN, cvt_desc, cvt_impl)
 
 
 def _tile(height: int, width: int, channels: int, vector: VectorUnit) -> tuple[int, int, int]:
@@ -121,7 +150,10 @@ def schedule_bf16_conv(func: tirx.PrimFunc, vector: VectorUnit) -> tirx.PrimFunc
     _register_bf16_intrin()
     n_vectors, rh, rw = _tile(height, width, channels, vector)
 
-    # the padded bf16 input stays materialised (vdpbf16ps broadcasts 4 bytes of it), in parallel
+    # an unpadded input (1x1 and other convolutions without padding) is read where it lies: the
+    # identity copy TVM's legalisation makes of it would be a pass over memory of its own
+    inline_copies(sch, sch.get_child_blocks(sch.get_sblock("root")), block)
+    # a padded bf16 input stays materialised (vdpbf16ps broadcasts 4 bytes of it), in parallel
     parallelize_anchor_inputs(sch, block)
     # weights [kh, kw, ic, oc] -> [oc/16, kh, kw, ic/2, 16, 2], re-packed once at compile time
     cached = sch.cache_read(block, 1, "global")
@@ -130,9 +162,11 @@ def schedule_bf16_conv(func: tirx.PrimFunc, vector: VectorUnit) -> tirx.PrimFunc
                                                  oc % BF16_BLOCK_OC, ic % BF16_BLOCK_IC))
     sch.annotate(cached, "meta_schedule.layout_rewrite_preproc", True)
 
-    # "global": the intrinsic describes its accumulator in the global scope
-    write_back = sch.cache_write(block, 0, "local")
-    inline_epilogues(sch, block, write_back)
+    # "global": a small global buffer stays on the stack (registers after LLVM); a "local" one was a
+    # workspace allocated and freed per tile (ADR 0057); the intrinsic describes its accumulator so
+    write_back = sch.cache_write(block, 0, "global")
+    # the epilogue up to its last step; a final bf16 cast (the next convolution's input) is rounded apart
+    cast = inline_epilogues(sch, block, write_back, keep=_writes_bf16_cast)
 
     n, h, w, oc, kh, kw, ic = sch.get_loops(block)
     ho, hi = sch.split(h, [None, rh])
@@ -151,7 +185,10 @@ def schedule_bf16_conv(func: tirx.PrimFunc, vector: VectorUnit) -> tirx.PrimFunc
     wb_loops = sch.get_loops(write_back)[1:]
     if wb_loops:
         sch.vectorize(wb_loops[-1])
-    _slice_in_tile(sch, write_back, fused)
+    if cast is not None:
+        _cast_per_pixel(sch, cast, wb_loops[-2] if len(wb_loops) > 1 else fused)
+    else:
+        _slice_in_tile(sch, write_back, fused)
     sch.parallel(fused)
     sch.annotate(fused, "pragma_import_llvm", _DPBF16PS_LLVM)
     sch.decompose_reduction(block, kh)
@@ -161,6 +198,27 @@ def schedule_bf16_conv(func: tirx.PrimFunc, vector: VectorUnit) -> tirx.PrimFunc
     parallelize_serial_root_blocks(sch)
     result: tirx.PrimFunc = sch.mod["main"]
     return result
+
+
+def _writes_bf16_cast(sch: Any, blk: Any) -> bool:
+    """Whether ``blk`` is the epilogue's last step: the fp32 -> bf16 cast that writes the kernel's output."""
+    value = getattr(sch.get(blk).body, "value", None)
+    return isinstance(value, tirx.Cast) and str(value.ty) == "bfloat16" and \
+        type(value.value).__name__ in ("BufferLoad", "TensorLoad") and writes_output(sch, blk)
+
+
+def _cast_per_pixel(sch: Any, cast: Any, pixel_loop: Any) -> None:
+    """The epilogue's bf16 rounding as one ``vcvtneps2bf16`` per 16 channels, computed per output pixel
+    (the fp32 epilogue of one pixel stays in registers) in place of the legaliser's integer rounding."""
+    try:
+        sch.reverse_compute_at(cast, pixel_loop)
+    except Exception:  # the cast then stays a vectorised pass of its own (parallelize_serial_root_blocks)
+        return
+    _, lanes = sch.split(sch.get_loops(cast)[-1], [None, BF16_BLOCK_OC])
+    try:
+        sch.tensorize(lanes, CVT_INTRIN)
+    except Exception:  # the legaliser's rounding, vectorised
+        sch.vectorize(lanes)
 
 
 def _slice_in_tile(sch: Any, write_back: Any, tile: Any) -> None:
@@ -204,7 +262,7 @@ def schedule_bf16_group_matmul(func: tirx.PrimFunc, vector: VectorUnit) -> tirx.
                          lambda g, k, oc: (g, oc // BF16_BLOCK_OC, k // BF16_BLOCK_IC, oc % BF16_BLOCK_OC,
                                            k % BF16_BLOCK_IC))
     sch.annotate(cached, "meta_schedule.layout_rewrite_preproc", True)
-    write_back = sch.cache_write(block, 0, "local")
+    write_back = sch.cache_write(block, 0, "global")  # on the stack, as the conv's (ADR 0057)
     inline_epilogues(sch, block, write_back)
     p, g, one, oc, k = sch.get_loops(block)
     po, pi = sch.split(p, [None, rp])

@@ -454,7 +454,7 @@ def default_schedule(func: tirx.PrimFunc, vector: VectorUnit, knobs: TileKnobs =
     anchor = None
     if len(reductions) == 1:
         anchor = reductions[0]
-        _inline_copies(sch, blocks, anchor)
+        inline_copies(sch, blocks, anchor)
         if is_window_kernel(sch, anchor):  # depthwise conv, pooling: schedules/window.py
             schedule_window(sch, anchor, vector, knobs)
             anchored = True
@@ -491,7 +491,7 @@ def _narrow_layout_free(func: tirx.PrimFunc) -> tirx.PrimFunc:
     return func.with_attr("layout_free_buffers", keep)
 
 
-def _inline_copies(sch: Schedule, blocks: list[Any], anchor: Any) -> None:
+def inline_copies(sch: Schedule, blocks: list[Any], anchor: Any) -> None:
     """Inline pure copies feeding the anchor (a zero-width pad) instead of materialising them."""
     anchor_block = sch.get(anchor)  # BlockRVs compare by handle: compare the blocks they refer to
     for blk in blocks:

@@ -147,19 +147,23 @@ def parallelize_serial_root_blocks(sch: Schedule) -> None:
             sch.parallel(loops[0])
 
 
-def inline_epilogues(sch: Schedule, block: Any, write_back: Any) -> None:
+def inline_epilogues(sch: Schedule, block: Any, write_back: Any,
+                     keep: Callable[[Schedule, Any], bool] | None = None) -> Any | None:
     """Inline the elementwise consumers of ``block`` (bias, batch norm, residual add, relu) into its
     write-back block, up to the first consumer over another domain: TVM would inline a smaller one
-    (the slice that drops padded channels) over the tile's whole domain, writing past its buffer."""
+    (the slice that drops padded channels) over the tile's whole domain, writing past its buffer.
+    A consumer ``keep`` accepts stops the inlining and is returned (None otherwise)."""
     out_shape = [int(d) for d in sch.get(block).writes[0].source.shape]
     while True:
         consumers = sch.get_consumers(write_back)
         if len(consumers) != 1 or iter_extents(sch.get(consumers[0])) != out_shape:
-            break
+            return None
+        if keep is not None and keep(sch, consumers[0]):
+            return consumers[0]
         try:
             sch.reverse_compute_inline(consumers[0])
         except Exception:
-            break
+            return None
 
 
 def schedule_each(mod: tvm.IRModule, schedule: Callable[[tirx.PrimFunc], tirx.PrimFunc | None],

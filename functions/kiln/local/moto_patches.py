@@ -49,7 +49,17 @@
    every execution it starts (~75 ms of CPU for Kiln's), so 20 jobs accepted at once spent ~1.5 s
    of the stack's interpreter lock parsing the same text while the API waited (ADR 0050).
    :func:`patch_step_functions_parse_once` keeps the parse tree per definition; every execution
-   still builds its own states from it, as moto does.
+   still builds its own states from it, as moto does, reading each node's text stored on it once
+   (ANTLR's ``getText`` re-joins a node's whole subtree on every call: ADR 0058).
+
+13. moto's DynamoDB Query sizes every result item twice (``Item.size`` walks every value, for the
+   1 MB page limit) and deep-copies every result item whole before projecting it: under the issue's
+   load (20 jobs listed 20 at a time) ~25 % of the stack's interpreter-lock time (ADR 0058).
+   :func:`patch_dynamodb_query_copies` sizes each item once per query and, for a projection of
+   top-level names without a filter, copies only the projected attributes.
+
+   moto's Step Functions also parses every JSONPath it evaluates with a new jsonpath_ng parser:
+   :func:`patch_step_functions_json_paths_parsed_once` keeps each parsed path.
 
 ``tests/workflow/test_moto_patches.py`` notices when upstream fixes (1), (3) or (4).
 """
@@ -57,6 +67,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime
 import functools
 import importlib
@@ -65,7 +76,7 @@ import json
 import logging
 import threading
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import boto3
@@ -689,27 +700,69 @@ def patch_step_functions_parse_once() -> None:
     still gets its own (~15 ms). A definition that fails to parse raises as before, uncached."""
     if "sfn_parse_once" in _applied:
         return
+    from antlr4.RuleContext import RuleContext
+    from antlr4.tree.Tree import TerminalNode
     from moto.stepfunctions.parser.asl.parse.asl_parser import AmazonStateLanguageParser
     from moto.stepfunctions.parser.asl.parse.preprocessor import Preprocessor
 
     original = AmazonStateLanguageParser.parse
     _originals["sfn_parse"] = original
+    original_text = RuleContext.getText
+    _originals["antlr_get_text"] = original_text
     lock = threading.Lock()
     trees: dict[str, Any] = {}
+
+    def remember_texts(tree: Any) -> None:
+        """Store every rule node's text on it, children first (O(n) once; moto's preprocessor calls
+        ``getText`` ~3,800 times per execution, each re-joining its subtree: 40 ms -> 9 ms, ADR 0058)."""
+        pending: list[tuple[Any, bool]] = [(tree, False)]
+        while pending:
+            node, children_done = pending.pop()
+            if isinstance(node, TerminalNode):
+                continue
+            children = node.children or []
+            if not children_done:
+                pending.append((node, True))
+                pending.extend((child, False) for child in children)
+                continue
+            with contextlib.suppress(AttributeError):  # a context class with slots only keeps ANTLR's way
+                node._kiln_text = "".join(child.getText() for child in children)
+
+    def get_text(self: Any) -> str:
+        text = getattr(self, "_kiln_text", None)  # set only on the nodes of a kept (read-only) tree
+        return text if text is not None else str(original_text(self))
 
     def parse(definition: str) -> tuple[Any, Any]:
         with lock:  # one thread parses; the others starting the same definition wait for its tree
             tree = trees.get(definition)
             if tree is None:
                 program, tree = original(definition)
+                remember_texts(tree)
                 if len(trees) >= 32:  # bounded: tests create many state machines
                     trees.clear()
                 trees[definition] = tree
                 return program, tree
         return Preprocessor().visit(tree), tree
 
+    RuleContext.getText = get_text
     AmazonStateLanguageParser.parse = staticmethod(parse)  # type: ignore[method-assign]
     _applied.add("sfn_parse_once")
+
+
+def patch_step_functions_json_paths_parsed_once() -> None:
+    """Parse each JSONPath of a state machine once (moto builds a new jsonpath_ng parser, a PLY
+    grammar, for every path it evaluates: ~0.45 ms each, dozens per execution; ADR 0058). Parsed
+    paths are immutable expression trees that ``find``/``update`` only read, so one serves every
+    execution and thread."""
+    if "sfn_json_paths" in _applied:
+        return
+    from moto.stepfunctions.parser.asl.component.common.path import result_path
+    from moto.stepfunctions.parser.asl.utils import json_path
+
+    for module in (json_path, result_path):  # each imported jsonpath_ng's ``parse`` by name
+        _originals[f"jsonpath_parse_{module.__name__}"] = module.parse
+        module.parse = functools.lru_cache(maxsize=1024)(module.parse)  # type: ignore[attr-defined]
+    _applied.add("sfn_json_paths")
 
 
 def warm_step_functions(region: str) -> None:
@@ -723,3 +776,80 @@ def warm_step_functions(region: str) -> None:
         boto_client.boto_client_for(region=region, service=service, state_credentials=None)
     for service, action in (("ecs", "run_task"), ("batch", "submit_job")):
         _operation_model(service, action)
+
+
+def patch_dynamodb_query_copies() -> None:
+    """DynamoDB Query: each candidate item sized once, and only the projected attributes copied.
+
+    moto's ``Table.query`` calls ``Item.size()`` (a walk of every value) twice per item it returns,
+    then deep-copies each whole item and projects the copy. Inside a query (and only there) this
+    memoises ``Item.size`` per item and, when the projection is top-level names and no filter reads
+    the items, copies just those names: the same result (an index's projection and the query's own
+    both only drop top-level names, so picking the query's names first gives the same item) without
+    copying what is thrown away. Any other query copies as moto does."""
+    if "dynamodb_query_copies" in _applied:
+        return
+    import copy
+    import types
+
+    from moto.dynamodb.comparisons import OpDefault
+    from moto.dynamodb.models import table as table_module
+    from moto.dynamodb.models.dynamo_type import Item, LimitedSizeDict
+    from moto.dynamodb.models.table import Table
+
+    original_query, original_size = Table.query, Item.size
+    _originals["dynamodb_query"], _originals["dynamodb_item_size"] = original_query, original_size
+    signature = inspect.signature(original_query)
+    running = threading.local()  # per thread: this query's item sizes and the names it keeps
+
+    def size(self: Any) -> int:
+        sizes = getattr(running, "sizes", None)
+        if sizes is None:
+            return int(original_size(self))
+        known = sizes.get(id(self))
+        if known is None:
+            known = sizes[id(self)] = (self, original_size(self))  # the item held: its id stays its own
+        return int(known[1])
+
+    def copied(item: Any, names: frozenset[str]) -> Any:
+        result: Any = Item.__new__(Item)  # as moto's Item.__deepcopy__ builds one, with fewer attributes
+        result.hash_key, result.range_key = copy.deepcopy(item.hash_key), copy.deepcopy(item.range_key)
+        attrs = LimitedSizeDict.__new__(LimitedSizeDict)
+        dict.__init__(attrs, ((name, copy.deepcopy(value)) for name, value in item.attrs.items() if name in names))
+        result.attrs = attrs
+        return result
+
+    def deepcopy(value: Any, memo: Any = None) -> Any:
+        names = getattr(running, "names", None)
+        if names is not None and isinstance(value, list) and all(type(v) is Item for v in value):
+            return [copied(item, names) for item in value]
+        return copy.deepcopy(value, memo)
+
+    def query(self: Any, *args: Any, **kwargs: Any) -> Any:
+        arguments = signature.bind(self, *args, **kwargs).arguments
+        projection = arguments.get("projection_expressions")
+        unfiltered = isinstance(arguments.get("filter_expression"), OpDefault | None)  # moto's "no filter"
+        plain = (projection and all(len(path) == 1 for path in projection) and unfiltered
+                 and not arguments.get("filter_kwargs"))
+        running.sizes = {}
+        running.names = frozenset(path[0] for path in projection or []) if plain else None
+        try:
+            return original_query(self, *args, **kwargs)
+        finally:
+            running.sizes = running.names = None
+
+    # moto's table module calls copy.deepcopy through its module global ``copy``: only it sees this.
+    table_module.copy = types.SimpleNamespace(**{**vars(copy), "deepcopy": deepcopy})  # type: ignore[assignment]
+    Item.size = size  # type: ignore[method-assign]
+    Table.query = query  # type: ignore[method-assign]
+    _applied.add("dynamodb_query_copies")
+
+
+def warm_service_models(services: Iterable[str]) -> None:
+    """Load now the botocore models moto's server reads per request (``get_service_model``, a cache
+    without a lock, each miss listing botocore's ~400 service folders): a first call during the burst
+    otherwise loads it in every thread that misses at once. Cheap when a model is loaded already."""
+    from moto.core.utils import get_service_model
+
+    for service in services:
+        get_service_model(service)

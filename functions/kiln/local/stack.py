@@ -61,6 +61,10 @@ COMPILER_CONTAINER = "compiler"
 COMPILER_COMMAND = ["python", "-m", "kiln_compiler"]
 REGISTRY_FUNCTION = "kiln-registry"
 REGISTRY_QUEUE = "kiln-registry-events"
+# The services the API, the workflow and the compilers call on the embedded endpoint (ADR 0058: the
+# compilers' STS call was the first to load its model, during the burst).
+MOTO_SERVICES = ("batch", "dynamodb", "ecs", "events", "iam", "lambda", "s3", "sagemaker", "sqs",
+                 "stepfunctions", "sts")
 
 
 def host_cpus() -> int:
@@ -407,6 +411,8 @@ class EmbeddedStack:
         moto_patches.patch_dynamodb_items_untracked()
         moto_patches.patch_step_functions_clients_reused()
         moto_patches.patch_step_functions_parse_once()
+        moto_patches.patch_dynamodb_query_copies()
+        moto_patches.patch_step_functions_json_paths_parsed_once()
         logging.getLogger("werkzeug").setLevel(logging.WARNING)
         # moto's own ThreadedMotoServer closes every connection after one call (ADR 0037)
         self._server = MotoServer(self.host, self.aws_port).start()
@@ -568,6 +574,7 @@ class EmbeddedStack:
         self._kiln_required().workflow_steps  # noqa: B018  (the service, its store and clients)
         contract.service_model()
         moto_patches.warm_step_functions(REGION)
+        moto_patches.warm_service_models(MOTO_SERVICES)
 
     @staticmethod
     def _batch_runner(batch: Any, environment_arn: str, runner: str) -> dict[str, str]:
