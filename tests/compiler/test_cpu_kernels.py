@@ -152,9 +152,10 @@ def test_shuffle_unit_runs_one_kernel_per_grouped_conv_in_nhwc() -> None:
     assert "R.concat(" not in text and text.count("R.nn.conv2d(") == 1  # the depthwise conv
     assert text.count("R.permute_dims(") == 2, text
     assert "axes=[0, 1, 2, 4, 3]" not in text
-    # AND the scale, shift and relu after the first grouped conv run on its (pixels, groups, 1, channels)
-    #     result, before the slice of its padded channels and the reshape to NHWC
-    assert text.index("R.matmul(") < text.index("R.multiply(") < text.index("R.nn.relu(") < text.index("R.strided_slice(")
+    # AND the shift and relu after the first grouped conv run on its (pixels, groups, 1, channels) result,
+    #     before the slice of its padded channels and the reshape to NHWC; its scale is in its weights (ADR 0054)
+    assert text.index("R.matmul(") < text.index("R.add(") < text.index("R.nn.relu(") < text.index("R.strided_slice(")
+    assert "R.multiply(" not in text
 
 
 def test_pool_concat_sum_match_unscheduled() -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import tvm
 from tvm import relax
 
+from .affine_fold import FoldAffineIntoGroupWeights
 from .fold import PrefoldConstants
 from .grouped_conv import PadConvChannels, SplitGroupedConv
 from .shuffle import ChannelShuffleNHWC
@@ -39,6 +40,8 @@ def cpu_graph_passes(lanes: int = 16, prefold: bool = True, fp32_shuffle_units: 
     epilogues below the NHWC reshape, shuffles as kernels (ConvToBF16 converts those matmuls)."""
     fold = [PrefoldConstants()] if prefold else []  # numpy folds what needs no LLVM build (ADR 0040)
     shuffles = [ShuffleIntoGroupMatmul()] if fp32_shuffle_units else []  # fp32 grouped matmuls only (ADR 0044)
+    # batch norms into the weights of fp32 grouped 1x1 and depthwise convs (ADR 0054)
+    affine = [FoldAffineIntoGroupWeights()] if fp32_shuffle_units else []
     return [
         relax.transform.DecomposeOpsForInference(),
         *_simplify(),
@@ -57,6 +60,7 @@ def cpu_graph_passes(lanes: int = 16, prefold: bool = True, fp32_shuffle_units: 
         FlattenConcat(),  # DenseNet: one flat concat per layer, fused into its batch norm
         SplitGroupedConv(lanes, fp32_epilogues=fp32_shuffle_units),
         PadConvChannels(lanes),
+        *affine,
         ChannelShuffleNHWC(),
         *shuffles,
         relax.transform.DeadCodeElimination(),  # the NCHW shuffle chains

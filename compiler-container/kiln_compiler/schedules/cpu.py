@@ -135,6 +135,17 @@ def _vector_factor(extent: int, lanes: int, max_vectors: int) -> int:
     return pick_factor(extent, 2 * lanes, lanes)
 
 
+def _half_vector_unit(vector: VectorUnit, channels: int) -> VectorUnit:
+    """The vector unit a tile over ``channels`` output channels uses: an odd number of half vectors (ShuffleNet's
+    24-channel stem on AVX-512) is tiled in half-width vectors (ymm, all 32 registers with AVX-512VL), so one
+    input broadcast feeds three of them: tiled in 16 lanes, 24 channels left one 8-lane vector per channel tile,
+    each of the three tiles broadcasting every input again (ADR 0054)."""
+    half = vector.lanes // 2
+    if vector.lanes < 16 or channels % vector.lanes == 0 or channels % half:
+        return vector
+    return VectorUnit(half, vector.registers)
+
+
 def register_budget(vector: VectorUnit, n_vectors: int) -> int:
     """Accumulators a tile of ``n_vectors`` channel vectors may keep in registers.
 
@@ -233,6 +244,8 @@ def _schedule_anchor(sch: Schedule, block: Any, vector: VectorUnit, knobs: TileK
         # value is shared across a pixel tile, but the weights are, and a tile of pixels gives
         # each task enough work (one pixel x 8 channels per task ran at 12 GFLOP/s)
         pix = [i for i in sp if i != vec and extents[i] > 1][-2:]
+    slice_in_tile = vector.lanes >= 16  # AVX-512 (measured, see _slice_in_tile)
+    vector = _half_vector_unit(vector, extents[vec])
     lanes = vector.lanes
     # the tile: rh x rw output pixels (rw along the row) x nvec vectors of channels, with
     # rh | H and rw | W so every index stays affine (exact write-back, weights re-packable)
@@ -320,12 +333,43 @@ def _schedule_anchor(sch: Schedule, block: Any, vector: VectorUnit, knobs: TileK
         _vectorize_whole(sch, wb_loops[-1], vec_f, lanes)
         if len(wb_loops) > 1:
             sch.unroll(wb_loops[-2])
+    if slice_in_tile and kinds == [DATA_PAR] * 4 + [COMM_REDUCE] and extents[2] == 1:
+        _slice_in_tile(sch, wb_block, fused)  # a grouped matmul (pixels, groups, 1, out, in) on AVX-512
     sch.parallel(fused)
     for loop in tile_inner:
         sch.unroll(loop)
     _vectorize_whole(sch, vi, vec_f, lanes)
     sch.decompose_reduction(block, loops[rd[0]])
     return True
+
+
+def _slice_in_tile(sch: Schedule, write_back: Any, tile: Any) -> None:
+    """Compute each tile's part of the slice that drops a grouped matmul's padded channels (and what follows
+    it: a residual add, a relu) in the tile, from the tile's write-back, instead of writing the whole padded
+    result to memory and slicing it in a pass of its own (ADR 0054). The write-back's buffer is then used only
+    inside the tile: lowering gives it the tile's size, on the stack (ADR 0057).
+
+    The write-back still stores whole vectors (ADR 0042 read the accumulators themselves at the slice's odd
+    width: 1.8x slower); the slice reads them back from L1 and stores its odd width as whole vectors and a short
+    tail (34 channels: 2 zmm and a 2-lane store). Measured faster on AVX-512 only: on AVX2 the residual units'
+    kernels ran up to 1.4x slower so (1 thread, the kernel alone)."""
+    consumers = sch.get_consumers(write_back)
+    if len(consumers) != 1 or not is_at_root(sch, consumers[0]):
+        return
+    out = [int(d) for d in sch.get(write_back).writes[0].source.shape]
+    extents = iter_extents(sch.get(consumers[0]))
+    if extents is None or len(extents) != len(out) or extents == out:
+        return
+    inline_epilogues(sch, consumers[0], consumers[0])  # the residual add and relu after the slice
+    try:
+        sch.reverse_compute_at(consumers[0], tile)
+    except Exception:  # the slice then stays a pass of its own
+        return
+    loops = sch.get_loops(consumers[0])[1:]
+    if loops:
+        sch.vectorize(loops[-1])
+        if len(loops) > 1:
+            sch.unroll(loops[-2])
 
 
 # A fused-pixel tile must beat the best row tile by this much in tile_rate: its input addresses
