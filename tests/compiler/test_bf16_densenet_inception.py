@@ -1,8 +1,7 @@
 """bf16 DenseNet and Inception layers (ADR 0053): transitions pooled before their 1x1 convolution, batch-norm
 chains as one multiply-add, a convolution short of whole 16-channel blocks padded where its input is bf16 anyway.
 
-The first two rewrites are exact in real arithmetic and change fp32 rounding only, so they run in bf16 builds only (fp32
-builds stay bit-identical). Tolerance as in test_bf16.py: each bf16 layer may add ~2^-8 of its output's scale;
+The first two rewrites are exact in real arithmetic and change fp32 rounding only; they run in fp32 builds too. Tolerance as in test_bf16.py: each bf16 layer may add ~2^-8 of its output's scale;
 ``dense_block_cnn`` has seven bf16 layers (stem, two 1x1 + 3x3 dense layers, the transition, the classifier),
 asserted at 4 x 7 x 2^-8 of the largest output. A pool or scale applied to the wrong channels or pixels is off
 by the order of the output itself.
@@ -108,6 +107,30 @@ def test_bf16_dense_block_with_both_rewrites_agrees_with_fp32() -> None:
     # THEN within seven bf16 layers' error of the output's scale, and not bit-identical (bf16 really ran)
     error = float(np.abs(out - ref).max())
     assert 0 < error <= 4 * 7 * BF16_LAYER_ERROR * float(np.abs(ref).max())
+
+
+def test_fp32_build_pools_first_and_agrees_with_onnx_runtime(monkeypatch: pytest.MonkeyPatch) -> None:
+    # GIVEN the dense block CNN built in fp32 for AVX2 (runs on every x86 host here), the pool move observed
+    import kiln_compiler.pipeline as pipeline
+
+    passes: list[PoolBeforePointwiseConv] = []
+
+    class Observed(PoolBeforePointwiseConv):
+        def __init__(self) -> None:
+            super().__init__()
+            passes.append(self)
+
+    monkeypatch.setattr(pipeline, "PoolBeforePointwiseConv", Observed)
+    compiled = compile_relax(_relax(), {"kind": "llvm", "mcpu": "haswell"})
+    assert compiled.unscheduled == []
+    x = np.random.default_rng(6).standard_normal(SHAPE).astype("float32")
+    (ref,) = ort.InferenceSession(dense_block_cnn().SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"input": x})
+    # WHEN it runs
+    out = relax.VirtualMachine(compiled.executable, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+    # THEN the transition's pool moved before its convolution, and the output is ONNX Runtime's to fp32 rounding
+    assert [p.moved for p in passes] == [1]
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4 * float(np.abs(ref).max()))
 
 
 def _branch_weights() -> list[np.ndarray]:

@@ -4,10 +4,9 @@ A batch norm reaches the CPU graph decomposed, ``((x - mean) * rsqrt(var + eps))
 DenseNet's light model follows each with a ``Mul`` and an ``Add`` by per-channel constants: six vector
 operations per output vector, in the epilogue of every 1x1 convolution and in every concatenation +
 pre-activation kernel (57 of them, memory passes over all features so far). Composed at compile time
-(in float64) the chain is ``x * scale + shift``. The result moves by fp32 rounding only (a few ulp,
-below what a bf16 rounding of the same value changes), which is why it runs in bf16 builds only
-(ADR 0053): fp32 builds stay bit-identical. Unlike ADR 0049's rejected rule nothing is folded into
-a convolution's weights, so no weight is rounded differently.
+(in float64) the chain is ``x * scale + shift``. The result moves by fp32 rounding only (a few ulp);
+it runs in fp32 and bf16 builds (ADR 0053). Unlike ADR 0049's rejected rule nothing is folded into a
+convolution's weights, so no weight is rounded differently.
 """
 
 from __future__ import annotations

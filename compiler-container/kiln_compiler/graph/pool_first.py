@@ -6,8 +6,8 @@ pool's weights need not sum to one: no bias is pooled). DenseNet's transitions a
 1x1 convolution, 2x2 average pool with stride 2: pooled first, the convolution runs on a quarter of
 the pixels (3/4 of the transitions' multiply-adds, 11% of DenseNet-121's, are gone) and the pool moves
 the input channels instead of the output's (twice as many, at a quarter of the pixels they are written
-at). Only the rounding differs, which is why the pass runs only in bf16 builds (ADR 0053): their
-convolutions round their inputs to bf16 anyway, and fp32 builds stay bit-identical.
+at). Only the fp32 rounding differs (the sums are taken in another order). It runs in fp32 and bf16
+builds (ADR 0053); DenseNet-121 fp32, 1 thread: ml_c5 0.91 -> 0.81x ORT, ml_c4 1.00 -> 0.83x.
 """
 
 from __future__ import annotations
@@ -41,8 +41,9 @@ def _uses(func: relax.Function) -> Counter[relax.Var]:
 
 
 def _pointwise(call: Any) -> bool:
-    """A 1x1, stride-1, unpadded, ungrouped NHWC convolution (no bias: that would be a separate add)."""
-    if not isinstance(call, relax.Call) or call.op != _CONV2D:
+    """A 1x1, stride-1, unpadded, ungrouped float32 NHWC convolution (no bias: that would be a separate add;
+    not an integer one: an 8-bit average pool would round)."""
+    if not isinstance(call, relax.Call) or call.op != _CONV2D or str(call.args[0].ty.dtype) != "float32":
         return False
     a = call.attrs
     weight = static_shape(call.args[1])
