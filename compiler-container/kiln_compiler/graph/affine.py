@@ -36,8 +36,20 @@ def _channel_vector(expr: Any, channels: int) -> np.ndarray | None:
     return value.reshape(-1).astype("float64")  # one value (a scalar) or one per channel
 
 
+def compose_affine(steps: list[tuple[Any, np.ndarray]], channels: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(scale, shift), float64 of shape ``channels``, with ``x * scale + shift`` equal to ``steps`` applied to
+    ``x`` in order, each step ``(op, c)``: ``x + c``, ``x - c`` or ``x * c`` (``c`` broadcast to ``channels``)."""
+    scale, shift = np.ones(channels), np.zeros(channels)
+    for op, c in steps:
+        if op == _MULTIPLY:
+            scale, shift = scale * c, shift * c
+        else:
+            shift = shift + c if op == _ADD else shift - c
+    return scale, shift
+
+
 @mutator
-class _AffineFolder(PyExprMutator):
+class _ChainFolder(PyExprMutator):
     def __init__(self, mod: tvm.IRModule) -> None:
         super().__init__(mod)
         self.bases: set[Any] = set()  # one per folded chain (its steps all walk back to it)
@@ -79,12 +91,7 @@ class _AffineFolder(PyExprMutator):
         if len(steps) < 3:  # x * s + b already is two operations
             return None
         channels = max(len(vector) for _, vector in steps)  # 1: all scalars, kept scalar
-        scale, shift = np.ones(channels), np.zeros(channels)
-        for op, vector in reversed(steps):
-            if op == _MULTIPLY:
-                scale, shift = scale * vector, shift * vector
-            else:
-                shift = shift + vector if op == _ADD else shift - vector
+        scale, shift = compose_affine(steps[::-1], channels)  # collected walking back: applied first last
         return data, scale, shift
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:
@@ -107,7 +114,7 @@ class FoldChannelAffine:
         self.folded = 0
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        folder = _AffineFolder(mod)
+        folder = _ChainFolder(mod)
         out = rewrite_functions(mod, folder)
         self.folded = len(folder.bases)
         return relax.transform.DeadCodeElimination()(out)

@@ -25,6 +25,7 @@ from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from ._mutate import rewrite_functions, static_shape
+from .affine import compose_affine
 from .grouped_conv import has_8bit_tensors
 from .shuffle import use_counts
 
@@ -40,7 +41,7 @@ def _constant(expr: Any) -> np.ndarray | None:
 
 
 @mutator
-class _AffineFolder(PyExprMutator):
+class _WeightFolder(PyExprMutator):
     def __init__(self, mod: tvm.IRModule) -> None:
         super().__init__(mod)
         self.uses = use_counts(mod)
@@ -106,7 +107,7 @@ class _AffineFolder(PyExprMutator):
             return None
         # per channel: (groups, 1, out) for the matmul (its constants above the reshape), (out,) for the conv
         channels = out_shape[1:] if call.op == _MATMUL else out_shape[-1:]
-        scale, shift = np.ones(channels, dtype=np.float32), np.zeros(channels, dtype=np.float32)
+        steps: list[tuple[Any, np.ndarray]] = []
         chain, x = [], var
         # a dataflow variable used once (an output variable is read after the block too)
         while isinstance(x, relax.DataflowVar) and self.uses.get(x) == 1 and len(self.consumer.get(x, [])) == 1:
@@ -121,19 +122,17 @@ class _AffineFolder(PyExprMutator):
             c = self._per_channel(consts[side], channels)  # type: ignore[arg-type]
             if c is None or (op.op == _SUBTRACT and side == 0):  # c - y flips the sign: not folded
                 break
-            if op.op == _MULTIPLY:
-                scale, shift = scale * c, shift * c
-            else:
-                shift = shift + c if op.op == _ADD else shift - c
+            steps.append((op.op, c))
             chain.append(user)
             x = user
         if not any(self.bindings[u].op == _MULTIPLY for u in chain):
             return None  # nothing to fold into the weights
+        scale, shift = compose_affine(steps, channels)
         weight = w * scale  # (groups, in, out) x (groups, 1, out), or (kh, kw, 1, out) x (out,)
         args = [self.visit_expr(call.args[0]), relax.const(np.ascontiguousarray(weight, dtype=np.float32))]
         anchor = self.builder_.emit(relax.Call(call.op, args, call.attrs))
         shift_shape = out_shape[1:] if call.op == _MATMUL else (1, 1, 1, out_shape[-1])
-        result = self.builder_.emit(relax.op.add(anchor, relax.const(shift.reshape(shift_shape))))
+        result = self.builder_.emit(relax.op.add(anchor, relax.const(shift.astype(np.float32).reshape(shift_shape))))
         for user in chain:  # each used only by the next: the last one's users read the folded result
             self.absorbed[user] = result
         self.folded += 1
@@ -148,6 +147,6 @@ class FoldAffineIntoGroupWeights:
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         if has_8bit_tensors(mod):
             return mod
-        rewriter = _AffineFolder(mod)
+        rewriter = _WeightFolder(mod)
         out = rewrite_functions(mod, rewriter)
         return relax.transform.DeadCodeElimination()(out) if rewriter.folded else out
