@@ -20,7 +20,6 @@ import importlib.util
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -82,26 +81,8 @@ def run_layer(spec: tuple[int, ...], target: str, variants: list[Any], rounds: i
         outs.append((got if hasattr(got, "numpy") else got[0]).numpy())
     for kn, out in zip(variants[1:], outs[1:], strict=True):
         np.testing.assert_allclose(out, outs[0], rtol=1e-4, atol=1e-4, err_msg=str(kn))
-    times: dict[str, list[float]] = {}
-    start = [0.0]
-
-    def instrument(func: Any, symbol: str, before: bool, ret: Any, *a: Any) -> int:
-        if before:
-            start[0] = time.thread_time()
-        else:
-            times.setdefault(symbol, []).append(time.thread_time() - start[0])
-        return 0
-
-    for vm in vms:
-        vm.set_instrument(instrument)
-
     def conv_ms(vm: Any) -> float:
-        times.clear()
-        for _ in range(repeat + 1):
-            evict()
-            vm["main"](*args)
-        conv = max((s for s in times if "conv2d" in s), key=lambda s: sum(times[s]))
-        return statistics.median(times[conv][1:]) * 1e3
+        return float(_ukernel().conv_kernel_ms(vm, args, repeat, evict))
 
     rows = []
     for r in range(rounds):  # every other round in reverse order: no variant always runs first
@@ -119,7 +100,7 @@ def run_layer(spec: tuple[int, ...], target: str, variants: list[Any], rounds: i
         m = statistics.median(col)
         changed = {f.name: getattr(kn, f.name) for f in dataclasses.fields(kn)
                    if getattr(kn, f.name) != f.default} or "default"
-        print(f"  {changed!s:40s} {m:7.3f} ms {flops / m / 1e6:6.1f} GFLOP/s  /default "
+        print(f"  {changed!s:40s} {m:7.3f} ms {flops / m / 1e6:6.3g} GFLOP/s  /default "
               f"{statistics.median(ratios):.3f} ({min(ratios):.3f}-{max(ratios):.3f})")
 
 

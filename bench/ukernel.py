@@ -19,6 +19,7 @@ import statistics
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +90,28 @@ def _evict() -> None:
         _EVICT[0] += 1.0
 
 
+def conv_kernel_ms(vm: Any, args: list[Any], repeat: int, evict: Callable[[], None]) -> float:
+    """Median thread CPU time (ms) of ``vm``'s heaviest conv2d kernel over ``repeat`` calls of its main (one
+    more call first, left out), ``evict`` run before each call: the kernel's own call, through the VM's
+    instrument hook."""
+    times: dict[str, list[float]] = {}
+    start = [0.0]
+
+    def instrument(func: Any, symbol: str, before: bool, ret: Any, *a: Any) -> int:
+        if before:
+            start[0] = time.thread_time()
+        else:
+            times.setdefault(symbol, []).append(time.thread_time() - start[0])
+        return 0
+
+    vm.set_instrument(instrument)
+    for _ in range(repeat + 1):
+        evict()
+        vm["main"](*args)
+    conv = max((s for s in times if "conv2d" in s), key=lambda s: sum(times[s]))
+    return statistics.median(times[conv][1:]) * 1e3
+
+
 def ukernel_conv(so: Any, x: np.ndarray, w: np.ndarray, bias: np.ndarray, stride: int, mode: int, pixels: int,
                  channels_outer: bool = True) -> np.ndarray:
     """conv + bias + relu of ``x`` (C, H, W; padded by k // 2) with OIHW ``w`` through the C kernel:
@@ -146,26 +169,8 @@ def run_layer(spec: tuple[int, ...], target: str, rounds: int, repeat: int, so: 
         got = ukernel_conv(so, x[0], w, bias, stride, mode, pixels)
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4, err_msg=name)
 
-    # the TVM conv kernel's own call, through the VM's instrument hook
-    times: dict[str, list[float]] = {}
-    start = [0.0]
-
-    def instrument(func: Any, symbol: str, before: bool, ret: Any, *a: Any) -> int:
-        if before:
-            start[0] = time.thread_time()
-        else:
-            times.setdefault(symbol, []).append(time.thread_time() - start[0])
-        return 0
-
-    vm.set_instrument(instrument)
-
-    def tvm_ms() -> float:
-        times.clear()
-        for _ in range(repeat + 1):
-            _evict()
-            vm["main"](*args)
-        conv = max((s for s in times if "conv2d" in s), key=lambda s: sum(times[s]))
-        return statistics.median(times[conv][1:]) * 1e3
+    def tvm_ms() -> float:  # the TVM conv kernel's own call
+        return conv_kernel_ms(vm, args, repeat, _evict)
 
     def c_ms(call: Any) -> float:
         call()

@@ -252,13 +252,8 @@ def test_a_definition_is_parsed_once_and_each_execution_gets_its_own_states(loca
     assert "AmazonStateLanguageParser.parse" in inspect.getsource(ExecutionWorker._get_evaluation_entrypoint)
 
 
-def test_projected_queries_page_filter_and_return_copies(local_stack):
-    # GIVEN a table with a sort key and an index of all attributes, 30 items with a large attribute
-    from moto.dynamodb.models import dynamodb_backends
-    from moto.dynamodb.models.dynamo_type import DynamoType
-
-    dynamodb = local_stack.client("dynamodb")
-    table = "kiln-test-query-copies"
+def _create_indexed_table(dynamodb, table: str) -> None:
+    """A table keyed (p, r) with an index ByV over (g, v) projecting all attributes."""
     dynamodb.create_table(
         TableName=table, BillingMode="PAY_PER_REQUEST",
         KeySchema=[{"AttributeName": "p", "KeyType": "HASH"}, {"AttributeName": "r", "KeyType": "RANGE"}],
@@ -267,6 +262,16 @@ def test_projected_queries_page_filter_and_return_copies(local_stack):
         GlobalSecondaryIndexes=[{"IndexName": "ByV", "Projection": {"ProjectionType": "ALL"},
                                  "KeySchema": [{"AttributeName": "g", "KeyType": "HASH"},
                                                {"AttributeName": "v", "KeyType": "RANGE"}]}])
+
+
+def test_projected_queries_page_filter_and_return_copies(local_stack):
+    # GIVEN a table with a sort key and an index of all attributes, 30 items with a large attribute
+    from moto.dynamodb.models import dynamodb_backends
+    from moto.dynamodb.models.dynamo_type import DynamoType
+
+    dynamodb = local_stack.client("dynamodb")
+    table = "kiln-test-query-copies"
+    _create_indexed_table(dynamodb, table)
     for i in range(30):
         dynamodb.put_item(TableName=table, Item={
             "p": {"S": "all"}, "r": {"S": f"r{i:02d}"}, "g": {"S": "g"}, "v": {"N": str(i)},
@@ -304,14 +309,7 @@ def test_queries_size_once_copy_projected_names_and_answer_as_moto(local_stack, 
 
     dynamodb = local_stack.client("dynamodb")
     table = "kiln-test-query-once"
-    dynamodb.create_table(
-        TableName=table, BillingMode="PAY_PER_REQUEST",
-        KeySchema=[{"AttributeName": "p", "KeyType": "HASH"}, {"AttributeName": "r", "KeyType": "RANGE"}],
-        AttributeDefinitions=[{"AttributeName": n, "AttributeType": t} for n, t in
-                              (("p", "S"), ("r", "S"), ("g", "S"), ("v", "N"))],
-        GlobalSecondaryIndexes=[{"IndexName": "ByV", "Projection": {"ProjectionType": "ALL"},
-                                 "KeySchema": [{"AttributeName": "g", "KeyType": "HASH"},
-                                               {"AttributeName": "v", "KeyType": "RANGE"}]}])
+    _create_indexed_table(dynamodb, table)
     for i in range(12):
         dynamodb.put_item(TableName=table, Item={
             "p": {"S": "all"}, "r": {"S": f"r{i:02d}"}, "g": {"S": "g"}, "v": {"N": str(i)}, "a": {"S": f"a{i}"},

@@ -31,6 +31,7 @@ from .tir import (
     parallelize_anchor_inputs,
     parallelize_serial_root_blocks,
     schedule_each,
+    slice_at_tile,
     writes_output,
 )
 
@@ -224,17 +225,8 @@ def _cast_per_pixel(sch: Any, cast: Any, pixel_loop: Any) -> None:
 def _slice_in_tile(sch: Any, write_back: Any, tile: Any) -> None:
     """Compute each tile's part of the slice that drops the padded channels from the tile's accumulators,
     instead of writing the whole padded result and slicing it in a pass of its own."""
-    consumers = sch.get_consumers(write_back)
-    if len(consumers) != 1:
+    if slice_at_tile(sch, write_back, tile) is None:
         return
-    inline_epilogues(sch, consumers[0], consumers[0])  # what follows the slice (bias, relu, the cast)
-    try:
-        sch.reverse_compute_at(consumers[0], tile)
-    except Exception:  # the slice then stays a pass of its own
-        return
-    loops = sch.get_loops(consumers[0])[1:]
-    if loops:
-        sch.vectorize(loops[-1])
     # the slice reads the accumulators: no padded result in memory at all (else it reads the
     # tile's write-back, still in cache)
     with contextlib.suppress(Exception):

@@ -34,6 +34,7 @@ from .tir import (
     iter_extents,
     loop_extent,
     reduction_blocks,
+    slice_at_tile,
     vars_in,
     writes_output,
 )
@@ -360,16 +361,9 @@ def _slice_in_tile(sch: Schedule, write_back: Any, tile: Any) -> None:
     extents = iter_extents(sch.get(consumers[0]))
     if extents is None or len(extents) != len(out) or extents == out:
         return
-    inline_epilogues(sch, consumers[0], consumers[0])  # the residual add and relu after the slice
-    try:
-        sch.reverse_compute_at(consumers[0], tile)
-    except Exception:  # the slice then stays a pass of its own
-        return
-    loops = sch.get_loops(consumers[0])[1:]
-    if loops:
-        sch.vectorize(loops[-1])
-        if len(loops) > 1:
-            sch.unroll(loops[-2])
+    loops = slice_at_tile(sch, write_back, tile)
+    if loops is not None and len(loops) > 1:
+        sch.unroll(loops[-2])
 
 
 # A fused-pixel tile must beat the best row tile by this much in tile_rate: its input addresses

@@ -166,6 +166,24 @@ def inline_epilogues(sch: Schedule, block: Any, write_back: Any,
             return None
 
 
+def slice_at_tile(sch: Schedule, write_back: Any, tile: Any) -> list[Any] | None:
+    """Compute the slice after a tile's write-back (it drops padded channels) and the elementwise steps after
+    it per tile, at ``tile``, its innermost loop vectorised, instead of a pass of its own over the padded
+    result: the slice's loops under ``tile``, or None where it stays a pass of its own."""
+    consumers = sch.get_consumers(write_back)
+    if len(consumers) != 1:
+        return None
+    inline_epilogues(sch, consumers[0], consumers[0])  # what follows the slice (residual add, relu, a cast)
+    try:
+        sch.reverse_compute_at(consumers[0], tile)
+    except Exception:  # the region does not map onto the tile
+        return None
+    loops: list[Any] = sch.get_loops(consumers[0])[1:]
+    if loops:
+        sch.vectorize(loops[-1])
+    return loops
+
+
 def schedule_each(mod: tvm.IRModule, schedule: Callable[[tirx.PrimFunc], tirx.PrimFunc | None],
                   scheduled: list[str], what: str) -> tvm.IRModule:
     """Replace every unscheduled kernel of ``mod`` that ``schedule`` takes by its scheduled form (marked
