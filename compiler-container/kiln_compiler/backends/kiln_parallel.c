@@ -128,7 +128,9 @@ int kiln_parallel_threads(void) {
 int kiln_parallel_launch(FTVMParallelLambda flambda, void* cdata, int num_task) {
   pthread_once(&pool_once, start_pool);
   if (num_task <= 0) num_task = (pool.started + 1) * KILN_CHUNKS_PER_THREAD;
-  if (in_launch || pool.started == 0) { /* nested, or one thread: run every chunk here */
+  /* Nested, one thread, or one chunk (nothing to share, and a spinning worker could otherwise claim it
+   * before the caller does): run every chunk here. */
+  if (in_launch || pool.started == 0 || num_task == 1) {
     TVMParallelGroupEnv env = {NULL, num_task};
     int failed = 0;
     for (int i = 0; i < num_task; ++i) failed |= flambda(i, &env, cdata) != 0;
