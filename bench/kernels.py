@@ -214,7 +214,10 @@ def _reduction_summary(func: Any) -> tuple[float, str]:
 
 def profile(name: str, path: str, target_name: str, runs: int, top: int, precision: str = "fp32",
             mcpu: str | None = None) -> None:
-    """Per-kernel wall time through the VM's instrument hook (median over ``runs`` inferences)."""
+    """Per-kernel wall time through the VM's instrument hook (median over ``runs`` inferences).
+
+    The hook's own Python callback is inside every timed call: kernel times carry it too, and the
+    ``vm.builtin.*`` calls (~0.1 us of work) are mostly that cost; time the VM itself with ``perf``."""
     import tvm
     from kiln_compiler import pipeline
     from tvm.relax.frontend.onnx import from_onnx
