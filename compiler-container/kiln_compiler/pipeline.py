@@ -33,10 +33,12 @@ from .graph.bf16 import ConvToBF16
 from .graph.pool_first import PoolBeforePointwiseConv
 from .graph.quantized import PerTensorQDQToArithmetic, QuantizedConvToInteger, SimplifyRequantization
 from .graph.quantized_data import EightBitDataMovement
+from .graph.tiles import AVX2, VNNI, IntegerTile
 from .options import TuningBudget
 from .schedules import DefaultCPUSchedule, has_root, target_cpu, target_lanes, target_vector_unit
 from .schedules.bf16 import BF16ConvSchedule
 from .schedules.int8 import VNNIConvSchedule
+from .schedules.int8_avx2 import PmaddwdConvSchedule
 from .schedules.interleave import InputInterleaveSchedule
 from .schedules.stack import TIR_PIPELINE
 from .schedules.stem import StemReadsNCHW
@@ -136,13 +138,21 @@ def _with_num_cores(target: dict[str, Any]) -> dict[str, Any]:
     return target
 
 
+def integer_tile(tgt: tvm.target.Target) -> IntegerTile | None:
+    """The integer convolution kernel ``tgt`` gets: ``vpdpbusd`` with AVX512-VNNI, ``vpmaddwd`` with AVX2
+    (ADR 0059), else none (fp32 kernels on the integer values, ADR 0021)."""
+    features = target_cpu(tgt).features
+    if "avx512_vnni" in features:
+        return VNNI
+    return AVX2 if "avx2" in features else None
+
+
 def _cpu_kernels(mod: tvm.IRModule, tgt: tvm.target.Target, default_schedules: bool,
                  precision: str = "fp32") -> tvm.IRModule:
     """The graph rewrites and fusion that make ``mod``'s kernels (inside ``with tgt``): what is tuned and scheduled."""
     if default_schedules:
         # QDQ chains become integer convolutions before the layout rewrites (ADR 0018)
-        integer = "avx512_vnni" in target_cpu(tgt).features  # no integer kernel elsewhere: fp32 convs (ADR 0021)
-        mod = tvm.transform.Sequential([QuantizedConvToInteger(integer), EightBitDataMovement(),
+        mod = tvm.transform.Sequential([QuantizedConvToInteger(integer_tile(tgt)), EightBitDataMovement(),
                                         PerTensorQDQToArithmetic(),
                                        *cpu_graph_passes(target_lanes(tgt), fp32_shuffle_units=precision == "fp32"),
                                         SimplifyRequantization()])(mod)
@@ -213,9 +223,8 @@ def compile_relax(
                                            reserve_seconds=_compile_reserve(fused))
             summary["tuned"], summary["reused"] = counts["tuned"], counts["reused"]
         if default_schedules:
-            vnni = VNNIConvSchedule()
-            if "avx512_vnni" in target_cpu(tgt).features:
-                fused = vnni(fused)  # type: ignore[operator]
+            vnni = VNNIConvSchedule() if integer_tile(tgt) == VNNI else PmaddwdConvSchedule()
+            fused = vnni(fused)  # type: ignore[operator]  # no integer kernel elsewhere (integer_tile)
             interleave = InputInterleaveSchedule()
             fused = interleave(fused)  # type: ignore[operator]
             bf16 = BF16ConvSchedule(target_vector_unit(tgt))

@@ -36,6 +36,7 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from ._mutate import bound_value, rewrite_functions, static_shape
 from .grouped_conv import MAX_SPLIT_GROUPS
+from .tiles import VNNI, IntegerTile
 
 _QUANTIZE = tvm.ir.Op.get("relax.quantize")
 _DEQUANTIZE = tvm.ir.Op.get("relax.dequantize")
@@ -58,8 +59,7 @@ _CONV_LAYOUTS = {("NCHW", "OIHW"): (1, 0), ("NHWC", "HWIO"): (3, 3)}
 _EXACT_FP32_TERMS = 2**24 // (255 * 128)
 # a bias scale this close to s_x * s_w is taken as exactly it (onnxruntime computes it in float32)
 _BIAS_SCALE_RTOL = 1e-6
-# output channels of the VNNI tile (schedules/int8.py: one zmm of s32 accumulators)
-_VNNI_CHANNELS = 16
+
 
 
 def _const(expr: Any) -> np.ndarray | None:
@@ -138,11 +138,11 @@ def _wider_output(data_shape: tuple[int, ...] | None, kernel_shape: tuple[int, .
     return next((e for e in range(1, 8) if _largest_divisor(width + e, 16) >= 8), 0)
 
 
-def _padded_out_channels(channels: int) -> int:
-    """Output channels for the VNNI tile (whole 16-channel blocks): ShuffleNet's 24-channel stem ran the
-    generic s32 kernel at 44 GFLOP/s; 32 channels (a third of them zero) run ``vpdpbusd``. At most half as
+def _padded_out_channels(channels: int, block: int) -> int:
+    """Output channels for the integer tile (whole ``block``-channel blocks): ShuffleNet's 24-channel stem ran
+    the generic s32 kernel at 44 GFLOP/s; 32 channels (a third of them zero) run ``vpdpbusd``. At most half as
     many again; otherwise (and for whole blocks) ``channels``."""
-    padded = -(-channels // _VNNI_CHANNELS) * _VNNI_CHANNELS
+    padded = -(-channels // block) * block
     return padded if (padded - channels) * 2 <= channels else channels
 
 
@@ -159,10 +159,10 @@ def _largest_divisor(extent: int, limit: int) -> int:
 
 @mutator
 class _IntegerConv(PyExprMutator):
-    def __init__(self, mod: tvm.IRModule, integer_kernels: bool = True) -> None:
+    def __init__(self, mod: tvm.IRModule, tile: IntegerTile | None = VNNI) -> None:
         super().__init__(mod)
         self.rewritten = 0
-        self.integer_kernels = integer_kernels
+        self.tile = tile
 
     def _dequantized(self, expr: Any) -> _Operand | None:
         call = bound_value(self, expr)
@@ -249,7 +249,8 @@ class _IntegerConv(PyExprMutator):
         pointwise = w_q.shape[0 if layout[1] == "HWIO" else 2:][:2] == (1, 1) and \
             all(int(v) == 1 for v in attrs.strides) and not any(int(v) for v in attrs.padding)
         in_axis = 1 if layout[1] == "OIHW" else 2
-        integer_kernels = self.integer_kernels and (
+        tile = self.tile
+        integer_kernels = tile is not None and (
             groups == 1 or per_group > _EXACT_FP32_TERMS
             # a pointwise grouped conv becomes a batched matmul (SplitGroupedConv) the VNNI schedule takes,
             # its input channels per group padded to a multiple of 4 there (ShuffleNet's 17 and 6 per group)
@@ -268,7 +269,8 @@ class _IntegerConv(PyExprMutator):
         if np.abs(correction).max(initial=0) >= 2**31:
             return None
         wider = 0
-        sliced_channels = _padded_out_channels(channels) if integer_kernels and groups == 1 else channels
+        sliced_channels = _padded_out_channels(channels, tile.channels) if tile is not None and integer_kernels \
+            and groups == 1 else channels
         if sliced_channels != channels:  # zero weights for the added channels: their outputs are sliced off
             w_q = _pad_axis(w_q, kernel_axis, sliced_channels)
             correction, acc_scale = _pad_axis(correction, 0, sliced_channels), _pad_axis(acc_scale, 0, sliced_channels)
@@ -276,20 +278,20 @@ class _IntegerConv(PyExprMutator):
             channels, sliced_channels = sliced_channels, channels
             per_channel = tuple(channels if i == channel_axis else 1 for i in range(4))
 
-        if integer_kernels:
+        if tile is not None and integer_kernels:
             data = x.value
             if _dtype(data) == "int8":
                 data = self.builder_.emit(relax.op.astype(self.builder_.emit(relax.op.add(
                     self.builder_.emit(relax.op.astype(data, "int16")), relax.const(128, "int16"))), "uint8"))
             padding = [int(p) for p in attrs.padding]
-            # a dense convolution's input channels padded to a multiple of 4 (a 3-channel stem): the
-            # u8 x s8 kernel reduces 4 channels per vpdpbusd; the added weights are 0, so the padded
+            # a dense convolution's input channels padded to whole reduction steps (a 3-channel stem): the
+            # kernel reduces tile.steps channels per instruction; the added weights are 0, so the padded
             # channels (any value: the zero point) add nothing and sum(W_q) is unchanged
-            vnni_tile = groups == 1 and channels % _VNNI_CHANNELS == 0  # what the VNNI schedule takes (16 out-channels)
-            extra = -w_q.shape[in_axis] % 4 if vnni_tile else 0
+            whole_tile = groups == 1 and channels % tile.channels == 0  # what the integer schedule takes
+            extra = -w_q.shape[in_axis] % tile.steps if whole_tile else 0
             if extra:
                 w_q = np.concatenate([w_q, np.zeros_like(w_q.take([0] * extra, axis=in_axis))], axis=in_axis)
-            wider = _wider_output(static_shape(data), w_q.shape, layout, attrs) if vnni_tile else 0
+            wider = _wider_output(static_shape(data), w_q.shape, layout, attrs) if whole_tile else 0
             if wider:  # extra output columns: sliced off after the epilogue
                 padding[3] += wider * int(attrs.strides[1])
             if (x_zp != 0 and any(padding)) or extra:
@@ -299,8 +301,10 @@ class _IntegerConv(PyExprMutator):
                 data = self.builder_.emit(relax.op.nn.pad(data, pad_width, pad_value=float(x_zp)))
                 if x_zp != 0:
                     padding = [0, 0, 0, 0]
+            if tile.operand != "int8":  # s16 x s16 (AVX2): the u8 input widened in the kernel, the weights here
+                data = self.builder_.emit(relax.op.astype(data, tile.operand))
             acc = self.builder_.emit(relax.op.nn.conv2d(
-                data, relax.const(w_q, "int8"), strides=attrs.strides, padding=padding, dilation=attrs.dilation,
+                data, relax.const(w_q.astype(tile.operand), tile.operand), strides=attrs.strides, padding=padding, dilation=attrs.dilation,
                 groups=int(attrs.groups), data_layout=layout[0], kernel_layout=layout[1], out_dtype="int32"))
             if np.any(correction != 0):
                 acc = self.builder_.emit(relax.op.add(acc, relax.const(correction.astype("int32").reshape(per_channel))))
@@ -543,15 +547,16 @@ class SimplifyRequantization:
 class QuantizedConvToInteger:
     """``dequantize -> conv2d -> (bias) (-> relu) -> quantize`` -> u8 x s8 -> s32 conv2d + requantize.
 
-    ``integer_kernels=False`` (targets without an integer dot-product kernel, ADR 0021): the same
-    chain with the convolution in fp32 on the exact integer values ``x_q - z_x`` and ``W_q``."""
+    ``tile`` is what the target's integer kernel takes: ``VNNI`` (u8 x s8, the default) or ``AVX2`` (the
+    same convolution with s16 operands, ADR 0059); None (no integer kernel, ADR 0021): the same chain with
+    the convolution in fp32 on the exact integer values ``x_q - z_x`` and ``W_q``."""
 
-    def __init__(self, integer_kernels: bool = True) -> None:
+    def __init__(self, tile: IntegerTile | None = VNNI) -> None:
         self.rewritten = 0
-        self.integer_kernels = integer_kernels
+        self.tile = tile
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        rewriter = _IntegerConv(mod, self.integer_kernels)
+        rewriter = _IntegerConv(mod, self.tile)
         out = rewrite_functions(mod, rewriter)
         self.rewritten = rewriter.rewritten
         # the replaced fp32 chains are dead now
