@@ -24,8 +24,9 @@ from .tir import match_group_matmul, match_nhwc_conv, parallelize_anchor_inputs,
 PMADDWD_INTRIN = "kiln_dot_8x2_pmaddwd"
 _DTYPES = (AVX2.operand, AVX2.operand, "int32")
 _LANES, _STEP = AVX2.channels, AVX2.steps
-# pixels per tile: accumulators in 12 of the 16 ymm registers, the rest for the weights, the broadcast input
-_MAX_PIXELS = 12
+# pixels per tile: one accumulator each, with the weight block and the broadcast input in the 16 ymm registers
+# (13 and 14: SqueezeNet's 13-wide and ResNet's 14-wide layers as one tile per row, not 1 and 7 pixels)
+_MAX_PIXELS = 14
 
 
 def _register_pmaddwd_intrin() -> None:
