@@ -123,9 +123,9 @@ def _tighten_saturation(rewriter: PyExprMutator, clip: relax.Call) -> Any:
 
 
 def _wider_output(data_shape: tuple[int, ...] | None, kernel_shape: tuple[int, ...], layout: tuple[str, str],
-                  attrs: Any) -> int:
-    """Output columns to add so that the VNNI tile (up to 16 pixels of a row, a divisor of the width) holds
-    at least 8: SqueezeNet's 111-wide stem ran 3-pixel tiles (111 = 3 x 37); 112 runs 16. 0 if not needed."""
+                  attrs: Any, limit: int) -> int:
+    """Output columns to add so that the integer tile (up to ``limit`` pixels of a row, a divisor of the width)
+    holds at least 8: SqueezeNet's 111-wide stem ran 3-pixel tiles (111 = 3 x 37); 112 runs 16. 0 if not needed."""
     if data_shape is None or len(data_shape) != 4:
         return 0
     w_in = data_shape[3 if layout[0] == "NCHW" else 2]
@@ -133,9 +133,9 @@ def _wider_output(data_shape: tuple[int, ...] | None, kernel_shape: tuple[int, .
     stride, dilation = int(attrs.strides[1]), int(attrs.dilation[1])
     _, left, _, right = (int(p) for p in attrs.padding)
     width = (w_in + left + right - dilation * (k - 1) - 1) // stride + 1
-    if width <= 16 or _largest_divisor(width, 16) >= 8:
+    if width <= limit or _largest_divisor(width, limit) >= 8:
         return 0
-    return next((e for e in range(1, 8) if _largest_divisor(width + e, 16) >= 8), 0)
+    return next((e for e in range(1, 8) if _largest_divisor(width + e, limit) >= 8), 0)
 
 
 def _padded_out_channels(channels: int, block: int) -> int:
@@ -250,10 +250,13 @@ class _IntegerConv(PyExprMutator):
             all(int(v) == 1 for v in attrs.strides) and not any(int(v) for v in attrs.padding)
         in_axis = 1 if layout[1] == "OIHW" else 2
         tile = self.tile
+        # a dense convolution whose output channels make no whole tile (even padded) takes the fp32 form too
+        # while it is exact: the integer schedules take whole tiles only, not an s32 kernel on the generic one
+        whole = tile is not None and _padded_out_channels(channels, tile.channels) % tile.channels == 0
         integer_kernels = tile is not None and (
-            groups == 1 or per_group > _EXACT_FP32_TERMS
-            # a pointwise grouped conv becomes a batched matmul (SplitGroupedConv) the VNNI schedule takes,
-            # its input channels per group padded to a multiple of 4 there (ShuffleNet's 17 and 6 per group)
+            (groups == 1 and whole) or per_group > _EXACT_FP32_TERMS
+            # a pointwise grouped conv becomes a batched matmul (SplitGroupedConv) the integer schedules take,
+            # its input channels per group padded to whole steps there (ShuffleNet's 17 and 6 per group)
             or (pointwise and w_q.shape[in_axis] > 1 and groups <= MAX_SPLIT_GROUPS))
         if integer_kernels and _dtype(x.value) == "int8":
             x_zp += 128  # s8 activations (TFLite) as u8 for u8 x s8 kernels: x + 128, zero point + 128
@@ -291,7 +294,7 @@ class _IntegerConv(PyExprMutator):
             extra = -w_q.shape[in_axis] % tile.steps if whole_tile else 0
             if extra:
                 w_q = np.concatenate([w_q, np.zeros_like(w_q.take([0] * extra, axis=in_axis))], axis=in_axis)
-            wider = _wider_output(static_shape(data), w_q.shape, layout, attrs) if whole_tile else 0
+            wider = _wider_output(static_shape(data), w_q.shape, layout, attrs, tile.pixels) if whole_tile else 0
             if wider:  # extra output columns: sliced off after the epilogue
                 padding[3] += wider * int(attrs.strides[1])
             if (x_zp != 0 and any(padding)) or extra:

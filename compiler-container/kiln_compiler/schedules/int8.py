@@ -18,6 +18,7 @@ from typing import Any
 import tvm
 from tvm import tirx
 
+from ..graph.tiles import VNNI
 from .cpu import inline_epilogues
 from .tir import (
     match_group_matmul,
@@ -32,7 +33,6 @@ from .tir import (
 log = logging.getLogger(__name__)
 
 VNNI_INTRIN = "kiln_dot_16x4_vnni"
-_MAX_PIXELS = 16  # accumulators per tile: 16 of the 32 zmm registers, the rest for weights and inputs
 
 
 def _register_vnni_intrin() -> None:
@@ -129,7 +129,7 @@ def schedule_vnni_conv(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
     inline_epilogues(sch, block, write_back)
 
     n, h, w, oc, kh, kw, ic = sch.get_loops(block)
-    rw = pick_divisor(width, _MAX_PIXELS)
+    rw = pick_divisor(width, VNNI.pixels)
     wo, wi = sch.split(w, [None, rw])
     oco, oci = sch.split(oc, [None, 16])
     ico, ici = sch.split(ic, [None, 4])
@@ -158,7 +158,7 @@ def schedule_vnni_group_matmul(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
     write_back = sch.cache_write(block, 0, "global")
     inline_epilogues(sch, block, write_back)
     p, g, one, oc, k = sch.get_loops(block)
-    rp = pick_divisor(pixels, _MAX_PIXELS)
+    rp = pick_divisor(pixels, VNNI.pixels)
     po, pi = sch.split(p, [None, rp])
     oco, oci = sch.split(oc, [None, 16])
     ko, ki = sch.split(k, [None, 4])

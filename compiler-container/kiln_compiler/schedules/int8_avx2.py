@@ -11,8 +11,6 @@ epilogue are the VNNI schedule's (``schedules/int8.py``).
 
 from __future__ import annotations
 
-from typing import Any
-
 import tvm
 from tvm import tirx
 
@@ -24,9 +22,6 @@ from .tir import match_group_matmul, match_nhwc_conv, parallelize_anchor_inputs,
 PMADDWD_INTRIN = "kiln_dot_8x2_pmaddwd"
 _DTYPES = (AVX2.operand, AVX2.operand, "int32")
 _LANES, _STEP = AVX2.channels, AVX2.steps
-# pixels per tile: one accumulator each, with the weight block and the broadcast input in the 16 ymm registers
-# (13 and 14: SqueezeNet's 13-wide and ResNet's 14-wide layers as one tile per row, not 1 and 7 pixels)
-_MAX_PIXELS = 14
 
 
 def _register_pmaddwd_intrin() -> None:
@@ -89,7 +84,7 @@ def schedule_pmaddwd_conv(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
     inline_epilogues(sch, block, write_back)
 
     n, h, w, oc, kh, kw, ic = sch.get_loops(block)
-    rw = pick_divisor(width, _MAX_PIXELS)
+    rw = pick_divisor(width, AVX2.pixels)
     wo, wi = sch.split(w, [None, rw])
     oco, oci = sch.split(oc, [None, _LANES])
     ico, ici = sch.split(ic, [None, _STEP])
@@ -101,7 +96,7 @@ def schedule_pmaddwd_group_matmul(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
     """The AVX2 schedule of a grouped pointwise s16 x s16 -> s32 convolution (ShuffleNet's 1x1 layers, a
     batched matmul over the group axis), or None when it does not fit (out % 8, in % 2).
 
-    Weights [groups, in, out] re-packed to [groups, out/8, in/2, 8, 2]; a tile of up to 12 pixels x 8
+    Weights [groups, in, out] re-packed to [groups, out/8, in/2, 8, 2]; a tile of up to 14 pixels x 8
     channels of one group."""
     matched = match_group_matmul(func, _DTYPES)
     if matched is None:
@@ -120,7 +115,7 @@ def schedule_pmaddwd_group_matmul(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
     write_back = sch.cache_write(block, 0, "global")
     inline_epilogues(sch, block, write_back)
     p, g, one, oc, k = sch.get_loops(block)
-    rp = pick_divisor(pixels, _MAX_PIXELS)
+    rp = pick_divisor(pixels, AVX2.pixels)
     po, pi = sch.split(p, [None, rp])
     oco, oci = sch.split(oc, [None, _LANES])
     ko, ki = sch.split(k, [None, _STEP])
