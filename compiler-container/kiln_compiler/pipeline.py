@@ -139,12 +139,13 @@ def _with_num_cores(target: dict[str, Any]) -> dict[str, Any]:
 
 
 def integer_tile(tgt: tvm.target.Target) -> IntegerTile | None:
-    """The integer convolution kernel ``tgt`` gets: ``vpdpbusd`` with AVX512-VNNI, ``vpmaddwd`` with AVX2
-    (ADR 0059), else none (fp32 kernels on the integer values, ADR 0021)."""
+    """The integer convolution kernel ``tgt`` gets: ``vpdpbusd`` with AVX512-VNNI, ``vpmaddwd`` with AVX2 and no
+    AVX-512 (ADR 0059), else none (fp32 kernels on the integer values, ADR 0021): AVX-512 without VNNI (ml_c5)
+    keeps its 16-lane fp32 kernels, which the 8-lane ``vpmaddwd`` tile was not measured against."""
     features = target_cpu(tgt).features
     if "avx512_vnni" in features:
         return VNNI
-    return AVX2 if "avx2" in features else None
+    return AVX2 if "avx2" in features and "avx512f" not in features else None
 
 
 def _cpu_kernels(mod: tvm.IRModule, tgt: tvm.target.Target, default_schedules: bool,

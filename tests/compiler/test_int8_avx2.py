@@ -17,6 +17,7 @@ import onnx
 import pytest
 import tvm
 from kiln_compiler import pipeline
+from kiln_compiler.graph.tiles import AVX2, VNNI, IntegerTile
 from kiln_compiler.schedules.int8_avx2 import PmaddwdConvSchedule
 from kiln_compiler.schedules.tir import match_group_matmul, match_nhwc_conv
 from tvm import relax
@@ -57,6 +58,18 @@ def fp32_on_integers(monkeypatch: pytest.MonkeyPatch) -> Any:
             m.setattr(pipeline, "integer_tile", lambda _tgt: None)
             return compile_and_disassemble(mod, mcpu, lib)
     return build
+
+
+@pytest.mark.parametrize("target, tile", [
+    ({"kind": "llvm", "mcpu": "haswell"}, AVX2), ({"kind": "llvm", "mcpu": "znver3"}, AVX2),
+    ({"kind": "llvm", "mcpu": "znver4"}, VNNI), ({"kind": "llvm", "mcpu": "cascadelake"}, VNNI),
+    ({"kind": "llvm", "mcpu": "skylake-avx512"}, None),
+    ({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "neoverse-n1"}, None)])
+def test_integer_tile_per_target(target: dict[str, str], tile: IntegerTile | None) -> None:
+    # GIVEN an x86 target with AVX2 only, one with AVX512-VNNI, AVX-512 without VNNI (ml_c5), an Arm one
+    # WHEN the pipeline picks its integer kernel
+    # THEN AVX2-only CPUs get vpmaddwd's s16 tile, VNNI ones vpdpbusd's, the others fp32 on the integers
+    assert pipeline.integer_tile(tvm.target.Target(target)) == tile
 
 
 @pytest.mark.parametrize("fixture, shape, count", MODELS)
