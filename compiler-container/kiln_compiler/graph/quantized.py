@@ -257,7 +257,7 @@ class _IntegerConv(PyExprMutator):
             (groups == 1 and whole) or per_group > _EXACT_FP32_TERMS
             # a pointwise grouped conv becomes a batched matmul (SplitGroupedConv) the integer schedules take,
             # its input channels per group padded to whole steps there (ShuffleNet's 17 and 6 per group)
-            or (pointwise and w_q.shape[in_axis] > 1 and groups <= MAX_SPLIT_GROUPS))
+            or (tile.group_matmuls and pointwise and w_q.shape[in_axis] > 1 and groups <= MAX_SPLIT_GROUPS))
         if integer_kernels and _dtype(x.value) == "int8":
             x_zp += 128  # s8 activations (TFLite) as u8 for u8 x s8 kernels: x + 128, zero point + 128
         correction = -x_zp * w_sum
