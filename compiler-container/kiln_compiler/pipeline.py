@@ -157,8 +157,13 @@ def integer_kernels(tgt: tvm.target.Target) -> IntegerKernels | None:
     return None
 
 
-# the schedule pass of each kind of integer kernels
-_INTEGER_SCHEDULES: dict[IntegerKernels, Any] = {VNNI: VNNIConvSchedule, SDOT: SdotConvSchedule}
+def _integer_schedule(kernels: IntegerKernels | None) -> Any:
+    """The schedule pass of ``kernels`` (a module pass with ``.scheduled``), or None."""
+    if kernels is VNNI:
+        return VNNIConvSchedule()
+    if kernels is SDOT:
+        return SdotConvSchedule()
+    return None
 
 
 def _cpu_kernels(mod: tvm.IRModule, tgt: tvm.target.Target, default_schedules: bool,
@@ -237,8 +242,7 @@ def compile_relax(
                                            reserve_seconds=_compile_reserve(fused))
             summary["tuned"], summary["reused"] = counts["tuned"], counts["reused"]
         if default_schedules:
-            kernels = integer_kernels(tgt)
-            integer = _INTEGER_SCHEDULES[kernels]() if kernels is not None else None
+            integer = _integer_schedule(integer_kernels(tgt))
             if integer is not None:
                 fused = integer(fused)
             interleave = InputInterleaveSchedule()
