@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import tvm
+from kiln.isa import Arch
 from tvm import relax, tirx
 from tvm.s_tir import Schedule
 
@@ -31,12 +32,20 @@ from .graph import cpu_graph_passes
 from .graph.affine import FoldChannelAffine
 from .graph.bf16 import ConvToBF16
 from .graph.pool_first import PoolBeforePointwiseConv
-from .graph.quantized import PerTensorQDQToArithmetic, QuantizedConvToInteger, SimplifyRequantization
+from .graph.quantized import (
+    SDOT,
+    VNNI,
+    IntegerKernels,
+    PerTensorQDQToArithmetic,
+    QuantizedConvToInteger,
+    SimplifyRequantization,
+)
 from .graph.quantized_data import EightBitDataMovement
 from .options import TuningBudget
 from .schedules import DefaultCPUSchedule, has_root, target_cpu, target_lanes, target_vector_unit
 from .schedules.bf16 import BF16ConvSchedule
 from .schedules.int8 import VNNIConvSchedule
+from .schedules.int8_arm import SdotConvSchedule
 from .schedules.interleave import InputInterleaveSchedule
 from .schedules.stack import TIR_PIPELINE
 from .schedules.stem import StemReadsNCHW
@@ -136,13 +145,33 @@ def _with_num_cores(target: dict[str, Any]) -> dict[str, Any]:
     return target
 
 
+def integer_kernels(tgt: tvm.target.Target) -> IntegerKernels | None:
+    """The integer convolution kernels a CPU target gets for QDQ int8 models: AVX512-VNNI's u8 x s8
+    ``vpdpbusd`` (ADR 0018), aarch64 dotprod's s8 x s8 ``sdot`` (Graviton2+, ADR 0060); None: fp32
+    convolutions on the integer values (ADR 0021)."""
+    cpu = target_cpu(tgt)
+    if "avx512_vnni" in cpu.features:
+        return VNNI
+    if cpu.arch is Arch.AARCH64 and "asimddp" in cpu.features:
+        return SDOT
+    return None
+
+
+def _integer_schedule(kernels: IntegerKernels | None) -> Any:
+    """The schedule pass of ``kernels`` (a module pass with ``.scheduled``), or None."""
+    if kernels is VNNI:
+        return VNNIConvSchedule()
+    if kernels is SDOT:
+        return SdotConvSchedule()
+    return None
+
+
 def _cpu_kernels(mod: tvm.IRModule, tgt: tvm.target.Target, default_schedules: bool,
                  precision: str = "fp32") -> tvm.IRModule:
     """The graph rewrites and fusion that make ``mod``'s kernels (inside ``with tgt``): what is tuned and scheduled."""
     if default_schedules:
         # QDQ chains become integer convolutions before the layout rewrites (ADR 0018)
-        integer = "avx512_vnni" in target_cpu(tgt).features  # no integer kernel elsewhere: fp32 convs (ADR 0021)
-        mod = tvm.transform.Sequential([QuantizedConvToInteger(integer), EightBitDataMovement(),
+        mod = tvm.transform.Sequential([QuantizedConvToInteger(integer_kernels(tgt)), EightBitDataMovement(),
                                         PerTensorQDQToArithmetic(),
                                        *cpu_graph_passes(target_lanes(tgt), fp32_shuffle_units=precision == "fp32"),
                                         SimplifyRequantization()])(mod)
@@ -213,9 +242,9 @@ def compile_relax(
                                            reserve_seconds=_compile_reserve(fused))
             summary["tuned"], summary["reused"] = counts["tuned"], counts["reused"]
         if default_schedules:
-            vnni = VNNIConvSchedule()
-            if "avx512_vnni" in target_cpu(tgt).features:
-                fused = vnni(fused)  # type: ignore[operator]
+            integer = _integer_schedule(integer_kernels(tgt))
+            if integer is not None:
+                fused = integer(fused)
             interleave = InputInterleaveSchedule()
             fused = interleave(fused)  # type: ignore[operator]
             bf16 = BF16ConvSchedule(target_vector_unit(tgt))
@@ -223,7 +252,7 @@ def compile_relax(
                 fused = bf16(fused)  # type: ignore[operator]
             pass_ = DefaultCPUSchedule(target_vector_unit(tgt))
             fused = pass_(fused)  # type: ignore[operator]
-            summary["default"] = pass_.scheduled + len(vnni.scheduled) + len(bf16.scheduled) + len(interleave.scheduled)
+            summary["default"] = pass_.scheduled + len(integer.scheduled if integer else []) + len(bf16.scheduled) + len(interleave.scheduled)
             unscheduled = pass_.failed
             if unscheduled:
                 log.warning("%d kernels kept TVM's unscheduled loops: %s", len(unscheduled), ", ".join(unscheduled))

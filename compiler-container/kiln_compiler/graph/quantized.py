@@ -58,8 +58,21 @@ _CONV_LAYOUTS = {("NCHW", "OIHW"): (1, 0), ("NHWC", "HWIO"): (3, 3)}
 _EXACT_FP32_TERMS = 2**24 // (255 * 128)
 # a bias scale this close to s_x * s_w is taken as exactly it (onnxruntime computes it in float32)
 _BIAS_SCALE_RTOL = 1e-6
-# output channels of the VNNI tile (schedules/int8.py: one zmm of s32 accumulators)
-_VNNI_CHANNELS = 16
+
+
+@dataclass(frozen=True)
+class IntegerKernels:
+    """What a target's integer convolution kernels take: the dtype of their data operand (the weights are s8)
+    and the output channels of one block of their tile (what the graph pads output channels to)."""
+
+    activations: str
+    channels: int
+
+
+# AVX512-VNNI's vpdpbusd: u8 x s8, 16 s32 lanes (schedules/int8.py: one zmm of accumulators)
+VNNI = IntegerKernels("uint8", 16)
+# aarch64 dotprod's sdot: s8 x s8, 4 s32 lanes (schedules/int8_arm.py): u8 activations shifted by -128
+SDOT = IntegerKernels("int8", 4)
 
 
 def _const(expr: Any) -> np.ndarray | None:
@@ -138,12 +151,12 @@ def _wider_output(data_shape: tuple[int, ...] | None, kernel_shape: tuple[int, .
     return next((e for e in range(1, 8) if _largest_divisor(width + e, 16) >= 8), 0)
 
 
-def _padded_out_channels(channels: int) -> int:
-    """Output channels for the VNNI tile (whole 16-channel blocks): ShuffleNet's 24-channel stem ran the
-    generic s32 kernel at 44 GFLOP/s; 32 channels (a third of them zero) run ``vpdpbusd``. At most half as
-    many again; otherwise (and for whole blocks) ``channels``."""
-    padded = -(-channels // _VNNI_CHANNELS) * _VNNI_CHANNELS
-    return padded if (padded - channels) * 2 <= channels else channels
+def _padded_out_channels(channels: int, block: int) -> int:
+    """Output channels for the integer tile (whole ``block``-channel blocks): ShuffleNet's 24-channel stem ran
+    the generic s32 kernel at 44 GFLOP/s; 32 channels (a third of them zero) run ``vpdpbusd``. At most half as
+    many again or fewer than 4 more (sdot's 4-channel blocks: every width fits); otherwise ``channels``."""
+    padded = -(-channels // block) * block
+    return padded if (padded - channels) * 2 <= channels or padded - channels < 4 else channels
 
 
 def _pad_axis(values: np.ndarray, axis: int, size: int) -> np.ndarray:
@@ -159,10 +172,10 @@ def _largest_divisor(extent: int, limit: int) -> int:
 
 @mutator
 class _IntegerConv(PyExprMutator):
-    def __init__(self, mod: tvm.IRModule, integer_kernels: bool = True) -> None:
+    def __init__(self, mod: tvm.IRModule, kernels: IntegerKernels | None = VNNI) -> None:
         super().__init__(mod)
         self.rewritten = 0
-        self.integer_kernels = integer_kernels
+        self.kernels = kernels
 
     def _dequantized(self, expr: Any) -> _Operand | None:
         call = bound_value(self, expr)
@@ -249,13 +262,17 @@ class _IntegerConv(PyExprMutator):
         pointwise = w_q.shape[0 if layout[1] == "HWIO" else 2:][:2] == (1, 1) and \
             all(int(v) == 1 for v in attrs.strides) and not any(int(v) for v in attrs.padding)
         in_axis = 1 if layout[1] == "OIHW" else 2
-        integer_kernels = self.integer_kernels and (
+        integer_kernels = self.kernels is not None and (
             groups == 1 or per_group > _EXACT_FP32_TERMS
             # a pointwise grouped conv becomes a batched matmul (SplitGroupedConv) the VNNI schedule takes,
             # its input channels per group padded to a multiple of 4 there (ShuffleNet's 17 and 6 per group)
             or (pointwise and w_q.shape[in_axis] > 1 and groups <= MAX_SPLIT_GROUPS))
-        if integer_kernels and _dtype(x.value) == "int8":
-            x_zp += 128  # s8 activations (TFLite) as u8 for u8 x s8 kernels: x + 128, zero point + 128
+        # the activations in the kernel's dtype: s8 (TFLite) as u8 for vpdpbusd (x + 128, zero point + 128), u8
+        # as s8 for sdot (x - 128: the 128 * sum(W_q) it takes off each output joins the correction below)
+        shift = 0
+        if integer_kernels and self.kernels is not None and _dtype(x.value) != self.kernels.activations:
+            shift = 128 if self.kernels.activations == "uint8" else -128
+        x_zp += shift
         correction = -x_zp * w_sum
         if bias_q is not None:
             b_q = _const(bias_q.value)
@@ -268,7 +285,8 @@ class _IntegerConv(PyExprMutator):
         if np.abs(correction).max(initial=0) >= 2**31:
             return None
         wider = 0
-        sliced_channels = _padded_out_channels(channels) if integer_kernels and groups == 1 else channels
+        block = self.kernels.channels if self.kernels is not None else 1
+        sliced_channels = _padded_out_channels(channels, block) if integer_kernels and groups == 1 else channels
         if sliced_channels != channels:  # zero weights for the added channels: their outputs are sliced off
             w_q = _pad_axis(w_q, kernel_axis, sliced_channels)
             correction, acc_scale = _pad_axis(correction, 0, sliced_channels), _pad_axis(acc_scale, 0, sliced_channels)
@@ -278,18 +296,19 @@ class _IntegerConv(PyExprMutator):
 
         if integer_kernels:
             data = x.value
-            if _dtype(data) == "int8":
+            if shift:
                 data = self.builder_.emit(relax.op.astype(self.builder_.emit(relax.op.add(
-                    self.builder_.emit(relax.op.astype(data, "int16")), relax.const(128, "int16"))), "uint8"))
+                    self.builder_.emit(relax.op.astype(data, "int16")), relax.const(shift, "int16"))),
+                    self.kernels.activations))  # type: ignore[union-attr]
             padding = [int(p) for p in attrs.padding]
             # a dense convolution's input channels padded to a multiple of 4 (a 3-channel stem): the
-            # u8 x s8 kernel reduces 4 channels per vpdpbusd; the added weights are 0, so the padded
+            # integer kernels reduce 4 channels per vpdpbusd / sdot; the added weights are 0, so the padded
             # channels (any value: the zero point) add nothing and sum(W_q) is unchanged
-            vnni_tile = groups == 1 and channels % _VNNI_CHANNELS == 0  # what the VNNI schedule takes (16 out-channels)
-            extra = -w_q.shape[in_axis] % 4 if vnni_tile else 0
+            tile = groups == 1 and channels % block == 0  # what the integer schedules take (whole blocks)
+            extra = -w_q.shape[in_axis] % 4 if tile else 0
             if extra:
                 w_q = np.concatenate([w_q, np.zeros_like(w_q.take([0] * extra, axis=in_axis))], axis=in_axis)
-            wider = _wider_output(static_shape(data), w_q.shape, layout, attrs) if vnni_tile else 0
+            wider = _wider_output(static_shape(data), w_q.shape, layout, attrs) if tile else 0
             if wider:  # extra output columns: sliced off after the epilogue
                 padding[3] += wider * int(attrs.strides[1])
             if (x_zp != 0 and any(padding)) or extra:
@@ -541,17 +560,18 @@ class SimplifyRequantization:
 
 @tvm.transform.module_pass(opt_level=0, name="KilnQuantizedConvToInteger")
 class QuantizedConvToInteger:
-    """``dequantize -> conv2d -> (bias) (-> relu) -> quantize`` -> u8 x s8 -> s32 conv2d + requantize.
+    """``dequantize -> conv2d -> (bias) (-> relu) -> quantize`` -> 8-bit x s8 -> s32 conv2d + requantize.
 
-    ``integer_kernels=False`` (targets without an integer dot-product kernel, ADR 0021): the same
-    chain with the convolution in fp32 on the exact integer values ``x_q - z_x`` and ``W_q``."""
+    ``kernels``: what the target's integer kernels take (:data:`VNNI` u8 x s8, :data:`SDOT` s8 x s8, ADR 0060);
+    None (targets without an integer dot-product kernel, ADR 0021): the same chain with the convolution in
+    fp32 on the exact integer values ``x_q - z_x`` and ``W_q``."""
 
-    def __init__(self, integer_kernels: bool = True) -> None:
+    def __init__(self, kernels: IntegerKernels | None = VNNI) -> None:
         self.rewritten = 0
-        self.integer_kernels = integer_kernels
+        self.kernels = kernels
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        rewriter = _IntegerConv(mod, self.integer_kernels)
+        rewriter = _IntegerConv(mod, self.kernels)
         out = rewrite_functions(mod, rewriter)
         self.rewritten = rewriter.rewritten
         # the replaced fp32 chains are dead now

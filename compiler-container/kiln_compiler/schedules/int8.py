@@ -166,10 +166,10 @@ def schedule_vnni_group_matmul(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
 
 
 def _vnni_nest(sch: Any, block: Any, write_back: Any, outer: Any, reduction: Any, pixels: Any,
-               channels: Any) -> tirx.PrimFunc:
+               channels: Any, intrin: str = VNNI_INTRIN) -> tirx.PrimFunc:
     """The common end of a VNNI schedule: write-back of each ``outer`` tile (vectorised), ``outer``
     parallel, the accumulator initialised above ``reduction``, the ``pixels`` loop unrolled and the
-    16-channel ``channels`` loop tensorized with ``vpdpbusd``."""
+    16-channel ``channels`` loop tensorized with ``vpdpbusd`` (or with ``intrin``: sdot's, int8_arm.py)."""
     sch.reverse_compute_at(write_back, outer)
     wb_loops = sch.get_loops(write_back)[1:]
     if wb_loops:
@@ -178,7 +178,7 @@ def _vnni_nest(sch: Any, block: Any, write_back: Any, outer: Any, reduction: Any
     sch.parallel(outer)
     sch.decompose_reduction(block, reduction)
     sch.unroll(pixels)
-    sch.tensorize(channels, VNNI_INTRIN)
+    sch.tensorize(channels, intrin)
     parallelize_serial_root_blocks(sch)
     result: tirx.PrimFunc = sch.mod["main"]
     return result
