@@ -90,7 +90,7 @@ def _instrument(phases: Phases) -> None:
     build_module.build = build
     tvm.tirx.build = build
     phases.wrap(pipeline, "_cpu_kernels", "graph rewrites + fusion")
-    for cls in ("VNNIConvSchedule", "BF16ConvSchedule", "DefaultCPUSchedule"):
+    for cls in ("VNNIConvSchedule", "SdotConvSchedule", "BF16ConvSchedule", "DefaultCPUSchedule"):
         _wrap_pass_class(phases, pipeline, cls, "default schedules")
     phases.wrap(pipeline, "_rewrite_layouts", "weight re-pack (RewriteLayout)")
     phases.wrap(build_module, "tir_to_runtime", "LLVM IR + optimisation", unless_inside="fold: LLVM builds")

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import tvm
+from kiln.isa import Arch
 from tvm import relax, tirx
 from tvm.s_tir import Schedule
 
@@ -31,13 +32,21 @@ from .graph import cpu_graph_passes
 from .graph.affine import FoldChannelAffine
 from .graph.bf16 import ConvToBF16
 from .graph.pool_first import PoolBeforePointwiseConv
-from .graph.quantized import PerTensorQDQToArithmetic, QuantizedConvToInteger, SimplifyRequantization
+from .graph.quantized import (
+    AVX2,
+    SDOT,
+    VNNI,
+    IntegerKernels,
+    PerTensorQDQToArithmetic,
+    QuantizedConvToInteger,
+    SimplifyRequantization,
+)
 from .graph.quantized_data import EightBitDataMovement
-from .graph.tiles import AVX2, VNNI, IntegerTile
 from .options import TuningBudget
 from .schedules import DefaultCPUSchedule, has_root, target_cpu, target_lanes, target_vector_unit
 from .schedules.bf16 import BF16ConvSchedule
 from .schedules.int8 import VNNIConvSchedule
+from .schedules.int8_arm import SdotConvSchedule
 from .schedules.int8_avx2 import PmaddwdConvSchedule
 from .schedules.interleave import InputInterleaveSchedule
 from .schedules.stack import TIR_PIPELINE
@@ -138,14 +147,32 @@ def _with_num_cores(target: dict[str, Any]) -> dict[str, Any]:
     return target
 
 
-def integer_tile(tgt: tvm.target.Target) -> IntegerTile | None:
-    """The integer convolution kernel ``tgt`` gets: ``vpdpbusd`` with AVX512-VNNI, ``vpmaddwd`` with AVX2 and no
-    AVX-512 (ADR 0059), else none (fp32 kernels on the integer values, ADR 0021): AVX-512 without VNNI (ml_c5)
-    keeps its 16-lane fp32 kernels, which the 8-lane ``vpmaddwd`` tile was not measured against."""
-    features = target_cpu(tgt).features
-    if "avx512_vnni" in features:
+def integer_kernels(tgt: tvm.target.Target) -> IntegerKernels | None:
+    """The integer convolution kernels a CPU target gets for QDQ int8 models: AVX512-VNNI's u8 x s8
+    ``vpdpbusd`` (ADR 0018), aarch64 dotprod's s8 x s8 ``sdot`` (Graviton2+, ADR 0060), AVX2's s16 x s16
+    ``vpmaddwd`` (ADR 0059); None: fp32
+    convolutions on the integer values (ADR 0021)."""
+    cpu = target_cpu(tgt)
+    if "avx512_vnni" in cpu.features:
         return VNNI
-    return AVX2 if "avx2" in features and "avx512f" not in features else None
+    if cpu.arch is Arch.AARCH64 and "asimddp" in cpu.features:
+        return SDOT
+    # AVX2 without AVX-512 (ml_c4, ADR 0059): AVX-512 without VNNI (ml_c5) keeps its 16-lane fp32 kernels,
+    # which the 8-lane vpmaddwd tile was not measured against
+    if "avx2" in cpu.features and "avx512f" not in cpu.features:
+        return AVX2
+    return None
+
+
+def _integer_schedule(kernels: IntegerKernels | None) -> Any:
+    """The schedule pass of ``kernels`` (a module pass with ``.scheduled``), or None."""
+    if kernels is VNNI:
+        return VNNIConvSchedule()
+    if kernels is SDOT:
+        return SdotConvSchedule()
+    if kernels is AVX2:
+        return PmaddwdConvSchedule()
+    return None
 
 
 def _cpu_kernels(mod: tvm.IRModule, tgt: tvm.target.Target, default_schedules: bool,
@@ -153,7 +180,7 @@ def _cpu_kernels(mod: tvm.IRModule, tgt: tvm.target.Target, default_schedules: b
     """The graph rewrites and fusion that make ``mod``'s kernels (inside ``with tgt``): what is tuned and scheduled."""
     if default_schedules:
         # QDQ chains become integer convolutions before the layout rewrites (ADR 0018)
-        mod = tvm.transform.Sequential([QuantizedConvToInteger(integer_tile(tgt)), EightBitDataMovement(),
+        mod = tvm.transform.Sequential([QuantizedConvToInteger(integer_kernels(tgt)), EightBitDataMovement(),
                                         PerTensorQDQToArithmetic(),
                                        *cpu_graph_passes(target_lanes(tgt), fp32_shuffle_units=precision == "fp32"),
                                         SimplifyRequantization()])(mod)
@@ -224,8 +251,9 @@ def compile_relax(
                                            reserve_seconds=_compile_reserve(fused))
             summary["tuned"], summary["reused"] = counts["tuned"], counts["reused"]
         if default_schedules:
-            vnni = VNNIConvSchedule() if integer_tile(tgt) == VNNI else PmaddwdConvSchedule()
-            fused = vnni(fused)  # type: ignore[operator]  # no integer kernel elsewhere (integer_tile)
+            integer = _integer_schedule(integer_kernels(tgt))
+            if integer is not None:
+                fused = integer(fused)
             interleave = InputInterleaveSchedule()
             fused = interleave(fused)  # type: ignore[operator]
             bf16 = BF16ConvSchedule(target_vector_unit(tgt))
@@ -233,7 +261,7 @@ def compile_relax(
                 fused = bf16(fused)  # type: ignore[operator]
             pass_ = DefaultCPUSchedule(target_vector_unit(tgt))
             fused = pass_(fused)  # type: ignore[operator]
-            summary["default"] = pass_.scheduled + len(vnni.scheduled) + len(bf16.scheduled) + len(interleave.scheduled)
+            summary["default"] = pass_.scheduled + len(integer.scheduled if integer else []) + len(bf16.scheduled) + len(interleave.scheduled)
             unscheduled = pass_.failed
             if unscheduled:
                 log.warning("%d kernels kept TVM's unscheduled loops: %s", len(unscheduled), ", ".join(unscheduled))

@@ -106,12 +106,12 @@ def compile_artifact(model_dir: Path, framework: str, target: str, out: Path, *,
                    labels_name=opts.class_labels).path
 
 
-def disassemble(lib: Path) -> str:
-    """objdump's disassembly of a shared library."""
+def disassemble(lib: Path, tool: str = "objdump") -> str:
+    """objdump's disassembly of a shared library (``tool``: a cross toolchain's, e.g. aarch64-linux-gnu-objdump)."""
     import shutil
 
-    objdump = shutil.which("objdump")
-    assert objdump is not None, "binutils' objdump is needed to inspect the generated code"
+    objdump = shutil.which(tool)
+    assert objdump is not None, f"binutils' {tool} is needed to inspect the generated code"
     return subprocess.run([objdump, "-d", str(lib)], capture_output=True, text=True, check=True).stdout
 
 

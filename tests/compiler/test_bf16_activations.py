@@ -24,6 +24,7 @@ from tvm.relax.frontend.onnx import from_onnx
 from tests.compiler.conftest import fire_lrn_cnn
 
 ZEN4 = {"kind": "llvm", "mcpu": "znver4"}
+HASWELL = {"kind": "llvm", "mcpu": "haswell"}  # fp32 builds that every x86 host here runs (AVX2)
 RTOL, ATOL = 1e-4, 1e-4  # fp32 reassociation, as tests/compiler/test_tvm_pipeline.py
 
 needs_bf16_host = pytest.mark.skipif("avx512_bf16" not in (kiln.runtime.cpu_flags() or set()),
@@ -42,9 +43,10 @@ def _graph(hoist_casts: bool = True) -> str:
 
 def _run(precision: str, x: np.ndarray, monkeypatch: pytest.MonkeyPatch | None = None,
          hoist_casts: bool = True) -> np.ndarray:
+    """Build the CNN at ``precision`` (bf16 for Zen 4, fp32 for Haswell: runnable on an AVX2-only host) and run it."""
     if monkeypatch is not None:
         monkeypatch.setattr(pipeline, "ConvToBF16", lambda: ConvToBF16(hoist_casts=hoist_casts))
-    compiled = pipeline.compile_relax(_relax(), ZEN4, precision=precision)
+    compiled = pipeline.compile_relax(_relax(), ZEN4 if precision == "bf16" else HASWELL, precision=precision)
     assert compiled.unscheduled == []
     vm = relax.VirtualMachine(compiled.executable, tvm.cpu())
     return np.asarray(vm["main"](tvm.runtime.tensor(x)).numpy())

@@ -14,8 +14,8 @@ from pathlib import Path
 import kiln.runtime
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
+from kiln_compiler.accuracy import reference_session
 from kiln_compiler.graph import QuantizedConvToInteger
 from tvm.relax.frontend.onnx import from_onnx
 
@@ -41,7 +41,7 @@ def _agreement(model_dir: Path, tmp_path: Path, input_name: str, shape: tuple[in
     model = kiln.runtime.load(compile_artifact(model_dir, "ONNX", "ml_c4", tmp_path))
     x = np.random.default_rng(3).standard_normal(shape).astype("float32")
     (out,) = model.run({input_name: x})
-    (ref,) = ort.InferenceSession(qdq.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+    (ref,) = reference_session(qdq.SerializeToString()).run(
         None, {input_name: x})
     units = np.rint(np.abs(out.astype("float64") - ref) / _output_scale(qdq))
     return int(units.max()), float(np.mean(units == 0))
@@ -126,7 +126,7 @@ def test_vnni_kernels_match_onnxruntime(qdq_small_cnn_dir: Path, tmp_path: Path)
     # WHEN it and ONNX Runtime run the same input
     out = relax.VirtualMachine(executable, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
     qdq = onnx.load(str(qdq_small_cnn_dir / "model.onnx"))
-    (ref,) = ort.InferenceSession(qdq.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+    (ref,) = reference_session(qdq.SerializeToString()).run(
         None, {"input": x})
     # THEN at most 1 quantized unit apart
     assert np.rint(np.abs(out - ref) / _output_scale(qdq)).max() <= 1
@@ -180,7 +180,7 @@ def test_vnni_residual_block_matches_onnxruntime(qdq_residual_block_dir: Path, t
     # WHEN it and ONNX Runtime run the same input
     out = relax.VirtualMachine(executable, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
     qdq = onnx.load(str(qdq_residual_block_dir / "model.onnx"))
-    (ref,) = ort.InferenceSession(qdq.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+    (ref,) = reference_session(qdq.SerializeToString()).run(
         None, {"input": x})
     # THEN at most 1 quantized unit apart, almost all identical
     units = np.rint(np.abs(out - ref) / _output_scale(qdq))
@@ -251,7 +251,7 @@ def test_data_movement_cnn_matches_onnxruntime(qdq_data_movement_dir: Path, tmp_
     # WHEN it and ONNX Runtime run the same input
     out = relax.VirtualMachine(executable, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
     qdq = onnx.load(str(qdq_data_movement_dir / "model.onnx"))
-    (ref,) = ort.InferenceSession(qdq.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+    (ref,) = reference_session(qdq.SerializeToString()).run(
         None, {"input": x})
     # THEN at most 1 quantized unit apart, almost all identical
     units = np.rint(np.abs(out - ref) / _output_scale(qdq))
@@ -295,7 +295,7 @@ def test_grouped_pointwise_convs_with_odd_group_widths_run_vnni_with_their_epilo
     x = np.random.default_rng(5).standard_normal((1, 3, 16, 16)).astype("float32")
     out = relax.VirtualMachine(executable, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
     qdq = onnx.load(str(qdq_grouped_pointwise_dir / "model.onnx"))
-    (ref,) = ort.InferenceSession(qdq.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+    (ref,) = reference_session(qdq.SerializeToString()).run(
         None, {"input": x})
     units = np.rint(np.abs(out - ref) / _output_scale(qdq))
     assert units.max() <= 1
@@ -339,7 +339,7 @@ def test_residual_add_after_a_grouped_pointwise_conv_runs_in_its_vnni_kernel(
     x = np.random.default_rng(5).standard_normal((1, 3, 16, 16)).astype("float32")
     out = relax.VirtualMachine(executable, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
     qdq = onnx.load(str(qdq_grouped_residual_dir / "model.onnx"))
-    (ref,) = ort.InferenceSession(qdq.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+    (ref,) = reference_session(qdq.SerializeToString()).run(
         None, {"input": x})
     units = np.rint(np.abs(out - ref) / _output_scale(qdq))
     assert units.max() <= 1
@@ -381,7 +381,7 @@ def test_dense_layers_match_onnxruntime(qdq_dense_layers_dir: Path, tmp_path: Pa
     if vnni and not _has_vnni():
         pytest.skip("the host has no AVX512-VNNI")
     qdq = onnx.load(str(qdq_dense_layers_dir / "model.onnx"))
-    session = ort.InferenceSession(qdq.SerializeToString(), providers=["CPUExecutionProvider"])
+    session = reference_session(qdq.SerializeToString())
     vm = relax.VirtualMachine(executable, tvm.cpu())
     for seed in (3, 4):
         x = np.random.default_rng(seed).standard_normal((1, 16, 16, 16)).astype("float32")

@@ -17,7 +17,7 @@ import onnx
 import pytest
 import tvm
 from kiln_compiler import pipeline
-from kiln_compiler.graph.tiles import AVX2, VNNI, IntegerTile
+from kiln_compiler.graph.quantized import AVX2, SDOT, VNNI, IntegerKernels
 from kiln_compiler.schedules.int8_avx2 import PmaddwdConvSchedule
 from kiln_compiler.schedules.tir import match_group_matmul, match_nhwc_conv
 from tvm import relax
@@ -30,7 +30,7 @@ S16 = ("int16", "int16", "int32")
 # (model fixture, input shape, integer kernels): the small CNN's strided 3-channel stem, 3x3 and 1x1; the data
 # movement CNN's stem, squeeze and both expands; the ShuffleNet-like CNN's 24-channel stem (padded to 32). Grouped
 # 1x1 layers (2 groups; ShuffleNet's 6 and 20 input, 20 and 17 output channels per group) and depthwise ones stay
-# fp32 on the integers on AVX2 (graph.tiles.AVX2.group_matmuls): the builds still equal the reference exactly
+# fp32 on the integers on AVX2 (graph.quantized.AVX2.group_matmuls): the builds still equal the reference exactly
 MODELS = [("qdq_small_cnn_dir", (1, 3, 32, 32), 3), ("qdq_data_movement_dir", (1, 3, 46, 46), 4),
           ("qdq_grouped_pointwise_dir", (1, 3, 16, 16), 1)]
 
@@ -56,7 +56,7 @@ def fp32_on_integers(monkeypatch: pytest.MonkeyPatch) -> Any:
     """A compile for ``mcpu`` the way AVX2 targets compiled QDQ models before ADR 0059 (no integer kernel)."""
     def build(mod: tvm.IRModule, mcpu: str, lib: Path) -> tuple[Any, str]:
         with monkeypatch.context() as m:
-            m.setattr(pipeline, "integer_tile", lambda _tgt: None)
+            m.setattr(pipeline, "integer_kernels", lambda _tgt: None)
             return compile_and_disassemble(mod, mcpu, lib)
     return build
 
@@ -65,12 +65,13 @@ def fp32_on_integers(monkeypatch: pytest.MonkeyPatch) -> Any:
     ({"kind": "llvm", "mcpu": "haswell"}, AVX2), ({"kind": "llvm", "mcpu": "znver3"}, AVX2),
     ({"kind": "llvm", "mcpu": "znver4"}, VNNI), ({"kind": "llvm", "mcpu": "cascadelake"}, VNNI),
     ({"kind": "llvm", "mcpu": "skylake-avx512"}, None),
-    ({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "neoverse-n1"}, None)])
-def test_integer_tile_per_target(target: dict[str, str], tile: IntegerTile | None) -> None:
-    # GIVEN an x86 target with AVX2 only, one with AVX512-VNNI, AVX-512 without VNNI (ml_c5), an Arm one
-    # WHEN the pipeline picks its integer kernel
-    # THEN AVX2-only CPUs get vpmaddwd's s16 tile, VNNI ones vpdpbusd's, the others fp32 on the integers
-    assert pipeline.integer_tile(tvm.target.Target(target)) == tile
+    ({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "neoverse-n1"}, SDOT),
+    ({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a72"}, None)])
+def test_integer_kernels_per_target(target: dict[str, str], tile: IntegerKernels | None) -> None:
+    # GIVEN x86 targets with AVX2 only, with AVX512-VNNI, AVX-512 without VNNI (ml_c5), Arm with and without dotprod
+    # WHEN the pipeline picks their integer kernels
+    # THEN AVX2-only CPUs get vpmaddwd's s16 tile, VNNI ones vpdpbusd's, dotprod sdot's, the others fp32 on the integers
+    assert pipeline.integer_kernels(tvm.target.Target(target)) is tile
 
 
 @pytest.mark.parametrize("fixture, shape, count", MODELS)

@@ -16,8 +16,8 @@ from pathlib import Path
 import kiln.runtime
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
+from kiln_compiler.accuracy import reference_session
 from kiln_compiler.errors import ClientError
 from kiln_compiler.graph import QuantizedConvToInteger
 from kiln_compiler.loaders import load_model
@@ -52,7 +52,7 @@ def _output_unit(model: onnx.ModelProto) -> float:
 def _against_onnxruntime(artifact: Path, model_dir: Path, seeds: int = 2) -> tuple[np.ndarray, np.ndarray]:
     """(Kiln's outputs, ONNX Runtime's) of the artifact and of the archive's model.onnx on seeded random inputs."""
     model = kiln.runtime.load(artifact)
-    session = ort.InferenceSession(str(model_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    session = reference_session(str(model_dir / "model.onnx"))
     spec = model.inputs[0]
     got, want = [], []
     for seed in range(seeds):

@@ -27,7 +27,6 @@ from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from ._mutate import bound_value, rewrite_functions, static_shape
-from .tiles import reduction_steps
 
 _CONV2D = tvm.ir.Op.get("relax.nn.conv2d")
 _MATMUL = tvm.ir.Op.get("relax.matmul")
@@ -105,9 +104,8 @@ class _GroupSplitter(PyExprMutator):
         packed = np.zeros((groups, cg_in, padded), dtype=weight.dtype)
         packed[..., :cg_out] = weight[0, 0].reshape(cg_in, groups, cg_out).transpose(1, 0, 2)
         x = self.builder_.emit(relax.op.reshape(call.args[0], (n * h * w, groups, 1, cg_in)))
-        steps = reduction_steps(str(weight.dtype))
-        extra = -cg_in % steps if steps else 0
-        if extra:  # integer kernels: whole reduction steps (vpdpbusd's 4, vpmaddwd's 2); the added weights are 0
+        extra = -cg_in % 4 if weight.dtype in (np.int8, np.int16) else 0
+        if extra:  # integer kernels: whole 4-channel steps (vpdpbusd, sdot; 2 x vpmaddwd); the added weights are 0
             x = self.builder_.emit(relax.op.nn.pad(x, [0, 0, 0, 0, 0, 0, 0, extra], pad_value=0.0))
             packed = np.concatenate([packed, np.zeros((groups, extra, padded), dtype=packed.dtype)], axis=1)
         y = self.builder_.emit(relax.op.matmul(x, relax.const(packed), out_dtype=call.attrs.out_dtype))

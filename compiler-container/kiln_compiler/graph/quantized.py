@@ -36,7 +36,6 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from ._mutate import bound_value, rewrite_functions, static_shape
 from .grouped_conv import MAX_SPLIT_GROUPS
-from .tiles import VNNI, IntegerTile
 
 _QUANTIZE = tvm.ir.Op.get("relax.quantize")
 _DEQUANTIZE = tvm.ir.Op.get("relax.dequantize")
@@ -60,6 +59,31 @@ _EXACT_FP32_TERMS = 2**24 // (255 * 128)
 # a bias scale this close to s_x * s_w is taken as exactly it (onnxruntime computes it in float32)
 _BIAS_SCALE_RTOL = 1e-6
 
+
+@dataclass(frozen=True)
+class IntegerKernels:
+    """What a target's integer convolution kernels take: the dtype of their data operand and of their weights,
+    the output channels of one block of their tile (what the graph pads output channels to), the input
+    channels of one reduction step, the most pixels of a tile, and whether grouped pointwise convolutions
+    become integer batched matmuls."""
+
+    activations: str
+    channels: int
+    weights: str = "int8"
+    steps: int = 4
+    pixels: int = 16
+    group_matmuls: bool = True
+
+
+# AVX512-VNNI's vpdpbusd: u8 x s8, 16 s32 lanes (schedules/int8.py: one zmm of accumulators)
+VNNI = IntegerKernels("uint8", 16)
+# aarch64 dotprod's sdot: s8 x s8, 4 s32 lanes (schedules/int8_arm.py): u8 activations shifted by -128
+SDOT = IntegerKernels("int8", 4)
+# AVX2's vpmaddwd: s16 x s16 (u8 widened in the kernel, s8 weights at compile time), 8 s32 lanes, 2 input
+# channels a step (schedules/int8_avx2.py, ADR 0059). 14 pixels: 14 ymm accumulators, the weight block and the
+# broadcast fill the 16 (SqueezeNet's 13- and ResNet's 14-wide rows one tile each). No grouped matmuls:
+# ShuffleNet's ran at 15-24 GFLOP/s (the padded-channel write-back scalarised), twice the fp32 kernels' time
+AVX2 = IntegerKernels("int16", 8, weights="int16", steps=2, pixels=14, group_matmuls=False)
 
 
 def _const(expr: Any) -> np.ndarray | None:
@@ -141,9 +165,9 @@ def _wider_output(data_shape: tuple[int, ...] | None, kernel_shape: tuple[int, .
 def _padded_out_channels(channels: int, block: int) -> int:
     """Output channels for the integer tile (whole ``block``-channel blocks): ShuffleNet's 24-channel stem ran
     the generic s32 kernel at 44 GFLOP/s; 32 channels (a third of them zero) run ``vpdpbusd``. At most half as
-    many again; otherwise (and for whole blocks) ``channels``."""
+    many again or fewer than 4 more (sdot's 4-channel blocks: every width fits); otherwise ``channels``."""
     padded = -(-channels // block) * block
-    return padded if (padded - channels) * 2 <= channels else channels
+    return padded if (padded - channels) * 2 <= channels or padded - channels < 4 else channels
 
 
 def _pad_axis(values: np.ndarray, axis: int, size: int) -> np.ndarray:
@@ -159,10 +183,10 @@ def _largest_divisor(extent: int, limit: int) -> int:
 
 @mutator
 class _IntegerConv(PyExprMutator):
-    def __init__(self, mod: tvm.IRModule, tile: IntegerTile | None = VNNI) -> None:
+    def __init__(self, mod: tvm.IRModule, kernels: IntegerKernels | None = VNNI) -> None:
         super().__init__(mod)
         self.rewritten = 0
-        self.tile = tile
+        self.kernels = kernels
 
     def _dequantized(self, expr: Any) -> _Operand | None:
         call = bound_value(self, expr)
@@ -249,17 +273,22 @@ class _IntegerConv(PyExprMutator):
         pointwise = w_q.shape[0 if layout[1] == "HWIO" else 2:][:2] == (1, 1) and \
             all(int(v) == 1 for v in attrs.strides) and not any(int(v) for v in attrs.padding)
         in_axis = 1 if layout[1] == "OIHW" else 2
-        tile = self.tile
+        kernels = self.kernels
         # a dense convolution whose output channels make no whole tile (even padded) takes the fp32 form too
         # while it is exact: the integer schedules take whole tiles only, not an s32 kernel on the generic one
-        whole = tile is not None and _padded_out_channels(channels, tile.channels) % tile.channels == 0
-        integer_kernels = tile is not None and (
+        whole = kernels is not None and _padded_out_channels(channels, kernels.channels) % kernels.channels == 0
+        integer_kernels = kernels is not None and (
             (groups == 1 and whole) or per_group > _EXACT_FP32_TERMS
             # a pointwise grouped conv becomes a batched matmul (SplitGroupedConv) the integer schedules take,
-            # its input channels per group padded to whole steps there (ShuffleNet's 17 and 6 per group)
-            or (tile.group_matmuls and pointwise and w_q.shape[in_axis] > 1 and groups <= MAX_SPLIT_GROUPS))
-        if integer_kernels and _dtype(x.value) == "int8":
-            x_zp += 128  # s8 activations (TFLite) as u8 for u8 x s8 kernels: x + 128, zero point + 128
+            # its input channels per group padded to a multiple of 4 there (ShuffleNet's 17 and 6 per group)
+            or (kernels.group_matmuls and pointwise and w_q.shape[in_axis] > 1 and groups <= MAX_SPLIT_GROUPS))
+        # the activations in the kernel's dtype: s8 (TFLite) as u8 for vpdpbusd (x + 128, zero point + 128), u8
+        # as s8 for sdot (x - 128: the 128 * sum(W_q) it takes off each output joins the correction below)
+        shift = 0
+        if integer_kernels and kernels is not None and kernels.activations in ("uint8", "int8") \
+                and _dtype(x.value) != kernels.activations:  # (s16 operands take either as they are)
+            shift = 128 if kernels.activations == "uint8" else -128
+        x_zp += shift
         correction = -x_zp * w_sum
         if bias_q is not None:
             b_q = _const(bias_q.value)
@@ -272,8 +301,8 @@ class _IntegerConv(PyExprMutator):
         if np.abs(correction).max(initial=0) >= 2**31:
             return None
         wider = 0
-        sliced_channels = _padded_out_channels(channels, tile.channels) if tile is not None and integer_kernels \
-            and groups == 1 else channels
+        block = self.kernels.channels if self.kernels is not None else 1
+        sliced_channels = _padded_out_channels(channels, block) if integer_kernels and groups == 1 else channels
         if sliced_channels != channels:  # zero weights for the added channels: their outputs are sliced off
             w_q = _pad_axis(w_q, kernel_axis, sliced_channels)
             correction, acc_scale = _pad_axis(correction, 0, sliced_channels), _pad_axis(acc_scale, 0, sliced_channels)
@@ -281,20 +310,22 @@ class _IntegerConv(PyExprMutator):
             channels, sliced_channels = sliced_channels, channels
             per_channel = tuple(channels if i == channel_axis else 1 for i in range(4))
 
-        if tile is not None and integer_kernels:
+        if integer_kernels:
             data = x.value
-            if _dtype(data) == "int8":
+            if shift:
                 data = self.builder_.emit(relax.op.astype(self.builder_.emit(relax.op.add(
-                    self.builder_.emit(relax.op.astype(data, "int16")), relax.const(128, "int16"))), "uint8"))
+                    self.builder_.emit(relax.op.astype(data, "int16")), relax.const(shift, "int16"))),
+                    self.kernels.activations))  # type: ignore[union-attr]
             padding = [int(p) for p in attrs.padding]
-            # a dense convolution's input channels padded to whole reduction steps (a 3-channel stem): the
-            # kernel reduces tile.steps channels per instruction; the added weights are 0, so the padded
+            # a dense convolution's input channels padded to a multiple of 4 (a 3-channel stem): the
+            # integer kernels reduce 4 channels per vpdpbusd / sdot; the added weights are 0, so the padded
             # channels (any value: the zero point) add nothing and sum(W_q) is unchanged
-            whole_tile = groups == 1 and channels % tile.channels == 0  # what the integer schedule takes
-            extra = -w_q.shape[in_axis] % tile.steps if whole_tile else 0
+            tile = groups == 1 and channels % block == 0  # what the integer schedules take (whole blocks)
+            extra = -w_q.shape[in_axis] % self.kernels.steps if tile else 0  # type: ignore[union-attr]
             if extra:
                 w_q = np.concatenate([w_q, np.zeros_like(w_q.take([0] * extra, axis=in_axis))], axis=in_axis)
-            wider = _wider_output(static_shape(data), w_q.shape, layout, attrs, tile.pixels) if whole_tile else 0
+            wider = _wider_output(static_shape(data), w_q.shape, layout, attrs,
+                                  self.kernels.pixels) if tile else 0  # type: ignore[union-attr]
             if wider:  # extra output columns: sliced off after the epilogue
                 padding[3] += wider * int(attrs.strides[1])
             if (x_zp != 0 and any(padding)) or extra:
@@ -304,10 +335,11 @@ class _IntegerConv(PyExprMutator):
                 data = self.builder_.emit(relax.op.nn.pad(data, pad_width, pad_value=float(x_zp)))
                 if x_zp != 0:
                     padding = [0, 0, 0, 0]
-            if tile.operand != "int8":  # s16 x s16 (AVX2): the u8 input widened in the kernel, the weights here
-                data = self.builder_.emit(relax.op.astype(data, tile.operand))
+            weights = self.kernels.weights  # type: ignore[union-attr]
+            if weights != "int8":  # s16 x s16 (AVX2): the 8-bit input widened in the kernel, the weights here
+                data = self.builder_.emit(relax.op.astype(data, self.kernels.activations))  # type: ignore[union-attr]
             acc = self.builder_.emit(relax.op.nn.conv2d(
-                data, relax.const(w_q.astype(tile.operand), tile.operand), strides=attrs.strides, padding=padding, dilation=attrs.dilation,
+                data, relax.const(w_q.astype(weights), weights), strides=attrs.strides, padding=padding, dilation=attrs.dilation,
                 groups=int(attrs.groups), data_layout=layout[0], kernel_layout=layout[1], out_dtype="int32"))
             if np.any(correction != 0):
                 acc = self.builder_.emit(relax.op.add(acc, relax.const(correction.astype("int32").reshape(per_channel))))
@@ -548,18 +580,19 @@ class SimplifyRequantization:
 
 @tvm.transform.module_pass(opt_level=0, name="KilnQuantizedConvToInteger")
 class QuantizedConvToInteger:
-    """``dequantize -> conv2d -> (bias) (-> relu) -> quantize`` -> u8 x s8 -> s32 conv2d + requantize.
+    """``dequantize -> conv2d -> (bias) (-> relu) -> quantize`` -> 8-bit x s8 -> s32 conv2d + requantize.
 
-    ``tile`` is what the target's integer kernel takes: ``VNNI`` (u8 x s8, the default) or ``AVX2`` (the
-    same convolution with s16 operands, ADR 0059); None (no integer kernel, ADR 0021): the same chain with
-    the convolution in fp32 on the exact integer values ``x_q - z_x`` and ``W_q``."""
+    ``kernels``: what the target's integer kernels take (:data:`VNNI` u8 x s8, :data:`SDOT` s8 x s8, ADR 0060,
+    :data:`AVX2` s16 x s16, ADR 0059);
+    None (targets without an integer dot-product kernel, ADR 0021): the same chain with the convolution in
+    fp32 on the exact integer values ``x_q - z_x`` and ``W_q``."""
 
-    def __init__(self, tile: IntegerTile | None = VNNI) -> None:
+    def __init__(self, kernels: IntegerKernels | None = VNNI) -> None:
         self.rewritten = 0
-        self.tile = tile
+        self.kernels = kernels
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        rewriter = _IntegerConv(mod, self.tile)
+        rewriter = _IntegerConv(mod, self.kernels)
         out = rewrite_functions(mod, rewriter)
         self.rewritten = rewriter.rewritten
         # the replaced fp32 chains are dead now

@@ -18,7 +18,6 @@ from typing import Any
 import tvm
 from tvm import tirx
 
-from ..graph.tiles import VNNI
 from .cpu import inline_epilogues
 from .tir import (
     match_group_matmul,
@@ -33,6 +32,7 @@ from .tir import (
 log = logging.getLogger(__name__)
 
 VNNI_INTRIN = "kiln_dot_16x4_vnni"
+_MAX_PIXELS = 16  # accumulators per tile: 16 of the 32 zmm registers, the rest for weights and inputs
 
 
 def _register_vnni_intrin() -> None:
@@ -78,12 +78,11 @@ def _register_vnni_intrin() -> None:
     TensorIntrin.register(VNNI_INTRIN, desc, impl)
 
 
-def pick_divisor(extent: int, limit: int) -> int:
-    """The largest divisor of ``extent`` up to ``limit`` (a tile that divides its loop)."""
+def _pick_divisor(extent: int, limit: int) -> int:
     return max(d for d in range(1, min(extent, limit) + 1) if extent % d == 0)
 
 
-def inline_epilogue_producers(sch: Any, block: Any) -> None:
+def _inline_epilogue_producers(sch: Any, block: Any) -> None:
     """Inline the elementwise producers of the epilogue only (a residual operand's dequantize and view): left
     at the root, they stop the epilogue's inlining at the residual add (or run as passes of their own)."""
     for blk in sch.get_child_blocks(sch.get_sblock("root")):
@@ -115,7 +114,7 @@ def schedule_vnni_conv(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
     if channels % 16 or in_channels % 4:
         return None
     _register_vnni_intrin()
-    inline_epilogue_producers(sch, block)
+    _inline_epilogue_producers(sch, block)
     # the padded input stays materialised (vpdpbusd loads 4 bytes of it), in parallel
     parallelize_anchor_inputs(sch, block)
     # weights [kh, kw, ic, oc] -> [oc/16, kh, kw, ic/4, 16, 4], re-packed once at compile time
@@ -129,12 +128,12 @@ def schedule_vnni_conv(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
     inline_epilogues(sch, block, write_back)
 
     n, h, w, oc, kh, kw, ic = sch.get_loops(block)
-    rw = pick_divisor(width, VNNI.pixels)
+    rw = _pick_divisor(width, _MAX_PIXELS)
     wo, wi = sch.split(w, [None, rw])
     oco, oci = sch.split(oc, [None, 16])
     ico, ici = sch.split(ic, [None, 4])
     sch.reorder(n, h, wo, oco, kh, kw, ico, wi, oci, ici)
-    return tensorized_nest(sch, block, write_back, sch.fuse(n, h, wo, oco), kh, wi, oci)
+    return _vnni_nest(sch, block, write_back, sch.fuse(n, h, wo, oco), kh, wi, oci)
 
 
 def schedule_vnni_group_matmul(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
@@ -151,31 +150,31 @@ def schedule_vnni_group_matmul(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
     if channels % 16 or in_channels % 4:
         return None
     _register_vnni_intrin()
-    inline_epilogue_producers(sch, block)  # a residual add's operand (ADR 0051)
+    _inline_epilogue_producers(sch, block)  # a residual add's operand (ADR 0051)
     cached = sch.cache_read(block, 1, "global")
     sch.transform_layout(block, ("read", 1), lambda g, k, oc: (g, oc // 16, k // 4, oc % 16, k % 4))
     sch.annotate(cached, "meta_schedule.layout_rewrite_preproc", True)
     write_back = sch.cache_write(block, 0, "global")
     inline_epilogues(sch, block, write_back)
     p, g, one, oc, k = sch.get_loops(block)
-    rp = pick_divisor(pixels, VNNI.pixels)
+    rp = _pick_divisor(pixels, _MAX_PIXELS)
     po, pi = sch.split(p, [None, rp])
     oco, oci = sch.split(oc, [None, 16])
     ko, ki = sch.split(k, [None, 4])
     sch.reorder(g, po, one, oco, ko, pi, oci, ki)
-    return tensorized_nest(sch, block, write_back, sch.fuse(g, po, one, oco), ko, pi, oci)
+    return _vnni_nest(sch, block, write_back, sch.fuse(g, po, one, oco), ko, pi, oci)
 
 
-def tensorized_nest(sch: Any, block: Any, write_back: Any, outer: Any, reduction: Any, pixels: Any,
-                    channels: Any, intrin: str = VNNI_INTRIN) -> tirx.PrimFunc:
-    """The common end of an integer schedule: write-back of each ``outer`` tile (vectorised), ``outer``
+def _vnni_nest(sch: Any, block: Any, write_back: Any, outer: Any, reduction: Any, pixels: Any,
+               channels: Any, intrin: str = VNNI_INTRIN) -> tirx.PrimFunc:
+    """The common end of a VNNI schedule: write-back of each ``outer`` tile (vectorised), ``outer``
     parallel, the accumulator initialised above ``reduction``, the ``pixels`` loop unrolled and the
-    vector of ``channels`` tensorized with ``intrin`` (``vpdpbusd``'s 16 channels by default)."""
+    16-channel ``channels`` loop tensorized with ``vpdpbusd`` (or with ``intrin``: sdot's, int8_arm.py)."""
     sch.reverse_compute_at(write_back, outer)
     wb_loops = sch.get_loops(write_back)[1:]
     if wb_loops:
         sch.vectorize(wb_loops[-1])
-    sliced_epilogue_at_tile(sch, write_back, outer)
+    _sliced_epilogue_at_tile(sch, write_back, outer)
     sch.parallel(outer)
     sch.decompose_reduction(block, reduction)
     sch.unroll(pixels)
@@ -185,7 +184,7 @@ def tensorized_nest(sch: Any, block: Any, write_back: Any, outer: Any, reduction
     return result
 
 
-def sliced_epilogue_at_tile(sch: Any, write_back: Any, outer: Any) -> None:
+def _sliced_epilogue_at_tile(sch: Any, write_back: Any, outer: Any) -> None:
     """The rest of the epilogue after a slice (the wider stem's extra columns, the classifier's padded
     channels), computed per tile right after the tile's write-back: left at the root it ran as a separate
     pass over the whole s32 output (SqueezeNet's stem: 0.92 ms, 62 GFLOP/s)."""

@@ -1,6 +1,6 @@
 """s16 x s16 -> s32 convolutions on AVX2: ``vpmaddwd`` by tensorization (8 x 2 dot products), ADR 0059.
 
-On x86 targets without AVX512-VNNI the graph (``graph.tiles.AVX2``) gives QDQ convolutions s16 operands:
+On x86 targets without AVX512-VNNI the graph (``graph.quantized.AVX2``) gives QDQ convolutions s16 operands:
 the u8 input widened in the kernel (materialised once per call, in parallel, with its zero-point
 padding), the s8 weights widened at compile time and re-packed to ``[oc/8, kh, kw, ic/2, 8, 2]``.
 Each reduction step is one ``vpmaddwd`` (two input values broadcast as one i32 to 8 lanes, against a
@@ -14,13 +14,13 @@ from __future__ import annotations
 import tvm
 from tvm import tirx
 
-from ..graph.tiles import AVX2
+from ..graph.quantized import AVX2
 from .cpu import inline_epilogues
-from .int8 import inline_epilogue_producers, pick_divisor, tensorized_nest
+from .int8 import _inline_epilogue_producers, _pick_divisor, _vnni_nest
 from .tir import match_group_matmul, match_nhwc_conv, parallelize_anchor_inputs, schedule_each
 
 PMADDWD_INTRIN = "kiln_dot_8x2_pmaddwd"
-_DTYPES = (AVX2.operand, AVX2.operand, "int32")
+_DTYPES = (AVX2.activations, AVX2.weights, "int32")
 _LANES, _STEP = AVX2.channels, AVX2.steps
 
 
@@ -72,7 +72,7 @@ def schedule_pmaddwd_conv(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
     if channels % _LANES or in_channels % _STEP:
         return None
     _register_pmaddwd_intrin()
-    inline_epilogue_producers(sch, block)
+    _inline_epilogue_producers(sch, block)
     # the widened (and padded) input stays materialised (vpmaddwd broadcasts 2 x s16 of it), in parallel
     parallelize_anchor_inputs(sch, block)
     # weights [kh, kw, ic, oc] -> [oc/8, kh, kw, ic/2, 8, 2], re-packed once at compile time
@@ -84,12 +84,12 @@ def schedule_pmaddwd_conv(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
     inline_epilogues(sch, block, write_back)
 
     n, h, w, oc, kh, kw, ic = sch.get_loops(block)
-    rw = pick_divisor(width, AVX2.pixels)
+    rw = _pick_divisor(width, AVX2.pixels)
     wo, wi = sch.split(w, [None, rw])
     oco, oci = sch.split(oc, [None, _LANES])
     ico, ici = sch.split(ic, [None, _STEP])
     sch.reorder(n, h, wo, oco, kh, kw, ico, wi, oci, ici)
-    return tensorized_nest(sch, block, write_back, sch.fuse(n, h, wo, oco), kh, wi, oci, PMADDWD_INTRIN)
+    return _vnni_nest(sch, block, write_back, sch.fuse(n, h, wo, oco), kh, wi, oci, PMADDWD_INTRIN)
 
 
 def schedule_pmaddwd_group_matmul(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
@@ -106,7 +106,7 @@ def schedule_pmaddwd_group_matmul(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
     if channels % _LANES or in_channels % _STEP:
         return None
     _register_pmaddwd_intrin()
-    inline_epilogue_producers(sch, block)
+    _inline_epilogue_producers(sch, block)
     parallelize_anchor_inputs(sch, block)
     cached = sch.cache_read(block, 1, "global")
     sch.transform_layout(block, ("read", 1),
@@ -115,12 +115,12 @@ def schedule_pmaddwd_group_matmul(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
     write_back = sch.cache_write(block, 0, "global")
     inline_epilogues(sch, block, write_back)
     p, g, one, oc, k = sch.get_loops(block)
-    rp = pick_divisor(pixels, AVX2.pixels)
+    rp = _pick_divisor(pixels, AVX2.pixels)
     po, pi = sch.split(p, [None, rp])
     oco, oci = sch.split(oc, [None, _LANES])
     ko, ki = sch.split(k, [None, _STEP])
     sch.reorder(g, po, one, oco, ko, pi, oci, ki)
-    return tensorized_nest(sch, block, write_back, sch.fuse(g, po, one, oco), ko, pi, oci, PMADDWD_INTRIN)
+    return _vnni_nest(sch, block, write_back, sch.fuse(g, po, one, oco), ko, pi, oci, PMADDWD_INTRIN)
 
 
 @tvm.transform.module_pass(opt_level=0, name="KilnPmaddwdConvSchedule")
