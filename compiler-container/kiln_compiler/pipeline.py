@@ -33,6 +33,7 @@ from .graph.affine import FoldChannelAffine
 from .graph.bf16 import ConvToBF16
 from .graph.pool_first import PoolBeforePointwiseConv
 from .graph.quantized import (
+    AVX2,
     SDOT,
     VNNI,
     IntegerKernels,
@@ -46,6 +47,7 @@ from .schedules import DefaultCPUSchedule, has_root, target_cpu, target_lanes, t
 from .schedules.bf16 import BF16ConvSchedule
 from .schedules.int8 import VNNIConvSchedule
 from .schedules.int8_arm import SdotConvSchedule
+from .schedules.int8_avx2 import PmaddwdConvSchedule
 from .schedules.interleave import InputInterleaveSchedule
 from .schedules.stack import TIR_PIPELINE
 from .schedules.stem import StemReadsNCHW
@@ -147,13 +149,18 @@ def _with_num_cores(target: dict[str, Any]) -> dict[str, Any]:
 
 def integer_kernels(tgt: tvm.target.Target) -> IntegerKernels | None:
     """The integer convolution kernels a CPU target gets for QDQ int8 models: AVX512-VNNI's u8 x s8
-    ``vpdpbusd`` (ADR 0018), aarch64 dotprod's s8 x s8 ``sdot`` (Graviton2+, ADR 0060); None: fp32
+    ``vpdpbusd`` (ADR 0018), aarch64 dotprod's s8 x s8 ``sdot`` (Graviton2+, ADR 0060), AVX2's s16 x s16
+    ``vpmaddwd`` (ADR 0059); None: fp32
     convolutions on the integer values (ADR 0021)."""
     cpu = target_cpu(tgt)
     if "avx512_vnni" in cpu.features:
         return VNNI
     if cpu.arch is Arch.AARCH64 and "asimddp" in cpu.features:
         return SDOT
+    # AVX2 without AVX-512 (ml_c4, ADR 0059): AVX-512 without VNNI (ml_c5) keeps its 16-lane fp32 kernels,
+    # which the 8-lane vpmaddwd tile was not measured against
+    if "avx2" in cpu.features and "avx512f" not in cpu.features:
+        return AVX2
     return None
 
 
@@ -163,6 +170,8 @@ def _integer_schedule(kernels: IntegerKernels | None) -> Any:
         return VNNIConvSchedule()
     if kernels is SDOT:
         return SdotConvSchedule()
+    if kernels is AVX2:
+        return PmaddwdConvSchedule()
     return None
 
 

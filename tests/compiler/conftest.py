@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -112,6 +113,14 @@ def disassemble(lib: Path, tool: str = "objdump") -> str:
     objdump = shutil.which(tool)
     assert objdump is not None, f"binutils' {tool} is needed to inspect the generated code"
     return subprocess.run([objdump, "-d", str(lib)], capture_output=True, text=True, check=True).stdout
+
+
+def kernel_asm(asm: str, name: str) -> str:
+    """The disassembly of the kernel function ``name`` (objdump prints one ``<symbol>:`` block per function)."""
+    blocks = re.split(r"\n(?=[0-9a-f]+ <)", asm)
+    found = [b for b in blocks if re.match(rf"[0-9a-f]+ <{re.escape(name)}(_compute_)?>:", b)]
+    assert found, f"no function {name} in the library"
+    return "\n".join(found)
 
 
 def compile_and_disassemble(mod: Any, mcpu: str, lib: Path) -> tuple[Any, str]:

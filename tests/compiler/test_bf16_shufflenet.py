@@ -22,18 +22,10 @@ from kiln_compiler.graph.bf16 import ConvToBF16
 from kiln_compiler.pipeline import compile_relax
 from tvm import relax
 
-from tests.compiler.conftest import disassemble, shuffle_unit, sliced_conv_block
+from tests.compiler.conftest import disassemble, kernel_asm, shuffle_unit, sliced_conv_block
 
 BF16_LAYER_ERROR = 2.0**-8
 ZEN4 = {"kind": "llvm", "mcpu": "znver4"}
-
-
-def _kernel_asm(asm: str, name: str) -> str:
-    """The disassembly of the kernel function ``name`` (objdump prints one ``<symbol>:`` block per function)."""
-    blocks = re.split(r"\n(?=[0-9a-f]+ <)", asm)
-    found = [b for b in blocks if re.match(rf"[0-9a-f]+ <{re.escape(name)}(_compute_)?>:", b)]
-    assert found, f"no function {name} in the library"
-    return "\n".join(found)
 
 
 def _agreement(bf16: object, fp32: object, x: np.ndarray) -> None:
@@ -87,7 +79,7 @@ def test_bf16_shuffle_unit_runs_vdpbf16ps_and_agrees_with_fp32(channels: int, hw
     bf16.executable.export_library(str(lib))
     # THEN the grouped matmul kernel multiplies with vdpbf16ps
     (name,) = {m.group(1) for m in re.finditer(r"<(fused_matmul\w*?)(?:_compute_)?>:", disassemble(lib))}
-    assert "vdpbf16ps" in _kernel_asm(disassemble(lib), name)
+    assert "vdpbf16ps" in kernel_asm(disassemble(lib), name)
     # and its outputs agree with the fp32 build within two bf16 layers' error, not bit-identical
     _agreement(bf16, fp32, np.random.default_rng(1).standard_normal((1, channels, hw, hw)).astype("float32"))
 
@@ -115,6 +107,6 @@ def test_bf16_padded_convolution_slices_from_its_tiles_and_agrees_with_fp32(tmp_
     asm = disassemble(lib)
     # THEN one kernel (convolution, slice, bias, relu, cast) multiplies with vdpbf16ps
     (name,) = {m.group(1) for m in re.finditer(r"<(fused_conv2d\w*strided_slice\w*?)(?:_compute_)?>:", asm)}
-    assert "vdpbf16ps" in _kernel_asm(asm, name)
+    assert "vdpbf16ps" in kernel_asm(asm, name)
     # and the block agrees with the fp32 build within two bf16 layers' error (the slice taken from the tiles)
     _agreement(bf16, fp32, np.random.default_rng(2).standard_normal((1, 3, 64, 64)).astype("float32"))

@@ -109,8 +109,10 @@ def test_integer_convs_use_vpdpbusd_where_the_target_has_vnni(qdq_small_cnn_dir:
     # GIVEN the QDQ small CNN (two of its three convolutions have input channels in multiples of 4)
     # WHEN compiled for a target with AVX512-VNNI, or for AVX2 only
     _, asm = _build(qdq_small_cnn_dir, mcpu, tmp_path)
-    # THEN the VNNI targets' code multiplies with vpdpbusd; the AVX2 code has none (it would SIGILL)
+    # THEN the VNNI targets' code multiplies with vpdpbusd; the AVX2 code has none (it would SIGILL) and
+    # multiplies with vpmaddwd instead (ADR 0059)
     assert ("vpdpbusd" in asm) is vnni
+    assert ("vpmaddwd" in asm) is not vnni
 
 
 @pytest.mark.skipif(not _has_vnni(), reason="the host has no AVX512-VNNI")

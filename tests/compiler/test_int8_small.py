@@ -98,15 +98,15 @@ def test_input_quantize_and_transpose_is_vectorised_along_rows(qdq_data_movement
     assert "T.vectorized(T.int64(16))" in script and "T.unroll(T.int64(4))" in script, script
 
 
-@pytest.mark.parametrize("model", ["fp32", "qdq_avx2"])
+@pytest.mark.parametrize("model", ["fp32", "qdq_avx512"])
 def test_float_input_transposes_keep_the_default_schedule(qdq_data_movement_dir: Path, model: str) -> None:
-    # GIVEN an fp32 CNN, and the QDQ CNN for AVX2 (no integer kernels: its input kernel writes the
-    # integer values as fp32, ADR 0021); both input transposes write fp32
+    # GIVEN an fp32 CNN, and the QDQ CNN for AVX-512 without VNNI (no integer kernels: its input kernel writes
+    # the integer values as fp32, ADR 0021, 0059); both input transposes write fp32
     kernels = _kernels(_relax(small_cnn(), (1, 3, 32, 32)), ZNVER4) if model == "fp32" else \
-        _kernels(_qdq(qdq_data_movement_dir, (1, 3, 46, 46)), {"kind": "llvm", "mcpu": "haswell"})
+        _kernels(_qdq(qdq_data_movement_dir, (1, 3, 46, 46)), {"kind": "llvm", "mcpu": "skylake-avx512"})
     # WHEN the input interleave schedule runs
     interleave = InputInterleaveSchedule()
     interleave(kernels)
     # THEN it takes nothing: of the fp32 kernels only a plain NCHW -> NHWC transpose is interleaved (ADR 0055;
-    #      the fp32 CNN's stem reads NCHW, ADR 0045, the AVX2 QDQ input kernel also quantizes)
+    #      the fp32 CNN's stem reads NCHW, ADR 0045, the AVX-512 QDQ input kernel also quantizes)
     assert interleave.scheduled == []

@@ -104,8 +104,8 @@ class _GroupSplitter(PyExprMutator):
         packed = np.zeros((groups, cg_in, padded), dtype=weight.dtype)
         packed[..., :cg_out] = weight[0, 0].reshape(cg_in, groups, cg_out).transpose(1, 0, 2)
         x = self.builder_.emit(relax.op.reshape(call.args[0], (n * h * w, groups, 1, cg_in)))
-        extra = -cg_in % 4 if weight.dtype == np.int8 else 0
-        if extra:  # u8 x s8: whole 4-channel steps for vpdpbusd; the added weights are 0, the padding adds nothing
+        extra = -cg_in % 4 if weight.dtype in (np.int8, np.int16) else 0
+        if extra:  # integer kernels: whole 4-channel steps (vpdpbusd, sdot; 2 x vpmaddwd); the added weights are 0
             x = self.builder_.emit(relax.op.nn.pad(x, [0, 0, 0, 0, 0, 0, 0, extra], pad_value=0.0))
             packed = np.concatenate([packed, np.zeros((groups, extra, padded), dtype=packed.dtype)], axis=1)
         y = self.builder_.emit(relax.op.matmul(x, relax.const(packed), out_dtype=call.attrs.out_dtype))

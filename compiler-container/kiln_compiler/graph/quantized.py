@@ -62,17 +62,28 @@ _BIAS_SCALE_RTOL = 1e-6
 
 @dataclass(frozen=True)
 class IntegerKernels:
-    """What a target's integer convolution kernels take: the dtype of their data operand (the weights are s8)
-    and the output channels of one block of their tile (what the graph pads output channels to)."""
+    """What a target's integer convolution kernels take: the dtype of their data operand and of their weights,
+    the output channels of one block of their tile (what the graph pads output channels to), the input
+    channels of one reduction step, the most pixels of a tile, and whether grouped pointwise convolutions
+    become integer batched matmuls."""
 
     activations: str
     channels: int
+    weights: str = "int8"
+    steps: int = 4
+    pixels: int = 16
+    group_matmuls: bool = True
 
 
 # AVX512-VNNI's vpdpbusd: u8 x s8, 16 s32 lanes (schedules/int8.py: one zmm of accumulators)
 VNNI = IntegerKernels("uint8", 16)
 # aarch64 dotprod's sdot: s8 x s8, 4 s32 lanes (schedules/int8_arm.py): u8 activations shifted by -128
 SDOT = IntegerKernels("int8", 4)
+# AVX2's vpmaddwd: s16 x s16 (u8 widened in the kernel, s8 weights at compile time), 8 s32 lanes, 2 input
+# channels a step (schedules/int8_avx2.py, ADR 0059). 14 pixels: 14 ymm accumulators, the weight block and the
+# broadcast fill the 16 (SqueezeNet's 13- and ResNet's 14-wide rows one tile each). No grouped matmuls:
+# ShuffleNet's ran at 15-24 GFLOP/s (the padded-channel write-back scalarised), twice the fp32 kernels' time
+AVX2 = IntegerKernels("int16", 8, weights="int16", steps=2, pixels=14, group_matmuls=False)
 
 
 def _const(expr: Any) -> np.ndarray | None:
@@ -136,9 +147,9 @@ def _tighten_saturation(rewriter: PyExprMutator, clip: relax.Call) -> Any:
 
 
 def _wider_output(data_shape: tuple[int, ...] | None, kernel_shape: tuple[int, ...], layout: tuple[str, str],
-                  attrs: Any) -> int:
-    """Output columns to add so that the VNNI tile (up to 16 pixels of a row, a divisor of the width) holds
-    at least 8: SqueezeNet's 111-wide stem ran 3-pixel tiles (111 = 3 x 37); 112 runs 16. 0 if not needed."""
+                  attrs: Any, limit: int) -> int:
+    """Output columns to add so that the integer tile (up to ``limit`` pixels of a row, a divisor of the width)
+    holds at least 8: SqueezeNet's 111-wide stem ran 3-pixel tiles (111 = 3 x 37); 112 runs 16. 0 if not needed."""
     if data_shape is None or len(data_shape) != 4:
         return 0
     w_in = data_shape[3 if layout[0] == "NCHW" else 2]
@@ -146,9 +157,9 @@ def _wider_output(data_shape: tuple[int, ...] | None, kernel_shape: tuple[int, .
     stride, dilation = int(attrs.strides[1]), int(attrs.dilation[1])
     _, left, _, right = (int(p) for p in attrs.padding)
     width = (w_in + left + right - dilation * (k - 1) - 1) // stride + 1
-    if width <= 16 or _largest_divisor(width, 16) >= 8:
+    if width <= limit or _largest_divisor(width, limit) >= 8:
         return 0
-    return next((e for e in range(1, 8) if _largest_divisor(width + e, 16) >= 8), 0)
+    return next((e for e in range(1, 8) if _largest_divisor(width + e, limit) >= 8), 0)
 
 
 def _padded_out_channels(channels: int, block: int) -> int:
@@ -262,16 +273,21 @@ class _IntegerConv(PyExprMutator):
         pointwise = w_q.shape[0 if layout[1] == "HWIO" else 2:][:2] == (1, 1) and \
             all(int(v) == 1 for v in attrs.strides) and not any(int(v) for v in attrs.padding)
         in_axis = 1 if layout[1] == "OIHW" else 2
-        integer_kernels = self.kernels is not None and (
-            groups == 1 or per_group > _EXACT_FP32_TERMS
-            # a pointwise grouped conv becomes a batched matmul (SplitGroupedConv) the VNNI schedule takes,
+        kernels = self.kernels
+        # a dense convolution whose output channels make no whole tile (even padded) takes the fp32 form too
+        # while it is exact: the integer schedules take whole tiles only, not an s32 kernel on the generic one
+        whole = kernels is not None and _padded_out_channels(channels, kernels.channels) % kernels.channels == 0
+        integer_kernels = kernels is not None and (
+            (groups == 1 and whole) or per_group > _EXACT_FP32_TERMS
+            # a pointwise grouped conv becomes a batched matmul (SplitGroupedConv) the integer schedules take,
             # its input channels per group padded to a multiple of 4 there (ShuffleNet's 17 and 6 per group)
-            or (pointwise and w_q.shape[in_axis] > 1 and groups <= MAX_SPLIT_GROUPS))
+            or (kernels.group_matmuls and pointwise and w_q.shape[in_axis] > 1 and groups <= MAX_SPLIT_GROUPS))
         # the activations in the kernel's dtype: s8 (TFLite) as u8 for vpdpbusd (x + 128, zero point + 128), u8
         # as s8 for sdot (x - 128: the 128 * sum(W_q) it takes off each output joins the correction below)
         shift = 0
-        if integer_kernels and self.kernels is not None and _dtype(x.value) != self.kernels.activations:
-            shift = 128 if self.kernels.activations == "uint8" else -128
+        if integer_kernels and kernels is not None and kernels.activations in ("uint8", "int8") \
+                and _dtype(x.value) != kernels.activations:  # (s16 operands take either as they are)
+            shift = 128 if kernels.activations == "uint8" else -128
         x_zp += shift
         correction = -x_zp * w_sum
         if bias_q is not None:
@@ -305,10 +321,11 @@ class _IntegerConv(PyExprMutator):
             # integer kernels reduce 4 channels per vpdpbusd / sdot; the added weights are 0, so the padded
             # channels (any value: the zero point) add nothing and sum(W_q) is unchanged
             tile = groups == 1 and channels % block == 0  # what the integer schedules take (whole blocks)
-            extra = -w_q.shape[in_axis] % 4 if tile else 0
+            extra = -w_q.shape[in_axis] % self.kernels.steps if tile else 0  # type: ignore[union-attr]
             if extra:
                 w_q = np.concatenate([w_q, np.zeros_like(w_q.take([0] * extra, axis=in_axis))], axis=in_axis)
-            wider = _wider_output(static_shape(data), w_q.shape, layout, attrs) if tile else 0
+            wider = _wider_output(static_shape(data), w_q.shape, layout, attrs,
+                                  self.kernels.pixels) if tile else 0  # type: ignore[union-attr]
             if wider:  # extra output columns: sliced off after the epilogue
                 padding[3] += wider * int(attrs.strides[1])
             if (x_zp != 0 and any(padding)) or extra:
@@ -318,8 +335,11 @@ class _IntegerConv(PyExprMutator):
                 data = self.builder_.emit(relax.op.nn.pad(data, pad_width, pad_value=float(x_zp)))
                 if x_zp != 0:
                     padding = [0, 0, 0, 0]
+            weights = self.kernels.weights  # type: ignore[union-attr]
+            if weights != "int8":  # s16 x s16 (AVX2): the 8-bit input widened in the kernel, the weights here
+                data = self.builder_.emit(relax.op.astype(data, self.kernels.activations))  # type: ignore[union-attr]
             acc = self.builder_.emit(relax.op.nn.conv2d(
-                data, relax.const(w_q, "int8"), strides=attrs.strides, padding=padding, dilation=attrs.dilation,
+                data, relax.const(w_q.astype(weights), weights), strides=attrs.strides, padding=padding, dilation=attrs.dilation,
                 groups=int(attrs.groups), data_layout=layout[0], kernel_layout=layout[1], out_dtype="int32"))
             if np.any(correction != 0):
                 acc = self.builder_.emit(relax.op.add(acc, relax.const(correction.astype("int32").reshape(per_channel))))
@@ -562,7 +582,8 @@ class SimplifyRequantization:
 class QuantizedConvToInteger:
     """``dequantize -> conv2d -> (bias) (-> relu) -> quantize`` -> 8-bit x s8 -> s32 conv2d + requantize.
 
-    ``kernels``: what the target's integer kernels take (:data:`VNNI` u8 x s8, :data:`SDOT` s8 x s8, ADR 0060);
+    ``kernels``: what the target's integer kernels take (:data:`VNNI` u8 x s8, :data:`SDOT` s8 x s8, ADR 0060,
+    :data:`AVX2` s16 x s16, ADR 0059);
     None (targets without an integer dot-product kernel, ADR 0021): the same chain with the convolution in
     fp32 on the exact integer values ``x_q - z_x`` and ``W_q``."""
 
