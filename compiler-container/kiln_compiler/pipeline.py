@@ -150,8 +150,7 @@ def _with_num_cores(target: dict[str, Any]) -> dict[str, Any]:
 def integer_kernels(tgt: tvm.target.Target) -> IntegerKernels | None:
     """The integer convolution kernels a CPU target gets for QDQ int8 models: AVX512-VNNI's u8 x s8
     ``vpdpbusd`` (ADR 0018), aarch64 dotprod's s8 x s8 ``sdot`` (Graviton2+, ADR 0060), AVX2's s16 x s16
-    ``vpmaddwd`` (ADR 0059); None: fp32
-    convolutions on the integer values (ADR 0021)."""
+    ``vpmaddwd`` (ADR 0059); None: fp32 convolutions on the integer values (ADR 0021)."""
     cpu = target_cpu(tgt)
     if "avx512_vnni" in cpu.features:
         return VNNI

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import tvm
 from tvm import tirx
 
+from ..graph.quantized import VNNI, IntegerKernels
 from .cpu import inline_epilogues
 from .tir import (
     match_group_matmul,
@@ -32,7 +34,6 @@ from .tir import (
 log = logging.getLogger(__name__)
 
 VNNI_INTRIN = "kiln_dot_16x4_vnni"
-_MAX_PIXELS = 16  # accumulators per tile: 16 of the 32 zmm registers, the rest for weights and inputs
 
 
 def _register_vnni_intrin() -> None:
@@ -104,23 +105,27 @@ def _inline_epilogue_producers(sch: Any, block: Any) -> None:
             continue
 
 
-def schedule_vnni_conv(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
-    """The VNNI schedule of a fused u8 x s8 -> s32 NHWC convolution kernel, or None when it does not fit."""
-    matched = match_nhwc_conv(func, ("uint8", "int8", "int32"))
+def schedule_integer_conv(func: tirx.PrimFunc, kernels: IntegerKernels, intrin: str,
+                          register: Callable[[], None]) -> tirx.PrimFunc | None:
+    """The schedule of a fused integer NHWC convolution kernel whose operands are ``kernels``' (VNNI's u8 x s8,
+    AVX2's s16 x s16): a tile of up to ``kernels.pixels`` pixels of a row x one ``kernels.channels`` block, each
+    step of ``kernels.steps`` input channels one ``intrin``; None when the kernel does not fit."""
+    matched = match_nhwc_conv(func, (kernels.activations, kernels.weights, "int32"))
     if matched is None:
         return None
     sch, block, extents = matched
     _, _, width, channels, _, _, in_channels = extents
-    if channels % 16 or in_channels % 4:
+    lanes, step = kernels.channels, kernels.steps
+    if channels % lanes or in_channels % step:
         return None
-    _register_vnni_intrin()
+    register()
     _inline_epilogue_producers(sch, block)
-    # the padded input stays materialised (vpdpbusd loads 4 bytes of it), in parallel
+    # the padded (AVX2: widened) input stays materialised (each step broadcasts one pixel's step of it), in parallel
     parallelize_anchor_inputs(sch, block)
-    # weights [kh, kw, ic, oc] -> [oc/16, kh, kw, ic/4, 16, 4], re-packed once at compile time
+    # weights [kh, kw, ic, oc] -> [oc/lanes, kh, kw, ic/step, lanes, step], re-packed once at compile time
     cached = sch.cache_read(block, 1, "global")
     sch.transform_layout(block, ("read", 1),
-                         lambda kh, kw, ic, oc: (oc // 16, kh, kw, ic // 4, oc % 16, ic % 4))
+                         lambda kh, kw, ic, oc: (oc // lanes, kh, kw, ic // step, oc % lanes, ic % step))
     sch.annotate(cached, "meta_schedule.layout_rewrite_preproc", True)
 
     # "global": the intrinsic describes its accumulator in the global scope
@@ -128,12 +133,17 @@ def schedule_vnni_conv(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
     inline_epilogues(sch, block, write_back)
 
     n, h, w, oc, kh, kw, ic = sch.get_loops(block)
-    rw = _pick_divisor(width, _MAX_PIXELS)
+    rw = _pick_divisor(width, kernels.pixels)
     wo, wi = sch.split(w, [None, rw])
-    oco, oci = sch.split(oc, [None, 16])
-    ico, ici = sch.split(ic, [None, 4])
+    oco, oci = sch.split(oc, [None, lanes])
+    ico, ici = sch.split(ic, [None, step])
     sch.reorder(n, h, wo, oco, kh, kw, ico, wi, oci, ici)
-    return _vnni_nest(sch, block, write_back, sch.fuse(n, h, wo, oco), kh, wi, oci)
+    return _vnni_nest(sch, block, write_back, sch.fuse(n, h, wo, oco), kh, wi, oci, intrin)
+
+
+def schedule_vnni_conv(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
+    """The VNNI schedule of a fused u8 x s8 -> s32 NHWC convolution kernel, or None when it does not fit."""
+    return schedule_integer_conv(func, VNNI, VNNI_INTRIN, _register_vnni_intrin)
 
 
 def schedule_vnni_group_matmul(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
@@ -157,7 +167,7 @@ def schedule_vnni_group_matmul(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
     write_back = sch.cache_write(block, 0, "global")
     inline_epilogues(sch, block, write_back)
     p, g, one, oc, k = sch.get_loops(block)
-    rp = _pick_divisor(pixels, _MAX_PIXELS)
+    rp = _pick_divisor(pixels, VNNI.pixels)
     po, pi = sch.split(p, [None, rp])
     oco, oci = sch.split(oc, [None, 16])
     ko, ki = sch.split(k, [None, 4])

@@ -15,13 +15,10 @@ import tvm
 from tvm import tirx
 
 from ..graph.quantized import AVX2
-from .cpu import inline_epilogues
-from .int8 import _inline_epilogue_producers, _pick_divisor, _vnni_nest
-from .tir import match_group_matmul, match_nhwc_conv, parallelize_anchor_inputs, schedule_each
+from .int8 import schedule_integer_conv
+from .tir import schedule_each
 
 PMADDWD_INTRIN = "kiln_dot_8x2_pmaddwd"
-_DTYPES = (AVX2.activations, AVX2.weights, "int32")
-_LANES, _STEP = AVX2.channels, AVX2.steps
 
 
 def _register_pmaddwd_intrin() -> None:
@@ -63,64 +60,10 @@ def _register_pmaddwd_intrin() -> None:
 
 
 def schedule_pmaddwd_conv(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
-    """The AVX2 schedule of a fused s16 x s16 -> s32 NHWC convolution kernel, or None when it does not fit."""
-    matched = match_nhwc_conv(func, _DTYPES)
-    if matched is None:
-        return None
-    sch, block, extents = matched
-    _, _, width, channels, _, _, in_channels = extents
-    if channels % _LANES or in_channels % _STEP:
-        return None
-    _register_pmaddwd_intrin()
-    _inline_epilogue_producers(sch, block)
-    # the widened (and padded) input stays materialised (vpmaddwd broadcasts 2 x s16 of it), in parallel
-    parallelize_anchor_inputs(sch, block)
-    # weights [kh, kw, ic, oc] -> [oc/8, kh, kw, ic/2, 8, 2], re-packed once at compile time
-    cached = sch.cache_read(block, 1, "global")
-    sch.transform_layout(block, ("read", 1),
-                         lambda kh, kw, ic, oc: (oc // _LANES, kh, kw, ic // _STEP, oc % _LANES, ic % _STEP))
-    sch.annotate(cached, "meta_schedule.layout_rewrite_preproc", True)
-    write_back = sch.cache_write(block, 0, "global")  # the intrinsic's accumulator is in the global scope
-    inline_epilogues(sch, block, write_back)
-
-    n, h, w, oc, kh, kw, ic = sch.get_loops(block)
-    rw = _pick_divisor(width, AVX2.pixels)
-    wo, wi = sch.split(w, [None, rw])
-    oco, oci = sch.split(oc, [None, _LANES])
-    ico, ici = sch.split(ic, [None, _STEP])
-    sch.reorder(n, h, wo, oco, kh, kw, ico, wi, oci, ici)
-    return _vnni_nest(sch, block, write_back, sch.fuse(n, h, wo, oco), kh, wi, oci, PMADDWD_INTRIN)
-
-
-def schedule_pmaddwd_group_matmul(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
-    """The AVX2 schedule of a grouped pointwise s16 x s16 -> s32 convolution (ShuffleNet's 1x1 layers, a
-    batched matmul over the group axis), or None when it does not fit (out % 8, in % 2).
-
-    Weights [groups, in, out] re-packed to [groups, out/8, in/2, 8, 2]; a tile of up to 14 pixels x 8
-    channels of one group."""
-    matched = match_group_matmul(func, _DTYPES)
-    if matched is None:
-        return None
-    sch, block, extents = matched
-    pixels, _, _, channels, in_channels = extents
-    if channels % _LANES or in_channels % _STEP:
-        return None
-    _register_pmaddwd_intrin()
-    _inline_epilogue_producers(sch, block)
-    parallelize_anchor_inputs(sch, block)
-    cached = sch.cache_read(block, 1, "global")
-    sch.transform_layout(block, ("read", 1),
-                         lambda g, k, oc: (g, oc // _LANES, k // _STEP, oc % _LANES, k % _STEP))
-    sch.annotate(cached, "meta_schedule.layout_rewrite_preproc", True)
-    write_back = sch.cache_write(block, 0, "global")
-    inline_epilogues(sch, block, write_back)
-    p, g, one, oc, k = sch.get_loops(block)
-    rp = _pick_divisor(pixels, AVX2.pixels)
-    po, pi = sch.split(p, [None, rp])
-    oco, oci = sch.split(oc, [None, _LANES])
-    ko, ki = sch.split(k, [None, _STEP])
-    sch.reorder(g, po, one, oco, ko, pi, oci, ki)
-    return _vnni_nest(sch, block, write_back, sch.fuse(g, po, one, oco), ko, pi, oci, PMADDWD_INTRIN)
+    """The AVX2 schedule of a fused s16 x s16 -> s32 NHWC convolution kernel, or None when it does not fit: the
+    VNNI schedule's tile with ``vpmaddwd`` (8 channels x 2 input channels a step, up to 14 pixels). The graph
+    makes no s16 grouped matmuls (``AVX2.group_matmuls``): there is no grouped schedule here."""
+    return schedule_integer_conv(func, AVX2, PMADDWD_INTRIN, _register_pmaddwd_intrin)
 
 
 @tvm.transform.module_pass(opt_level=0, name="KilnPmaddwdConvSchedule")
@@ -131,5 +74,4 @@ class PmaddwdConvSchedule:
         self.scheduled: list[str] = []
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        return schedule_each(mod, lambda f: schedule_pmaddwd_conv(f) or schedule_pmaddwd_group_matmul(f),
-                             self.scheduled, "AVX2 int16")
+        return schedule_each(mod, schedule_pmaddwd_conv, self.scheduled, "AVX2 int16")
